@@ -1,0 +1,1 @@
+"""RL training, evaluation against baselines and checkpoint I/O."""

@@ -1,0 +1,1 @@
+"""Rule-based controllers, the safety shield and the live control loop."""

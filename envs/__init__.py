@@ -1,0 +1,1 @@
+"""Gymnasium environments and cluster backends for LLM inference clusters."""

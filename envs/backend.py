@@ -1,0 +1,189 @@
+"""The seam between the environment and the world: the ClusterBackend protocol and its records.
+
+The simulated datacenter (`envs.sim.SimCluster`) and the real GPU node implement the same small
+protocol, so an environment, a rule-based controller or a trained policy runs unchanged on both.
+Every quantity carries its unit in its name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+FAULT_KINDS = ("cooling_failure", "power_failure", "load_spike")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """How one request-length pool is served (DynamoLLM's per-pool knobs).
+
+    Attributes:
+        n_instances: LLM instances serving this pool (0 parks the pool on the others).
+        tp: Tensor-parallel degree of each instance (GPUs per instance).
+        freq_mhz: SM frequency the instances run at (before power or thermal caps).
+        max_batch: Continuous-batching cap on concurrent sequences per instance.
+        quantized: Serve a quantized (FP8) variant: faster and cooler, with a quality cost.
+    """
+
+    n_instances: int
+    tp: int
+    freq_mhz: float
+    max_batch: int
+    quantized: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterAction:
+    """Everything a controller may change for the next control interval; None keeps the setting.
+
+    Attributes:
+        pools: Per-pool serving configuration (instance count, TP, frequency, batch cap).
+        row_freq_cap_mhz: Per-row SM frequency ceiling applied to SaaS instances (TAPAS
+            reconfiguration during spikes and emergencies).
+        row_quantized: Per-row switch to the quantized model variant for SaaS instances.
+        row_route_weight: Per-row preference for routing new requests (0 avoids the row).
+        admit_fraction: Fraction of arriving requests admitted (the rest are rejected and counted
+            as dropped); a last-resort load shed.
+        vm_server: Server index for the pending IaaS VM (placement), or None to keep it waiting.
+    """
+
+    pools: tuple[PoolConfig, ...] | None = None
+    row_freq_cap_mhz: np.ndarray | None = None
+    row_quantized: np.ndarray | None = None
+    row_route_weight: np.ndarray | None = None
+    admit_fraction: float | None = None
+    vm_server: int | None = None
+
+
+@dataclass(frozen=True)
+class ClusterLayout:
+    """Static shape of the cluster, what a controller needs to size its decisions."""
+
+    n_rows: int
+    n_aisles: int
+    n_servers: int
+    gpus_per_server: int
+    server_row: np.ndarray
+    server_aisle: np.ndarray
+    server_is_saas: np.ndarray
+    pool_names: tuple[str, ...]
+    tp_choices: tuple[int, ...]
+    freq_choices_mhz: tuple[float, ...]
+    batch_choices: tuple[int, ...]
+    model: str
+    gpu: str
+    control_interval_s: float
+    slo_ttft_s: np.ndarray
+    slo_tbt_s: np.ndarray
+
+    @property
+    def n_gpus(self) -> int:
+        """Total GPUs in the cluster."""
+        return self.n_servers * self.gpus_per_server
+
+    @property
+    def n_pools(self) -> int:
+        """Number of request-length pools."""
+        return len(self.pool_names)
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """What an operator can read off the hardware at the end of an interval."""
+
+    time_s: float
+    gpu_power_w: np.ndarray
+    gpu_temp_c: np.ndarray
+    gpu_freq_mhz: np.ndarray
+    gpu_thermal_throttled: np.ndarray
+    gpu_power_capped: np.ndarray
+    row_power_w: np.ndarray
+    row_limit_w: np.ndarray
+    aisle_inlet_c: np.ndarray
+    aisle_heat_w: np.ndarray
+    aisle_capacity_w: np.ndarray
+    outside_temp_c: float
+    active_faults: tuple[str, ...] = ()
+    pending_vm_power_w: float = 0.0
+    legal_vm_servers: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+
+@dataclass(frozen=True)
+class ServiceMetrics:
+    """Service-level results of one control interval (counts are per interval)."""
+
+    interval_s: float
+    arrived: int
+    finished: int
+    dropped: int
+    in_flight: int
+    tokens_generated: float
+    energy_j: float
+    gpu_energy_j: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    tbt_p50_s: float
+    tbt_p99_s: float
+    slo_ttft_violations: int
+    slo_tbt_violations: int
+    slo_violations: int
+    thermal_throttle_events: int
+    power_throttle_events: int
+    thermal_throttled_gpu_s: float
+    power_capped_gpu_s: float
+    quality_loss: float
+    reconfigurations: int
+    arrivals_per_pool: np.ndarray
+    queued_per_pool: np.ndarray
+    running_per_pool: np.ndarray
+    peak_row_power_w: float
+    max_gpu_temp_c: float
+    carbon_g: float
+    gpu_hours: float
+
+    @property
+    def slo_attainment(self) -> float:
+        """Fraction of finished requests that met both TTFT and TBT SLOs (1.0 when none)."""
+        if self.finished == 0:
+            return 1.0
+        return 1.0 - self.slo_violations / self.finished
+
+    def as_dict(self) -> dict[str, float]:
+        """Scalar fields as plain floats (for `info` and reports)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, np.ndarray):
+                out[f.name] = float(value)
+        out["slo_attainment"] = self.slo_attainment
+        return out
+
+
+@runtime_checkable
+class ClusterBackend(Protocol):
+    """A cluster the environment can drive, simulated or real."""
+
+    layout: ClusterLayout
+
+    def reset(self, seed: int | None = None) -> Telemetry:
+        """Start a new episode; returns the first telemetry."""
+        ...
+
+    def apply(self, action: ClusterAction) -> None:
+        """Apply a controller's decision for the next interval."""
+        ...
+
+    def advance(self) -> ServiceMetrics:
+        """Run one control interval and return its service metrics."""
+        ...
+
+    def telemetry(self) -> Telemetry:
+        """Read the latest hardware telemetry."""
+        ...
+
+    @property
+    def done(self) -> bool:
+        """True once the workload (trace) is exhausted."""
+        ...

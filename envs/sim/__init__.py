@@ -1,0 +1,1 @@
+"""The simulated datacenter: topology, power, thermal, serving, workload and faults."""

@@ -1,0 +1,509 @@
+"""SimCluster: the simulated datacenter behind the ClusterBackend protocol.
+
+Each control interval runs a whole number of ticks. A tick: faults and VMs change, requests
+arrive and are served (request-level or aggregate model), GPU power follows the serving state
+at each GPU's effective clock, servers add their overhead, rows and aisles sum it, aisle inlet
+and GPU temperatures move, and the row power-capping and GPU thermal-slowdown controllers set
+the clock ceilings for the next tick.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from envs.backend import ClusterAction, ClusterLayout, PoolConfig, ServiceMetrics, Telemetry
+from envs.sim import power as pw
+from envs.sim.demand import episode_trace, pools_for
+from envs.sim.faults import FaultSchedule
+from envs.sim.instances import InstanceTable
+from envs.sim.profiles import (
+    ProfileArrays,
+    ProfileLibrary,
+    decode_iter_time_s,
+    freq_at_power_limit_mhz,
+    prefill_time_s,
+)
+from envs.sim.scenario import Scenario, load_scenario
+from envs.sim.serving import ServiceAccumulator, TickLoad
+from envs.sim.serving_aggregate import AggregateServing
+from envs.sim.serving_request import RequestLevelServing, SlotModel
+from envs.sim.thermal import (
+    AisleCoolingParams,
+    GpuThermalState,
+    ThermalParams,
+    step_gpu_temperature,
+    step_inlet_temperature,
+)
+from envs.sim.topology import build_topology
+from envs.sim.vms import VmPool
+
+THERMAL_RELEASE_C = 3.0
+"""Hysteresis: a slowed-down GPU recovers its clock once this far below the slowdown point."""
+
+
+@dataclass
+class TickRecord:
+    """Optional per-tick history (for reports, plots and the shield's tests)."""
+
+    time_s: list[float] = field(default_factory=list)
+    row_power_w: list[np.ndarray] = field(default_factory=list)
+    row_limit_w: list[np.ndarray] = field(default_factory=list)
+    aisle_inlet_c: list[np.ndarray] = field(default_factory=list)
+    max_gpu_temp_c: list[float] = field(default_factory=list)
+
+
+class SimCluster:
+    """A simulated datacenter serving LLM requests; implements `envs.backend.ClusterBackend`.
+
+    Args:
+        scenario: A `Scenario` or the name/path of a scenario file.
+        serving_model: "request" (per-request TTFT/TBT) or "aggregate" (fluid, for training).
+        profiles: Profile library (defaults to the shipped tables).
+        thermal: GPU thermal parameters (defaults to the shipped H100 fit).
+        auto_place_vms: Place waiting VMs first-fit when the controller does not place them.
+        record_ticks: Keep a per-tick history in `self.record`.
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario | str,
+        serving_model: str = "request",
+        profiles: ProfileLibrary | None = None,
+        thermal: ThermalParams | None = None,
+        auto_place_vms: bool = True,
+        record_ticks: bool = False,
+    ) -> None:
+        self.scenario = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
+        s = self.scenario
+        if serving_model not in ("request", "aggregate"):
+            raise ValueError(f"serving_model must be 'request' or 'aggregate', got {serving_model!r}")
+        self.serving_model = serving_model
+        self.topo = build_topology(s)
+        self.library = profiles or ProfileLibrary.load()
+        self.thermal = thermal or ThermalParams.load()
+        c = s.datacenter.cooling
+        self.cooling = AisleCoolingParams(
+            supply_temp_c=c.supply_temp_c,
+            outside_temp_coeff=c.outside_temp_coeff,
+            overload_c_per_frac=c.overload_c_per_frac,
+            tau_inlet_s=c.tau_inlet_s,
+            source=s.source,
+        )
+        sv = s.serving
+        self.pools = pools_for(s.workload.pools)
+        if len(sv.pools) != self.pools.n_pools:
+            raise ValueError(
+                f"{s.source}: serving.pools lists {len(sv.pools)} pools but workload.pools "
+                f"{s.workload.pools!r} has {self.pools.n_pools}"
+            )
+        self.tp_profiles = {tp: self.library.get(sv.model, sv.gpu, tp) for tp in sv.tp_choices}
+        ref = self.tp_profiles[sv.tp_choices[0]]
+        self.gpu_model = pw.GpuPowerModel(
+            idle_power_w=ref.idle_power_w,
+            prefill_max_power_w=ref.prefill_max_power_w,
+            prefill_k_tokens=ref.prefill_k_tokens,
+            decode_max_power_w=ref.decode_max_power_w,
+            decode_k_batch=ref.decode_k_batch,
+            power_freq_exponent=ref.power_freq_exponent,
+            gpu_power_limit_w=ref.gpu_power_limit_w,
+            min_freq_mhz=ref.min_freq_mhz,
+            max_freq_mhz=ref.max_freq_mhz,
+        )
+        self._tp_index = {tp: i for i, tp in enumerate(sv.tp_choices)}
+        self._tp_arrays = ProfileArrays.stack([self.tp_profiles[tp] for tp in sv.tp_choices])
+        self.slo_ttft_s = np.array([p.slo_ttft_s for p in sv.pools])
+        self.slo_tbt_s = np.array([p.slo_tbt_s for p in sv.pools])
+        self.auto_place_vms = auto_place_vms
+        self.record_ticks = record_ticks
+        self.ticks_per_interval = int(round(s.control_interval_s / s.tick_s))
+        self.n_intervals = int(np.ceil(s.duration_s / s.control_interval_s))
+        self.layout = ClusterLayout(
+            n_rows=self.topo.n_rows,
+            n_aisles=self.topo.n_aisles,
+            n_servers=self.topo.n_servers,
+            gpus_per_server=self.topo.gpus_per_server,
+            server_row=self.topo.server_row,
+            server_aisle=self.topo.server_aisle,
+            server_is_saas=self.topo.server_is_saas,
+            pool_names=self.pools.names,
+            tp_choices=sv.tp_choices,
+            freq_choices_mhz=sv.freq_choices_mhz,
+            batch_choices=sv.batch_choices,
+            model=sv.model,
+            gpu=sv.gpu,
+            control_interval_s=s.control_interval_s,
+            slo_ttft_s=self.slo_ttft_s,
+            slo_tbt_s=self.slo_tbt_s,
+        )
+        self._rng = np.random.default_rng(0)
+        self.reset(seed=None)
+
+    # ------------------------------------------------------------------ protocol
+    def reset(self, seed: int | None = None) -> Telemetry:
+        """Start a new episode: fresh workload, faults, VMs, temperatures and configuration."""
+        s, topo = self.scenario, self.topo
+        self._rng = np.random.default_rng(seed)
+        rng = self._rng
+        self.time_s = 0.0
+        self.interval = 0
+        self.faults = FaultSchedule.build(s, rng)
+        saas_gpus = len(topo.saas_servers) * topo.gpus_per_server
+        self.trace = episode_trace(s, saas_gpus, self.faults.spikes(), rng)
+        self.trace_pool = self.pools.assign(self.trace.input_tokens, self.trace.output_tokens)
+        self._trace_pos = 0
+        self.mean_input_tokens = float(self.trace.input_tokens.mean()) if len(self.trace) else 1.0
+        self.inst = InstanceTable.empty(topo.saas_servers, topo.gpus_per_server)
+        n_slots = self.inst.n_slots
+        if self.serving_model == "request":
+            self.serving: RequestLevelServing | AggregateServing = RequestLevelServing(
+                n_slots, self.pools.n_pools, s.serving.max_prefill_tokens, s.serving.drop_after_s)
+        else:
+            self.serving = AggregateServing(
+                n_slots, self.pools.n_pools, s.serving.max_prefill_tokens, s.serving.drop_after_s)
+        self.vms = VmPool(s.vms, np.flatnonzero(~topo.server_is_saas), topo.n_servers)
+        self.vms.reset(rng)
+        n_gpu = topo.n_gpus
+        self.thermal_state = GpuThermalState(np.zeros(n_gpu), np.zeros(n_gpu))
+        self.inlet_c = np.full(topo.n_aisles, s.datacenter.cooling.supply_temp_c)
+        self.row_ceiling_mhz = np.full(topo.n_rows, self.gpu_model.max_freq_mhz)
+        self.row_capped = np.zeros(topo.n_rows, dtype=bool)
+        self.thermal_ceiling_mhz = np.full(n_gpu, self.gpu_model.max_freq_mhz)
+        self.thermal_throttled = np.zeros(n_gpu, dtype=bool)
+        self.row_freq_cap_mhz = np.full(topo.n_rows, self.gpu_model.max_freq_mhz)
+        self.row_quantized = np.zeros(topo.n_rows, dtype=bool)
+        self.row_route_weight = np.ones(topo.n_rows)
+        self.admit_fraction = 1.0
+        self.record = TickRecord()
+        self.arrived_total = 0
+        self.finished_total = 0.0
+        self.dropped_total = 0.0
+        self._stats_total: dict[str, float] = {}
+        pools = tuple(
+            PoolConfig(p.n_instances, p.tp, p.freq_mhz, p.max_batch) for p in s.serving.pools
+        )
+        self.pool_configs = pools
+        self.reconfigurations = 0
+        self.inst.reconfigure(pools, now_s=0.0, load_time_s={})
+        self._refresh_slots()
+        self._gpu_power_w = np.full(n_gpu, self.gpu_model.idle_power_w)
+        self._gpu_temp_c = self.inlet_c[topo.gpu_aisle].copy()
+        self._row_power_w = np.zeros(topo.n_rows)
+        self._aisle_heat_w = np.zeros(topo.n_aisles)
+        self._row_limit_w = topo.row_limit_w.copy()
+        self._aisle_cap_w = topo.aisle_capacity_w.copy()
+        self._settle_idle()
+        return self.telemetry()
+
+    def apply(self, action: ClusterAction) -> None:
+        """Apply a controller's decision; reconfigured instances pay their load downtime."""
+        topo = self.topo
+        if action.pools is not None:
+            self._apply_pools(action.pools)
+        if action.row_freq_cap_mhz is not None:
+            cap = _row_array(action.row_freq_cap_mhz, topo.n_rows, "row_freq_cap_mhz")
+            self.row_freq_cap_mhz = np.clip(cap, self.gpu_model.min_freq_mhz,
+                                            self.gpu_model.max_freq_mhz)
+        if action.row_quantized is not None:
+            q = _row_array(action.row_quantized, topo.n_rows, "row_quantized").astype(bool)
+            if not np.array_equal(q, self.row_quantized):
+                self.row_quantized = q
+        if action.row_route_weight is not None:
+            w = _row_array(action.row_route_weight, topo.n_rows, "row_route_weight")
+            if (w < 0).any():
+                raise ValueError(f"row_route_weight must be >= 0, got {w}")
+            self.row_route_weight = w
+        if action.admit_fraction is not None:
+            a = float(action.admit_fraction)
+            if not 0.0 <= a <= 1.0:
+                raise ValueError(f"admit_fraction must be in [0, 1], got {a}")
+            self.admit_fraction = a
+        if action.vm_server is not None and self.vms.pending:
+            self.vms.place(int(action.vm_server), self.time_s, self._rng)
+
+    def advance(self) -> ServiceMetrics:
+        """Simulate one control interval."""
+        s = self.scenario
+        acc = ServiceAccumulator(self.pools.n_pools)
+        stats = _IntervalStats()
+        dt = s.tick_s
+        for _ in range(self.ticks_per_interval):
+            self._tick(self.time_s, dt, acc, stats)
+            self.time_s += dt
+        self.interval += 1
+        if self.auto_place_vms:
+            while self.vms.pending and (server := self.vms.first_fit()) is not None:
+                self.vms.place(server, self.time_s, self._rng)
+        return self._metrics(acc, stats)
+
+    def telemetry(self) -> Telemetry:
+        """Hardware state at the end of the last tick."""
+        legal = self.vms.legal_servers() if self.vms.pending else np.zeros(self.topo.n_servers,
+                                                                           dtype=bool)
+        return Telemetry(
+            time_s=self.time_s,
+            gpu_power_w=self._gpu_power_w.copy(),
+            gpu_temp_c=self._gpu_temp_c.copy(),
+            gpu_freq_mhz=np.minimum(self.thermal_ceiling_mhz,
+                                    self.row_ceiling_mhz[self.topo.gpu_row]),
+            gpu_thermal_throttled=self.thermal_throttled.copy(),
+            gpu_power_capped=self.row_capped[self.topo.gpu_row],
+            row_power_w=self._row_power_w.copy(),
+            row_limit_w=self._row_limit_w.copy(),
+            aisle_inlet_c=self.inlet_c.copy(),
+            aisle_heat_w=self._aisle_heat_w.copy(),
+            aisle_capacity_w=self._aisle_cap_w.copy(),
+            outside_temp_c=self._outside_c(self.time_s),
+            active_faults=self.faults.active_names(self.time_s),
+            pending_vm_power_w=self.vms.pending_power_w[0] if self.vms.pending else 0.0,
+            legal_vm_servers=legal,
+        )
+
+    @property
+    def done(self) -> bool:
+        """True when the scenario's duration has been simulated."""
+        return self.interval >= self.n_intervals
+
+    # ------------------------------------------------------------------ configuration
+    def _apply_pools(self, pools: tuple[PoolConfig, ...]) -> None:
+        sv = self.scenario.serving
+        if len(pools) != self.pools.n_pools:
+            raise ValueError(f"expected {self.pools.n_pools} pool configs, got {len(pools)}")
+        for i, p in enumerate(pools):
+            if p.tp not in self._tp_index:
+                raise ValueError(f"pool {i}: tp={p.tp} not in tp_choices {sv.tp_choices}")
+            if not (p.freq_mhz > 0 and p.max_batch > 0 and p.n_instances >= 0):
+                raise ValueError(f"pool {i}: invalid configuration {p}")
+        if pools == self.pool_configs:
+            return
+        self.pool_configs = tuple(pools)
+        load_time = {tp: prof.load_time_s for tp, prof in self.tp_profiles.items()}
+        stopped = self.inst.reconfigure(pools, self.time_s, load_time)
+        self.reconfigurations = int((self.inst.active & (self.inst.ready_at_s > self.time_s)).sum())
+        self.serving.requeue(stopped)
+        self._refresh_slots()
+
+    def _refresh_slots(self) -> None:
+        """Recompute per-slot coefficient arrays and the GPU->instance map after a change."""
+        inst = self.inst
+        tp_idx = np.array([self._tp_index.get(int(t), 0) for t in inst.tp])
+        self._slot_prof = self._tp_arrays.take(tp_idx)
+        owner = inst.slot_owner()
+        self._slot_owner = owner
+        gpu_owner = np.full(self.topo.n_gpus, -1, dtype=np.int64)
+        gpu_owner[inst.slot_gpu] = owner
+        self._gpu_owner = gpu_owner
+        self._slot_row = self.topo.gpu_row[inst.slot_gpu]
+
+    # ------------------------------------------------------------------ one tick
+    def _tick(self, t0: float, dt: float, acc: ServiceAccumulator, stats: _IntervalStats) -> None:
+        topo, inst, gm, s = self.topo, self.inst, self.gpu_model, self.scenario
+        row_f, aisle_f = self.faults.factors(t0, topo.n_rows, topo.n_aisles)
+        self._row_limit_w = topo.row_limit_w * row_f
+        self._aisle_cap_w = topo.aisle_capacity_w * aisle_f
+        self.vms.advance(t0, dt, self._rng)
+        # Arrivals in [t0, t0 + dt), admission control.
+        lo = self._trace_pos
+        hi = int(np.searchsorted(self.trace.arrival_s, t0 + dt, side="left"))
+        self._trace_pos = hi
+        if hi > lo:
+            arr = self.trace.arrival_s[lo:hi]
+            keep = np.ones(hi - lo, dtype=bool)
+            if self.admit_fraction < 1.0:
+                keep = self._rng.random(hi - lo) < self.admit_fraction
+                acc.dropped += int((~keep).sum())
+            pool = self.trace_pool[lo:hi]
+            acc.arrived += hi - lo
+            acc.arrivals_per_pool += np.bincount(pool, minlength=self.pools.n_pools)
+            self.serving.add_arrivals(arr[keep], self.trace.input_tokens[lo:hi][keep],
+                                      self.trace.output_tokens[lo:hi][keep], pool[keep])
+        # Effective clocks: set point, row cap (action), power capping, thermal slowdown.
+        gpu_ceiling = np.minimum(self.thermal_ceiling_mhz, self.row_ceiling_mhz[topo.gpu_row])
+        slot_ceiling = np.full(inst.n_slots, gm.max_freq_mhz)
+        valid = self._slot_owner >= 0
+        np.minimum.at(slot_ceiling, self._slot_owner[valid], gpu_ceiling[inst.slot_gpu[valid]])
+        quant = self.row_quantized[self._slot_row] & inst.active
+        sv = s.serving
+        speed = np.where(quant | inst.quantized, sv.quantized_speedup, 1.0)
+        f_set = np.minimum(np.where(inst.active, inst.freq_mhz, gm.max_freq_mhz),
+                           self.row_freq_cap_mhz[self._slot_row])
+        f_eff = np.minimum(f_set, slot_ceiling)
+        sp = self._slot_prof
+        f_pre = np.minimum(f_eff, freq_at_power_limit_mhz(
+            self.mean_input_tokens, sp.gpu_power_limit_w, sp.idle_power_w,
+            sp.prefill_max_power_w, sp.prefill_k_tokens, sp.power_freq_exponent,
+            sp.min_freq_mhz, sp.max_freq_mhz))
+        serving = inst.serving(t0)
+        model = SlotModel(
+            prefill_time_s=lambda tok, i: prefill_time_s(
+                tok, f_pre[i], sp.prefill_p0_s[i], sp.prefill_p1_s_per_token[i],
+                sp.prefill_p2_s_per_token2[i], sp.prefill_phi[i], sp.max_freq_mhz[i]) / speed[i],
+            decode_iter_time_s=lambda b, c, i: decode_iter_time_s(
+                b, c, f_eff[i], sp.decode_d0_s[i], sp.decode_d1_s_per_seq[i],
+                sp.decode_d2_s_per_seq_token[i], sp.decode_phi[i], sp.max_freq_mhz[i]) / speed[i],
+            kv_capacity_tokens=sp.kv_capacity_tokens.astype(float),
+        )
+        route_w = self.row_route_weight[self._slot_row]
+        qloss = np.where(quant | inst.quantized, sv.quantized_quality_loss, 0.0)
+        load: TickLoad = self.serving.tick(t0, dt, inst, serving, model, route_w, self.slo_ttft_s,
+                                           self.slo_tbt_s, qloss, acc)
+        acc.tokens += load.tokens_generated
+        # GPU power at this tick's ceilings.
+        g_owner = self._gpu_owner
+        has = g_owner >= 0
+        o = np.where(has, g_owner, 0)
+        gl = pw.GpuLoad(
+            prefill_frac=np.where(has, load.prefill_busy_s[o] / dt, 0.0),
+            decode_frac=np.where(has, load.decode_busy_s[o] / dt, 0.0),
+            prefill_tokens=np.where(has, load.prefill_tokens[o], 0.0),
+            decode_batch=np.where(has, load.decode_batch[o], 0.0),
+            freq_mhz=np.where(has, f_set[o], gm.max_freq_mhz),
+            prefill_freq_mhz=np.where(has, np.minimum(f_pre[o], f_set[o]), gm.max_freq_mhz),
+            power_factor=np.where(has & (quant | inst.quantized)[o], sv.quantized_power_factor,
+                                  1.0),
+            vm_power_w=np.repeat(self.vms.gpu_power_w, topo.gpus_per_server),
+        )
+        gpu_w = gm.gpu_power_w(gl, gpu_ceiling)
+        srv_w = pw.server_power_w(gpu_w, s.datacenter.server, gm.idle_power_w)
+        row_w = topo.row_sum(srv_w)
+        aisle_w = topo.aisle_sum(srv_w)
+        # Heat and temperature.
+        outside = self._outside_c(t0)
+        self.inlet_c = step_inlet_temperature(self.inlet_c, aisle_w, self._aisle_cap_w, outside,
+                                              dt, self.cooling)
+        temp = step_gpu_temperature(self.thermal_state, gpu_w, self.inlet_c[topo.gpu_aisle], dt,
+                                    self.thermal)
+        # Controllers for the next tick: row power capping, GPU thermal slowdown.
+        uncapped = gm.gpu_power_w(gl, self.thermal_ceiling_mhz)
+        demand_w = topo.row_sum(pw.server_power_w(uncapped, s.datacenter.server, gm.idle_power_w))
+        over = demand_w > self._row_limit_w
+        stats.power_events += int((over & ~self.row_capped).sum())
+        if over.any():
+            self.row_ceiling_mhz = pw.row_cap_ceiling_mhz(
+                gm, gl, topo.gpu_row, self.thermal_ceiling_mhz, np.flatnonzero(over),
+                self._row_limit_w, s.datacenter.server, topo.n_rows)
+        else:
+            self.row_ceiling_mhz = np.full(topo.n_rows, gm.max_freq_mhz)
+        self.row_capped = over
+        hot = temp > self.thermal.slowdown_temp_c
+        release = temp < self.thermal.slowdown_temp_c - THERMAL_RELEASE_C
+        stats.thermal_events += int((hot & ~self.thermal_throttled).sum())
+        self.thermal_throttled = (self.thermal_throttled | hot) & ~release
+        if self.thermal_throttled.any():
+            self._update_thermal_ceiling(gpu_w, gpu_ceiling)
+        else:
+            self.thermal_ceiling_mhz = np.full(topo.n_gpus, gm.max_freq_mhz)
+        # Accounting.
+        energy = float(srv_w.sum()) * dt
+        stats.energy_j += energy
+        stats.gpu_energy_j += float(gpu_w.sum()) * dt
+        stats.carbon_g += energy / 3.6e6 * self._carbon_g_per_kwh(t0)
+        stats.gpu_hours += float(inst.tp[inst.active].sum()) * dt / 3600.0
+        stats.thermal_gpu_s += float(self.thermal_throttled.sum()) * dt
+        stats.capped_gpu_s += float(self.row_capped[topo.gpu_row].sum()) * dt
+        stats.peak_row_w = max(stats.peak_row_w, float(row_w.max()))
+        stats.max_temp_c = max(stats.max_temp_c, float(temp.max()))
+        self._gpu_power_w, self._gpu_temp_c = gpu_w, temp
+        self._row_power_w, self._aisle_heat_w = row_w, aisle_w
+        if self.record_ticks:
+            r = self.record
+            r.time_s.append(t0 + dt)
+            r.row_power_w.append(row_w)
+            r.row_limit_w.append(self._row_limit_w.copy())
+            r.aisle_inlet_c.append(self.inlet_c.copy())
+            r.max_gpu_temp_c.append(float(temp.max()))
+
+    def _update_thermal_ceiling(self, gpu_w: np.ndarray, ceiling: np.ndarray) -> None:
+        """Clock at which each throttled GPU's steady state sits just below the slowdown point."""
+        th, gm = self.thermal, self.gpu_model
+        r_total = th.r_die_c_per_w + th.r_sink_c_per_w
+        inlet = self.inlet_c[self.topo.gpu_aisle]
+        target_w = (th.slowdown_temp_c - THERMAL_RELEASE_C - inlet) / r_total
+        dyn = np.maximum(gpu_w - gm.idle_power_w, 1e-6)
+        f_now = np.minimum(ceiling, gm.max_freq_mhz)
+        ratio = np.clip((target_w - gm.idle_power_w) / dyn, 0.0, None)
+        f = f_now * ratio ** (1.0 / gm.power_freq_exponent)
+        f = np.clip(f, gm.min_freq_mhz, gm.max_freq_mhz)
+        self.thermal_ceiling_mhz = np.where(self.thermal_throttled, np.minimum(f, f_now),
+                                            gm.max_freq_mhz)
+
+    def _settle_idle(self) -> None:
+        """Start temperatures at the idle steady state (a datacenter that was running)."""
+        gm, th, topo = self.gpu_model, self.thermal, self.topo
+        idle = np.full(topo.n_gpus, gm.idle_power_w)
+        idle += np.maximum(np.repeat(self.vms.gpu_power_w, topo.gpus_per_server) - idle, 0.0)
+        self.thermal_state.x_die_c[:] = th.r_die_c_per_w * idle
+        self.thermal_state.x_sink_c[:] = th.r_sink_c_per_w * idle
+        self._gpu_temp_c = self.inlet_c[topo.gpu_aisle] + (th.r_die_c_per_w +
+                                                           th.r_sink_c_per_w) * idle
+
+    def _outside_c(self, t_s: float) -> float:
+        d = self.scenario.datacenter
+        return d.outside_temp_mean_c + d.outside_temp_amplitude_c * np.sin(
+            2 * np.pi * (t_s / 86400.0 - 0.25))
+
+    def _carbon_g_per_kwh(self, t_s: float) -> float:
+        series = self.scenario.carbon_g_per_kwh
+        return series[int(t_s // self.scenario.carbon_step_s) % len(series)]
+
+    def _metrics(self, acc: ServiceAccumulator, st: _IntervalStats) -> ServiceMetrics:
+        waiting, running = self.serving.per_pool_counts()
+        t50, t99, b50, b99 = acc.percentiles()
+        self.arrived_total += acc.arrived
+        self.finished_total += acc.finished
+        self.dropped_total += acc.dropped
+        reconf, self.reconfigurations = self.reconfigurations, 0
+        return ServiceMetrics(
+            interval_s=self.scenario.control_interval_s,
+            arrived=acc.arrived,
+            finished=acc.finished,
+            dropped=acc.dropped,
+            in_flight=self.serving.in_flight,
+            tokens_generated=acc.tokens,
+            energy_j=st.energy_j,
+            gpu_energy_j=st.gpu_energy_j,
+            ttft_p50_s=t50,
+            ttft_p99_s=t99,
+            tbt_p50_s=b50,
+            tbt_p99_s=b99,
+            slo_ttft_violations=acc.ttft_violations,
+            slo_tbt_violations=acc.tbt_violations,
+            slo_violations=acc.violations,
+            thermal_throttle_events=st.thermal_events,
+            power_throttle_events=st.power_events,
+            thermal_throttled_gpu_s=st.thermal_gpu_s,
+            power_capped_gpu_s=st.capped_gpu_s,
+            quality_loss=acc.quality_loss,
+            reconfigurations=reconf,
+            arrivals_per_pool=acc.arrivals_per_pool,
+            queued_per_pool=waiting,
+            running_per_pool=running,
+            peak_row_power_w=st.peak_row_w,
+            max_gpu_temp_c=st.max_temp_c,
+            carbon_g=st.carbon_g,
+            gpu_hours=st.gpu_hours,
+        )
+
+
+@dataclass
+class _IntervalStats:
+    energy_j: float = 0.0
+    gpu_energy_j: float = 0.0
+    carbon_g: float = 0.0
+    gpu_hours: float = 0.0
+    thermal_events: int = 0
+    power_events: int = 0
+    thermal_gpu_s: float = 0.0
+    capped_gpu_s: float = 0.0
+    peak_row_w: float = 0.0
+    max_temp_c: float = 0.0
+
+
+def _row_array(value: np.ndarray, n: int, name: str) -> np.ndarray:
+    arr = np.asarray(value, dtype=float)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} must be finite, got {arr}")
+    return arr

@@ -1,0 +1,59 @@
+"""Turn a scenario's workload section into the request trace of one episode."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from envs.sim.scenario import Scenario
+from envs.sim.workload import (
+    DEFAULT_POOLS,
+    LengthPools,
+    Trace,
+    add_spike,
+    builtin_trace,
+    diurnal_trace,
+    load_trace,
+    scale_to_rate,
+)
+
+POOL_SETS: dict[str, LengthPools] = {
+    "default": DEFAULT_POOLS,
+    "by_input": LengthPools(input_edges=DEFAULT_POOLS.input_edges, output_edges=(),
+                            names=("S", "M", "L")),
+    "single": LengthPools(input_edges=(), output_edges=(), names=("all",)),
+}
+
+
+def pools_for(name: str) -> LengthPools:
+    """The named length-pool set (`default` 3x3, `by_input` 3, `single` 1)."""
+    if name not in POOL_SETS:
+        raise ValueError(f"unknown pool set {name!r}; known: {sorted(POOL_SETS)}")
+    return POOL_SETS[name]
+
+
+def episode_trace(
+    scenario: Scenario,
+    n_saas_gpus: int,
+    spikes: list[tuple[float, float, float]],
+    rng: np.random.Generator,
+) -> Trace:
+    """The arrivals of one episode: the scenario's trace at its target rate, shaped and spiked."""
+    w = scenario.workload
+    base = builtin_trace(w.trace) if "/" not in w.trace and "." not in w.trace else load_trace(w.trace)
+    if w.start_s > 0:
+        base = base.window(w.start_s, base.duration_s - w.start_s)
+    target_rps = w.rps_per_gpu * n_saas_gpus
+    if target_rps <= 0:
+        trace = Trace(np.zeros(0), np.zeros(0), np.zeros(0), scenario.duration_s, "empty",
+                      "synthetic: no load")
+    elif w.diurnal is not None:
+        d = w.diurnal
+        trace = diurnal_trace(scenario.duration_s, target_rps, d.peak_to_mean, d.period_s,
+                              d.phase_s, base, rng)
+    else:
+        trace = scale_to_rate(base, target_rps, rng, duration_s=scenario.duration_s)
+    for sp in w.spikes:
+        trace = add_spike(trace, sp.start_s, sp.duration_s, sp.multiplier, rng)
+    for start_s, duration_s, multiplier in spikes:
+        trace = add_spike(trace, start_s, duration_s, multiplier, rng)
+    return trace

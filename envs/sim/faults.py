@@ -1,0 +1,84 @@
+"""Faults: cooling failures, power-feed failures and load spikes, scheduled or drawn at random.
+
+A fault is a window in time with a target domain and a magnitude: the fraction of an aisle's
+cooling capacity or of a row's power limit that remains, or a multiplier on arriving load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from envs.sim.scenario import FaultSpec, Scenario
+
+
+@dataclass(frozen=True)
+class FaultSchedule:
+    """Every fault of an episode, with vectorized lookups of what is active at a time."""
+
+    kind: np.ndarray
+    start_s: np.ndarray
+    end_s: np.ndarray
+    magnitude: np.ndarray
+    target: np.ndarray
+
+    @classmethod
+    def build(cls, scenario: Scenario, rng: np.random.Generator) -> FaultSchedule:
+        """The scenario's scheduled faults plus random ones drawn from `rng`."""
+        faults: list[FaultSpec] = list(scenario.faults)
+        rf = scenario.random_faults
+        if rf.per_hour > 0 and rf.kinds:
+            n = rng.poisson(rf.per_hour * scenario.duration_s / 3600.0)
+            for _ in range(n):
+                kind = rf.kinds[rng.integers(len(rf.kinds))]
+                domains = scenario.n_aisles if kind == "cooling_failure" else scenario.datacenter.rows
+                faults.append(
+                    FaultSpec(
+                        kind=kind,
+                        start_s=float(rng.uniform(0.0, scenario.duration_s)),
+                        duration_s=rf.duration_s,
+                        magnitude=rf.magnitude if kind != "load_spike" else 1.0 + rf.magnitude,
+                        target=int(rng.integers(domains)),
+                    )
+                )
+        return cls(
+            kind=np.array([f.kind for f in faults], dtype=object),
+            start_s=np.array([f.start_s for f in faults], dtype=float),
+            end_s=np.array([f.start_s + f.duration_s for f in faults], dtype=float),
+            magnitude=np.array([f.magnitude for f in faults], dtype=float),
+            target=np.array([f.target for f in faults], dtype=np.int64),
+        )
+
+    def spikes(self) -> list[tuple[float, float, float]]:
+        """(start_s, duration_s, multiplier) of every load spike (applied to the workload)."""
+        sel = self.kind == "load_spike"
+        return [
+            (float(s), float(e - s), float(m))
+            for s, e, m in zip(self.start_s[sel], self.end_s[sel], self.magnitude[sel], strict=True)
+        ]
+
+    def factors(self, t_s: float, n_rows: int, n_aisles: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row power-limit and aisle cooling-capacity fractions in force at `t_s`."""
+        row = np.ones(n_rows)
+        aisle = np.ones(n_aisles)
+        on = (self.start_s <= t_s) & (t_s < self.end_s)
+        if on.any():
+            for kind, arr in (("power_failure", row), ("cooling_failure", aisle)):
+                sel = on & (self.kind == kind)
+                if sel.any():
+                    np.minimum.at(arr, self.target[sel], self.magnitude[sel])
+        return row, aisle
+
+    def active_names(self, t_s: float) -> tuple[str, ...]:
+        """Human-readable names of the faults in force at `t_s`."""
+        on = np.flatnonzero((self.start_s <= t_s) & (t_s < self.end_s))
+        return tuple(f"{self.kind[i]}@{int(self.target[i])}" for i in on)
+
+    def active_kinds(self, t_s: float) -> np.ndarray:
+        """Flags (cooling_failure, power_failure, load_spike) in force at `t_s`."""
+        on = (self.start_s <= t_s) & (t_s < self.end_s)
+        return np.array(
+            [bool((on & (self.kind == k)).any()) for k in ("cooling_failure", "power_failure",
+                                                           "load_spike")]
+        )

@@ -1,0 +1,118 @@
+"""The SaaS instance table: which GPUs form which LLM instance, and how each is configured.
+
+Instances live in fixed slots, one per SaaS GPU; an instance of TP degree t occupies t adjacent
+slots of one server and is represented by its first slot. Reconfiguring rebuilds the layout from
+per-pool configurations and keeps every instance whose GPUs, TP and model variant are unchanged;
+the others pay the model-load downtime from the profile tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from envs.backend import PoolConfig
+
+
+@dataclass
+class InstanceTable:
+    """Per-slot instance state (arrays of length `n_slots`, valid where `active`)."""
+
+    n_slots: int
+    gpus_per_server: int
+    slot_gpu: np.ndarray
+    active: np.ndarray
+    pool: np.ndarray
+    tp: np.ndarray
+    freq_mhz: np.ndarray
+    max_batch: np.ndarray
+    quantized: np.ndarray
+    ready_at_s: np.ndarray
+
+    @classmethod
+    def empty(cls, saas_servers: np.ndarray, gpus_per_server: int) -> InstanceTable:
+        """A table with no instances over the given SaaS servers."""
+        n = len(saas_servers) * gpus_per_server
+        slot_gpu = (saas_servers[:, None] * gpus_per_server + np.arange(gpus_per_server)).ravel()
+        return cls(
+            n_slots=n,
+            gpus_per_server=gpus_per_server,
+            slot_gpu=slot_gpu,
+            active=np.zeros(n, dtype=bool),
+            pool=np.full(n, -1, dtype=np.int64),
+            tp=np.ones(n, dtype=np.int64),
+            freq_mhz=np.zeros(n),
+            max_batch=np.zeros(n, dtype=np.int64),
+            quantized=np.zeros(n, dtype=bool),
+            ready_at_s=np.zeros(n),
+        )
+
+    def capacity_instances(self, tp: int) -> int:
+        """How many instances of TP `tp` fit on the SaaS servers."""
+        return self.n_slots // tp
+
+    def slot_owner(self) -> np.ndarray:
+        """For every slot (GPU), the first slot of the instance that owns it, or -1."""
+        owner = np.full(self.n_slots, -1, dtype=np.int64)
+        first = np.flatnonzero(self.active)
+        if len(first):
+            tps = self.tp[first]
+            owner_idx = np.repeat(first, tps)
+            offsets = np.arange(len(owner_idx)) - np.repeat(np.cumsum(tps) - tps, tps)
+            owner[owner_idx + offsets] = owner_idx
+        return owner
+
+    def reconfigure(
+        self, pools: Sequence[PoolConfig], now_s: float, load_time_s: Mapping[int, float]
+    ) -> np.ndarray:
+        """Lay the pools out again; returns a bool mask of slots whose instance was replaced.
+
+        Args:
+            pools: Wanted configuration per pool (instance counts are clipped to what fits).
+            now_s: Current simulated time.
+            load_time_s: Model-load downtime of a new instance, by TP degree.
+
+        Returns:
+            Mask of first slots whose previous instance stopped (its requests must be requeued).
+        """
+        g = self.gpus_per_server
+        n_servers = self.n_slots // g
+        new_active = np.zeros(self.n_slots, dtype=bool)
+        new_pool = np.full(self.n_slots, -1, dtype=np.int64)
+        new_tp = np.ones(self.n_slots, dtype=np.int64)
+        new_quant = np.zeros(self.n_slots, dtype=bool)
+        new_freq = np.zeros(self.n_slots)
+        new_batch = np.zeros(self.n_slots, dtype=np.int64)
+        server = 0
+        for p, cfg in enumerate(pools):
+            per_server = g // cfg.tp
+            need_servers = -(-cfg.n_instances // per_server)
+            need_servers = min(need_servers, n_servers - server)
+            n = min(cfg.n_instances, need_servers * per_server)
+            if n <= 0:
+                continue
+            first = server * g + np.arange(n) * cfg.tp
+            new_active[first] = True
+            new_pool[first] = p
+            new_tp[first] = cfg.tp
+            new_quant[first] = cfg.quantized
+            new_freq[first] = cfg.freq_mhz
+            new_batch[first] = cfg.max_batch
+            server += need_servers
+        kept = new_active & self.active & (new_tp == self.tp) & (new_quant == self.quantized)
+        stopped = self.active & ~kept
+        started = new_active & ~kept
+        ready = np.where(kept, self.ready_at_s, 0.0)
+        for tp in np.unique(new_tp[started]):
+            sel = started & (new_tp == tp)
+            ready[sel] = now_s + load_time_s.get(int(tp), 0.0)
+        self.active, self.pool, self.tp = new_active, new_pool, new_tp
+        self.quantized, self.freq_mhz, self.max_batch = new_quant, new_freq, new_batch
+        self.ready_at_s = ready
+        return stopped
+
+    def serving(self, now_s: float) -> np.ndarray:
+        """Mask of first slots whose instance is up (active and not loading)."""
+        return self.active & (self.ready_at_s <= now_s)

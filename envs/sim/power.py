@@ -1,0 +1,119 @@
+"""GPU and server power from the serving state, and row-level power capping.
+
+A GPU's power over a tick is the time-weighted mix of its prefill, decode and idle power from
+the profile tables at its effective clock. Power capping is what a row's capping controller
+does: when the row draws more than its limit, the clocks of every GPU in the row are forced
+down to the highest common ceiling at which the row fits, from the next tick on. Each capping
+episode (uncapped -> capped) is one power-throttling event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from envs.sim.profiles import phase_power_w
+from envs.sim.scenario import ServerSpec
+
+
+@dataclass(frozen=True)
+class GpuLoad:
+    """Per-GPU phase mix over one tick, gathered from the instance each GPU belongs to.
+
+    Attributes:
+        prefill_frac, decode_frac: Fraction of the tick in each phase (the rest is idle).
+        prefill_tokens, decode_batch: Load level of each phase.
+        freq_mhz: Clock the GPU wanted (before row capping) for decode.
+        prefill_freq_mhz: Clock during prefill (already within the GPU's own power limit).
+        power_factor: Multiplier on dynamic power (quantized variants draw less).
+        vm_power_w: For IaaS GPUs, the VM's draw at full clock (0 for SaaS GPUs).
+    """
+
+    prefill_frac: np.ndarray
+    decode_frac: np.ndarray
+    prefill_tokens: np.ndarray
+    decode_batch: np.ndarray
+    freq_mhz: np.ndarray
+    prefill_freq_mhz: np.ndarray
+    power_factor: np.ndarray
+    vm_power_w: np.ndarray
+
+
+@dataclass(frozen=True)
+class GpuPowerModel:
+    """The power coefficients of the GPU type (from its profile; same for every GPU)."""
+
+    idle_power_w: float
+    prefill_max_power_w: float
+    prefill_k_tokens: float
+    decode_max_power_w: float
+    decode_k_batch: float
+    power_freq_exponent: float
+    gpu_power_limit_w: float
+    min_freq_mhz: float
+    max_freq_mhz: float
+
+    def gpu_power_w(self, load: GpuLoad, ceiling_mhz: np.ndarray) -> np.ndarray:
+        """Mean power of each GPU over the tick under a clock ceiling (row cap, thermal)."""
+        f_dec = np.minimum(load.freq_mhz, ceiling_mhz)
+        f_pre = np.minimum(load.prefill_freq_mhz, ceiling_mhz)
+        idle = self.idle_power_w
+        p_pre = phase_power_w(load.prefill_tokens, f_pre, idle, self.prefill_max_power_w,
+                              self.prefill_k_tokens, self.power_freq_exponent, self.max_freq_mhz)
+        p_dec = phase_power_w(load.decode_batch, f_dec, idle, self.decode_max_power_w,
+                              self.decode_k_batch, self.power_freq_exponent, self.max_freq_mhz)
+        dyn = load.prefill_frac * (p_pre - idle) + load.decode_frac * (p_dec - idle)
+        f_vm = np.minimum(self.max_freq_mhz, ceiling_mhz) / self.max_freq_mhz
+        vm_dyn = np.maximum(load.vm_power_w - idle, 0.0) * f_vm**self.power_freq_exponent
+        p = idle + dyn * load.power_factor + vm_dyn
+        return np.minimum(p, self.gpu_power_limit_w)
+
+
+def server_power_w(gpu_power_w: np.ndarray, spec: ServerSpec, idle_gpu_w: float) -> np.ndarray:
+    """Server power: its GPUs plus CPUs, fans, NICs and PSU losses that follow GPU load.
+
+    The non-GPU part rises linearly from `overhead_idle_w` (GPUs idle) to
+    `max_power_w - gpus * gpu_tdp_w` (GPUs at TDP).
+    """
+    per_server = gpu_power_w.reshape(-1, spec.gpus)
+    gpu_w = per_server.sum(axis=1)
+    load = np.clip((gpu_w - spec.gpus * idle_gpu_w) / (spec.gpus * (spec.gpu_tdp_w - idle_gpu_w)),
+                   0.0, 1.0)
+    overhead_max_w = spec.max_power_w - spec.gpus * spec.gpu_tdp_w
+    return gpu_w + spec.overhead_idle_w + (overhead_max_w - spec.overhead_idle_w) * load
+
+
+def row_cap_ceiling_mhz(
+    model: GpuPowerModel,
+    load: GpuLoad,
+    gpu_row: np.ndarray,
+    other_ceiling_mhz: np.ndarray,
+    rows: np.ndarray,
+    row_limit_w: np.ndarray,
+    server_spec: ServerSpec,
+    n_rows: int,
+    iterations: int = 10,
+) -> np.ndarray:
+    """Highest common clock ceiling per row at which each listed row fits its limit.
+
+    Bisection on the clock (row power is monotone in it), vectorized over rows. Rows not
+    listed get the maximum clock. A row that does not fit even at the minimum clock gets the
+    minimum clock (the capping controller can do no more).
+    """
+    lo = np.full(n_rows, model.min_freq_mhz)
+    hi = np.full(n_rows, model.max_freq_mhz)
+    target = np.full(n_rows, np.inf)
+    target[rows] = row_limit_w[rows]
+    server_row = gpu_row[:: server_spec.gpus]
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        p = model.gpu_power_w(load, np.minimum(other_ceiling_mhz, mid[gpu_row]))
+        srv = server_power_w(p, server_spec, model.idle_power_w)
+        row_w = np.bincount(server_row, weights=srv, minlength=n_rows)
+        fits = row_w <= target
+        lo = np.where(fits, mid, lo)
+        hi = np.where(fits, hi, mid)
+    out = np.full(n_rows, model.max_freq_mhz)
+    out[rows] = lo[rows]
+    return out

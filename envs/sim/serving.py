@@ -1,0 +1,95 @@
+"""What the serving models share: per-tick load for the power model, per-interval statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class TickLoad:
+    """How busy each instance slot was during one tick (drives GPU power).
+
+    Attributes:
+        prefill_busy_s: Seconds of the tick spent in prefill passes.
+        prefill_tokens: Mean prompt tokens per prefill pass (sets prefill power draw).
+        decode_busy_s: Seconds of the tick spent in decode iterations.
+        decode_batch: Mean decode batch during those iterations.
+        tokens_generated: Output tokens produced in the tick (all slots).
+    """
+
+    prefill_busy_s: np.ndarray
+    prefill_tokens: np.ndarray
+    decode_busy_s: np.ndarray
+    decode_batch: np.ndarray
+    tokens_generated: float = 0.0
+
+
+@dataclass
+class ServiceAccumulator:
+    """Per-interval service counters, filled tick by tick and drained by the cluster."""
+
+    n_pools: int
+    arrived: int = 0
+    finished: int = 0
+    dropped: int = 0
+    tokens: float = 0.0
+    ttft_violations: int = 0
+    tbt_violations: int = 0
+    violations: int = 0
+    quality_loss: float = 0.0
+    ttft_s: list[np.ndarray] = field(default_factory=list)
+    tbt_s: list[np.ndarray] = field(default_factory=list)
+    weight: list[np.ndarray] = field(default_factory=list)
+    arrivals_per_pool: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def __post_init__(self) -> None:
+        self.arrivals_per_pool = np.zeros(self.n_pools)
+
+    def record_finished(
+        self,
+        ttft_s: np.ndarray,
+        tbt_s: np.ndarray,
+        slo_ttft_s: np.ndarray,
+        slo_tbt_s: np.ndarray,
+        weight: np.ndarray | None = None,
+        quality_loss: np.ndarray | None = None,
+    ) -> None:
+        """Count finished requests and their SLO outcomes (weights allow fluid cohorts)."""
+        w = np.ones(len(ttft_s)) if weight is None else weight
+        bad_ttft = ttft_s > slo_ttft_s
+        bad_tbt = tbt_s > slo_tbt_s
+        self.finished += float(w.sum())
+        self.ttft_violations += float(w[bad_ttft].sum())
+        self.tbt_violations += float(w[bad_tbt].sum())
+        self.violations += float(w[bad_ttft | bad_tbt].sum())
+        if quality_loss is not None:
+            self.quality_loss += float((w * quality_loss).sum())
+        if len(ttft_s):
+            self.ttft_s.append(ttft_s)
+            self.tbt_s.append(tbt_s)
+            self.weight.append(w)
+
+    def percentiles(self) -> tuple[float, float, float, float]:
+        """TTFT P50/P99 and TBT P50/P99 over the requests finished this interval (0 if none)."""
+        if not self.ttft_s:
+            return 0.0, 0.0, 0.0, 0.0
+        w = np.concatenate(self.weight)
+        t50, t99 = weighted_percentiles(np.concatenate(self.ttft_s), w, (50.0, 99.0))
+        b50, b99 = weighted_percentiles(np.concatenate(self.tbt_s), w, (50.0, 99.0))
+        return t50, t99, b50, b99
+
+
+def weighted_percentiles(
+    values: np.ndarray, weight: np.ndarray, qs: tuple[float, ...]
+) -> tuple[float, ...]:
+    """Percentiles of weighted samples (equal weights give the usual lower-median convention)."""
+    keep = weight > 0
+    if not keep.any():
+        return tuple(0.0 for _ in qs)
+    order = np.argsort(values[keep], kind="stable")
+    v, w = values[keep][order], weight[keep][order]
+    cum = np.cumsum(w) / w.sum()
+    idx = np.searchsorted(cum, np.asarray(qs) / 100.0 - 1e-12)
+    return tuple(float(v[min(i, len(v) - 1)]) for i in idx)

@@ -1,0 +1,206 @@
+"""Aggregate (fluid) serving for fast training: per-instance counts, no per-request state.
+
+Each instance slot keeps the number of waiting and running requests and their mean lengths.
+Per tick, arrivals are routed by the same water-filling rule as the request-level model,
+admitted under the batch cap and KV memory, prefilled one after another and decoded in
+iterations of profile-table length; completions follow Little's law. TTFT of an admitted
+cohort is spread uniformly over its sequential prefills, so SLO attainment degrades smoothly
+as queues grow, as it does in the request-level model. It shares the power, thermal and
+profile models with the request-level model; only the bookkeeping of requests differs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from envs.sim.instances import InstanceTable
+from envs.sim.routing import water_fill
+from envs.sim.serving import ServiceAccumulator, TickLoad
+
+
+class AggregateServing:
+    """Fluid continuous-batching model over the instance table."""
+
+    def __init__(self, n_slots: int, n_pools: int, max_prefill_tokens: int, drop_after_s: float):
+        self.n_slots = n_slots
+        self.n_pools = n_pools
+        self.max_prefill_tokens = max_prefill_tokens
+        self.drop_after_s = drop_after_s
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty every queue."""
+        n, p = self.n_slots, self.n_pools
+        self.q = np.zeros(n)
+        self.q_in = np.zeros(n)
+        self.q_out = np.zeros(n)
+        self.q_age_s = np.zeros(n)
+        self.run = np.zeros(n)
+        self.run_ctx = np.zeros(n)
+        self.run_out = np.zeros(n)
+        self.slot_pool = np.full(n, -1, dtype=np.int64)
+        self.busy_until_s = np.zeros(n)
+        self.buf = np.zeros(p)
+        self.buf_in = np.zeros(p)
+        self.buf_out = np.zeros(p)
+        self.rate_rps = np.zeros(n)
+
+    @property
+    def in_flight(self) -> float:
+        """Requests arrived and neither finished nor dropped."""
+        return float(self.q.sum() + self.run.sum() + self.buf.sum())
+
+    def per_pool_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Waiting and running request counts per pool."""
+        has = self.slot_pool >= 0
+        sp = np.where(has, self.slot_pool, 0)
+        waiting = np.bincount(sp, weights=self.q * has, minlength=self.n_pools) + self.buf
+        running = np.bincount(sp, weights=self.run * has, minlength=self.n_pools)
+        return waiting, running
+
+    def add_arrivals(self, arrival_s, input_tokens, output_tokens, pool) -> None:
+        """Fold new requests into the per-pool router buffer."""
+        if len(arrival_s) == 0:
+            return
+        cnt = np.bincount(pool, minlength=self.n_pools)
+        tot_in = np.bincount(pool, weights=input_tokens, minlength=self.n_pools)
+        tot_out = np.bincount(pool, weights=output_tokens, minlength=self.n_pools)
+        new = self.buf + cnt
+        safe = np.maximum(new, 1e-12)
+        self.buf_in = (self.buf_in * self.buf + tot_in) / safe
+        self.buf_out = (self.buf_out * self.buf + tot_out) / safe
+        self.buf = new
+
+    def requeue(self, stopped_slots: np.ndarray) -> None:
+        """Requests of stopped instances go back to the router buffer (progress lost)."""
+        idx = np.flatnonzero(stopped_slots & (self.slot_pool >= 0))
+        for i in idx:
+            p = self.slot_pool[i]
+            n = self.q[i] + self.run[i]
+            if n <= 0:
+                continue
+            inp = (self.q[i] * self.q_in[i] + self.run[i] * np.maximum(
+                self.run_ctx[i] - self.run_out[i] / 2, 1.0)) / n
+            out = (self.q[i] * self.q_out[i] + self.run[i] * self.run_out[i]) / n
+            tot = self.buf[p] + n
+            self.buf_in[p] = (self.buf_in[p] * self.buf[p] + inp * n) / tot
+            self.buf_out[p] = (self.buf_out[p] * self.buf[p] + out * n) / tot
+            self.buf[p] = tot
+        self.q[stopped_slots] = 0.0
+        self.run[stopped_slots] = 0.0
+        self.busy_until_s[stopped_slots] = 0.0
+
+    def _route(self, dt_s, inst: InstanceTable, serving, route_weight) -> None:
+        weight = np.where(serving, route_weight * inst.max_batch, 0.0)
+        outstanding = self.q + self.run
+        self.slot_pool = np.where(inst.active, inst.pool, -1)
+        arrivals = np.zeros(self.n_slots)
+        for p in np.flatnonzero(self.buf > 0):
+            cand = weight * (inst.pool == p)
+            if not (cand > 0).any():
+                cand = weight
+            if not (cand > 0).any():
+                continue
+            share = water_fill(outstanding, cand, float(self.buf[p]))
+            tot = self.q + share
+            safe = np.maximum(tot, 1e-12)
+            self.q_in = (self.q_in * self.q + self.buf_in[p] * share) / safe
+            self.q_out = (self.q_out * self.q + self.buf_out[p] * share) / safe
+            # New arrivals are on average half a tick old when the tick's work starts.
+            self.q_age_s = (self.q_age_s * self.q + 0.0 * share) / safe
+            self.q = tot
+            outstanding = outstanding + share
+            arrivals += share
+            self.buf[p] = 0.0
+        self.rate_rps = 0.8 * self.rate_rps + 0.2 * arrivals / dt_s
+
+    def tick(self, t0_s, dt_s, inst: InstanceTable, serving, model, route_weight, slo_ttft_s,
+             slo_tbt_s, quality_loss_per_slot, acc: ServiceAccumulator) -> TickLoad:
+        """Advance the fluid state by one tick and return how busy each slot was."""
+        n = self.n_slots
+        t1 = t0_s + dt_s
+        load = TickLoad(np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n))
+        self._route(dt_s, inst, serving, route_weight)
+        # Requests older than drop_after_s in FIFO order: the queue beyond what the recent
+        # arrival rate could have brought in within drop_after_s.
+        excess = np.maximum(self.q - self.rate_rps * self.drop_after_s - 1.0, 0.0)
+        excess = np.where(self.q_age_s > self.drop_after_s, excess, 0.0)
+        acc.dropped += float(excess.sum())
+        self.q -= excess
+        idx = np.flatnonzero(serving & ((self.q > 1e-9) | (self.run > 1e-9)))
+        if len(idx) == 0:
+            self.q_age_s += dt_s
+            return load
+        pool = np.where(inst.pool[idx] >= 0, inst.pool[idx], 0)
+        q, run = self.q[idx], self.run[idx]
+        # ---- admission -------------------------------------------------------------------
+        kv_free = model.kv_capacity_tokens[idx] - run * (self.run_ctx[idx] + self.run_out[idx] / 2)
+        per_req_kv = np.maximum(self.q_in[idx] + self.q_out[idx], 1.0)
+        room = np.maximum(np.minimum(inst.max_batch[idx] - run, kv_free / per_req_kv), 0.0)
+        adm = np.minimum(q, np.floor(room + 1e-9))
+        adm = np.where((run < 0.5) & (q > 0) & (adm < 1), np.minimum(q, 1.0), adm)
+        tau = np.where(adm > 0, model.prefill_time_s(np.maximum(self.q_in[idx], 1.0), idx), 0.0)
+        backlog = np.maximum(self.busy_until_s[idx] - t0_s, 0.0)
+        busy_end = t0_s + backlog + adm * tau
+        self.busy_until_s[idx] = busy_end
+        prefill_end = np.minimum(busy_end, t1)
+        load.prefill_busy_s[idx] = prefill_end - t0_s
+        load.prefill_tokens[idx] = np.where(adm > 0, self.q_in[idx], 0.0)
+        # TTFT of the admitted cohort: queue age + backlog + its place in the prefill sequence,
+        # spread uniformly over [first, last]; new arrivals come on average mid-tick.
+        carried = np.minimum(q - 0.0, adm)
+        age = self.q_age_s[idx]
+        first = np.maximum(age + backlog + tau - 0.5 * dt_s * (age <= 0), tau)
+        last = first + np.maximum(adm - 1, 0.0) * tau
+        del carried
+        # ---- decode ----------------------------------------------------------------------
+        new_run = run + adm
+        ctx = np.where(new_run > 0, (run * self.run_ctx[idx] + adm * self.q_in[idx])
+                       / np.maximum(new_run, 1e-12), 0.0)
+        out = np.where(new_run > 0, (run * self.run_out[idx] + adm * self.q_out[idx])
+                       / np.maximum(new_run, 1e-12), 0.0)
+        window = t1 - prefill_end
+        iter_s = model.decode_iter_time_s(np.maximum(new_run, 1.0), np.maximum(ctx, 1.0), idx)
+        n_iter = window / np.maximum(iter_s, 1e-9)
+        per_req_tokens = np.maximum(out - 1.0, 0.0)
+        frac_done = np.where(per_req_tokens > 0, np.minimum(n_iter / np.maximum(per_req_tokens,
+                                                                                 1e-9), 1.0), 1.0)
+        finished = new_run * frac_done
+        tokens = np.minimum(new_run * n_iter, new_run * per_req_tokens)
+        need_s = per_req_tokens * iter_s
+        load.decode_busy_s[idx] = np.where(new_run > 0, np.minimum(window, need_s), 0.0)
+        load.decode_batch[idx] = new_run
+        load.tokens_generated = float(tokens.sum() + adm.sum())
+        # TBT: per-token interval including the prefill stalls of this tick.
+        tbt = iter_s * dt_s / np.maximum(window, iter_s)
+        # ---- SLO accounting for the finishing cohort (it carries the TTFT of its admission)
+        if finished.sum() > 0:
+            span = np.maximum(last - first, 1e-9)
+            slo_t = slo_ttft_s[pool]
+            ttft_ok = np.where(last <= slo_t, 1.0, np.clip((slo_t - first) / span, 0.0, 1.0))
+            ttft_mid = 0.5 * (first + last)
+            self._record(acc, finished, ttft_ok, tbt, ttft_mid, slo_ttft_s[pool], slo_tbt_s[pool],
+                         quality_loss_per_slot[idx])
+        # ---- state update ----------------------------------------------------------------
+        self.q[idx] = q - adm
+        self.q_age_s[idx] = np.where(q - adm > 1e-9, age + dt_s, 0.0)
+        rest = np.setdiff1d(np.flatnonzero(self.q > 0), idx, assume_unique=True)
+        self.q_age_s[rest] += dt_s
+        self.run[idx] = new_run - finished
+        self.run_ctx[idx] = ctx + np.minimum(n_iter, per_req_tokens) * (1 - frac_done)
+        self.run_out[idx] = np.where(frac_done < 1, out, 0.0)
+        return load
+
+    def _record(self, acc, finished, ttft_ok, tbt, ttft_mid, slo_ttft, slo_tbt, qloss) -> None:
+        w = finished
+        tbt_bad = tbt > slo_tbt
+        bad = w * np.maximum(1.0 - ttft_ok, tbt_bad.astype(float))
+        acc.finished += float(w.sum())
+        acc.ttft_violations += float((w * (1.0 - ttft_ok)).sum())
+        acc.tbt_violations += float((w * tbt_bad).sum())
+        acc.violations += float(bad.sum())
+        acc.quality_loss += float((w * qloss).sum())
+        keep = w > 0
+        acc.ttft_s.append(ttft_mid[keep])
+        acc.tbt_s.append(tbt[keep])
+        acc.weight.append(w[keep])
