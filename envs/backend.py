@@ -77,6 +77,13 @@ class ClusterLayout:
     control_interval_s: float
     slo_ttft_s: np.ndarray
     slo_tbt_s: np.ndarray
+    row_limit_w: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    aisle_capacity_w: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    initial_pools: tuple[PoolConfig, ...] = ()
+    nominal_rps: float = 1.0
+    max_freq_mhz: float = 1980.0
+    gpu_power_limit_w: float = 700.0
+    slowdown_temp_c: float = 89.0
 
     @property
     def n_gpus(self) -> int:

@@ -117,7 +117,10 @@ class SimCluster:
         self.slo_tbt_s = np.array([p.slo_tbt_s for p in sv.pools])
         self.auto_place_vms = auto_place_vms
         self.record_ticks = record_ticks
-        self.ticks_per_interval = int(round(s.control_interval_s / s.tick_s))
+        # The aggregate model takes one tick per control interval (its fluid state needs no
+        # finer steps; power and thermal updates are exact for piecewise-constant power).
+        self.tick_s = s.tick_s if serving_model == "request" else s.control_interval_s
+        self.ticks_per_interval = int(round(s.control_interval_s / self.tick_s))
         self.n_intervals = int(np.ceil(s.duration_s / s.control_interval_s))
         self.layout = ClusterLayout(
             n_rows=self.topo.n_rows,
@@ -136,6 +139,15 @@ class SimCluster:
             control_interval_s=s.control_interval_s,
             slo_ttft_s=self.slo_ttft_s,
             slo_tbt_s=self.slo_tbt_s,
+            row_limit_w=self.topo.row_limit_w,
+            aisle_capacity_w=self.topo.aisle_capacity_w,
+            initial_pools=tuple(
+                PoolConfig(p.n_instances, p.tp, p.freq_mhz, p.max_batch) for p in sv.pools),
+            nominal_rps=max(s.workload.rps_per_gpu * len(self.topo.saas_servers)
+                            * self.topo.gpus_per_server, 1e-9),
+            max_freq_mhz=self.gpu_model.max_freq_mhz,
+            gpu_power_limit_w=self.gpu_model.gpu_power_limit_w,
+            slowdown_temp_c=self.thermal.slowdown_temp_c,
         )
         self._rng = np.random.default_rng(0)
         self.reset(seed=None)
@@ -180,9 +192,7 @@ class SimCluster:
         self.finished_total = 0.0
         self.dropped_total = 0.0
         self._stats_total: dict[str, float] = {}
-        pools = tuple(
-            PoolConfig(p.n_instances, p.tp, p.freq_mhz, p.max_batch) for p in s.serving.pools
-        )
+        pools = self.layout.initial_pools
         self.pool_configs = pools
         self.reconfigurations = 0
         self.inst.reconfigure(pools, now_s=0.0, load_time_s={})
@@ -227,7 +237,7 @@ class SimCluster:
         s = self.scenario
         acc = ServiceAccumulator(self.pools.n_pools)
         stats = _IntervalStats()
-        dt = s.tick_s
+        dt = self.tick_s
         for _ in range(self.ticks_per_interval):
             self._tick(self.time_s, dt, acc, stats)
             self.time_s += dt

@@ -42,12 +42,16 @@ class ServerSpec:
 
 @dataclass(frozen=True)
 class CoolingSpec:
-    """Aisle cooling model parameters (see `envs.sim.thermal.AisleCoolingParams`)."""
+    """Aisle cooling model parameters (see `envs.sim.thermal.AisleCoolingParams`).
 
-    supply_temp_c: float = 22.0
+    Defaults and their sources: `envs/data/thermal/aisle_cooling_default.json` (supply setpoint
+    inside ASHRAE's recommended 18-27 C inlet envelope; the other three are assumptions).
+    """
+
+    supply_temp_c: float = 24.0
     outside_temp_coeff: float = 0.1
     overload_c_per_frac: float = 20.0
-    tau_inlet_s: float = 120.0
+    tau_inlet_s: float = 300.0
 
 
 @dataclass(frozen=True)

@@ -146,13 +146,19 @@ class AggregateServing:
         prefill_end = np.minimum(busy_end, t1)
         load.prefill_busy_s[idx] = prefill_end - t0_s
         load.prefill_tokens[idx] = np.where(adm > 0, self.q_in[idx], 0.0)
-        # TTFT of the admitted cohort: queue age + backlog + its place in the prefill sequence,
-        # spread uniformly over [first, last]; new arrivals come on average mid-tick.
-        carried = np.minimum(q - 0.0, adm)
+        # TTFT of the admitted cohort. Arrivals spread over the tick queue for the prefill
+        # server like an M/D/1 queue (mean wait rho*tau / 2(1-rho)) plus half a decode
+        # iteration (prefill starts at an iteration boundary); requests carried over from an
+        # earlier tick add their queue age and the carried prefill backlog.
         age = self.q_age_s[idx]
-        first = np.maximum(age + backlog + tau - 0.5 * dt_s * (age <= 0), tau)
-        last = first + np.maximum(adm - 1, 0.0) * tau
-        del carried
+        rho = adm * tau / dt_s
+        iter_now = model.decode_iter_time_s(np.maximum(run, 1.0),
+                                            np.maximum(self.run_ctx[idx], 1.0), idx)
+        iter_now = np.where(run > 0, iter_now, 0.0)
+        base = tau + backlog + age
+        wait = np.where(rho < 0.95, rho * tau / (2 * np.maximum(1 - rho, 0.05)), 0.0) + iter_now / 2
+        overloaded = rho >= 0.95
+        span = np.where(overloaded, np.maximum(busy_end - t1, 0.0) + 0.5 * dt_s, 0.0)
         # ---- decode ----------------------------------------------------------------------
         new_run = run + adm
         ctx = np.where(new_run > 0, (run * self.run_ctx[idx] + adm * self.q_in[idx])
@@ -175,11 +181,13 @@ class AggregateServing:
         tbt = iter_s * dt_s / np.maximum(window, iter_s)
         # ---- SLO accounting for the finishing cohort (it carries the TTFT of its admission)
         if finished.sum() > 0:
-            span = np.maximum(last - first, 1e-9)
             slo_t = slo_ttft_s[pool]
-            ttft_ok = np.where(last <= slo_t, 1.0, np.clip((slo_t - first) / span, 0.0, 1.0))
-            ttft_mid = 0.5 * (first + last)
-            self._record(acc, finished, ttft_ok, tbt, ttft_mid, slo_ttft_s[pool], slo_tbt_s[pool],
+            over = slo_t - base
+            ok_mm1 = np.where(over > 0, -np.expm1(-np.minimum(over / np.maximum(wait, 1e-6), 50.0)), 0.0)
+            ok_seq = np.clip(over / np.maximum(span, 1e-9), 0.0, 1.0)
+            ttft_ok = np.where(overloaded, ok_seq, ok_mm1)
+            ttft_mean = base + np.where(overloaded, span / 2, wait)
+            self._record(acc, finished, ttft_ok, tbt, ttft_mean, slo_ttft_s[pool], slo_tbt_s[pool],
                          quality_loss_per_slot[idx])
         # ---- state update ----------------------------------------------------------------
         self.q[idx] = q - adm
@@ -187,7 +195,7 @@ class AggregateServing:
         rest = np.setdiff1d(np.flatnonzero(self.q > 0), idx, assume_unique=True)
         self.q_age_s[rest] += dt_s
         self.run[idx] = new_run - finished
-        self.run_ctx[idx] = ctx + np.minimum(n_iter, per_req_tokens) * (1 - frac_done)
+        self.run_ctx[idx] = np.where(frac_done < 1, ctx + n_iter, 0.0)
         self.run_out[idx] = np.where(frac_done < 1, out, 0.0)
         return load
 

@@ -1,0 +1,533 @@
+"""Fit the two-node GPU thermal model and the phase power levels to real H100 recordings.
+
+Reads the recordings in ``envs/data/thermal/recordings`` and writes
+``envs/data/thermal/h100_thermal_fit.json`` (the parameters ``ThermalParams.load`` reads,
+errors, cross-validation, phase power table) and ``envs/data/thermal/h100_thermal_fit.png``
+(measured vs fitted temperature per recording).
+
+Method (numpy only):
+
+* Power: the NVML power reading is a ~1 s trailing average, so the instantaneous power is
+  taken from differences of the NVML total-energy counter over 0.25 s windows (the counter
+  updates about every 100 ms; it is interpolated linearly between its update times).
+  ``h100_probe.json`` has no counter: there the NVML reading shifted 0.5 s earlier (the
+  centre of its averaging window) stands in, and that recording is used only as a held-out
+  check, not in the fit.
+* Temperature model: ``T = T_inlet + x_die + x_sink`` with exact first-order steps per
+  window (``envs.sim.thermal.step_gpu_temperature``); every recording starts from the
+  steady state of its first window's power (the lent machines sat idle before).
+* ``T_inlet`` was not measured: each recording gets its own constant offset (the inlet
+  plus any sensor offset), fitted with the R's.
+* Given (tau_die, tau_sink) the model is linear in (R_die, R_sink, offsets): a log grid
+  over the two taus with linear least squares at each point, refined twice around the
+  best point. The single first-order model gets the same treatment over one tau.
+* Cross-recording: fit on one recording, then on the other refit only its offset.
+
+Usage::
+
+    python scripts/fit_thermal.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from envs.sim.thermal import (
+    DATA_DIR,
+    GpuThermalState,
+    ThermalError,
+    ThermalParams,
+    step_gpu_temperature,
+)
+
+RECORDINGS_DIR = DATA_DIR / "recordings"
+WINDOW_S = 0.25
+NVML_POWER_LEAD_S = 0.5  # centre of NVML's ~1 s trailing power average (probe file only)
+# Recordings with the energy counter (used in the fit) and the one without (held out).
+FIT_RECORDINGS = ("h100_calibration_steps.json.gz", "h100_steps_20261125.json.gz")
+HELD_OUT_RECORDINGS = ("h100_probe.json",)
+
+
+@dataclass
+class Recording:
+    """One recording resampled to fixed windows.
+
+    Attributes:
+        name: File name.
+        t_s: Window start times from the first sample (s).
+        power_w: Mean GPU power over each window (W).
+        temp_end_c: Measured GPU temperature at each window's end (C), interpolated.
+        power_source: "energy_counter" or "nvml_power_shifted".
+        raw: The decoded JSON (static info, marks, samples).
+    """
+
+    name: str
+    t_s: np.ndarray
+    power_w: np.ndarray
+    temp_end_c: np.ndarray
+    power_source: str
+    raw: dict[str, Any] = field(repr=False)
+
+
+def _open_json(path: Path) -> dict[str, Any]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as fh:
+        return json.load(fh)
+
+
+def _columns(raw: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
+    """Samples as named float columns (phase dropped); knows both file layouts."""
+    if "columns" in raw:
+        cols = raw["columns"]
+    else:  # h100_probe.json: (t, power W, temp C, SM MHz, throttle bitmask)
+        cols = ["t", "power_w", "gpu_temp_c", "sm_clock_mhz", "throttle_reasons"]
+    rows = [r for r in raw["samples"] if len(r) == len(cols)]
+    if len(rows) < 100:
+        raise ThermalError(f"{path}: field 'samples' has only {len(rows)} complete rows")
+    out = {}
+    for i, c in enumerate(cols):
+        if c == "phase":
+            out[c] = np.array([r[i] for r in rows], dtype=object)
+        else:
+            out[c] = np.array([np.nan if r[i] is None else r[i] for r in rows], dtype=float)
+    return out
+
+
+def power_from_energy(t_s: np.ndarray, energy_mj: np.ndarray, grid_s: np.ndarray) -> np.ndarray:
+    """Mean power (W) over windows ``[grid[k], grid[k+1])`` from the NVML energy counter.
+
+    The counter is read at every sample but only changes about every 100 ms, so only the
+    first sample of each new value is kept (its update time) and the energy is
+    interpolated linearly between those points.
+
+    Args:
+        t_s: Sample times (s), increasing.
+        energy_mj: Counter readings (mJ) at those times.
+        grid_s: Window edges (s), ``len = n_windows + 1``.
+
+    Returns:
+        Power per window (W), length ``len(grid_s) - 1``.
+    """
+    keep = np.concatenate([[True], np.diff(energy_mj) != 0])
+    e_j = np.interp(grid_s, t_s[keep], energy_mj[keep] / 1000.0)
+    return np.diff(e_j) / np.diff(grid_s)
+
+
+def load_recording(path: Path, window_s: float = WINDOW_S) -> Recording:
+    """Read a recording and resample it to ``window_s`` windows.
+
+    Args:
+        path: ``.json`` or ``.json.gz`` file made by ``record_h100_steps.py``,
+            ``calibration_steps.py`` or ``nvml_probe.py``.
+        window_s: Window length (s).
+
+    Returns:
+        The resampled recording.
+
+    Raises:
+        ThermalError: Too few samples or a broken column.
+    """
+    raw = _open_json(path)
+    c = _columns(raw, path)
+    t = c["t"] - c["t"][0]
+    if np.any(np.diff(t) <= 0):
+        raise ThermalError(f"{path}: field 't' must increase strictly")
+    grid = np.arange(0.0, t[-1] - 1.0, window_s)
+    if "energy_mj" in c and np.all(np.isfinite(c["energy_mj"])):
+        power = power_from_energy(t, c["energy_mj"], grid)
+        src = "energy_counter"
+    else:
+        # NVML reading averages over the last ~1 s: advance it by half that window.
+        mids = grid[:-1] + window_s / 2 + NVML_POWER_LEAD_S
+        power = np.interp(mids, t, c["power_w"])
+        src = "nvml_power_shifted"
+    temp_end = np.interp(grid[1:], t, c["gpu_temp_c"])
+    if not (np.all(np.isfinite(power)) and np.all(np.isfinite(temp_end))):
+        raise ThermalError(f"{path}: non-finite power or temperature after resampling")
+    return Recording(path.name, grid[:-1], power, temp_end, src, raw)
+
+
+def unit_responses(power_w: np.ndarray, taus_s: np.ndarray, window_s: float) -> np.ndarray:
+    """Rise of a first-order node with R = 1 C/W for each tau, at each window end.
+
+    Starts from the steady state of the first window's power. Exact for power held
+    constant over each window (same update as ``step_gpu_temperature``).
+
+    Returns:
+        Array ``(n_windows, n_taus)`` (C per C/W).
+    """
+    a = np.exp(-window_s / np.asarray(taus_s, dtype=float))
+    x = np.full(a.shape, power_w[0])
+    out = np.empty((power_w.size, a.size))
+    for k, p in enumerate(power_w):
+        x = p + (x - p) * a
+        out[k] = x
+    return out
+
+
+def _solve(cols: list[np.ndarray], recs_idx: np.ndarray, n_recs: int, y: np.ndarray):
+    """Least squares of y on the given columns plus one offset per recording."""
+    offs = np.zeros((y.size, n_recs))
+    offs[np.arange(y.size), recs_idx] = 1.0
+    a = np.column_stack([*cols, offs])
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    resid = y - a @ coef
+    return coef, resid
+
+
+@dataclass
+class Fit:
+    """Result of a grid + least-squares fit over one or more recordings."""
+
+    taus_s: tuple[float, ...]
+    r_c_per_w: tuple[float, ...]
+    offsets_c: dict[str, float]
+    rmse_c: dict[str, float]
+
+
+def fit_model(recs: list[Recording], n_nodes: int, window_s: float = WINDOW_S) -> Fit:
+    """Fit a one- or two-node model jointly to ``recs`` (shared R, tau; own offsets).
+
+    Args:
+        recs: Recordings to fit.
+        n_nodes: 1 (single first-order) or 2 (die + heatsink).
+        window_s: Window length the recordings were resampled to.
+
+    Returns:
+        The best fit with non-negative resistances.
+    """
+    y = np.concatenate([r.temp_end_c for r in recs])
+    idx = np.concatenate([np.full(r.t_s.size, i) for i, r in enumerate(recs)])
+
+    def basis(taus: np.ndarray) -> np.ndarray:
+        return np.concatenate([unit_responses(r.power_w, taus, window_s) for r in recs])
+
+    best: tuple[float, tuple, np.ndarray] | None = None
+    lo, hi = np.log10([0.1, 2000.0])
+    n_grid = 60 if n_nodes == 1 else 36
+    for _ in range(3):  # coarse grid, then two refinements around the best point
+        taus = np.logspace(lo, hi, n_grid)
+        u = basis(taus)
+        if n_nodes == 1:
+            pairs = [(i,) for i in range(taus.size)]
+        else:
+            pairs = [(i, j) for i in range(taus.size) for j in range(taus.size) if j > i]
+        for pr in pairs:
+            coef, resid = _solve([u[:, i] for i in pr], idx, len(recs), y)
+            if np.any(coef[:n_nodes] < 0):
+                continue
+            sse = float(resid @ resid)
+            if best is None or sse < best[0]:
+                best = (sse, tuple(float(taus[i]) for i in pr), coef)
+        assert best is not None, "no fit with non-negative resistances"
+        step = (hi - lo) / (n_grid - 1)
+        centre = np.log10(best[1])
+        lo, hi = float(centre.min() - 3 * step), float(centre.max() + 3 * step)
+        n_grid = 40 if n_nodes == 1 else 30
+    _, taus_best, coef = best
+    u = basis(np.array(taus_best))
+    coef, resid = _solve([u[:, i] for i in range(n_nodes)], idx, len(recs), y)
+    rmse = {r.name: float(np.sqrt(np.mean(resid[idx == i] ** 2))) for i, r in enumerate(recs)}
+    offsets = {r.name: float(coef[n_nodes + i]) for i, r in enumerate(recs)}
+    return Fit(taus_best, tuple(float(c) for c in coef[:n_nodes]), offsets, rmse)
+
+
+def predict(rec: Recording, fit: Fit, offset_c: float, window_s: float = WINDOW_S) -> np.ndarray:
+    """Model temperature at each window end for given fitted R's/taus and an offset."""
+    u = unit_responses(rec.power_w, np.array(fit.taus_s), window_s)
+    return offset_c + u @ np.array(fit.r_c_per_w)
+
+
+def transfer_rmse(rec: Recording, fit: Fit) -> tuple[float, float]:
+    """Test a fit on another recording: refit only its offset; return (rmse, offset)."""
+    pred0 = predict(rec, fit, 0.0)
+    off = float(np.mean(rec.temp_end_c - pred0))
+    return float(np.sqrt(np.mean((rec.temp_end_c - pred0 - off) ** 2))), off
+
+
+def simulate_with_params(
+    rec: Recording, params: ThermalParams, inlet_c: float, window_s: float = WINDOW_S
+) -> np.ndarray:
+    """Run the simulator's own stepper over a recording's power; temperature per window end.
+
+    Starts from the steady state of the first window's power, as in the fit.
+    """
+    state = GpuThermalState.steady(np.array([rec.power_w[0]]), params)
+    inlet = np.array([inlet_c])
+    out = np.empty(rec.power_w.size)
+    for k, p in enumerate(rec.power_w):
+        out[k] = step_gpu_temperature(state, np.array([p]), inlet, window_s, params)[0]
+    return out
+
+
+def _phase_tokens(name: str, mark: dict[str, Any]) -> int | None:
+    """Tokens per iteration from the mark or the phase name (prefill_bsB_LL, decode_bsB)."""
+    if mark.get("tokens_per_iter"):
+        return int(mark["tokens_per_iter"])
+    bs = re.search(r"_bs(\d+)", name)
+    seq = re.search(r"_L(\d+)", name)
+    if name.startswith("prefill") and "duty" not in name and bs and seq:
+        return int(bs.group(1)) * int(seq.group(1))
+    if name.startswith("decode") and bs:
+        return int(bs.group(1))
+    return None
+
+
+def phase_table(path: Path) -> list[dict[str, Any]]:
+    """Per-phase power, clock, throttle and throughput of one recording with ``marks``."""
+    raw = _open_json(path)
+    c = _columns(raw, path)
+    rows = []
+    keep = np.concatenate([[True], np.diff(c["energy_mj"]) != 0])
+    for m in raw.get("marks", []):
+        t0, t1 = m["t0"], m["t1"]
+        sel = (c["t"] >= t0) & (c["t"] < t1)
+        e0, e1 = np.interp([t0, t1], c["t"][keep], c["energy_mj"][keep])
+        dur = t1 - t0
+        tok = _phase_tokens(m["phase"], m)
+        thr = np.nan_to_num(c["throttle_reasons"][sel]).astype(np.int64)
+        rows.append(
+            {
+                "phase": m["phase"],
+                "duration_s": round(dur, 2),
+                "iters": m["iters"],
+                "iters_per_s": None if m["phase"] == "idle" else round(m["iters"] / dur, 3),
+                "tokens_per_s": None if tok is None else round(tok * m["iters"] / dur, 1),
+                "mean_power_w_energy_counter": round((e1 - e0) / 1000.0 / dur, 1),
+                "mean_power_w_nvml_reading": round(float(np.nanmean(c["power_w"][sel])), 1),
+                "sm_clock_median_mhz": float(np.nanmedian(c["sm_clock_mhz"][sel])),
+                "throttle_reasons_or": hex(int(np.bitwise_or.reduce(thr))) if thr.size else None,
+                "gpu_temp_end_c": float(c["gpu_temp_c"][sel][-1]),
+            }
+        )
+    return rows
+
+
+def idle_power(path: Path, settle_s: float = 10.0) -> tuple[float, float]:
+    """Energy-counter mean power over idle phases, skipping ``settle_s`` after each start.
+
+    Returns:
+        (mean W, standard deviation W of 1 s windows).
+    """
+    raw = _open_json(path)
+    c = _columns(raw, path)
+    keep = np.concatenate([[True], np.diff(c["energy_mj"]) != 0])
+    vals = []
+    for m in raw["marks"]:
+        if m["phase"] != "idle":
+            continue
+        grid = np.arange(m["t0"] + settle_s, m["t1"], 1.0)
+        if grid.size > 1:
+            vals.append(power_from_energy(c["t"][keep], c["energy_mj"][keep], grid))
+    v = np.concatenate(vals)
+    return float(v.mean()), float(v.std())
+
+
+def _plot(recs, two: Fit, one: Fit, offsets2, offsets1, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(recs), 1, figsize=(12, 3.6 * len(recs)))
+    for ax, r in zip(np.atleast_1d(axes), recs, strict=True):
+        p2 = predict(r, two, offsets2[r.name])
+        p1 = predict(r, one, offsets1[r.name])
+        t = r.t_s + WINDOW_S
+        ax.plot(t, r.temp_end_c, "k.", ms=2, label="measured GPU temp")
+        rm2 = np.sqrt(np.mean((p2 - r.temp_end_c) ** 2))
+        rm1 = np.sqrt(np.mean((p1 - r.temp_end_c) ** 2))
+        ax.plot(t, p2, "C3", lw=1.2, label=f"two-node (RMSE {rm2:.2f} C)")
+        ax.plot(t, p1, "C0", lw=1.0, ls="--", label=f"single-node (RMSE {rm1:.2f} C)")
+        ax.set_ylabel("temperature (C)")
+        ax.set_title(f"{r.name}  (power: {r.power_source})")
+        ax2 = ax.twinx()
+        ax2.plot(t, r.power_w, color="0.7", lw=0.6)
+        ax2.set_ylabel("power (W)", color="0.5")
+        ax.set_zorder(ax2.get_zorder() + 1)
+        ax.patch.set_visible(False)
+        ax.legend(loc="upper right", fontsize=8)
+    np.atleast_1d(axes)[-1].set_xlabel("time from first sample (s)")
+    fig.suptitle("H100 GPU temperature: measured vs fitted (joint fit over energy-counter recordings)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Fit, cross-validate, write the fit JSON and the plot.
+
+    Args:
+        argv: Command-line arguments (``None``: ``sys.argv``).
+
+    Returns:
+        Exit code.
+    """
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=DATA_DIR / "h100_thermal_fit.json")
+    ap.add_argument("--plot", type=Path, default=DATA_DIR / "h100_thermal_fit.png")
+    args = ap.parse_args(argv)
+
+    fit_recs = [load_recording(RECORDINGS_DIR / n) for n in FIT_RECORDINGS]
+    held = [load_recording(RECORDINGS_DIR / n) for n in HELD_OUT_RECORDINGS]
+
+    joint2 = fit_model(fit_recs, 2)
+    joint1 = fit_model(fit_recs, 1)
+    per_rec = {}
+    solo2 = {}
+    for r in fit_recs:
+        f2, f1 = fit_model([r], 2), fit_model([r], 1)
+        solo2[r.name] = f2
+        per_rec[r.name] = {
+            "two_node": {"tau_s": f2.taus_s, "r_c_per_w": f2.r_c_per_w,
+                         "inlet_offset_c": f2.offsets_c[r.name], "rmse_c": f2.rmse_c[r.name]},
+            "single_node": {"tau_s": f1.taus_s, "r_c_per_w": f1.r_c_per_w,
+                            "inlet_offset_c": f1.offsets_c[r.name], "rmse_c": f1.rmse_c[r.name]},
+        }
+        per_rec[r.name]["_single"] = f1
+    cross = []
+    for a in fit_recs:
+        for b in fit_recs + held:
+            if a.name == b.name:
+                continue
+            rm2, _ = transfer_rmse(b, solo2[a.name])
+            rm1, _ = transfer_rmse(b, per_rec[a.name]["_single"])
+            cross.append({"fit_on": a.name, "test_on": b.name, "two_node_rmse_c": rm2,
+                          "single_node_rmse_c": rm1, "refit": "offset only"})
+    for r in fit_recs:
+        per_rec[r.name].pop("_single")
+
+    # The shipped joint fit, re-checked through the simulator's own stepper.
+    params = ThermalParams(
+        r_die_c_per_w=joint2.r_c_per_w[0], tau_die_s=joint2.taus_s[0],
+        r_sink_c_per_w=joint2.r_c_per_w[1], tau_sink_s=joint2.taus_s[1],
+        slowdown_temp_c=89.0, max_operating_temp_c=87.0, shutdown_temp_c=95.0, source="fit",
+    )
+    joint_eval = {}
+    offsets2 = dict(joint2.offsets_c)
+    offsets1 = dict(joint1.offsets_c)
+    for r in fit_recs + held:
+        if r.name in offsets2:
+            off2, off1 = offsets2[r.name], offsets1[r.name]
+        else:
+            _, off2 = transfer_rmse(r, joint2)
+            _, off1 = transfer_rmse(r, joint1)
+            offsets2[r.name], offsets1[r.name] = off2, off1
+        sim = simulate_with_params(r, params, off2)
+        p1 = predict(r, joint1, off1)
+        err = sim - r.temp_end_c
+        joint_eval[r.name] = {
+            "used_in_fit": r.name in joint2.offsets_c,
+            "power_source": r.power_source,
+            "inlet_offset_c": off2,
+            "two_node_rmse_c": float(np.sqrt(np.mean(err**2))),
+            "two_node_max_abs_err_c": float(np.max(np.abs(err))),
+            "single_node_rmse_c": float(np.sqrt(np.mean((p1 - r.temp_end_c) ** 2))),
+            "single_node_inlet_offset_c": off1,
+            "n_windows": int(r.t_s.size),
+            "duration_s": float(r.t_s[-1] + WINDOW_S),
+        }
+
+    phases = {n: phase_table(RECORDINGS_DIR / n) for n in FIT_RECORDINGS}
+    idle = {n: idle_power(RECORDINGS_DIR / n) for n in FIT_RECORDINGS}
+    idle_all = [v[0] for v in idle.values()]
+
+    def r4(x: Any) -> Any:
+        if isinstance(x, float):
+            return float(f"{x:.5g}")
+        if isinstance(x, dict):
+            return {k: r4(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [r4(v) for v in x]
+        return x
+
+    statics = {n: r.raw.get("static", {}) for n, r in ((r.name, r) for r in fit_recs + held)}
+    out = {
+        "description": (
+            "Two-node (die + heatsink) thermal model of an NVIDIA H100 80GB HBM3 GPU, fitted "
+            "to real NVML recordings; plus measured phase power levels for the simulator."
+        ),
+        "source": (
+            "joint least-squares fit by scripts/fit_thermal.py to "
+            + ", ".join(FIT_RECORDINGS)
+            + " (envs/data/thermal/recordings, see README.md there)"
+        ),
+        "command": "python scripts/fit_thermal.py",
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": (
+            "T_gpu = T_inlet + x_die + x_sink; dx_i/dt = (R_i*P - x_i)/tau_i; exact step "
+            "x <- R*P + (x - R*P)*exp(-dt/tau). P = GPU power from NVML energy-counter "
+            f"differences over {WINDOW_S} s windows; fitted against NVML GPU temperature."
+        ),
+        "params": {
+            "r_die_c_per_w": joint2.r_c_per_w[0],
+            "tau_die_s": joint2.taus_s[0],
+            "r_sink_c_per_w": joint2.r_c_per_w[1],
+            "tau_sink_s": joint2.taus_s[1],
+        },
+        "units": {"r_die_c_per_w": "C/W", "tau_die_s": "s", "r_sink_c_per_w": "C/W",
+                  "tau_sink_s": "s"},
+        "single_node_params": {"r_c_per_w": joint1.r_c_per_w[0], "tau_s": joint1.taus_s[0]},
+        "inlet_note": (
+            "The inlet (aisle) temperature was not measured on the lent machines. Each "
+            "recording gets its own fitted constant T_inlet ('inlet_offset_c'), which also "
+            "absorbs any sensor offset; it is not a measured air temperature."
+        ),
+        "thresholds": {
+            "slowdown_temp_c": 89.0,
+            "max_operating_temp_c": 87.0,
+            "shutdown_temp_c": 95.0,
+            "mem_max_temp_c": 95.0,
+            "source": (
+                "NVML nvmlDeviceGetTemperatureThreshold on H100 80GB HBM3, driver 580.159.04: "
+                "recordings/h100_probe.json static.thr_* and "
+                "recordings/h100_steps_20261125.json.gz static.*_c"
+            ),
+        },
+        "joint_fit_evaluation": joint_eval,
+        "per_recording_fits": per_rec,
+        "cross_recording": cross,
+        "recordings": {
+            n: {"static": statics[n], "power_source": joint_eval[n]["power_source"],
+                "used_in_fit": joint_eval[n]["used_in_fit"]}
+            for n in statics
+        },
+        "power": {
+            "idle_power_w": float(np.mean(idle_all)),
+            "idle_power_w_per_recording": {n: {"mean_w": v[0], "std_1s_w": v[1]}
+                                           for n, v in idle.items()},
+            "idle_note": (
+                "energy-counter mean over idle phases, skipping 10 s after each phase start; "
+                "idle right after load runs ~10 W higher than on a cold GPU (see phases)"
+            ),
+            "phases": phases,
+            "phase_note": (
+                "Llama-3-8B-shaped model, random bf16 weights, eager HF transformers, one GPU, "
+                "700 W power limit. iters_per_s from marks; tokens_per_s = tokens per "
+                "iteration (batch x prompt for prefill, batch for decode) x iters_per_s; "
+                "decode iterations include a context prefill every 256 steps."
+            ),
+        },
+    }
+    out = r4(out)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    ThermalParams.load(args.out)  # the written file must validate
+    _plot(fit_recs + held, joint2, joint1, offsets2, offsets1, args.plot)
+    print(json.dumps({"params": out["params"], "single": out["single_node_params"],
+                      "eval": out["joint_fit_evaluation"], "cross": out["cross_recording"],
+                      "idle_w": out["power"]["idle_power_w"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
