@@ -39,6 +39,12 @@ from envs.sim.thermal import (
 from envs.sim.topology import build_topology
 from envs.sim.vms import VmPool
 
+CAP_WINDOW_S = 2.0
+"""Time constant of the row-power average that power capping acts on."""
+
+CAP_TARGET_FRACTION = 0.95
+"""Row power capping aims this fraction of the limit and releases once demand falls below it."""
+
 THERMAL_RELEASE_C = 3.0
 """Hysteresis: a slowed-down GPU recovers its clock once this far below the slowdown point."""
 
@@ -49,6 +55,7 @@ class TickRecord:
 
     time_s: list[float] = field(default_factory=list)
     row_power_w: list[np.ndarray] = field(default_factory=list)
+    row_power_avg_w: list[np.ndarray] = field(default_factory=list)
     row_limit_w: list[np.ndarray] = field(default_factory=list)
     aisle_inlet_c: list[np.ndarray] = field(default_factory=list)
     max_gpu_temp_c: list[float] = field(default_factory=list)
@@ -200,6 +207,8 @@ class SimCluster:
         self._gpu_power_w = np.full(n_gpu, self.gpu_model.idle_power_w)
         self._gpu_temp_c = self.inlet_c[topo.gpu_aisle].copy()
         self._row_power_w = np.zeros(topo.n_rows)
+        self._row_avg_w = np.full(topo.n_rows, np.nan)
+        self._demand_avg_w = np.full(topo.n_rows, np.nan)
         self._aisle_heat_w = np.zeros(topo.n_aisles)
         self._row_limit_w = topo.row_limit_w.copy()
         self._aisle_cap_w = topo.aisle_capacity_w.copy()
@@ -234,7 +243,6 @@ class SimCluster:
 
     def advance(self) -> ServiceMetrics:
         """Simulate one control interval."""
-        s = self.scenario
         acc = ServiceAccumulator(self.pools.n_pools)
         stats = _IntervalStats()
         dt = self.tick_s
@@ -251,6 +259,9 @@ class SimCluster:
         """Hardware state at the end of the last tick."""
         legal = self.vms.legal_servers() if self.vms.pending else np.zeros(self.topo.n_servers,
                                                                            dtype=bool)
+        # Limits in force now (for the next tick), consistent with `active_faults`; the last
+        # tick's own limits are in `record.row_limit_w`.
+        row_f, aisle_f = self.faults.factors(self.time_s, self.topo.n_rows, self.topo.n_aisles)
         return Telemetry(
             time_s=self.time_s,
             gpu_power_w=self._gpu_power_w.copy(),
@@ -260,10 +271,10 @@ class SimCluster:
             gpu_thermal_throttled=self.thermal_throttled.copy(),
             gpu_power_capped=self.row_capped[self.topo.gpu_row],
             row_power_w=self._row_power_w.copy(),
-            row_limit_w=self._row_limit_w.copy(),
+            row_limit_w=self.topo.row_limit_w * row_f,
             aisle_inlet_c=self.inlet_c.copy(),
             aisle_heat_w=self._aisle_heat_w.copy(),
-            aisle_capacity_w=self._aisle_cap_w.copy(),
+            aisle_capacity_w=self.topo.aisle_capacity_w * aisle_f,
             outside_temp_c=self._outside_c(self.time_s),
             active_faults=self.faults.active_names(self.time_s),
             pending_vm_power_w=self.vms.pending_power_w[0] if self.vms.pending else 0.0,
@@ -387,12 +398,23 @@ class SimCluster:
         # Controllers for the next tick: row power capping, GPU thermal slowdown.
         uncapped = gm.gpu_power_w(gl, self.thermal_ceiling_mhz)
         demand_w = topo.row_sum(pw.server_power_w(uncapped, s.datacenter.server, gm.idle_power_w))
-        over = demand_w > self._row_limit_w
+        # Capping engages when demand exceeds the limit and holds (aiming a margin below the
+        # limit) until demand falls below that margin: hysteresis, as real capping controllers.
+        # Demand is read as a moving average over CAP_WINDOW_S (PDU meters and breaker trip
+        # curves work on seconds, not on single prefill bursts).
+        alpha = 1.0 - np.exp(-dt / CAP_WINDOW_S)
+        if np.isnan(self._row_avg_w[0]):  # first tick of the episode
+            self._demand_avg_w, self._row_avg_w = demand_w.copy(), row_w.copy()
+        self._demand_avg_w += alpha * (demand_w - self._demand_avg_w)
+        self._row_avg_w += alpha * (row_w - self._row_avg_w)
+        demand_w = self._demand_avg_w
+        target_w = self._row_limit_w * CAP_TARGET_FRACTION
+        over = (demand_w > self._row_limit_w) | (self.row_capped & (demand_w > target_w))
         stats.power_events += int((over & ~self.row_capped).sum())
         if over.any():
             self.row_ceiling_mhz = pw.row_cap_ceiling_mhz(
                 gm, gl, topo.gpu_row, self.thermal_ceiling_mhz, np.flatnonzero(over),
-                self._row_limit_w, s.datacenter.server, topo.n_rows)
+                target_w, s.datacenter.server, topo.n_rows)
         else:
             self.row_ceiling_mhz = np.full(topo.n_rows, gm.max_freq_mhz)
         self.row_capped = over
@@ -420,6 +442,7 @@ class SimCluster:
             r = self.record
             r.time_s.append(t0 + dt)
             r.row_power_w.append(row_w)
+            r.row_power_avg_w.append(self._row_avg_w.copy())
             r.row_limit_w.append(self._row_limit_w.copy())
             r.aisle_inlet_c.append(self.inlet_c.copy())
             r.max_gpu_temp_c.append(float(temp.max()))

@@ -52,8 +52,10 @@ def episode_trace(
                               d.phase_s, base, rng)
     else:
         trace = scale_to_rate(base, target_rps, rng, duration_s=scenario.duration_s)
-    for sp in w.spikes:
-        trace = add_spike(trace, sp.start_s, sp.duration_s, sp.multiplier, rng)
-    for start_s, duration_s, multiplier in spikes:
+    windows = [(sp.start_s, sp.duration_s, sp.multiplier) for sp in w.spikes] + list(spikes)
+    for start_s, duration_s, multiplier in windows:
+        if start_s >= trace.duration_s:
+            continue  # the spike lies past this (shortened) episode
+        duration_s = min(duration_s, trace.duration_s - start_s)
         trace = add_spike(trace, start_s, duration_s, multiplier, rng)
     return trace

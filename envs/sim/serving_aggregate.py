@@ -183,7 +183,7 @@ class AggregateServing:
         if finished.sum() > 0:
             slo_t = slo_ttft_s[pool]
             over = slo_t - base
-            ok_mm1 = np.where(over > 0, -np.expm1(-np.minimum(over / np.maximum(wait, 1e-6), 50.0)), 0.0)
+            ok_mm1 = np.where(over > 0, -np.expm1(-np.clip(over / np.maximum(wait, 1e-6), 0.0, 50.0)), 0.0)
             ok_seq = np.clip(over / np.maximum(span, 1e-9), 0.0, 1.0)
             ttft_ok = np.where(overloaded, ok_seq, ok_mm1)
             ttft_mean = base + np.where(overloaded, span / 2, wait)

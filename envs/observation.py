@@ -1,0 +1,160 @@
+"""The observation vector: what a real operator could read, normalized for learning.
+
+Built only from `Telemetry`, `ServiceMetrics` and the configuration the controller itself set,
+so the same policy runs against the simulated and the real backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from envs.backend import ClusterLayout, PoolConfig, ServiceMetrics, Telemetry
+
+OBS_CLIP = 10.0
+
+
+@dataclass(frozen=True)
+class ObservationSpec:
+    """Names, units and normalizations of every observation index (for docs and debugging)."""
+
+    names: tuple[str, ...]
+    units: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        """Length of the observation vector."""
+        return len(self.names)
+
+
+def observation_spec(layout: ClusterLayout) -> ObservationSpec:
+    """Describe each index of the observation vector for this layout."""
+    names: list[str] = []
+    units: list[str] = []
+
+    def add(name: str, unit: str) -> None:
+        names.append(name)
+        units.append(unit)
+
+    for p in layout.pool_names:
+        add(f"pool[{p}].arrival_rate", "req/s / nominal cluster rate")
+        add(f"pool[{p}].trend", "change of arrival_rate since last interval")
+        add(f"pool[{p}].queued", "waiting requests / (nominal rate x interval)")
+        add(f"pool[{p}].running", "running requests / (nominal rate x interval)")
+        add(f"pool[{p}].server_share", "servers of the pool / SaaS servers")
+        add(f"pool[{p}].tp", "TP degree / 8")
+        add(f"pool[{p}].freq", "SM clock / max clock")
+        add(f"pool[{p}].max_batch", "batch cap / largest batch choice")
+    for r in range(layout.n_rows):
+        add(f"row[{r}].power", "row power / nominal row limit")
+        add(f"row[{r}].headroom", "(limit - power) / nominal row limit")
+        add(f"row[{r}].capped", "1 if power-capped")
+        add(f"row[{r}].route_weight", "routing weight set by the controller (0..1)")
+        add(f"row[{r}].freq_cap", "row clock ceiling / max clock")
+        add(f"row[{r}].quantized", "1 if serving quantized")
+    for a in range(layout.n_aisles):
+        add(f"aisle[{a}].inlet", "(inlet C - 20) / 20")
+        add(f"aisle[{a}].max_gpu_temp", "(max GPU C - 40) / (slowdown C - 40)")
+        add(f"aisle[{a}].heat_over_capacity", "aisle heat / cooling capacity")
+        add(f"aisle[{a}].capacity", "cooling capacity / nominal capacity")
+    add("time_of_day.sin", "sin(2 pi t / 86400 s)")
+    add("time_of_day.cos", "cos(2 pi t / 86400 s)")
+    add("fault.cooling", "1 if a cooling failure is active")
+    add("fault.power", "1 if a power-feed failure is active")
+    add("fault.load_spike", "1 if a load spike is active")
+    add("vm.pending_power", "waiting VM's GPU power / GPU power limit (0 if none)")
+    add("slo.attainment", "fraction of last interval's requests within SLO")
+    add("slo.ttft_p99", "TTFT P99 / largest TTFT SLO")
+    add("slo.tbt_p99", "TBT P99 / largest TBT SLO")
+    add("gpu.throttled", "fraction of GPUs thermally throttled")
+    return ObservationSpec(tuple(names), tuple(units))
+
+
+@dataclass
+class ObservationBuilder:
+    """Turns the latest telemetry, metrics and settings into the normalized vector."""
+
+    layout: ClusterLayout
+    nominal_row_limit_w: np.ndarray
+    nominal_aisle_capacity_w: np.ndarray
+    n_saas_servers: int
+
+    def __post_init__(self) -> None:
+        lay = self.layout
+        self.spec = observation_spec(lay)
+        self.gpu_aisle = np.repeat(lay.server_aisle, lay.gpus_per_server)
+        self.prev_rate = np.zeros(lay.n_pools)
+
+    def reset(self) -> None:
+        """Forget the load trend."""
+        self.prev_rate = np.zeros(self.layout.n_pools)
+
+    def build(
+        self,
+        tel: Telemetry,
+        m: ServiceMetrics | None,
+        pools: tuple[PoolConfig, ...],
+        route_weight: np.ndarray,
+        freq_cap_mhz: np.ndarray,
+        quantized: np.ndarray,
+        active_kinds: np.ndarray,
+    ) -> np.ndarray:
+        """The observation vector (float32, clipped to +-OBS_CLIP)."""
+        lay = self.layout
+        scale = lay.nominal_rps * lay.control_interval_s
+        parts: list[np.ndarray] = []
+        if m is not None:
+            rate = m.arrivals_per_pool / lay.control_interval_s / lay.nominal_rps
+            queued, running = m.queued_per_pool / scale, m.running_per_pool / scale
+        else:
+            rate = np.zeros(lay.n_pools)
+            queued = running = np.zeros(lay.n_pools)
+        trend = rate - self.prev_rate
+        self.prev_rate = rate
+        cfg = np.array([
+            [p.n_instances * p.tp / lay.gpus_per_server / max(self.n_saas_servers, 1),
+             p.tp / 8.0, p.freq_mhz / lay.max_freq_mhz, p.max_batch / max(lay.batch_choices)]
+            for p in pools
+        ])
+        parts.append(np.column_stack([rate, trend, queued, running, cfg]).ravel())
+        limit = self.nominal_row_limit_w
+        rows = np.column_stack([
+            tel.row_power_w / limit,
+            (tel.row_limit_w - tel.row_power_w) / limit,
+            np.bincount(lay.server_row, weights=np.asarray(tel.gpu_power_capped[
+                :: lay.gpus_per_server], dtype=float), minlength=lay.n_rows) > 0,
+            route_weight,
+            freq_cap_mhz / lay.max_freq_mhz,
+            quantized,
+        ])
+        parts.append(rows.ravel())
+        max_t = self._max_per_aisle(tel.gpu_temp_c)
+        aisles = np.column_stack([
+            (tel.aisle_inlet_c - 20.0) / 20.0,
+            (max_t - 40.0) / (lay.slowdown_temp_c - 40.0),
+            tel.aisle_heat_w / np.maximum(tel.aisle_capacity_w, 1.0),
+            tel.aisle_capacity_w / self.nominal_aisle_capacity_w,
+        ])
+        parts.append(aisles.ravel())
+        phase = 2 * np.pi * tel.time_s / 86400.0
+        if m is not None:
+            slo = [m.slo_attainment, m.ttft_p99_s / lay.slo_ttft_s.max(),
+                   m.tbt_p99_s / lay.slo_tbt_s.max()]
+        else:
+            slo = [1.0, 0.0, 0.0]
+        parts.append(np.array([
+            np.sin(phase), np.cos(phase), *active_kinds.astype(float),
+            tel.pending_vm_power_w / lay.gpu_power_limit_w, *slo,
+            float(np.mean(tel.gpu_thermal_throttled)),
+        ]))
+        obs = np.concatenate(parts).astype(np.float32)
+        obs[np.isnan(obs)] = 0.0
+        return np.clip(obs, -OBS_CLIP, OBS_CLIP, out=obs)
+
+    def _max_per_aisle(self, gpu_temp_c: np.ndarray) -> np.ndarray:
+        lay = self.layout
+        per_server = gpu_temp_c.reshape(lay.n_servers, lay.gpus_per_server).max(axis=1)
+        out = np.full(lay.n_aisles, -np.inf)
+        np.maximum.at(out, lay.server_aisle, per_server)
+        return out

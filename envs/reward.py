@@ -1,0 +1,74 @@
+"""Rewards: a weighted sum of normalized cost terms, returned with every term for `info`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+from envs.backend import ServiceMetrics
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    """Weights of the cost terms (the reward is minus their weighted sum).
+
+    Terms, each per control interval:
+        energy: cluster energy over the energy of every GPU at its 700 W limit (fraction of peak).
+        slo: fraction of finished or dropped requests that missed an SLO or were dropped.
+        thermal: thermal-throttling events (a GPU crossing its slowdown temperature).
+        power: power-throttling events (a row entering power capping).
+        quality: mean quality loss per finished request (quantized serving).
+    """
+
+    energy: float = 1.0
+    slo: float = 4.0
+    thermal: float = 0.0
+    power: float = 0.0
+    quality: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """Weights by term name."""
+        return asdict(self)
+
+
+TASK_WEIGHTS = {
+    "energy": RewardWeights(energy=1.0, slo=4.0),
+    "thermal": RewardWeights(energy=0.2, slo=4.0, thermal=0.5, power=0.5, quality=2.0),
+    "combined": RewardWeights(energy=1.0, slo=4.0, thermal=0.5, power=0.5, quality=2.0),
+}
+"""Default weights per task (constructor arguments override them)."""
+
+TERMS = ("energy", "slo", "thermal", "power", "quality")
+
+
+@lru_cache(maxsize=64)
+def _weights_dict(weights: RewardWeights) -> dict[str, float]:
+    return weights.as_dict()
+
+
+def reward_terms(m: ServiceMetrics, energy_ref_j: float) -> dict[str, float]:
+    """Normalized cost terms of one interval (all >= 0)."""
+    served = m.finished + m.dropped
+    return {
+        "energy": m.energy_j / energy_ref_j,
+        "slo": (m.slo_violations + m.dropped) / served if served > 0 else 0.0,
+        "thermal": float(m.thermal_throttle_events),
+        "power": float(m.power_throttle_events),
+        "quality": m.quality_loss / m.finished if m.finished > 0 else 0.0,
+    }
+
+
+def compute_reward(
+    m: ServiceMetrics, weights: RewardWeights, energy_ref_j: float
+) -> tuple[float, dict[str, float]]:
+    """Reward and its terms (`cost_<term>` unweighted, `reward_<term>` weighted and signed)."""
+    terms = reward_terms(m, energy_ref_j)
+    w = _weights_dict(weights)
+    out: dict[str, float] = {}
+    total = 0.0
+    for name in TERMS:
+        r = -w[name] * terms[name]
+        out[f"cost_{name}"] = terms[name]
+        out[f"reward_{name}"] = r
+        total += r
+    return total, out

@@ -1,0 +1,188 @@
+import pickle
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import envs
+from envs.actions import InvalidActionError
+from envs.cluster_env import ClusterEnv
+
+IDS = list(envs.TASK_IDS)
+TRAIN_IDS = [i for i in IDS if "-small-" in i]
+
+
+def _legal_random_action(env: ClusterEnv, rng: np.random.Generator) -> np.ndarray:
+    a = np.array([rng.integers(n) for n in env.action_space.nvec])
+    if env.codec.has_rows:
+        mask = env.action_masks()
+        nv = env.action_space.nvec
+        place = mask[-nv[-1]:]
+        a[-1] = rng.choice(np.flatnonzero(place))
+    return a
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_check_env_clean(env_id):
+    env = gym.make(env_id).unwrapped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(env, skip_render_check=True)
+        sb3_check_env(env)
+
+
+@pytest.mark.parametrize("env_id", TRAIN_IDS)
+def test_same_seed_same_rollout(env_id):
+    def rollout():
+        env = gym.make(env_id).unwrapped
+        obs, _ = env.reset(seed=123)
+        rng = np.random.default_rng(7)
+        out = [obs]
+        rewards = []
+        for _ in range(40):
+            obs, r, _, trunc, info = env.step(_legal_random_action(env, rng))
+            out.append(obs)
+            rewards.append((r, info["energy_j"], info["slo_violations"]))
+            if trunc:
+                break
+        return np.array(out), rewards
+
+    a_obs, a_r = rollout()
+    b_obs, b_r = rollout()
+    np.testing.assert_array_equal(a_obs, b_obs)
+    assert a_r == b_r
+
+
+def test_different_seeds_differ():
+    env = gym.make("LLMCluster/Energy-small-v0").unwrapped
+    a = env.codec.encode(env.layout.initial_pools)
+    env.reset(seed=1)
+    e1 = [env.step(a)[4]["energy_j"] for _ in range(5)]
+    env.reset(seed=2)
+    e2 = [env.step(a)[4]["energy_j"] for _ in range(5)]
+    assert e1 != e2
+
+
+@pytest.mark.parametrize("env_id", ["LLMCluster/Combined-small-v0", "LLMCluster/Energy-v0"])
+def test_pickle_round_trip_continues_identically(env_id):
+    env = gym.make(env_id).unwrapped
+    env.reset(seed=5)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        env.step(_legal_random_action(env, rng))
+    clone = pickle.loads(pickle.dumps(env))
+    action = _legal_random_action(env, rng)
+    o1, r1, *_ = env.step(action)
+    o2, r2, *_ = clone.step(action)
+    np.testing.assert_array_equal(o1, o2)
+    assert r1 == r2
+
+
+@pytest.mark.parametrize("env_id", TRAIN_IDS)
+def test_info_keys_same_at_reset_and_step_and_terms_sum(env_id):
+    env = gym.make(env_id).unwrapped
+    _, info0 = env.reset(seed=0)
+    _, reward, _, _, info1 = env.step(_legal_random_action(env, np.random.default_rng(0)))
+    assert set(info0) == set(info1)
+    for key in ("energy_j", "thermal_throttle_events", "power_throttle_events", "slo_violations",
+                "ttft_p99_s", "tbt_p99_s", "cost_energy", "reward_slo"):
+        assert key in info1
+    terms = sum(v for k, v in info1.items() if k.startswith("reward_"))
+    assert reward == pytest.approx(terms)
+    assert info1["energy_j"] > 0
+
+
+def test_trace_end_is_truncation_not_termination():
+    env = gym.make("LLMCluster/Energy-small-v0").unwrapped
+    env.reset(seed=0)
+    a = env.codec.encode(env.layout.initial_pools)
+    steps = 0
+    while True:
+        _, _, term, trunc, _ = env.step(a)
+        steps += 1
+        assert not term
+        if trunc:
+            break
+    s = env.backend.scenario
+    assert steps == int(np.ceil(s.duration_s / s.control_interval_s))
+
+
+def test_invalid_actions_raise_clear_errors():
+    env = gym.make("LLMCluster/Combined-small-v0").unwrapped
+    env.reset(seed=0)
+    good = _legal_random_action(env, np.random.default_rng(0))
+    bad = good.copy()
+    bad[0] = env.action_space.nvec[0]
+    with pytest.raises(InvalidActionError, match=r"action\[0\].*outside"):
+        env.step(bad)
+    with pytest.raises(InvalidActionError, match="NaN"):
+        env.step(np.where(np.arange(len(good)) == 1, np.nan, good.astype(float)))
+    with pytest.raises(InvalidActionError, match="shape"):
+        env.step(good[:-1])
+
+
+def test_masked_placement_is_never_executed():
+    env = gym.make("LLMCluster/Thermal-small-v0").unwrapped
+    env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(60):
+        mask = env.action_masks()
+        place_mask = mask[-env.action_space.nvec[-1]:]
+        legal = place_mask[:-1]
+        a = _legal_random_action(env, rng)
+        occupied_before = env.backend.vms.occupied().copy()
+        if legal.any() and (~legal).any():
+            illegal = int(np.flatnonzero(~legal)[0])
+            a[-1] = illegal
+            _, _, _, trunc, info = env.step(a)
+            assert info["placement_masked"] == 1.0
+            # nothing was placed on the masked server by the action
+            if not occupied_before[illegal]:
+                assert not (env.backend.vms.occupied()[illegal] and env.backend.layout.server_is_saas[illegal])
+            checked += 1
+        else:
+            _, _, _, trunc, _ = env.step(a)
+        if trunc:
+            break
+    assert checked > 0
+    assert not env.backend.vms.occupied()[env.layout.server_is_saas].any()
+
+
+def test_reward_weights_are_constructor_arguments():
+    env = ClusterEnv(task="energy", reward_weights={"energy": 0.0, "slo": 0.0})
+    env.reset(seed=0)
+    _, r, *_ = env.step(env.codec.encode(env.layout.initial_pools))
+    assert r == 0.0
+
+
+def test_render_modes():
+    env = gym.make("LLMCluster/Thermal-small-v0", render_mode="ansi").unwrapped
+    env.reset(seed=0)
+    env.step(_legal_random_action(env, np.random.default_rng(0)))
+    text = env.render()
+    assert "rows" in text and "aisles" in text and "SLO" in text
+    env = gym.make("LLMCluster/Thermal-small-v0", render_mode="rgb_array").unwrapped
+    env.reset(seed=0)
+    img = env.render()
+    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+    assert img.shape[0] >= env.layout.n_rows * 10
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 2
+
+
+def test_subproc_vec_env():
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    venv = make_vec_env("envs:LLMCluster/Energy-small-v0", n_envs=2, seed=0, vec_env_cls=SubprocVecEnv)
+    try:
+        obs = venv.reset()
+        assert obs.shape == (2, venv.observation_space.shape[0])
+        actions = np.stack([venv.action_space.sample() for _ in range(2)])
+        obs, rewards, dones, infos = venv.step(actions)
+        assert rewards.shape == (2,) and "energy_j" in infos[0]
+    finally:
+        venv.close()

@@ -1,0 +1,222 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from envs.backend import ClusterAction, PoolConfig
+from envs.sim.cluster import SimCluster
+from envs.sim.report import (
+    SUMMARY_FIELDS,
+    EpisodeResult,
+    ReportError,
+    format_table,
+    row_power_series,
+    run_episode,
+    write_report,
+)
+from envs.sim.scenario import FaultSpec, load_scenario
+from scripts.simulate import build_parser, main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNGS = ("row_power.png", "temperature.png", "latency.png", "energy.png")
+
+
+def _small() -> SimCluster:
+    return SimCluster(load_scenario("small").with_overrides(duration_s=60), record_ticks=True)
+
+
+def _small_faults() -> SimCluster:
+    # The shipped faults start at 120-450 s; shift them into a 120 s episode.
+    faults = (
+        FaultSpec(kind="cooling_failure", target=0, start_s=10.0, duration_s=80.0, magnitude=0.5),
+        FaultSpec(kind="power_failure", target=1, start_s=30.0, duration_s=40.0, magnitude=0.6),
+        FaultSpec(kind="load_spike", target=0, start_s=80.0, duration_s=20.0, magnitude=2.0),
+    )
+    s = load_scenario("small_faults").with_overrides(duration_s=120, faults=faults)
+    return SimCluster(s, record_ticks=True)
+
+
+@pytest.fixture(scope="module")
+def small() -> EpisodeResult:
+    return run_episode(_small(), seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def faults() -> EpisodeResult:
+    return run_episode(_small_faults(), seed=1, progress=False)
+
+
+def test_arrays_cover_every_interval(small: EpisodeResult) -> None:
+    assert small.n_intervals == 12
+    np.testing.assert_allclose(small.time_s, np.arange(1, 13) * 5.0)
+    assert small.row_power_w.shape == small.row_limit_w.shape == (12, 2)
+    assert small.aisle_inlet_c.shape == small.aisle_max_gpu_temp_c.shape == (12, 2)
+    for arr in small.metrics.values():
+        assert arr.shape == (12,)
+    assert small.tick_row_power_w is not None and small.tick_row_power_w.shape == (120, 2)
+    assert small.slowdown_temp_c is not None and 80 < small.slowdown_temp_c < 95
+
+
+@pytest.mark.parametrize("name", ["small", "faults"])
+def test_summary_matches_interval_metrics(name: str, request: pytest.FixtureRequest) -> None:
+    r: EpisodeResult = request.getfixturevalue(name)
+    m, s = r.metrics, r.summary()
+    assert set(s) == set(SUMMARY_FIELDS)
+    assert s["energy_kwh"] == pytest.approx(m["energy_j"].sum() / 3.6e6)
+    assert s["energy_kwh"] > 0
+    assert s["energy_per_token_j"] == pytest.approx(m["energy_j"].sum() / m["tokens_generated"].sum())
+    assert s["carbon_kg"] == pytest.approx(m["carbon_g"].sum() / 1e3)
+    # The scenario gives 390 g/kWh: operational carbon is energy x intensity.
+    assert s["carbon_kg"] == pytest.approx(s["energy_kwh"] * 0.390, rel=1e-9)
+    assert s["cost_usd"] == pytest.approx(s["gpu_hours"] * 12.29)
+    assert s["gpu_hours"] == pytest.approx(m["gpu_hours"].sum())
+    fin = m["finished"]
+    assert fin.sum() > 0
+    assert s["slo_attainment"] == pytest.approx(np.average(m["slo_attainment"], weights=fin))
+    served = fin > 0
+    assert s["ttft_p99_s"] == pytest.approx(m["ttft_p99_s"][served].max())
+    assert s["tbt_p99_s"] == pytest.approx(m["tbt_p99_s"][served].max())
+    assert m["ttft_p50_s"][served].min() <= s["ttft_p50_s"] <= m["ttft_p50_s"][served].max()
+    assert s["ttft_p50_s"] <= s["ttft_p99_s"] and s["tbt_p50_s"] <= s["tbt_p99_s"]
+    assert s["power_throttle_events"] == m["power_throttle_events"].sum()
+    assert s["thermal_throttle_events"] == m["thermal_throttle_events"].sum()
+    # Peaks are over ticks, so they bound the end-of-interval readings.
+    assert s["peak_row_power_kw"] * 1e3 >= r.row_power_w.max() - 1e-6
+    assert s["max_gpu_temp_c"] >= r.aisle_max_gpu_temp_c.max() - 1e-9
+    # Requests are conserved: arrived = finished + dropped + still in flight.
+    assert s["requests_arrived"] == pytest.approx(
+        s["requests_finished"] + s["requests_dropped"] + m["in_flight"][-1])
+
+
+def test_tick_record_integrates_to_interval_energy(small: EpisodeResult) -> None:
+    tick_s = 0.5
+    assert small.tick_row_power_w.sum() * tick_s == pytest.approx(small.metrics["energy_j"].sum())
+    mean_w, peak_w, limit_w, what = row_power_series(small)
+    assert what == "interval mean and peak"
+    assert (peak_w >= mean_w).all()
+    np.testing.assert_allclose(mean_w.sum(axis=1) * 5.0, small.metrics["energy_j"], rtol=1e-9)
+
+
+def test_faults_show_in_telemetry_summaries(faults: EpisodeResult) -> None:
+    active = [set(n) for n in faults.active_faults]
+    assert any(any(x.startswith("power_failure") for x in n) for n in active)
+    lim = faults.row_limit_w[:, 1]
+    assert lim.min() == pytest.approx(0.6 * lim.max())
+    assert (faults.row_limit_w[:, 0] == faults.row_limit_w[0, 0]).all()
+    # The aisle that lost half of its cooling warms above the other one.
+    assert faults.aisle_inlet_c[:, 0].max() > faults.aisle_inlet_c[:, 1].max()
+
+
+def test_same_seed_same_summary() -> None:
+    a = run_episode(_small(), seed=3, progress=False).summary()
+    b = run_episode(_small(), seed=3, progress=False).summary()
+    assert a == b
+
+
+class LowClock:
+    """A tiny controller: drop every pool to 1,200 MHz, and remember what it saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[object] = []
+
+    def act(self, telemetry, metrics):
+        self.seen.append(metrics)
+        pools = (PoolConfig(2, 4, 1200.0, 64), PoolConfig(2, 4, 1200.0, 64),
+                 PoolConfig(4, 4, 1200.0, 64))
+        return ClusterAction(pools=pools) if metrics is None else None
+
+
+def test_controller_hook(small: EpisodeResult) -> None:
+    ctrl = LowClock()
+    r = run_episode(_small(), controller=ctrl, seed=0, progress=False)
+    assert len(ctrl.seen) == r.n_intervals == 12
+    assert ctrl.seen[0] is None and all(m is not None for m in ctrl.seen[1:])
+    assert r.controller_name == "LowClock" and small.controller_name == "fixed"
+    # Same arrivals, lower clocks: less GPU energy.
+    assert r.metrics["arrived"].sum() == small.metrics["arrived"].sum()
+    assert r.metrics["gpu_energy_j"].sum() < small.metrics["gpu_energy_j"].sum()
+
+
+def test_controller_returning_junk_is_rejected() -> None:
+    class Bad:
+        def act(self, telemetry, metrics):
+            return {"freq_mhz": 1000}
+
+    with pytest.raises(ReportError, match="Bad.act returned dict"):
+        run_episode(_small(), controller=Bad(), progress=False)
+    with pytest.raises(ReportError, match="max_intervals"):
+        run_episode(_small(), max_intervals=0, progress=False)
+
+
+def test_max_intervals_stops_early() -> None:
+    r = run_episode(_small(), progress=False, max_intervals=3)
+    assert r.n_intervals == 3
+
+
+def test_write_report_files(faults: EpisodeResult, tmp_path) -> None:
+    out = tmp_path / "rep"
+    path = write_report(faults, out, "faults test", command="python -m scripts.simulate --seed 1")
+    assert path == out / "report.md"
+    for name in PNGS:
+        data = (out / name).read_bytes()
+        assert len(data) > 5000 and data.startswith(PNG_SIGNATURE)
+    md = path.read_text()
+    for key in SUMMARY_FIELDS:
+        assert f"`{key}`" in md
+    for name in PNGS:
+        assert f"]({name})" in md
+    assert "small_faults" in md and "seed: 1" in md and "--seed 1" in md
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["scenario"] == "small_faults" and doc["seed"] == 1
+    for key, value in faults.summary().items():
+        assert doc["summary"][key] == pytest.approx(value)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_write_report_refuses_bad_input_and_writes_nothing(small: EpisodeResult, tmp_path) -> None:
+    empty = dataclasses.replace(
+        small, time_s=small.time_s[:0], metrics={k: v[:0] for k, v in small.metrics.items()})
+    with pytest.raises(ReportError, match="time_s"):
+        write_report(empty, tmp_path / "none", "empty")
+    assert not (tmp_path / "none").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ReportError, match="out_dir"):
+        write_report(small, afile, "t")
+
+
+def test_format_table_marks_missing_values() -> None:
+    table = format_table({"energy_kwh": 1.5, "ttft_p99_s": math.nan})
+    assert "| 1.5 | kWh |" in table and "n/a" in table
+
+
+def test_cli_end_to_end(tmp_path, capsys) -> None:
+    out = tmp_path / "cli"
+    rc = main(["--scenario", "small", "--seed", "2", "--serving", "aggregate", "--duration-s", "30",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    for key in ("energy_kwh", "carbon_kg", "cost_usd", "slo_attainment", "max_gpu_temp_c"):
+        assert f"`{key}`" in printed
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["seed"] == 2 and doc["n_intervals"] == 6
+    assert "--duration-s 30" in doc["command"]
+    for name in PNGS:
+        assert (out / name).read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_cli_rejects_unknown_scenario(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--scenario", "no_such_scenario", "--no-progress"])
+    assert exc.value.code == 2
+    assert "no_such_scenario" in capsys.readouterr().err
+
+
+def test_cli_help_comes_from_field_docstrings() -> None:
+    text = " ".join(build_parser().format_help().split())
+    assert "per-request continuous batching" in text
+    assert "Hide the progress bar" in text
