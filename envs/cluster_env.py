@@ -194,8 +194,10 @@ class ClusterEnv(gym.Env):
 
     # ------------------------------------------------------------------ helpers
     def _time_scaled(self, wanted: tuple[PoolConfig, ...]) -> tuple[PoolConfig, ...]:
-        """DynamoLLM's time scales: frequency and batch cap every interval; instance counts
-        and TP only every `reconfig_every` intervals (they cost model-load downtime).
+        """Apply DynamoLLM's time scales to a wanted pool configuration.
+
+        Frequency and batch cap change every interval; instance counts and TP only every
+        `reconfig_every` intervals (they cost model-load downtime).
         """
         if self._step_count % self.reconfig_every == 0:
             return wanted

@@ -142,7 +142,8 @@ def test_masked_placement_is_never_executed():
             assert info["placement_masked"] == 1.0
             # nothing was placed on the masked server by the action
             if not occupied_before[illegal]:
-                assert not (env.backend.vms.occupied()[illegal] and env.backend.layout.server_is_saas[illegal])
+                placed_there = env.backend.vms.occupied()[illegal]
+                assert not (placed_there and env.backend.layout.server_is_saas[illegal])
             checked += 1
         else:
             _, _, _, trunc, _ = env.step(a)
