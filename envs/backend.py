@@ -8,6 +8,7 @@ Every quantity carries its unit in its name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -159,13 +160,17 @@ class ServiceMetrics:
 
     def as_dict(self) -> dict[str, float]:
         """Scalar fields as plain floats (for `info` and reports)."""
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, np.ndarray):
-                out[f.name] = float(value)
+        out = {name: float(getattr(self, name)) for name in _scalar_metric_names()}
         out["slo_attainment"] = self.slo_attainment
         return out
+
+
+@lru_cache(maxsize=1)
+def _scalar_metric_names() -> tuple[str, ...]:
+    return tuple(
+        f.name for f in fields(ServiceMetrics)
+        if f.name not in ("arrivals_per_pool", "queued_per_pool", "running_per_pool")
+    )
 
 
 @runtime_checkable

@@ -84,7 +84,9 @@ class ClusterEnv(gym.Env):
     ("aggregate" for training, "request" for evaluation), `reward_weights` (RewardWeights or
     dict), `render_mode` ("ansi" | "rgb_array"), `backend` (any ClusterBackend; overrides
     scenario/serving_model, e.g. the real node), `reconfig_every` (intervals between instance
-    count / TP changes, default 12 = one minute).
+    count / TP changes, default 12 = one minute), `trace_window_s` ((start_s, window_s): the
+    stretch of the scenario's source trace episodes draw from; overrides the scenario's
+    `workload.start_s`/`window_s`, so training and held-out evaluation windows never overlap).
 
     ## Version History
     * v0: initial release.
@@ -101,14 +103,26 @@ class ClusterEnv(gym.Env):
         render_mode: str | None = None,
         backend: ClusterBackend | None = None,
         reconfig_every: int = 12,
+        trace_window_s: tuple[float, float] | None = None,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}")
+        if backend is not None and trace_window_s is not None:
+            raise ValueError("trace_window_s applies to the simulated backend; do not pass a backend too")
+        self.trace_window_s = None if trace_window_s is None else tuple(float(v) for v in trace_window_s)
         if backend is None:
             from envs.sim.cluster import SimCluster
+            from envs.sim.scenario import load_scenario
 
+            if self.trace_window_s is not None:
+                if len(self.trace_window_s) != 2:
+                    raise ValueError(f"trace_window_s must be (start_s, window_s), got {trace_window_s!r}")
+                sc = load_scenario(scenario)
+                start_s, window_s = self.trace_window_s
+                scenario = sc.with_overrides(
+                    workload=replace(sc.workload, start_s=start_s, window_s=window_s))
             backend = SimCluster(scenario, serving_model=serving_model,
                                  auto_place_vms=task == "energy")
         self.backend = backend
@@ -199,7 +213,7 @@ class ClusterEnv(gym.Env):
         Frequency and batch cap change every interval; instance counts and TP only every
         `reconfig_every` intervals (they cost model-load downtime).
         """
-        if self._step_count % self.reconfig_every == 0:
+        if self._step_count % self.reconfig_every == 0 or wanted == self.pools:
             return wanted
         return tuple(
             replace(cur, freq_mhz=w.freq_mhz, max_batch=w.max_batch)

@@ -112,12 +112,7 @@ class ObservationBuilder:
             queued = running = np.zeros(lay.n_pools)
         trend = rate - self.prev_rate
         self.prev_rate = rate
-        cfg = np.array([
-            [p.n_instances * p.tp / lay.gpus_per_server / max(self.n_saas_servers, 1),
-             p.tp / 8.0, p.freq_mhz / lay.max_freq_mhz, p.max_batch / max(lay.batch_choices)]
-            for p in pools
-        ])
-        parts.append(np.column_stack([rate, trend, queued, running, cfg]).ravel())
+        parts.append(np.column_stack([rate, trend, queued, running, self._config_block(pools)]).ravel())
         limit = self.nominal_row_limit_w
         rows = np.column_stack([
             tel.row_power_w / limit,
@@ -151,6 +146,18 @@ class ObservationBuilder:
         obs = np.concatenate(parts).astype(np.float32)
         obs[np.isnan(obs)] = 0.0
         return np.clip(obs, -OBS_CLIP, OBS_CLIP, out=obs)
+
+    def _config_block(self, pools: tuple[PoolConfig, ...]) -> np.ndarray:
+        """Normalized pool configuration (cached: it changes only when the controller acts)."""
+        if getattr(self, "_cfg_key", None) is not pools:
+            lay = self.layout
+            self._cfg = np.array([
+                [p.n_instances * p.tp / lay.gpus_per_server / max(self.n_saas_servers, 1),
+                 p.tp / 8.0, p.freq_mhz / lay.max_freq_mhz, p.max_batch / max(lay.batch_choices)]
+                for p in pools
+            ])
+            self._cfg_key = pools
+        return self._cfg
 
     def _max_per_aisle(self, gpu_temp_c: np.ndarray) -> np.ndarray:
         lay = self.layout

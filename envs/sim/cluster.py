@@ -316,6 +316,13 @@ class SimCluster:
         gpu_owner[inst.slot_gpu] = owner
         self._gpu_owner = gpu_owner
         self._slot_row = self.topo.gpu_row[inst.slot_gpu]
+        # The clock at which a prefill of the episode's mean prompt fits the GPU power limit
+        # depends only on the slot's profile: computed here, not every tick.
+        sp = self._slot_prof
+        self._slot_prefill_limit_mhz = freq_at_power_limit_mhz(
+            self.mean_input_tokens, sp.gpu_power_limit_w, sp.idle_power_w,
+            sp.prefill_max_power_w, sp.prefill_k_tokens, sp.power_freq_exponent,
+            sp.min_freq_mhz, sp.max_freq_mhz)
 
     # ------------------------------------------------------------------ one tick
     def _tick(self, t0: float, dt: float, acc: ServiceAccumulator, stats: _IntervalStats) -> None:
@@ -351,10 +358,7 @@ class SimCluster:
                            self.row_freq_cap_mhz[self._slot_row])
         f_eff = np.minimum(f_set, slot_ceiling)
         sp = self._slot_prof
-        f_pre = np.minimum(f_eff, freq_at_power_limit_mhz(
-            self.mean_input_tokens, sp.gpu_power_limit_w, sp.idle_power_w,
-            sp.prefill_max_power_w, sp.prefill_k_tokens, sp.power_freq_exponent,
-            sp.min_freq_mhz, sp.max_freq_mhz))
+        f_pre = np.minimum(f_eff, self._slot_prefill_limit_mhz)
         serving = inst.serving(t0)
         model = SlotModel(
             prefill_time_s=lambda tok, i: prefill_time_s(
@@ -396,8 +400,12 @@ class SimCluster:
         temp = step_gpu_temperature(self.thermal_state, gpu_w, self.inlet_c[topo.gpu_aisle], dt,
                                     self.thermal)
         # Controllers for the next tick: row power capping, GPU thermal slowdown.
-        uncapped = gm.gpu_power_w(gl, self.thermal_ceiling_mhz)
-        demand_w = topo.row_sum(pw.server_power_w(uncapped, s.datacenter.server, gm.idle_power_w))
+        if self.row_capped.any():
+            uncapped = gm.gpu_power_w(gl, self.thermal_ceiling_mhz)
+            demand_w = topo.row_sum(pw.server_power_w(uncapped, s.datacenter.server,
+                                                      gm.idle_power_w))
+        else:  # no row ceiling in force this tick: the demand is what the rows drew
+            demand_w = row_w
         # Capping engages when demand exceeds the limit and holds (aiming a margin below the
         # limit) until demand falls below that margin: hysteresis, as real capping controllers.
         # Demand is read as a moving average over CAP_WINDOW_S (PDU meters and breaker trip
@@ -470,6 +478,11 @@ class SimCluster:
         self.thermal_state.x_sink_c[:] = th.r_sink_c_per_w * idle
         self._gpu_temp_c = self.inlet_c[topo.gpu_aisle] + (th.r_die_c_per_w +
                                                            th.r_sink_c_per_w) * idle
+        # The first telemetry reports the power of that state too (VMs included), not zeros.
+        self._gpu_power_w = idle
+        srv_w = pw.server_power_w(idle, self.scenario.datacenter.server, gm.idle_power_w)
+        self._row_power_w = topo.row_sum(srv_w)
+        self._aisle_heat_w = topo.aisle_sum(srv_w)
 
     def _outside_c(self, t_s: float) -> float:
         d = self.scenario.datacenter

@@ -40,8 +40,9 @@ def episode_trace(
     """The arrivals of one episode: the scenario's trace at its target rate, shaped and spiked."""
     w = scenario.workload
     base = builtin_trace(w.trace) if "/" not in w.trace and "." not in w.trace else load_trace(w.trace)
-    if w.start_s > 0:
-        base = base.window(w.start_s, base.duration_s - w.start_s)
+    if w.start_s > 0 or w.window_s is not None:
+        window_s = base.duration_s - w.start_s if w.window_s is None else w.window_s
+        base = base.window(w.start_s, window_s)
     target_rps = w.rps_per_gpu * n_saas_gpus
     if target_rps <= 0:
         trace = Trace(np.zeros(0), np.zeros(0), np.zeros(0), scenario.duration_s, "empty",

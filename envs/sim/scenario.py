@@ -96,11 +96,17 @@ class DiurnalSpec:
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    """What arrives: a real trace scaled to a target rate, optionally diurnal, with spikes."""
+    """What arrives: a real trace scaled to a target rate, optionally diurnal, with spikes.
+
+    `start_s` and `window_s` select the stretch of the source trace an episode draws from,
+    `[start_s, start_s + window_s)` (`window_s` None: to the trace's end). Training and
+    held-out evaluation use disjoint windows (see `agents.windows`).
+    """
 
     trace: str = "azure_conv_2023"
     rps_per_gpu: float = 0.5
     start_s: float = 0.0
+    window_s: float | None = None
     diurnal: DiurnalSpec | None = None
     spikes: tuple[SpikeSpec, ...] = ()
     pools: str = "default"
@@ -310,6 +316,9 @@ def validate(s: Scenario, where: str) -> None:
     _positive(where, "datacenter.cooling.tau_inlet_s", d.cooling.tau_inlet_s)
     w = s.workload
     _positive(where, "workload.rps_per_gpu", w.rps_per_gpu, allow_zero=True)
+    _positive(where, "workload.start_s", w.start_s, allow_zero=True)
+    if w.window_s is not None:
+        _positive(where, "workload.window_s", w.window_s)
     for i, sp in enumerate(w.spikes):
         _positive(where, f"workload.spikes[{i}].duration_s", sp.duration_s)
         _positive(where, f"workload.spikes[{i}].multiplier", sp.multiplier)

@@ -192,7 +192,8 @@ class AggregateServing:
         # ---- state update ----------------------------------------------------------------
         self.q[idx] = q - adm
         self.q_age_s[idx] = np.where(q - adm > 1e-9, age + dt_s, 0.0)
-        rest = np.setdiff1d(np.flatnonzero(self.q > 0), idx, assume_unique=True)
+        rest = self.q > 0  # queues this tick did not serve grow older
+        rest[idx] = False
         self.q_age_s[rest] += dt_s
         self.run[idx] = new_run - finished
         self.run_ctx[idx] = np.where(frac_done < 1, ctx + n_iter, 0.0)

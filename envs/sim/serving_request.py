@@ -170,8 +170,8 @@ class RequestLevelServing:
         order = np.lexsort((r["arrival_s"][waiting], s))
         w = waiting[order]
         s = s[order]
-        starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-        group_start = np.repeat(starts, np.diff(np.r_[starts, len(s)]))
+        starts, group_len = _runs(s)
+        group_start = np.repeat(starts, group_len)
         rank = np.arange(len(s)) - group_start
         run_idx = np.flatnonzero(running & (slot >= 0))
         run_slot = slot[run_idx]
@@ -183,7 +183,7 @@ class RequestLevelServing:
         )
         need = (r["input_tokens"][w] + r["output_tokens"][w]).astype(float)
         cum_need = np.cumsum(need)
-        cum_need -= np.repeat(cum_need[starts] - need[starts], np.diff(np.r_[starts, len(s)]))
+        cum_need -= np.repeat(cum_need[starts] - need[starts], group_len)
         free_batch = inst.max_batch[s] - n_running[s]
         free_kv = model.kv_capacity_tokens[s] - kv_used[s]
         admit = (rank < free_batch) & (cum_need <= free_kv)
@@ -195,8 +195,7 @@ class RequestLevelServing:
         a_slot = s[admit]
         tau = model.prefill_time_s(r["input_tokens"][a].astype(float), a_slot)
         cum_tau = np.cumsum(tau)
-        a_starts = np.flatnonzero(np.r_[True, a_slot[1:] != a_slot[:-1]])
-        lens = np.diff(np.r_[a_starts, len(a)])
+        a_starts, lens = _runs(a_slot)
         cum_tau -= np.repeat(cum_tau[a_starts] - tau[a_starts], lens)
         begin = np.maximum(self.busy_until_s[a_slot], t0_s)
         ready = begin + cum_tau
@@ -263,6 +262,15 @@ class RequestLevelServing:
         keep[idx] = False
         for k in self.req:
             self.req[k] = self.req[k][keep]
+
+
+def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start index and length of each run of equal adjacent keys (keys non-empty)."""
+    change = np.empty(len(keys), dtype=bool)
+    change[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=change[1:])
+    starts = np.flatnonzero(change)
+    return starts, np.diff(starts, append=len(keys))
 
 
 def _interleave_key(counts: np.ndarray) -> np.ndarray:

@@ -1,0 +1,176 @@
+"""Invariants of the simulated datacenter that must hold for any scenario, seed and action.
+
+Energy equals the integral of power; requests are conserved (arrived = finished + dropped +
+in flight); the same seed gives the same episode; counts and powers stay in range. Checked on
+the shipped scenarios and, with hypothesis, on random variations of them (load, clocks, batch
+caps, admission, drop deadline, serving model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from envs.backend import ClusterAction, ServiceMetrics, Telemetry
+from envs.sim.cluster import SimCluster
+from envs.sim.scenario import Scenario, load_scenario
+
+SERVING_MODELS = ("request", "aggregate")
+
+
+def short(name: str, duration_s: float, **workload: float) -> Scenario:
+    """A shipped scenario cut to `duration_s`, with optional workload overrides."""
+    s = load_scenario(name)
+    faults = tuple(f for f in s.faults if f.start_s < duration_s)
+    w = dataclasses.replace(s.workload, **workload)
+    return s.with_overrides(duration_s=duration_s, faults=faults, workload=w)
+
+
+def run_episode(c: SimCluster, seed: int, actions: dict[int, ClusterAction] | None = None
+                ) -> tuple[list[ServiceMetrics], list[Telemetry]]:
+    """Reset and run to the end, applying `actions[k]` before interval k."""
+    tel = [c.reset(seed=seed)]
+    metrics = []
+    k = 0
+    while not c.done:
+        if actions and k in actions:
+            c.apply(actions[k])
+        metrics.append(c.advance())
+        tel.append(c.telemetry())
+        k += 1
+    return metrics, tel
+
+
+def assert_energy_is_integral_of_power(c: SimCluster, metrics: list[ServiceMetrics]) -> None:
+    """Sum over ticks of row power x tick length equals the reported energy, interval by interval."""
+    row_w = np.array(c.record.row_power_w)
+    assert row_w.shape == (len(metrics) * c.ticks_per_interval, c.topo.n_rows)
+    per_tick_j = row_w.sum(axis=1) * c.tick_s
+    per_interval_j = per_tick_j.reshape(len(metrics), c.ticks_per_interval).sum(axis=1)
+    reported_j = np.array([m.energy_j for m in metrics])
+    np.testing.assert_allclose(per_interval_j, reported_j, rtol=1e-12, atol=1e-6)
+    gpu_j = np.array([m.gpu_energy_j for m in metrics])
+    assert (gpu_j > 0).all() and (gpu_j < reported_j).all()  # servers add overhead to GPUs
+    assert (np.diff(c.record.time_s) == pytest.approx(c.tick_s))
+
+
+def assert_requests_conserved(metrics: list[ServiceMetrics], exact: bool) -> None:
+    """Cumulative arrived = finished + dropped + in flight, after every interval."""
+    arrived = np.cumsum([m.arrived for m in metrics])
+    out = np.cumsum([m.finished + m.dropped for m in metrics])
+    in_flight = np.array([m.in_flight for m in metrics])
+    if exact:
+        np.testing.assert_array_equal(arrived, out + in_flight)
+    else:
+        np.testing.assert_allclose(arrived, out + in_flight, rtol=1e-9, atol=1e-6)
+
+
+def assert_in_range(metrics: list[ServiceMetrics], tel: list[Telemetry], c: SimCluster) -> None:
+    for m in metrics:
+        assert m.finished >= 0 and m.dropped >= 0 and m.in_flight >= -1e-9
+        assert 0 <= m.slo_ttft_violations <= m.finished + 1e-9
+        assert 0 <= m.slo_tbt_violations <= m.finished + 1e-9
+        assert max(m.slo_ttft_violations, m.slo_tbt_violations) - 1e-9 <= m.slo_violations
+        assert m.slo_violations <= m.slo_ttft_violations + m.slo_tbt_violations + 1e-9
+        assert 0.0 <= m.slo_attainment <= 1.0
+        assert m.tokens_generated >= 0 and m.energy_j > 0
+        assert m.arrivals_per_pool.sum() == m.arrived
+    for t in tel[1:]:
+        assert (t.gpu_power_w >= c.gpu_model.idle_power_w - 1e-9).all()
+        assert (t.gpu_power_w <= c.gpu_model.gpu_power_limit_w + 1e-9).all()
+        assert (t.gpu_freq_mhz >= c.gpu_model.min_freq_mhz - 1e-9).all()
+        assert (t.gpu_freq_mhz <= c.gpu_model.max_freq_mhz + 1e-9).all()
+        assert np.isfinite(t.gpu_temp_c).all() and (t.gpu_temp_c >= t.aisle_inlet_c.min()).all()
+        np.testing.assert_allclose(t.row_power_w.sum(), t.aisle_heat_w.sum(), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------- shipped scenarios
+
+
+@pytest.mark.parametrize("serving_model", SERVING_MODELS)
+@pytest.mark.parametrize("name", ["small", "small_tapas", "small_faults"])
+def test_energy_is_integral_of_row_power(name, serving_model):
+    c = SimCluster(short(name, 150.0), serving_model=serving_model, record_ticks=True)
+    metrics, tel = run_episode(c, seed=0)
+    assert_energy_is_integral_of_power(c, metrics)
+    assert_requests_conserved(metrics, exact=serving_model == "request")
+    assert_in_range(metrics, tel, c)
+
+
+@pytest.mark.parametrize("serving_model", SERVING_MODELS)
+def test_requests_conserved_under_overload_admission_control_and_reconfiguration(serving_model):
+    """Drops (stale queue, admission) and requeues on reconfiguration lose no request."""
+    s = short("small", 120.0, rps_per_gpu=1.0)
+    s = s.with_overrides(serving=dataclasses.replace(s.serving, drop_after_s=5.0))
+    c = SimCluster(s, serving_model=serving_model, record_ticks=True)
+    pools = c.pool_configs
+    smaller = tuple(dataclasses.replace(p, tp=2, n_instances=2, max_batch=8) for p in pools)
+    actions = {
+        4: ClusterAction(admit_fraction=0.5),
+        8: ClusterAction(pools=smaller, admit_fraction=1.0),
+        14: ClusterAction(pools=pools),
+    }
+    metrics, _ = run_episode(c, seed=0, actions=actions)
+    assert sum(m.dropped for m in metrics) > 0
+    assert sum(m.reconfigurations for m in metrics) > 0
+    assert_requests_conserved(metrics, exact=serving_model == "request")
+    assert_energy_is_integral_of_power(c, metrics)
+
+
+@pytest.mark.parametrize("serving_model", SERVING_MODELS)
+def test_same_seed_same_episode_different_seed_different_episode(serving_model):
+    s = short("small_tapas", 100.0)
+    a = SimCluster(s, serving_model=serving_model)
+    b = SimCluster(s, serving_model=serving_model)
+    ma, ta = run_episode(a, seed=7)
+    mb, tb = run_episode(b, seed=7)
+    assert [m.as_dict() for m in ma] == [m.as_dict() for m in mb]
+    for x, y in zip(ta, tb, strict=True):
+        np.testing.assert_array_equal(x.gpu_temp_c, y.gpu_temp_c)
+        np.testing.assert_array_equal(x.gpu_power_w, y.gpu_power_w)
+        np.testing.assert_array_equal(x.legal_vm_servers, y.legal_vm_servers)
+    # Reusing a cluster: reset with the same seed replays the episode (no leaked state).
+    mc, _ = run_episode(a, seed=7)
+    assert [m.as_dict() for m in mc] == [m.as_dict() for m in ma]
+    md, _ = run_episode(b, seed=8)
+    assert [m.arrived for m in md] != [m.arrived for m in ma]
+
+
+# ---------------------------------------------------------------------------- hypothesis
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(
+    serving_model=st.sampled_from(SERVING_MODELS),
+    seed=st.integers(0, 2**31 - 1),
+    rps_per_gpu=st.floats(0.0, 1.5),
+    freq_mhz=st.sampled_from([800.0, 1200.0, 1980.0]),
+    max_batch=st.sampled_from([8, 64]),
+    admit_fraction=st.floats(0.0, 1.0),
+    drop_after_s=st.floats(2.0, 60.0),
+    oversubscription=st.floats(1.0, 2.5),
+)
+def test_invariants_hold_for_random_variations(serving_model, seed, rps_per_gpu, freq_mhz,
+                                               max_batch, admit_fraction, drop_after_s,
+                                               oversubscription):
+    base = short("small_tapas", 60.0, rps_per_gpu=rps_per_gpu)
+    pools = tuple(dataclasses.replace(p, freq_mhz=freq_mhz, max_batch=max_batch)
+                  for p in base.serving.pools)
+    d = dataclasses.replace(base.datacenter, power_oversubscription=oversubscription)
+    s = base.with_overrides(
+        datacenter=d, serving=dataclasses.replace(base.serving, pools=pools,
+                                                  drop_after_s=drop_after_s))
+    c = SimCluster(s, serving_model=serving_model, record_ticks=True)
+    metrics, tel = run_episode(c, seed=seed, actions={3: ClusterAction(admit_fraction=admit_fraction)})
+    assert_energy_is_integral_of_power(c, metrics)
+    assert_requests_conserved(metrics, exact=serving_model == "request")
+    assert_in_range(metrics, tel, c)
+    # Throttling counters agree with the per-interval throttled time.
+    for m in metrics:
+        assert (m.power_throttle_events > 0) <= (m.power_capped_gpu_s > 0)
+        assert (m.thermal_throttle_events > 0) <= (m.thermal_throttled_gpu_s > 0)
