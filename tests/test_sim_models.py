@@ -438,11 +438,6 @@ def test_aggregate_model_tracks_request_level_energy_and_slo(freq_mhz):
     assert abs(att_agg - att_req) <= 0.02
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="VM arrivals are a Poisson draw per tick from the shared generator, so a 0.5 s tick "
-           "(request) and a 5 s tick (aggregate) give different VM histories for one seed: "
-           "small_tapas seed 1 energy differs by 4.5% (0.2% with VM arrivals off)")
 def test_vm_history_does_not_depend_on_serving_model():
     s = load_scenario("small_tapas").with_overrides(duration_s=300.0)
     occupancy = []

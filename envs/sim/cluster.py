@@ -182,7 +182,7 @@ class SimCluster:
             self.serving = AggregateServing(
                 n_slots, self.pools.n_pools, s.serving.max_prefill_tokens, s.serving.drop_after_s)
         self.vms = VmPool(s.vms, np.flatnonzero(~topo.server_is_saas), topo.n_servers)
-        self.vms.reset(rng)
+        self.vms.reset(rng, s.duration_s)
         n_gpu = topo.n_gpus
         self.thermal_state = GpuThermalState(np.zeros(n_gpu), np.zeros(n_gpu))
         self.inlet_c = np.full(topo.n_aisles, s.datacenter.cooling.supply_temp_c)
@@ -239,7 +239,7 @@ class SimCluster:
                 raise ValueError(f"admit_fraction must be in [0, 1], got {a}")
             self.admit_fraction = a
         if action.vm_server is not None and self.vms.pending:
-            self.vms.place(int(action.vm_server), self.time_s, self._rng)
+            self.vms.place(int(action.vm_server), self.time_s)
 
     def advance(self) -> ServiceMetrics:
         """Simulate one control interval."""
@@ -252,7 +252,7 @@ class SimCluster:
         self.interval += 1
         if self.auto_place_vms:
             while self.vms.pending and (server := self.vms.first_fit()) is not None:
-                self.vms.place(server, self.time_s, self._rng)
+                self.vms.place(server, self.time_s)
         return self._metrics(acc, stats)
 
     def telemetry(self) -> Telemetry:
@@ -330,7 +330,7 @@ class SimCluster:
         row_f, aisle_f = self.faults.factors(t0, topo.n_rows, topo.n_aisles)
         self._row_limit_w = topo.row_limit_w * row_f
         self._aisle_cap_w = topo.aisle_capacity_w * aisle_f
-        self.vms.advance(t0, dt, self._rng)
+        self.vms.advance(t0, dt)
         # Arrivals in [t0, t0 + dt), admission control.
         lo = self._trace_pos
         hi = int(np.searchsorted(self.trace.arrival_s, t0 + dt, side="left"))

@@ -1,7 +1,8 @@
 """Opaque IaaS GPU VMs: whole servers whose GPUs draw power the operator cannot reconfigure.
 
-VMs arrive as a Poisson process, wait for a placement decision, run for an exponential
-lifetime and leave. Their power level is drawn from the scenario's list (W per GPU).
+VMs arrive as a Poisson process (drawn for the whole episode at reset), wait for a placement
+decision, run for an exponential lifetime and leave. Their power level is drawn from the
+scenario's list (W per GPU).
 """
 
 from __future__ import annotations
@@ -30,18 +31,29 @@ class VmPool:
         self.gpu_power_w = np.zeros(self.n_servers)
         self.leave_at_s = np.full(self.n_servers, np.inf)
 
-    def reset(self, rng: np.random.Generator) -> None:
-        """Empty the servers, then occupy the initial fraction of IaaS hosts."""
+    def reset(self, rng: np.random.Generator, duration_s: float) -> None:
+        """Start an episode: initial VMs, and every VM arrival drawn up front.
+
+        Drawing arrival times, power levels and lifetimes at reset keeps the VM history
+        independent of the simulator's tick length (request-level vs aggregate).
+        """
         self.gpu_power_w[:] = 0.0
         self.leave_at_s[:] = np.inf
         self.pending_power_w.clear()
         self.pending_since_s.clear()
+        self.pending_lifetime_s: list[float] = []
         self.placed = 0
         n0 = int(round(len(self.host_servers) * self.spec.initial_fraction))
         if n0:
             hosts = rng.choice(self.host_servers, size=n0, replace=False)
             self.gpu_power_w[hosts] = rng.choice(self.spec.gpu_power_w, size=n0)
             self.leave_at_s[hosts] = rng.exponential(self.spec.lifetime_s, size=n0)
+        rate_per_s = self.spec.arrivals_per_hour / 3600.0
+        n = rng.poisson(rate_per_s * duration_s) if rate_per_s > 0 else 0
+        self._arrival_s = np.sort(rng.uniform(0.0, duration_s, size=n))
+        self._arrival_power_w = rng.choice(self.spec.gpu_power_w, size=n) if n else np.zeros(0)
+        self._arrival_lifetime_s = rng.exponential(self.spec.lifetime_s, size=n)
+        self._next = 0
 
     def occupied(self) -> np.ndarray:
         """Servers currently hosting a VM."""
@@ -53,23 +65,24 @@ class VmPool:
         legal[self.host_servers] = True
         return legal & ~self.occupied()
 
-    def advance(self, t0_s: float, dt_s: float, rng: np.random.Generator) -> None:
+    def advance(self, t0_s: float, dt_s: float) -> None:
         """Departures and arrivals during [t0, t0 + dt)."""
         gone = self.leave_at_s <= t0_s + dt_s
         self.gpu_power_w[gone] = 0.0
         self.leave_at_s[gone] = np.inf
-        if self.spec.arrivals_per_hour > 0:
-            n = rng.poisson(self.spec.arrivals_per_hour * dt_s / 3600.0)
-            for _ in range(n):
-                self.pending_power_w.append(float(rng.choice(self.spec.gpu_power_w)))
-                self.pending_since_s.append(t0_s)
+        end = int(np.searchsorted(self._arrival_s, t0_s + dt_s, side="left"))
+        for i in range(self._next, end):
+            self.pending_power_w.append(float(self._arrival_power_w[i]))
+            self.pending_since_s.append(float(self._arrival_s[i]))
+            self.pending_lifetime_s.append(float(self._arrival_lifetime_s[i]))
+        self._next = end
 
     @property
     def pending(self) -> bool:
         """A VM is waiting for placement."""
         return bool(self.pending_power_w)
 
-    def place(self, server: int, now_s: float, rng: np.random.Generator) -> None:
+    def place(self, server: int, now_s: float) -> None:
         """Place the head-of-queue VM on `server` (must be legal)."""
         if not self.pending:
             return
@@ -77,7 +90,7 @@ class VmPool:
             raise ValueError(f"VM placement on server {server} is not legal (occupied or SaaS)")
         self.gpu_power_w[server] = self.pending_power_w.pop(0)
         self.pending_since_s.pop(0)
-        self.leave_at_s[server] = now_s + rng.exponential(self.spec.lifetime_s)
+        self.leave_at_s[server] = now_s + self.pending_lifetime_s.pop(0)
         self.placed += 1
 
     def first_fit(self) -> int | None:
