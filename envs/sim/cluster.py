@@ -316,6 +316,17 @@ class SimCluster:
         gpu_owner[inst.slot_gpu] = owner
         self._gpu_owner = gpu_owner
         self._slot_row = self.topo.gpu_row[inst.slot_gpu]
+        # Per-layout constants of the hot path (they change only when the layout does).
+        self._gpu_has = gpu_owner >= 0
+        self._gpu_has_f = self._gpu_has.astype(float)
+        self._gpu_o = np.where(self._gpu_has, gpu_owner, 0)
+        self._slot_freq_mhz = np.where(inst.active, inst.freq_mhz, self.gpu_model.max_freq_mhz)
+        self._slot_kv_tokens = self._slot_prof.kv_capacity_tokens.astype(float)
+        self._any_quantized = bool(inst.quantized.any())
+        self._instance_gpus = float(inst.tp[inst.active].sum())
+        self._ones_slots = np.ones(inst.n_slots)
+        self._zeros_slots = np.zeros(inst.n_slots)
+        self._no_ceiling_mhz = np.full(self.topo.n_gpus, self.gpu_model.max_freq_mhz)
         # The clock at which a prefill of the episode's mean prompt fits the GPU power limit
         # depends only on the slot's profile: computed here, not every tick.
         sp = self._slot_prof
@@ -347,16 +358,24 @@ class SimCluster:
             self.serving.add_arrivals(arr[keep], self.trace.input_tokens[lo:hi][keep],
                                       self.trace.output_tokens[lo:hi][keep], pool[keep])
         # Effective clocks: set point, row cap (action), power capping, thermal slowdown.
-        gpu_ceiling = np.minimum(self.thermal_ceiling_mhz, self.row_ceiling_mhz[topo.gpu_row])
-        slot_ceiling = np.full(inst.n_slots, gm.max_freq_mhz)
-        valid = self._slot_owner >= 0
-        np.minimum.at(slot_ceiling, self._slot_owner[valid], gpu_ceiling[inst.slot_gpu[valid]])
-        quant = self.row_quantized[self._slot_row] & inst.active
+        f_set = np.minimum(self._slot_freq_mhz, self.row_freq_cap_mhz[self._slot_row])
+        if self.thermal_throttled.any() or self.row_capped.any():
+            gpu_ceiling = np.minimum(self.thermal_ceiling_mhz, self.row_ceiling_mhz[topo.gpu_row])
+            slot_ceiling = np.full(inst.n_slots, gm.max_freq_mhz)
+            valid = self._slot_owner >= 0
+            np.minimum.at(slot_ceiling, self._slot_owner[valid], gpu_ceiling[inst.slot_gpu[valid]])
+            f_eff = np.minimum(f_set, slot_ceiling)
+        else:  # no clock ceiling anywhere (the common case): skip the per-GPU reduction
+            gpu_ceiling = self._no_ceiling_mhz
+            f_eff = f_set
         sv = s.serving
-        speed = np.where(quant | inst.quantized, sv.quantized_speedup, 1.0)
-        f_set = np.minimum(np.where(inst.active, inst.freq_mhz, gm.max_freq_mhz),
-                           self.row_freq_cap_mhz[self._slot_row])
-        f_eff = np.minimum(f_set, slot_ceiling)
+        if self.row_quantized.any() or self._any_quantized:
+            quant = (self.row_quantized[self._slot_row] & inst.active) | inst.quantized
+            speed = np.where(quant, sv.quantized_speedup, 1.0)
+            qloss = np.where(quant, sv.quantized_quality_loss, 0.0)
+            power_factor = np.where(self._gpu_has & quant[self._gpu_o], sv.quantized_power_factor, 1.0)
+        else:
+            speed, qloss, power_factor = self._ones_slots, self._zeros_slots, 1.0
         sp = self._slot_prof
         f_pre = np.minimum(f_eff, self._slot_prefill_limit_mhz)
         serving = inst.serving(t0)
@@ -367,26 +386,22 @@ class SimCluster:
             decode_iter_time_s=lambda b, c, i: decode_iter_time_s(
                 b, c, f_eff[i], sp.decode_d0_s[i], sp.decode_d1_s_per_seq[i],
                 sp.decode_d2_s_per_seq_token[i], sp.decode_phi[i], sp.max_freq_mhz[i]) / speed[i],
-            kv_capacity_tokens=sp.kv_capacity_tokens.astype(float),
+            kv_capacity_tokens=self._slot_kv_tokens,
         )
         route_w = self.row_route_weight[self._slot_row]
-        qloss = np.where(quant | inst.quantized, sv.quantized_quality_loss, 0.0)
         load: TickLoad = self.serving.tick(t0, dt, inst, serving, model, route_w, self.slo_ttft_s,
                                            self.slo_tbt_s, qloss, acc)
         acc.tokens += load.tokens_generated
         # GPU power at this tick's ceilings.
-        g_owner = self._gpu_owner
-        has = g_owner >= 0
-        o = np.where(has, g_owner, 0)
+        has, o = self._gpu_has, self._gpu_o
         gl = pw.GpuLoad(
-            prefill_frac=np.where(has, load.prefill_busy_s[o] / dt, 0.0),
-            decode_frac=np.where(has, load.decode_busy_s[o] / dt, 0.0),
-            prefill_tokens=np.where(has, load.prefill_tokens[o], 0.0),
-            decode_batch=np.where(has, load.decode_batch[o], 0.0),
+            prefill_frac=load.prefill_busy_s[o] * self._gpu_has_f / dt,
+            decode_frac=load.decode_busy_s[o] * self._gpu_has_f / dt,
+            prefill_tokens=load.prefill_tokens[o] * self._gpu_has_f,
+            decode_batch=load.decode_batch[o] * self._gpu_has_f,
             freq_mhz=np.where(has, f_set[o], gm.max_freq_mhz),
             prefill_freq_mhz=np.where(has, np.minimum(f_pre[o], f_set[o]), gm.max_freq_mhz),
-            power_factor=np.where(has & (quant | inst.quantized)[o], sv.quantized_power_factor,
-                                  1.0),
+            power_factor=power_factor,
             vm_power_w=np.repeat(self.vms.gpu_power_w, topo.gpus_per_server),
         )
         gpu_w = gm.gpu_power_w(gl, gpu_ceiling)
@@ -439,7 +454,7 @@ class SimCluster:
         stats.energy_j += energy
         stats.gpu_energy_j += float(gpu_w.sum()) * dt
         stats.carbon_g += energy / 3.6e6 * self._carbon_g_per_kwh(t0)
-        stats.gpu_hours += float(inst.tp[inst.active].sum()) * dt / 3600.0
+        stats.gpu_hours += self._instance_gpus * dt / 3600.0
         stats.thermal_gpu_s += float(self.thermal_throttled.sum()) * dt
         stats.capped_gpu_s += float(self.row_capped[topo.gpu_row].sum()) * dt
         stats.peak_row_w = max(stats.peak_row_w, float(row_w.max()))

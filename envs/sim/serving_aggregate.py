@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 
 from envs.sim.instances import InstanceTable
-from envs.sim.routing import water_fill
 from envs.sim.serving import ServiceAccumulator, TickLoad
 
 
@@ -91,28 +90,43 @@ class AggregateServing:
         self.busy_until_s[stopped_slots] = 0.0
 
     def _route(self, dt_s, inst: InstanceTable, serving, route_weight) -> None:
+        """Split each pool's new requests over its live instances in proportion to weight.
+
+        In the fluid model the instances of a pool are interchangeable, so the proportional
+        split is what join-shortest-queue converges to; a pool with no live instance spills
+        over all live instances, as in the request-level router.
+        """
         weight = np.where(serving, route_weight * inst.max_batch, 0.0)
-        outstanding = self.q + self.run
-        self.slot_pool = np.where(inst.active, inst.pool, -1)
-        arrivals = np.zeros(self.n_slots)
-        for p in np.flatnonzero(self.buf > 0):
-            cand = weight * (inst.pool == p)
-            if not (cand > 0).any():
-                cand = weight
-            if not (cand > 0).any():
-                continue
-            share = water_fill(outstanding, cand, float(self.buf[p]))
-            tot = self.q + share
-            safe = np.maximum(tot, 1e-12)
-            self.q_in = (self.q_in * self.q + self.buf_in[p] * share) / safe
-            self.q_out = (self.q_out * self.q + self.buf_out[p] * share) / safe
-            # New arrivals are on average half a tick old when the tick's work starts.
-            self.q_age_s = (self.q_age_s * self.q + 0.0 * share) / safe
-            self.q = tot
-            outstanding = outstanding + share
-            arrivals += share
-            self.buf[p] = 0.0
-        self.rate_rps = 0.8 * self.rate_rps + 0.2 * arrivals / dt_s
+        pool = np.where(inst.active, inst.pool, -1)
+        self.slot_pool = pool
+        buf = self.buf
+        total = buf.sum()
+        if total <= 0 or not weight.any():
+            self.rate_rps *= 0.8
+            return
+        own = pool >= 0
+        p_of = np.where(own, pool, 0)
+        w_pool = np.bincount(p_of, weights=weight * own, minlength=self.n_pools)
+        served = w_pool > 0
+        frac = np.where(own & served[p_of], weight / np.where(served, w_pool, 1.0)[p_of], 0.0)
+        share = buf[p_of] * frac
+        in_sum = share * self.buf_in[p_of]
+        out_sum = share * self.buf_out[p_of]
+        orphan = ~served & (buf > 0)
+        if orphan.any():
+            spill = weight / weight.sum()
+            n_orphan = buf[orphan].sum()
+            share = share + n_orphan * spill
+            in_sum = in_sum + (buf * self.buf_in)[orphan].sum() * spill
+            out_sum = out_sum + (buf * self.buf_out)[orphan].sum() * spill
+        tot = self.q + share
+        safe = np.maximum(tot, 1e-12)
+        self.q_in = (self.q_in * self.q + in_sum) / safe
+        self.q_out = (self.q_out * self.q + out_sum) / safe
+        self.q_age_s = self.q_age_s * self.q / safe  # new arrivals have age 0
+        self.q = tot
+        self.buf = np.zeros(self.n_pools)
+        self.rate_rps = 0.8 * self.rate_rps + 0.2 * share / dt_s
 
     def tick(self, t0_s, dt_s, inst: InstanceTable, serving, model, route_weight, slo_ttft_s,
              slo_tbt_s, quality_loss_per_slot, acc: ServiceAccumulator) -> TickLoad:
