@@ -450,3 +450,19 @@ def test_vm_history_does_not_depend_on_serving_model():
             seen.append(c.vms.gpu_power_w.copy())
         occupancy.append(np.array(seen))
     np.testing.assert_array_equal(occupancy[0], occupancy[1])
+
+
+@pytest.mark.parametrize("serving_model", ["request", "aggregate"])
+def test_routing_weights_of_zero_everywhere_still_serve(serving_model):
+    """Routing weights are preferences: if every live instance sits in a row weighted 0, the
+    requests still go to them instead of waiting forever (this used to crash the router)."""
+    s = load_scenario("small_tapas").with_overrides(duration_s=60.0)
+    c = SimCluster(s, serving_model=serving_model)
+    c.reset(seed=2)
+    c.apply(ClusterAction(row_route_weight=np.zeros(c.layout.n_rows)))
+    finished = arrived = 0.0
+    while not c.done:
+        m = c.advance()
+        finished += m.finished
+        arrived += m.arrived
+    assert arrived > 0 and finished > 0.8 * arrived

@@ -97,6 +97,8 @@ class AggregateServing:
         over all live instances, as in the request-level router.
         """
         weight = np.where(serving, route_weight * inst.max_batch, 0.0)
+        if not weight.any():  # every preferred row is empty: routing weights yield
+            weight = np.where(serving, inst.max_batch, 0).astype(float)
         pool = np.where(inst.active, inst.pool, -1)
         self.slot_pool = pool
         buf = self.buf

@@ -110,11 +110,15 @@ class RequestLevelServing:
         outstanding = np.bincount(slot[slot >= 0], minlength=self.n_slots).astype(float)
         weight = np.where(serving, route_weight * inst.max_batch, 0.0)
         pools = self.req["pool"][unrouted]
+        capacity = np.where(serving, inst.max_batch, 0).astype(float)
         for p in np.unique(pools):
             members = unrouted[pools == p]
-            cand = weight * (inst.pool == p)
-            if not (cand > 0).any():
-                cand = weight  # no instance serves this pool: any live instance takes it
+            cand = _first_nonempty(
+                weight * (inst.pool == p),  # the pool's instances, by routing preference
+                weight,  # no instance serves this pool: any preferred live instance takes it
+                capacity * (inst.pool == p),  # every preferred row is empty: weights yield
+                capacity,
+            )
             share = water_fill(outstanding, cand, float(len(members)))
             counts = integer_split(share, len(members))
             target = np.repeat(np.arange(self.n_slots), counts)
@@ -271,6 +275,14 @@ def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     np.not_equal(keys[1:], keys[:-1], out=change[1:])
     starts = np.flatnonzero(change)
     return starts, np.diff(starts, append=len(keys))
+
+
+def _first_nonempty(*weights: np.ndarray) -> np.ndarray:
+    """The first weight vector with a positive entry (routing falls back in this order)."""
+    for w in weights:
+        if (w > 0).any():
+            return w
+    return weights[-1]
 
 
 def _interleave_key(counts: np.ndarray) -> np.ndarray:

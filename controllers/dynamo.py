@@ -1,0 +1,183 @@
+"""DynamoLLM-style energy manager: per pool, the cheapest configuration that meets the SLOs.
+
+Three time scales, as in DynamoLLM:
+
+* instances (server share per pool) and TP, every `reconfig_every` intervals (the env applies
+  them only then): sized for the forecast peak of the coming window, chosen jointly over pools
+  by dynamic programming over the server budget; a change is made only when the current
+  configuration would miss the SLO or the predicted saving exceeds `min_saving` (instances
+  being re-sharded are down for the model-load time, so small savings do not pay);
+* frequency, every interval: the lowest clock at which the predicted TTFT and TBT of the
+  current instances stay within `slo_margin` of the SLO for the next interval's forecast load
+  (plus the backlog to drain);
+* batch cap: the largest (it costs nothing in energy; the clock does the work).
+
+Predictions come from the profile tables through `controllers.perfmodel.predict_pool`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from controllers.context import ControllerContext
+from controllers.forecast import LoadForecaster
+from controllers.perfmodel import predict_pool
+
+
+class DynamoController:
+    """Energy manager over the pool block of the action (energy and combined tasks).
+
+    Args:
+        ctx: Static description of the env.
+        slo_margin: Predicted latency must stay below this fraction of the SLO.
+        peak_headroom: Multiplier on the forecast peak when sizing instances.
+        min_saving: Fraction of dynamic power a new instance/TP layout must save to be adopted.
+        rate_source: Optional callable ``(step) -> rate per pool (req/s)`` replacing the
+            forecast (the hindsight oracle passes the true future rates).
+    """
+
+    name = "dynamo"
+
+    def __init__(self, ctx: ControllerContext, slo_margin: float = 0.4,
+                 peak_headroom: float = 1.25, min_saving: float = 0.1,
+                 rate_source=None) -> None:
+        if not ctx.codec.has_pools:
+            raise ValueError(f"DynamoController needs a task with pool actions, got {ctx.task!r}")
+        self.ctx = ctx
+        self.slo_margin, self.peak_headroom, self.min_saving = slo_margin, peak_headroom, min_saving
+        self.rate_source = rate_source
+        lay = ctx.layout
+        self.tps = np.array(lay.tp_choices)
+        self.freqs = np.array(lay.freq_choices_mhz, dtype=float)
+        self.batch_idx = int(np.argmax(lay.batch_choices))
+        self.K = ctx.codec.share_levels
+        self.n_saas = ctx.codec.n_saas_servers
+        prior = lay.nominal_rps * ctx.pool_stats.fraction
+        self.forecaster = LoadForecaster(prior, window=ctx.reconfig_every)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the forecast and the current layout."""
+        self.forecaster.reset()
+        self.step = 0
+        lay = self.ctx.layout
+        init = self.ctx.initial_pool_block().reshape(lay.n_pools, 4)
+        self.levels = init[:, 0].copy()
+        self.tp_idx = init[:, 1].copy()
+
+    # ------------------------------------------------------------------ model helpers
+    def _servers(self, level: np.ndarray) -> np.ndarray:
+        return np.floor(np.asarray(level) / self.K * self.n_saas + 1e-9)
+
+    def _freq_table(self, p: int, tp_i: int, level: np.ndarray, rate: float
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per level: feasible?, cheapest feasible frequency index, dynamic power (W)."""
+        ctx, lay = self.ctx, self.ctx.layout
+        tp = int(self.tps[tp_i])
+        prof = ctx.profiles[tp]
+        st = ctx.pool_stats
+        n_inst = self._servers(level) * (lay.gpus_per_server // tp)
+        pred = predict_pool(
+            prof, rate, n_inst[:, None], self.freqs[None, :], lay.batch_choices[self.batch_idx],
+            st.mean_input_tokens[p], st.p90_input_tokens[p], st.mean_output_tokens[p],
+            st.mean_input_all)
+        ok = (pred.feasible & (pred.ttft_s <= self.slo_margin * lay.slo_ttft_s[p])
+              & (pred.tbt_s <= self.slo_margin * lay.slo_tbt_s[p]))
+        dyn = pred.pool_power_w - n_inst[:, None] * tp * prof.idle_power_w
+        cost = np.where(ok, dyn, np.inf)
+        f_idx = np.argmin(cost, axis=1)
+        feasible = ok.any(axis=1)
+        return feasible, f_idx, cost[np.arange(len(level)), f_idx]
+
+    def _layout_cost(self, rate: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """Best (levels, tp indices) by DP over pools under the server budget, and its cost."""
+        n_pools = len(rate)
+        levels = np.arange(self.K + 1)
+        best_cost = np.full((n_pools, self.K + 1), np.inf)
+        best_tp = np.zeros((n_pools, self.K + 1), dtype=np.int64)
+        for p in range(n_pools):
+            for ti in range(len(self.tps)):
+                feas, _, cost = self._freq_table(p, ti, levels, float(rate[p]))
+                cost = np.where(feas, cost, np.inf)
+                if rate[p] <= 0:
+                    cost[0] = 0.0
+                better = cost < best_cost[p]
+                best_cost[p] = np.where(better, cost, best_cost[p])
+                best_tp[p] = np.where(better, ti, best_tp[p])
+        # DP over pools: value[b] = min cost using b levels so far.
+        value = np.zeros(self.K + 1)
+        value[1:] = np.inf
+        choice = np.zeros((n_pools, self.K + 1), dtype=np.int64)
+        for p in range(n_pools):
+            new = np.full(self.K + 1, np.inf)
+            for b in range(self.K + 1):
+                cand = value[: b + 1][::-1] + best_cost[p, : b + 1]  # previous b-l, this l
+                j = int(np.argmin(cand))
+                new[b], choice[p, b] = cand[j], j
+            value = new
+        b = int(np.argmin(value))
+        total = float(value[b])
+        out = np.zeros(n_pools, dtype=np.int64)
+        for p in range(n_pools - 1, -1, -1):
+            out[p] = choice[p, b]
+            b -= out[p]
+        return out, best_tp[np.arange(n_pools), out], total
+
+    def _current_cost(self, rate: np.ndarray) -> float:
+        total = 0.0
+        for p in range(len(rate)):
+            feas, _, cost = self._freq_table(p, int(self.tp_idx[p]), self.levels[p:p + 1],
+                                             float(rate[p]))
+            if not feas[0] and rate[p] > 0:
+                return np.inf
+            total += float(cost[0]) if feas[0] else 0.0
+        return total
+
+    # ------------------------------------------------------------------ policy
+    def _rates(self, observation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(next-interval rate, window peak rate) per pool, req/s."""
+        view, lay = self.ctx.view, self.ctx.layout
+        backlog_rps = view.pool_backlog(observation) / lay.control_interval_s
+        if self.rate_source is not None:
+            now = np.asarray(self.rate_source(self.step, 1), dtype=float)
+            peak = np.asarray(self.rate_source(self.step, self.ctx.reconfig_every), dtype=float)
+            return now + backlog_rps, np.maximum(peak, now + backlog_rps)
+        if self.step > 0:
+            self.forecaster.update(view.pool_rate_rps(observation))
+        nxt = np.maximum(self.forecaster.forecast(1),
+                         view.pool_rate_rps(observation) if self.step > 0 else 0.0)
+        peak = self.forecaster.peak(self.ctx.reconfig_every) * self.peak_headroom
+        return nxt + backlog_rps, np.maximum(peak, nxt + backlog_rps)
+
+    def pool_block(self, observation: np.ndarray) -> np.ndarray:
+        """The pool block of the action for this interval."""
+        lay = self.ctx.layout
+        rate_next, rate_peak = self._rates(observation)
+        if self.step % self.ctx.reconfig_every == 0:
+            levels, tp_idx, cost = self._layout_cost(rate_peak)
+            current = self._current_cost(rate_peak)
+            if np.isfinite(cost) and (not np.isfinite(current)
+                                      or cost < (1.0 - self.min_saving) * current):
+                self.levels, self.tp_idx = levels, tp_idx
+        f_idx = np.full(lay.n_pools, len(self.freqs) - 1)
+        for p in range(lay.n_pools):
+            feas, fi, _ = self._freq_table(p, int(self.tp_idx[p]), self.levels[p:p + 1],
+                                           float(rate_next[p]))
+            if feas[0]:
+                f_idx[p] = fi[0]
+        self.step += 1
+        block = np.column_stack([self.levels, self.tp_idx, f_idx,
+                                 np.full(lay.n_pools, self.batch_idx)])
+        return block.astype(np.int64).ravel()
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+        """Pool block from the energy manager; rows (combined task) untouched and uncapped."""
+        ctx = self.ctx
+        pools = self.pool_block(observation)
+        rows = None
+        if ctx.codec.has_rows:
+            r = ctx.layout.n_rows
+            rows = ctx.row_block(np.full(r, 3), np.full(r, len(self.freqs) - 1), np.zeros(r))
+        from controllers.static import first_fit
+
+        return ctx.assemble(pools, rows, first_fit(ctx.legal_servers(action_mask)))

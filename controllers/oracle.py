@@ -1,0 +1,95 @@
+"""Hindsight oracle for the energy task: knows the future load and tries its options.
+
+This controller CHEATS on purpose: it reads the episode's request trace from the `SimCluster`
+behind the env (true future arrival rates per pool) and simulates candidate actions on deep
+copies of the env (same random state, hence the same future). It is the lower bound every
+energy policy is measured against, and it only works on the simulated backend.
+
+Each interval: the DynamoLLM optimizer, fed with the true rates of the next interval and of
+the coming reconfiguration window, proposes a configuration; the oracle then simulates that
+proposal with every pool's clock shifted by `freq_shifts` steps on a copy of the env for
+`lookahead` intervals and keeps the candidate with the least energy among those without SLO
+violations or drops (the fewest
+violations if none is clean).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from controllers.context import ControllerContext
+from controllers.dynamo import DynamoController
+
+
+class OracleController:
+    """Hindsight oracle (reads the future from the simulator; see the module docstring).
+
+    Args:
+        ctx: Static description of the env.
+        env: The very `ClusterEnv` the oracle will act on (SimCluster backend required).
+        freq_shifts: Clock-index shifts tried around the optimizer's proposal.
+        lookahead: Intervals each candidate is simulated for (violations are counted when a
+            request finishes, often intervals after the decision that caused them).
+    """
+
+    name = "oracle"
+
+    def __init__(self, ctx: ControllerContext, env,
+                 freq_shifts: tuple[int, ...] = (-2, -1, 0, 1), lookahead: int = 3) -> None:
+        self.env = getattr(env, "unwrapped", env)
+        backend = self.env.backend
+        if not hasattr(backend, "trace") or not hasattr(backend, "trace_pool"):
+            raise ValueError("OracleController needs the SimCluster backend (it reads the trace)")
+        self.ctx = ctx
+        self.freq_shifts = freq_shifts
+        self.lookahead = max(1, int(lookahead))
+        self.planner = DynamoController(ctx, peak_headroom=1.0,
+                                        rate_source=self._true_rate)
+
+    def _true_rate(self, step: int, horizon: int) -> np.ndarray:
+        """True arrival rate per pool over the next `horizon` intervals (req/s).
+
+        The largest per-interval rate of the window when horizon > 1.
+        """
+        b = self.env.backend
+        lay = self.ctx.layout
+        dt = lay.control_interval_s
+        t0 = b.time_s
+        edges = t0 + dt * np.arange(horizon + 1)
+        pos = np.searchsorted(b.trace.arrival_s, edges, side="left")
+        rates = np.zeros((horizon, lay.n_pools))
+        for h in range(horizon):
+            pool = b.trace_pool[pos[h]:pos[h + 1]]
+            rates[h] = np.bincount(pool, minlength=lay.n_pools) / dt
+        return rates.max(axis=0)
+
+    def reset(self) -> None:
+        """Forget the planner's state."""
+        self.planner.reset()
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+        """The cheapest SLO-clean candidate found by simulating the next interval."""
+        base = self.planner.act(observation, action_mask)
+        n_f = len(self.ctx.layout.freq_choices_mhz)
+        n_pool_dims = self.ctx.n_pool_dims
+        best, best_key = base, None
+        for shift in self.freq_shifts:
+            cand = base.copy()
+            f = cand[2:n_pool_dims:4] + shift
+            cand[2:n_pool_dims:4] = np.clip(f, 0, n_f - 1)
+            if shift != 0 and np.array_equal(cand, base):
+                continue
+            sim = copy.deepcopy(self.env)
+            bad = energy_j = 0.0
+            for _ in range(self.lookahead):
+                _, _, _, truncated, info = sim.step(cand)
+                bad += info["slo_violations"] + info["dropped"]
+                energy_j += info["energy_j"]
+                if truncated:
+                    break
+            key = (bad > 0, bad, energy_j)
+            if best_key is None or key < best_key:
+                best, best_key = cand, key
+        return best

@@ -1,0 +1,106 @@
+"""Steady-state prediction of one pool's latency and power for a configuration (DynamoLLM).
+
+From the profile tables only (no simulator internals): for a pool receiving ``rate_rps``
+requests with known mean lengths, served by ``n`` instances of TP ``tp`` at clock ``freq`` and
+batch cap ``batch``, predict TTFT and TBT and the GPU power. The queueing is a fluid
+approximation, good enough to rank configurations and to find the slowest safe clock:
+
+* prefill utilization ``u = lambda_i * t_prefill(mean input)`` per instance;
+* decode concurrency from Little's law, ``c = lambda_i * out * t_iter(c) / (1 - u)`` (decode
+  runs between prefill passes), solved in closed form because ``t_iter`` is linear in ``c``;
+* TBT ``= t_iter(c) / (1 - u)``; TTFT ``= t_prefill(P90 input) + M/D/1 wait x safety``;
+* power per GPU ``= idle + u (P_prefill - idle) + (1 - u) min(1, c) (P_decode(c) - idle)``.
+
+Every function is vectorized over candidate arrays (numpy broadcasting).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from envs.sim.profiles import Profile
+
+WAIT_SAFETY = 3.0
+"""Multiplier on the mean M/D/1 prefill wait to approximate its tail (modelling assumption)."""
+
+MAX_UTIL = 0.85
+"""Prefill utilization above which a configuration is treated as overloaded."""
+
+
+@dataclass(frozen=True)
+class PoolPrediction:
+    """Predicted steady state of a pool under candidate configurations (arrays broadcast)."""
+
+    ttft_s: np.ndarray
+    tbt_s: np.ndarray
+    gpu_power_w: np.ndarray
+    pool_power_w: np.ndarray
+    feasible: np.ndarray
+
+
+def predict_pool(
+    prof: Profile,
+    rate_rps: np.ndarray | float,
+    n_instances: np.ndarray | int,
+    freq_mhz: np.ndarray | float,
+    max_batch: np.ndarray | int,
+    mean_input: float,
+    p90_input: float,
+    mean_output: float,
+    mean_input_all: float,
+) -> PoolPrediction:
+    """Predict latency and power of a pool (see the module docstring for the model).
+
+    Args:
+        prof: Profile of the instance type (model, GPU, TP).
+        rate_rps: Arrival rate of the pool (req/s).
+        n_instances: Instances serving it (0 means infeasible unless the rate is 0).
+        freq_mhz: SM clock set point.
+        max_batch: Batch cap per instance.
+        mean_input: Mean prompt tokens of the pool.
+        p90_input: P90 prompt tokens of the pool.
+        mean_output: Mean output tokens of the pool.
+        mean_input_all: Mean prompt tokens over all pools (sets the prefill clock under the
+            GPU power limit, as in the simulator).
+
+    Returns:
+        A `PoolPrediction` broadcast over the array arguments.
+    """
+    rate = np.asarray(rate_rps, dtype=float)
+    n = np.asarray(n_instances, dtype=float)
+    f = np.asarray(freq_mhz, dtype=float)
+    b = np.asarray(max_batch, dtype=float)
+    f_pre = np.minimum(f, prof.prefill_freq_at_limit_mhz(mean_input_all))
+    t_pre = prof.prefill_time_s(mean_input, f_pre)
+    t_pre90 = prof.prefill_time_s(p90_input, f_pre)
+    lam = np.where(n > 0, rate / np.maximum(n, 1.0), np.where(rate > 0, np.inf, 0.0))
+    u = lam * t_pre
+    ok_u = u < MAX_UTIL
+    u_c = np.clip(u, 0.0, MAX_UTIL)
+    slow_d = prof.decode_phi * (prof.max_freq_mhz / f) + 1.0 - prof.decode_phi
+    k = prof.decode_d1_s_per_seq + prof.decode_d2_s_per_seq_token * (mean_input + 0.5 * mean_output)
+    a = np.where(np.isfinite(lam), lam, 0.0) * mean_output * slow_d / (1.0 - u_c)
+    ak = a * k
+    ok_d = ak < 0.9
+    c = a * prof.decode_d0_s / np.maximum(1.0 - ak, 0.1)
+    iter_s = (prof.decode_d0_s + c * k) * slow_d
+    tbt = iter_s / (1.0 - u_c)
+    wait = t_pre * u_c / (2.0 * (1.0 - u_c)) * WAIT_SAFETY
+    ttft = t_pre90 + wait
+    kv_ok = c * (mean_input + mean_output) <= 0.9 * prof.kv_capacity_tokens
+    feasible = ok_u & ok_d & (c <= 0.9 * b) & kv_ok & np.isfinite(lam)
+    idle = prof.idle_power_w
+    p_pre = np.minimum(prof.prefill_power_w(mean_input, f_pre), prof.gpu_power_limit_w)
+    p_dec = np.minimum(prof.decode_power_w(np.maximum(c, 1e-9), f), prof.gpu_power_limit_w)
+    gpu_w = idle + u_c * (p_pre - idle) + (1.0 - u_c) * np.minimum(1.0, c) * (p_dec - idle)
+    pool_w = n * prof.tp * gpu_w
+    return PoolPrediction(ttft, tbt, gpu_w, pool_w, feasible)
+
+
+def worst_gpu_power_w(prof: Profile, freq_mhz: np.ndarray | float) -> np.ndarray:
+    """Upper bound of a serving GPU's power at a clock ceiling (saturated prefill, W)."""
+    f = np.asarray(freq_mhz, dtype=float)
+    p = prof.prefill_power_w(1e9, f)
+    return np.minimum(np.maximum(p, prof.decode_power_w(1e9, f)), prof.gpu_power_limit_w)

@@ -1,0 +1,74 @@
+"""Build controllers by name: `make_controller(name, env)` for compare, evaluation, deployment.
+
+Names: ``static``, ``unaware``, ``dynamo``, ``tapas``, ``oracle`` (simulated backend only; it
+reads the future), ``random`` (uniform over the action space, for tests); prefix
+``shield:`` wraps any of them in the safety shield (e.g. ``shield:dynamo``). For the combined
+task ``tapas`` drives the pools with the DynamoLLM manager.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from controllers.context import ControllerContext
+from controllers.dynamo import DynamoController
+from controllers.oracle import OracleController
+from controllers.shield import Shield
+from controllers.static import StaticController
+from controllers.tapas import TapasController
+from controllers.unaware import UnawareController
+
+CONTROLLERS = ("static", "unaware", "dynamo", "tapas", "oracle", "random")
+
+
+class RandomController:
+    """Uniformly random actions (legal placements only when a mask is given)."""
+
+    name = "random"
+
+    def __init__(self, nvec: np.ndarray, rng: np.random.Generator) -> None:
+        self.nvec = np.asarray(nvec, dtype=np.int64)
+        self.rng = rng
+
+    def reset(self) -> None:
+        """Nothing to forget (the generator keeps running)."""
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+        """One uniform draw per dimension."""
+        return (self.rng.random(len(self.nvec)) * self.nvec).astype(np.int64)
+
+
+def make_controller(name: str, env: Any, ctx: ControllerContext | None = None,
+                    seed: int = 0) -> Any:
+    """A controller for `env` by name (see the module docstring).
+
+    Raises:
+        ValueError: Unknown name, or a controller that does not fit the env's task.
+    """
+    base = getattr(env, "unwrapped", env)
+    ctx = ctx or ControllerContext.from_env(base)
+    if name.startswith("shield:"):
+        inner = make_controller(name.split(":", 1)[1], env, ctx, seed)
+        return Shield(inner, ctx, base.backend.telemetry)
+    if name == "static":
+        return StaticController(ctx)
+    if name == "unaware":
+        return UnawareController(ctx)
+    if name == "dynamo":
+        if not ctx.codec.has_pools:
+            raise ValueError(f"controller 'dynamo' needs pool actions; task is {ctx.task!r}")
+        return DynamoController(ctx)
+    if name == "tapas":
+        if not ctx.codec.has_rows:
+            raise ValueError(f"controller 'tapas' needs row actions; task is {ctx.task!r}")
+        pools = DynamoController(ctx) if ctx.codec.has_pools else None
+        return TapasController(ctx, pool_controller=pools)
+    if name == "oracle":
+        if not ctx.codec.has_pools:
+            raise ValueError(f"controller 'oracle' needs pool actions; task is {ctx.task!r}")
+        return OracleController(ctx, base)
+    if name == "random":
+        return RandomController(base.action_space.nvec, np.random.default_rng(seed))
+    raise ValueError(f"unknown controller {name!r}; known: {CONTROLLERS} (prefix 'shield:')")

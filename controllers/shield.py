@@ -1,0 +1,268 @@
+"""The safety shield: wraps any controller and overrides it when a hard limit would break.
+
+Each interval the shield reads the hardware telemetry (per-GPU power and temperature, row
+limits in force, aisle inlets: what an operator's monitoring shows) and the proposed action,
+and predicts the next interval:
+
+* row power: IaaS servers keep their present draw (VMs cannot be reconfigured; they can only
+  leave within an interval), a newly placed VM adds its server at the VM's GPU power, and each
+  SaaS server is bounded at its clock ceiling by ``idle + D * (f / f_max)**gamma`` per GPU,
+  with ``D`` the larger of `burst_factor` x the largest dynamic power seen in that row lately
+  (rescaled to the maximum clock) and `min_worst_fraction` of the profile's saturated-prefill
+  bound; the server overhead follows the simulator's linear model;
+* GPU temperature: ``inlet + INLET_RISE_C + max(present rise, R_total x bound power)`` with the
+  fitted two-node thermal resistance (the heatsink only relaxes toward ``R * P``).
+
+The shield overrides when the proposal would put a row above `power_margin` of its limit, a
+GPU within `temp_margin_c` of its slowdown point, a VM where it would break either, a pool
+with load and no instances, a row within its limit starved of requests (weight 0), or when
+an emergency is declared (any fault flag). The override
+is the rule-based fallback (TAPAS-style for row tasks, the scenario's pools otherwise), with
+every row's clock ceiling (or every pool's clock, energy task) clamped to the highest step the
+prediction allows. Each override is counted with its reasons (`last_override`, `overrides`,
+`reason_counts`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable
+
+import numpy as np
+
+from controllers.context import ControllerContext
+from controllers.perfmodel import worst_gpu_power_w
+from envs.backend import Telemetry
+
+INLET_RISE_C = 1.5
+"""Bound on the inlet rise over one 5 s interval (C). The aisle inlet relaxes with tau = 300 s
+(envs/data/thermal/aisle_cooling_default.json, an assumption there), so 5 s moves it 1.7% of
+the way to its steady state; steady states within 90 C of the present inlet give < 1.5 C."""
+
+
+class Shield:
+    """Wraps a controller; replaces unsafe actions with the clamped rule-based fallback.
+
+    Args:
+        inner: The wrapped controller (any `Controller`).
+        ctx: Static description of the env.
+        telemetry: Callable returning the latest `Telemetry` (e.g. ``env.backend.telemetry``).
+        fallback: Rule-based controller used on override (default: TAPAS-style for tasks with
+            row actions, the scenario's pool configuration otherwise).
+        power_margin: Fraction of the row limit the predicted power must stay under.
+        temp_margin_c: Predicted GPU temperature must stay this far below slowdown.
+        burst_factor: Multiplier on recently seen SaaS dynamic power in the power bound.
+        min_worst_fraction: Floor of the SaaS dynamic bound as a fraction of saturated prefill.
+        history: Intervals of SaaS power history kept per row.
+    """
+
+    def __init__(self, inner, ctx: ControllerContext, telemetry: Callable[[], Telemetry],
+                 fallback=None, power_margin: float = 0.93, temp_margin_c: float = 3.0,
+                 burst_factor: float = 1.5, min_worst_fraction: float = 0.6,
+                 history: int = 12) -> None:
+        self.inner, self.ctx, self.telemetry = inner, ctx, telemetry
+        self.name = f"shield({getattr(inner, 'name', type(inner).__name__)})"
+        if fallback is None and ctx.codec.has_rows:
+            from controllers.tapas import TapasController
+
+            fallback = TapasController(ctx)
+        self.fallback = fallback
+        self.power_margin, self.temp_margin_c = power_margin, temp_margin_c
+        self.burst_factor, self.min_worst_fraction = burst_factor, min_worst_fraction
+        lay = ctx.layout
+        self.prof = ctx.profiles[max(lay.tp_choices)]
+        self.freqs = np.array(lay.freq_choices_mhz, dtype=float)
+        self.gpu_row = np.repeat(lay.server_row, lay.gpus_per_server)
+        self.gpu_aisle = np.repeat(lay.server_aisle, lay.gpus_per_server)
+        self.saas_server = np.asarray(lay.server_is_saas, dtype=bool)
+        self.r_total = ctx.thermal.r_die_c_per_w + ctx.thermal.r_sink_c_per_w
+        self._dyn_hist: deque[np.ndarray] = deque(maxlen=history)
+        self.reset()
+
+    def reset(self) -> None:
+        """Reset the wrapped and fallback controllers and the override statistics."""
+        self.inner.reset()
+        if self.fallback is not None:
+            self.fallback.reset()
+        self._dyn_hist.clear()
+        self.overrides = 0
+        self.steps = 0
+        self.reason_counts: Counter[str] = Counter()
+        self.last_override: tuple[str, ...] = ()
+
+    @property
+    def override_rate(self) -> float:
+        """Fraction of intervals in which the shield replaced the action."""
+        return self.overrides / self.steps if self.steps else 0.0
+
+    # ------------------------------------------------------------------ prediction
+    def _saas_dyn_w(self, tel: Telemetry) -> np.ndarray:
+        """Per row: dynamic power bound per SaaS GPU at the maximum clock (W)."""
+        lay, prof = self.ctx.layout, self.prof
+        idle = prof.idle_power_w
+        f_rel = np.clip(np.asarray(tel.gpu_freq_mhz, dtype=float) / lay.max_freq_mhz, 0.2, 1.0)
+        dyn = np.maximum(np.asarray(tel.gpu_power_w) - idle, 0.0) / f_rel**prof.power_freq_exponent
+        saas_gpu = np.repeat(self.saas_server, lay.gpus_per_server)
+        per_row = np.zeros(lay.n_rows)
+        np.maximum.at(per_row, self.gpu_row[saas_gpu], dyn[saas_gpu])
+        self._dyn_hist.append(per_row)
+        seen = np.max(np.stack(self._dyn_hist), axis=0)
+        worst = float(worst_gpu_power_w(prof, lay.max_freq_mhz)) - idle
+        return np.clip(self.burst_factor * seen, self.min_worst_fraction * worst, worst)
+
+    def _saas_gpu_w(self, dyn_w: np.ndarray, f_mhz: np.ndarray) -> np.ndarray:
+        prof = self.prof
+        rel = np.asarray(f_mhz, dtype=float) / self.ctx.layout.max_freq_mhz
+        return np.minimum(prof.idle_power_w + dyn_w * rel**prof.power_freq_exponent,
+                          prof.gpu_power_limit_w)
+
+    def _predict(self, tel: Telemetry, dyn_w: np.ndarray, f_row_mhz: np.ndarray,
+                 vm_server: int | None, vm_gpu_w: float) -> tuple[np.ndarray, np.ndarray]:
+        """(row power W, hottest predicted GPU temperature per row C) for row clock ceilings."""
+        lay, srv, idle = self.ctx.layout, self.ctx.server, self.prof.idle_power_w
+        gpu_w = np.asarray(tel.gpu_power_w, dtype=float).reshape(lay.n_servers, -1).sum(axis=1)
+        server_w = srv.server_power_w(gpu_w, idle)
+        per_gpu = np.asarray(tel.gpu_power_w, dtype=float).reshape(lay.n_servers, -1).max(axis=1)
+        saas_w = self._saas_gpu_w(dyn_w[lay.server_row], f_row_mhz[lay.server_row])
+        server_w = np.where(self.saas_server, srv.server_power_w(saas_w * lay.gpus_per_server,
+                                                                 idle), server_w)
+        per_gpu = np.where(self.saas_server, saas_w, per_gpu)
+        if vm_server is not None:
+            server_w[vm_server] = srv.server_power_w(vm_gpu_w * lay.gpus_per_server, idle)
+            per_gpu[vm_server] = vm_gpu_w
+        row_w = np.bincount(lay.server_row, weights=server_w, minlength=lay.n_rows)
+        inlet = np.asarray(tel.aisle_inlet_c, dtype=float)
+        rise_now = (np.asarray(tel.gpu_temp_c, dtype=float) - inlet[self.gpu_aisle]).reshape(
+            lay.n_servers, -1).max(axis=1)
+        temp = inlet[lay.server_aisle] + INLET_RISE_C + np.maximum(
+            np.where(self.saas_server | (np.arange(lay.n_servers) == vm_server), rise_now, 0.0),
+            self.r_total * per_gpu)
+        # IaaS GPUs already placed cannot be reconfigured: only SaaS and new VMs are checked.
+        checked = self.saas_server | (np.arange(lay.n_servers) == vm_server)
+        row_temp = np.full(lay.n_rows, -np.inf)
+        np.maximum.at(row_temp, lay.server_row[checked], temp[checked])
+        return row_w, row_temp
+
+    def _safe_row_freq_idx(self, tel: Telemetry, dyn_w: np.ndarray) -> np.ndarray:
+        """Highest clock-ceiling index per row that the prediction allows (0 if none does)."""
+        lay = self.ctx.layout
+        limit = np.asarray(tel.row_limit_w, dtype=float) * self.power_margin
+        out = np.zeros(lay.n_rows, dtype=np.int64)
+        for i, f in enumerate(self.freqs):
+            row_w, row_t = self._predict(tel, dyn_w, np.full(lay.n_rows, f), None, 0.0)
+            ok = (row_w <= limit) & (row_t <= lay.slowdown_temp_c - self.temp_margin_c)
+            out = np.where(ok, i, out)
+        return out
+
+    # ------------------------------------------------------------------ policy
+    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+        """The wrapped controller's action, or the clamped fallback when it would be unsafe."""
+        ctx, lay, view = self.ctx, self.ctx.layout, self.ctx.view
+        action = np.asarray(self.inner.act(observation, action_mask), dtype=np.int64)
+        fb_action = (self.fallback.act(observation, action_mask)
+                     if self.fallback is not None else None)
+        tel = self.telemetry()
+        dyn_w = self._saas_dyn_w(tel)
+        self.steps += 1
+        reasons: list[str] = []
+        faults = view.faults(observation)
+        if faults.any():
+            kinds = np.array(["cooling_failure", "power_failure", "load_spike"])[faults]
+            reasons.append("emergency:" + "+".join(kinds))
+        f_row, vm_server = self._row_clocks(action)
+        vm_w = view.pending_vm_gpu_w(observation)
+        row_w, row_t = self._predict(tel, dyn_w, f_row, vm_server, vm_w)
+        limit = np.asarray(tel.row_limit_w, dtype=float)
+        if (row_w > self.power_margin * limit).any():
+            reasons.append("row_power")
+        if (row_t > lay.slowdown_temp_c - self.temp_margin_c).any():
+            reasons.append("gpu_temp")
+        if ctx.codec.has_pools and self._starves_a_pool(action, observation):
+            reasons.append("capacity")
+        if ctx.codec.has_rows and self._starves_a_row(action, tel):
+            reasons.append("routing")
+        if not reasons:
+            self.last_override = ()
+            return action
+        self.overrides += 1
+        self.reason_counts.update(reasons)
+        self.last_override = tuple(reasons)
+        return self._safe_fallback(action, fb_action, observation, action_mask, tel, dyn_w)
+
+    def _row_clocks(self, action: np.ndarray) -> tuple[np.ndarray, int | None]:
+        """Effective SaaS clock ceiling per row and the placement of an action."""
+        ctx, lay = self.ctx, self.ctx.layout
+        f = np.full(lay.n_rows, lay.max_freq_mhz)
+        if ctx.codec.has_pools:
+            f[:] = self.freqs[action[2:ctx.n_pool_dims:4]].max()
+        place = None
+        if ctx.codec.has_rows:
+            rows = action[ctx.n_pool_dims:ctx.n_pool_dims + 3 * lay.n_rows].reshape(-1, 3)
+            f = np.minimum(f, self.freqs[rows[:, 1]])
+            place = int(action[-1]) if int(action[-1]) < lay.n_servers else None
+        return f, place
+
+    def _starves_a_row(self, action: np.ndarray, tel: Telemetry) -> bool:
+        """Weight 0 on a row that is within its limit: its load piles onto the other rows."""
+        lay, lo = self.ctx.layout, self.ctx.n_pool_dims
+        level = action[lo: lo + 3 * lay.n_rows: 3]
+        under = np.asarray(tel.row_power_w) <= np.asarray(tel.row_limit_w)
+        return bool(((level == 0) & under).any())
+
+    def _starves_a_pool(self, action: np.ndarray, observation: np.ndarray) -> bool:
+        lay, view = self.ctx.layout, self.ctx.view
+        levels = action[: 4 * lay.n_pools: 4]
+        tp = np.array(lay.tp_choices)[action[1: 4 * lay.n_pools: 4]]
+        servers = self.ctx.codec._servers_per_pool(levels)
+        inst = servers * (lay.gpus_per_server // tp)
+        demand = (view.pool_rate_rps(observation) > 0) | (view.pool_backlog(observation) > 0)
+        return bool(((inst == 0) & (demand | (self.ctx.pool_stats.fraction > 0))).any())
+
+    def _safe_fallback(self, action, fb_action, observation, action_mask, tel, dyn_w
+                       ) -> np.ndarray:
+        ctx, lay, _view = self.ctx, self.ctx.layout, self.ctx.view
+        out = (fb_action if fb_action is not None else action).copy()
+        safe_idx = self._safe_row_freq_idx(tel, dyn_w)
+        if ctx.codec.has_pools:
+            block = out[: ctx.n_pool_dims].reshape(lay.n_pools, 4)
+            if self._starves_a_pool(out, observation):
+                block[:] = ctx.initial_pool_block().reshape(lay.n_pools, 4)
+            if not ctx.codec.has_rows:
+                block[:, 2] = np.minimum(block[:, 2], safe_idx.min())
+            out[: ctx.n_pool_dims] = block.ravel()
+        if ctx.codec.has_rows:
+            lo = ctx.n_pool_dims
+            rows = out[lo: lo + 3 * lay.n_rows].reshape(lay.n_rows, 3)
+            rows[:, 1] = np.minimum(rows[:, 1], safe_idx)
+            # Steer new requests away from rows pinned at their lowest clock, but starve none.
+            pinned = safe_idx == 0
+            rows[:, 0] = np.maximum(rows[:, 0], 1)
+            if pinned.any() and not pinned.all():
+                rows[pinned, 0] = 1
+            if not (rows[:, 0] == 3).any():
+                rows[int(np.argmax(safe_idx)), 0] = 3
+            out[lo: lo + 3 * lay.n_rows] = rows.ravel()
+            out[-1] = self._safe_placement(out, observation, action_mask, tel, dyn_w)
+        return out
+
+    def _safe_placement(self, action, observation, action_mask, tel, dyn_w) -> int:
+        """The proposed placement if safe, else the safest legal server, else 'none'."""
+        ctx, lay, view = self.ctx, self.ctx.layout, self.ctx.view
+        legal = ctx.legal_servers(action_mask)
+        f_row, _ = self._row_clocks(action)
+        vm_w = view.pending_vm_gpu_w(observation)
+        limit = np.asarray(tel.row_limit_w, dtype=float) * self.power_margin
+        best, best_slack = lay.n_servers, -np.inf
+        choices = [int(action[-1])] + [int(s) for s in np.flatnonzero(legal)]
+        for s in choices:
+            if s >= lay.n_servers or not legal[s]:
+                continue
+            row_w, row_t = self._predict(tel, dyn_w, f_row, s, vm_w)
+            slack = min(float(np.min(limit - row_w) / limit.max()),
+                        float(np.min(lay.slowdown_temp_c - self.temp_margin_c - row_t)) / 40.0)
+            if slack >= 0:
+                return s
+            if slack > best_slack:
+                best, best_slack = s, slack
+        # No safe server: keep the VM waiting (a masked choice is not executed).
+        return lay.n_servers if best_slack < 0 else best

@@ -1,0 +1,153 @@
+"""TAPAS-style thermal- and power-aware placement, routing and SaaS reconfiguration.
+
+From the observation only:
+
+* history: per row, an exponentially weighted peak of power over its limit; per aisle, of
+  the hottest GPU's margin to the slowdown point and of heat over cooling capacity (the
+  paper's "historical telemetry per workload type": rows mix SaaS and VM load, so their
+  observed peaks are what a new VM must fit next to);
+* placement: a waiting VM goes to the legal server whose row and aisle keep the most headroom
+  after adding the VM's power (estimated from its GPU power and the server overhead); ties
+  favour rows with less recent load, which spreads VM types across rows;
+* routing: new requests are steered away from rows with little power or thermal slack (four
+  weight levels; the row with the most slack always keeps full weight);
+* reconfiguration on spikes, faults and tight rows, in the order that costs least: first the
+  row's SaaS clock ceiling goes down step by step (decode is memory-bound, so latency barely
+  moves), then, only if the ceiling is already low and the row is still tight, the row serves
+  the quantized model (a quality cost). Both are released one step at a time once slack
+  returns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from controllers.context import ControllerContext
+
+
+class TapasController:
+    """Thermal/power-aware policy over the row and placement blocks (thermal, combined).
+
+    Args:
+        ctx: Static description of the env.
+        power_high: Row power / limit above which the row is tightened.
+        power_low: Below this (and thermally cool) the row is relaxed.
+        temp_margin_c: Tighten when the aisle's hottest GPU is within this of slowdown.
+        pool_controller: Optional controller whose pool block is used (combined task);
+            otherwise the scenario's initial pool configuration is kept.
+    """
+
+    name = "tapas"
+
+    def __init__(self, ctx: ControllerContext, power_high: float = 0.85,
+                 power_low: float = 0.7, temp_margin_c: float = 8.0,
+                 pool_controller=None) -> None:
+        if not ctx.codec.has_rows:
+            raise ValueError(f"TapasController needs a task with row actions, got {ctx.task!r}")
+        self.ctx = ctx
+        self.power_high, self.power_low, self.temp_margin_c = power_high, power_low, temp_margin_c
+        self.pool_controller = pool_controller
+        lay = ctx.layout
+        self.n_f = len(lay.freq_choices_mhz)
+        self.quant_below_idx = min(2, self.n_f - 1)
+        self.floor_idx = min(2, self.n_f - 1)
+        # Power a server adds per W of GPU power (GPU + overhead that follows GPU load).
+        s = ctx.server
+        self.overhead_per_gpu_w = (s.max_power_w - s.gpus * s.gpu_tdp_w - s.overhead_idle_w) / (
+            s.gpus * (s.gpu_tdp_w - ctx.profiles[lay.tp_choices[0]].idle_power_w))
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget telemetry history and the current ceilings."""
+        lay = self.ctx.layout
+        self.row_peak = np.zeros(lay.n_rows)
+        self.aisle_hot = np.zeros(lay.n_aisles)
+        self.cap_idx = np.full(lay.n_rows, self.n_f - 1)
+        self.quant = np.zeros(lay.n_rows, dtype=np.int64)
+        if self.pool_controller is not None:
+            self.pool_controller.reset()
+
+    # ------------------------------------------------------------------ pieces
+    def _observe(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        view, lay = self.ctx.view, self.ctx.layout
+        frac = view.row_power_w(obs) / np.maximum(view.row_limit_w(obs), 1.0)
+        self.row_peak = np.maximum(frac, 0.9 * self.row_peak + 0.1 * frac)
+        hot = view.aisle_max_temp_c(obs) - (lay.slowdown_temp_c - self.temp_margin_c)
+        self.aisle_hot = np.maximum(hot, 0.9 * self.aisle_hot + 0.1 * hot)
+        return frac, view.aisle_max_temp_c(obs), view.aisle_heat_ratio(obs)
+
+    def _place(self, obs: np.ndarray, legal: np.ndarray) -> int | None:
+        lay, view = self.ctx.layout, self.ctx.view
+        cand = np.flatnonzero(legal)
+        if len(cand) == 0:
+            return None
+        vm_w = view.pending_vm_gpu_w(obs)
+        idle = self.ctx.profiles[lay.tp_choices[0]].idle_power_w
+        add_w = lay.gpus_per_server * max(vm_w - idle, 0.0) * (1.0 + self.overhead_per_gpu_w)
+        limit = np.maximum(view.row_limit_w(obs), 1.0)
+        row = lay.server_row[cand]
+        aisle = lay.server_aisle[cand]
+        row_room = 1.0 - self.row_peak[row] - add_w / limit[row]
+        cap = np.maximum(view.aisle_capacity_w(obs), 1.0)
+        aisle_room = 1.0 - view.aisle_heat_ratio(obs)[aisle] - add_w / cap[aisle]
+        temp_room = (lay.slowdown_temp_c - view.aisle_max_temp_c(obs)[aisle]) / 20.0
+        score = np.minimum(np.minimum(row_room, aisle_room), temp_room)
+        return int(cand[np.argmax(score + 1e-3 * (1.0 - self.row_peak[row]))])
+
+    def _routing(self, frac: np.ndarray, temp_c: np.ndarray) -> np.ndarray:
+        lay = self.ctx.layout
+        power_slack = 1.0 - np.maximum(frac, self.row_peak)
+        thermal_slack = (lay.slowdown_temp_c - temp_c[self._row_aisle()]) / 40.0
+        slack = np.minimum(power_slack, thermal_slack)
+        # Never starve a row completely unless it is over its limit: a row at weight 0 pushes
+        # all its load onto the others, which then run out of SLO headroom.
+        level = np.select([slack > 0.2, slack > 0.1], [3, 2], 1)
+        level[frac > 1.0] = 0
+        level[int(np.argmax(slack))] = 3
+        return level
+
+    def _row_aisle(self) -> np.ndarray:
+        lay = self.ctx.layout
+        out = np.zeros(lay.n_rows, dtype=np.int64)
+        out[lay.server_row] = lay.server_aisle
+        return out
+
+    def _reconfigure(self, obs: np.ndarray, frac: np.ndarray, temp_c: np.ndarray) -> None:
+        lay, view = self.ctx.layout, self.ctx.view
+        faults = view.faults(obs)
+        hot = temp_c[self._row_aisle()] > lay.slowdown_temp_c - self.temp_margin_c
+        tight = (frac > self.power_high) | hot
+        # Emergencies: a spike tightens every row near its limit; a power-feed or cooling
+        # failure shows up as low headroom or heat in the rows it hits.
+        if faults[2]:
+            tight |= frac > self.power_low
+        if faults[1] or faults[0]:
+            tight |= (frac > self.power_high - 0.1) | (
+                temp_c[self._row_aisle()] > lay.slowdown_temp_c - 2 * self.temp_margin_c)
+        relax = (frac < self.power_low) & ~hot & ~faults.any()
+        step = np.where(frac > 1.0, 2, 1)
+        # The clock floor is `floor_idx` unless the row is over its limit or a fault is active:
+        # below it SaaS capacity falls faster than the power it saves.
+        floor = np.where((frac > 1.0) | faults.any(), 0, self.floor_idx)
+        lower = tight & (self.cap_idx > floor)
+        self.cap_idx = np.where(lower, np.maximum(self.cap_idx - step, floor), self.cap_idx)
+        # Quantize only once the clock has already come down far and the row is still tight.
+        self.quant = np.where(tight & (self.cap_idx <= self.quant_below_idx), 1, self.quant)
+        # Release in reverse order: quantization first, then the clock.
+        release_q = relax & (self.quant == 1)
+        self.quant = np.where(release_q, 0, self.quant)
+        raise_cap = relax & ~release_q & (self.cap_idx < self.n_f - 1)
+        self.cap_idx = np.where(raise_cap, self.cap_idx + 1, self.cap_idx)
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+        """Placement, routing and per-row SaaS reconfiguration for the next interval."""
+        ctx = self.ctx
+        frac, temp_c, _ = self._observe(observation)
+        self._reconfigure(observation, frac, temp_c)
+        rows = ctx.row_block(self._routing(frac, temp_c), self.cap_idx, self.quant)
+        place = self._place(observation, ctx.legal_servers(action_mask))
+        pools = None
+        if ctx.codec.has_pools:
+            pools = (self.pool_controller.pool_block(observation)
+                     if self.pool_controller is not None else ctx.initial_pool_block())
+        return ctx.assemble(pools, rows, place)

@@ -1,0 +1,134 @@
+"""Rule-based controllers: real behaviour on the request-level simulator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from controllers.base import Controller
+from controllers.context import ControllerContext
+from controllers.dynamo import DynamoController
+from controllers.forecast import LoadForecaster
+from controllers.oracle import OracleController
+from controllers.perfmodel import predict_pool
+from controllers.registry import make_controller
+from controllers.rollout import run_controller, skip_warmup
+from controllers.static import StaticController, split_levels
+from controllers.tapas import TapasController
+from controllers.unaware import UnawareController
+from envs.cluster_env import ClusterEnv
+from envs.sim.cluster import SimCluster
+from envs.sim.scenario import load_scenario
+
+WARMUP = 12
+
+
+def _episode(task: str, scenario, name: str, seed: int = 0) -> dict[str, float]:
+    backend = SimCluster(scenario, serving_model="request", record_ticks=True,
+                         auto_place_vms=task == "energy")
+    result, _ = run_controller(lambda b: ClusterEnv(task=task, backend=b), backend,
+                               lambda env: make_controller(name, env), seed)
+    return skip_warmup(result, WARMUP).summary()
+
+
+@pytest.fixture(scope="module")
+def energy_env():
+    return ClusterEnv(task="energy", scenario="small", serving_model="request")
+
+
+def test_split_levels_sums_and_floors():
+    out = split_levels(np.array([0.4, 0.4, 0.2]), 4)
+    assert out.sum() == 4 and (out >= 1).all()
+    assert split_levels(np.array([0.0, 1.0]), 8).tolist() == [1, 7]
+
+
+def test_every_controller_implements_the_protocol(energy_env):
+    ctx = ControllerContext.from_env(energy_env)
+    obs, _ = energy_env.reset(seed=0)
+    for c in (StaticController(ctx), UnawareController(ctx), DynamoController(ctx),
+              OracleController(ctx, energy_env)):
+        assert isinstance(c, Controller)
+        c.reset()
+        a = c.act(obs, energy_env.action_masks())
+        assert energy_env.action_space.contains(a)
+
+
+def test_static_is_tp8_max_clock_peak_split(energy_env):
+    ctx = ControllerContext.from_env(energy_env)
+    action, _ = ctx.codec.decode(StaticController(ctx).act(np.zeros(1)), np.zeros(4, bool))
+    assert all(p.tp == 8 and p.freq_mhz == 1980 and p.max_batch == 64 for p in action.pools)
+    assert sum(p.n_instances for p in action.pools) == 4  # every SaaS server in use
+
+
+def test_perf_model_monotone_in_instances_and_clock(energy_env):
+    ctx = ControllerContext.from_env(energy_env)
+    prof, s = ctx.profiles[4], ctx.pool_stats
+    pred = predict_pool(prof, 3.0, np.array([1, 2, 4]), 1980.0, 64, s.mean_input_tokens[1],
+                        s.p90_input_tokens[1], s.mean_output_tokens[1], s.mean_input_all)
+    assert np.all(np.diff(pred.ttft_s) < 0) and pred.feasible[-1]
+    slow = predict_pool(prof, 3.0, 2, np.array([800.0, 1980.0]), 64, s.mean_input_tokens[1],
+                        s.p90_input_tokens[1], s.mean_output_tokens[1], s.mean_input_all)
+    assert slow.gpu_power_w[0] < slow.gpu_power_w[1] and slow.ttft_s[0] > slow.ttft_s[1]
+
+
+def test_forecaster_follows_a_ramp():
+    f = LoadForecaster(np.array([1.0]))
+    for k in range(20):
+        f.update(np.array([2.0 + 0.5 * k]))
+    assert abs(f.forecast(1)[0] - (2.0 + 0.5 * 20)) < 0.5
+    assert f.peak(3)[0] >= 2.0 + 0.5 * 19
+
+
+def test_dynamo_saves_energy_against_static_at_the_same_slo():
+    scenario = load_scenario("small").with_overrides(duration_s=300.0)
+    static = _episode("energy", scenario, "static")
+    dynamo = _episode("energy", scenario, "dynamo")
+    assert dynamo["energy_kwh"] < 0.85 * static["energy_kwh"]
+    assert dynamo["slo_attainment"] >= static["slo_attainment"] - 0.002
+
+
+def test_oracle_uses_less_energy_than_static():
+    scenario = load_scenario("small").with_overrides(duration_s=150.0)
+    static = _episode("energy", scenario, "static")
+    oracle = _episode("energy", scenario, "oracle")
+    assert oracle["energy_kwh"] < 0.85 * static["energy_kwh"]
+
+
+def test_tapas_cuts_throttling_against_unaware_at_high_oversubscription():
+    events = {"unaware": 0.0, "tapas": 0.0}
+    for seed in (0, 1, 2):
+        for name in events:
+            s = _episode("thermal", "small_tapas_high", name, seed)
+            events[name] += s["thermal_throttle_events"] + s["power_throttle_events"]
+            if name == "tapas":
+                assert s["slo_attainment"] > 0.8
+    assert events["unaware"] >= 10
+    assert events["tapas"] <= 0.5 * events["unaware"]
+
+
+def test_tapas_places_vms_on_legal_servers_with_headroom():
+    env = ClusterEnv(task="thermal", scenario="small_tapas_high", serving_model="request")
+    ctx = ControllerContext.from_env(env)
+    c = TapasController(ctx)
+    c.reset()
+    obs, _ = env.reset(seed=2)
+    placed = 0
+    for _ in range(60):
+        mask = env.action_masks()
+        a = c.act(obs, mask)
+        legal = ctx.legal_servers(mask)
+        if legal.any():
+            assert legal[a[-1]]
+            placed += 1
+        obs, _, _, _, info = env.step(a)
+        assert info["placement_masked"] == 0.0
+    assert env.action_space.contains(a)
+
+
+def test_registry_rejects_unknown_and_mismatched(energy_env):
+    with pytest.raises(ValueError, match="unknown controller"):
+        make_controller("nope", energy_env)
+    with pytest.raises(ValueError, match="row actions"):
+        make_controller("tapas", energy_env)
+    shielded = make_controller("shield:static", energy_env)
+    assert shielded.name == "shield(static)"
