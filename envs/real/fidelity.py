@@ -1,0 +1,560 @@
+"""Fit the simulator to real-GPU recordings and measure how well it reproduces a real run.
+
+Inputs are two recordings made on the H100 (``envs/data/real``):
+
+* the profile (``scripts/profile_gpu.py``): prefill/decode timing sweeps and sustained
+  phases with energy-counter power and temperature;
+* the fidelity run (``scripts/calibrate.py record``): an Azure trace window served by the
+  real worker through ``RealCluster`` with a scripted drill (batch cap 64 -> 8 -> 64).
+
+:func:`fit_profile` turns the profile into a simulator profile (the schema of
+``envs/data/profiles``): prefill and decode time coefficients, idle/prefill/decode power.
+:func:`fit_thermal` fits the two-node GPU thermal model (``envs/sim/thermal.py``) to the
+profile recording's telemetry. :func:`replay_in_simulator` serves the run's requests, with
+the same batch-cap schedule, in ``SimCluster`` (one GPU, 0.25 s ticks) using those fits, and
+:func:`compare` prints power MAPE (1 s windows), temperature RMSE and throughput/latency
+errors. Only the thermal model's inlet offset is fitted to the fidelity run itself (the
+inlet air temperature was not measured); everything else comes from the profile recording.
+
+What the fits cannot know (the clocks were never changed on the shared H100): the
+frequency sensitivities ``prefill_phi``, ``decode_phi`` and ``power_freq_exponent`` are
+taken from the shipped ``llama3-8b_h100_tp1`` profile.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from envs.backend import ClusterAction, PoolConfig
+from envs.real.telemetry import TelemetryRecording, load_recording
+from envs.sim.profiles import DEFAULT_PROFILE_DIR, Profile, ProfileLibrary, profile_from_dict
+from envs.sim.thermal import GpuThermalState, ThermalParams
+
+MODEL_NAME = "llama3-8b-real"
+"""Model key of the measured profile (the worker of envs/real/worker.py, not vLLM)."""
+
+WINDOW_S = 0.25
+"""Resampling window of the thermal fit and simulator tick (s)."""
+
+
+class FidelityError(ValueError):
+    """A recording lacks what the fit needs (the message names file and field)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Small fitting helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _nonneg_rel_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares of relative error with non-negative coefficients (exhaustive active set)."""
+    n = x.shape[1]
+    w = 1.0 / y
+    best, best_cost = np.zeros(n), np.inf
+    for k in range(1, n + 1):
+        for cols in itertools.combinations(range(n), k):
+            c, *_ = np.linalg.lstsq(x[:, cols] * w[:, None], y * w, rcond=None)
+            if np.any(c < 0):
+                continue
+            coef = np.zeros(n)
+            coef[list(cols)] = c
+            cost = float(np.sum(((x @ coef - y) * w) ** 2))
+            if cost < best_cost:
+                best, best_cost = coef, cost
+    return best
+
+
+def _saturation_fit(load: np.ndarray, f_rel_g: np.ndarray, power_w: np.ndarray,
+                    idle_w: float) -> tuple[float, float]:
+    """Max power and half-load k of ``idle + (max - idle) * x/(x+k) * f_rel**g`` (LS in W)."""
+    y = power_w - idle_w
+    best = (np.inf, 0.0, 1.0)
+    for k in np.logspace(-2, 6, 2001):
+        g = load / (load + k) * f_rel_g
+        a = float(g @ y / (g @ g))
+        sse = float(np.sum((a * g - y) ** 2))
+        if sse < best[0]:
+            best = (sse, a, float(k))
+    return idle_w + best[1], best[2]
+
+
+def _err(pred: np.ndarray, obs: np.ndarray) -> dict[str, float]:
+    rel = np.abs(pred - obs) / obs * 100.0
+    return {"mape_pct": round(float(rel.mean()), 3), "max_abs_pct": round(float(rel.max()), 3),
+            "n": int(obs.size)}
+
+
+def power_windows(rec: TelemetryRecording, t0_s: float, t1_s: float, window_s: float,
+                  gpu: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean power (energy counter) and end-of-window temperature on a window grid.
+
+    The counter is read at every sample but changes only about every 100 ms, so only the
+    first sample of each new value (its update time) is used for interpolation.
+
+    Returns:
+        (window starts relative to ``t0_s``, power W, temperature C at each window end).
+    """
+    t = rec.column("t_s", gpu)
+    e = rec.column("energy_mj", gpu)
+    temp = rec.column("temp_c", gpu)
+    fin = np.isfinite(e)
+    if fin.sum() < 10:
+        raise FidelityError(f"{rec.path}: field 'energy_mj' has too few values for GPU {gpu}")
+    tf, ef = t[fin], e[fin]
+    keep = np.concatenate([[True], np.diff(ef) != 0])
+    grid = np.arange(max(t0_s, tf[0]), min(t1_s, tf[-1]) - 1e-9, window_s)
+    e_j = np.interp(grid, tf[keep], ef[keep] / 1000.0)
+    power = np.diff(e_j) / window_s
+    temp_end = np.interp(grid[1:], t, temp)
+    return grid[:-1] - t0_s, power, temp_end
+
+
+# ---------------------------------------------------------------------------------------------
+# Profile fit
+# ---------------------------------------------------------------------------------------------
+
+
+def _template() -> dict[str, Any]:
+    return json.loads((DEFAULT_PROFILE_DIR / "llama3-8b_h100_tp1.json").read_text())
+
+
+def fit_profile(profile_path: str | Path) -> dict[str, Any]:
+    """Fit simulator coefficients to a ``profile_gpu.py`` recording.
+
+    Returns:
+        A profile document in the schema of ``envs/data/profiles`` (model ``llama3-8b-real``).
+
+    Raises:
+        FidelityError: The recording lacks the ``prefill``, ``decode`` or ``phases`` sections.
+    """
+    rec = load_recording(profile_path)
+    ex = rec.extra
+    for key in ("prefill", "decode", "phases"):
+        if key not in ex:
+            raise FidelityError(f"{rec.path}: field '{key}' is missing (not a profile_gpu.py file)")
+    tpl = _template()
+    co = tpl["coefficients"]
+    max_f = float(rec.static.get("max_sm_clock_mhz") or co["max_freq_mhz"])
+    # Decode ran at the maximum clock throughout (no throttling), so only prefill is normalised.
+    phi_p, gamma = co["prefill_phi"], co["power_freq_exponent"]
+    # Prefill time: sweep points and sustained phases, normalised to the maximum clock.
+    pre = ex["prefill"]
+    phases = ex["phases"]
+    sus = [p for p in phases if p["kind"] == "prefill"]
+    tok = np.array(pre["tokens"] + [p["load"] for p in sus], dtype=float)
+    t_meas = np.array(pre["time_s"] + [p["time_s_per_iter"] for p in sus], dtype=float)
+    f_meas = np.array(pre["sm_clock_mhz"] + [p["sm_clock_mhz_median"] for p in sus], dtype=float)
+    f_meas = np.where(np.isfinite(f_meas), f_meas, max_f)
+    slow = phi_p * max_f / f_meas + 1.0 - phi_p
+    t_fmax = t_meas / slow
+    p_coef = _nonneg_rel_lstsq(np.column_stack([np.ones_like(tok), tok, tok**2]), t_fmax)
+    p_pred = np.column_stack([np.ones_like(tok), tok, tok**2]) @ p_coef
+    # Decode time vs batch and context.
+    dec = ex["decode"]
+    b = np.array(dec["batch"], dtype=float)
+    c = np.array(dec["ctx_tokens"], dtype=float)
+    td = np.array(dec["time_s"], dtype=float)
+    xd = np.column_stack([np.ones_like(b), b, b * c])
+    d_coef = _nonneg_rel_lstsq(xd, td)
+    # Power.
+    idle = [p["power_w"] for p in phases if p["kind"] == "idle"]
+    idle_w = float(np.median(idle))
+    pp = [p for p in phases if p["kind"] == "prefill"]
+    dp = [p for p in phases if p["kind"] == "decode"]
+    pl = np.array([p["load"] for p in pp], dtype=float)
+    pf = np.array([p["sm_clock_mhz_median"] for p in pp], dtype=float)
+    pw = np.array([p["power_w"] for p in pp], dtype=float)
+    pre_max, pre_k = _saturation_fit(pl, (pf / max_f) ** gamma, pw, idle_w)
+    dl = np.array([p["load"] for p in dp], dtype=float)
+    df = np.array([p["sm_clock_mhz_median"] for p in dp], dtype=float)
+    dw = np.array([p["power_w"] for p in dp], dtype=float)
+    dec_max, dec_k = _saturation_fit(dl, (df / max_f) ** gamma, dw, idle_w)
+
+    def sat(load: np.ndarray, f: np.ndarray, mx: float, k: float) -> np.ndarray:
+        return idle_w + (mx - idle_w) * load / (load + k) * (f / max_f) ** gamma
+
+    st = rec.static
+    doc = copy.deepcopy(tpl)
+    doc["model"] = MODEL_NAME
+    doc["provenance"] = {
+        "sources": [{
+            "measured_here": (f"{Path(profile_path).name}: {st.get('command')}; {st.get('name')}, "
+                              f"driver {st.get('driver')}, {st.get('date_utc')}, torch "
+                              f"{st.get('torch')}"),
+            "used_for": "every time and power coefficient",
+        }, {
+            "from_profile": "envs/data/profiles/llama3-8b_h100_tp1.json",
+            "used_for": "prefill_phi, decode_phi, power_freq_exponent (clocks were not varied: "
+                        "the shared H100 forbids setting them), model_shape, hardware",
+        }],
+        "built_by": "python scripts/calibrate.py fit --write (envs/real/fidelity.py)",
+        "built_on": datetime.now(timezone.utc).date().isoformat(),
+        "engine": "envs/real/worker.py: one prompt per prefill pass (eager), CUDA-graph decode, "
+                  "static KV cache 64 slots x 4096 tokens",
+    }
+    co = doc["coefficients"]
+    co.update(
+        prefill_p0_s=float(p_coef[0]), prefill_p1_s_per_token=float(p_coef[1]),
+        prefill_p2_s_per_token2=float(p_coef[2]), decode_d0_s=float(d_coef[0]),
+        decode_d1_s_per_seq=float(d_coef[1]), decode_d2_s_per_seq_token=float(d_coef[2]),
+        idle_power_w=round(idle_w, 2), prefill_max_power_w=round(pre_max, 2),
+        prefill_k_tokens=round(pre_k, 3), decode_max_power_w=round(dec_max, 2),
+        decode_k_batch=round(dec_k, 4), gpu_power_limit_w=float(st.get("power_limit_w") or 700.0),
+        max_freq_mhz=max_f, kv_capacity_tokens=64 * 4096,
+        load_time_s=round(float(next((m["t1"] - m["t0"] for m in ex.get("marks", [])
+                                      if m["phase"] == "build"), co["load_time_s"])), 2),
+    )
+    doc["grids"] = {
+        "prefill": {"tokens": tok.tolist(), "time_s_measured": t_meas.tolist(),
+                    "freq_mhz": f_meas.tolist(), "time_s_at_max_freq": t_fmax.tolist(),
+                    "note": "profile_gpu.py sweep (median of 5) and sustained phases"},
+        "decode": {"batch": b.tolist(), "ctx_tokens": c.tolist(), "time_s": td.tolist()},
+        "prefill_power": {"tokens": pl.tolist(), "freq_mhz": pf.tolist(), "power_w": pw.tolist()},
+        "decode_power": {"batch": dl.tolist(), "power_w": dw.tolist()},
+    }
+    doc["fit_error"] = {
+        "prefill_time": {**_err(p_pred, t_fmax), "target": "grids.prefill.time_s_at_max_freq"},
+        "decode_time": {**_err(xd @ d_coef, td), "target": "grids.decode.time_s"},
+        "prefill_power": {**_err(sat(pl, pf, pre_max, pre_k), pw),
+                          "target": "grids.prefill_power.power_w"},
+        "decode_power": {**_err(sat(dl, df, dec_max, dec_k), dw),
+                         "target": "grids.decode_power.power_w"},
+    }
+    return doc
+
+
+def profile_object(doc: dict[str, Any]) -> Profile:
+    """Validate a profile document with the simulator's own loader."""
+    return profile_from_dict(doc, Path(f"<{doc.get('model')}>"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Thermal fit
+# ---------------------------------------------------------------------------------------------
+
+
+def _unit_responses(power_w: np.ndarray, taus_s: np.ndarray, window_s: float,
+                    p0_w: float) -> np.ndarray:
+    a = np.exp(-window_s / taus_s)
+    x = np.full(a.shape, p0_w)
+    out = np.empty((power_w.size, a.size))
+    for k, p in enumerate(power_w):
+        x = p + (x - p) * a
+        out[k] = x
+    return out
+
+
+def fit_thermal(power_w: np.ndarray, temp_c: np.ndarray, window_s: float = WINDOW_S
+                ) -> tuple[ThermalParams, float, float]:
+    """Fit the two-node model (R_die, tau_die, R_sink, tau_sink, inlet offset) to one trace.
+
+    Grid search over the two time constants (log grid, refined twice) with linear least
+    squares for the resistances and the offset; resistances must be non-negative. Starts
+    from the steady state of the first window's power.
+
+    Returns:
+        (parameters, inlet offset C, RMSE C).
+    """
+    shipped = ThermalParams.load()
+    best: tuple[float, tuple[float, float], np.ndarray] | None = None
+    lo, hi = np.log10([0.05, 1000.0])
+    n = 30
+    for _ in range(3):
+        taus = np.logspace(lo, hi, n)
+        u = _unit_responses(power_w, taus, window_s, power_w[0])
+        for i, j in itertools.combinations(range(n), 2):
+            a = np.column_stack([u[:, i], u[:, j], np.ones(power_w.size)])
+            coef, *_ = np.linalg.lstsq(a, temp_c, rcond=None)
+            if coef[0] < 0 or coef[1] < 0:
+                continue
+            sse = float(np.sum((a @ coef - temp_c) ** 2))
+            if best is None or sse < best[0]:
+                best = (sse, (float(taus[i]), float(taus[j])), coef)
+        if best is None:
+            raise FidelityError("fit_thermal: no fit with non-negative resistances")
+        step = (hi - lo) / (n - 1)
+        cen = np.log10(best[1])
+        lo, hi = float(cen.min() - 3 * step), float(cen.max() + 3 * step)
+    sse, (t_die, t_sink), coef = best
+    params = replace(shipped, r_die_c_per_w=float(coef[0]), tau_die_s=t_die,
+                     r_sink_c_per_w=float(coef[1]), tau_sink_s=t_sink,
+                     source="envs/real/fidelity.py fit_thermal on "
+                            "envs/data/real/h100_llama3-8b_profile.json.gz")
+    return params, float(coef[2]), math.sqrt(sse / power_w.size)
+
+
+def thermal_rmse(params: ThermalParams, power_w: np.ndarray, temp_c: np.ndarray,
+                 window_s: float = WINDOW_S) -> tuple[float, float]:
+    """RMSE of given parameters on a trace with only the inlet offset refitted (C, offset)."""
+    u = _unit_responses(power_w, np.array([params.tau_die_s, params.tau_sink_s]), window_s,
+                        power_w[0])
+    pred0 = u @ np.array([params.r_die_c_per_w, params.r_sink_c_per_w])
+    off = float(np.mean(temp_c - pred0))
+    return float(np.sqrt(np.mean((temp_c - pred0 - off) ** 2))), off
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay in the simulator
+# ---------------------------------------------------------------------------------------------
+
+
+def _scenario(duration_s: float, slo_ttft_s: float, slo_tbt_s: float, inlet_c: float,
+              max_prefill_tokens: int, drop_after_s: float) -> Any:
+    from envs.sim.scenario import (
+        CoolingSpec,
+        DatacenterSpec,
+        PoolSpec,
+        Scenario,
+        ServerSpec,
+        ServingSpec,
+        WorkloadSpec,
+        validate,
+    )
+
+    s = Scenario(
+        name="real_h100_replay",
+        description="one H100 serving the fidelity run's requests (envs/real/fidelity.py)",
+        duration_s=duration_s, tick_s=WINDOW_S, control_interval_s=WINDOW_S,
+        datacenter=DatacenterSpec(
+            rows=1, racks_per_row=1, servers_per_rack=1, rows_per_aisle=1,
+            # A one-GPU "server": its non-GPU power is irrelevant here (GPU power is compared).
+            server=ServerSpec(gpus=1, max_power_w=1400.0, gpu_tdp_w=700.0, overhead_idle_w=1.0),
+            cooling=CoolingSpec(supply_temp_c=inlet_c, outside_temp_coeff=0.0,
+                                overload_c_per_frac=0.0, tau_inlet_s=300.0),
+            outside_temp_mean_c=inlet_c, outside_temp_amplitude_c=0.0,
+            cooling_oversubscription=0.01),
+        workload=WorkloadSpec(trace="azure_conv_2023", rps_per_gpu=1.0, pools="single"),
+        serving=ServingSpec(
+            model=MODEL_NAME, gpu="h100",
+            pools=(PoolSpec(1, 1, 1980.0, 64, slo_ttft_s, slo_tbt_s),),
+            tp_choices=(1,), freq_choices_mhz=(1980.0,), batch_choices=(8, 64),
+            max_prefill_tokens=max_prefill_tokens, drop_after_s=drop_after_s),
+        source="envs/real/fidelity.py",
+    )
+    validate(s, "envs/real/fidelity.py")
+    return s
+
+
+def replay_in_simulator(run: TelemetryRecording, profile: Profile, thermal: ThermalParams,
+                        inlet_c: float) -> dict[str, np.ndarray]:
+    """Serve the run's requests with its batch-cap schedule in ``SimCluster``.
+
+    Returns:
+        Per-tick arrays: ``t_s`` (tick start), ``power_w``, ``temp_c``, ``tokens``,
+        ``finished``, and per-interval lists of TTFT/TBT P50.
+    """
+    from envs.sim.cluster import SimCluster
+    from envs.sim.workload import Trace
+
+    ex = run.extra
+    cfg = run.static.get("config", {})
+    wcfg = cfg.get("worker", {})
+    max_ctx = int(wcfg.get("max_ctx", 4096))
+    tr = ex["trace"]
+    out_tok = np.minimum(np.array(tr["output_tokens"]), max_ctx // 2)
+    in_tok = np.minimum(np.array(tr["input_tokens"]), max_ctx - out_tok)
+    duration = float(cfg.get("duration_s", tr["duration_s"]))
+    s = _scenario(duration, float(cfg.get("slo_ttft_s", 1.0)), float(cfg.get("slo_tbt_s", 0.2)),
+                  inlet_c, int(wcfg.get("max_prefill_tokens", 8192)),
+                  float(wcfg.get("drop_after_s", 60.0)))
+    sim = SimCluster(s, serving_model="request", profiles=ProfileLibrary([profile]),
+                     thermal=thermal, auto_place_vms=False)
+    sim.reset(seed=0)
+    # Replace the drawn trace with the recorded requests (same arrival times and lengths).
+    trace = Trace(np.array(tr["arrival_s"]), in_tok, out_tok, duration, "fidelity_run",
+                  str(run.path))
+    sim.trace = trace
+    sim.trace_pool = sim.pools.assign(trace.input_tokens, trace.output_tokens)
+    sim._trace_pos = 0
+    sim.mean_input_tokens = float(in_tok.mean())
+    # Start the GPU at the real run's first temperature (the die and sink at a steady state).
+    t_first = float(run.column("temp_c")[np.searchsorted(run.column("t_s"), ex["t0_s"])])
+    p0 = max((t_first - inlet_c) / thermal.r_total_c_per_w, 0.0)
+    st = GpuThermalState.steady(np.array([p0]), thermal)
+    sim.thermal_state.x_die_c[:] = st.x_die_c
+    sim.thermal_state.x_sink_c[:] = st.x_sink_c
+    steps = [tuple(x) for x in ex["drill"]["batch_steps"]]
+    out: dict[str, list[float]] = {k: [] for k in ("t_s", "power_w", "temp_c", "tokens",
+                                                   "finished", "ttft_p50_s", "tbt_p50_s")}
+    cap_now = None
+    while not sim.done:
+        t = sim.time_s
+        cap = int([c for s0, c in steps if s0 <= t + 1e-9][-1])
+        if cap != cap_now:
+            sim.apply(ClusterAction(pools=(PoolConfig(1, 1, 1980.0, cap),)))
+            cap_now = cap
+        m = sim.advance()
+        tel = sim.telemetry()
+        out["t_s"].append(t)
+        out["power_w"].append(float(tel.gpu_power_w[0]))
+        out["temp_c"].append(float(tel.gpu_temp_c[0]))
+        out["tokens"].append(m.tokens_generated)
+        out["finished"].append(m.finished)
+        out["ttft_p50_s"].append(m.ttft_p50_s)
+        out["tbt_p50_s"].append(m.tbt_p50_s)
+    res = {k: np.array(v, dtype=float) for k, v in out.items()}
+    res["sim_requests"] = np.array([sim.finished_total, sim.dropped_total])
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparison
+# ---------------------------------------------------------------------------------------------
+
+
+def _bins(t: np.ndarray, v: np.ndarray, width_s: float, n: int, how: str = "mean") -> np.ndarray:
+    idx = np.floor(t / width_s + 1e-9).astype(int)
+    ok = (idx >= 0) & (idx < n)
+    tot = np.bincount(idx[ok], weights=v[ok], minlength=n)
+    if how == "sum":
+        return tot
+    cnt = np.bincount(idx[ok], minlength=n)
+    return tot / np.maximum(cnt, 1)
+
+
+def compare(run_path: str | Path, profile: Profile, thermal: ThermalParams,
+            inlet_c: float | None = None) -> dict[str, Any]:
+    """Replay the run in the simulator and measure the gaps to the real run.
+
+    Args:
+        run_path: The fidelity recording.
+        profile: Simulator profile (fitted).
+        thermal: Thermal parameters (fitted).
+        inlet_c: Inlet offset for the simulator (None: fitted to this run's telemetry with
+            the given thermal parameters; the inlet was not measured).
+
+    Returns:
+        Figures: ``power_mape``, ``temp_rmse_c``, ``throughput_error`` (fractions and C) and
+        the details behind them.
+    """
+    run = load_recording(run_path)
+    ex = run.extra
+    t0 = float(ex["t0_s"])
+    duration = float(run.static.get("config", {}).get("duration_s", ex["trace"]["duration_s"]))
+    tw, pw, tt = power_windows(run, t0 - 30.0, t0 + duration, WINDOW_S)
+    if inlet_c is None:
+        _, inlet_c = thermal_rmse(thermal, pw, tt)
+    sim = replay_in_simulator(run, profile, thermal, inlet_c)
+    n = int(round(duration))
+    # Real: 1 s power from the energy counter, temperature at each second's end.
+    rt, rp, rtemp = power_windows(run, t0, t0 + duration, 1.0)
+    m = min(n, len(rp))
+    sim_p = _bins(sim["t_s"], sim["power_w"], 1.0, n)[:m]
+    sim_t = np.interp(rt[:m] + 1.0, sim["t_s"] + WINDOW_S, sim["temp_c"])
+    real_p, real_t = rp[:m], rtemp[:m]
+    power_mape = float(np.mean(np.abs(sim_p - real_p) / real_p))
+    temp_rmse = float(np.sqrt(np.mean((sim_t - real_t) ** 2)))
+    iv = ex["intervals"]
+    real_tok = np.array([r["tokens_generated"] for r in iv])
+    width = float(iv[0]["interval_s"])
+    sim_tok = _bins(sim["t_s"], sim["tokens"], width, len(iv), "sum")
+    real_fin = float(sum(r["finished"] for r in iv))
+    sim_fin = float(sim["finished"].sum())
+    thr_err = abs(sim_tok.sum() - real_tok.sum()) / real_tok.sum()
+    per_iv = np.abs(sim_tok - real_tok) / np.maximum(real_tok, 1.0)
+    cols = ex["request_columns"]
+    req = np.array([[np.nan if v is None else v for v in r] for r in ex["requests"]], dtype=float)
+    ok = req[:, cols.index("dropped")] == 0
+    real_ttft = float(np.median(req[ok, cols.index("ttft_s")]))
+    real_tbt = float(np.median(req[ok, cols.index("tbt_s")]))
+    return {
+        "power_mape": round(power_mape, 4),
+        "temp_rmse_c": round(temp_rmse, 3),
+        "throughput_error": round(float(thr_err), 4),
+        "throughput_interval_mape": round(float(per_iv.mean()), 4),
+        "finished_error": round(abs(sim_fin - real_fin) / max(real_fin, 1.0), 4),
+        "real_tokens": float(real_tok.sum()), "sim_tokens": float(sim_tok.sum()),
+        "real_finished": real_fin, "sim_finished": sim_fin,
+        "real_mean_power_w": round(float(real_p.mean()), 2),
+        "sim_mean_power_w": round(float(sim_p.mean()), 2),
+        "energy_error": round(float(abs(sim_p.sum() - real_p.sum()) / real_p.sum()), 4),
+        "real_ttft_p50_s": round(real_ttft, 4),
+        "real_tbt_p50_s": round(real_tbt, 5),
+        "inlet_offset_c": round(inlet_c, 3),
+        "n_power_windows": int(m),
+        "series": {"real_power_w": real_p.tolist(), "sim_power_w": sim_p.tolist(),
+                   "real_temp_c": real_t.tolist(), "sim_temp_c": sim_t.tolist(),
+                   "real_tokens": real_tok.tolist(), "sim_tokens": sim_tok.tolist()},
+    }
+
+
+def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
+                          write_dir: Path | None = None) -> dict[str, Any]:
+    """Fit profile and thermal parameters, replay the run in the simulator, report the gaps.
+
+    Args:
+        profile_path: ``profile_gpu.py`` recording.
+        run_path: ``calibrate.py record`` recording.
+        write_dir: Where to write the fitted profile and ``calibration.json`` (None: don't).
+
+    Returns:
+        ``{"summary": {...}, "profile": doc, "thermal": {...}, "comparison": {...}}``.
+    """
+    doc = fit_profile(profile_path)
+    prof = profile_object(doc)
+    prec = load_recording(profile_path)
+    t = prec.column("t_s")
+    _, pw, tt = power_windows(prec, float(t[0]), float(t[-1]), WINDOW_S)
+    thermal, off, rmse_fit = fit_thermal(pw, tt)
+    run = load_recording(run_path)
+    t0 = float(run.extra["t0_s"])
+    _, rpw, rtt = power_windows(run, t0 - 30.0, float(run.column("t_s")[-1]), WINDOW_S)
+    rmse_run_fitted, _ = thermal_rmse(thermal, rpw, rtt)
+    rmse_run_shipped, _ = thermal_rmse(ThermalParams.load(), rpw, rtt)
+    comp = compare(run_path, prof, thermal)
+    shipped_prof = replace(ProfileLibrary.load().get("llama3-8b", "h100", 1), model=MODEL_NAME)
+    comp_shipped = compare(run_path, shipped_prof, ThermalParams.load())
+    th = {
+        "params": {"r_die_c_per_w": round(thermal.r_die_c_per_w, 6),
+                   "tau_die_s": round(thermal.tau_die_s, 4),
+                   "r_sink_c_per_w": round(thermal.r_sink_c_per_w, 6),
+                   "tau_sink_s": round(thermal.tau_sink_s, 3)},
+        "fit_rmse_c_on_profile_recording": round(rmse_fit, 3),
+        "inlet_offset_c_profile_recording": round(off, 3),
+        "rmse_c_on_fidelity_run_offset_refitted": round(rmse_run_fitted, 3),
+        "shipped_params_rmse_c_on_fidelity_run_offset_refitted": round(rmse_run_shipped, 3),
+    }
+    summary = {
+        "power_mape": comp["power_mape"],
+        "temp_rmse_c": comp["temp_rmse_c"],
+        "throughput_error": comp["throughput_error"],
+        "throughput_interval_mape": comp["throughput_interval_mape"],
+        "finished_error": comp["finished_error"],
+        "energy_error": comp["energy_error"],
+        "shipped_profile_power_mape": comp_shipped["power_mape"],
+        "shipped_profile_temp_rmse_c": comp_shipped["temp_rmse_c"],
+        "shipped_profile_throughput_error": comp_shipped["throughput_error"],
+        "profile_fit_error_mape_pct": {k: v["mape_pct"] for k, v in doc["fit_error"].items()},
+        "thermal": th,
+    }
+    if write_dir is not None:
+        write_dir = Path(write_dir)
+        (write_dir / f"{MODEL_NAME}_h100_tp1.json").write_text(json.dumps(doc, indent=1) + "\n")
+        thermal_doc = {
+            "description": "Two-node H100 thermal model fitted to the real-worker profile run",
+            "source": thermal.source,
+            "command": "python scripts/calibrate.py fit --write",
+            "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "params": th["params"],
+            "thresholds": {"slowdown_temp_c": thermal.slowdown_temp_c,
+                           "max_operating_temp_c": thermal.max_operating_temp_c,
+                           "shutdown_temp_c": thermal.shutdown_temp_c,
+                           "source": "envs/data/thermal/h100_thermal_fit.json (NVML thresholds)"},
+        }
+        (write_dir / "h100_thermal_fit_real_worker.json").write_text(
+            json.dumps(thermal_doc, indent=1) + "\n")
+        cal = {"summary": summary, "comparison": {k: v for k, v in comp.items() if k != "series"},
+               "comparison_shipped_profile": {k: v for k, v in comp_shipped.items()
+                                              if k != "series"},
+               "recordings": [Path(profile_path).name, Path(run_path).name]}
+        (write_dir / "calibration.json").write_text(json.dumps(cal, indent=1) + "\n")
+    return {"summary": summary, "profile": doc, "thermal": th, "comparison": comp}

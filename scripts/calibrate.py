@@ -1,0 +1,151 @@
+"""Sim-to-real calibration: record a trace replay on the GPU, fit the simulator, compare.
+
+Two steps:
+
+``record`` (GPU machine): replay an Azure trace window against the real worker through
+:class:`envs.real.cluster.RealCluster` with a scripted emergency drill (the virtual power
+budget drops and the batch cap is cut for a while), sampling NVML at 25 Hz; write the
+recording (telemetry, every request's TTFT/TBT, per-interval metrics, the drill) as gzip JSON.
+
+``fit`` (CPU): from the profile recording (``scripts/profile_gpu.py``) fit the simulator's
+performance and power coefficients (a profile file in the simulator's schema) and from the
+telemetry of both recordings the two-node thermal model; then replay the same requests and
+the same batch-cap schedule in the simulator (``SimCluster`` with one GPU) and compare with
+the real run: power MAPE over 1 s windows, temperature RMSE, throughput and latency errors.
+
+Usage::
+
+    # on the H100
+    PYTHONUNBUFFERED=1 python scripts/calibrate.py record --out envs/data/real/h100_fidelity_run.json.gz
+    # anywhere
+    python scripts/calibrate.py fit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from envs.backend import ClusterAction, PoolConfig
+from envs.real.telemetry import GpuUnavailableError, save_recording
+from envs.real.worker import WorkerConfig, WorkerError
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "envs" / "data" / "real"
+PROFILE_REC = DATA_DIR / "h100_llama3-8b_profile.json.gz"
+FIDELITY_REC = DATA_DIR / "h100_fidelity_run.json.gz"
+MEASURED_PROFILE = DATA_DIR / "llama3-8b-real_h100_tp1.json"
+CALIBRATION = DATA_DIR / "calibration.json"
+
+# The scripted drill of the recorded run: (start_s, max_batch) steps and the budget window.
+DRILL_BATCH_STEPS: tuple[tuple[float, int], ...] = ((0.0, 64), (60.0, 8), (120.0, 64))
+DRILL_BUDGET: tuple[tuple[float, float, float], ...] = ((60.0, 60.0, 250.0),)
+
+
+def record(out: Path, trace: str, start_s: float, duration_s: float, rate_rps: float | None,
+           gpu: int, interval_s: float) -> Path:
+    """Replay a trace window on the real GPU with the scripted drill and save everything.
+
+    Raises:
+        GpuUnavailableError: No NVML / GPU.
+        WorkerError: No CUDA device for the worker.
+    """
+    import torch
+
+    from envs.real.cluster import RealCluster, RealClusterConfig
+
+    cfg = RealClusterConfig(
+        worker=WorkerConfig(model="llama3-8b", device=f"cuda:{gpu}", max_slots=64, max_ctx=4096),
+        gpus=(gpu,), trace=trace, trace_start_s=start_s, duration_s=duration_s,
+        rate_rps=rate_rps, control_interval_s=interval_s, power_budget_w=450.0,
+        budget_drills=DRILL_BUDGET, mode="inline", sample_hz=25.0)
+    t_build = time.time()
+    cluster = RealCluster(cfg)
+    _ = cluster.workers  # build and warm up the engine before the clock starts
+    print(f"worker ready in {time.time() - t_build:.1f} s", flush=True)
+    static = cluster.devices[0].static().as_dict()
+    static.update(date_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  command=shlex.join([sys.executable, *sys.argv]), torch=torch.__version__,
+                  model="llama3-8b-shaped Llama (envs/real/worker.py), random bf16 weights",
+                  config={k: (v if not hasattr(v, "__dict__") else v.__dict__)
+                          for k, v in cfg.__dict__.items()})
+    try:
+        cluster.reset(seed=0)
+        steps = list(DRILL_BATCH_STEPS)
+        while not cluster.done:
+            t = cluster.elapsed_s
+            cap = [b for s, b in steps if s <= t + 1e-9][-1]
+            cluster.apply(ClusterAction(pools=(PoolConfig(1, 1, cluster.layout.max_freq_mhz, cap),)))
+            m = cluster.advance()
+            tel = cluster.telemetry()
+            print(f"t={cluster.elapsed_s:6.1f} arr={m.arrived:3d} fin={m.finished:3d} "
+                  f"drop={m.dropped:3d} tok/s={m.tokens_generated / m.interval_s:7.1f} "
+                  f"P={m.energy_j / m.interval_s:6.1f} W T={m.max_gpu_temp_c:.0f} C "
+                  f"ttft50={m.ttft_p50_s:.3f} tbt50={m.tbt_p50_s:.4f} budget={tel.row_limit_w[0]:.0f}",
+                  flush=True)
+        time.sleep(2.0)  # a little tail of telemetry after the last interval
+    finally:
+        cluster.close()
+    tr = cluster.trace
+    log = cluster.log
+    reqs = [[r.req_id, round(r.arrival_s - log.t0_s, 6), r.input_tokens, r.output_tokens,
+             None if not np.isfinite(r.ttft_s) else round(r.ttft_s, 6),
+             None if not np.isfinite(r.tbt_s) else round(r.tbt_s, 6),
+             None if not np.isfinite(r.finish_s) else round(r.finish_s - log.t0_s, 6),
+             int(r.dropped)] for r in log.requests]
+    return save_recording(
+        out, static, cluster.sampler.recorded(),
+        t0_s=log.t0_s,
+        request_columns=["req_id", "arrival_rel_s", "input_tokens", "output_tokens", "ttft_s",
+                         "tbt_s", "finish_rel_s", "dropped"],
+        requests=reqs,
+        trace={"arrival_s": [round(float(x), 6) for x in tr.arrival_s],
+               "input_tokens": [int(x) for x in tr.input_tokens],
+               "output_tokens": [int(x) for x in tr.output_tokens],
+               "duration_s": tr.duration_s, "source": tr.source},
+        intervals=log.intervals, controls=log.controls,
+        drill={"batch_steps": DRILL_BATCH_STEPS, "budget": DRILL_BUDGET},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``record`` or ``fit``."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("record", help="replay a trace window on the GPU (needs a GPU)")
+    r.add_argument("--out", type=Path, default=FIDELITY_REC)
+    r.add_argument("--trace", default="azure_conv_2023")
+    r.add_argument("--start-s", type=float, default=1200.0)
+    r.add_argument("--duration-s", type=float, default=180.0)
+    r.add_argument("--rate-rps", type=float, default=None)
+    r.add_argument("--gpu", type=int, default=0)
+    r.add_argument("--interval-s", type=float, default=5.0)
+    f = sub.add_parser("fit", help="fit the simulator to the recordings and compare (CPU)")
+    f.add_argument("--profile", type=Path, default=PROFILE_REC)
+    f.add_argument("--run", type=Path, default=FIDELITY_REC)
+    f.add_argument("--write", action="store_true", help="write the fitted files to envs/data/real")
+    ns = p.parse_args(argv)
+    if ns.cmd == "record":
+        try:
+            path = record(ns.out, ns.trace, ns.start_s, ns.duration_s, ns.rate_rps, ns.gpu,
+                          ns.interval_s)
+        except (GpuUnavailableError, WorkerError) as err:
+            print(f"calibrate: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {path}")
+        return 0
+    from envs.real.fidelity import calibrate_and_compare
+
+    report = calibrate_and_compare(ns.profile, ns.run, write_dir=DATA_DIR if ns.write else None)
+    print(json.dumps(report["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

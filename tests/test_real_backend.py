@@ -1,0 +1,315 @@
+"""CPU tests of the real backend: they replay telemetry recorded on an H100 (no mocks)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from envs.backend import ClusterAction, ClusterBackend, PoolConfig
+from envs.real.actuators import ActuatorError, GpuActuators
+from envs.real.cluster import RealCluster, RealClusterConfig, RealClusterError
+from envs.real.fidelity import fit_profile, fit_thermal, power_windows, profile_object
+from envs.real.telemetry import (
+    COLUMNS,
+    GpuUnavailableError,
+    ReplayGpuDevice,
+    RingBuffer,
+    TelemetryFileError,
+    TelemetrySampler,
+    column_index,
+    decode_throttle_reasons,
+    load_recording,
+    save_recording,
+    window_energy,
+)
+from envs.real.worker import InferenceEngine, Request, WorkerConfig, WorkerError
+
+DATA = Path(__file__).resolve().parents[1] / "envs" / "data"
+PROFILE = DATA / "real" / "h100_llama3-8b_profile.json.gz"
+RUN = DATA / "real" / "h100_fidelity_run.json.gz"
+STEPS = DATA / "thermal" / "recordings" / "h100_steps_20261125.json.gz"
+TINY = WorkerConfig(model="tiny", device="cpu", max_slots=8, max_ctx=256)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+# ------------------------------------------------------------------ telemetry
+def test_throttle_reasons_decode_names():
+    assert decode_throttle_reasons(0) == ()
+    assert decode_throttle_reasons(0x4) == ("sw_power_cap",)
+    assert decode_throttle_reasons(0x1 | 0x40) == ("gpu_idle", "hw_thermal_slowdown")
+    assert decode_throttle_reasons(0x1000) == ("bit_0x1000",)
+    assert decode_throttle_reasons(float("nan")) == ()
+
+
+def test_load_recordings_both_formats():
+    old = load_recording(STEPS)
+    new = load_recording(RUN)
+    assert old.samples[0].shape[1] == len(COLUMNS)
+    assert np.isfinite(old.column("temp_c")).all()
+    assert old.phases and old.phases[0] == "init"
+    assert new.static["name"] == "NVIDIA H100 80GB HBM3"
+    # The H100 run was sampled at >= 20 Hz.
+    t = new.column("t_s")
+    assert (len(t) - 1) / (t[-1] - t[0]) >= 20.0
+
+
+def test_energy_counter_agrees_with_power_integral_on_h100_run():
+    rec = load_recording(RUN)
+    s = rec.samples[0]
+    t = s[:, 0]
+    chk = window_energy(s, t[0] + 5, t[-1] - 5)
+    assert chk.counter_j > 30_000  # ~3 minutes at ~400 W
+    assert abs(chk.rel_diff) < 0.02
+
+
+def test_replay_device_plays_the_recording_in_time():
+    clock = FakeClock()
+    dev = ReplayGpuDevice(STEPS, clock=clock, start_offset_s=0.0)
+    rec = dev.rec.samples[0]
+    trel = rec[:, 0] - rec[0, 0]
+    clock.t = 60.0  # 60 s into the recording: sustained prefill at ~700 W
+    row = dev.read()
+    i = np.searchsorted(trel, 60.0, side="right") - 1
+    assert row[column_index("power_w")] == rec[i, column_index("power_w")]
+    e1 = row[column_index("energy_mj")]
+    clock.t = 61.0
+    e2 = dev.read()[column_index("energy_mj")]
+    assert 300_000 < e2 - e1 < 900_000  # mJ in one second of heavy prefill
+    # Looping keeps the energy counter monotone.
+    clock.t = dev.duration_s + 1.0
+    assert dev.read()[column_index("energy_mj")] > e2
+    assert dev.static().power_limit_w == 700.0
+
+
+def test_sampler_thread_rate_and_ring_buffer_bound():
+    dev = ReplayGpuDevice(STEPS, speed=10.0)
+    s = TelemetrySampler([dev], rate_hz=50.0, capacity=20)
+    with s:
+        time.sleep(0.8)
+    assert len(s.buffers[0]) == 20  # bounded
+    assert s.buffers[0].total_written >= 25
+    assert s.achieved_rate_hz() >= 20.0
+    rb = RingBuffer(3, 1)
+    for v in range(5):
+        rb.append(np.array([v]))
+    assert rb.snapshot().ravel().tolist() == [2, 3, 4]
+
+
+def test_bad_recording_raises_named_error(tmp_path):
+    bad = tmp_path / "bad.json.gz"
+    with gzip.open(bad, "wt") as fh:
+        json.dump({"columns": ["t", "power_w"], "samples": [[1.0, 2.0], [0.5, "x"]]}, fh)
+    with pytest.raises(TelemetryFileError, match="bad.json.gz.*power_w"):
+        load_recording(bad)
+    with pytest.raises(TelemetryFileError, match="not found"):
+        load_recording(tmp_path / "missing.json")
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    rec = load_recording(STEPS)
+    arr = rec.samples[0][:50]
+    p = save_recording(tmp_path / "x.json.gz", {"name": "h100"}, {0: arr, 1: arr}, note="hi")
+    back = load_recording(p)
+    assert set(back.samples) == {0, 1}
+    np.testing.assert_allclose(back.samples[1][:, 1], arr[:, 1], atol=1e-3)
+    assert back.extra["note"] == "hi"
+
+
+def test_nvml_absent_gives_clear_error():
+    from envs.real.telemetry import NvmlGpuDevice
+
+    try:
+        NvmlGpuDevice(0)
+    except GpuUnavailableError as exc:
+        assert "NVML" in str(exc)
+    else:  # pragma: no cover - only on GPU machines
+        pytest.skip("a GPU is present")
+
+
+# ------------------------------------------------------------------ actuators
+def test_actuators_off_by_default_and_dry_run_logs():
+    dev = ReplayGpuDevice(STEPS)
+    off = GpuActuators([dev])
+    assert off.lock_sm_clocks_mhz(0, 1200.0) is False
+    assert off.log[-1].note.startswith("actuators disabled")
+    dry = GpuActuators([dev], enable=True, dry_run=True, install_signal_handlers=False)
+    assert dry.set_power_limit_w(0, 400.0) is False
+    assert dry.log[-1].note == "dry run"
+    with pytest.raises(ActuatorError, match="power_limit_w"):
+        dry.set_power_limit_w(0, 5000.0)
+
+
+class RecordingDevice(ReplayGpuDevice):
+    """A replayed GPU whose settings live in memory (to test restore paths)."""
+
+    def __init__(self) -> None:
+        super().__init__(STEPS)
+        self.limit_mw = 700_000
+        self.locked = None
+
+    def power_limit_mw(self) -> int:
+        return self.limit_mw
+
+    def set_power_limit_mw(self, limit_mw: int) -> None:
+        self.limit_mw = limit_mw
+
+    def set_locked_sm_clocks_mhz(self, min_mhz: float, max_mhz: float) -> None:
+        self.locked = (min_mhz, max_mhz)
+
+    def reset_locked_sm_clocks(self) -> None:
+        self.locked = None
+
+
+def test_actuators_restore_on_exception_and_signal():
+    dev = RecordingDevice()
+    with pytest.raises(RuntimeError):
+        with GpuActuators([dev], enable=True, install_signal_handlers=False) as act:
+            assert act.set_power_limit_w(0, 400.0)
+            assert act.lock_sm_clocks_mhz(0, 1500.0, 1500.0) is True
+            assert dev.locked == (1500.0, 1500.0)
+            raise RuntimeError("boom")
+    assert dev.limit_mw == 700_000 and dev.locked is None
+    act = GpuActuators([dev], enable=True, install_signal_handlers=True)
+    act.set_power_limit_w(0, 300.0)
+    prev = signal.getsignal(signal.SIGTERM)
+    hit = []
+    act._old_handlers[signal.SIGTERM] = lambda s, f: hit.append(s)
+    act._on_signal(signal.SIGTERM, None)
+    assert dev.limit_mw == 700_000 and hit == [signal.SIGTERM]
+    act._old_handlers[signal.SIGTERM] = prev
+    act.close()
+
+
+# ------------------------------------------------------------------ worker
+def test_decode_matches_prefill_and_slot_moves_keep_sequences():
+    e = InferenceEngine(TINY)
+    import torch
+
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 512, (n,)) for n in (9, 17, 5)]
+    with torch.inference_mode():
+        for s, p in enumerate(prompts):
+            e._tok[s] = e.prefill(p, s)
+            e._pos[s] = len(p)
+        e.decode_step(3, 17)
+        # Move slot 2 into slot 0 (what retiring sequence 0 does) and keep decoding it.
+        seq2 = torch.cat([prompts[2], e._tok[2:3].clone()])
+        e.running = [type("S", (), {"prompt_tokens": 5, "generated": 1})()] * 3
+        e._move_slot(2, 0)
+        e.decode_step(1, int(e._pos[0]))
+        ref = e.prefill(torch.cat([seq2, e._tok[0:1]])[:-1], 5)
+    assert int(e._tok[0]) == int(ref)
+
+
+def test_engine_continuous_batching_cap_admission_and_latencies():
+    clock = FakeClock()
+    e = InferenceEngine(TINY, clock=lambda: clock.t + time.perf_counter())
+    e.set_control(max_batch=2)
+    t0 = clock.t + time.perf_counter()
+    for i in range(6):
+        assert e.submit(Request(i, t0, 4 + i, 3)) is None
+    seen_running = []
+    done = []
+    while e.busy:
+        done += e.step()
+        seen_running.append(len(e.running))
+    assert max(seen_running) <= 2
+    assert sorted(c.req_id for c in done) == list(range(6))
+    assert all(c.ttft_s > 0 and c.tbt_s > 0 and c.output_tokens == 3 for c in done)
+    # Later requests wait for the cap: their TTFT is longer.
+    by_id = {c.req_id: c for c in done}
+    assert by_id[5].ttft_s > by_id[0].ttft_s
+    e.set_control(accepting=False)
+    assert e.submit(Request(9, t0, 4, 3)).dropped
+    with pytest.raises(WorkerError, match="max_batch"):
+        e.set_control(max_batch=0)
+    with pytest.raises(WorkerError, match="model"):
+        InferenceEngine(WorkerConfig(model="nope", device="cpu"))
+
+
+def test_time_measurements_scale_with_work():
+    e = InferenceEngine(WorkerConfig(model="tiny", device="cpu", max_slots=64, max_ctx=2048))
+    assert e.time_decode_s(64, 2000, repeats=3) > e.time_decode_s(1, 100, repeats=3)
+
+
+# ------------------------------------------------------------------ cluster
+def _cluster(**kw) -> RealCluster:
+    # A 64-token context keeps every request short, so the test is quick on a loaded CPU.
+    worker = WorkerConfig(model="tiny", device="cpu", max_slots=8, max_ctx=64)
+    cfg = RealClusterConfig(worker=worker, duration_s=2.0, control_interval_s=1.0, rate_rps=10.0,
+                            power_budget_w=300.0, sample_hz=25.0, **kw)
+    # Start 29 s into the H100 recording: ~1 s idle, then sustained prefill at ~700 W.
+    return RealCluster(cfg, devices=[ReplayGpuDevice(STEPS, start_offset_s=29.0)])
+
+
+def test_real_cluster_protocol_metrics_and_budget_events():
+    c = _cluster(budget_drills=((1.0, 1.0, 150.0),))
+    assert isinstance(c, ClusterBackend)
+    tel = c.reset(seed=3)
+    assert tel.row_limit_w[0] == 300.0 and tel.gpu_power_w[0] < 200.0
+    ms = []
+    while not c.done:
+        ms.append(c.advance())
+    tel = c.telemetry()
+    c.close()
+    assert sum(m.arrived for m in ms) == len(c.trace) == 20
+    assert sum(m.finished for m in ms) >= 3
+    assert sum(m.tokens_generated for m in ms) > 20
+    assert all(m.energy_j > 100.0 for m in ms)
+    # Replayed H100 prefill draws ~700 W > 300 W budget: one exceedance event; the drill's
+    # lower budget is in force and reported as a power failure at the end.
+    assert sum(m.power_throttle_events for m in ms) >= 1
+    assert tel.row_power_w[0] > 500.0 and tel.gpu_power_capped[0]
+    assert ms[-1].peak_row_power_w > 500.0
+    assert c.log.intervals[-1]["budget_w"] == 150.0
+
+
+def test_real_cluster_admission_and_batch_cap_actions():
+    c = _cluster()
+    c.reset(seed=0)
+    c.apply(ClusterAction(admit_fraction=0.0, pools=(PoolConfig(1, 1, 1400.0, 2),)))
+    m = c.advance()
+    assert m.dropped == m.arrived > 0
+    assert c.workers[0].engine.max_batch == 2
+    # Clock requests go to the disabled actuators: logged, not applied.
+    assert c.log.controls[-1]["freq_applied"] is False
+    with pytest.raises(RealClusterError, match="admit_fraction"):
+        c.apply(ClusterAction(admit_fraction=1.5))
+    with pytest.raises(RealClusterError, match="pools"):
+        c.apply(ClusterAction(pools=(PoolConfig(1, 1, 1400.0, 2),) * 2))
+    c.close()
+    with pytest.raises(RealClusterError, match="mode"):
+        RealClusterConfig(mode="threads").validate()
+
+
+# ------------------------------------------------------------------ calibration
+def test_profile_fit_from_h100_recording_is_a_valid_sim_profile():
+    doc = fit_profile(PROFILE)
+    prof = profile_object(doc)
+    assert 100.0 < prof.idle_power_w < 150.0
+    assert prof.decode_iter_time_s(1, 1000, 1980.0) == pytest.approx(0.0093, rel=0.1)
+    for k, v in doc["fit_error"].items():
+        assert v["mape_pct"] < 10.0, k
+
+
+def test_thermal_fit_on_h100_profile_recording():
+    rec = load_recording(PROFILE)
+    t = rec.column("t_s")
+    _, pw, tt = power_windows(rec, t[0], t[-1], 0.25)
+    params, off, rmse = fit_thermal(pw, tt)
+    assert rmse < 1.5
+    assert 0.01 < params.r_total_c_per_w < 0.1
+    assert params.tau_die_s < params.tau_sink_s
