@@ -191,42 +191,12 @@ def freq_at_power_limit_mhz(
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Profile:
-    """Fitted performance and power coefficients of one (model, GPU, TP degree).
+class _ProfileMath:
+    """The runtime model over a profile's coefficient fields.
 
-    Times hold at ``max_freq_mhz``; power is per GPU (an instance has ``tp`` GPUs).
+    Shared by `Profile` (scalars) and `ProfileArrays` (one entry per instance): the fields have
+    the same names in both, so one implementation serves both.
     """
-
-    model: str
-    gpu: str
-    tp: int
-    prefill_p0_s: float
-    prefill_p1_s_per_token: float
-    prefill_p2_s_per_token2: float
-    prefill_phi: float
-    decode_d0_s: float
-    decode_d1_s_per_seq: float
-    decode_d2_s_per_seq_token: float
-    decode_phi: float
-    idle_power_w: float
-    prefill_max_power_w: float
-    prefill_k_tokens: float
-    decode_max_power_w: float
-    decode_k_batch: float
-    power_freq_exponent: float
-    gpu_power_limit_w: float
-    kv_capacity_tokens: int
-    load_time_s: float
-    min_freq_mhz: float
-    max_freq_mhz: float
-    weights_gb: float
-    n_params: int
-    n_layers: int
-    d_model: int
-    n_kv_heads: int
-    head_dim: int
-    source: str
 
     def prefill_time_s(self, tokens: Any, freq_mhz: Any) -> np.ndarray:
         """Seconds for a prefill pass of ``tokens`` prompt tokens at ``freq_mhz``."""
@@ -295,6 +265,43 @@ class Profile:
         )
 
 
+@dataclass(frozen=True)
+class Profile(_ProfileMath):
+    """Fitted performance and power coefficients of one (model, GPU, TP degree).
+
+    Times hold at ``max_freq_mhz``; power is per GPU (an instance has ``tp`` GPUs).
+    """
+
+    model: str
+    gpu: str
+    tp: int
+    prefill_p0_s: float
+    prefill_p1_s_per_token: float
+    prefill_p2_s_per_token2: float
+    prefill_phi: float
+    decode_d0_s: float
+    decode_d1_s_per_seq: float
+    decode_d2_s_per_seq_token: float
+    decode_phi: float
+    idle_power_w: float
+    prefill_max_power_w: float
+    prefill_k_tokens: float
+    decode_max_power_w: float
+    decode_k_batch: float
+    power_freq_exponent: float
+    gpu_power_limit_w: float
+    kv_capacity_tokens: int
+    load_time_s: float
+    min_freq_mhz: float
+    max_freq_mhz: float
+    weights_gb: float
+    n_params: int
+    n_layers: int
+    d_model: int
+    n_kv_heads: int
+    head_dim: int
+    source: str
+
 _STR_FIELDS = ("model", "gpu", "source")
 _INT_FIELDS = (
     "tp",
@@ -309,7 +316,7 @@ _NUM_FIELDS = tuple(f.name for f in dataclasses.fields(Profile) if f.name not in
 
 
 @dataclass(frozen=True)
-class ProfileArrays:
+class ProfileArrays(_ProfileMath):
     """Struct of arrays: the fields of :class:`Profile`, one entry per instance.
 
     Build with :meth:`stack`, gather per instance with :meth:`take`. Methods take arrays aligned
@@ -372,67 +379,6 @@ class ProfileArrays:
             **{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)}
         )
 
-    def prefill_time_s(self, tokens: Any, freq_mhz: Any) -> np.ndarray:
-        """Seconds per prefill pass, per entry (see :func:`prefill_time_s`)."""
-        return prefill_time_s(
-            tokens,
-            freq_mhz,
-            self.prefill_p0_s,
-            self.prefill_p1_s_per_token,
-            self.prefill_p2_s_per_token2,
-            self.prefill_phi,
-            self.max_freq_mhz,
-        )
-
-    def decode_iter_time_s(self, batch: Any, ctx_tokens: Any, freq_mhz: Any) -> np.ndarray:
-        """Seconds per decode iteration, per entry (see :func:`decode_iter_time_s`)."""
-        return decode_iter_time_s(
-            batch,
-            ctx_tokens,
-            freq_mhz,
-            self.decode_d0_s,
-            self.decode_d1_s_per_seq,
-            self.decode_d2_s_per_seq_token,
-            self.decode_phi,
-            self.max_freq_mhz,
-        )
-
-    def prefill_power_w(self, tokens: Any, freq_mhz: Any) -> np.ndarray:
-        """Prefill power per GPU, per entry, W (before the GPU power limit)."""
-        return phase_power_w(
-            tokens,
-            freq_mhz,
-            self.idle_power_w,
-            self.prefill_max_power_w,
-            self.prefill_k_tokens,
-            self.power_freq_exponent,
-            self.max_freq_mhz,
-        )
-
-    def decode_power_w(self, batch: Any, freq_mhz: Any) -> np.ndarray:
-        """Decode power per GPU, per entry, W (before the GPU power limit)."""
-        return phase_power_w(
-            batch,
-            freq_mhz,
-            self.idle_power_w,
-            self.decode_max_power_w,
-            self.decode_k_batch,
-            self.power_freq_exponent,
-            self.max_freq_mhz,
-        )
-
-    def prefill_freq_at_limit_mhz(self, tokens: Any, limit_w: Any | None = None) -> np.ndarray:
-        """Clock the power controller settles at during prefill, per entry."""
-        return freq_at_power_limit_mhz(
-            tokens,
-            self.gpu_power_limit_w if limit_w is None else limit_w,
-            self.idle_power_w,
-            self.prefill_max_power_w,
-            self.prefill_k_tokens,
-            self.power_freq_exponent,
-            self.min_freq_mhz,
-            self.max_freq_mhz,
-        )
 
 
 # ---------------------------------------------------------------------------------------------
