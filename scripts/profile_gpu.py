@@ -5,7 +5,9 @@ static KV cache, CUDA-graph decode) at the clocks the GPU runs by itself (clocks
 limits are read, never set):
 
 * prefill time vs prompt tokens (median of repeats, one prompt per pass);
-* decode iteration time vs batch and context length (and tokens/s = batch / time);
+* decode iteration time vs batch and context length (and tokens/s = batch / time), and for
+  mixed batches (one long context among short ones; uniform random lengths), which show
+  whether an iteration costs the batch's summed context or its longest;
 * power, temperature, SM clock and throttle reasons per phase: idle, sustained prefill at
   several prompt lengths, sustained decode at several batch sizes (energy-counter means).
 
@@ -110,7 +112,8 @@ def run(args: Args) -> dict[str, Any]:
     static.update(date_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   command=shlex.join([sys.executable, *sys.argv]), torch=torch.__version__,
                   model=f"{args.model}-shaped Llama (envs/real/worker.py), random bf16 weights, "
-                        "static KV cache, CUDA-graph decode",
+                        "static KV cache, chunked-attention CUDA-graph decode, CUDA-graph "
+                        "prefill buckets",
                   sample_hz=args.sample_hz)
     print(static, flush=True)
     sampler = TelemetrySampler([dev], rate_hz=args.sample_hz, keep_all=True).start()
@@ -121,7 +124,12 @@ def run(args: Args) -> dict[str, Any]:
                                            max_slots=args.max_slots, max_ctx=args.max_ctx))
         print(f"engine built in {time.time() - t_build:.1f} s", flush=True)
         marks.append({"phase": "build", "t0": t_build, "t1": time.time()})
-        tok_grid = [128, 512, 2048] if args.quick else [128, 256, 512, 1024, 2048, 3072, 4000]
+        t_w = time.time()
+        n_graphs = eng.warmup()
+        print(f"captured {n_graphs} CUDA graphs in {time.time() - t_w:.1f} s", flush=True)
+        marks.append({"phase": "warmup", "t0": t_w, "t1": time.time(), "graphs": n_graphs})
+        tok_grid = [128, 512, 2048] if args.quick else [64, 128, 256, 512, 768, 1024, 1536, 2048,
+                                                         3072, 4000]
         batch_grid = [1, 8, 64] if args.quick else [1, 2, 4, 8, 16, 32, 48, 64]
         ctx_grid = [256, 2048] if args.quick else [128, 512, 1024, 2048, 4000]
         batch_grid = [b for b in batch_grid if b <= args.max_slots]
@@ -148,6 +156,25 @@ def run(args: Args) -> dict[str, Any]:
                 decode["tokens_per_s"].append(b / t)
                 print("decode", b, c, round(t * 1e3, 2), "ms", round(b / t), "tok/s", flush=True)
         marks.append({"phase": "decode_sweep", "t0": t0, "t1": time.time()})
+        # Mixed batches: (a) one long context among 512-token ones, (b) uniform random lengths.
+        mixed = {"batch": [], "kind": [], "mean_ctx_tokens": [], "max_ctx_tokens": [],
+                 "time_s": []}
+        rng = np.random.default_rng(0)
+        long_ctx = min(4000, args.max_ctx - 1)
+        t0 = time.time()
+        for b in [b for b in ([8, 64] if args.quick else [8, 16, 32, 64]) if b <= args.max_slots]:
+            cases = {"one_long": np.array([long_ctx] + [512] * (b - 1)),
+                     "uniform": rng.integers(64, long_ctx + 1, size=b)}
+            for kind, lens in cases.items():
+                t = eng.time_decode_s(b, lens, repeats=5 if args.quick else 15)
+                mixed["batch"].append(b)
+                mixed["kind"].append(kind)
+                mixed["mean_ctx_tokens"].append(float(lens.mean()))
+                mixed["max_ctx_tokens"].append(int(lens.max()))
+                mixed["time_s"].append(t)
+                print("decode_mixed", b, kind, round(float(lens.mean())), int(lens.max()),
+                      round(t * 1e3, 2), "ms", flush=True)
+        marks.append({"phase": "decode_mixed", "t0": t0, "t1": time.time()})
         # Sustained phases for power and temperature (idle gaps between them).
         phases: list[dict[str, Any]] = []
         ps = 3.0 if args.quick else args.phase_s
@@ -185,11 +212,11 @@ def run(args: Args) -> dict[str, Any]:
         for bsz in [b for b in dec_batches if b <= args.max_slots]:
             a = time.time()
             iters = 0
-            ctx = 1000  # + 20 steps stays inside the 1024-token context bucket
+            ctx = 1000
             while time.time() - a < ps:
                 eng._pos[:bsz] = ctx - 1
-                for _ in range(20):
-                    eng.decode_step(bsz, ctx + 20)
+                for k in range(20):
+                    eng.decode_step(bsz, ctx - 1 + k, np.full(bsz, ctx - 1 + k))
                 eng.sync()
                 iters += 20
             b = time.time()
@@ -205,7 +232,8 @@ def run(args: Args) -> dict[str, Any]:
     chk = sampler.energy_j(sampler.samples()[0, 0], sampler.samples()[-1, 0])
     static["achieved_sample_hz"] = sampler.achieved_rate_hz()
     static["energy_counter_vs_power_integral_whole_run"] = chk.rel_diff
-    return {"static": static, "prefill": prefill, "decode": decode, "phases": phases,
+    return {"static": static, "prefill": prefill, "decode": decode, "decode_mixed": mixed,
+            "phases": phases,
             "marks": marks, "samples": sampler.recorded()}
 
 

@@ -160,9 +160,13 @@ def fit_profile(profile_path: str | Path) -> dict[str, Any]:
     p_pred = np.column_stack([np.ones_like(tok), tok, tok**2]) @ p_coef
     # Decode time vs batch and context.
     dec = ex["decode"]
-    b = np.array(dec["batch"], dtype=float)
-    c = np.array(dec["ctx_tokens"], dtype=float)
-    td = np.array(dec["time_s"], dtype=float)
+    # Mixed-length batches (recordings from the chunked-attention worker) enter at their mean
+    # context, the simulator's decode input.
+    mix = ex.get("decode_mixed", {"batch": [], "mean_ctx_tokens": [], "time_s": []})
+    b = np.array(dec["batch"] + mix["batch"], dtype=float)
+    c = np.array(dec["ctx_tokens"] + mix["mean_ctx_tokens"], dtype=float)
+    td = np.array(dec["time_s"] + mix["time_s"], dtype=float)
+    n_mix = len(mix["batch"])
     xd = np.column_stack([np.ones_like(b), b, b * c])
     d_coef = _nonneg_rel_lstsq(xd, td)
     # Power.
@@ -198,7 +202,7 @@ def fit_profile(profile_path: str | Path) -> dict[str, Any]:
         }],
         "built_by": "python scripts/calibrate.py fit --write (envs/real/fidelity.py)",
         "built_on": datetime.now(timezone.utc).date().isoformat(),
-        "engine": "envs/real/worker.py: one prompt per prefill pass (eager), CUDA-graph decode, "
+        "engine": st.get("model", "envs/real/worker.py") + "; one prompt per prefill pass, "
                   "static KV cache 64 slots x 4096 tokens",
     }
     co = doc["coefficients"]
@@ -224,6 +228,10 @@ def fit_profile(profile_path: str | Path) -> dict[str, Any]:
     doc["fit_error"] = {
         "prefill_time": {**_err(p_pred, t_fmax), "target": "grids.prefill.time_s_at_max_freq"},
         "decode_time": {**_err(xd @ d_coef, td), "target": "grids.decode.time_s"},
+        **({"decode_time_mixed_batches": {
+            **_err((xd @ d_coef)[-n_mix:], td[-n_mix:]),
+            "target": "grids.decode.time_s (the last n: mixed-length batches at mean context)"}}
+           if n_mix else {}),
         "prefill_power": {**_err(sat(pl, pf, pre_max, pre_k), pw),
                           "target": "grids.prefill_power.power_w"},
         "decode_power": {**_err(sat(dl, df, dec_max, dec_k), dw),

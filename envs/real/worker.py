@@ -12,9 +12,14 @@ prefill-token budget of the step allows), runs their prefill passes one after an
 first token comes out of the prefill: TTFT), then runs one decode iteration for every running
 sequence. The KV cache is static: one preallocated ``[slots, kv_heads, max_ctx, head_dim]``
 tensor per layer, with running sequences kept packed in slots ``0..n-1`` (a finished
-sequence's slot is refilled by moving the last one), so a decode iteration over ``n``
-sequences reads plain views of the cache. On CUDA each (batch bucket, context bucket) decode
-iteration is captured once as a CUDA graph and replayed. Timing conventions match the
+sequence's slot is refilled by moving the last one). Decode attention is chunked by default:
+a chunk table lists, for every running sequence, the ``kv_chunk_tokens``-long cache chunks its
+live context occupies, and attention runs over those chunks only (split-K with a log-sum-exp
+merge), so an iteration costs the batch's summed context, as the simulator's decode model
+assumes; ``decode_attention="padded"`` attends over the longest context rounded up to a power
+of two instead. On CUDA each (batch bucket, chunk-count bucket) decode iteration and each
+prompt-length bucket of prefill (up to ``prefill_graph_max_tokens``) is captured once as a
+CUDA graph and replayed: an eager prefill pass is Python-launch bound. Timing conventions match the
 simulator (``envs/sim/serving_request.py``): TTFT from arrival to the end of prefill, TBT =
 (last token time - first token time) / (tokens - 1).
 
@@ -263,6 +268,19 @@ class WorkerConfig:
         cuda_graphs: Capture decode iterations as CUDA graphs (None: on CUDA only).
         weights_path: Folder with an HF Llama checkpoint (config.json + safetensors) or None.
         seed: Seed of the random weights.
+        decode_attention: None: "chunked" on CUDA, "padded" on CPU (where the chunk
+            bookkeeping costs more than it saves on tiny test shapes). "chunked": each
+            sequence's attention reads only the
+            ``kv_chunk_tokens`` chunks its live context occupies, so a decode iteration
+            costs in proportion to the batch's summed context (what the simulator models);
+            "padded": every sequence attends over the batch's longest context rounded up
+            to a power of two (the first version of this worker, kept to measure against).
+        kv_chunk_tokens: Chunk length of the chunked attention (divides ``max_ctx``; a
+            shorter ``max_ctx`` is one chunk).
+        prefill_graphs: Capture prefill passes as CUDA graphs for prompt-length buckets up
+            to ``prefill_graph_max_tokens`` (None: on CUDA only). An eager pass of the 8B
+            model is Python-launch bound (~43 ms for any prompt up to 1024 tokens).
+        prefill_graph_max_tokens: Longest bucket; longer prompts run eagerly (exact length).
     """
 
     model: str = "llama3-8b"
@@ -274,6 +292,10 @@ class WorkerConfig:
     cuda_graphs: bool | None = None
     weights_path: str | None = None
     seed: int = 0
+    decode_attention: str | None = None
+    kv_chunk_tokens: int = 256
+    prefill_graphs: bool | None = None
+    prefill_graph_max_tokens: int = 2048
 
     def shape(self) -> ModelShape:
         """The model shape this config names."""
@@ -287,6 +309,20 @@ class WorkerConfig:
 
 def _pow2_at_least(n: int, lo: int) -> int:
     return max(lo, 1 << max(0, int(n - 1).bit_length()))
+
+
+def _chunk_buckets(max_chunks: int) -> list[int]:
+    """Chunk-count buckets of the chunked decode graphs: steps of 8 to 64, 32 to 256, then 64."""
+    out = [n for n in range(8, 65, 8)] + list(range(96, 257, 32)) + list(range(320, 100000, 64))
+    out = [n for n in out if n < max_chunks]
+    return [*out, max_chunks]
+
+
+def _prefill_buckets(max_tokens: int) -> list[int]:
+    """Prompt-length buckets of the prefill graphs (at most ~25 % padding above 128 tokens)."""
+    out = [32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048,
+           2560, 3072, 3584, 4096]
+    return [n for n in out if n <= max_tokens]
 
 
 class InferenceEngine:
@@ -332,6 +368,30 @@ class InferenceEngine:
         self._ctx_ar = torch.arange(t, device=self.device)
         self.use_graphs = (self.device.type == "cuda") if config.cuda_graphs is None else bool(
             config.cuda_graphs)
+        mode = config.decode_attention or ("chunked" if self.device.type == "cuda" else "padded")
+        if mode not in ("chunked", "padded"):
+            raise WorkerError(f"WorkerConfig: field 'decode_attention' = {config.decode_attention!r}"
+                              " must be 'chunked' or 'padded'")
+        ch = min(int(config.kv_chunk_tokens), t)
+        if ch < 1 or t % ch:
+            raise WorkerError(f"WorkerConfig: field 'kv_chunk_tokens' = {ch} must be >= 1 and "
+                              f"divide max_ctx={t}")
+        self.chunked = mode == "chunked"
+        self.chunk = ch
+        self._chunks_per_slot = t // ch
+        self._max_chunks = s * self._chunks_per_slot
+        # Chunk table of the chunked decode: slot, chunk index, live tokens (0: padding).
+        self._ch_meta = torch.zeros(3, self._max_chunks, dtype=torch.long, device=self.device)
+        self._ch_ar = torch.arange(ch, device=self.device)
+        self._nc_buckets = _chunk_buckets(self._max_chunks)
+        self.use_prefill_graphs = (self.device.type == "cuda") if config.prefill_graphs is None \
+            else bool(config.prefill_graphs)
+        self._pre_buckets = _prefill_buckets(min(int(config.prefill_graph_max_tokens), t))
+        nb = max(self._pre_buckets, default=1)
+        self._pre_ids = torch.zeros(nb, dtype=torch.long, device=self.device)
+        self._pre_slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._pre_last = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._pre_graphs: dict[int, tuple[Any, Any]] = {}
         self._graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.max_batch = s
@@ -395,40 +455,128 @@ class InferenceEngine:
         return x + m.down_proj(g)
 
     def prefill(self, tokens: Any, slot: int) -> Any:
-        """Run one prompt through the model into KV slot ``slot``; returns the next token id."""
-        torch, sh = self.torch, self.shape
+        """Run one prompt through the model into KV slot ``slot``; returns the next token id.
+
+        With prefill graphs the prompt is padded at its end to a length bucket and the pass
+        replays a captured CUDA graph (causal attention keeps the padding out of the real
+        tokens; the padding's K/V land past the prompt, where decode overwrites them before
+        any read). Longer prompts, or no graphs, run eagerly at their exact length.
+        """
+        torch = self.torch
         n = int(tokens.shape[0])
+        nb = next((b for b in self._pre_buckets if b >= n), None) if self.use_prefill_graphs \
+            else None
+        if nb is None:
+            slot_t = torch.full((1,), int(slot), dtype=torch.long, device=self.device)
+            last_t = torch.full((1,), n - 1, dtype=torch.long, device=self.device)
+            return self._prefill_impl(tokens, slot_t, last_t)[0]
+        self._pre_ids[:n].copy_(tokens)
+        self._pre_slot.fill_(int(slot))
+        self._pre_last.fill_(n - 1)
+        if nb not in self._pre_graphs:
+            self._capture_prefill(nb)
+        graph, out = self._pre_graphs[nb]
+        graph.replay()
+        return out[0]
+
+    def _prefill_impl(self, ids: Any, slot_t: Any, last_t: Any) -> Any:
+        """Prefill pass over ``ids`` into the slot in ``slot_t``; next token after ``last_t``."""
+        torch, sh = self.torch, self.shape
+        n = int(ids.shape[0])
         h_, kv, hd = sh.n_heads, sh.n_kv_heads, sh.head_dim
         grp = h_ // kv
         cos, sin = self._cos[:n, None, :], self._sin[:n, None, :]
-        x = self.model.model.embed_tokens(tokens)
+        x = self.model.model.embed_tokens(ids)
         for li, layer in enumerate(self._layers):
             a = layer.self_attn
             h = self._rms(x, layer.input_layernorm.weight)
             q = self._rot(a.q_proj(h).view(n, h_, hd), cos, sin)
             k = self._rot(a.k_proj(h).view(n, kv, hd), cos, sin)
             v = a.v_proj(h).view(n, kv, hd)
-            self.k_cache[li][slot, :, :n] = k.transpose(0, 1)
-            self.v_cache[li][slot, :, :n] = v.transpose(0, 1)
+            kt, vt = k.transpose(0, 1), v.transpose(0, 1)
+            self.k_cache[li][:, :, :n].index_copy_(0, slot_t, kt[None])
+            self.v_cache[li][:, :, :n].index_copy_(0, slot_t, vt[None])
             qh = q.transpose(0, 1)[None]
-            kh = k.transpose(0, 1)[None].repeat_interleave(grp, dim=1)
-            vh = v.transpose(0, 1)[None].repeat_interleave(grp, dim=1)
+            kh = kt[None].repeat_interleave(grp, dim=1)
+            vh = vt[None].repeat_interleave(grp, dim=1)
             o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
             x = x + a.o_proj(o[0].transpose(0, 1).reshape(n, h_ * hd))
             x = self._mlp(layer, x)
-        last = self._rms(x[-1:], self.model.model.norm.weight)
-        return self.model.lm_head(last).argmax(-1)[0]
+        last = self._rms(x.index_select(0, last_t), self.model.model.norm.weight)
+        return self.model.lm_head(last).argmax(-1)
+
+    def _capture_prefill(self, nb: int) -> None:
+        torch = self.torch
+        ids, slot_t, last_t = self._pre_ids[:nb], self._pre_slot, self._pre_last
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._prefill_impl(ids, slot_t, last_t)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            out = self._prefill_impl(ids, slot_t, last_t)
+        self._pre_graphs[nb] = (graph, out)
+
+    def _attend_padded(self, q: Any, li: int, b: int, c: int, keep: Any) -> Any:
+        """Attention of ``b`` query rows over the first ``c`` cache positions of their slots."""
+        torch, sh = self.torch, self.shape
+        kv, hd = sh.n_kv_heads, sh.head_dim
+        grp = sh.n_heads // kv
+        kk, vv = self.k_cache[li][:b, :, :c], self.v_cache[li][:b, :, :c]  # views, no copy
+        qg = q.view(b, kv, grp, hd)
+        scores = torch.matmul(qg, kk.transpose(-1, -2)).float() * (1.0 / math.sqrt(hd))
+        scores = scores.masked_fill(~keep, float("-inf"))
+        p = torch.softmax(scores, dim=-1).to(self.dtype)
+        return torch.matmul(p, vv).reshape(b, sh.n_heads * hd)
+
+    def _attend_chunked(self, q: Any, li: int, b: int, nc: int) -> Any:
+        """Attention over the live chunks of the chunk table only (split-K, log-sum-exp merge).
+
+        Row ``i`` of the chunk table names a slot, a chunk of ``kv_chunk_tokens`` positions and
+        how many of them are live; the table lists only the chunks that hold each sequence's
+        context, so the K/V read is the summed context rounded up to chunks, not
+        ``batch x longest context``. Padding rows (0 live tokens) contribute nothing.
+        """
+        torch, sh = self.torch, self.shape
+        kv, hd = sh.n_kv_heads, sh.head_dim
+        grp = sh.n_heads // kv
+        ch, cps = self.chunk, self._chunks_per_slot
+        cs, ci, cl = self._ch_meta[0, :nc], self._ch_meta[1, :nc], self._ch_meta[2, :nc]
+        s_ = self.cfg.max_slots
+        kg = self.k_cache[li].view(s_, kv, cps, ch, hd)[cs, :, ci]  # [nc, kv, ch, hd]
+        vg = self.v_cache[li].view(s_, kv, cps, ch, hd)[cs, :, ci]
+        qc = q.view(b, kv, grp, hd).index_select(0, cs)  # [nc, kv, grp, hd]
+        scores = torch.matmul(qc, kg.transpose(-1, -2)).float() * (1.0 / math.sqrt(hd))
+        live = (self._ch_ar[None, :] < cl[:, None])[:, None, None, :]
+        scores = scores.masked_fill(~live, float("-inf"))
+        m = scores.amax(-1).clamp_min(-1e30)  # [nc, kv, grp]
+        p = torch.exp(scores - m[..., None])
+        part_l = p.sum(-1)
+        part_o = torch.matmul(p.to(self.dtype), vg).float()  # [nc, kv, grp, hd]
+        big_m = torch.full((b, kv, grp), -1e30, device=q.device, dtype=torch.float32)
+        big_m = big_m.scatter_reduce(0, cs[:, None, None].expand(nc, kv, grp), m, "amax")
+        w = torch.exp(m - big_m.index_select(0, cs))
+        num = torch.zeros(b, kv, grp, hd, device=q.device, dtype=torch.float32)
+        num = num.index_add(0, cs, part_o * w[..., None])
+        den = torch.zeros(b, kv, grp, device=q.device, dtype=torch.float32)
+        den = den.index_add(0, cs, part_l * w)
+        return (num / den.clamp_min(1e-30)[..., None]).to(self.dtype).reshape(b, sh.n_heads * hd)
 
     def _decode_impl(self, b: int, c: int) -> Any:
-        """One decode iteration over slots ``0..b-1`` attending to ``c`` cache positions."""
-        torch, sh = self.torch, self.shape
+        """One decode iteration over slots ``0..b-1``.
+
+        ``c`` is the context bucket (padded attention) or the number of chunk-table rows
+        (chunked attention).
+        """
+        sh = self.shape
         h_, kv, hd = sh.n_heads, sh.n_kv_heads, sh.head_dim
-        grp = h_ // kv
         pos = self._pos[:b]
         ar = self._ar[:b]
         cos, sin = self._cos[pos][:, None, :], self._sin[pos][:, None, :]
-        keep = (self._ctx_ar[:c][None, :] <= pos[:, None])[:, None, None, :]
-        scale = 1.0 / math.sqrt(hd)
+        keep = None if self.chunked else (self._ctx_ar[:c][None, :] <= pos[:, None])[:, None,
+                                                                                      None, :]
         x = self.model.model.embed_tokens(self._tok[:b])
         for li, layer in enumerate(self._layers):
             a = layer.self_attn
@@ -436,31 +584,63 @@ class InferenceEngine:
             q = self._rot(a.q_proj(h).view(b, h_, hd), cos, sin)
             k = self._rot(a.k_proj(h).view(b, kv, hd), cos, sin)
             v = a.v_proj(h).view(b, kv, hd)
-            kc, vc = self.k_cache[li], self.v_cache[li]
-            kc[ar, :, pos] = k
-            vc[ar, :, pos] = v
-            kk, vv = kc[:b, :, :c], vc[:b, :, :c]  # views of the packed cache, no copy
-            qg = q.view(b, kv, grp, hd)
-            scores = torch.matmul(qg, kk.transpose(-1, -2)).float() * scale
-            scores = scores.masked_fill(~keep, float("-inf"))
-            p = torch.softmax(scores, dim=-1).to(self.dtype)
-            o = torch.matmul(p, vv).reshape(b, h_ * hd)
+            self.k_cache[li][ar, :, pos] = k
+            self.v_cache[li][ar, :, pos] = v
+            if self.chunked:
+                o = self._attend_chunked(q, li, b, c)
+            else:
+                o = self._attend_padded(q, li, b, c, keep)
             x = x + a.o_proj(o)
             x = self._mlp(layer, x)
         x = self._rms(x, self.model.model.norm.weight)
         return self.model.lm_head(x).argmax(-1)
 
-    def decode_buckets(self, n: int, max_pos: int) -> tuple[int, int]:
-        """(batch bucket, context bucket) a decode of ``n`` sequences up to ``max_pos`` uses."""
+    def chunk_table(self, positions: Any) -> np.ndarray:
+        """The chunk table (3 x rows: slot, chunk, live tokens) of sequences at ``positions``.
+
+        ``positions[i]`` is the cache position slot ``i`` writes this iteration, so it attends
+        over ``positions[i] + 1`` tokens.
+        """
+        live = np.asarray(positions, dtype=np.int64) + 1
+        n_ch = -(-live // self.chunk)
+        slot = np.repeat(np.arange(live.size), n_ch)
+        first = np.repeat(np.cumsum(n_ch) - n_ch, n_ch)
+        idx = np.arange(slot.size) - first
+        return np.stack([slot, idx, np.minimum(self.chunk, live[slot] - idx * self.chunk)])
+
+    def decode_buckets(self, n: int, max_pos: int, n_chunks: int | None = None
+                       ) -> tuple[int, int]:
+        """(batch bucket, context bucket or chunk-row bucket) a decode of ``n`` sequences uses."""
         b = min(_pow2_at_least(n, 1), self.cfg.max_slots)
+        if self.chunked:
+            if n_chunks is None:
+                n_chunks = n * (max_pos // self.chunk + 1)
+            return b, next(x for x in self._nc_buckets if x >= n_chunks)
         c = min(_pow2_at_least(max_pos + 1, 128), self.cfg.max_ctx)
         return b, c
 
-    def decode_step(self, n: int, max_pos: int) -> None:
-        """Run one decode iteration for slots ``0..n-1`` (inputs already in the buffers)."""
+    def decode_step(self, n: int, max_pos: int | None = None, positions: Any = None) -> None:
+        """Run one decode iteration for slots ``0..n-1`` (inputs already in the buffers).
+
+        Args:
+            n: Running sequences (slots ``0..n-1``).
+            max_pos: Largest cache position written (padded attention); derived if None.
+            positions: Host copy of ``_pos[:n]`` (read from the device if None).
+        """
         torch = self.torch
-        b, c = self.decode_buckets(n, max_pos)
+        if positions is None and (self.chunked or max_pos is None):
+            positions = self._pos[:n].cpu().numpy()
+        if max_pos is None:
+            max_pos = int(np.max(positions))
+        n_chunks = None
+        if self.chunked:
+            table = self.chunk_table(positions)
+            n_chunks = table.shape[1]
+        b, c = self.decode_buckets(n, max_pos, n_chunks)
         with torch.inference_mode():
+            if self.chunked:
+                pad = np.zeros((3, c - n_chunks), dtype=np.int64)
+                self._ch_meta[:, :c].copy_(torch.from_numpy(np.concatenate([table, pad], 1)))
             if not self.use_graphs:
                 out = self._decode_impl(b, c)
             else:
@@ -487,33 +667,53 @@ class InferenceEngine:
         self._graphs[(b, c)] = (graph, out)
 
     def warmup(self) -> int:
-        """Capture every (batch, context) decode bucket now, so serving never pauses for it.
+        """Capture every decode bucket and prefill bucket now, so serving never pauses for it.
 
         Returns:
-            Number of buckets captured (0 without CUDA graphs).
+            Number of graphs captured (0 without CUDA graphs).
         """
-        if not self.use_graphs:
-            return 0
         n = 0
+        if self.use_prefill_graphs:
+            with self.torch.inference_mode():
+                for nb in self._pre_buckets:
+                    if nb not in self._pre_graphs:
+                        self._pre_slot.zero_()
+                        self._pre_last.fill_(nb - 1)
+                        self._capture_prefill(nb)
+                        n += 1
+        if not self.use_graphs:
+            self.sync()
+            return n
         b = 1
         batches = []
         while b < self.cfg.max_slots:
             batches.append(b)
             b *= 2
         batches.append(self.cfg.max_slots)
-        c = 128
-        ctxs = []
-        while c < self.cfg.max_ctx:
-            ctxs.append(c)
-            c *= 2
-        ctxs.append(self.cfg.max_ctx)
+        keys: list[tuple[int, int]] = []
+        if self.chunked:
+            def bucket(rows: int) -> int:
+                return next(x for x in self._nc_buckets if x >= rows)
+
+            for i, bb in enumerate(batches):
+                lo = batches[i - 1] + 1 if i else 1  # fewest sequences that use this bucket
+                keys += [(bb, x) for x in self._nc_buckets
+                         if bucket(lo) <= x <= bucket(bb * self._chunks_per_slot)]
+        else:
+            c = 128
+            ctxs = []
+            while c < self.cfg.max_ctx:
+                ctxs.append(c)
+                c *= 2
+            ctxs.append(self.cfg.max_ctx)
+            keys = [(bb, cc) for bb in batches for cc in ctxs]
         with self.torch.inference_mode():
-            for bb in batches:
-                for cc in ctxs:
-                    if (bb, cc) not in self._graphs:
-                        self._pos[:bb] = 0
-                        self._capture(bb, cc)
-                        n += 1
+            for key in keys:
+                if key not in self._graphs:
+                    self._pos[: key[0]] = 0
+                    self._ch_meta.zero_()
+                    self._capture(*key)
+                    n += 1
         self._pos.zero_()
         self.sync()
         return n
@@ -589,8 +789,8 @@ class InferenceEngine:
         n = len(self.running)
         if n:
             t0 = self.clock()
-            max_pos = max(s.prompt_tokens + s.generated - 1 for s in self.running)
-            self.decode_step(n, max_pos)
+            positions = np.array([s.prompt_tokens + s.generated - 1 for s in self.running])
+            self.decode_step(n, int(positions.max()), positions)
             self.sync()
             now = self.clock()
             self.stats.decode_iters += 1
@@ -623,22 +823,30 @@ class InferenceEngine:
                 times.append(time.perf_counter() - t0)
         return float(np.median(times))
 
-    def time_decode_s(self, batch: int, ctx_tokens: int, repeats: int = 10) -> float:
-        """Median wall time of one decode iteration of ``batch`` sequences at ``ctx_tokens``.
+    def time_decode_s(self, batch: int, ctx_tokens: int | Any, repeats: int = 10) -> float:
+        """Median wall time of one decode iteration of ``batch`` sequences.
+
+        Args:
+            batch: Sequences in the iteration.
+            ctx_tokens: Context length of every sequence, or one length per sequence (a
+                mixed batch; the chunked attention's cost follows their sum).
+            repeats: Timed iterations (after one untimed).
 
         The cache contents are whatever is there (speed does not depend on the values).
         """
         if self.running:
             raise WorkerError("time_decode_s: the engine is serving; measure on an idle engine")
-        if not 1 <= batch <= self.cfg.max_slots or not 1 <= ctx_tokens < self.cfg.max_ctx:
+        ctx = np.broadcast_to(np.asarray(ctx_tokens, dtype=np.int64), (int(batch),))
+        if not 1 <= batch <= self.cfg.max_slots or ctx.min() < 1 or ctx.max() >= self.cfg.max_ctx:
             raise WorkerError(f"time_decode_s: batch={batch} must be in [1, {self.cfg.max_slots}] "
                               f"and ctx_tokens={ctx_tokens} in [1, {self.cfg.max_ctx})")
+        pos_t = self.torch.as_tensor(ctx - 1, device=self.device)
         times = []
         for _ in range(repeats + 1):
-            self._pos[:batch] = ctx_tokens - 1
+            self._pos[:batch] = pos_t
             self.sync()
             t0 = time.perf_counter()
-            self.decode_step(batch, ctx_tokens - 1)
+            self.decode_step(batch, int(ctx.max()) - 1, ctx - 1)
             self.sync()
             times.append(time.perf_counter() - t0)
         return float(np.median(times[1:]))
