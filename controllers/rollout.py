@@ -126,3 +126,26 @@ def run_controller(env_factory, backend: Any, make, seed: int, progress: bool = 
     result = run_episode(driver, seed=seed, progress=progress)
     result.controller_name = getattr(driver.controller, "name", type(driver.controller).__name__)
     return result, driver
+
+
+def run_measured(task: str, scenario: Any, serving: str, make, seed: int,
+                 warmup: int) -> tuple[EpisodeResult, dict[str, float]]:
+    """One controller on one seed of a simulated scenario, measured after `warmup` intervals.
+
+    The cell both `scripts.compare` and the Ray sweep run: a fresh `SimCluster` (per-tick
+    history on, VMs auto-placed only for the energy task), the controller through `ClusterEnv`,
+    the summary of the measured part plus the shield's override count.
+
+    Returns:
+        (measured episode result, its summary with `shield_overrides`).
+    """
+    from envs.cluster_env import ClusterEnv
+    from envs.sim.cluster import SimCluster
+
+    backend = SimCluster(scenario, serving_model=serving, record_ticks=True,
+                         auto_place_vms=task == "energy")
+    result, driver = run_controller(lambda b: ClusterEnv(task=task, backend=b), backend, make, seed)
+    measured = skip_warmup(result, warmup)
+    summary = measured.summary()
+    summary["shield_overrides"] = float(sum(bool(o) for o in driver.overrides[warmup:]))
+    return measured, summary

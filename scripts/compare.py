@@ -29,9 +29,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from controllers.registry import make_controller  # noqa: E402
-from controllers.rollout import run_controller, skip_warmup  # noqa: E402
-from envs.cluster_env import ClusterEnv  # noqa: E402
-from envs.sim.cluster import SimCluster  # noqa: E402
+from controllers.rollout import run_measured  # noqa: E402
 from envs.sim.report import write_report  # noqa: E402
 
 COLUMNS = (
@@ -50,14 +48,9 @@ def run_compare(task: str, scenario: str, serving: str, controllers: list[str],
     for name in controllers:
         rows = []
         for k, seed in enumerate(seeds):
-            backend = SimCluster(scenario, serving_model=serving, record_ticks=True,
-                                 auto_place_vms=task == "energy")
-            result, driver = run_controller(
-                lambda b: ClusterEnv(task=task, backend=b),
-                backend, lambda env, n=name, s=seed: make_controller(n, env, seed=s), seed)
-            measured = skip_warmup(result, warmup)
-            summary = measured.summary()
-            summary["shield_overrides"] = float(sum(bool(o) for o in driver.overrides[warmup:]))
+            measured, summary = run_measured(
+                task, scenario, serving, lambda env, n=name, s=seed: make_controller(n, env, seed=s),
+                seed, warmup)
             rows.append(summary)
             if out is not None and k == 0:
                 write_report(measured, out / name.replace(":", "_"),
