@@ -1,0 +1,254 @@
+"""Checkpoint I/O: a directory with the SB3 model, the VecNormalize statistics and metadata.json.
+
+Layout of a checkpoint directory:
+
+| file | content |
+|---|---|
+| `model.zip` | the stable-baselines3 / sb3-contrib model (`model.save`) |
+| `vecnormalize.pkl` | the training envs' VecNormalize statistics (SB3's pickle, `VecNormalize.save`) |
+| `metadata.json` | how it was made (task, ids, scenario, trace windows, seed, steps, wall time, |
+| | git commit, package versions, spaces, evaluation results, SHA-256 of the files above) |
+
+Loading validates before it trusts: the files exist, their SHA-256 matches the metadata (a
+truncated or replaced file is caught before unpickling), the metadata has every required field,
+and, when an environment is given, its task, scenario, observation names and action space match.
+Every failure raises `CheckpointError` naming the directory, the file or field, and the values.
+The statistics file is a pickle: load checkpoints only from sources you trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODEL_FILE = "model.zip"
+VECNORM_FILE = "vecnormalize.pkl"
+METADATA_FILE = "metadata.json"
+FORMAT_VERSION = 1
+
+REQUIRED_FIELDS = (
+    "format_version", "task", "algo", "env_id", "eval_id", "scenario", "trace", "trace_windows_s",
+    "seed", "steps", "train_wall_s", "git_commit", "versions", "observation_names",
+    "action_nvec", "files_sha256",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not fit the environment it is asked to run on."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint.
+
+    Attributes:
+        model: The PPO or MaskablePPO model (on CPU).
+        vecnormalize: VecNormalize holding the observation statistics (no venv attached), or None.
+        metadata: The parsed metadata.json.
+        path: The checkpoint directory.
+    """
+
+    model: Any
+    vecnormalize: Any
+    metadata: dict[str, Any]
+    path: Path
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_commit(repo: Path | None = None) -> str:
+    """The repository's HEAD commit, suffixed "+dirty" when tracked files differ; "unknown" outside git."""
+    cwd = repo or Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of python, numpy, torch, gymnasium, stable-baselines3 and sb3-contrib."""
+    import gymnasium
+    import sb3_contrib
+    import stable_baselines3
+    import torch
+
+    return {
+        "python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
+        "gymnasium": gymnasium.__version__, "stable_baselines3": stable_baselines3.__version__,
+        "sb3_contrib": sb3_contrib.__version__,
+    }
+
+
+def env_signature(env: Any) -> dict[str, Any]:
+    """What a checkpoint must agree with: task, scenario, observation names, action space."""
+    base = env.unwrapped if hasattr(env, "unwrapped") else env
+    scenario = getattr(getattr(base, "backend", None), "scenario", None)
+    return {
+        "task": base.task,
+        "scenario": getattr(scenario, "name", None),
+        "observation_names": list(base.observation_names),
+        "action_nvec": [int(v) for v in base.action_space.nvec],
+    }
+
+
+def save_checkpoint(directory: str | Path, model: Any, vecnormalize: Any,
+                    metadata: dict[str, Any]) -> Path:
+    """Write model, VecNormalize statistics and metadata (with the files' SHA-256) to a directory.
+
+    Args:
+        directory: Checkpoint directory (created; existing files are replaced).
+        model: An SB3 model with `.save(path)`.
+        vecnormalize: The training VecNormalize wrapper (its `.save(path)` pickles the statistics
+            without the wrapped envs), or None when observations are not normalized.
+        metadata: Fields describing the run; `format_version` and `files_sha256` are filled here.
+
+    Returns:
+        The directory.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    model.save(d / MODEL_FILE)
+    files = {MODEL_FILE: sha256_file(d / MODEL_FILE)}
+    if vecnormalize is not None:
+        vecnormalize.save(str(d / VECNORM_FILE))
+        files[VECNORM_FILE] = sha256_file(d / VECNORM_FILE)
+    elif (d / VECNORM_FILE).exists():
+        (d / VECNORM_FILE).unlink()
+    meta = dict(metadata)
+    meta["format_version"] = FORMAT_VERSION
+    meta["files_sha256"] = files
+    tmp = d / (METADATA_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n")
+    tmp.replace(d / METADATA_FILE)
+    return d
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def load_metadata(directory: str | Path) -> dict[str, Any]:
+    """Read and check a checkpoint's metadata.json (presence, JSON, required fields, version)."""
+    d = Path(directory)
+    path = d / METADATA_FILE
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: checkpoint directory does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing metadata file (is {d} a checkpoint directory?)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: metadata is not readable JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: metadata must be a JSON object, got {type(meta).__name__}")
+    missing = [k for k in REQUIRED_FIELDS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: metadata lacks field(s) {missing}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: field 'format_version' is {meta['format_version']!r}; this code reads {FORMAT_VERSION}")
+    if meta["algo"] not in ("PPO", "MaskablePPO"):
+        raise CheckpointError(f"{path}: field 'algo' is {meta['algo']!r}, not PPO or MaskablePPO")
+    if not isinstance(meta["files_sha256"], dict) or MODEL_FILE not in meta["files_sha256"]:
+        raise CheckpointError(
+            f"{path}: field 'files_sha256' must list {MODEL_FILE}, got {meta['files_sha256']!r}")
+    return meta
+
+
+def check_compatible(meta: dict[str, Any], env: Any, where: str | Path = "checkpoint") -> None:
+    """Raise CheckpointError if the checkpoint was not trained for this environment's task/spaces."""
+    sig = env_signature(env)
+    for key in ("task", "scenario"):
+        if sig[key] is not None and meta[key] != sig[key]:
+            raise CheckpointError(
+                f"{where}: field '{key}' is {meta[key]!r} but the environment's {key} is {sig[key]!r}")
+    if list(meta["action_nvec"]) != sig["action_nvec"]:
+        raise CheckpointError(
+            f"{where}: field 'action_nvec' is {meta['action_nvec']} but the environment's action space "
+            f"is MultiDiscrete({sig['action_nvec']})")
+    names = list(meta["observation_names"])
+    if names != sig["observation_names"]:
+        if len(names) != len(sig["observation_names"]):
+            detail = f"{len(names)} entries vs the environment's {len(sig['observation_names'])}"
+        else:
+            pairs = zip(names, sig["observation_names"], strict=True)
+            i = next(i for i, (a, b) in enumerate(pairs) if a != b)
+            detail = f"index {i} is {names[i]!r} vs the environment's {sig['observation_names'][i]!r}"
+        raise CheckpointError(f"{where}: field 'observation_names' does not match the environment ({detail})")
+
+
+def load_checkpoint(directory: str | Path, env: Any = None) -> Checkpoint:
+    """Load and validate a checkpoint; with `env`, also check it fits that environment.
+
+    Args:
+        directory: A directory written by `save_checkpoint`.
+        env: Optional environment (ClusterEnv, possibly wrapped) the policy will run on.
+
+    Raises:
+        CheckpointError: Missing or corrupt file, bad metadata, or a mismatch with `env`.
+    """
+    d = Path(directory)
+    meta = load_metadata(d)
+    if env is not None:
+        check_compatible(meta, env, d / METADATA_FILE)
+    for name, digest in meta["files_sha256"].items():
+        path = d / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: file listed in metadata 'files_sha256' is missing")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise CheckpointError(
+                f"{path}: SHA-256 {actual[:12]}... differs from metadata 'files_sha256' {digest[:12]}... "
+                "(file truncated, corrupted or replaced)")
+    if meta["algo"] == "MaskablePPO":
+        from sb3_contrib import MaskablePPO as algo_cls
+    else:
+        from stable_baselines3 import PPO as algo_cls
+    try:
+        model = algo_cls.load(d / MODEL_FILE, device="cpu")
+    except Exception as exc:  # zipfile, torch and pickle errors all mean "unreadable model"
+        raise CheckpointError(
+            f"{d / MODEL_FILE}: cannot load {meta['algo']} model ({type(exc).__name__}: {exc})") from exc
+    vecnorm = None
+    if VECNORM_FILE in meta["files_sha256"]:
+        import pickle
+
+        try:
+            with open(d / VECNORM_FILE, "rb") as f:
+                vecnorm = pickle.load(f)
+        except Exception as exc:  # any unpickling failure
+            raise CheckpointError(f"{d / VECNORM_FILE}: cannot read VecNormalize statistics ({exc})") from exc
+        if vecnorm.obs_rms.mean.shape != tuple(model.observation_space.shape):
+            raise CheckpointError(
+                f"{d / VECNORM_FILE}: observation statistics have shape {vecnorm.obs_rms.mean.shape}, "
+                f"model expects {model.observation_space.shape}")
+    if list(model.action_space.nvec) != list(meta["action_nvec"]):
+        raise CheckpointError(f"{d / MODEL_FILE}: model action space {model.action_space} disagrees with "
+                              f"metadata 'action_nvec' {meta['action_nvec']}")
+    return Checkpoint(model=model, vecnormalize=vecnorm, metadata=meta, path=d)

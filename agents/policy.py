@@ -1,0 +1,64 @@
+"""TrainedPolicy: a trained SB3 agent behind the `controllers.base.Controller` interface.
+
+Evaluation, the shield and the live control loop call `act(observation, action_mask)` on every
+policy; this adapter makes a checkpoint interchangeable with the rule-based controllers. It
+applies the training-time VecNormalize observation normalization (statistics frozen), predicts
+deterministically, and passes the action mask to MaskablePPO so a masked choice is never chosen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.checkpoint import Checkpoint, load_checkpoint
+
+
+class TrainedPolicy:
+    """A trained PPO / MaskablePPO policy as a Controller.
+
+    Args:
+        model: The SB3 model.
+        vecnormalize: VecNormalize carrying the observation statistics, or None.
+        name: Controller name used in reports.
+        metadata: The checkpoint's metadata (empty for a live model during training).
+    """
+
+    def __init__(self, model: Any, vecnormalize: Any = None, name: str = "ppo",
+                 metadata: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.vecnormalize = vecnormalize
+        self.name = name
+        self.metadata = metadata or {}
+        self.maskable = type(model).__name__ == "MaskablePPO"
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, env: Any = None,
+                        name: str | None = None) -> TrainedPolicy:
+        """Load a checkpoint (validated against `env` when given) as a controller."""
+        ck: Checkpoint = load_checkpoint(directory, env)
+        return cls(ck.model, ck.vecnormalize, name or f"{ck.metadata['algo'].lower()}:{ck.metadata['task']}",
+                   ck.metadata)
+
+    def reset(self) -> None:
+        """No episode state: the policy is a feed-forward network."""
+
+    def normalize(self, observation: np.ndarray) -> np.ndarray:
+        """The observation as the network saw it in training (VecNormalize, frozen statistics)."""
+        obs = np.asarray(observation, dtype=np.float32)
+        vn = self.vecnormalize
+        if vn is None or not getattr(vn, "norm_obs", True):
+            return obs
+        return np.clip((obs - vn.obs_rms.mean) / np.sqrt(vn.obs_rms.var + vn.epsilon),
+                       -vn.clip_obs, vn.clip_obs).astype(np.float32)
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+        """Deterministic action for one observation; the mask is honoured by MaskablePPO."""
+        obs = self.normalize(observation)
+        if self.maskable:
+            action, _ = self.model.predict(obs, deterministic=True, action_masks=action_mask)
+        else:
+            action, _ = self.model.predict(obs, deterministic=True)
+        return np.asarray(action, dtype=np.int64)

@@ -1,0 +1,123 @@
+"""Building the policy the live loop runs: a rule-based controller or a checkpoint, shielded.
+
+Policy specs: a registry name (``static``, ``unaware``, ``dynamo``, ``tapas``, ``random``;
+see ``controllers/registry.py``) or ``checkpoint:<dir>`` (a trained agent saved by
+``agents/checkpoint.py``, loaded through ``agents.policy.TrainedPolicy``). Unless told
+otherwise the policy runs inside the safety shield, and a rule-based fallback (shielded too)
+is built beside it for when the policy raises.
+
+On the real node there is no scenario file, so the operator's static knowledge
+(:class:`controllers.context.ControllerContext`) is assembled here from what is measured: the
+profile fitted to the H100 worker (``envs/data/real/llama3-8b-real_h100_tp1.json``), the
+thermal fit of the same recordings, the trace's request-length statistics, and a server
+power model with no overhead (RealCluster's row power is the sum of GPU power).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from controllers.context import ControllerContext, ObsView, PoolStats, ServerPowerSpec
+from controllers.registry import make_controller
+from controllers.shield import Shield
+from controllers.static import StaticController
+
+REAL_PROFILE = (Path(__file__).resolve().parents[2] / "envs" / "data" / "real"
+                / "llama3-8b-real_h100_tp1.json")
+"""Profile of the real worker measured on the H100 (see envs/data/real/README.md)."""
+
+
+class PolicySpecError(ValueError):
+    """Unknown or unusable policy spec (the message names it)."""
+
+
+def real_node_context(env: Any) -> ControllerContext:
+    """ControllerContext for a ClusterEnv over a RealCluster (no scenario file there).
+
+    Raises:
+        PolicySpecError: The env's backend is not a RealCluster.
+    """
+    from envs.real.cluster import RealCluster
+    from envs.sim.profiles import load_profile
+    from envs.sim.thermal import ThermalParams
+    from envs.sim.workload import builtin_trace
+
+    env = getattr(env, "unwrapped", env)
+    backend = getattr(env.backend, "inner", env.backend)
+    if not isinstance(backend, RealCluster):
+        raise PolicySpecError(f"real_node_context: backend is {type(backend).__name__}, "
+                              "not RealCluster")
+    lay = env.layout
+    prof = load_profile(REAL_PROFILE)
+    tr = builtin_trace(backend.config.trace)
+    stats = PoolStats(np.array([1.0]), np.array([tr.input_tokens.mean()]),
+                      np.array([np.percentile(tr.input_tokens, 90)]),
+                      np.array([tr.output_tokens.mean()]), float(tr.input_tokens.mean()))
+    n = lay.gpus_per_server
+    server = ServerPowerSpec(n, n * lay.gpu_power_limit_w, lay.gpu_power_limit_w, 0.0)
+    return ControllerContext(task=env.task, layout=lay, codec=env.codec,
+                             view=ObsView(tuple(env.observation_names), lay),
+                             profiles={tp: prof for tp in lay.tp_choices},
+                             thermal=ThermalParams.load(), pool_stats=stats, server=server,
+                             reconfig_every=int(env.reconfig_every))
+
+
+def context_for(env: Any) -> ControllerContext:
+    """The controller context of a simulated or real env."""
+    from envs.real.cluster import RealCluster
+
+    base = getattr(env, "unwrapped", env)
+    if isinstance(getattr(base.backend, "inner", base.backend), RealCluster):
+        return real_node_context(base)
+    return ControllerContext.from_env(base)
+
+
+def build_policy(spec: str, env: Any, shield: bool = True, seed: int = 0,
+                 ctx: ControllerContext | None = None) -> tuple[Any, Any]:
+    """The policy named by ``spec`` and its rule-based fallback, both shielded if asked.
+
+    Args:
+        spec: Registry name or ``checkpoint:<dir>``.
+        env: The ClusterEnv the loop drives (its backend's ``telemetry`` feeds the shield).
+        shield: Wrap in the safety shield.
+        seed: Seed of randomized controllers.
+        ctx: Controller context (default: :func:`context_for`).
+
+    Returns:
+        (policy, fallback); the fallback is the static baseline (TAPAS-style when the task
+        has row actions), used when the policy raises.
+
+    Raises:
+        PolicySpecError: Unknown name or unreadable checkpoint.
+    """
+    base = getattr(env, "unwrapped", env)
+    ctx = ctx or context_for(base)
+    tel = base.backend.telemetry
+    if spec.startswith("shield:"):
+        spec, shield = spec.split(":", 1)[1], True
+    if spec.startswith("checkpoint:"):
+        try:
+            from agents.policy import TrainedPolicy
+        except ImportError as exc:
+            raise PolicySpecError(f"policy {spec!r}: agents.policy is not available ({exc})") from exc
+        try:
+            inner = TrainedPolicy.from_checkpoint(spec.split(":", 1)[1], base)
+        except (OSError, ValueError, KeyError) as exc:
+            raise PolicySpecError(f"policy {spec!r}: cannot load checkpoint ({exc})") from exc
+    else:
+        try:
+            inner = make_controller(spec, base, ctx, seed)
+        except ValueError as exc:
+            raise PolicySpecError(f"policy {spec!r}: {exc}") from exc
+    if ctx.codec.has_rows:
+        from controllers.tapas import TapasController
+
+        fb: Any = TapasController(ctx)
+    else:
+        fb = StaticController(ctx)
+    if shield:
+        return Shield(inner, ctx, tel), Shield(fb, ctx, tel)
+    return inner, fb

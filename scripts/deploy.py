@@ -1,0 +1,233 @@
+"""Deploy a policy as a live controller on a simulated scenario or on the local GPU node.
+
+Examples::
+
+    # the small scenario, shielded DynamoLLM-style controller, 10x faster than real time
+    python scripts/deploy.py --scenario small --policy dynamo --interval-s 0.5
+    # the local GPU node, budget 550 W dropping to 300 W for 60 s at t = 60 s
+    python scripts/deploy.py --scenario local --policy static --interval-s 1 \
+        --power-budget-w 550 --budget-drill 60,60,300 --record drill.json.gz
+
+Prometheus metrics are served on http://127.0.0.1:9108/metrics (``--metrics-port -1``
+turns them off); every decision goes to a JSON-lines log. SIGTERM or Ctrl-C stops the loop:
+no further action is applied, GPU settings are restored and the log is flushed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from typing import Any
+
+
+@dataclass
+class DeployArgs:
+    """Command-line arguments (one field per option)."""
+
+    scenario: str = "small"
+    """Scenario name or YAML path, or ``local`` for the GPU node of this machine."""
+    task: str = "energy"
+    """Task whose action space the policy uses: energy, thermal, combined."""
+    policy: str = "dynamo"
+    """Registry name (static, unaware, dynamo, tapas, random) or checkpoint:<dir>."""
+    no_shield: bool = False
+    """Run the policy without the safety shield."""
+    interval_s: float | None = None
+    """Wall seconds per control interval (sim: pacing, 0 = as fast as possible; local node:
+    the control interval). Default: the scenario's interval in real time / 5 s."""
+    max_steps: int | None = None
+    """Stop after this many decisions (default: the episode's end)."""
+    seed: int = 0
+    """Episode seed."""
+    serving_model: str = "request"
+    """Simulated serving model: request (evaluation) or aggregate (fast)."""
+    power_margin: float = 0.93
+    """Shield: predicted row power must stay under this fraction of the limit."""
+    temp_margin_c: float = 3.0
+    """Shield: predicted GPU temperature must stay this far below slowdown (C)."""
+    no_governor: bool = False
+    """Turn off admission control on measured power."""
+    governor_margin: float = 0.95
+    """Governor target as a fraction of the row limit."""
+    drill: list[str] = field(default_factory=list)
+    """Fault drills kind@step[+steps][:worker]: telemetry_loss, policy_error, worker_kill."""
+    power_budget_w: float = 550.0
+    """Local node: virtual power budget (sum of GPU power, W)."""
+    budget_drill: list[str] = field(default_factory=list)
+    """Local node: start_s,duration_s,budget_w windows where the budget drops."""
+    gpus: str = "0"
+    """Local node: comma-separated GPU indices (one worker each)."""
+    model: str = "llama3-8b"
+    """Local node: worker model shape (llama3-8b, tiny)."""
+    device: str = "cuda"
+    """Local node: torch device of the workers (cuda, cpu)."""
+    trace: str = "azure_conv_2023"
+    """Local node: trace replayed."""
+    trace_start_s: float = 1200.0
+    """Local node: trace window start (s)."""
+    duration_s: float = 180.0
+    """Local node: run length (s)."""
+    rate_rps: float | None = None
+    """Local node: replay rate (default: the trace's own arrivals)."""
+    replay: str | None = None
+    """Local node: replay this telemetry recording instead of reading NVML (dry runs)."""
+    log: str = "runs/live/decisions.jsonl"
+    """Decision log (JSON lines)."""
+    metrics_port: int = 9108
+    """Prometheus port on --metrics-addr (-1: off, 0: any free port)."""
+    metrics_addr: str = "127.0.0.1"
+    """Prometheus bind address (localhost by default)."""
+    record: str | None = None
+    """Local node: write telemetry, intervals, controls and decisions here (.json.gz)."""
+    plot: str | None = None
+    """Local node with a budget drill: plot power vs budget here (PNG)."""
+
+
+def parse_args(argv: list[str] | None = None) -> DeployArgs:
+    """Parse the command line into :class:`DeployArgs`."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in fields(DeployArgs):
+        flag = "--" + f.name.replace("_", "-")
+        default = DeployArgs().__getattribute__(f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true")
+        elif isinstance(default, list):
+            p.add_argument(flag, action="append", default=[])
+        else:
+            typ = {"interval_s": float, "max_steps": int, "rate_rps": float, "replay": str,
+                   "record": str, "plot": str}.get(f.name, type(default))
+            p.add_argument(flag, type=typ, default=default)
+    return DeployArgs(**vars(p.parse_args(argv)))
+
+
+def _real_backend(a: DeployArgs) -> Any:
+    from controllers.live.supervise import SupervisedWorker
+    from envs.real.cluster import RealCluster, RealClusterConfig, RealClusterError
+    from envs.real.telemetry import ReplayGpuDevice
+    from envs.real.worker import InlineWorker, WorkerConfig, WorkerProcess
+
+    gpus = tuple(int(g) for g in a.gpus.split(","))
+    drills = []
+    for d in a.budget_drill:
+        try:
+            s, dur, w = (float(x) for x in d.split(","))
+        except ValueError:
+            raise RealClusterError(f"--budget-drill: field 'budget_drill' = {d!r}, expected "
+                                   "start_s,duration_s,budget_w") from None
+        drills.append((s, dur, w))
+    wc = WorkerConfig(model=a.model, device=a.device if a.device != "cuda" else "cuda:0")
+    cfg = RealClusterConfig(worker=wc, gpus=gpus, trace=a.trace, trace_start_s=a.trace_start_s,
+                            duration_s=a.duration_s, rate_rps=a.rate_rps,
+                            control_interval_s=a.interval_s or 5.0,
+                            power_budget_w=a.power_budget_w, budget_drills=tuple(drills),
+                            mode="process" if len(gpus) > 1 else "inline")
+    devices = ([ReplayGpuDevice(a.replay, index=g) for g in gpus] if a.replay else None)
+
+    def factory(g: int) -> Any:
+        dev = f"cuda:{g}" if wc.device.startswith("cuda") else wc.device
+        w = WorkerConfig(**{**wc.__dict__, "device": dev})
+        return (lambda: WorkerProcess(w)) if cfg.mode == "process" else (lambda: InlineWorker(w))
+
+    workers = [SupervisedWorker(factory(g), name=f"gpu{g}") for g in gpus]
+    cluster = RealCluster(cfg, devices=devices, workers=workers)
+    for w in workers:
+        w.siblings = workers
+    return cluster
+
+
+def build(a: DeployArgs) -> tuple[Any, Any]:
+    """The env (guarded backend) and the loop for these arguments."""
+    from controllers.live import (
+        DecisionLog,
+        Drill,
+        LiveLoop,
+        MetricsExporter,
+        PowerGovernor,
+        build_policy,
+        guarded_env,
+    )
+    from envs.cluster_env import ClusterEnv
+
+    if a.scenario == "local":
+        env = ClusterEnv(task=a.task, backend=_real_backend(a))
+        speed = math.inf  # the real node paces itself
+    else:
+        env = ClusterEnv(task=a.task, scenario=a.scenario, serving_model=a.serving_model)
+        iv = env.layout.control_interval_s
+        wall = iv if a.interval_s is None else a.interval_s
+        speed = math.inf if wall <= 0 else iv / wall
+    guarded_env(env)
+    policy, fallback = build_policy(a.policy, env, shield=not a.no_shield, seed=a.seed)
+    for sh in (policy, fallback):
+        if hasattr(sh, "power_margin"):
+            sh.power_margin, sh.temp_margin_c = a.power_margin, a.temp_margin_c
+    exporter = None if a.metrics_port < 0 else MetricsExporter(a.metrics_port, a.metrics_addr)
+    loop = LiveLoop(env, policy, fallback,
+                    governor=None if a.no_governor else PowerGovernor(margin=a.governor_margin),
+                    log=DecisionLog(a.log), exporter=exporter, speed=speed,
+                    drills=[Drill.parse(d) for d in a.drill])
+    return env, loop
+
+
+def _save_recording(a: DeployArgs, env: Any, loop: Any) -> None:
+    from envs.real.telemetry import save_recording
+
+    cl = env.unwrapped.backend.inner
+    st = cl.devices[0].static()
+    static = {**st.as_dict(), "command": "python scripts/deploy.py " + " ".join(_argv),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        import torch
+
+        static["torch"] = torch.__version__
+    except ImportError:
+        pass
+    drill = {"t0_s": cl.log.t0_s, "power_budget_w": cl.config.power_budget_w,
+             "budget_drills": [list(d) for d in cl.config.budget_drills],
+             "duration_s": cl.elapsed_s, "control_interval_s": cl.config.control_interval_s,
+             "policy": a.policy, "shield": not a.no_shield, "governor": not a.no_governor}
+    save_recording(a.record, static, cl.sampler.recorded(), drill=drill,
+                   intervals=cl.log.intervals, controls=cl.log.controls,
+                   decisions=loop.log.records)
+
+
+_argv: list[str] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the loop; prints a summary (and the drill figures) as JSON on the last line."""
+    import sys
+
+    _argv[:] = list(sys.argv[1:] if argv is None else argv)
+    a = parse_args(argv)
+    env, loop = build(a)
+    if loop.exporter is not None:
+        print(f"metrics on http://{a.metrics_addr}:{loop.exporter.port}/metrics", flush=True)
+    t = time.time()
+    summary = loop.run(seed=a.seed, max_steps=a.max_steps)
+    out: dict[str, Any] = {"steps": summary.steps, "stop_reason": summary.stop_reason,
+                           "wall_s": round(time.time() - t, 2), **summary.latency_ms(),
+                           "overrides": summary.overrides, "policy_errors": summary.policy_errors,
+                           "telemetry_errors": summary.telemetry_errors,
+                           "worker_events": len(summary.worker_events), **summary.totals}
+    if a.scenario == "local" and a.record:
+        _save_recording(a, env, loop)
+        if a.budget_drill:
+            from controllers.live.report import analyse, plot
+
+            res, series = analyse(a.record)
+            out["drill"] = res.as_dict()
+            if a.plot:
+                plot(res, series, a.plot, title=f"Budget drill, {a.policy} (shield) + governor")
+    from controllers.live.exporter import _jsonable
+
+    print(json.dumps(_jsonable(out)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

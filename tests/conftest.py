@@ -1,0 +1,30 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole pytest run (its start-up takes several seconds).
+
+    Two CPUs (the test machine has two cores), no dashboard, worker logs not forwarded. Token
+    authentication stays on as in any local Ray: a token made for this run only is passed in
+    the environment, so the user's ``~/.ray/auth_token`` is neither read nor written.
+    """
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ["RAY_AUTH_MODE"] = "token"  # read when ray is first imported
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    yield ray
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -1,0 +1,246 @@
+"""Training, reproducibility, checkpoints and the trained-policy adapter (agents/)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import envs  # noqa: F401
+from agents.checkpoint import (
+    METADATA_FILE,
+    MODEL_FILE,
+    VECNORM_FILE,
+    CheckpointError,
+    load_checkpoint,
+)
+from agents.config import WINDOWS, HyperparamsError, load_task_config, windows_overlap
+from agents.evaluate import StaticController, make_env, run_episode
+from agents.policy import TrainedPolicy
+from agents.train import train
+from controllers.base import Controller
+
+
+def _tiny(task: str, finetune_steps: int = 0, **changes):
+    """The shipped config of a task with a small rollout (fast tests, same algorithm)."""
+    cfg = load_task_config(task)
+    params = dataclasses.replace(cfg.algo_params, n_steps=256, batch_size=64, **changes)
+    return dataclasses.replace(cfg, algo_params=params, n_envs=1, checkpoint_freq=10**9,
+                               finetune_steps=finetune_steps)
+
+
+def _quick_train(task: str, out: Path, steps: int, seed: int = 0, finetune_steps: int = 0, **kw):
+    return train(_tiny(task, finetune_steps, **kw.pop("algo", {})), out, seed=seed, steps=steps, n_envs=1,
+                 progress=False, tensorboard=False, evaluate=False, **kw)
+
+
+def _params(model) -> np.ndarray:
+    return torch.cat([p.detach().flatten() for p in model.policy.parameters()]).numpy()
+
+
+class RandomController:
+    """Uniform random legal actions from a fixed generator (the bar a learner must clear)."""
+
+    name = "random"
+
+    def __init__(self, env: gym.Env, seed: int) -> None:
+        self.nvec = np.asarray(env.action_space.nvec)
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, observation, action_mask=None):
+        a = self.rng.integers(0, self.nvec)
+        if action_mask is not None:  # placement: a random legal choice
+            place = np.flatnonzero(action_mask[-int(self.nvec[-1]):])
+            a[-1] = self.rng.choice(place)
+        return a
+
+
+@pytest.fixture(scope="module")
+def energy_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("energy_ck")
+    _quick_train("energy", out, steps=512, seed=3)
+    return out
+
+
+# ---------------------------------------------------------------- configuration and windows
+def test_trace_windows_are_disjoint_and_used_by_the_env():
+    names = list(WINDOWS)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not windows_overlap(WINDOWS[a], WINDOWS[b]), (a, b)
+    from envs.sim.workload import builtin_trace
+
+    base = builtin_trace("azure_conv_2023")
+    env = make_env("LLMCluster/Energy-small-v0", "test")
+    env.reset(seed=0)
+    trace = env.unwrapped.backend.trace
+    start_s, _ = WINDOWS["test"]
+    held_out = base.window(start_s, base.duration_s - start_s)
+    train_part = base.window(*WINDOWS["train"])
+    # Every (input, output) pair of the episode exists in the held-out stretch; most do not
+    # exist in the training stretch (the two stretches share some common pairs by chance).
+    pairs = set(zip(held_out.input_tokens.tolist(), held_out.output_tokens.tolist(), strict=True))
+    got = list(zip(trace.input_tokens.tolist(), trace.output_tokens.tolist(), strict=True))
+    assert got and all(p in pairs for p in got)
+    train_pairs = set(zip(train_part.input_tokens.tolist(), train_part.output_tokens.tolist(), strict=True))
+    assert np.mean([p in train_pairs for p in got]) < 0.5
+
+
+def test_hyperparams_errors_name_file_and_field(tmp_path):
+    bad = tmp_path / "hp.yaml"
+    bad.write_text("energy:\n  algo: PPO\n  env_id: a\n  eval_id: b\n  algo_params: {learning_rat: 0.1}\n")
+    with pytest.raises(HyperparamsError, match=r"hp\.yaml.*energy\.algo_params\.learning_rat"):
+        load_task_config("energy", bad)
+    bad.write_text("energy:\n  algo: A2C\n  env_id: a\n  eval_id: b\n")
+    with pytest.raises(HyperparamsError, match=r"energy\.algo.*A2C"):
+        load_task_config("energy", bad)
+    with pytest.raises(HyperparamsError, match="no entry for task 'thermal'"):
+        load_task_config("thermal", bad)
+
+
+# ---------------------------------------------------------------- learning
+@pytest.mark.parametrize("task", ["energy", "thermal"])
+def test_short_training_beats_random_policy(task, tmp_path):
+    # A fast-learning variant of the shipped config (higher step size, short horizon, no
+    # entropy bonus) so that a few thousand steps show real learning.
+    fast = {"learning_rate": 3e-3, "gamma": 0.9, "ent_coef": 0.0}
+    steps = 6144
+    res = _quick_train(task, tmp_path / "trained", steps=steps, seed=0, algo=fast)
+    assert res.num_timesteps == steps
+    _quick_train(task, tmp_path / "untrained", steps=256, seed=0, algo=fast)  # one update only
+    cfg = load_task_config(task)
+    env = make_env(cfg.env_id, "validation")
+    policy = TrainedPolicy.from_checkpoint(tmp_path / "trained", env)
+    untrained = TrainedPolicy.from_checkpoint(tmp_path / "untrained", env)
+    assert policy.maskable == (task == "thermal")
+    seeds = (11, 12)
+    trained_r = np.mean([run_episode(policy, env, s).reward for s in seeds])
+    untrained_r = np.mean([run_episode(untrained, env, s).reward for s in seeds])
+    rand_r = np.mean([run_episode(RandomController(env, 5), env, s).reward for s in seeds])
+    assert trained_r > rand_r + 0.05 * abs(rand_r), (trained_r, rand_r)
+    assert trained_r > untrained_r + 0.05 * abs(untrained_r), (trained_r, untrained_r)
+
+
+def test_same_seed_same_parameters_different_seed_differs(tmp_path):
+    a = _quick_train("energy", tmp_path / "a", steps=512, seed=7).model
+    b = _quick_train("energy", tmp_path / "b", steps=512, seed=7).model
+    c = _quick_train("energy", tmp_path / "c", steps=512, seed=8).model
+    np.testing.assert_array_equal(_params(a), _params(b))
+    assert not np.array_equal(_params(a), _params(c))
+
+
+def test_resume_continues_step_count(tmp_path):
+    _quick_train("energy", tmp_path, steps=512, seed=1)
+    assert json.loads((tmp_path / "last" / METADATA_FILE).read_text())["steps"] == 512
+    res = _quick_train("energy", tmp_path, steps=1024, seed=1, resume=True)
+    assert res.num_timesteps == 1024
+    meta = json.loads((tmp_path / "last" / METADATA_FILE).read_text())
+    assert meta["steps"] == 1024
+    assert meta["train_wall_s"] > 0
+
+
+def test_two_stage_training_switches_to_request_level(tmp_path):
+    res = _quick_train("energy", tmp_path, steps=256, seed=2, finetune_steps=256)
+    assert res.num_timesteps == 512
+    assert res.model.get_env().get_attr("backend")[0].serving_model == "request"
+    meta = json.loads((tmp_path / METADATA_FILE).read_text())
+    assert [st["env_id"] for st in meta["stages"]] == ["LLMCluster/Energy-small-v0", "LLMCluster/Energy-v0"]
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_and_metadata(energy_run):
+    meta = json.loads((energy_run / METADATA_FILE).read_text())
+    for key in ("task", "eval_id", "scenario", "trace", "trace_windows_s", "seed", "steps",
+                "train_wall_s", "git_commit", "versions"):
+        assert key in meta
+    assert meta["task"] == "energy" and meta["scenario"] == "small" and meta["seed"] == 3
+    assert set(meta["versions"]) >= {"python", "numpy", "torch", "gymnasium", "stable_baselines3",
+                                     "sb3_contrib"}
+    env = make_env("LLMCluster/Energy-v0", "test")
+    ck = load_checkpoint(energy_run, env)
+    assert ck.model.num_timesteps == meta["steps"] == 512
+    policy = TrainedPolicy(ck.model, ck.vecnormalize)
+    assert isinstance(policy, Controller)
+    obs, _ = env.reset(seed=0)
+    norm = ck.vecnormalize.normalize_obs(obs)  # SB3's own normalization agrees with the adapter
+    np.testing.assert_allclose(policy.normalize(obs), norm, rtol=1e-5, atol=1e-5)
+    expected, _ = ck.model.predict(norm, deterministic=True)
+    np.testing.assert_array_equal(policy.act(obs), expected)
+    assert env.action_space.contains(policy.act(obs))
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in (MODEL_FILE, VECNORM_FILE, METADATA_FILE):
+        (dst / f).write_bytes((src / f).read_bytes())
+    return dst
+
+
+def test_truncated_model_is_reported(energy_run, tmp_path):
+    d = _copy(energy_run, tmp_path / "ck")
+    data = (d / MODEL_FILE).read_bytes()
+    (d / MODEL_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.zip: SHA-256 .* truncated"):
+        load_checkpoint(d)
+    # Even with the digest updated to the truncated file, loading fails clearly.
+    meta = json.loads((d / METADATA_FILE).read_text())
+    meta["files_sha256"][MODEL_FILE] = hashlib.sha256((d / MODEL_FILE).read_bytes()).hexdigest()
+    (d / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"model\.zip: cannot load PPO model"):
+        load_checkpoint(d)
+
+
+def test_edited_or_broken_metadata_is_reported(energy_run, tmp_path):
+    env = make_env("LLMCluster/Energy-v0", "test")
+    d = _copy(energy_run, tmp_path / "ck")
+    meta = json.loads((d / METADATA_FILE).read_text())
+    (d / METADATA_FILE).write_text(json.dumps({**meta, "task": "thermal"}))
+    mismatch = r"field 'task' is 'thermal' but the environment's task is 'energy'"
+    with pytest.raises(CheckpointError, match=mismatch):
+        load_checkpoint(d, env)
+    (d / METADATA_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "seed"}))
+    with pytest.raises(CheckpointError, match=r"lacks field\(s\) \['seed'\]"):
+        load_checkpoint(d)
+    (d / METADATA_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not readable JSON"):
+        load_checkpoint(d)
+    (d / METADATA_FILE).unlink()
+    with pytest.raises(CheckpointError, match="missing metadata file"):
+        load_checkpoint(d)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+    d2 = _copy(energy_run, tmp_path / "ck2")
+    (d2 / VECNORM_FILE).unlink()
+    with pytest.raises(CheckpointError, match=r"vecnormalize\.pkl: file listed .* missing"):
+        load_checkpoint(d2)
+
+
+def test_wrong_env_is_refused(energy_run):
+    with pytest.raises(CheckpointError, match="field 'task' is 'energy'"):
+        TrainedPolicy.from_checkpoint(energy_run, make_env("LLMCluster/Thermal-v0", "test"))
+    # Same task on another scenario: the scenario check names both.
+    other = gym.make("LLMCluster/Energy-v0", disable_env_checker=True).unwrapped
+    other.backend.scenario = dataclasses.replace(other.backend.scenario, name="medium")
+    with pytest.raises(CheckpointError, match="field 'scenario' is 'small'.*'medium'"):
+        load_checkpoint(energy_run, other)
+
+
+def test_static_controller_matches_initial_configuration():
+    env = make_env("LLMCluster/Thermal-small-v0", "train")
+    env.reset(seed=0)
+    ctl = StaticController(env)
+    mask = env.unwrapped.action_masks()
+    a = ctl.act(np.zeros(env.observation_space.shape), mask)
+    assert env.action_space.contains(a)
+    lay = env.unwrapped.layout
+    place = mask[-(lay.n_servers + 1):]
+    assert place[a[-1]]  # first-fit placement is legal
