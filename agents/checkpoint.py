@@ -181,10 +181,15 @@ def load_metadata(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def check_compatible(meta: dict[str, Any], env: Any, where: str | Path = "checkpoint") -> None:
-    """Raise CheckpointError if the checkpoint was not trained for this environment's task/spaces."""
+def check_compatible(meta: dict[str, Any], env: Any, where: str | Path = "checkpoint",
+                     same_scenario: bool = True) -> None:
+    """Raise CheckpointError if the checkpoint was not trained for this environment's task/spaces.
+
+    `same_scenario=False` allows another scenario with identical spaces and observation names
+    (e.g. the same datacenter at a higher oversubscription): a deliberate transfer evaluation.
+    """
     sig = env_signature(env)
-    for key in ("task", "scenario"):
+    for key in ("task", "scenario") if same_scenario else ("task",):
         if sig[key] is not None and meta[key] != sig[key]:
             raise CheckpointError(
                 f"{where}: field '{key}' is {meta[key]!r} but the environment's {key} is {sig[key]!r}")
@@ -203,12 +208,14 @@ def check_compatible(meta: dict[str, Any], env: Any, where: str | Path = "checkp
         raise CheckpointError(f"{where}: field 'observation_names' does not match the environment ({detail})")
 
 
-def load_checkpoint(directory: str | Path, env: Any = None) -> Checkpoint:
+def load_checkpoint(directory: str | Path, env: Any = None, same_scenario: bool = True) -> Checkpoint:
     """Load and validate a checkpoint; with `env`, also check it fits that environment.
 
     Args:
         directory: A directory written by `save_checkpoint`.
         env: Optional environment (ClusterEnv, possibly wrapped) the policy will run on.
+        same_scenario: Require the env's scenario to be the training scenario (see
+            `check_compatible`).
 
     Raises:
         CheckpointError: Missing or corrupt file, bad metadata, or a mismatch with `env`.
@@ -216,7 +223,7 @@ def load_checkpoint(directory: str | Path, env: Any = None) -> Checkpoint:
     d = Path(directory)
     meta = load_metadata(d)
     if env is not None:
-        check_compatible(meta, env, d / METADATA_FILE)
+        check_compatible(meta, env, d / METADATA_FILE, same_scenario=same_scenario)
     for name, digest in meta["files_sha256"].items():
         path = d / name
         if not path.is_file():

@@ -36,9 +36,9 @@ class TrainedPolicy:
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, env: Any = None,
-                        name: str | None = None) -> TrainedPolicy:
+                        name: str | None = None, same_scenario: bool = True) -> TrainedPolicy:
         """Load a checkpoint (validated against `env` when given) as a controller."""
-        ck: Checkpoint = load_checkpoint(directory, env)
+        ck: Checkpoint = load_checkpoint(directory, env, same_scenario=same_scenario)
         return cls(ck.model, ck.vecnormalize, name or f"{ck.metadata['algo'].lower()}:{ck.metadata['task']}",
                    ck.metadata)
 

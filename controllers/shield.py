@@ -7,15 +7,19 @@ and predicts the next interval:
 * row power: IaaS servers keep their present draw (VMs cannot be reconfigured; they can only
   leave within an interval), a newly placed VM adds its server at the VM's GPU power, and each
   SaaS server is bounded at its clock ceiling by ``idle + D * (f / f_max)**gamma`` per GPU,
-  with ``D`` the larger of `burst_factor` x the largest dynamic power seen in that row lately
-  (rescaled to the maximum clock) and `min_worst_fraction` of the profile's saturated-prefill
-  bound; the server overhead follows the simulator's linear model;
+  with ``D`` = `burst_factor` x the largest mean SaaS dynamic power seen in that row lately
+  (rescaled to the maximum clock); the server overhead follows the simulator's linear model;
 * GPU temperature: ``inlet + INLET_RISE_C + max(present rise, R_total x bound power)`` with the
-  fitted two-node thermal resistance (the heatsink only relaxes toward ``R * P``).
+  fitted two-node thermal resistance (the heatsink only relaxes toward ``R * P``), the bound
+  power here from the hottest SaaS GPU seen lately, floored at `min_worst_fraction` of the
+  profile's saturated-prefill power.
 
-The shield overrides when the proposal would put a row above `power_margin` of its limit, a
-GPU within `temp_margin_c` of its slowdown point, a VM where it would break either, a pool
-with load and no instances, a row within its limit starved of requests (weight 0), or when
+The shield overrides when the proposal would put a row above `power_margin` of its limit, or a
+GPU within `temp_margin_c` of its slowdown point, with a clock the prediction says is too high
+for that row (a row already at its safest clock, or one no clock can make safe, is left alone:
+its excess comes from VMs no action can reconfigure), a VM where it would break either, a pool
+with load and no instances, a TP change sooner than `min_reshard_intervals` after the last (only
+that change is undone), or when
 an emergency is declared (any fault flag). The override
 is the rule-based fallback (TAPAS-style for row tasks, the scenario's pools otherwise), with
 every row's clock ceiling (or every pool's clock, energy task) clamped to the highest step the
@@ -54,12 +58,13 @@ class Shield:
         burst_factor: Multiplier on recently seen SaaS dynamic power in the power bound.
         min_worst_fraction: Floor of the SaaS dynamic bound as a fraction of saturated prefill.
         history: Intervals of SaaS power history kept per row.
+        min_reshard_intervals: Intervals a pool's TP is held after a change (resharding pace).
     """
 
     def __init__(self, inner, ctx: ControllerContext, telemetry: Callable[[], Telemetry],
                  fallback=None, power_margin: float = 0.93, temp_margin_c: float = 3.0,
                  burst_factor: float = 1.5, min_worst_fraction: float = 0.6,
-                 history: int = 12) -> None:
+                 history: int = 12, min_reshard_intervals: int = 60) -> None:
         self.inner, self.ctx, self.telemetry = inner, ctx, telemetry
         self.name = f"shield({getattr(inner, 'name', type(inner).__name__)})"
         if fallback is None and ctx.codec.has_rows:
@@ -68,6 +73,7 @@ class Shield:
             fallback = TapasController(ctx)
         self.fallback = fallback
         self.power_margin, self.temp_margin_c = power_margin, temp_margin_c
+        self.min_reshard_intervals = min_reshard_intervals
         self.burst_factor, self.min_worst_fraction = burst_factor, min_worst_fraction
         lay = ctx.layout
         self.prof = ctx.profiles[max(lay.tp_choices)]
@@ -85,6 +91,8 @@ class Shield:
         if self.fallback is not None:
             self.fallback.reset()
         self._dyn_hist.clear()
+        self._tp_now: np.ndarray | None = None
+        self._tp_changed_at = np.full(self.ctx.layout.n_pools, -(10**9))
         self.overrides = 0
         self.steps = 0
         self.reason_counts: Counter[str] = Counter()
@@ -97,18 +105,28 @@ class Shield:
 
     # ------------------------------------------------------------------ prediction
     def _saas_dyn_w(self, tel: Telemetry) -> np.ndarray:
-        """Per row: dynamic power bound per SaaS GPU at the maximum clock (W)."""
+        """Per row: dynamic power bounds per SaaS GPU at the maximum clock (W), shape (2, rows).
+
+        Row 0 bounds the row's *mean* SaaS GPU (what its power sum needs); row 1 the hottest
+        SaaS GPU (what its temperature needs, floored at `min_worst_fraction` of saturated
+        prefill). Both take `burst_factor` x the largest value seen over `history` intervals.
+        """
         lay, prof = self.ctx.layout, self.prof
         idle = prof.idle_power_w
         f_rel = np.clip(np.asarray(tel.gpu_freq_mhz, dtype=float) / lay.max_freq_mhz, 0.2, 1.0)
         dyn = np.maximum(np.asarray(tel.gpu_power_w) - idle, 0.0) / f_rel**prof.power_freq_exponent
         saas_gpu = np.repeat(self.saas_server, lay.gpus_per_server)
-        per_row = np.zeros(lay.n_rows)
-        np.maximum.at(per_row, self.gpu_row[saas_gpu], dyn[saas_gpu])
-        self._dyn_hist.append(per_row)
+        rows = self.gpu_row[saas_gpu]
+        n = np.maximum(np.bincount(rows, minlength=lay.n_rows), 1)
+        mean = np.bincount(rows, weights=dyn[saas_gpu], minlength=lay.n_rows) / n
+        peak = np.zeros(lay.n_rows)
+        np.maximum.at(peak, rows, dyn[saas_gpu])
+        self._dyn_hist.append(np.stack([mean, peak]))
         seen = np.max(np.stack(self._dyn_hist), axis=0)
         worst = float(worst_gpu_power_w(prof, lay.max_freq_mhz)) - idle
-        return np.clip(self.burst_factor * seen, self.min_worst_fraction * worst, worst)
+        bound = np.minimum(self.burst_factor * seen, worst)
+        bound[1] = np.maximum(bound[1], self.min_worst_fraction * worst)
+        return bound
 
     def _saas_gpu_w(self, dyn_w: np.ndarray, f_mhz: np.ndarray) -> np.ndarray:
         prof = self.prof
@@ -123,10 +141,12 @@ class Shield:
         gpu_w = np.asarray(tel.gpu_power_w, dtype=float).reshape(lay.n_servers, -1).sum(axis=1)
         server_w = srv.server_power_w(gpu_w, idle)
         per_gpu = np.asarray(tel.gpu_power_w, dtype=float).reshape(lay.n_servers, -1).max(axis=1)
-        saas_w = self._saas_gpu_w(dyn_w[lay.server_row], f_row_mhz[lay.server_row])
-        server_w = np.where(self.saas_server, srv.server_power_w(saas_w * lay.gpus_per_server,
+        f_srv = f_row_mhz[lay.server_row]
+        saas_mean_w = self._saas_gpu_w(dyn_w[0][lay.server_row], f_srv)
+        server_w = np.where(self.saas_server, srv.server_power_w(saas_mean_w * lay.gpus_per_server,
                                                                  idle), server_w)
-        per_gpu = np.where(self.saas_server, saas_w, per_gpu)
+        per_gpu = np.where(self.saas_server, self._saas_gpu_w(dyn_w[1][lay.server_row], f_srv),
+                           per_gpu)
         if vm_server is not None:
             server_w[vm_server] = srv.server_power_w(vm_gpu_w * lay.gpus_per_server, idle)
             per_gpu[vm_server] = vm_gpu_w
@@ -143,16 +163,22 @@ class Shield:
         np.maximum.at(row_temp, lay.server_row[checked], temp[checked])
         return row_w, row_temp
 
-    def _safe_row_freq_idx(self, tel: Telemetry, dyn_w: np.ndarray) -> np.ndarray:
-        """Highest clock-ceiling index per row that the prediction allows (0 if none does)."""
+    def _safe_row_freq_idx(self, tel: Telemetry, dyn_w: np.ndarray,
+                           with_feasible: bool = False):
+        """Highest clock-ceiling index per row that the prediction allows (0 if none does).
+
+        With `with_feasible`, also the mask of rows where some clock is allowed at all.
+        """
         lay = self.ctx.layout
         limit = np.asarray(tel.row_limit_w, dtype=float) * self.power_margin
         out = np.zeros(lay.n_rows, dtype=np.int64)
+        feasible = np.zeros(lay.n_rows, dtype=bool)
         for i, f in enumerate(self.freqs):
             row_w, row_t = self._predict(tel, dyn_w, np.full(lay.n_rows, f), None, 0.0)
             ok = (row_w <= limit) & (row_t <= lay.slowdown_temp_c - self.temp_margin_c)
             out = np.where(ok, i, out)
-        return out
+            feasible |= ok
+        return (out, feasible) if with_feasible else out
 
     # ------------------------------------------------------------------ policy
     def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
@@ -173,21 +199,57 @@ class Shield:
         vm_w = view.pending_vm_gpu_w(observation)
         row_w, row_t = self._predict(tel, dyn_w, f_row, vm_server, vm_w)
         limit = np.asarray(tel.row_limit_w, dtype=float)
-        if (row_w > self.power_margin * limit).any():
+        # Only a risk a lower clock would remove counts: a row at or under the highest clock the
+        # prediction allows is as safe as the action can make it, and a row no clock makes safe
+        # owes its excess to VMs that cannot be reconfigured (row capping handles those).
+        safe_idx, feasible = self._safe_row_freq_idx(tel, dyn_w, with_feasible=True)
+        lowerable = feasible & (f_row > self.freqs[safe_idx] + 1e-9)
+        hot_power = row_w > self.power_margin * limit
+        hot_temp = row_t > lay.slowdown_temp_c - self.temp_margin_c
+        if (hot_power & lowerable).any():
             reasons.append("row_power")
-        if (row_t > lay.slowdown_temp_c - self.temp_margin_c).any():
+        if (hot_temp & lowerable).any():
             reasons.append("gpu_temp")
+        if vm_server is not None:
+            r = lay.server_row[vm_server]
+            row_w0, row_t0 = self._predict(tel, dyn_w, f_row, None, 0.0)
+            if (hot_power[r] and not row_w0[r] > self.power_margin * limit[r]) or (
+                    hot_temp[r] and not row_t0[r] > lay.slowdown_temp_c - self.temp_margin_c):
+                reasons.append("placement")
         if ctx.codec.has_pools and self._starves_a_pool(action, observation):
             reasons.append("capacity")
-        if ctx.codec.has_rows and self._starves_a_row(action, tel):
-            reasons.append("routing")
-        if not reasons:
-            self.last_override = ()
-            return action
-        self.overrides += 1
-        self.reason_counts.update(reasons)
+        out = (self._safe_fallback(action, fb_action, observation, action_mask, tel, dyn_w)
+               if reasons else action)
+        if ctx.codec.has_pools:  # whichever action goes out, TP changes are paced
+            out, resharded = self._pace_resharding(out)
+            if resharded:
+                reasons.append("resharding")
         self.last_override = tuple(reasons)
-        return self._safe_fallback(action, fb_action, observation, action_mask, tel, dyn_w)
+        if reasons:
+            self.overrides += 1
+            self.reason_counts.update(reasons)
+        return out
+
+    def _pace_resharding(self, action: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Hold each pool's TP unless its last change is `min_reshard_intervals` old.
+
+        A TP change restarts every instance of the pool at once (model-load downtime); back to
+        back, such restarts let queued requests age past the drop deadline. Spacing them keeps
+        the downtime a small fraction of the time, so the backlog drains in between.
+        """
+        lay = self.ctx.layout
+        tp_idx = action[1: 4 * lay.n_pools: 4]
+        if self._tp_now is None:
+            self._tp_now = self.ctx.initial_pool_block()[1::4].copy()
+        changed = tp_idx != self._tp_now
+        recent = (self.steps - self._tp_changed_at) < self.min_reshard_intervals
+        blocked = changed & recent
+        out = action.copy()
+        out[1: 4 * lay.n_pools: 4] = np.where(blocked, self._tp_now, tp_idx)
+        allowed = changed & ~recent
+        self._tp_changed_at = np.where(allowed, self.steps, self._tp_changed_at)
+        self._tp_now = out[1: 4 * lay.n_pools: 4].copy()
+        return out, bool(blocked.any())
 
     def _row_clocks(self, action: np.ndarray) -> tuple[np.ndarray, int | None]:
         """Effective SaaS clock ceiling per row and the placement of an action."""

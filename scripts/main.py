@@ -1,20 +1,23 @@
-"""The main job: `./run-main.sh` with no flags.
+"""The main job (`./run-main.sh`, no flags): evaluate the shipped agents against the baselines.
 
-Until the shipped agents exist this runs the simulation report on the default scenario; the
-evaluation of the shipped checkpoints against the baselines replaces it once they land.
+Runs `scripts.evaluate` with its defaults — the energy agent (DynamoLLM task) against static,
+the DynamoLLM-style manager and the hindsight oracle, and the thermal agent (TAPAS task, at
+1.6x oversubscription) against the unaware and TAPAS-style baselines, each inside the safety
+shield and raw, on held-out trace windows, three seeds, request-level model — prints the tables
+and writes `reports/evaluation/report.md` with its plots.
 """
 
 from __future__ import annotations
 
 import sys
 
-from scripts import simulate
+from scripts import evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the main job on the embedded default."""
-    return simulate.main(list(argv) if argv is not None else ["--scenario", "small_faults"])
+    """Run the main job (any arguments are passed to `scripts.evaluate`)."""
+    return evaluate.main(list(argv) if argv else [])
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or None))
+    sys.exit(main(sys.argv[1:]))
