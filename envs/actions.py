@@ -25,6 +25,8 @@ from envs.backend import ClusterAction, ClusterLayout, PoolConfig
 ROUTE_WEIGHT_LEVELS = (0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0)
 """Routing weight of a row per level; a row at 0 gets new requests only if every row is at 0."""
 
+_ROUTE_LEVELS = np.array(ROUTE_WEIGHT_LEVELS)
+
 TASKS = ("energy", "thermal", "combined")
 
 
@@ -108,26 +110,15 @@ class ActionCodec:
         pools = None
         i = 0
         if self.has_pools:
-            block = a[: 4 * lay.n_pools].reshape(lay.n_pools, 4)
             i = 4 * lay.n_pools
-            servers = self._servers_per_pool(block[:, 0])
-            cfgs = []
-            for p in range(lay.n_pools):
-                tp = lay.tp_choices[block[p, 1]]
-                cfgs.append(PoolConfig(
-                    n_instances=int(servers[p]) * (lay.gpus_per_server // tp),
-                    tp=tp,
-                    freq_mhz=float(lay.freq_choices_mhz[block[p, 2]]),
-                    max_batch=int(lay.batch_choices[block[p, 3]]),
-                ))
-            pools = tuple(cfgs)
+            pools = self._pools(a[:i].tobytes(), a[:i])
         if not self.has_rows:
             return ClusterAction(pools=pools), False
         rows = a[i: i + 3 * lay.n_rows].reshape(lay.n_rows, 3)
-        weight = np.array([ROUTE_WEIGHT_LEVELS[k] for k in rows[:, 0]])
+        weight = _ROUTE_LEVELS[rows[:, 0]]
         if not weight.any():
-            weight[:] = 1.0
-        cap = np.array([lay.freq_choices_mhz[k] for k in rows[:, 1]], dtype=float)
+            weight = np.ones(lay.n_rows)
+        cap = np.asarray(lay.freq_choices_mhz, dtype=float)[rows[:, 1]]
         quant = rows[:, 2].astype(bool)
         place = int(a[-1])
         vm_server = None
@@ -141,6 +132,29 @@ class ActionCodec:
             masked = True
         return ClusterAction(pools=pools, row_freq_cap_mhz=cap, row_quantized=quant,
                              row_route_weight=weight, vm_server=vm_server), masked
+
+    def _pools(self, key: bytes, flat: np.ndarray) -> tuple[PoolConfig, ...]:
+        """Pool configurations of a pool block (memoized: policies repeat their choices)."""
+        cache = self.__dict__.setdefault("_pool_cache", {})
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        lay = self.layout
+        block = flat.reshape(lay.n_pools, 4)
+        servers = self._servers_per_pool(block[:, 0])
+        cfgs = []
+        for p in range(lay.n_pools):
+            tp = lay.tp_choices[block[p, 1]]
+            cfgs.append(PoolConfig(
+                n_instances=int(servers[p]) * (lay.gpus_per_server // tp),
+                tp=tp,
+                freq_mhz=float(lay.freq_choices_mhz[block[p, 2]]),
+                max_batch=int(lay.batch_choices[block[p, 3]]),
+            ))
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = pools = tuple(cfgs)
+        return pools
 
     def _servers_per_pool(self, levels: np.ndarray) -> np.ndarray:
         """Server counts per pool from share levels, scaled down to fit the SaaS servers."""

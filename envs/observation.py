@@ -85,6 +85,11 @@ class ObservationBuilder:
         self.spec = observation_spec(lay)
         self.gpu_aisle = np.repeat(lay.server_aisle, lay.gpus_per_server)
         self.prev_rate = np.zeros(lay.n_pools)
+        # Capping is row-wide: the row's capped flag is that of any of its GPUs (the first).
+        first_server = np.array([np.flatnonzero(lay.server_row == r)[0] for r in range(lay.n_rows)])
+        self._first_gpu_of_row = first_server * lay.gpus_per_server
+        self._max_ttft_slo = float(np.max(lay.slo_ttft_s))
+        self._max_tbt_slo = float(np.max(lay.slo_tbt_s))
 
     def reset(self) -> None:
         """Forget the load trend."""
@@ -102,48 +107,46 @@ class ObservationBuilder:
     ) -> np.ndarray:
         """The observation vector (float32, clipped to +-OBS_CLIP)."""
         lay = self.layout
-        scale = lay.nominal_rps * lay.control_interval_s
-        parts: list[np.ndarray] = []
+        n_p, n_r, n_a = lay.n_pools, lay.n_rows, lay.n_aisles
+        obs = np.empty(self.spec.size)
+        pool = obs[: 8 * n_p].reshape(n_p, 8)
         if m is not None:
-            rate = m.arrivals_per_pool / lay.control_interval_s / lay.nominal_rps
-            queued, running = m.queued_per_pool / scale, m.running_per_pool / scale
+            scale = lay.nominal_rps * lay.control_interval_s
+            rate = m.arrivals_per_pool / scale
+            pool[:, 2] = m.queued_per_pool / scale
+            pool[:, 3] = m.running_per_pool / scale
         else:
-            rate = np.zeros(lay.n_pools)
-            queued = running = np.zeros(lay.n_pools)
-        trend = rate - self.prev_rate
+            rate = np.zeros(n_p)
+            pool[:, 2:4] = 0.0
+        pool[:, 0] = rate
+        pool[:, 1] = rate - self.prev_rate
         self.prev_rate = rate
-        parts.append(np.column_stack([rate, trend, queued, running, self._config_block(pools)]).ravel())
+        pool[:, 4:8] = self._config_block(pools)
+        rows = obs[8 * n_p: 8 * n_p + 6 * n_r].reshape(n_r, 6)
         limit = self.nominal_row_limit_w
-        rows = np.column_stack([
-            tel.row_power_w / limit,
-            (tel.row_limit_w - tel.row_power_w) / limit,
-            np.bincount(lay.server_row, weights=np.asarray(tel.gpu_power_capped[
-                :: lay.gpus_per_server], dtype=float), minlength=lay.n_rows) > 0,
-            route_weight,
-            freq_cap_mhz / lay.max_freq_mhz,
-            quantized,
-        ])
-        parts.append(rows.ravel())
-        max_t = self._max_per_aisle(tel.gpu_temp_c)
-        aisles = np.column_stack([
-            (tel.aisle_inlet_c - 20.0) / 20.0,
-            (max_t - 40.0) / (lay.slowdown_temp_c - 40.0),
-            tel.aisle_heat_w / np.maximum(tel.aisle_capacity_w, 1.0),
-            tel.aisle_capacity_w / self.nominal_aisle_capacity_w,
-        ])
-        parts.append(aisles.ravel())
+        rows[:, 0] = tel.row_power_w / limit
+        rows[:, 1] = (tel.row_limit_w - tel.row_power_w) / limit
+        rows[:, 2] = tel.gpu_power_capped[self._first_gpu_of_row]
+        rows[:, 3] = route_weight
+        rows[:, 4] = freq_cap_mhz / lay.max_freq_mhz
+        rows[:, 5] = quantized
+        lo = 8 * n_p + 6 * n_r
+        aisles = obs[lo: lo + 4 * n_a].reshape(n_a, 4)
+        aisles[:, 0] = (tel.aisle_inlet_c - 20.0) / 20.0
+        aisles[:, 1] = (self._max_per_aisle(tel.gpu_temp_c) - 40.0) / (lay.slowdown_temp_c - 40.0)
+        aisles[:, 2] = tel.aisle_heat_w / np.maximum(tel.aisle_capacity_w, 1.0)
+        aisles[:, 3] = tel.aisle_capacity_w / self.nominal_aisle_capacity_w
         phase = 2 * np.pi * tel.time_s / 86400.0
         if m is not None:
-            slo = [m.slo_attainment, m.ttft_p99_s / lay.slo_ttft_s.max(),
-                   m.tbt_p99_s / lay.slo_tbt_s.max()]
+            slo = (m.slo_attainment, m.ttft_p99_s / self._max_ttft_slo, m.tbt_p99_s / self._max_tbt_slo)
         else:
-            slo = [1.0, 0.0, 0.0]
-        parts.append(np.array([
-            np.sin(phase), np.cos(phase), *active_kinds.astype(float),
+            slo = (1.0, 0.0, 0.0)
+        obs[lo + 4 * n_a:] = (
+            np.sin(phase), np.cos(phase), *active_kinds,
             tel.pending_vm_power_w / lay.gpu_power_limit_w, *slo,
-            float(np.mean(tel.gpu_thermal_throttled)),
-        ]))
-        obs = np.concatenate(parts).astype(np.float32)
+            float(tel.gpu_thermal_throttled.mean()),
+        )
+        obs = obs.astype(np.float32)
         obs[np.isnan(obs)] = 0.0
         return np.clip(obs, -OBS_CLIP, OBS_CLIP, out=obs)
 

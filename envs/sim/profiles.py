@@ -70,7 +70,7 @@ class ProfileError(ValueError):
 def _slowdown(freq_mhz: Any, max_freq_mhz: Any, phi: Any) -> np.ndarray:
     """Time multiplier at ``freq_mhz`` relative to ``max_freq_mhz`` for compute fraction phi."""
     freq = np.asarray(freq_mhz, dtype=np.float64)
-    if np.any(freq <= 0.0):
+    if (freq <= 0.0).any():
         raise ValueError(f"freq_mhz must be > 0, got min {float(np.min(freq))}")
     scale = np.asarray(max_freq_mhz, dtype=np.float64) / freq
     return phi * scale + (1.0 - phi)

@@ -85,11 +85,12 @@ def weighted_percentiles(
     values: np.ndarray, weight: np.ndarray, qs: tuple[float, ...]
 ) -> tuple[float, ...]:
     """Percentiles of weighted samples (equal weights give the usual lower-median convention)."""
-    keep = weight > 0
-    if not keep.any():
+    total = float(weight.sum())
+    if total <= 0:
         return tuple(0.0 for _ in qs)
-    order = np.argsort(values[keep], kind="stable")
-    v, w = values[keep][order], weight[keep][order]
-    cum = np.cumsum(w) / w.sum()
-    idx = np.searchsorted(cum, np.asarray(qs) / 100.0 - 1e-12)
-    return tuple(float(v[min(i, len(v) - 1)]) for i in idx)
+    order = np.argsort(values, kind="stable")
+    cum = np.cumsum(weight[order])
+    # Zero-weight samples add nothing to the cumulative weight, so the search never stops on one
+    # unless it ties a positive one before it.
+    idx = np.searchsorted(cum, (np.asarray(qs) / 100.0 - 1e-12) * total)
+    return tuple(values[order][np.minimum(idx, len(values) - 1)].tolist())

@@ -39,6 +39,7 @@ class AggregateServing:
         self.run_out = np.zeros(n)
         self.slot_pool = np.full(n, -1, dtype=np.int64)
         self.busy_until_s = np.zeros(n)
+        self.last_iter_s = np.zeros(n)
         self.buf = np.zeros(p)
         self.buf_in = np.zeros(p)
         self.buf_out = np.zeros(p)
@@ -168,9 +169,8 @@ class AggregateServing:
         # earlier tick add their queue age and the carried prefill backlog.
         age = self.q_age_s[idx]
         rho = adm * tau / dt_s
-        iter_now = model.decode_iter_time_s(np.maximum(run, 1.0),
-                                            np.maximum(self.run_ctx[idx], 1.0), idx)
-        iter_now = np.where(run > 0, iter_now, 0.0)
+        # The running batch's iteration time, as of the end of the last tick.
+        iter_now = np.where(run > 0, self.last_iter_s[idx], 0.0)
         base = tau + backlog + age
         wait = np.where(rho < 0.95, rho * tau / (2 * np.maximum(1 - rho, 0.05)), 0.0) + iter_now / 2
         overloaded = rho >= 0.95
@@ -214,6 +214,7 @@ class AggregateServing:
         self.run[idx] = new_run - finished
         self.run_ctx[idx] = np.where(frac_done < 1, ctx + n_iter, 0.0)
         self.run_out[idx] = np.where(frac_done < 1, out, 0.0)
+        self.last_iter_s[idx] = iter_s
         return load
 
     def _record(self, acc, finished, ttft_ok, tbt, ttft_mid, slo_ttft, slo_tbt, qloss) -> None:
