@@ -18,8 +18,8 @@ The shield overrides when the proposal would put a row above `power_margin` of i
 GPU within `temp_margin_c` of its slowdown point, with a clock the prediction says is too high
 for that row (a row already at its safest clock, or one no clock can make safe, is left alone:
 its excess comes from VMs no action can reconfigure), a VM where it would break either, a pool
-with load and no instances, a TP change sooner than `min_reshard_intervals` after the last (only
-that change is undone), or when
+with load and no instances, a backlogged pool losing capacity, a TP change sooner than
+`min_reshard_intervals` after the last (only that change is undone), or when
 an emergency is declared (any fault flag). The override
 is the rule-based fallback (TAPAS-style for row tasks, the scenario's pools otherwise), with
 every row's clock ceiling (or every pool's clock, energy task) clamped to the highest step the
@@ -92,6 +92,7 @@ class Shield:
             self.fallback.reset()
         self._dyn_hist.clear()
         self._tp_now: np.ndarray | None = None
+        self._last_pool_block: np.ndarray | None = None
         self._tp_changed_at = np.full(self.ctx.layout.n_pools, -(10**9))
         self.overrides = 0
         self.steps = 0
@@ -216,26 +217,58 @@ class Shield:
             if (hot_power[r] and not row_w0[r] > self.power_margin * limit[r]) or (
                     hot_temp[r] and not row_t0[r] > lay.slowdown_temp_c - self.temp_margin_c):
                 reasons.append("placement")
-        if ctx.codec.has_pools and self._starves_a_pool(action, observation):
+        if ctx.codec.has_pools and (self._starves_a_pool(action, observation)
+                                    or self._shrinks_while_backlogged(action, observation)):
             reasons.append("capacity")
-        out = (self._safe_fallback(action, fb_action, observation, action_mask, tel, dyn_w)
-               if reasons else action)
-        if ctx.codec.has_pools:  # whichever action goes out, TP changes are paced
-            out, resharded = self._pace_resharding(out)
-            if resharded:
-                reasons.append("resharding")
+        if reasons:
+            out = self._safe_fallback(action, fb_action, observation, action_mask, tel, dyn_w)
+            if ctx.codec.has_pools:  # the fallback's configuration is the safe one: let it in
+                self._pace_resharding(out, force=True)
+        else:
+            out = action
+            if ctx.codec.has_pools:  # the wrapped policy's TP changes are paced
+                out, resharded = self._pace_resharding(out)
+                if resharded:
+                    reasons.append("resharding")
         self.last_override = tuple(reasons)
         if reasons:
             self.overrides += 1
             self.reason_counts.update(reasons)
+        if ctx.codec.has_pools:
+            self._last_pool_block = out[: ctx.n_pool_dims].copy()
         return out
 
-    def _pace_resharding(self, action: np.ndarray) -> tuple[np.ndarray, bool]:
+    def _pool_capacity(self, block: np.ndarray) -> np.ndarray:
+        """Concurrent sequences x relative clock per pool: a proxy of its serving capacity."""
+        lay = self.ctx.layout
+        b = block.reshape(lay.n_pools, 4)
+        tp = np.array(lay.tp_choices)[b[:, 1]]
+        inst = self.ctx.codec._servers_per_pool(b[:, 0]) * (lay.gpus_per_server // tp)
+        batch = np.array(lay.batch_choices)[b[:, 3]]
+        return inst * batch * self.freqs[b[:, 2]] / lay.max_freq_mhz
+
+    def _shrinks_while_backlogged(self, action: np.ndarray, observation: np.ndarray) -> bool:
+        """A pool holding more than an interval of arrivals in its queue loses capacity.
+
+        Shrinking a backlogged pool lets its queue age past the drop deadline; the shield keeps
+        the capacity until the backlog drains.
+        """
+        if self._last_pool_block is None:
+            return False
+        view, lay = self.ctx.view, self.ctx.layout
+        backlogged = view.pool_backlog(observation) > np.maximum(
+            view.pool_rate_rps(observation) * lay.control_interval_s, 1.0)
+        shrinks = self._pool_capacity(action[: self.ctx.n_pool_dims]) < self._pool_capacity(
+            self._last_pool_block) * 0.999
+        return bool((backlogged & shrinks).any())
+
+    def _pace_resharding(self, action: np.ndarray, force: bool = False) -> tuple[np.ndarray, bool]:
         """Hold each pool's TP unless its last change is `min_reshard_intervals` old.
 
         A TP change restarts every instance of the pool at once (model-load downtime); back to
         back, such restarts let queued requests age past the drop deadline. Spacing them keeps
-        the downtime a small fraction of the time, so the backlog drains in between.
+        the downtime a small fraction of the time, so the backlog drains in between. With
+        `force` (the shield's own fallback) the change is recorded but never held back.
         """
         lay = self.ctx.layout
         tp_idx = action[1: 4 * lay.n_pools: 4]
@@ -243,6 +276,8 @@ class Shield:
             self._tp_now = self.ctx.initial_pool_block()[1::4].copy()
         changed = tp_idx != self._tp_now
         recent = (self.steps - self._tp_changed_at) < self.min_reshard_intervals
+        if force:
+            recent = np.zeros_like(recent)
         blocked = changed & recent
         out = action.copy()
         out[1: 4 * lay.n_pools: 4] = np.where(blocked, self._tp_now, tp_idx)
