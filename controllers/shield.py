@@ -18,7 +18,7 @@ The shield overrides when the proposal would put a row above `power_margin` of i
 GPU within `temp_margin_c` of its slowdown point, with a clock the prediction says is too high
 for that row (a row already at its safest clock, or one no clock can make safe, is left alone:
 its excess comes from VMs no action can reconfigure), a VM where it would break either, a pool
-with load and no instances, a backlogged pool losing capacity, a TP change sooner than
+with load and no instance anywhere, a backlogged cluster losing capacity, a TP change sooner than
 `min_reshard_intervals` after the last (only that change is undone), or when
 an emergency is declared (any fault flag). The override
 is the rule-based fallback (TAPAS-style for row tasks, the scenario's pools otherwise), with
@@ -248,19 +248,19 @@ class Shield:
         return inst * batch * self.freqs[b[:, 2]] / lay.max_freq_mhz
 
     def _shrinks_while_backlogged(self, action: np.ndarray, observation: np.ndarray) -> bool:
-        """A pool holding more than an interval of arrivals in its queue loses capacity.
+        """The cluster holds more than an interval of arrivals in its queues and loses capacity.
 
-        Shrinking a backlogged pool lets its queue age past the drop deadline; the shield keeps
-        the capacity until the backlog drains.
+        Shrinking a backlogged cluster lets its queues age past the drop deadline; the shield
+        keeps the capacity until the backlog drains (pools may still trade capacity).
         """
         if self._last_pool_block is None:
             return False
         view, lay = self.ctx.view, self.ctx.layout
-        backlogged = view.pool_backlog(observation) > np.maximum(
-            view.pool_rate_rps(observation) * lay.control_interval_s, 1.0)
-        shrinks = self._pool_capacity(action[: self.ctx.n_pool_dims]) < self._pool_capacity(
-            self._last_pool_block) * 0.999
-        return bool((backlogged & shrinks).any())
+        backlog = view.pool_backlog(observation).sum()
+        backlogged = backlog > max(view.pool_rate_rps(observation).sum() * lay.control_interval_s, 1.0)
+        shrinks = self._pool_capacity(action[: self.ctx.n_pool_dims]).sum() < self._pool_capacity(
+            self._last_pool_block).sum() * 0.999
+        return bool(backlogged and shrinks)
 
     def _pace_resharding(self, action: np.ndarray, force: bool = False) -> tuple[np.ndarray, bool]:
         """Hold each pool's TP unless its last change is `min_reshard_intervals` old.
@@ -312,8 +312,11 @@ class Shield:
         tp = np.array(lay.tp_choices)[action[1: 4 * lay.n_pools: 4]]
         servers = self.ctx.codec._servers_per_pool(levels)
         inst = servers * (lay.gpus_per_server // tp)
+        # A pool without instances of its own is served by the others (the router spills its
+        # requests over every live instance, DynamoLLM-style consolidation); only a cluster
+        # with no instance at all starves.
         demand = (view.pool_rate_rps(observation) > 0) | (view.pool_backlog(observation) > 0)
-        return bool(((inst == 0) & (demand | (self.ctx.pool_stats.fraction > 0))).any())
+        return bool(inst.sum() == 0 and (demand | (self.ctx.pool_stats.fraction > 0)).any())
 
     def _safe_fallback(self, action, fb_action, observation, action_mask, tel, dyn_w
                        ) -> np.ndarray:
