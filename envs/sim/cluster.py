@@ -225,9 +225,8 @@ class SimCluster:
             self.row_freq_cap_mhz = np.clip(cap, self.gpu_model.min_freq_mhz,
                                             self.gpu_model.max_freq_mhz)
         if action.row_quantized is not None:
-            q = _row_array(action.row_quantized, topo.n_rows, "row_quantized").astype(bool)
-            if not np.array_equal(q, self.row_quantized):
-                self.row_quantized = q
+            self.row_quantized = _row_array(action.row_quantized, topo.n_rows,
+                                            "row_quantized").astype(bool)
         if action.row_route_weight is not None:
             w = _row_array(action.row_route_weight, topo.n_rows, "row_route_weight")
             if (w < 0).any():
@@ -262,18 +261,24 @@ class SimCluster:
         # Limits in force now (for the next tick), consistent with `active_faults`; the last
         # tick's own limits are in `record.row_limit_w`.
         row_f, aisle_f = self.faults.factors(self.time_s, self.topo.n_rows, self.topo.n_aisles)
+        # The tick replaces these arrays rather than writing into them, so the record shares
+        # them read-only instead of copying (a write through the record raises).
+        shared = (self._gpu_power_w, self._gpu_temp_c, self.thermal_throttled, self._row_power_w,
+                  self.inlet_c, self._aisle_heat_w)
+        for arr in shared:
+            arr.flags.writeable = False
         return Telemetry(
             time_s=self.time_s,
-            gpu_power_w=self._gpu_power_w.copy(),
-            gpu_temp_c=self._gpu_temp_c.copy(),
+            gpu_power_w=self._gpu_power_w,
+            gpu_temp_c=self._gpu_temp_c,
             gpu_freq_mhz=np.minimum(self.thermal_ceiling_mhz,
                                     self.row_ceiling_mhz[self.topo.gpu_row]),
-            gpu_thermal_throttled=self.thermal_throttled.copy(),
+            gpu_thermal_throttled=self.thermal_throttled,
             gpu_power_capped=self.row_capped[self.topo.gpu_row],
-            row_power_w=self._row_power_w.copy(),
+            row_power_w=self._row_power_w,
             row_limit_w=self.topo.row_limit_w * row_f,
-            aisle_inlet_c=self.inlet_c.copy(),
-            aisle_heat_w=self._aisle_heat_w.copy(),
+            aisle_inlet_c=self.inlet_c,
+            aisle_heat_w=self._aisle_heat_w,
             aisle_capacity_w=self.topo.aisle_capacity_w * aisle_f,
             outside_temp_c=self._outside_c(self.time_s),
             active_faults=self.faults.active_names(self.time_s),

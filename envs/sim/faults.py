@@ -62,6 +62,8 @@ class FaultSchedule:
         """Row power-limit and aisle cooling-capacity fractions in force at `t_s`."""
         row = np.ones(n_rows)
         aisle = np.ones(n_aisles)
+        if not len(self.kind):
+            return row, aisle
         on = (self.start_s <= t_s) & (t_s < self.end_s)
         if on.any():
             for kind, arr in (("power_failure", row), ("cooling_failure", aisle)):
@@ -72,6 +74,8 @@ class FaultSchedule:
 
     def active_names(self, t_s: float) -> tuple[str, ...]:
         """Human-readable names of the faults in force at `t_s`."""
+        if not len(self.kind):
+            return ()
         on = np.flatnonzero((self.start_s <= t_s) & (t_s < self.end_s))
         return tuple(f"{self.kind[i]}@{int(self.target[i])}" for i in on)
 

@@ -75,22 +75,33 @@ class ServiceAccumulator:
         """TTFT P50/P99 and TBT P50/P99 over the requests finished this interval (0 if none)."""
         if not self.ttft_s:
             return 0.0, 0.0, 0.0, 0.0
-        w = np.concatenate(self.weight)
-        t50, t99 = weighted_percentiles(np.concatenate(self.ttft_s), w, (50.0, 99.0))
-        b50, b99 = weighted_percentiles(np.concatenate(self.tbt_s), w, (50.0, 99.0))
+        one = len(self.weight) == 1  # the aggregate model's single cohort array per interval
+        w = self.weight[0] if one else np.concatenate(self.weight)
+        ttft = self.ttft_s[0] if one else np.concatenate(self.ttft_s)
+        tbt = self.tbt_s[0] if one else np.concatenate(self.tbt_s)
+        t50, t99 = weighted_percentiles(ttft, w, _P50_P99)
+        b50, b99 = weighted_percentiles(tbt, w, _P50_P99)
         return t50, t99, b50, b99
 
 
+_P50_P99 = np.array([0.5, 0.99]) - 1e-12
+
+
 def weighted_percentiles(
-    values: np.ndarray, weight: np.ndarray, qs: tuple[float, ...]
+    values: np.ndarray, weight: np.ndarray, qs: tuple[float, ...] | np.ndarray
 ) -> tuple[float, ...]:
-    """Percentiles of weighted samples (equal weights give the usual lower-median convention)."""
-    total = float(weight.sum())
-    if total <= 0:
-        return tuple(0.0 for _ in qs)
+    """Percentiles of weighted samples (equal weights give the usual lower-median convention).
+
+    `qs` are percentiles (0-100); an array is taken as fractions already shifted down by a hair
+    (the hot path passes a precomputed one).
+    """
     order = np.argsort(values, kind="stable")
     cum = np.cumsum(weight[order])
+    total = cum[-1] if len(cum) else 0.0
+    if total <= 0:
+        return tuple(0.0 for _ in qs)
     # Zero-weight samples add nothing to the cumulative weight, so the search never stops on one
     # unless it ties a positive one before it.
-    idx = np.searchsorted(cum, (np.asarray(qs) / 100.0 - 1e-12) * total)
+    fractions = qs if isinstance(qs, np.ndarray) else np.asarray(qs) / 100.0 - 1e-12
+    idx = np.searchsorted(cum, fractions * total)
     return tuple(values[order][np.minimum(idx, len(values) - 1)].tolist())
