@@ -23,7 +23,6 @@ import argparse
 import csv
 import datetime as dt
 import gzip
-import itertools
 import json
 import shutil
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from envs.sim.fitting import nonneg_rel_lstsq
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -149,22 +150,6 @@ def kv_bytes_per_token(m: dict[str, Any]) -> int:
 # ---- fitting helpers -------------------------------------------------------------------------
 
 
-def nonneg_rel_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares of relative error with non-negative coefficients (exhaustive active set)."""
-    n = x.shape[1]
-    w = 1.0 / y
-    best, best_cost = np.zeros(n), np.inf
-    for k in range(1, n + 1):
-        for cols in itertools.combinations(range(n), k):
-            c, *_ = np.linalg.lstsq(x[:, cols] * w[:, None], y * w, rcond=None)
-            if np.any(c < 0):
-                continue
-            coef = np.zeros(n)
-            coef[list(cols)] = c
-            cost = float(np.sum(((x @ coef - y) * w) ** 2))
-            if cost < best_cost:
-                best, best_cost = coef, cost
-    return best
 
 
 def fit_saturation_power(

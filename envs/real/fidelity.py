@@ -36,6 +36,7 @@ import numpy as np
 
 from envs.backend import ClusterAction, PoolConfig
 from envs.real.telemetry import TelemetryRecording, load_recording
+from envs.sim.fitting import nonneg_rel_lstsq
 from envs.sim.profiles import DEFAULT_PROFILE_DIR, Profile, ProfileLibrary, profile_from_dict
 from envs.sim.thermal import GpuThermalState, ThermalParams
 
@@ -55,22 +56,6 @@ class FidelityError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def _nonneg_rel_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares of relative error with non-negative coefficients (exhaustive active set)."""
-    n = x.shape[1]
-    w = 1.0 / y
-    best, best_cost = np.zeros(n), np.inf
-    for k in range(1, n + 1):
-        for cols in itertools.combinations(range(n), k):
-            c, *_ = np.linalg.lstsq(x[:, cols] * w[:, None], y * w, rcond=None)
-            if np.any(c < 0):
-                continue
-            coef = np.zeros(n)
-            coef[list(cols)] = c
-            cost = float(np.sum(((x @ coef - y) * w) ** 2))
-            if cost < best_cost:
-                best, best_cost = coef, cost
-    return best
 
 
 def _saturation_fit(load: np.ndarray, f_rel_g: np.ndarray, power_w: np.ndarray,
@@ -156,7 +141,7 @@ def fit_profile(profile_path: str | Path) -> dict[str, Any]:
     f_meas = np.where(np.isfinite(f_meas), f_meas, max_f)
     slow = phi_p * max_f / f_meas + 1.0 - phi_p
     t_fmax = t_meas / slow
-    p_coef = _nonneg_rel_lstsq(np.column_stack([np.ones_like(tok), tok, tok**2]), t_fmax)
+    p_coef = nonneg_rel_lstsq(np.column_stack([np.ones_like(tok), tok, tok**2]), t_fmax)
     p_pred = np.column_stack([np.ones_like(tok), tok, tok**2]) @ p_coef
     # Decode time vs batch and context.
     dec = ex["decode"]
@@ -168,7 +153,7 @@ def fit_profile(profile_path: str | Path) -> dict[str, Any]:
     td = np.array(dec["time_s"] + mix["time_s"], dtype=float)
     n_mix = len(mix["batch"])
     xd = np.column_stack([np.ones_like(b), b, b * c])
-    d_coef = _nonneg_rel_lstsq(xd, td)
+    d_coef = nonneg_rel_lstsq(xd, td)
     # Power.
     idle = [p["power_w"] for p in phases if p["kind"] == "idle"]
     idle_w = float(np.median(idle))

@@ -48,7 +48,7 @@ from envs.real.worker import (
     EngineStats,
     InferenceEngine,
     ModelShape,
-    Request,
+    PipeWorkerClient,
     WorkerConfig,
     WorkerError,
     WorkerReport,
@@ -433,7 +433,7 @@ def _stop_procs(procs: Sequence[Any], timeout_s: float) -> None:
             p.join(timeout=5)
 
 
-class TPWorkerProcess:
+class TPWorkerProcess(PipeWorkerClient):
     """One tensor-parallel engine in ``tp`` spawned processes, driven over a pipe to rank 0.
 
     The interface of :class:`envs.real.worker.WorkerProcess`. ``start_info`` holds the start-up
@@ -464,27 +464,6 @@ class TPWorkerProcess:
             self.close()
             raise TPWorkerError(f"TP worker on {config.rank_devices()} failed to start: {msg}")
         self.start_info: dict[str, Any] = {**msg, "spawn_to_ready_s": time.perf_counter() - t0}
-
-    def submit(self, reqs: list[Request]) -> None:
-        """Send requests to the leader."""
-        if reqs:
-            self._conn.send(("submit", reqs))
-
-    def set_control(self, **kwargs: Any) -> None:
-        """Send a control change (batch cap, admission, queue cap)."""
-        self._conn.send(("control", kwargs))
-
-    def pump(self, until_s: float) -> None:
-        """The processes run by themselves: just wait."""
-        time.sleep(max(0.0, until_s - time.time()))
-
-    def poll(self) -> WorkerReport:
-        """Completions since the last poll and the leader's counters."""
-        self._conn.send(("poll", None))
-        while True:
-            kind, rep = self._conn.recv()
-            if kind == "report":
-                return rep
 
     @property
     def alive(self) -> bool:

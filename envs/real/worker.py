@@ -945,7 +945,37 @@ def _worker_main(conn: Any, config: WorkerConfig) -> None:  # pragma: no cover -
             done.extend(engine.step())
 
 
-class WorkerProcess:
+class PipeWorkerClient:
+    """The driver's side of a worker that runs in its own process(es) behind a pipe.
+
+    Shared by `WorkerProcess` and the tensor-parallel worker: subclasses open `self._conn`.
+    """
+
+    _conn: Any
+
+    def submit(self, reqs: list[Request]) -> None:
+        """Send requests to the worker."""
+        if reqs:
+            self._conn.send(("submit", reqs))
+
+    def set_control(self, **kwargs: Any) -> None:
+        """Send a control change (batch cap, admission, queue cap)."""
+        self._conn.send(("control", kwargs))
+
+    def pump(self, until_s: float) -> None:
+        """The process runs by itself: just wait."""
+        time.sleep(max(0.0, until_s - time.time()))
+
+    def poll(self) -> WorkerReport:
+        """Ask for completions and counters."""
+        self._conn.send(("poll", None))
+        while True:
+            kind, rep = self._conn.recv()
+            if kind == "report":
+                return rep
+
+
+class WorkerProcess(PipeWorkerClient):
     """One engine in a spawned process (one per GPU), driven over a pipe.
 
     Raises:
@@ -965,27 +995,6 @@ class WorkerProcess:
         if kind != "ready":
             self.close()
             raise WorkerError(f"worker on {config.device} failed to start: {msg}")
-
-    def submit(self, reqs: list[Request]) -> None:
-        """Send requests to the worker."""
-        if reqs:
-            self._conn.send(("submit", reqs))
-
-    def set_control(self, **kwargs: Any) -> None:
-        """Send a control change."""
-        self._conn.send(("control", kwargs))
-
-    def pump(self, until_s: float) -> None:
-        """The process runs by itself: just wait."""
-        time.sleep(max(0.0, until_s - time.time()))
-
-    def poll(self) -> WorkerReport:
-        """Ask for completions and counters."""
-        self._conn.send(("poll", None))
-        while True:
-            kind, rep = self._conn.recv()
-            if kind == "report":
-                return rep
 
     def close(self) -> None:
         """Stop the process."""
