@@ -88,6 +88,10 @@ class ObservationBuilder:
         # Capping is row-wide: the row's capped flag is that of any of its GPUs (the first).
         first_server = np.array([np.flatnonzero(lay.server_row == r)[0] for r in range(lay.n_rows)])
         self._first_gpu_of_row = first_server * lay.gpus_per_server
+        aisle = np.asarray(lay.server_aisle)
+        contiguous = bool(np.all(np.diff(aisle) >= 0)) and len(np.unique(aisle)) == lay.n_aisles
+        self._aisle_starts = (np.searchsorted(aisle, np.arange(lay.n_aisles)) if contiguous
+                              else None)
         self._max_ttft_slo = float(np.max(lay.slo_ttft_s))
         self._max_tbt_slo = float(np.max(lay.slo_tbt_s))
 
@@ -108,7 +112,7 @@ class ObservationBuilder:
         """The observation vector (float32, clipped to +-OBS_CLIP)."""
         lay = self.layout
         n_p, n_r, n_a = lay.n_pools, lay.n_rows, lay.n_aisles
-        obs = np.empty(self.spec.size)
+        obs = np.empty(self.spec.size, dtype=np.float32)
         pool = obs[: 8 * n_p].reshape(n_p, 8)
         if m is not None:
             scale = lay.nominal_rps * lay.control_interval_s
@@ -146,8 +150,7 @@ class ObservationBuilder:
             tel.pending_vm_power_w / lay.gpu_power_limit_w, *slo,
             float(tel.gpu_thermal_throttled.mean()),
         )
-        obs = obs.astype(np.float32)
-        obs[np.isnan(obs)] = 0.0
+        np.nan_to_num(obs, copy=False, nan=0.0)
         return np.clip(obs, -OBS_CLIP, OBS_CLIP, out=obs)
 
     def _config_block(self, pools: tuple[PoolConfig, ...]) -> np.ndarray:
@@ -165,6 +168,8 @@ class ObservationBuilder:
     def _max_per_aisle(self, gpu_temp_c: np.ndarray) -> np.ndarray:
         lay = self.layout
         per_server = gpu_temp_c.reshape(lay.n_servers, lay.gpus_per_server).max(axis=1)
+        if self._aisle_starts is not None:  # servers are laid out aisle by aisle
+            return np.maximum.reduceat(per_server, self._aisle_starts)
         out = np.full(lay.n_aisles, -np.inf)
         np.maximum.at(out, lay.server_aisle, per_server)
         return out
