@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
@@ -229,5 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`main` with bad input (policy spec, checkpoint, scenario, missing GPU) as one-line errors."""
+    try:
+        return main(argv)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"deploy: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli())

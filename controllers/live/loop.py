@@ -292,6 +292,9 @@ class LiveLoop:
         t_begin = time.monotonic()
         step = 0
         while not self._stop.is_set() and (max_steps is None or step < max_steps):
+            # The decision starts here: the telemetry it uses is this interval's (read now, or
+            # already read by the env at the end of the last step); pacing sleeps lie outside.
+            read_at = time.perf_counter()
             tel = be.telemetry()
             stale = be.stale
             if self.exporter is not None:
@@ -309,7 +312,6 @@ class LiveLoop:
             if self._stop.is_set():  # a signal arrived while deciding: apply nothing more
                 break
             be.fail_reads = self._drill("telemetry_loss", step + 1) is not None
-            read_at = be.read_at
             obs, _reward, terminated, truncated, info = env.step(action)
             latency = be.applied_at - read_at  # env.step applies, then advances
             summary.decision_latency_s.append(latency)
