@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from envs.real.worker import ModelShape, WorkerError
+from envs.real.worker import ModelShape, WorkerError, finish_weight_load
 
 # Parameter-name suffix -> dimension it is split along (0: output features, 1: input features).
 COLUMN_PARALLEL = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",
@@ -205,10 +205,4 @@ def load_hf_weights_sharded_(model: Any, weights_dir: Path, spec: ShardSpec) -> 
                                       f"rank {spec.rank}/{spec.tp} expects {tuple(own[key].shape)}")
                 own[key].data.copy_(t.to(own[key].dtype))
                 seen.add(key)
-    if "lm_head.weight" not in seen and "model.embed_tokens.weight" in seen:  # tied embeddings
-        own["lm_head.weight"].data.copy_(own["model.embed_tokens.weight"].data)
-        seen.add("lm_head.weight")
-    missing = sorted(set(own) - seen)
-    if missing:
-        raise WorkerError(f"{weights_dir}: checkpoint lacks {len(missing)} parameters, "
-                          f"e.g. {missing[:3]}")
+    finish_weight_load(own, seen, weights_dir)

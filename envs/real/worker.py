@@ -189,6 +189,11 @@ def _load_hf_weights(model: Any, weights_dir: Path) -> None:
             if k in own:
                 own[k].data.copy_(v.to(own[k].dtype))
                 seen.add(k)
+    finish_weight_load(own, seen, weights_dir)
+
+
+def finish_weight_load(own: dict[str, Any], seen: set[str], weights_dir: Any) -> None:
+    """Tie `lm_head` to the embeddings when the checkpoint has no head; refuse missing weights."""
     if "lm_head.weight" not in seen and "model.embed_tokens.weight" in seen:  # tied embeddings
         own["lm_head.weight"].data.copy_(own["model.embed_tokens.weight"].data)
         seen.add("lm_head.weight")
