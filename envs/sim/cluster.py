@@ -409,7 +409,8 @@ class SimCluster:
             power_factor=power_factor,
             vm_power_w=np.repeat(self.vms.gpu_power_w, topo.gpus_per_server),
         )
-        gpu_w = gm.gpu_power_w(gl, gpu_ceiling)
+        dyn = gm.dynamic_at_max_clock_w(gl)
+        gpu_w = gm.power_under_ceiling_w(dyn, gl, gpu_ceiling)
         srv_w = pw.server_power_w(gpu_w, s.datacenter.server, gm.idle_power_w)
         row_w = topo.row_sum(srv_w)
         aisle_w = topo.aisle_sum(srv_w)
@@ -421,7 +422,7 @@ class SimCluster:
                                     self.thermal)
         # Controllers for the next tick: row power capping, GPU thermal slowdown.
         if self.row_capped.any():
-            uncapped = gm.gpu_power_w(gl, self.thermal_ceiling_mhz)
+            uncapped = gm.power_under_ceiling_w(dyn, gl, self.thermal_ceiling_mhz)
             demand_w = topo.row_sum(pw.server_power_w(uncapped, s.datacenter.server,
                                                       gm.idle_power_w))
         else:  # no row ceiling in force this tick: the demand is what the rows drew

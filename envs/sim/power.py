@@ -54,20 +54,37 @@ class GpuPowerModel:
     min_freq_mhz: float
     max_freq_mhz: float
 
+    def dynamic_at_max_clock_w(self, load: GpuLoad) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per GPU, the tick-averaged dynamic power of prefill, decode and VM load at max clock.
+
+        Dynamic power scales as (f / f_max)**gamma, so these three terms give the GPU's power at
+        any clock ceiling without re-evaluating the profile (`power_under_ceiling_w`).
+        """
+        idle, f_max = self.idle_power_w, self.max_freq_mhz
+        p_pre = phase_power_w(load.prefill_tokens, f_max, idle, self.prefill_max_power_w,
+                              self.prefill_k_tokens, self.power_freq_exponent, f_max)
+        p_dec = phase_power_w(load.decode_batch, f_max, idle, self.decode_max_power_w,
+                              self.decode_k_batch, self.power_freq_exponent, f_max)
+        pre = load.prefill_frac * (p_pre - idle) * load.power_factor
+        dec = load.decode_frac * (p_dec - idle) * load.power_factor
+        vm = np.maximum(load.vm_power_w - idle, 0.0)
+        return pre, dec, vm
+
+    def power_under_ceiling_w(self, dyn: tuple[np.ndarray, np.ndarray, np.ndarray],
+                              load: GpuLoad, ceiling_mhz: np.ndarray) -> np.ndarray:
+        """Mean power of each GPU over the tick under a clock ceiling (row cap, thermal)."""
+        pre, dec, vm = dyn
+        inv, g = 1.0 / self.max_freq_mhz, self.power_freq_exponent
+        c = np.minimum(ceiling_mhz, self.max_freq_mhz)
+        p = (self.idle_power_w
+             + pre * (np.minimum(load.prefill_freq_mhz, c) * inv) ** g
+             + dec * (np.minimum(load.freq_mhz, c) * inv) ** g
+             + vm * (c * inv) ** g)
+        return np.minimum(p, self.gpu_power_limit_w)
+
     def gpu_power_w(self, load: GpuLoad, ceiling_mhz: np.ndarray) -> np.ndarray:
         """Mean power of each GPU over the tick under a clock ceiling (row cap, thermal)."""
-        f_dec = np.minimum(load.freq_mhz, ceiling_mhz)
-        f_pre = np.minimum(load.prefill_freq_mhz, ceiling_mhz)
-        idle = self.idle_power_w
-        p_pre = phase_power_w(load.prefill_tokens, f_pre, idle, self.prefill_max_power_w,
-                              self.prefill_k_tokens, self.power_freq_exponent, self.max_freq_mhz)
-        p_dec = phase_power_w(load.decode_batch, f_dec, idle, self.decode_max_power_w,
-                              self.decode_k_batch, self.power_freq_exponent, self.max_freq_mhz)
-        dyn = load.prefill_frac * (p_pre - idle) + load.decode_frac * (p_dec - idle)
-        f_vm = np.minimum(self.max_freq_mhz, ceiling_mhz) / self.max_freq_mhz
-        vm_dyn = np.maximum(load.vm_power_w - idle, 0.0) * f_vm**self.power_freq_exponent
-        p = idle + dyn * load.power_factor + vm_dyn
-        return np.minimum(p, self.gpu_power_limit_w)
+        return self.power_under_ceiling_w(self.dynamic_at_max_clock_w(load), load, ceiling_mhz)
 
 
 def server_power_w(gpu_power_w: np.ndarray, spec: ServerSpec, idle_gpu_w: float) -> np.ndarray:
@@ -107,9 +124,10 @@ def row_cap_ceiling_mhz(
     target = np.full(n_rows, np.inf)
     target[rows] = row_limit_w[rows]
     server_row = gpu_row[:: server_spec.gpus]
+    dyn = model.dynamic_at_max_clock_w(load)  # the profile is evaluated once, not per halving
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
-        p = model.gpu_power_w(load, np.minimum(other_ceiling_mhz, mid[gpu_row]))
+        p = model.power_under_ceiling_w(dyn, load, np.minimum(other_ceiling_mhz, mid[gpu_row]))
         srv = server_power_w(p, server_spec, model.idle_power_w)
         row_w = np.bincount(server_row, weights=srv, minlength=n_rows)
         fits = row_w <= target
