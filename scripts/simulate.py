@@ -69,26 +69,35 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one option per `SimulateArgs` field, help from its docstring."""
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.simulate",
-        description="Simulate a scenario under its fixed configuration and write a report.",
-    )
-    docs = field_docs(SimulateArgs)
-    hints = {"scenario": str, "seed": int, "serving": str, "out": str, "duration_s": float}
-    for f in dataclasses.fields(SimulateArgs):
+def dataclass_parser(cls: type, prog: str, description: str, types: dict[str, type],
+                     choices: dict[str, tuple] | None = None) -> argparse.ArgumentParser:
+    """One option per dataclass field (`--field-name`), help from the field's docstring.
+
+    A field defaulting to False becomes a store-true flag; the others take `types[name]`.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = docs.get(f.name, "")
         if f.default is False:
             parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
             continue
-        kwargs: dict = {"dest": f.name, "type": hints[f.name], "default": f.default,
+        kwargs: dict = {"dest": f.name, "type": types[f.name], "default": f.default,
                         "help": f"{help_text} (default: {f.default})"}
-        if f.name == "serving":
-            kwargs["choices"] = SERVING_MODELS
+        if choices and f.name in choices:
+            kwargs["choices"] = choices[f.name]
         parser.add_argument(flag, **kwargs)
     return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """An argparse parser with one option per `SimulateArgs` field, help from its docstring."""
+    return dataclass_parser(
+        SimulateArgs, "python -m scripts.simulate",
+        "Simulate a scenario under its fixed configuration and write a report.",
+        {"scenario": str, "seed": int, "serving": str, "out": str, "duration_s": float},
+        {"serving": SERVING_MODELS})
 
 
 def parse_args(argv: list[str] | None = None) -> SimulateArgs:

@@ -14,7 +14,6 @@ vecnormalize.pkl, metadata.json), `last/` (resumable) and `tb/` (TensorBoard log
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.simulate import field_docs  # noqa: E402
+from scripts.simulate import dataclass_parser  # noqa: E402
 
 TASK_NAMES = ("energy", "thermal", "combined")
 
@@ -57,22 +56,10 @@ class TrainArgs:
 
 def build_parser() -> argparse.ArgumentParser:
     """An argparse parser with one option per `TrainArgs` field, help from its docstring."""
-    parser = argparse.ArgumentParser(prog="python -m scripts.train",
-                                     description="Train a PPO/MaskablePPO agent on a cluster task.")
-    docs = field_docs(TrainArgs)
-    types = {"task": str, "steps": int, "seed": int, "out": str, "n_envs": int, "hyperparams": str}
-    for f in dataclasses.fields(TrainArgs):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = docs.get(f.name, "")
-        if f.default is False:
-            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
-            continue
-        kwargs: dict = {"dest": f.name, "type": types[f.name], "default": f.default,
-                        "help": f"{help_text} (default: {f.default})"}
-        if f.name == "task":
-            kwargs["choices"] = TASK_NAMES
-        parser.add_argument(flag, **kwargs)
-    return parser
+    return dataclass_parser(
+        TrainArgs, "python -m scripts.train", "Train a PPO/MaskablePPO agent on a cluster task.",
+        {"task": str, "steps": int, "seed": int, "out": str, "n_envs": int, "hyperparams": str},
+        {"task": TASK_NAMES})
 
 
 def main(argv: list[str] | None = None) -> int:

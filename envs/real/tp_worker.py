@@ -44,14 +44,12 @@ from envs.real.tp_layers import (
 )
 from envs.real.worker import (
     SHAPES,
-    Completed,
-    EngineStats,
     InferenceEngine,
     ModelShape,
     PipeWorkerClient,
     WorkerConfig,
     WorkerError,
-    WorkerReport,
+    serve_pipe,
     shape_from_hf_config,
 )
 
@@ -378,29 +376,12 @@ def _leader_main(conn: Any, tcfg: TPWorkerConfig, port: int) -> None:  # pragma:
         _teardown()
         return
     conn.send(("ready", info))
-    done: list[Completed] = []
+    def stop() -> None:
+        eng.shutdown()
+        _teardown()
+
     try:
-        while True:
-            while conn.poll(0 if eng.busy else 0.002):
-                kind, payload = conn.recv()
-                if kind == "submit":
-                    for r in payload:
-                        c = eng.submit(r)
-                        if c is not None:
-                            done.append(c)
-                elif kind == "control":
-                    eng.set_control(**payload)
-                elif kind == "poll":
-                    conn.send(("report", WorkerReport(done, EngineStats(**asdict(eng.stats)),
-                                                      len(eng.waiting), len(eng.running))))
-                    done = []
-                elif kind == "stop":
-                    eng.shutdown()
-                    _teardown()
-                    conn.send(("stopped", None))
-                    return
-            if eng.busy:
-                done.extend(eng.step())
+        serve_pipe(eng, conn, on_stop=stop)
     finally:
         eng.shutdown()
         _teardown()

@@ -928,6 +928,15 @@ def _worker_main(conn: Any, config: WorkerConfig) -> None:  # pragma: no cover -
         return
     engine.warmup()
     conn.send(("ready", engine.shape.name))
+    serve_pipe(engine, conn, on_stop=lambda: None)
+
+
+def serve_pipe(engine: Any, conn: Any, on_stop: Any) -> None:
+    """Serve the driver's pipe until "stop": submit, control, poll; step while busy.
+
+    Shared by the single-GPU worker process and the tensor-parallel leader; `on_stop` runs
+    before the "stopped" answer (the TP leader shuts its followers down there).
+    """
     done: list[Completed] = []
     while True:
         while conn.poll(0 if engine.busy else 0.002):
@@ -944,6 +953,7 @@ def _worker_main(conn: Any, config: WorkerConfig) -> None:  # pragma: no cover -
                                                   len(engine.waiting), len(engine.running))))
                 done = []
             elif kind == "stop":
+                on_stop()
                 conn.send(("stopped", None))
                 return
         if engine.busy:
