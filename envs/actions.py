@@ -95,9 +95,9 @@ class ActionCodec:
         elif a.dtype.kind not in "iub":
             raise InvalidActionError(f"action must be integers, got dtype {a.dtype}")
         a = a.astype(np.int64)
-        bad = np.flatnonzero((a < 0) | (a >= nvec))
-        if len(bad):
-            i = int(bad[0])
+        # As unsigned, a negative entry is huge: one comparison checks both ends of the range.
+        if np.count_nonzero(a.view(np.uint64) >= nvec.view(np.uint64)):
+            i = int(np.flatnonzero((a < 0) | (a >= nvec))[0])
             raise InvalidActionError(
                 f"action[{i}] = {a[i]} is outside [0, {nvec[i] - 1}] (space nvec={nvec.tolist()})"
             )
@@ -114,12 +114,8 @@ class ActionCodec:
             pools = self._pools(a[:i].tobytes(), a[:i])
         if not self.has_rows:
             return ClusterAction(pools=pools), False
-        rows = a[i: i + 3 * lay.n_rows].reshape(lay.n_rows, 3)
-        weight = _ROUTE_LEVELS[rows[:, 0]]
-        if not weight.any():
-            weight = np.ones(lay.n_rows)
-        cap = np.asarray(lay.freq_choices_mhz, dtype=float)[rows[:, 1]]
-        quant = rows[:, 2].astype(bool)
+        block = a[i: i + 3 * lay.n_rows]
+        cap, quant, weight = self._rows(block.tobytes(), block)
         place = int(a[-1])
         vm_server = None
         masked = False
@@ -128,10 +124,30 @@ class ActionCodec:
                 vm_server = place
             else:
                 masked = True
-        elif legal_servers.any():
+        elif np.count_nonzero(legal_servers):
             masked = True
         return ClusterAction(pools=pools, row_freq_cap_mhz=cap, row_quantized=quant,
                              row_route_weight=weight, vm_server=vm_server), masked
+
+    def _rows(self, key: bytes, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Clock ceilings, quantized flags and routing weights of a row block (memoized, read-only)."""
+        cache = self.__dict__.setdefault("_row_cache", {})
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        lay = self.layout
+        rows = flat.reshape(lay.n_rows, 3)
+        weight = _ROUTE_LEVELS[rows[:, 0]]
+        if not weight.any():
+            weight = np.ones(lay.n_rows)
+        cap = np.asarray(lay.freq_choices_mhz, dtype=float)[rows[:, 1]]
+        quant = rows[:, 2].astype(bool)
+        for arr in (cap, quant, weight):
+            arr.flags.writeable = False  # shared by every action with this block
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = decoded = (cap, quant, weight)
+        return decoded
 
     def _pools(self, key: bytes, flat: np.ndarray) -> tuple[PoolConfig, ...]:
         """Pool configurations of a pool block (memoized: policies repeat their choices)."""
@@ -175,13 +191,15 @@ class ActionCodec:
 
     def masks(self, legal_servers: np.ndarray) -> np.ndarray:
         """Flat boolean mask over all dimensions' choices (sb3-contrib MultiDiscrete format)."""
-        nvec = self.nvec()
-        mask = np.ones(int(nvec.sum()), dtype=bool)
+        all_legal = self.__dict__.get("_all_legal")
+        if all_legal is None:
+            all_legal = np.ones(int(self.nvec().sum()), dtype=bool)
+            object.__setattr__(self, "_all_legal", all_legal)
+        mask = all_legal.copy()
         if self.has_rows:
-            place = np.zeros(self.layout.n_servers + 1, dtype=bool)
-            place[: self.layout.n_servers] = legal_servers
-            place[-1] = not legal_servers.any()
-            mask[-len(place):] = place
+            n = self.layout.n_servers
+            mask[-n - 1: -1] = legal_servers
+            mask[-1] = not np.count_nonzero(legal_servers)
         return mask
 
     def encode(self, pools: tuple[PoolConfig, ...]) -> np.ndarray:

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import lru_cache
+from operator import attrgetter
 from typing import Any
 
 import gymnasium as gym
@@ -175,7 +177,9 @@ class ClusterEnv(gym.Env):
         assert self._tel is not None, "call reset() before step()"
         cluster_action, masked = self.codec.decode(action, self._legal_servers())
         if cluster_action.pools is not None:
-            cluster_action = replace(cluster_action, pools=self._time_scaled(cluster_action.pools))
+            scaled = self._time_scaled(cluster_action.pools)
+            if scaled is not cluster_action.pools:
+                cluster_action = replace(cluster_action, pools=scaled)
         self.backend.apply(cluster_action)
         self._step_count += 1
         if cluster_action.pools is not None:
@@ -213,7 +217,7 @@ class ClusterEnv(gym.Env):
         Frequency and batch cap change every interval; instance counts and TP only every
         `reconfig_every` intervals (they cost model-load downtime).
         """
-        if self._step_count % self.reconfig_every == 0 or wanted == self.pools:
+        if wanted is self.pools or self._step_count % self.reconfig_every == 0 or wanted == self.pools:
             return wanted
         return tuple(
             replace(cur, freq_mhz=w.freq_mhz, max_batch=w.max_batch)
@@ -227,15 +231,30 @@ class ClusterEnv(gym.Env):
         return tel.legal_vm_servers
 
     def _observe(self) -> np.ndarray:
-        kinds = np.array([any(n.startswith(k) for n in self._tel.active_faults) for k in FAULT_NAMES])
         return self._obs.build(self._tel, self._metrics, self.pools, self.route_weight,
-                               self.freq_cap_mhz, self.quantized, kinds)
+                               self.freq_cap_mhz, self.quantized, _fault_kinds(tuple(self._tel.active_faults)))
 
     def _info(self, m: ServiceMetrics | None, terms: dict[str, float]) -> dict[str, Any]:
         info: dict[str, Any] = dict(terms)
-        metrics = m.as_dict() if m is not None else {}
-        for k in INFO_METRICS:
-            info[k] = float(metrics.get(k, 1.0 if k == "slo_attainment" else 0.0))
+        if m is None:
+            info.update(_NO_METRICS_INFO)
+        else:
+            info.update(zip(INFO_METRICS, map(float, _info_metrics(m)), strict=True))
         info["time_s"] = float(self._tel.time_s)
         info["active_faults"] = ",".join(self._tel.active_faults)
         return info
+
+
+_info_metrics = attrgetter(*INFO_METRICS)
+"""The INFO_METRICS values of a ServiceMetrics, as a tuple."""
+
+_NO_METRICS_INFO = {k: 1.0 if k == "slo_attainment" else 0.0 for k in INFO_METRICS}
+"""The metric part of `info` before the first step."""
+
+
+@lru_cache(maxsize=256)
+def _fault_kinds(active_faults: tuple[str, ...]) -> np.ndarray:
+    """Flags per FAULT_NAMES kind (cached: the set of active faults rarely changes)."""
+    kinds = np.array([any(n.startswith(k) for n in active_faults) for k in FAULT_NAMES])
+    kinds.flags.writeable = False
+    return kinds

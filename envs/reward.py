@@ -40,6 +40,9 @@ TASK_WEIGHTS = {
 
 TERMS = ("energy", "slo", "thermal", "power", "quality")
 
+_TERM_KEYS = tuple((name, f"cost_{name}", f"reward_{name}") for name in TERMS)
+"""Each term with its `info` keys."""
+
 
 @lru_cache(maxsize=64)
 def _weights_dict(weights: RewardWeights) -> dict[str, float]:
@@ -66,9 +69,9 @@ def compute_reward(
     w = _weights_dict(weights)
     out: dict[str, float] = {}
     total = 0.0
-    for name in TERMS:
+    for name, cost_key, reward_key in _TERM_KEYS:
         r = -w[name] * terms[name]
-        out[f"cost_{name}"] = terms[name]
-        out[f"reward_{name}"] = r
+        out[cost_key] = terms[name]
+        out[reward_key] = r
         total += r
     return total, out

@@ -9,6 +9,7 @@ the clock ceilings for the next tick.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,6 +130,8 @@ class SimCluster:
         self.tick_s = s.tick_s if serving_model == "request" else s.control_interval_s
         self.ticks_per_interval = int(round(s.control_interval_s / self.tick_s))
         self.n_intervals = int(np.ceil(s.duration_s / s.control_interval_s))
+        # Weight of one tick in the row-power moving average (the tick length is fixed).
+        self._cap_alpha = 1.0 - np.exp(-self.tick_s / CAP_WINDOW_S)
         self.layout = ClusterLayout(
             n_rows=self.topo.n_rows,
             n_aisles=self.topo.n_aisles,
@@ -156,6 +159,15 @@ class SimCluster:
             gpu_power_limit_w=self.gpu_model.gpu_power_limit_w,
             slowdown_temp_c=self.thermal.slowdown_temp_c,
         )
+        # "No clock ceiling" per GPU and per row, shared read-only (the tick replaces, never
+        # writes into, its ceiling arrays).
+        self._no_ceiling_mhz = _read_only(np.full(self.topo.n_gpus, self.gpu_model.max_freq_mhz))
+        self._no_row_ceiling_mhz = _read_only(np.full(self.topo.n_rows, self.gpu_model.max_freq_mhz))
+        self._validated_pools: tuple[PoolConfig, ...] | None = None
+        self._row_inputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._layout_version = 0
+        self._settings_key: tuple | None = None
+        self._outside_memo = (math.nan, 0.0)
         self._rng = np.random.default_rng(0)
         self.reset(seed=None)
 
@@ -190,6 +202,8 @@ class SimCluster:
         self.row_capped = np.zeros(topo.n_rows, dtype=bool)
         self.thermal_ceiling_mhz = np.full(n_gpu, self.gpu_model.max_freq_mhz)
         self.thermal_throttled = np.zeros(n_gpu, dtype=bool)
+        self._any_throttled = False  # thermal_throttled.any() and row_capped.any(), kept in step
+        self._any_capped = False
         self.row_freq_cap_mhz = np.full(topo.n_rows, self.gpu_model.max_freq_mhz)
         self.row_quantized = np.zeros(topo.n_rows, dtype=bool)
         self.row_route_weight = np.ones(topo.n_rows)
@@ -217,21 +231,14 @@ class SimCluster:
 
     def apply(self, action: ClusterAction) -> None:
         """Apply a controller's decision; reconfigured instances pay their load downtime."""
-        topo = self.topo
         if action.pools is not None:
             self._apply_pools(action.pools)
         if action.row_freq_cap_mhz is not None:
-            cap = _row_array(action.row_freq_cap_mhz, topo.n_rows, "row_freq_cap_mhz")
-            self.row_freq_cap_mhz = np.clip(cap, self.gpu_model.min_freq_mhz,
-                                            self.gpu_model.max_freq_mhz)
+            self.row_freq_cap_mhz = self._row_setting("row_freq_cap_mhz", action.row_freq_cap_mhz)
         if action.row_quantized is not None:
-            self.row_quantized = _row_array(action.row_quantized, topo.n_rows,
-                                            "row_quantized").astype(bool)
+            self.row_quantized = self._row_setting("row_quantized", action.row_quantized)
         if action.row_route_weight is not None:
-            w = _row_array(action.row_route_weight, topo.n_rows, "row_route_weight")
-            if (w < 0).any():
-                raise ValueError(f"row_route_weight must be >= 0, got {w}")
-            self.row_route_weight = w
+            self.row_route_weight = self._row_setting("row_route_weight", action.row_route_weight)
         if action.admit_fraction is not None:
             a = float(action.admit_fraction)
             if not 0.0 <= a <= 1.0:
@@ -266,7 +273,7 @@ class SimCluster:
         shared = (self._gpu_power_w, self._gpu_temp_c, self.thermal_throttled, self._row_power_w,
                   self.inlet_c, self._aisle_heat_w)
         for arr in shared:
-            arr.flags.writeable = False
+            arr.setflags(write=False)
         return Telemetry(
             time_s=self.time_s,
             gpu_power_w=self._gpu_power_w,
@@ -293,14 +300,9 @@ class SimCluster:
 
     # ------------------------------------------------------------------ configuration
     def _apply_pools(self, pools: tuple[PoolConfig, ...]) -> None:
-        sv = self.scenario.serving
-        if len(pools) != self.pools.n_pools:
-            raise ValueError(f"expected {self.pools.n_pools} pool configs, got {len(pools)}")
-        for i, p in enumerate(pools):
-            if p.tp not in self._tp_index:
-                raise ValueError(f"pool {i}: tp={p.tp} not in tp_choices {sv.tp_choices}")
-            if not (p.freq_mhz > 0 and p.max_batch > 0 and p.n_instances >= 0):
-                raise ValueError(f"pool {i}: invalid configuration {p}")
+        if pools is not self._validated_pools:  # a tuple of frozen configs: check it once
+            self._validate_pools(pools)
+            self._validated_pools = pools
         if pools == self.pool_configs:
             return
         self.pool_configs = tuple(pools)
@@ -309,6 +311,40 @@ class SimCluster:
         self.reconfigurations = int((self.inst.active & (self.inst.ready_at_s > self.time_s)).sum())
         self.serving.requeue(stopped)
         self._refresh_slots()
+
+    def _row_setting(self, name: str, value: np.ndarray) -> np.ndarray:
+        """A per-row setting of an action, checked and converted (clipped clocks, bool flags).
+
+        Decoded actions repeat the same read-only arrays (`envs.actions` memoizes them), so the
+        result for the last read-only input of each setting is reused; writeable input is
+        always checked again (it may have changed in place).
+        """
+        last = self._row_inputs.get(name)
+        if last is not None and last[0] is value and not value.flags.writeable:
+            return last[1]
+        arr = _row_array(value, self.topo.n_rows, name)
+        if name == "row_freq_cap_mhz":
+            out = arr.clip(self.gpu_model.min_freq_mhz, self.gpu_model.max_freq_mhz)
+        elif name == "row_quantized":
+            out = arr.astype(bool)
+        else:
+            if np.count_nonzero(arr < 0):
+                raise ValueError(f"{name} must be >= 0, got {arr}")
+            out = arr
+        if isinstance(value, np.ndarray) and not value.flags.writeable:
+            self._row_inputs[name] = (value, _read_only(out))
+        return out
+
+    def _validate_pools(self, pools: tuple[PoolConfig, ...]) -> None:
+        """Raise ValueError unless `pools` is a valid configuration for this scenario."""
+        sv = self.scenario.serving
+        if len(pools) != self.pools.n_pools:
+            raise ValueError(f"expected {self.pools.n_pools} pool configs, got {len(pools)}")
+        for i, p in enumerate(pools):
+            if p.tp not in self._tp_index:
+                raise ValueError(f"pool {i}: tp={p.tp} not in tp_choices {sv.tp_choices}")
+            if not (p.freq_mhz > 0 and p.max_batch > 0 and p.n_instances >= 0):
+                raise ValueError(f"pool {i}: invalid configuration {p}")
 
     def _refresh_slots(self) -> None:
         """Recompute per-slot coefficient arrays and the GPU->instance map after a change."""
@@ -329,9 +365,7 @@ class SimCluster:
         self._slot_kv_tokens = self._slot_prof.kv_capacity_tokens.astype(float)
         self._any_quantized = bool(inst.quantized.any())
         self._instance_gpus = float(inst.tp[inst.active].sum())
-        self._ones_slots = np.ones(inst.n_slots)
-        self._zeros_slots = np.zeros(inst.n_slots)
-        self._no_ceiling_mhz = np.full(self.topo.n_gpus, self.gpu_model.max_freq_mhz)
+        self._layout_version += 1  # invalidates the cached slot settings
         # The clock at which a prefill of the episode's mean prompt fits the GPU power limit
         # depends only on the slot's profile: computed here, not every tick.
         sp = self._slot_prof
@@ -349,66 +383,19 @@ class SimCluster:
         self.vms.advance(t0, dt)
         # Arrivals in [t0, t0 + dt), admission control.
         lo = self._trace_pos
-        hi = int(np.searchsorted(self.trace.arrival_s, t0 + dt, side="left"))
+        hi = int(self.trace.arrival_s.searchsorted(t0 + dt, side="left"))
         self._trace_pos = hi
         if hi > lo:
-            arr = self.trace.arrival_s[lo:hi]
-            keep = np.ones(hi - lo, dtype=bool)
-            if self.admit_fraction < 1.0:
-                keep = self._rng.random(hi - lo) < self.admit_fraction
-                acc.dropped += int((~keep).sum())
-            pool = self.trace_pool[lo:hi]
-            acc.arrived += hi - lo
-            acc.arrivals_per_pool += np.bincount(pool, minlength=self.pools.n_pools)
-            self.serving.add_arrivals(arr[keep], self.trace.input_tokens[lo:hi][keep],
-                                      self.trace.output_tokens[lo:hi][keep], pool[keep])
-        # Effective clocks: set point, row cap (action), power capping, thermal slowdown.
-        f_set = np.minimum(self._slot_freq_mhz, self.row_freq_cap_mhz[self._slot_row])
-        if self.thermal_throttled.any() or self.row_capped.any():
-            gpu_ceiling = np.minimum(self.thermal_ceiling_mhz, self.row_ceiling_mhz[topo.gpu_row])
-            slot_ceiling = np.full(inst.n_slots, gm.max_freq_mhz)
-            valid = self._slot_owner >= 0
-            np.minimum.at(slot_ceiling, self._slot_owner[valid], gpu_ceiling[inst.slot_gpu[valid]])
-            f_eff = np.minimum(f_set, slot_ceiling)
-        else:  # no clock ceiling anywhere (the common case): skip the per-GPU reduction
-            gpu_ceiling = self._no_ceiling_mhz
-            f_eff = f_set
-        sv = s.serving
-        if self.row_quantized.any() or self._any_quantized:
-            quant = (self.row_quantized[self._slot_row] & inst.active) | inst.quantized
-            speed = np.where(quant, sv.quantized_speedup, 1.0)
-            qloss = np.where(quant, sv.quantized_quality_loss, 0.0)
-            power_factor = np.where(self._gpu_has & quant[self._gpu_o], sv.quantized_power_factor, 1.0)
-        else:
-            speed, qloss, power_factor = self._ones_slots, self._zeros_slots, 1.0
-        sp = self._slot_prof
-        f_pre = np.minimum(f_eff, self._slot_prefill_limit_mhz)
+            self._admit_arrivals(lo, hi, acc)
+        st = self._settings()
+        f_eff, f_pre, gpu_prefill_mhz, gpu_ceiling = self._effective_clocks(st)
         serving = inst.serving(t0)
-        model = SlotModel(
-            prefill_time_s=lambda tok, i: prefill_time_s(
-                tok, f_pre[i], sp.prefill_p0_s[i], sp.prefill_p1_s_per_token[i],
-                sp.prefill_p2_s_per_token2[i], sp.prefill_phi[i], sp.max_freq_mhz[i]) / speed[i],
-            decode_iter_time_s=lambda b, c, i: decode_iter_time_s(
-                b, c, f_eff[i], sp.decode_d0_s[i], sp.decode_d1_s_per_seq[i],
-                sp.decode_d2_s_per_seq_token[i], sp.decode_phi[i], sp.max_freq_mhz[i]) / speed[i],
-            kv_capacity_tokens=self._slot_kv_tokens,
-        )
-        route_w = self.row_route_weight[self._slot_row]
-        load: TickLoad = self.serving.tick(t0, dt, inst, serving, model, route_w, self.slo_ttft_s,
-                                           self.slo_tbt_s, qloss, acc)
+        model = self._slot_model(f_pre, f_eff, st.speed)
+        load: TickLoad = self.serving.tick(t0, dt, inst, serving, model, st.route_weight,
+                                           self.slo_ttft_s, self.slo_tbt_s, st.qloss, acc)
         acc.tokens += load.tokens_generated
         # GPU power at this tick's ceilings.
-        has, o = self._gpu_has, self._gpu_o
-        gl = pw.GpuLoad(
-            prefill_frac=load.prefill_busy_s[o] * self._gpu_has_f / dt,
-            decode_frac=load.decode_busy_s[o] * self._gpu_has_f / dt,
-            prefill_tokens=load.prefill_tokens[o] * self._gpu_has_f,
-            decode_batch=load.decode_batch[o] * self._gpu_has_f,
-            freq_mhz=np.where(has, f_set[o], gm.max_freq_mhz),
-            prefill_freq_mhz=np.where(has, np.minimum(f_pre[o], f_set[o]), gm.max_freq_mhz),
-            power_factor=power_factor,
-            vm_power_w=np.repeat(self.vms.gpu_power_w, topo.gpus_per_server),
-        )
+        gl = self._gpu_load(load, st, gpu_prefill_mhz, dt)
         dyn = gm.dynamic_at_max_clock_w(gl)
         gpu_w = gm.power_under_ceiling_w(dyn, gl, gpu_ceiling)
         srv_w = pw.server_power_w(gpu_w, s.datacenter.server, gm.idle_power_w)
@@ -420,51 +407,22 @@ class SimCluster:
                                               dt, self.cooling)
         temp = step_gpu_temperature(self.thermal_state, gpu_w, self.inlet_c[topo.gpu_aisle], dt,
                                     self.thermal)
+        max_temp_c = float(temp.max())
         # Controllers for the next tick: row power capping, GPU thermal slowdown.
-        if self.row_capped.any():
-            uncapped = gm.power_under_ceiling_w(dyn, gl, self.thermal_ceiling_mhz)
-            demand_w = topo.row_sum(pw.server_power_w(uncapped, s.datacenter.server,
-                                                      gm.idle_power_w))
-        else:  # no row ceiling in force this tick: the demand is what the rows drew
-            demand_w = row_w
-        # Capping engages when demand exceeds the limit and holds (aiming a margin below the
-        # limit) until demand falls below that margin: hysteresis, as real capping controllers.
-        # Demand is read as a moving average over CAP_WINDOW_S (PDU meters and breaker trip
-        # curves work on seconds, not on single prefill bursts).
-        alpha = 1.0 - np.exp(-dt / CAP_WINDOW_S)
-        if np.isnan(self._row_avg_w[0]):  # first tick of the episode
-            self._demand_avg_w, self._row_avg_w = demand_w.copy(), row_w.copy()
-        self._demand_avg_w += alpha * (demand_w - self._demand_avg_w)
-        self._row_avg_w += alpha * (row_w - self._row_avg_w)
-        demand_w = self._demand_avg_w
-        target_w = self._row_limit_w * CAP_TARGET_FRACTION
-        over = (demand_w > self._row_limit_w) | (self.row_capped & (demand_w > target_w))
-        stats.power_events += int((over & ~self.row_capped).sum())
-        if over.any():
-            self.row_ceiling_mhz = pw.row_cap_ceiling_mhz(
-                gm, gl, topo.gpu_row, self.thermal_ceiling_mhz, np.flatnonzero(over),
-                target_w, s.datacenter.server, topo.n_rows)
-        else:
-            self.row_ceiling_mhz = np.full(topo.n_rows, gm.max_freq_mhz)
-        self.row_capped = over
-        hot = temp > self.thermal.slowdown_temp_c
-        release = temp < self.thermal.slowdown_temp_c - THERMAL_RELEASE_C
-        stats.thermal_events += int((hot & ~self.thermal_throttled).sum())
-        self.thermal_throttled = (self.thermal_throttled | hot) & ~release
-        if self.thermal_throttled.any():
-            self._update_thermal_ceiling(gpu_w, gpu_ceiling)
-        else:
-            self.thermal_ceiling_mhz = np.full(topo.n_gpus, gm.max_freq_mhz)
+        self._update_power_capping(dyn, gl, row_w, stats)
+        self._update_thermal_slowdown(temp, max_temp_c, gpu_w, gpu_ceiling, stats)
         # Accounting.
         energy = float(srv_w.sum()) * dt
         stats.energy_j += energy
         stats.gpu_energy_j += float(gpu_w.sum()) * dt
         stats.carbon_g += energy / 3.6e6 * self._carbon_g_per_kwh(t0)
         stats.gpu_hours += self._instance_gpus * dt / 3600.0
-        stats.thermal_gpu_s += float(self.thermal_throttled.sum()) * dt
-        stats.capped_gpu_s += float(self.row_capped[topo.gpu_row].sum()) * dt
+        if self._any_throttled:
+            stats.thermal_gpu_s += float(np.count_nonzero(self.thermal_throttled)) * dt
+        if self._any_capped:
+            stats.capped_gpu_s += float(np.count_nonzero(self.row_capped[topo.gpu_row])) * dt
         stats.peak_row_w = max(stats.peak_row_w, float(row_w.max()))
-        stats.max_temp_c = max(stats.max_temp_c, float(temp.max()))
+        stats.max_temp_c = max(stats.max_temp_c, max_temp_c)
         self._gpu_power_w, self._gpu_temp_c = gpu_w, temp
         self._row_power_w, self._aisle_heat_w = row_w, aisle_w
         if self.record_ticks:
@@ -474,7 +432,167 @@ class SimCluster:
             r.row_power_avg_w.append(self._row_avg_w.copy())
             r.row_limit_w.append(self._row_limit_w.copy())
             r.aisle_inlet_c.append(self.inlet_c.copy())
-            r.max_gpu_temp_c.append(float(temp.max()))
+            r.max_gpu_temp_c.append(max_temp_c)
+
+    def _settings(self) -> _SlotSettings:
+        """The slot settings of the current layout and row settings (recomputed on a change).
+
+        The row settings are compared by value: a controller that repeats its decision every
+        interval costs one comparison per tick, not the per-slot recomputation.
+        """
+        key = (self._layout_version, self.row_freq_cap_mhz.tobytes(), self.row_quantized.tobytes(),
+               self.row_route_weight.tobytes())
+        if key != self._settings_key:
+            self._slot_settings = self._compute_settings()
+            self._settings_key = key
+        return self._slot_settings
+
+    def _compute_settings(self) -> _SlotSettings:
+        """Clocks, quantization and routing weight per slot (and GPU) from the current settings."""
+        has, o = self._gpu_has, self._gpu_o
+        max_mhz = self.gpu_model.max_freq_mhz
+        # Set clock: the pool's frequency under the row's clock cap (action).
+        f_set = np.minimum(self._slot_freq_mhz, self.row_freq_cap_mhz[self._slot_row])
+        f_pre = np.minimum(f_set, self._slot_prefill_limit_mhz)
+        speed, qloss, power_factor = self._quantization()
+        return _SlotSettings(
+            f_set_mhz=f_set,
+            f_pre_mhz=f_pre,
+            gpu_freq_mhz=_read_only(np.where(has, f_set[o], max_mhz)),
+            gpu_prefill_freq_mhz=_read_only(np.where(has, np.minimum(f_pre[o], f_set[o]), max_mhz)),
+            speed=speed,
+            qloss=qloss,
+            power_factor=power_factor,
+            route_weight=self.row_route_weight[self._slot_row],
+        )
+
+    def _effective_clocks(self, st: _SlotSettings) -> tuple[np.ndarray, ...]:
+        """Per-slot effective and prefill clocks, per-GPU prefill clock and clock ceiling.
+
+        The effective clock is the set clock under the power-capping and thermal-slowdown
+        ceilings of the slot's GPUs; prefill also stays within the GPU power limit.
+        """
+        if not (self._any_throttled or self._any_capped):
+            # No clock ceiling anywhere (the common case): skip the per-GPU reduction.
+            return st.f_set_mhz, st.f_pre_mhz, st.gpu_prefill_freq_mhz, self._no_ceiling_mhz
+        inst, o = self.inst, self._gpu_o
+        gpu_ceiling = np.minimum(self.thermal_ceiling_mhz, self.row_ceiling_mhz[self.topo.gpu_row])
+        slot_ceiling = np.full(inst.n_slots, self.gpu_model.max_freq_mhz)
+        valid = self._slot_owner >= 0
+        np.minimum.at(slot_ceiling, self._slot_owner[valid], gpu_ceiling[inst.slot_gpu[valid]])
+        f_eff = np.minimum(st.f_set_mhz, slot_ceiling)
+        f_pre = np.minimum(f_eff, self._slot_prefill_limit_mhz)
+        gpu_prefill_mhz = np.where(self._gpu_has, np.minimum(f_pre[o], st.f_set_mhz[o]),
+                                   self.gpu_model.max_freq_mhz)
+        return f_eff, f_pre, gpu_prefill_mhz, gpu_ceiling
+
+    def _quantization(self) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | float]:
+        """Per-slot speedup (None: no slot quantized), quality loss, and per-GPU power factor."""
+        if not (self._any_quantized or np.count_nonzero(self.row_quantized)):
+            return None, np.zeros(self.inst.n_slots), 1.0
+        inst, sv = self.inst, self.scenario.serving
+        quant = (self.row_quantized[self._slot_row] & inst.active) | inst.quantized
+        speed = np.where(quant, sv.quantized_speedup, 1.0)
+        qloss = np.where(quant, sv.quantized_quality_loss, 0.0)
+        power_factor = np.where(self._gpu_has & quant[self._gpu_o], sv.quantized_power_factor, 1.0)
+        return speed, qloss, power_factor
+
+    def _slot_model(self, f_pre: np.ndarray, f_eff: np.ndarray, speed: np.ndarray | None) -> SlotModel:
+        """Prefill and decode timing of the slots at this tick's clocks (and quantized speedup)."""
+        sp = self._slot_prof
+
+        def prefill(tok: np.ndarray, i: np.ndarray) -> np.ndarray:
+            return prefill_time_s(tok, f_pre[i], sp.prefill_p0_s[i], sp.prefill_p1_s_per_token[i],
+                                  sp.prefill_p2_s_per_token2[i], sp.prefill_phi[i], sp.max_freq_mhz[i])
+
+        def decode(b: np.ndarray, c: np.ndarray, i: np.ndarray) -> np.ndarray:
+            return decode_iter_time_s(b, c, f_eff[i], sp.decode_d0_s[i], sp.decode_d1_s_per_seq[i],
+                                      sp.decode_d2_s_per_seq_token[i], sp.decode_phi[i],
+                                      sp.max_freq_mhz[i])
+
+        if speed is None:  # no slot runs quantized: every speedup is 1
+            return SlotModel(prefill, decode, self._slot_kv_tokens)
+        return SlotModel(lambda tok, i: prefill(tok, i) / speed[i],
+                         lambda b, c, i: decode(b, c, i) / speed[i], self._slot_kv_tokens)
+
+    def _gpu_load(self, load: TickLoad, st: _SlotSettings, gpu_prefill_mhz: np.ndarray,
+                  dt: float) -> pw.GpuLoad:
+        """Each GPU's phase mix and clocks over the tick, from the instance it belongs to."""
+        o, has_f = self._gpu_o, self._gpu_has_f
+        return pw.GpuLoad(
+            prefill_frac=load.prefill_busy_s[o] * has_f / dt,
+            decode_frac=load.decode_busy_s[o] * has_f / dt,
+            prefill_tokens=load.prefill_tokens[o] * has_f,
+            decode_batch=load.decode_batch[o] * has_f,
+            freq_mhz=st.gpu_freq_mhz,
+            prefill_freq_mhz=gpu_prefill_mhz,
+            power_factor=st.power_factor,
+            vm_power_w=self.vms.gpu_power_w.repeat(self.topo.gpus_per_server),
+        )
+
+    def _update_power_capping(self, dyn: tuple[np.ndarray, np.ndarray, np.ndarray],
+                              gl: pw.GpuLoad, row_w: np.ndarray, stats: _IntervalStats) -> None:
+        """Row power capping for the next tick.
+
+        Capping engages when demand exceeds the limit and holds (aiming a margin below the
+        limit) until demand falls below that margin: hysteresis, as real capping controllers.
+        Demand is read as a moving average over CAP_WINDOW_S (PDU meters and breaker trip
+        curves work on seconds, not on single prefill bursts).
+        """
+        topo, gm, server = self.topo, self.gpu_model, self.scenario.datacenter.server
+        if self._any_capped:
+            uncapped = gm.power_under_ceiling_w(dyn, gl, self.thermal_ceiling_mhz)
+            demand_w = topo.row_sum(pw.server_power_w(uncapped, server, gm.idle_power_w))
+        else:  # no row ceiling in force this tick: the demand is what the rows drew
+            demand_w = row_w
+        alpha = self._cap_alpha
+        if math.isnan(self._row_avg_w[0]):  # first tick of the episode
+            self._demand_avg_w, self._row_avg_w = demand_w.copy(), row_w.copy()
+        self._demand_avg_w += alpha * (demand_w - self._demand_avg_w)
+        self._row_avg_w += alpha * (row_w - self._row_avg_w)
+        demand_w = self._demand_avg_w
+        target_w = self._row_limit_w * CAP_TARGET_FRACTION
+        over = (demand_w > self._row_limit_w) | (self.row_capped & (demand_w > target_w))
+        stats.power_events += int(np.count_nonzero(over & ~self.row_capped))
+        self._any_capped = bool(np.count_nonzero(over))
+        if self._any_capped:
+            self.row_ceiling_mhz = pw.row_cap_ceiling_mhz(
+                gm, gl, topo.gpu_row, self.thermal_ceiling_mhz, np.flatnonzero(over),
+                target_w, server, topo.n_rows)
+        else:
+            self.row_ceiling_mhz = self._no_row_ceiling_mhz
+        self.row_capped = over
+
+    def _update_thermal_slowdown(self, temp: np.ndarray, max_temp_c: float, gpu_w: np.ndarray,
+                                 gpu_ceiling: np.ndarray, stats: _IntervalStats) -> None:
+        """GPU thermal slowdown for the next tick (engages above, releases well below the limit)."""
+        slowdown_c = self.thermal.slowdown_temp_c
+        if not (self._any_throttled or max_temp_c > slowdown_c):
+            return  # nothing throttled and nothing hot: every flag stays off
+        hot = temp > slowdown_c
+        release = temp < slowdown_c - THERMAL_RELEASE_C
+        stats.thermal_events += int(np.count_nonzero(hot & ~self.thermal_throttled))
+        self.thermal_throttled = (self.thermal_throttled | hot) & ~release
+        self._any_throttled = bool(np.count_nonzero(self.thermal_throttled))
+        if self._any_throttled:
+            self._update_thermal_ceiling(gpu_w, gpu_ceiling)
+        else:
+            self.thermal_ceiling_mhz = self._no_ceiling_mhz
+
+    def _admit_arrivals(self, lo: int, hi: int, acc: ServiceAccumulator) -> None:
+        """Count the trace's requests lo..hi-1 and hand the admitted ones to the serving model."""
+        tr = self.trace
+        pool = self.trace_pool[lo:hi]
+        arr, inp, out = tr.arrival_s[lo:hi], tr.input_tokens[lo:hi], tr.output_tokens[lo:hi]
+        if self.admit_fraction < 1.0:
+            keep = self._rng.random(hi - lo) < self.admit_fraction
+            acc.dropped += int((~keep).sum())
+            arr, inp, out, pool_kept = arr[keep], inp[keep], out[keep], pool[keep]
+        else:
+            pool_kept = pool
+        acc.arrived += hi - lo
+        acc.arrivals_per_pool += np.bincount(pool, minlength=self.pools.n_pools)
+        self.serving.add_arrivals(arr, inp, out, pool_kept)
 
     def _update_thermal_ceiling(self, gpu_w: np.ndarray, ceiling: np.ndarray) -> None:
         """Clock at which each throttled GPU's steady state sits just below the slowdown point."""
@@ -506,9 +624,15 @@ class SimCluster:
         self._aisle_heat_w = topo.aisle_sum(srv_w)
 
     def _outside_c(self, t_s: float) -> float:
+        """Outside air temperature (memoized for the last time asked: telemetry, then the tick)."""
+        last_t, last_c = self._outside_memo
+        if t_s == last_t:
+            return last_c
         d = self.scenario.datacenter
-        return d.outside_temp_mean_c + d.outside_temp_amplitude_c * np.sin(
+        c = d.outside_temp_mean_c + d.outside_temp_amplitude_c * np.sin(
             2 * np.pi * (t_s / 86400.0 - 0.25))
+        self._outside_memo = (t_s, c)
+        return c
 
     def _carbon_g_per_kwh(self, t_s: float) -> float:
         series = self.scenario.carbon_g_per_kwh
@@ -553,6 +677,31 @@ class SimCluster:
         )
 
 
+@dataclass(frozen=True)
+class _SlotSettings:
+    """Per-slot and per-GPU quantities that change only with the layout or the row settings.
+
+    Attributes:
+        f_set_mhz: Slot clock: the pool's frequency under the row's clock cap.
+        f_pre_mhz: Slot prefill clock (also within the GPU power limit) with no ceiling in force.
+        gpu_freq_mhz: Each GPU's set clock (the maximum where no instance runs).
+        gpu_prefill_freq_mhz: Each GPU's prefill clock with no ceiling in force.
+        speed: Per-slot quantized speedup, or None when no slot runs quantized.
+        qloss: Per-slot quality loss of quantized serving.
+        power_factor: Per-GPU dynamic power factor (1.0 when nothing is quantized).
+        route_weight: Per-slot routing weight of the slot's row.
+    """
+
+    f_set_mhz: np.ndarray
+    f_pre_mhz: np.ndarray
+    gpu_freq_mhz: np.ndarray
+    gpu_prefill_freq_mhz: np.ndarray
+    speed: np.ndarray | None
+    qloss: np.ndarray
+    power_factor: np.ndarray | float
+    route_weight: np.ndarray
+
+
 @dataclass
 class _IntervalStats:
     energy_j: float = 0.0
@@ -565,6 +714,12 @@ class _IntervalStats:
     capped_gpu_s: float = 0.0
     peak_row_w: float = 0.0
     max_temp_c: float = 0.0
+
+
+def _read_only(arr: np.ndarray) -> np.ndarray:
+    """`arr`, marked read-only (for arrays shared between ticks and telemetry)."""
+    arr.flags.writeable = False
+    return arr
 
 
 def _row_array(value: np.ndarray, n: int, name: str) -> np.ndarray:

@@ -6,7 +6,9 @@ cooling capacity or of a row's power limit that remains, or a multiplier on arri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +24,13 @@ class FaultSchedule:
     end_s: np.ndarray
     magnitude: np.ndarray
     target: np.ndarray
+    _edges: np.ndarray = field(init=False, repr=False, compare=False)
+    _memo: dict[tuple, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Between consecutive start/end times the same faults are on, so lookups are memoized
+        # per stretch (the simulator asks several times per tick).
+        object.__setattr__(self, "_edges", np.unique(np.concatenate([self.start_s, self.end_s])))
 
     @classmethod
     def build(cls, scenario: Scenario, rng: np.random.Generator) -> FaultSchedule:
@@ -58,24 +67,38 @@ class FaultSchedule:
             for s, e, m in zip(self.start_s[sel], self.end_s[sel], self.magnitude[sel], strict=True)
         ]
 
+    def _memoized(self, what: str, t_s: float, compute: Callable[..., Any], *args: Any) -> Any:
+        """`compute(t_s, *args)`, computed once per stretch of time with the same faults on."""
+        key = (what, int(self._edges.searchsorted(t_s, side="right")), *args)
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._memo[key] = compute(t_s, *args)
+        return hit
+
     def factors(self, t_s: float, n_rows: int, n_aisles: int) -> tuple[np.ndarray, np.ndarray]:
-        """Row power-limit and aisle cooling-capacity fractions in force at `t_s`."""
+        """Row power-limit and aisle cooling-capacity fractions in force at `t_s` (read-only)."""
+        return self._memoized("factors", t_s, self._factors, n_rows, n_aisles)
+
+    def _factors(self, t_s: float, n_rows: int, n_aisles: int) -> tuple[np.ndarray, np.ndarray]:
         row = np.ones(n_rows)
         aisle = np.ones(n_aisles)
-        if not len(self.kind):
-            return row, aisle
         on = (self.start_s <= t_s) & (t_s < self.end_s)
         if on.any():
             for kind, arr in (("power_failure", row), ("cooling_failure", aisle)):
                 sel = on & (self.kind == kind)
                 if sel.any():
                     np.minimum.at(arr, self.target[sel], self.magnitude[sel])
+        row.flags.writeable = False  # memoized: shared by every caller in the stretch
+        aisle.flags.writeable = False
         return row, aisle
 
     def active_names(self, t_s: float) -> tuple[str, ...]:
         """Human-readable names of the faults in force at `t_s`."""
         if not len(self.kind):
             return ()
+        return self._memoized("names", t_s, self._active_names)
+
+    def _active_names(self, t_s: float) -> tuple[str, ...]:
         on = np.flatnonzero((self.start_s <= t_s) & (t_s < self.end_s))
         return tuple(f"{self.kind[i]}@{int(self.target[i])}" for i in on)
 

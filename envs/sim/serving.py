@@ -95,13 +95,13 @@ def weighted_percentiles(
     `qs` are percentiles (0-100); an array is taken as fractions already shifted down by a hair
     (the hot path passes a precomputed one).
     """
-    order = np.argsort(values, kind="stable")
-    cum = np.cumsum(weight[order])
+    order = values.argsort(kind="stable")
+    cum = weight[order].cumsum()
     total = cum[-1] if len(cum) else 0.0
     if total <= 0:
         return tuple(0.0 for _ in qs)
     # Zero-weight samples add nothing to the cumulative weight, so the search never stops on one
     # unless it ties a positive one before it.
     fractions = qs if isinstance(qs, np.ndarray) else np.asarray(qs) / 100.0 - 1e-12
-    idx = np.searchsorted(cum, fractions * total)
-    return tuple(values[order][np.minimum(idx, len(values) - 1)].tolist())
+    idx = cum.searchsorted(fractions * total)
+    return tuple(values[order[np.minimum(idx, len(values) - 1)]].tolist())

@@ -98,38 +98,57 @@ class AggregateServing:
         over all live instances, as in the request-level router.
         """
         weight = np.where(serving, route_weight * inst.max_batch, 0.0)
-        if not weight.any():  # every preferred row is empty: routing weights yield
+        any_weight = np.count_nonzero(weight) > 0
+        if not any_weight:  # every preferred row is empty: routing weights yield
             weight = np.where(serving, inst.max_batch, 0).astype(float)
-        pool = np.where(inst.active, inst.pool, -1)
+            any_weight = np.count_nonzero(weight) > 0
+        # Only active slots hold an instance, and every active slot has a pool (>= 0).
+        pool = inst.pool
         self.slot_pool = pool
         buf = self.buf
-        total = buf.sum()
-        if total <= 0 or not weight.any():
+        if not any_weight or buf.sum() <= 0:
             self.rate_rps *= 0.8
             return
-        own = pool >= 0
-        p_of = np.where(own, pool, 0)
-        w_pool = np.bincount(p_of, weights=weight * own, minlength=self.n_pools)
+        p_of = np.maximum(pool, 0)
+        # Weights are >= 0 and zero off the serving (active) slots, so a slot of an unserved
+        # pool or without an instance gets weight 0 / (w_pool or 1) = 0: no mask needed.
+        w_pool = np.bincount(p_of, weights=weight, minlength=self.n_pools)
         served = w_pool > 0
-        frac = np.where(own & served[p_of], weight / np.where(served, w_pool, 1.0)[p_of], 0.0)
+        frac = weight / np.where(served, w_pool, 1.0)[p_of]
         share = buf[p_of] * frac
         in_sum = share * self.buf_in[p_of]
         out_sum = share * self.buf_out[p_of]
         orphan = ~served & (buf > 0)
-        if orphan.any():
+        if np.count_nonzero(orphan):
             spill = weight / weight.sum()
             n_orphan = buf[orphan].sum()
             share = share + n_orphan * spill
             in_sum = in_sum + (buf * self.buf_in)[orphan].sum() * spill
             out_sum = out_sum + (buf * self.buf_out)[orphan].sum() * spill
-        tot = self.q + share
+        q = self.q
+        tot = q + share
         safe = np.maximum(tot, 1e-12)
-        self.q_in = (self.q_in * self.q + in_sum) / safe
-        self.q_out = (self.q_out * self.q + out_sum) / safe
-        self.q_age_s = self.q_age_s * self.q / safe  # new arrivals have age 0
+        self.q_in = (self.q_in * q + in_sum) / safe
+        self.q_out = (self.q_out * q + out_sum) / safe
+        self.q_age_s = self.q_age_s * q / safe  # new arrivals have age 0
         self.q = tot
         self.buf = np.zeros(self.n_pools)
         self.rate_rps = 0.8 * self.rate_rps + 0.2 * share / dt_s
+
+    def _drop_stale(self, acc: ServiceAccumulator) -> None:
+        """Drop requests older than drop_after_s, in FIFO order.
+
+        They are the queue beyond what the recent arrival rate could have brought in within
+        drop_after_s; nothing is dropped while no queue is that old (the common case).
+        """
+        stale = self.q_age_s > self.drop_after_s
+        if not np.count_nonzero(stale):
+            acc.dropped += 0.0
+            return
+        excess = np.maximum(self.q - self.rate_rps * self.drop_after_s - 1.0, 0.0)
+        excess = np.where(stale, excess, 0.0)
+        acc.dropped += float(excess.sum())
+        self.q -= excess
 
     def tick(self, t0_s, dt_s, inst: InstanceTable, serving, model, route_weight, slo_ttft_s,
              slo_tbt_s, quality_loss_per_slot, acc: ServiceAccumulator) -> TickLoad:
@@ -138,31 +157,28 @@ class AggregateServing:
         t1 = t0_s + dt_s
         load = TickLoad(np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n))
         self._route(dt_s, inst, serving, route_weight)
-        # Requests older than drop_after_s in FIFO order: the queue beyond what the recent
-        # arrival rate could have brought in within drop_after_s.
-        excess = np.maximum(self.q - self.rate_rps * self.drop_after_s - 1.0, 0.0)
-        excess = np.where(self.q_age_s > self.drop_after_s, excess, 0.0)
-        acc.dropped += float(excess.sum())
-        self.q -= excess
-        idx = np.flatnonzero(serving & ((self.q > 1e-9) | (self.run > 1e-9)))
+        self._drop_stale(acc)
+        idx = (serving & ((self.q > 1e-9) | (self.run > 1e-9))).nonzero()[0]
         if len(idx) == 0:
             self.q_age_s += dt_s
             return load
-        pool = np.where(inst.pool[idx] >= 0, inst.pool[idx], 0)
         q, run = self.q[idx], self.run[idx]
+        q_in, q_out = self.q_in[idx], self.q_out[idx]
+        run_ctx, run_out = self.run_ctx[idx], self.run_out[idx]
         # ---- admission -------------------------------------------------------------------
-        kv_free = model.kv_capacity_tokens[idx] - run * (self.run_ctx[idx] + self.run_out[idx] / 2)
-        per_req_kv = np.maximum(self.q_in[idx] + self.q_out[idx], 1.0)
+        kv_free = model.kv_capacity_tokens[idx] - run * (run_ctx + run_out / 2)
+        per_req_kv = np.maximum(q_in + q_out, 1.0)
         room = np.maximum(np.minimum(inst.max_batch[idx] - run, kv_free / per_req_kv), 0.0)
         adm = np.minimum(q, np.floor(room + 1e-9))
         adm = np.where((run < 0.5) & (q > 0) & (adm < 1), np.minimum(q, 1.0), adm)
-        tau = np.where(adm > 0, model.prefill_time_s(np.maximum(self.q_in[idx], 1.0), idx), 0.0)
+        admitted = adm > 0
+        tau = np.where(admitted, model.prefill_time_s(np.maximum(q_in, 1.0), idx), 0.0)
         backlog = np.maximum(self.busy_until_s[idx] - t0_s, 0.0)
         busy_end = t0_s + backlog + adm * tau
         self.busy_until_s[idx] = busy_end
         prefill_end = np.minimum(busy_end, t1)
         load.prefill_busy_s[idx] = prefill_end - t0_s
-        load.prefill_tokens[idx] = np.where(adm > 0, self.q_in[idx], 0.0)
+        load.prefill_tokens[idx] = np.where(admitted, q_in, 0.0)
         # TTFT of the admitted cohort. Arrivals spread over the tick queue for the prefill
         # server like an M/D/1 queue (mean wait rho*tau / 2(1-rho)) plus half a decode
         # iteration (prefill starts at an iteration boundary); requests carried over from an
@@ -174,58 +190,72 @@ class AggregateServing:
         base = tau + backlog + age
         wait = np.where(rho < 0.95, rho * tau / (2 * np.maximum(1 - rho, 0.05)), 0.0) + iter_now / 2
         overloaded = rho >= 0.95
-        span = np.where(overloaded, np.maximum(busy_end - t1, 0.0) + 0.5 * dt_s, 0.0)
+        any_overloaded = np.count_nonzero(overloaded) > 0
+        # An overloaded prefill server works through its cohort one request after another.
+        span = (np.where(overloaded, np.maximum(busy_end - t1, 0.0) + 0.5 * dt_s, 0.0)
+                if any_overloaded else None)
         # ---- decode ----------------------------------------------------------------------
         new_run = run + adm
-        ctx = np.where(new_run > 0, (run * self.run_ctx[idx] + adm * self.q_in[idx])
-                       / np.maximum(new_run, 1e-12), 0.0)
-        out = np.where(new_run > 0, (run * self.run_out[idx] + adm * self.q_out[idx])
-                       / np.maximum(new_run, 1e-12), 0.0)
+        has_run = new_run > 0
+        inv_run = np.maximum(new_run, 1e-12)
+        ctx = np.where(has_run, (run * run_ctx + adm * q_in) / inv_run, 0.0)
+        out = np.where(has_run, (run * run_out + adm * q_out) / inv_run, 0.0)
         window = t1 - prefill_end
         iter_s = model.decode_iter_time_s(np.maximum(new_run, 1.0), np.maximum(ctx, 1.0), idx)
         n_iter = window / np.maximum(iter_s, 1e-9)
         per_req_tokens = np.maximum(out - 1.0, 0.0)
-        frac_done = np.where(per_req_tokens > 0, np.minimum(n_iter / np.maximum(per_req_tokens,
-                                                                                 1e-9), 1.0), 1.0)
+        frac_done = np.where(per_req_tokens > 0,
+                             np.minimum(n_iter / np.maximum(per_req_tokens, 1e-9), 1.0), 1.0)
         finished = new_run * frac_done
         tokens = np.minimum(new_run * n_iter, new_run * per_req_tokens)
-        need_s = per_req_tokens * iter_s
-        load.decode_busy_s[idx] = np.where(new_run > 0, np.minimum(window, need_s), 0.0)
+        load.decode_busy_s[idx] = np.where(has_run, np.minimum(window, per_req_tokens * iter_s), 0.0)
         load.decode_batch[idx] = new_run
         load.tokens_generated = float(tokens.sum() + adm.sum())
         # TBT: per-token interval including the prefill stalls of this tick.
         tbt = iter_s * dt_s / np.maximum(window, iter_s)
         # ---- SLO accounting for the finishing cohort (it carries the TTFT of its admission)
         if finished.sum() > 0:
+            pool = inst.pool[idx]  # serving slots always have a pool
             slo_t = slo_ttft_s[pool]
             over = slo_t - base
-            ok_mm1 = np.where(over > 0, -np.expm1(-np.clip(over / np.maximum(wait, 1e-6), 0.0, 50.0)), 0.0)
-            ok_seq = np.clip(over / np.maximum(span, 1e-9), 0.0, 1.0)
-            ttft_ok = np.where(overloaded, ok_seq, ok_mm1)
-            ttft_mean = base + np.where(overloaded, span / 2, wait)
-            self._record(acc, finished, ttft_ok, tbt, ttft_mean, slo_ttft_s[pool], slo_tbt_s[pool],
+            ttft_ok = np.where(over > 0, -np.expm1(-(over / np.maximum(wait, 1e-6)).clip(0.0, 50.0)),
+                               0.0)
+            if any_overloaded:
+                ok_seq = (over / np.maximum(span, 1e-9)).clip(0.0, 1.0)
+                ttft_ok = np.where(overloaded, ok_seq, ttft_ok)
+                ttft_mean = base + np.where(overloaded, span / 2, wait)
+            else:
+                ttft_mean = base + wait
+            self._record(acc, finished, ttft_ok, tbt, ttft_mean, slo_t, slo_tbt_s[pool],
                          quality_loss_per_slot[idx])
         # ---- state update ----------------------------------------------------------------
-        self.q[idx] = q - adm
-        self.q_age_s[idx] = np.where(q - adm > 1e-9, age + dt_s, 0.0)
+        left = q - adm
+        self.q[idx] = left
+        self.q_age_s[idx] = np.where(left > 1e-9, age + dt_s, 0.0)
         rest = self.q > 0  # queues this tick did not serve grow older
         rest[idx] = False
-        self.q_age_s[rest] += dt_s
+        if np.count_nonzero(rest):
+            self.q_age_s[rest] += dt_s
         self.run[idx] = new_run - finished
-        self.run_ctx[idx] = np.where(frac_done < 1, ctx + n_iter, 0.0)
-        self.run_out[idx] = np.where(frac_done < 1, out, 0.0)
+        running = frac_done < 1
+        self.run_ctx[idx] = np.where(running, ctx + n_iter, 0.0)
+        self.run_out[idx] = np.where(running, out, 0.0)
         self.last_iter_s[idx] = iter_s
         return load
 
     def _record(self, acc, finished, ttft_ok, tbt, ttft_mid, slo_ttft, slo_tbt, qloss) -> None:
+        """Add the finishing cohort's weighted counts and its latency samples to `acc`."""
         w = finished
-        tbt_bad = tbt > slo_tbt
-        bad = w * np.maximum(1.0 - ttft_ok, tbt_bad.astype(float))
-        acc.finished += float(w.sum())
-        acc.ttft_violations += float((w * (1.0 - ttft_ok)).sum())
-        acc.tbt_violations += float((w * tbt_bad).sum())
-        acc.violations += float(bad.sum())
-        acc.quality_loss += float((w * qloss).sum())
+        ttft_miss = 1.0 - ttft_ok
+        tbt_bad = (tbt > slo_tbt).astype(float)
+        # One weighted sum per counter (each row sums exactly as a 1-D sum would).
+        per_req = np.array([np.ones_like(w), ttft_miss, tbt_bad, np.maximum(ttft_miss, tbt_bad), qloss])
+        n_fin, n_ttft, n_tbt, n_bad, qsum = (w * per_req).sum(axis=1).tolist()
+        acc.finished += n_fin
+        acc.ttft_violations += n_ttft
+        acc.tbt_violations += n_tbt
+        acc.violations += n_bad
+        acc.quality_loss += qsum
         keep = w > 0
         acc.ttft_s.append(ttft_mid[keep])
         acc.tbt_s.append(tbt[keep])

@@ -30,6 +30,7 @@ class VmPool:
     def __post_init__(self) -> None:
         self.gpu_power_w = np.zeros(self.n_servers)
         self.leave_at_s = np.full(self.n_servers, np.inf)
+        self._next_leave_s = np.inf  # earliest of leave_at_s: no departure scan before then
 
     def reset(self, rng: np.random.Generator, duration_s: float) -> None:
         """Start an episode: initial VMs, and every VM arrival drawn up front.
@@ -54,6 +55,7 @@ class VmPool:
         self._arrival_power_w = rng.choice(self.spec.gpu_power_w, size=n) if n else np.zeros(0)
         self._arrival_lifetime_s = rng.exponential(self.spec.lifetime_s, size=n)
         self._next = 0
+        self._next_leave_s = float(self.leave_at_s.min(initial=np.inf))
 
     def occupied(self) -> np.ndarray:
         """Servers currently hosting a VM."""
@@ -67,10 +69,13 @@ class VmPool:
 
     def advance(self, t0_s: float, dt_s: float) -> None:
         """Departures and arrivals during [t0, t0 + dt)."""
-        gone = self.leave_at_s <= t0_s + dt_s
-        self.gpu_power_w[gone] = 0.0
-        self.leave_at_s[gone] = np.inf
-        end = int(np.searchsorted(self._arrival_s, t0_s + dt_s, side="left"))
+        t1_s = t0_s + dt_s
+        if self._next_leave_s <= t1_s:
+            gone = self.leave_at_s <= t1_s
+            self.gpu_power_w[gone] = 0.0
+            self.leave_at_s[gone] = np.inf
+            self._next_leave_s = float(self.leave_at_s.min(initial=np.inf))
+        end = int(self._arrival_s.searchsorted(t1_s, side="left"))
         for i in range(self._next, end):
             self.pending_power_w.append(float(self._arrival_power_w[i]))
             self.pending_since_s.append(float(self._arrival_s[i]))
@@ -91,6 +96,7 @@ class VmPool:
         self.gpu_power_w[server] = self.pending_power_w.pop(0)
         self.pending_since_s.pop(0)
         self.leave_at_s[server] = now_s + self.pending_lifetime_s.pop(0)
+        self._next_leave_s = min(self._next_leave_s, float(self.leave_at_s[server]))
         self.placed += 1
 
     def first_fit(self) -> int | None:
