@@ -1,9 +1,11 @@
 """Sim-to-real fidelity from the committed H100 recordings (CPU only, ~2 s).
 
-Fits the simulator's profile and thermal parameters to ``envs/data/real/h100_llama3-8b_profile.json.gz``,
-replays the requests of ``envs/data/real/h100_fidelity_run.json.gz`` (an Azure conversation-trace
-window served by the real worker on an H100, with a batch-cap drill) in ``SimCluster`` and prints
-power MAPE (1 s windows), temperature RMSE and throughput error (total generated tokens).
+Fits the simulator's time and power coefficients to ``envs/data/real/h100_calibration_run.json.gz``
+(one Azure conversation-trace window served by the real worker on an H100) and
+``envs/data/real/h100_llama3-8b_profile.json.gz``, the thermal model to the latter, then replays the
+requests of ``envs/data/real/h100_fidelity_run.json.gz`` (another window, with a batch-cap drill) in
+``SimCluster`` and prints power MAPE (1 s windows), temperature RMSE and throughput error (total
+generated tokens).
 Goals of issue 7: power MAPE <= 0.05, temperature RMSE <= 2 C, throughput error <= 0.10.
 """
 
@@ -12,11 +14,11 @@ from __future__ import annotations
 import json
 
 from envs.real.fidelity import calibrate_and_compare
-from scripts.calibrate import FIDELITY_REC, PROFILE_REC
+from scripts.calibrate import CALIBRATION_REC, FIDELITY_REC, PROFILE_REC
 
 
 def main() -> None:
-    rep = calibrate_and_compare(PROFILE_REC, FIDELITY_REC)
+    rep = calibrate_and_compare(PROFILE_REC, FIDELITY_REC, CALIBRATION_REC)
     s = rep["summary"]
     print(json.dumps({k: v for k, v in s.items() if k not in ("power_mape", "temp_rmse_c",
                                                               "throughput_error")}, indent=1))

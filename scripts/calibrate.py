@@ -7,15 +7,19 @@ Two steps:
 budget drops and the batch cap is cut for a while), sampling NVML at 25 Hz; write the
 recording (telemetry, every request's TTFT/TBT, per-interval metrics, the drill) as gzip JSON.
 
-``fit`` (CPU): from the profile recording (``scripts/profile_gpu.py``) fit the simulator's
-performance and power coefficients (a profile file in the simulator's schema) and from the
-telemetry of both recordings the two-node thermal model; then replay the same requests and
-the same batch-cap schedule in the simulator (``SimCluster`` with one GPU) and compare with
-the real run: power MAPE over 1 s windows, temperature RMSE, throughput and latency errors.
+``fit`` (CPU): fit the simulator's time and power coefficients to a served calibration run
+(one trace window, its scheduler steps and 1 s energy) together with the profile recording
+(``scripts/profile_gpu.py``: idle power, prefill power shape, sustained decode phases), and
+the two-node thermal model to the profile recording; then replay the requests and the
+batch-cap schedule of a second, held-out run (another trace window) in the simulator
+(``SimCluster`` with one GPU) and compare: power MAPE over 1 s windows, temperature RMSE,
+throughput and latency errors.
 
 Usage::
 
-    # on the H100
+    # on the H100: the calibration window, then the held-out test window
+    PYTHONUNBUFFERED=1 python scripts/calibrate.py record --start-s 600 \
+        --batch-steps 0:64,50:8,100:16,140:64 --out envs/data/real/h100_calibration_run.json.gz
     PYTHONUNBUFFERED=1 python scripts/calibrate.py record --out envs/data/real/h100_fidelity_run.json.gz
     # anywhere
     python scripts/calibrate.py fit
@@ -35,11 +39,12 @@ import numpy as np
 
 from envs.backend import ClusterAction, PoolConfig
 from envs.real.telemetry import GpuUnavailableError, save_recording
-from envs.real.worker import WorkerConfig, WorkerError
+from envs.real.worker import STEP_LOG_COLUMNS, WorkerConfig, WorkerError
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "envs" / "data" / "real"
 PROFILE_REC = DATA_DIR / "h100_llama3-8b_profile.json.gz"
 FIDELITY_REC = DATA_DIR / "h100_fidelity_run.json.gz"
+CALIBRATION_REC = DATA_DIR / "h100_calibration_run.json.gz"
 MEASURED_PROFILE = DATA_DIR / "llama3-8b-real_h100_tp1.json"
 CALIBRATION = DATA_DIR / "calibration.json"
 
@@ -48,9 +53,38 @@ DRILL_BATCH_STEPS: tuple[tuple[float, int], ...] = ((0.0, 64), (60.0, 8), (120.0
 DRILL_BUDGET: tuple[tuple[float, float, float], ...] = ((60.0, 60.0, 250.0),)
 
 
+def parse_batch_steps(text: str) -> tuple[tuple[float, int], ...]:
+    """``"0:64,60:8,120:64"`` -> ((0.0, 64), (60.0, 8), (120.0, 64)); must start at 0 s."""
+    try:
+        steps = tuple((float(a), int(b)) for a, b in (part.split(":") for part in text.split(",")))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--batch-steps {text!r}: want START_S:BATCH,...") from err
+    if not steps or steps[0][0] != 0.0 or any(b < 1 for _, b in steps) or any(
+            t1 <= t0 for (t0, _), (t1, _) in zip(steps, steps[1:], strict=False)):
+        raise argparse.ArgumentTypeError(
+            f"--batch-steps {text!r}: start at 0, increasing times, batch caps >= 1")
+    return steps
+
+
+def parse_budget(text: str) -> tuple[tuple[float, float, float], ...]:
+    """``"60:60:250"`` -> ((60.0, 60.0, 250.0),): start s, length s, budget W; comma-separated."""
+    try:
+        drills = tuple(tuple(float(x) for x in part.split(":")) for part in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--budget {text!r}: want START_S:LENGTH_S:WATTS,...") from err
+    if any(len(d) != 3 or d[1] <= 0 or d[2] <= 0 for d in drills):
+        raise argparse.ArgumentTypeError(f"--budget {text!r}: want START_S:LENGTH_S:WATTS,...")
+    return drills  # type: ignore[return-value]
+
+
 def record(out: Path, trace: str, start_s: float, duration_s: float, rate_rps: float | None,
-           gpu: int, interval_s: float) -> Path:
+           gpu: int, interval_s: float,
+           batch_steps: tuple[tuple[float, int], ...] = DRILL_BATCH_STEPS,
+           budget: tuple[tuple[float, float, float], ...] = DRILL_BUDGET) -> Path:
     """Replay a trace window on the real GPU with the scripted drill and save everything.
+
+    The recording keeps every scheduler step of the worker (``step_log``) and its per-interval
+    engine counters, which is what the host-overhead fit reads.
 
     Raises:
         GpuUnavailableError: No NVML / GPU.
@@ -61,10 +95,11 @@ def record(out: Path, trace: str, start_s: float, duration_s: float, rate_rps: f
     from envs.real.cluster import RealCluster, RealClusterConfig
 
     cfg = RealClusterConfig(
-        worker=WorkerConfig(model="llama3-8b", device=f"cuda:{gpu}", max_slots=64, max_ctx=4096),
+        worker=WorkerConfig(model="llama3-8b", device=f"cuda:{gpu}", max_slots=64, max_ctx=4096,
+                            record_steps=True),
         gpus=(gpu,), trace=trace, trace_start_s=start_s, duration_s=duration_s,
         rate_rps=rate_rps, control_interval_s=interval_s, power_budget_w=450.0,
-        budget_drills=DRILL_BUDGET, mode="inline", sample_hz=25.0)
+        budget_drills=budget, mode="inline", sample_hz=25.0)
     t_build = time.time()
     cluster = RealCluster(cfg)
     _ = cluster.workers  # build and warm up the engine before the clock starts
@@ -77,7 +112,7 @@ def record(out: Path, trace: str, start_s: float, duration_s: float, rate_rps: f
                           for k, v in cfg.__dict__.items()})
     try:
         cluster.reset(seed=0)
-        steps = list(DRILL_BATCH_STEPS)
+        steps = list(batch_steps)
         while not cluster.done:
             t = cluster.elapsed_s
             cap = [b for s, b in steps if s <= t + 1e-9][-1]
@@ -94,6 +129,9 @@ def record(out: Path, trace: str, start_s: float, duration_s: float, rate_rps: f
         cluster.close()
     tr = cluster.trace
     log = cluster.log
+    engine = getattr(cluster.workers[0], "engine", None)
+    step_log = [[round(x - log.t0_s, 6) if i < 2 else round(x, 6) for i, x in enumerate(row)]
+                for row in (engine.step_log if engine is not None else [])]
     reqs = [[r.req_id, round(r.arrival_s - log.t0_s, 6), r.input_tokens, r.output_tokens,
              None if not np.isfinite(r.ttft_s) else round(r.ttft_s, 6),
              None if not np.isfinite(r.tbt_s) else round(r.tbt_s, 6),
@@ -110,7 +148,8 @@ def record(out: Path, trace: str, start_s: float, duration_s: float, rate_rps: f
                "output_tokens": [int(x) for x in tr.output_tokens],
                "duration_s": tr.duration_s, "source": tr.source},
         intervals=log.intervals, controls=log.controls,
-        drill={"batch_steps": DRILL_BATCH_STEPS, "budget": DRILL_BUDGET},
+        drill={"batch_steps": batch_steps, "budget": budget},
+        step_columns=list(STEP_LOG_COLUMNS), step_log=step_log,
     )
 
 
@@ -126,23 +165,40 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--rate-rps", type=float, default=None)
     r.add_argument("--gpu", type=int, default=0)
     r.add_argument("--interval-s", type=float, default=5.0)
+    r.add_argument("--batch-steps", type=parse_batch_steps, default=DRILL_BATCH_STEPS,
+                   help="batch-cap schedule START_S:CAP,... (default 0:64,60:8,120:64)")
+    r.add_argument("--budget", type=parse_budget, default=DRILL_BUDGET,
+                   help="virtual power budget drills START_S:LENGTH_S:WATTS,... (default 60:60:250)")
     f = sub.add_parser("fit", help="fit the simulator to the recordings and compare (CPU)")
     f.add_argument("--profile", type=Path, default=PROFILE_REC)
-    f.add_argument("--run", type=Path, default=FIDELITY_REC)
+    f.add_argument("--run", type=Path, default=FIDELITY_REC,
+                   help="served recording of the test window (compared, not fitted)")
+    f.add_argument("--calibration-run", type=Path, default=CALIBRATION_REC,
+                   help="served recording of another trace window that the time and power "
+                        "coefficients are fitted to")
+    f.add_argument("--sweeps-only", action="store_true",
+                   help="fit to the isolated profile sweeps alone (no served calibration run)")
     f.add_argument("--write", action="store_true", help="write the fitted files to envs/data/real")
     ns = p.parse_args(argv)
     if ns.cmd == "record":
         try:
             path = record(ns.out, ns.trace, ns.start_s, ns.duration_s, ns.rate_rps, ns.gpu,
-                          ns.interval_s)
+                          ns.interval_s, ns.batch_steps, ns.budget)
         except (GpuUnavailableError, WorkerError) as err:
             print(f"calibrate: {err}", file=sys.stderr)
             return 2
         print(f"wrote {path}")
         return 0
-    from envs.real.fidelity import calibrate_and_compare
+    from envs.real.fidelity import FidelityError, calibrate_and_compare
+    from envs.real.telemetry import TelemetryFileError
 
-    report = calibrate_and_compare(ns.profile, ns.run, write_dir=DATA_DIR if ns.write else None)
+    try:
+        report = calibrate_and_compare(ns.profile, ns.run,
+                                       None if ns.sweeps_only else ns.calibration_run,
+                                       write_dir=DATA_DIR if ns.write else None)
+    except (FidelityError, TelemetryFileError) as err:
+        print(f"calibrate: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(report["summary"], indent=1))
     return 0
 

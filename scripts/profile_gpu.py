@@ -208,11 +208,15 @@ def run(args: Args) -> dict[str, Any]:
                            **phase_summary(sampler, a, b, 2.0)})
             print(phases[-1], flush=True)
             idle(gap_s, "idle_gap")
-        dec_batches = [1, 64] if args.quick else [1, 8, 32, 64]
-        for bsz in [b for b in dec_batches if b <= args.max_slots]:
+        # Decode power depends on the context as well as the batch (longer contexts read more
+        # KV cache per iteration), so the sustained phases cover both.
+        dec_loads = [(1, 1000), (64, 1000), (64, 2000)] if args.quick else [
+            (1, 1000), (8, 1000), (32, 1000), (64, 1000), (8, 256), (32, 256), (64, 256),
+            (8, 2000), (32, 2000), (64, 2000), (16, 3500), (32, 3500), (64, 3500)]
+        for bsz, ctx in [(b, c) for b, c in dec_loads
+                         if b <= args.max_slots and c + 20 < args.max_ctx]:
             a = time.time()
             iters = 0
-            ctx = 1000
             while time.time() - a < ps:
                 eng._pos[:bsz] = ctx - 1
                 for k in range(20):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import signal
@@ -14,7 +15,15 @@ import pytest
 from envs.backend import ClusterAction, ClusterBackend, PoolConfig
 from envs.real.actuators import ActuatorError, GpuActuators
 from envs.real.cluster import RealCluster, RealClusterConfig, RealClusterError
-from envs.real.fidelity import fit_profile, fit_thermal, power_windows, profile_object
+from envs.real.fidelity import (
+    FidelityError,
+    compare,
+    fit_profile,
+    fit_thermal,
+    fit_to_served_run,
+    power_windows,
+    profile_object,
+)
 from envs.real.telemetry import (
     COLUMNS,
     GpuUnavailableError,
@@ -28,11 +37,14 @@ from envs.real.telemetry import (
     save_recording,
     window_energy,
 )
-from envs.real.worker import InferenceEngine, Request, WorkerConfig, WorkerError
+from envs.real.worker import STEP_LOG_COLUMNS, InferenceEngine, Request, WorkerConfig, WorkerError
+from envs.sim.thermal import ThermalParams
+from scripts.calibrate import parse_batch_steps
 
 DATA = Path(__file__).resolve().parents[1] / "envs" / "data"
 PROFILE = DATA / "real" / "h100_llama3-8b_profile.json.gz"
 RUN = DATA / "real" / "h100_fidelity_run.json.gz"
+CALIBRATION_RUN = DATA / "real" / "h100_calibration_run.json.gz"
 STEPS = DATA / "thermal" / "recordings" / "h100_steps_20261125.json.gz"
 TINY = WorkerConfig(model="tiny", device="cpu", max_slots=8, max_ctx=256)
 
@@ -352,6 +364,32 @@ def test_real_cluster_protocol_metrics_and_budget_events():
     assert c.log.intervals[-1]["budget_w"] == 150.0
 
 
+def test_engine_step_log_and_interval_counters_agree():
+    worker = WorkerConfig(model="tiny", device="cpu", max_slots=8, max_ctx=64, record_steps=True)
+    cfg = RealClusterConfig(worker=worker, duration_s=2.0, control_interval_s=1.0, rate_rps=10.0,
+                            sample_hz=25.0)
+    c = RealCluster(cfg, devices=[ReplayGpuDevice(STEPS, start_offset_s=29.0)])
+    c.reset(seed=1)
+    while not c.done:
+        c.advance()
+    c.close()
+    log = np.array(c.workers[0].engine.step_log)
+    assert log.shape[1] == len(STEP_LOG_COLUMNS) and len(log) > 10
+    col = {name: log[:, i] for i, name in enumerate(STEP_LOG_COLUMNS)}
+    # Each step's wall time covers its prefill and decode work; host work is the rest.
+    assert np.all(col["t_end_s"] - col["t_start_s"] >= col["prefill_s"] + col["decode_s"] - 1e-9)
+    # A decode batch attends to at least one token per sequence.
+    assert np.all(col["decode_ctx_tokens"] >= col["decode_batch"])
+    rows = c.log.intervals
+    assert sum(r["engine_steps"] for r in rows) == len(log)
+    assert sum(r["engine_prefill_tokens"] for r in rows) == col["prefill_tokens"].sum() > 0
+    assert sum(r["engine_prefill_passes"] for r in rows) == col["prefill_passes"].sum()
+    assert sum(r["engine_decode_tokens"] for r in rows) == col["decode_batch"].sum()
+    assert sum(r["engine_decode_ctx_tokens"] for r in rows) == col["decode_ctx_tokens"].sum()
+    busy = sum(r["engine_step_busy_s"] for r in rows)
+    assert busy == pytest.approx(float(np.sum(col["t_end_s"] - col["t_start_s"])), rel=1e-9)
+
+
 def test_real_cluster_admission_and_batch_cap_actions():
     c = _cluster()
     c.reset(seed=0)
@@ -392,3 +430,38 @@ def test_thermal_fit_on_h100_profile_recording():
     assert rmse < 1.5
     assert 0.01 < params.r_total_c_per_w < 0.1
     assert params.tau_die_s < params.tau_sink_s
+
+
+def test_served_fit_explains_the_held_out_run_better_than_isolated_sweeps():
+    """Fitted to one served trace window, the simulator reproduces another window's run."""
+    sweep_doc = fit_profile(PROFILE)
+    served_doc = fit_to_served_run(sweep_doc, CALIBRATION_RUN, PROFILE)
+    thermal = ThermalParams.load()
+    sweep = compare(RUN, profile_object(sweep_doc), thermal)
+    served = compare(RUN, profile_object(served_doc), thermal)
+    # The isolated sweeps miss the served engine's bucket padding and eager long prompts: the
+    # simulator is >10 % too fast with them.
+    assert sweep["throughput_error"] > 0.10
+    assert served["throughput_error"] < 0.05
+    assert served["power_mape"] < sweep["power_mape"]
+    assert served["energy_error"] < 0.05
+    # The served run's per-step host work is small but counted (~0.4 ms per step here).
+    assert 1e-4 < served_doc["served_fit"]["host_s_per_step"] < 2e-3
+    assert served_doc["coefficients"]["decode_d0_s"] > sweep_doc["coefficients"]["decode_d0_s"]
+
+
+def test_served_fit_needs_a_step_log(tmp_path):
+    rec = json.loads(gzip.open(CALIBRATION_RUN, "rt").read())
+    rec.pop("step_log")
+    bad = tmp_path / "old_run.json.gz"
+    with gzip.open(bad, "wt") as fh:
+        json.dump(rec, fh)
+    with pytest.raises(FidelityError, match="step_log"):
+        fit_to_served_run(fit_profile(PROFILE), bad, PROFILE)
+
+
+@pytest.mark.parametrize("text", ["10:64", "0:64,0:8", "0:0", "0-64", ""])
+def test_calibrate_rejects_malformed_batch_schedules(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="batch-steps"):
+        parse_batch_steps(text)
+    assert parse_batch_steps("0:64,60:8") == ((0.0, 64), (60.0, 8))

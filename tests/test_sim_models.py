@@ -466,3 +466,27 @@ def test_routing_weights_of_zero_everywhere_still_serve(serving_model):
         finished += m.finished
         arrived += m.arrived
     assert arrived > 0 and finished > 0.8 * arrived
+
+
+def test_prefill_burst_spanning_ticks_draws_prefill_power_every_tick():
+    """A backlog admitted at once is prefilled over several ticks, each at prefill power."""
+    from envs.sim.instances import InstanceTable
+    from envs.sim.serving import ServiceAccumulator
+    from envs.sim.serving_request import RequestLevelServing, SlotModel
+
+    inst = InstanceTable.empty(np.array([0]), gpus_per_server=1)
+    inst.active[0], inst.pool[0], inst.max_batch[0] = True, 0, 64
+    serving = RequestLevelServing(n_slots=1, n_pools=1, max_prefill_tokens=8192, drop_after_s=60.0)
+    prompts = np.arange(20) * 10 + 1000  # mean 1095 tokens
+    serving.add_arrivals(np.zeros(20), prompts, np.full(20, 50), np.zeros(20, dtype=np.int64))
+    model = SlotModel(prefill_time_s=lambda tok, slot: np.full(len(tok), 0.1),
+                      decode_iter_time_s=lambda b, c, slot: np.full(len(b), 0.02),
+                      kv_capacity_tokens=np.array([1e6]))
+    loads = [serving.tick(0.25 * k, 0.25, inst, np.array([True]), model, np.ones(1), np.ones(1),
+                          np.ones(1), np.zeros(1), ServiceAccumulator(1)) for k in range(10)]
+    busy = [float(ld.prefill_busy_s[0]) for ld in loads]
+    tokens = [float(ld.prefill_tokens[0]) for ld in loads]
+    assert busy[:8] == pytest.approx([0.25] * 8)  # 20 x 0.1 s of prefill fill 8 ticks
+    assert tokens[:8] == pytest.approx([1095.0] * 8)
+    assert busy[8] == pytest.approx(0.0, abs=1e-9) and tokens[8] == 0.0  # then only decode
+    assert float(loads[8].decode_batch[0]) == 20

@@ -398,11 +398,12 @@ class RealCluster:
         else:
             t50 = t99 = b50 = b99 = 0.0
         bad_ttft, bad_tbt = ttft > cfg.slo_ttft_s, tbt > cfg.slo_tbt_s
-        tokens = 0.0
+        engine: dict[str, float] = {}
         for k, r in enumerate(reports):
             prev = self._prev_stats[k] if k < len(self._prev_stats) else EngineStats()
-            tokens += (r.stats.decode_tokens - prev.decode_tokens) + (
-                r.stats.prefill_passes - prev.prefill_passes)
+            for name, value in asdict(r.stats).items():
+                engine[name] = engine.get(name, 0.0) + value - getattr(prev, name)
+        tokens = engine.get("decode_tokens", 0.0) + engine.get("prefill_passes", 0.0)
         self._prev_stats = [r.stats for r in reports]
         # Power: 1 s means from the energy counter; budget exceedances are the virtual events.
         n_gpu = len(self.devices)
@@ -464,7 +465,8 @@ class RealCluster:
         row = {k: v for k, v in m.as_dict().items()}
         row.update(t_rel_s=t0 - self._t0, budget_w=float(budgets.min()),
                    hw_power_capped_s=hw_cap_s, max_batch=self._max_batch,
-                   admit_fraction=self._admit)
+                   admit_fraction=self._admit,
+                   **{f"engine_{name}": value for name, value in engine.items()})
         self.log.intervals.append(row)
         return m
 

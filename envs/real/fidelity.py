@@ -37,7 +37,13 @@ import numpy as np
 from envs.backend import ClusterAction, PoolConfig
 from envs.real.telemetry import TelemetryRecording, load_recording
 from envs.sim.fitting import nonneg_rel_lstsq
-from envs.sim.profiles import DEFAULT_PROFILE_DIR, Profile, ProfileLibrary, profile_from_dict
+from envs.sim.profiles import (
+    DEFAULT_PROFILE_DIR,
+    Profile,
+    ProfileLibrary,
+    freq_at_power_limit_mhz,
+    profile_from_dict,
+)
 from envs.sim.thermal import GpuThermalState, ThermalParams
 
 MODEL_NAME = "llama3-8b-real"
@@ -208,7 +214,8 @@ def fit_profile(profile_path: str | Path) -> dict[str, Any]:
                     "note": "profile_gpu.py sweep (median of 5) and sustained phases"},
         "decode": {"batch": b.tolist(), "ctx_tokens": c.tolist(), "time_s": td.tolist()},
         "prefill_power": {"tokens": pl.tolist(), "freq_mhz": pf.tolist(), "power_w": pw.tolist()},
-        "decode_power": {"batch": dl.tolist(), "power_w": dw.tolist()},
+        "decode_power": {"batch": dl.tolist(), "power_w": dw.tolist(),
+                         "ctx_tokens": [p.get("ctx_tokens") for p in dp]},
     }
     doc["fit_error"] = {
         "prefill_time": {**_err(p_pred, t_fmax), "target": "grids.prefill.time_s_at_max_freq"},
@@ -223,6 +230,215 @@ def fit_profile(profile_path: str | Path) -> dict[str, Any]:
                          "target": "grids.decode_power.power_w"},
     }
     return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# Served-run fit: the engine as it serves, not as it is timed in isolation
+# ---------------------------------------------------------------------------------------------
+
+
+def served_steps(rec: TelemetryRecording) -> dict[str, np.ndarray]:
+    """The scheduler-step log of a ``calibrate.py record`` recording, one array per column.
+
+    Raises:
+        FidelityError: The recording has no step log (made before it was recorded).
+    """
+    ex = rec.extra
+    rows = ex.get("step_log")
+    cols = ex.get("step_columns")
+    if not rows or not cols:
+        raise FidelityError(f"{rec.path}: field 'step_log' is missing or empty (record the run "
+                            "again with scripts/calibrate.py record)")
+    arr = np.asarray(rows, dtype=float)
+    if arr.ndim != 2 or arr.shape[1] != len(cols) or not np.all(np.isfinite(arr)):
+        raise FidelityError(f"{rec.path}: field 'step_log' must be finite rows of {len(cols)} values")
+    return {name: arr[:, i] for i, name in enumerate(cols)}
+
+
+def _prefill_slowdown(co: dict[str, Any], tokens: np.ndarray) -> np.ndarray:
+    """Prefill time factor the simulator applies at ``tokens`` (clock held to the power limit)."""
+    f = freq_at_power_limit_mhz(tokens, co["gpu_power_limit_w"], co["idle_power_w"],
+                                co["prefill_max_power_w"], co["prefill_k_tokens"],
+                                co["power_freq_exponent"], co["min_freq_mhz"], co["max_freq_mhz"])
+    phi = co["prefill_phi"]
+    return phi * co["max_freq_mhz"] / f + 1.0 - phi
+
+
+def fit_served_times(steps: dict[str, np.ndarray], co: dict[str, Any]) -> dict[str, Any]:
+    """Prefill and decode time coefficients from the steps of a served run.
+
+    The served engine pays what an isolated timing does not: prompt-length buckets padded up,
+    prompts longer than the largest CUDA-graph bucket run eagerly, and per step the
+    scheduler's host work (admission, retiring sequences, the chunk table). Prefill times are
+    divided by the slowdown the simulator itself applies at the power-limited clock (so the
+    simulator reproduces them); the host time per step (inside steps and between them) is
+    added to the per-iteration constant ``d0``, since every step runs one decode iteration.
+
+    Returns:
+        ``coefficients`` (the six time coefficients), ``fit_error`` (MAPE per step) and
+        ``host_s_per_step``.
+    """
+    pre = steps["prefill_passes"] > 0
+    n, tok = steps["prefill_passes"][pre], steps["prefill_tokens"][pre]
+    xp = np.column_stack([n, tok, tok**2 / n])  # one prompt length per pass: the step's mean
+    yp = steps["prefill_s"][pre]
+    slow = _prefill_slowdown(co, tok / n)
+    p_coef = nonneg_rel_lstsq(xp, yp / slow)
+    dec = steps["decode_batch"] > 0
+    xd = np.column_stack([np.ones(dec.sum()), steps["decode_batch"][dec],
+                          steps["decode_ctx_tokens"][dec]])
+    yd = steps["decode_s"][dec]
+    d_coef = nonneg_rel_lstsq(xd, yd)
+    wall = steps["t_end_s"] - steps["t_start_s"]
+    between = np.diff(steps["t_start_s"]) - wall[:-1]
+    host_s = float(np.sum(wall - steps["prefill_s"] - steps["decode_s"])
+                   + np.sum(between[between < 1.0]))  # longer pauses: the engine had no work
+    host_per_step = host_s / len(wall)
+    return {
+        "coefficients": {
+            "prefill_p0_s": float(p_coef[0]), "prefill_p1_s_per_token": float(p_coef[1]),
+            "prefill_p2_s_per_token2": float(p_coef[2]),
+            "decode_d0_s": float(d_coef[0] + host_per_step), "decode_d1_s_per_seq": float(d_coef[1]),
+            "decode_d2_s_per_seq_token": float(d_coef[2]),
+        },
+        "fit_error": {
+            "served_prefill_time": {**_err(xp @ p_coef * slow, yp),
+                                    "target": "step_log prefill_s (steps with prefill passes)"},
+            "served_decode_time": {**_err(xd @ d_coef, yd),
+                                   "target": "step_log decode_s (steps with a decode iteration)"},
+        },
+        "host_s_per_step": host_per_step,
+    }
+
+
+def _split_into_seconds(start_s: np.ndarray, dur_s: np.ndarray, weight: np.ndarray,
+                        n: int) -> np.ndarray:
+    """Sum of ``dur * weight`` per 1 s bin, splitting intervals that cross a bin edge."""
+    out = np.zeros(n)
+    end_s = start_s + dur_s
+    a, b = np.floor(start_s).astype(int), np.floor(end_s).astype(int)
+    first = np.where(a == b, dur_s, b - start_s)
+    ok = (a >= 0) & (a < n)
+    np.add.at(out, a[ok], (first * weight)[ok])
+    cross = (a != b) & (b >= 0) & (b < n)
+    np.add.at(out, b[cross], ((end_s - b) * weight)[cross])
+    return out
+
+
+def fit_served_power(rec: TelemetryRecording, steps: dict[str, np.ndarray], co: dict[str, Any],
+                     decode_phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Prefill and decode power from a served run's 1 s energy and its step schedule.
+
+    Each second's measured energy is idle power plus, for every step in it, the prefill time
+    at the (power-limited) prefill power and the decode time at ``decode_max_power_w`` and
+    ``decode_k_batch`` (the simulator's saturating form). The prefill curve keeps the
+    profile's shape with a fitted scale; the decode amplitude and scale are linear least
+    squares (relative error) for each half-load ``k`` on a grid. The profile's sustained
+    decode phases join the fit with a weight from a grid, which anchors batches the run
+    seldom reached; ``k`` and the weight minimize the run's MAPE plus the phases' MAPE.
+
+    Returns:
+        ``coefficients`` (``prefill_max_power_w``, ``decode_max_power_w``, ``decode_k_batch``)
+        and ``fit_error`` (``served_power_1s`` on this run, ``decode_power_phases``).
+    """
+    t0 = float(rec.extra["t0_s"])
+    duration = float(rec.static.get("config", {}).get("duration_s", 0.0)) or float(
+        steps["t_end_s"][-1])
+    _, power, _ = power_windows(rec, t0, t0 + duration, 1.0)
+    n = len(power)
+    idle, limit = co["idle_power_w"], co["gpu_power_limit_w"]
+    passes = np.maximum(steps["prefill_passes"], 1.0)
+    x = steps["prefill_tokens"] / passes
+    p_pre = np.minimum(idle + (co["prefill_max_power_w"] - idle) * x / (x + co["prefill_k_tokens"]),
+                       limit)
+    t_dec = steps["t_start_s"] + steps["prefill_s"]
+    f_pre = _split_into_seconds(steps["t_start_s"], steps["prefill_s"], p_pre - idle, n)
+    b = steps["decode_batch"]
+    pb = np.array([p["load"] for p in decode_phases], dtype=float)
+    pw = np.array([p["power_w"] for p in decode_phases], dtype=float)
+    y = power - idle
+    best: tuple[float, float, float, np.ndarray] | None = None
+    for k in np.logspace(-1, 2, 31):
+        f_dec = _split_into_seconds(t_dec, steps["decode_s"], b / (b + k), n)
+        run_x = np.column_stack([f_pre, f_dec])
+        phase_x = np.column_stack([np.zeros_like(pb), pb / (pb + k)])
+        for w in (0.0, 1.0, 3.0, 10.0):
+            xx = np.vstack([run_x / power[:, None], w * phase_x / pw[:, None]])
+            yy = np.concatenate([y / power, w * (pw - idle) / pw])
+            coef, *_ = np.linalg.lstsq(xx, yy, rcond=None)
+            if np.any(coef <= 0):
+                continue
+            score = float(np.mean(np.abs(run_x @ coef - y) / power)
+                          + np.mean(np.abs(phase_x @ coef - (pw - idle)) / pw))
+            if best is None or score < best[0]:
+                best = (score, float(k), w, coef)
+    if best is None:
+        raise FidelityError(f"{rec.path}: no positive power fit to the served run")
+    _, k, w, (pre_scale, dec_amp) = best
+    f_dec = _split_into_seconds(t_dec, steps["decode_s"], b / (b + k), n)
+    pred = idle + pre_scale * f_pre + dec_amp * f_dec
+    phase_pred = idle + dec_amp * pb / (pb + k)
+    return {
+        "coefficients": {
+            "prefill_max_power_w": round(idle + pre_scale * (co["prefill_max_power_w"] - idle), 2),
+            "decode_max_power_w": round(idle + dec_amp, 2),
+            "decode_k_batch": round(k, 4),
+        },
+        "fit_error": {
+            "served_power_1s": {**_err(pred, power),
+                                "target": "1 s energy-counter power of the served run"},
+            "decode_power_phases": {**_err(phase_pred, pw),
+                                    "target": "grids.decode_power.power_w (sustained phases)"},
+        },
+        "prefill_power_scale": round(float(pre_scale), 4),
+        "phase_weight": w,
+    }
+
+
+def fit_to_served_run(doc: dict[str, Any], run_path: str | Path,
+                      profile_path: str | Path) -> dict[str, Any]:
+    """Refit a profile document's time and power coefficients to a served calibration run.
+
+    Returns:
+        A new document: coefficients from the served run, the isolated-sweep coefficients
+        and fit errors kept under ``isolated_sweep``, provenance naming both recordings.
+    """
+    rec = load_recording(run_path)
+    steps = served_steps(rec)
+    phases = [p for p in load_recording(profile_path).extra["phases"] if p["kind"] == "decode"]
+    out = copy.deepcopy(doc)
+    co = out["coefficients"]
+    isolated = {k: co[k] for k in ("prefill_p0_s", "prefill_p1_s_per_token",
+                                   "prefill_p2_s_per_token2", "decode_d0_s", "decode_d1_s_per_seq",
+                                   "decode_d2_s_per_seq_token", "prefill_max_power_w",
+                                   "decode_max_power_w", "decode_k_batch")}
+    power = fit_served_power(rec, steps, co, phases)
+    co.update(power["coefficients"])
+    times = fit_served_times(steps, co)  # the slowdown uses the served power curve
+    co.update(times["coefficients"])
+    out["isolated_sweep"] = {"coefficients": isolated, "fit_error": doc["fit_error"]}
+    out["fit_error"] = {**doc["fit_error"], **times["fit_error"], **power["fit_error"]}
+    out["served_fit"] = {
+        "recording": Path(run_path).name,
+        "command": rec.static.get("command"),
+        "steps": int(len(steps["t_start_s"])),
+        "host_s_per_step": round(times["host_s_per_step"], 6),
+        "prefill_power_scale": power["prefill_power_scale"],
+        "phase_weight": power["phase_weight"],
+        "note": "time and power coefficients fitted to the served calibration run (its scheduler "
+                "steps and 1 s energy), not to the isolated sweeps: see envs/real/fidelity.py "
+                "fit_served_times / fit_served_power; the isolated-sweep coefficients are kept "
+                "under isolated_sweep",
+    }
+    out["provenance"]["sources"].insert(1, {
+        "measured_here": f"{Path(run_path).name}: {rec.static.get('command')}; "
+                         f"{rec.static.get('name')}, {rec.static.get('date_utc')}",
+        "used_for": "prefill/decode time coefficients (served steps) and prefill/decode power "
+                    "(1 s energy of the served run, with the profile's sustained decode phases)",
+    })
+    out["provenance"]["sources"][0]["used_for"] = (
+        "idle power, prefill power curve shape, sustained decode phases, isolated sweeps")
+    return out
 
 
 def profile_object(doc: dict[str, Any]) -> Profile:
@@ -445,6 +661,9 @@ def compare(run_path: str | Path, profile: Profile, thermal: ThermalParams,
     sim_t = np.interp(rt[:m] + 1.0, sim["t_s"] + WINDOW_S, sim["temp_c"])
     real_p, real_t = rp[:m], rtemp[:m]
     power_mape = float(np.mean(np.abs(sim_p - real_p) / real_p))
+    n5 = m // 5  # the real backend's control interval
+    real_5, sim_5 = (x[:n5 * 5].reshape(n5, 5).mean(axis=1) for x in (real_p, sim_p))
+    power_mape_5s = float(np.mean(np.abs(sim_5 - real_5) / real_5))
     temp_rmse = float(np.sqrt(np.mean((sim_t - real_t) ** 2)))
     iv = ex["intervals"]
     real_tok = np.array([r["tokens_generated"] for r in iv])
@@ -461,6 +680,7 @@ def compare(run_path: str | Path, profile: Profile, thermal: ThermalParams,
     real_tbt = float(np.median(req[ok, cols.index("tbt_s")]))
     return {
         "power_mape": round(power_mape, 4),
+        "power_mape_5s": round(power_mape_5s, 4),
         "temp_rmse_c": round(temp_rmse, 3),
         "throughput_error": round(float(thr_err), 4),
         "throughput_interval_mape": round(float(per_iv.mean()), 4),
@@ -481,18 +701,24 @@ def compare(run_path: str | Path, profile: Profile, thermal: ThermalParams,
 
 
 def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
+                          calibration_path: str | Path | None = None,
                           write_dir: Path | None = None) -> dict[str, Any]:
     """Fit profile and thermal parameters, replay the run in the simulator, report the gaps.
 
     Args:
         profile_path: ``profile_gpu.py`` recording.
-        run_path: ``calibrate.py record`` recording.
+        run_path: ``calibrate.py record`` recording of the test window (only the thermal
+            model's inlet offset is fitted to it).
+        calibration_path: Another served recording (a different trace window) the time and
+            power coefficients are fitted to; None: the isolated sweeps alone.
         write_dir: Where to write the fitted profile and ``calibration.json`` (None: don't).
 
     Returns:
         ``{"summary": {...}, "profile": doc, "thermal": {...}, "comparison": {...}}``.
     """
-    doc = fit_profile(profile_path)
+    sweep_doc = fit_profile(profile_path)
+    doc = (sweep_doc if calibration_path is None
+           else fit_to_served_run(sweep_doc, calibration_path, profile_path))
     prof = profile_object(doc)
     prec = load_recording(profile_path)
     t = prec.column("t_s")
@@ -504,6 +730,9 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
     rmse_run_fitted, _ = thermal_rmse(thermal, rpw, rtt)
     rmse_run_shipped, _ = thermal_rmse(ThermalParams.load(), rpw, rtt)
     comp = compare(run_path, prof, thermal)
+    comp_sweep = (comp if calibration_path is None
+                  else compare(run_path, profile_object(sweep_doc), thermal))
+    comp_in_sample = None if calibration_path is None else compare(calibration_path, prof, thermal)
     shipped_prof = replace(ProfileLibrary.load().get("llama3-8b", "h100", 1), model=MODEL_NAME)
     comp_shipped = compare(run_path, shipped_prof, ThermalParams.load())
     th = {
@@ -516,13 +745,18 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
         "rmse_c_on_fidelity_run_offset_refitted": round(rmse_run_fitted, 3),
         "shipped_params_rmse_c_on_fidelity_run_offset_refitted": round(rmse_run_shipped, 3),
     }
+    headline = ("power_mape", "power_mape_5s", "temp_rmse_c", "throughput_error")
     summary = {
         "power_mape": comp["power_mape"],
         "temp_rmse_c": comp["temp_rmse_c"],
         "throughput_error": comp["throughput_error"],
+        "power_mape_5s": comp["power_mape_5s"],
         "throughput_interval_mape": comp["throughput_interval_mape"],
         "finished_error": comp["finished_error"],
         "energy_error": comp["energy_error"],
+        "isolated_sweep_profile": {k: comp_sweep[k] for k in headline},
+        **({"calibration_run_in_sample": {k: comp_in_sample[k] for k in headline}}
+           if comp_in_sample is not None else {}),
         "shipped_profile_power_mape": comp_shipped["power_mape"],
         "shipped_profile_temp_rmse_c": comp_shipped["temp_rmse_c"],
         "shipped_profile_throughput_error": comp_shipped["throughput_error"],
@@ -548,6 +782,7 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
         cal = {"summary": summary, "comparison": {k: v for k, v in comp.items() if k != "series"},
                "comparison_shipped_profile": {k: v for k, v in comp_shipped.items()
                                               if k != "series"},
-               "recordings": [Path(profile_path).name, Path(run_path).name]}
+               "recordings": [Path(x).name for x in (profile_path, calibration_path, run_path)
+                              if x is not None]}
         (write_dir / "calibration.json").write_text(json.dumps(cal, indent=1) + "\n")
     return {"summary": summary, "profile": doc, "thermal": th, "comparison": comp}

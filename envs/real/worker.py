@@ -41,6 +41,10 @@ from typing import Any
 
 import numpy as np
 
+STEP_LOG_COLUMNS = ("t_start_s", "t_end_s", "prefill_passes", "prefill_tokens", "prefill_s",
+                    "decode_batch", "decode_ctx_tokens", "decode_s")
+"""Columns of ``InferenceEngine.step_log`` (wall-clock times from the engine's clock)."""
+
 
 class WorkerError(ValueError):
     """Bad worker configuration or request (the message names the field and value)."""
@@ -246,7 +250,14 @@ class _Seq:
 
 @dataclass
 class EngineStats:
-    """Cumulative work counters of an engine (monotone; diff two snapshots for a window)."""
+    """Cumulative work counters of an engine (monotone; diff two snapshots for a window).
+
+    ``step_busy_s`` is the wall time inside :meth:`InferenceEngine.step` (prefill and decode
+    plus the scheduler's host work between them), so ``step_busy_s - prefill_busy_s -
+    decode_busy_s`` is the host overhead the profile's isolated timings do not see.
+    ``decode_ctx_tokens`` sums, over decode iterations, the tokens the batch attended to
+    (divide by ``decode_tokens`` for the mean context).
+    """
 
     prefill_passes: int = 0
     prefill_tokens: int = 0
@@ -257,6 +268,9 @@ class EngineStats:
     finished: int = 0
     dropped: int = 0
     clipped_prompts: int = 0
+    steps: int = 0
+    step_busy_s: float = 0.0
+    decode_ctx_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -286,6 +300,8 @@ class WorkerConfig:
             to ``prefill_graph_max_tokens`` (None: on CUDA only). An eager pass of the 8B
             model is Python-launch bound (~43 ms for any prompt up to 1024 tokens).
         prefill_graph_max_tokens: Longest bucket; longer prompts run eagerly (exact length).
+        record_steps: Keep a log of every scheduler step (:data:`STEP_LOG_COLUMNS`) in
+            ``InferenceEngine.step_log`` (for calibration recordings).
     """
 
     model: str = "llama3-8b"
@@ -301,6 +317,7 @@ class WorkerConfig:
     kv_chunk_tokens: int = 256
     prefill_graphs: bool | None = None
     prefill_graph_max_tokens: int = 2048
+    record_steps: bool = False
 
     def shape(self) -> ModelShape:
         """The model shape this config names."""
@@ -405,6 +422,7 @@ class InferenceEngine:
         self.waiting: deque[Request] = deque()
         self.running: list[_Seq] = []
         self.stats = EngineStats()
+        self.step_log: list[tuple[float, ...]] = []
 
     # ------------------------------------------------------------------ control
     def set_control(self, max_batch: int | None = None, accepting: bool | None = None,
@@ -756,13 +774,14 @@ class InferenceEngine:
         """
         torch = self.torch
         out: list[Completed] = []
-        now = self.clock()
+        now = t_step = self.clock()
         while self.waiting and now - self.waiting[0].arrival_s > self.cfg.drop_after_s:
             out.append(_dropped(self.waiting.popleft()))
             self.stats.dropped += 1
         budget = self.cfg.max_prefill_tokens
         t_pre = self.clock()
         n_pre = 0
+        pre_tokens = self.stats.prefill_tokens
         with torch.inference_mode():
             while self.waiting and len(self.running) < self.max_batch:
                 req = self.waiting[0]
@@ -786,21 +805,27 @@ class InferenceEngine:
                 n_pre += 1
                 self.stats.prefill_passes += 1
                 self.stats.prefill_tokens += prompt
+        pre_s = dec_s = 0.0
         if n_pre:
             now = self.clock()
-            self.stats.prefill_busy_s += now - t_pre
+            pre_s = now - t_pre
+            self.stats.prefill_busy_s += pre_s
             self._retire([i for i, s in enumerate(self.running) if s.generated >= s.out_tokens],
                          out, now)
         n = len(self.running)
+        ctx_sum = 0
         if n:
             t0 = self.clock()
             positions = np.array([s.prompt_tokens + s.generated - 1 for s in self.running])
             self.decode_step(n, int(positions.max()), positions)
             self.sync()
             now = self.clock()
+            dec_s = now - t0
+            ctx_sum = int(positions.sum()) + n
             self.stats.decode_iters += 1
             self.stats.decode_tokens += n
-            self.stats.decode_busy_s += now - t0
+            self.stats.decode_busy_s += dec_s
+            self.stats.decode_ctx_tokens += ctx_sum
             done = []
             for i, s in enumerate(self.running):
                 s.generated += 1
@@ -808,6 +833,12 @@ class InferenceEngine:
                     done.append(i)
             if done:
                 self._retire(done, out, now)
+        t_end = self.clock()
+        self.stats.steps += 1
+        self.stats.step_busy_s += t_end - t_step
+        if self.cfg.record_steps:
+            self.step_log.append((t_step, t_end, n_pre, self.stats.prefill_tokens - pre_tokens,
+                                  pre_s, n, ctx_sum, dec_s))
         return out
 
     # ------------------------------------------------------------------ measurement helpers

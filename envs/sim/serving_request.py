@@ -55,6 +55,7 @@ class RequestLevelServing:
         """Forget every request and backlog."""
         self.req = {k: np.zeros(0, dtype=t) for k, t in _FIELDS.items()}
         self.busy_until_s = np.zeros(self.n_slots)
+        self.burst_prompt_tokens = np.zeros(self.n_slots)
 
     @property
     def in_flight(self) -> int:
@@ -80,6 +81,7 @@ class RequestLevelServing:
         self.req["done_tokens"][hit] = 0.0
         self.req["decode_wall_s"][hit] = 0.0
         self.busy_until_s[stopped_slots] = 0.0
+        self.burst_prompt_tokens[stopped_slots] = 0.0
 
     def add_arrivals(
         self, arrival_s: np.ndarray, input_tokens: np.ndarray, output_tokens: np.ndarray,
@@ -160,6 +162,9 @@ class RequestLevelServing:
             running = np.isfinite(r["first_token_s"])
         prefill_end = np.clip(self.busy_until_s, t0_s, t1)
         load.prefill_busy_s = np.where(serving, prefill_end - t0_s, 0.0)
+        # A burst of prefill passes can outlast the tick that admitted it; its later ticks
+        # draw the power of the same prompts (not idle power).
+        load.prefill_tokens = np.where(load.prefill_busy_s > 1e-9, self.burst_prompt_tokens, 0.0)
         # ---- decode: the rest of the tick, in iterations of profile-table length ----------
         eligible = np.flatnonzero(running & on_serving & (r["first_token_s"] < t1))
         if len(eligible):
@@ -209,7 +214,8 @@ class RequestLevelServing:
         self.busy_until_s[a_slot[last]] = ready[last]
         tok = np.bincount(a_slot, weights=r["input_tokens"][a], minlength=self.n_slots)
         cnt = np.bincount(a_slot, minlength=self.n_slots)
-        load.prefill_tokens = np.where(cnt > 0, tok / np.maximum(cnt, 1), 0.0)
+        self.burst_prompt_tokens = np.where(cnt > 0, tok / np.maximum(cnt, 1),
+                                            self.burst_prompt_tokens)
         load.tokens_generated += float(len(a))
 
     def _decode(self, eligible, t0_s, t1, prefill_end, model, load, slo_ttft_s, slo_tbt_s,
