@@ -15,7 +15,9 @@ MaskablePPO support), made of blocks:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from gymnasium import spaces
@@ -129,12 +131,21 @@ class ActionCodec:
         return ClusterAction(pools=pools, row_freq_cap_mhz=cap, row_quantized=quant,
                              row_route_weight=weight, vm_server=vm_server), masked
 
+    def _memoized(self, cache_name: str, key: bytes, build: Callable[[], Any]) -> Any:
+        """``build()`` cached under ``key`` (policies repeat their choices; bounded size)."""
+        cache = self.__dict__.setdefault(cache_name, {})
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) > 4096:
+                cache.clear()
+            cache[key] = hit = build()
+        return hit
+
     def _rows(self, key: bytes, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Clock ceilings, quantized flags and routing weights of a row block (memoized, read-only)."""
-        cache = self.__dict__.setdefault("_row_cache", {})
-        hit = cache.get(key)
-        if hit is not None:
-            return hit
+        return self._memoized("_row_cache", key, lambda: self._decode_rows(flat))
+
+    def _decode_rows(self, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         lay = self.layout
         rows = flat.reshape(lay.n_rows, 3)
         weight = _ROUTE_LEVELS[rows[:, 0]]
@@ -144,17 +155,13 @@ class ActionCodec:
         quant = rows[:, 2].astype(bool)
         for arr in (cap, quant, weight):
             arr.flags.writeable = False  # shared by every action with this block
-        if len(cache) > 4096:
-            cache.clear()
-        cache[key] = decoded = (cap, quant, weight)
-        return decoded
+        return cap, quant, weight
 
     def _pools(self, key: bytes, flat: np.ndarray) -> tuple[PoolConfig, ...]:
         """Pool configurations of a pool block (memoized: policies repeat their choices)."""
-        cache = self.__dict__.setdefault("_pool_cache", {})
-        hit = cache.get(key)
-        if hit is not None:
-            return hit
+        return self._memoized("_pool_cache", key, lambda: self._decode_pools(flat))
+
+    def _decode_pools(self, flat: np.ndarray) -> tuple[PoolConfig, ...]:
         lay = self.layout
         block = flat.reshape(lay.n_pools, 4)
         servers = self._servers_per_pool(block[:, 0])
@@ -167,10 +174,7 @@ class ActionCodec:
                 freq_mhz=float(lay.freq_choices_mhz[block[p, 2]]),
                 max_batch=int(lay.batch_choices[block[p, 3]]),
             ))
-        if len(cache) > 4096:
-            cache.clear()
-        cache[key] = pools = tuple(cfgs)
-        return pools
+        return tuple(cfgs)
 
     def _servers_per_pool(self, levels: np.ndarray) -> np.ndarray:
         """Server counts per pool from share levels, scaled down to fit the SaaS servers."""
