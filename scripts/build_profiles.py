@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from envs.sim.fitting import nonneg_rel_lstsq
+from envs.sim.fitting import nonneg_rel_lstsq, relative_error_stats, saturation_fit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -150,8 +150,6 @@ def kv_bytes_per_token(m: dict[str, Any]) -> int:
 # ---- fitting helpers -------------------------------------------------------------------------
 
 
-
-
 def fit_saturation_power(
     load: np.ndarray, freq_mhz: np.ndarray, power_w: np.ndarray, idle_w: float, gamma: float
 ) -> tuple[float, float]:
@@ -160,26 +158,7 @@ def fit_saturation_power(
     For each k on a log grid the best amplitude is linear least squares; keep the k with the
     least squared error in watts.
     """
-    f_rel = (freq_mhz / MAX_FREQ_MHZ) ** gamma
-    y = power_w - idle_w
-    best = (np.inf, 0.0, 1.0)
-    for k in np.logspace(-2, 6, 4001):
-        g = load / (load + k) * f_rel
-        a = float(g @ y / (g @ g))
-        sse = float(np.sum((a * g - y) ** 2))
-        if sse < best[0]:
-            best = (sse, a, float(k))
-    return idle_w + best[1], best[2]
-
-
-def err_stats(pred: np.ndarray, obs: np.ndarray) -> dict[str, float]:
-    """MAPE and max absolute percentage error."""
-    rel = np.abs(pred - obs) / obs * 100.0
-    return {
-        "mape_pct": round(float(rel.mean()), 3),
-        "max_abs_pct": round(float(rel.max()), 3),
-        "n": int(obs.size),
-    }
+    return saturation_fit(load, (freq_mhz / MAX_FREQ_MHZ) ** gamma, power_w, idle_w, n_grid=4001)
 
 
 def roofline_phi(m: dict[str, Any], n_params: int) -> dict[str, Any]:
@@ -444,7 +423,7 @@ def prefill_power_fit(probe: dict[str, Any]) -> dict[str, Any]:
     return {
         "max_power_w": pmax,
         "k_tokens": k,
-        "err": err_stats(pred, probe["power_w"]),
+        "err": relative_error_stats(pred, probe["power_w"]),
         "gamma_sensitivity": sens,
     }
 
@@ -463,14 +442,14 @@ def decode_power_fit(
         g = me["batch"] / (me["batch"] + k_fixed)
         pmax, k = idle_w + float(g @ (me["power_w"] - idle_w) / (g @ g)), k_fixed
     pred = phase_power_w(me["batch"], f, idle_w, pmax, k, POWER_FREQ_EXPONENT, MAX_FREQ_MHZ)
-    return {"max_power_w": pmax, "k_batch": k, "err": err_stats(pred, me["power_w"])}
+    return {"max_power_w": pmax, "k_batch": k, "err": relative_error_stats(pred, me["power_w"])}
 
 
 def fit_prefill_time(tokens: np.ndarray, t_fmax: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
     """p0, p1, p2 >= 0 minimizing relative error; returns coefficients and errors."""
     x = np.stack([np.ones_like(tokens), tokens, tokens**2], axis=1)
     c = nonneg_rel_lstsq(x, t_fmax)
-    return c, err_stats(x @ c, t_fmax)
+    return c, relative_error_stats(x @ c, t_fmax)
 
 
 def fit_decode_time(
@@ -485,7 +464,7 @@ def fit_decode_time(
         c2 = nonneg_rel_lstsq(x, t - d2_fixed * batch * ctx)
         c = np.array([c2[0], c2[1], d2_fixed])
     pred = c[0] + c[1] * batch + c[2] * batch * ctx
-    return c, err_stats(pred, t)
+    return c, relative_error_stats(pred, t)
 
 
 def source(ref: dict[str, str], path: str, used_for: str, license_: str) -> dict[str, str]:
@@ -651,7 +630,7 @@ def build(data_root: Path, out_dir: Path) -> list[Path]:
             t_fmax=t_fmax,
             pc=pc,
             perr=perr,
-            capped_err=err_stats(capped, t_meas),
+            capped_err=relative_error_stats(capped, t_meas),
             dsel=dsel,
             ctx=ctx,
             dc=dc,
@@ -867,7 +846,7 @@ def build(data_root: Path, out_dir: Path) -> list[Path]:
     fit_error = {
         "prefill_time": {**perr, "target": "grids.prefill.time_s_at_max_freq"},
         "prefill_time_capped_vs_measured": {
-            **err_stats(capped, probe["time_s"]),
+            **relative_error_stats(capped, probe["time_s"]),
             "target": "grids.prefill.time_s_measured vs model at grids.prefill.freq_mhz",
         },
         "decode_time": {**derr, "target": "grids.decode.time_s (d2 fixed, d0 and d1 fitted)"},

@@ -435,7 +435,7 @@ def test_thermal_fit_on_h100_profile_recording():
 def test_served_fit_explains_the_held_out_run_better_than_isolated_sweeps():
     """Fitted to one served trace window, the simulator reproduces another window's run."""
     sweep_doc = fit_profile(PROFILE)
-    served_doc = fit_to_served_run(sweep_doc, CALIBRATION_RUN, PROFILE)
+    served_doc = fit_to_served_run(sweep_doc, CALIBRATION_RUN)
     thermal = ThermalParams.load()
     sweep = compare(RUN, profile_object(sweep_doc), thermal)
     served = compare(RUN, profile_object(served_doc), thermal)
@@ -457,7 +457,7 @@ def test_served_fit_needs_a_step_log(tmp_path):
     with gzip.open(bad, "wt") as fh:
         json.dump(rec, fh)
     with pytest.raises(FidelityError, match="step_log"):
-        fit_to_served_run(fit_profile(PROFILE), bad, PROFILE)
+        fit_to_served_run(fit_profile(PROFILE), bad)
 
 
 @pytest.mark.parametrize("text", ["10:64", "0:64,0:8", "0:0", "0-64", ""])

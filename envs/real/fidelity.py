@@ -36,7 +36,7 @@ import numpy as np
 
 from envs.backend import ClusterAction, PoolConfig
 from envs.real.telemetry import TelemetryRecording, load_recording
-from envs.sim.fitting import nonneg_rel_lstsq
+from envs.sim.fitting import nonneg_rel_lstsq, relative_error_stats, saturation_fit
 from envs.sim.profiles import (
     DEFAULT_PROFILE_DIR,
     Profile,
@@ -58,30 +58,8 @@ class FidelityError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Small fitting helpers
+# Telemetry windows
 # ---------------------------------------------------------------------------------------------
-
-
-
-
-def _saturation_fit(load: np.ndarray, f_rel_g: np.ndarray, power_w: np.ndarray,
-                    idle_w: float) -> tuple[float, float]:
-    """Max power and half-load k of ``idle + (max - idle) * x/(x+k) * f_rel**g`` (LS in W)."""
-    y = power_w - idle_w
-    best = (np.inf, 0.0, 1.0)
-    for k in np.logspace(-2, 6, 2001):
-        g = load / (load + k) * f_rel_g
-        a = float(g @ y / (g @ g))
-        sse = float(np.sum((a * g - y) ** 2))
-        if sse < best[0]:
-            best = (sse, a, float(k))
-    return idle_w + best[1], best[2]
-
-
-def _err(pred: np.ndarray, obs: np.ndarray) -> dict[str, float]:
-    rel = np.abs(pred - obs) / obs * 100.0
-    return {"mape_pct": round(float(rel.mean()), 3), "max_abs_pct": round(float(rel.max()), 3),
-            "n": int(obs.size)}
 
 
 def power_windows(rec: TelemetryRecording, t0_s: float, t1_s: float, window_s: float,
@@ -168,11 +146,11 @@ def fit_profile(profile_path: str | Path) -> dict[str, Any]:
     pl = np.array([p["load"] for p in pp], dtype=float)
     pf = np.array([p["sm_clock_mhz_median"] for p in pp], dtype=float)
     pw = np.array([p["power_w"] for p in pp], dtype=float)
-    pre_max, pre_k = _saturation_fit(pl, (pf / max_f) ** gamma, pw, idle_w)
+    pre_max, pre_k = saturation_fit(pl, (pf / max_f) ** gamma, pw, idle_w)
     dl = np.array([p["load"] for p in dp], dtype=float)
     df = np.array([p["sm_clock_mhz_median"] for p in dp], dtype=float)
     dw = np.array([p["power_w"] for p in dp], dtype=float)
-    dec_max, dec_k = _saturation_fit(dl, (df / max_f) ** gamma, dw, idle_w)
+    dec_max, dec_k = saturation_fit(dl, (df / max_f) ** gamma, dw, idle_w)
 
     def sat(load: np.ndarray, f: np.ndarray, mx: float, k: float) -> np.ndarray:
         return idle_w + (mx - idle_w) * load / (load + k) * (f / max_f) ** gamma
@@ -218,15 +196,16 @@ def fit_profile(profile_path: str | Path) -> dict[str, Any]:
                          "ctx_tokens": [p.get("ctx_tokens") for p in dp]},
     }
     doc["fit_error"] = {
-        "prefill_time": {**_err(p_pred, t_fmax), "target": "grids.prefill.time_s_at_max_freq"},
-        "decode_time": {**_err(xd @ d_coef, td), "target": "grids.decode.time_s"},
+        "prefill_time": {**relative_error_stats(p_pred, t_fmax),
+                         "target": "grids.prefill.time_s_at_max_freq"},
+        "decode_time": {**relative_error_stats(xd @ d_coef, td), "target": "grids.decode.time_s"},
         **({"decode_time_mixed_batches": {
-            **_err((xd @ d_coef)[-n_mix:], td[-n_mix:]),
+            **relative_error_stats((xd @ d_coef)[-n_mix:], td[-n_mix:]),
             "target": "grids.decode.time_s (the last n: mixed-length batches at mean context)"}}
            if n_mix else {}),
-        "prefill_power": {**_err(sat(pl, pf, pre_max, pre_k), pw),
+        "prefill_power": {**relative_error_stats(sat(pl, pf, pre_max, pre_k), pw),
                           "target": "grids.prefill_power.power_w"},
-        "decode_power": {**_err(sat(dl, df, dec_max, dec_k), dw),
+        "decode_power": {**relative_error_stats(sat(dl, df, dec_max, dec_k), dw),
                          "target": "grids.decode_power.power_w"},
     }
     return doc
@@ -302,9 +281,9 @@ def fit_served_times(steps: dict[str, np.ndarray], co: dict[str, Any]) -> dict[s
             "decode_d2_s_per_seq_token": float(d_coef[2]),
         },
         "fit_error": {
-            "served_prefill_time": {**_err(xp @ p_coef * slow, yp),
+            "served_prefill_time": {**relative_error_stats(xp @ p_coef * slow, yp),
                                     "target": "step_log prefill_s (steps with prefill passes)"},
-            "served_decode_time": {**_err(xd @ d_coef, yd),
+            "served_decode_time": {**relative_error_stats(xd @ d_coef, yd),
                                    "target": "step_log decode_s (steps with a decode iteration)"},
         },
         "host_s_per_step": host_per_step,
@@ -326,7 +305,7 @@ def _split_into_seconds(start_s: np.ndarray, dur_s: np.ndarray, weight: np.ndarr
 
 
 def fit_served_power(rec: TelemetryRecording, steps: dict[str, np.ndarray], co: dict[str, Any],
-                     decode_phases: list[dict[str, Any]]) -> dict[str, Any]:
+                     phase_batch: np.ndarray, phase_power_w: np.ndarray) -> dict[str, Any]:
     """Prefill and decode power from a served run's 1 s energy and its step schedule.
 
     Each second's measured energy is idle power plus, for every step in it, the prefill time
@@ -354,8 +333,7 @@ def fit_served_power(rec: TelemetryRecording, steps: dict[str, np.ndarray], co: 
     t_dec = steps["t_start_s"] + steps["prefill_s"]
     f_pre = _split_into_seconds(steps["t_start_s"], steps["prefill_s"], p_pre - idle, n)
     b = steps["decode_batch"]
-    pb = np.array([p["load"] for p in decode_phases], dtype=float)
-    pw = np.array([p["power_w"] for p in decode_phases], dtype=float)
+    pb, pw = np.asarray(phase_batch, dtype=float), np.asarray(phase_power_w, dtype=float)
     y = power - idle
     best: tuple[float, float, float, np.ndarray] | None = None
     for k in np.logspace(-1, 2, 31):
@@ -385,9 +363,9 @@ def fit_served_power(rec: TelemetryRecording, steps: dict[str, np.ndarray], co: 
             "decode_k_batch": round(k, 4),
         },
         "fit_error": {
-            "served_power_1s": {**_err(pred, power),
+            "served_power_1s": {**relative_error_stats(pred, power),
                                 "target": "1 s energy-counter power of the served run"},
-            "decode_power_phases": {**_err(phase_pred, pw),
+            "decode_power_phases": {**relative_error_stats(phase_pred, pw),
                                     "target": "grids.decode_power.power_w (sustained phases)"},
         },
         "prefill_power_scale": round(float(pre_scale), 4),
@@ -395,9 +373,11 @@ def fit_served_power(rec: TelemetryRecording, steps: dict[str, np.ndarray], co: 
     }
 
 
-def fit_to_served_run(doc: dict[str, Any], run_path: str | Path,
-                      profile_path: str | Path) -> dict[str, Any]:
+def fit_to_served_run(doc: dict[str, Any], run_path: str | Path) -> dict[str, Any]:
     """Refit a profile document's time and power coefficients to a served calibration run.
+
+    ``doc`` is :func:`fit_profile`'s document; its sustained decode phases
+    (``grids.decode_power``) join the power fit.
 
     Returns:
         A new document: coefficients from the served run, the isolated-sweep coefficients
@@ -405,14 +385,14 @@ def fit_to_served_run(doc: dict[str, Any], run_path: str | Path,
     """
     rec = load_recording(run_path)
     steps = served_steps(rec)
-    phases = [p for p in load_recording(profile_path).extra["phases"] if p["kind"] == "decode"]
     out = copy.deepcopy(doc)
     co = out["coefficients"]
     isolated = {k: co[k] for k in ("prefill_p0_s", "prefill_p1_s_per_token",
                                    "prefill_p2_s_per_token2", "decode_d0_s", "decode_d1_s_per_seq",
                                    "decode_d2_s_per_seq_token", "prefill_max_power_w",
                                    "decode_max_power_w", "decode_k_batch")}
-    power = fit_served_power(rec, steps, co, phases)
+    phases = doc["grids"]["decode_power"]
+    power = fit_served_power(rec, steps, co, phases["batch"], phases["power_w"])
     co.update(power["coefficients"])
     times = fit_served_times(steps, co)  # the slowdown uses the served power curve
     co.update(times["coefficients"])
@@ -718,7 +698,7 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
     """
     sweep_doc = fit_profile(profile_path)
     doc = (sweep_doc if calibration_path is None
-           else fit_to_served_run(sweep_doc, calibration_path, profile_path))
+           else fit_to_served_run(sweep_doc, calibration_path))
     prof = profile_object(doc)
     prec = load_recording(profile_path)
     t = prec.column("t_s")
