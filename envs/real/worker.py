@@ -471,6 +471,14 @@ class InferenceEngine:
         rot = self.torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rot * sin
 
+    def _qkv(self, layer: Any, x: Any, cos: Any, sin: Any) -> tuple[Any, Any, Any]:
+        """Rotated queries and keys and the values of one layer for the rows of ``x``."""
+        sh, a, rows = self.shape, layer.self_attn, x.shape[0]
+        h = self._rms(x, layer.input_layernorm.weight)
+        q = self._rot(a.q_proj(h).view(rows, sh.n_heads, sh.head_dim), cos, sin)
+        k = self._rot(a.k_proj(h).view(rows, sh.n_kv_heads, sh.head_dim), cos, sin)
+        return q, k, a.v_proj(h).view(rows, sh.n_kv_heads, sh.head_dim)
+
     def _mlp(self, layer: Any, x: Any) -> Any:
         m = layer.mlp
         h = self._rms(x, layer.post_attention_layernorm.weight)
@@ -512,10 +520,7 @@ class InferenceEngine:
         x = self.model.model.embed_tokens(ids)
         for li, layer in enumerate(self._layers):
             a = layer.self_attn
-            h = self._rms(x, layer.input_layernorm.weight)
-            q = self._rot(a.q_proj(h).view(n, h_, hd), cos, sin)
-            k = self._rot(a.k_proj(h).view(n, kv, hd), cos, sin)
-            v = a.v_proj(h).view(n, kv, hd)
+            q, k, v = self._qkv(layer, x, cos, sin)
             kt, vt = k.transpose(0, 1), v.transpose(0, 1)
             self.k_cache[li][:, :, :n].index_copy_(0, slot_t, kt[None])
             self.v_cache[li][:, :, :n].index_copy_(0, slot_t, vt[None])
@@ -593,8 +598,6 @@ class InferenceEngine:
         ``c`` is the context bucket (padded attention) or the number of chunk-table rows
         (chunked attention).
         """
-        sh = self.shape
-        h_, kv, hd = sh.n_heads, sh.n_kv_heads, sh.head_dim
         pos = self._pos[:b]
         ar = self._ar[:b]
         cos, sin = self._cos[pos][:, None, :], self._sin[pos][:, None, :]
@@ -603,10 +606,7 @@ class InferenceEngine:
         x = self.model.model.embed_tokens(self._tok[:b])
         for li, layer in enumerate(self._layers):
             a = layer.self_attn
-            h = self._rms(x, layer.input_layernorm.weight)
-            q = self._rot(a.q_proj(h).view(b, h_, hd), cos, sin)
-            k = self._rot(a.k_proj(h).view(b, kv, hd), cos, sin)
-            v = a.v_proj(h).view(b, kv, hd)
+            q, k, v = self._qkv(layer, x, cos, sin)
             self.k_cache[li][ar, :, pos] = k
             self.v_cache[li][ar, :, pos] = v
             if self.chunked:
