@@ -4,8 +4,9 @@ Two steps:
 
 ``record`` (GPU machine): replay an Azure trace window against the real worker through
 :class:`envs.real.cluster.RealCluster` with a scripted emergency drill (the virtual power
-budget drops and the batch cap is cut for a while), sampling NVML at 25 Hz; write the
-recording (telemetry, every request's TTFT/TBT, per-interval metrics, the drill) as gzip JSON.
+budget drops and the batch cap is cut for a while), sampling NVML at 25 Hz from before the
+worker is built (the thermal history the replay starts from); write the recording (telemetry,
+every request's TTFT/TBT, per-interval metrics, every scheduler step, the drill) as gzip JSON.
 
 ``fit`` (CPU): fit the simulator's time and power coefficients to a served calibration run
 (one trace window, its scheduler steps and 1 s energy) together with the profile recording
@@ -51,6 +52,19 @@ CALIBRATION = DATA_DIR / "calibration.json"
 # The scripted drill of the recorded run: (start_s, max_batch) steps and the budget window.
 DRILL_BATCH_STEPS: tuple[tuple[float, int], ...] = ((0.0, 64), (60.0, 8), (120.0, 64))
 DRILL_BUDGET: tuple[tuple[float, float, float], ...] = ((60.0, 60.0, 250.0),)
+DEFAULT_LEAD_S = 20.0
+"""Idle telemetry before the worker is built (s): the thermal history of the replay."""
+
+
+def non_negative_seconds(text: str) -> float:
+    """Argparse type: a finite number of seconds >= 0."""
+    try:
+        v = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from err
+    if not (v >= 0 and np.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"{text!r}: want a finite number of seconds >= 0")
+    return v
 
 
 def parse_batch_steps(text: str) -> tuple[tuple[float, int], ...]:
@@ -80,11 +94,14 @@ def parse_budget(text: str) -> tuple[tuple[float, float, float], ...]:
 def record(out: Path, trace: str, start_s: float, duration_s: float, rate_rps: float | None,
            gpu: int, interval_s: float,
            batch_steps: tuple[tuple[float, int], ...] = DRILL_BATCH_STEPS,
-           budget: tuple[tuple[float, float, float], ...] = DRILL_BUDGET) -> Path:
+           budget: tuple[tuple[float, float, float], ...] = DRILL_BUDGET,
+           lead_s: float = DEFAULT_LEAD_S) -> Path:
     """Replay a trace window on the real GPU with the scripted drill and save everything.
 
     The recording keeps every scheduler step of the worker (``step_log``) and its per-interval
-    engine counters, which is what the host-overhead fit reads.
+    engine counters, which is what the host-overhead fit reads. Telemetry starts ``lead_s``
+    before the worker is built, so the recording also holds the GPU's idle baseline and the
+    warm-up before the replay: the thermal history the simulator's replay starts from.
 
     Raises:
         GpuUnavailableError: No NVML / GPU.
@@ -100,10 +117,14 @@ def record(out: Path, trace: str, start_s: float, duration_s: float, rate_rps: f
         gpus=(gpu,), trace=trace, trace_start_s=start_s, duration_s=duration_s,
         rate_rps=rate_rps, control_interval_s=interval_s, power_budget_w=450.0,
         budget_drills=budget, mode="inline", sample_hz=25.0)
-    t_build = time.time()
     cluster = RealCluster(cfg)
+    cluster.sampler.start()
+    t_lead = time.time()
+    time.sleep(lead_s)  # the GPU's idle baseline, sampled
+    t_build = time.time()
     _ = cluster.workers  # build and warm up the engine before the clock starts
-    print(f"worker ready in {time.time() - t_build:.1f} s", flush=True)
+    t_ready = time.time()
+    print(f"worker ready in {t_ready - t_build:.1f} s", flush=True)
     static = cluster.devices[0].static().as_dict()
     static.update(date_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   command=shlex.join([sys.executable, *sys.argv]), torch=torch.__version__,
@@ -150,6 +171,8 @@ def record(out: Path, trace: str, start_s: float, duration_s: float, rate_rps: f
         intervals=log.intervals, controls=log.controls,
         drill={"batch_steps": batch_steps, "budget": budget},
         step_columns=list(STEP_LOG_COLUMNS), step_log=step_log,
+        marks=[{"phase": "idle_lead", "t0": t_lead, "t1": t_build},
+               {"phase": "build_and_warmup", "t0": t_build, "t1": t_ready}],
     )
 
 
@@ -169,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="batch-cap schedule START_S:CAP,... (default 0:64,60:8,120:64)")
     r.add_argument("--budget", type=parse_budget, default=DRILL_BUDGET,
                    help="virtual power budget drills START_S:LENGTH_S:WATTS,... (default 60:60:250)")
+    r.add_argument("--lead-s", type=non_negative_seconds, default=DEFAULT_LEAD_S,
+                   help="seconds of idle GPU telemetry sampled before the worker is built "
+                        f"(default {DEFAULT_LEAD_S:g})")
     f = sub.add_parser("fit", help="fit the simulator to the recordings and compare (CPU)")
     f.add_argument("--profile", type=Path, default=PROFILE_REC)
     f.add_argument("--run", type=Path, default=FIDELITY_REC,
@@ -183,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.cmd == "record":
         try:
             path = record(ns.out, ns.trace, ns.start_s, ns.duration_s, ns.rate_rps, ns.gpu,
-                          ns.interval_s, ns.batch_steps, ns.budget)
+                          ns.interval_s, ns.batch_steps, ns.budget, ns.lead_s)
         except (GpuUnavailableError, WorkerError) as err:
             print(f"calibrate: {err}", file=sys.stderr)
             return 2

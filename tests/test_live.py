@@ -31,7 +31,8 @@ from controllers.live.loop import TELEMETRY_LOST
 from envs.backend import Telemetry
 from envs.cluster_env import ClusterEnv
 from envs.real.cluster import RealCluster, RealClusterConfig
-from envs.real.telemetry import ReplayGpuDevice
+from envs.real.fidelity import pre_history_s
+from envs.real.telemetry import ReplayGpuDevice, load_recording
 from envs.real.worker import InlineWorker, Request, WorkerConfig, WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +167,10 @@ def replay_cluster(duration_s: float = 2.0, drills=(), factory=None) -> RealClus
     cfg = RealClusterConfig(worker=TINY, duration_s=duration_s, control_interval_s=0.25,
                             rate_rps=20.0, power_budget_w=550.0, budget_drills=drills,
                             trace_start_s=1200.0)
-    return RealCluster(cfg, devices=[ReplayGpuDevice(FIDELITY, start_offset_s=40.0)], workers=[w])
+    # 40 s into the recorded H100 run's replay (its telemetry starts before, at idle).
+    offset_s = pre_history_s(load_recording(FIDELITY)) + 40.0
+    return RealCluster(cfg, devices=[ReplayGpuDevice(FIDELITY, start_offset_s=offset_s)],
+                       workers=[w])
 
 
 def test_real_backend_replay_budget_drill_worker_kill(tmp_path):

@@ -21,8 +21,11 @@ from envs.real.fidelity import (
     fit_profile,
     fit_thermal,
     fit_to_served_run,
+    initial_thermal_state,
     power_windows,
+    pre_history_s,
     profile_object,
+    thermal_rmse,
 )
 from envs.real.telemetry import (
     COLUMNS,
@@ -39,12 +42,13 @@ from envs.real.telemetry import (
 )
 from envs.real.worker import STEP_LOG_COLUMNS, InferenceEngine, Request, WorkerConfig, WorkerError
 from envs.sim.thermal import ThermalParams
-from scripts.calibrate import parse_batch_steps
+from scripts.calibrate import non_negative_seconds, parse_batch_steps
 
 DATA = Path(__file__).resolve().parents[1] / "envs" / "data"
 PROFILE = DATA / "real" / "h100_llama3-8b_profile.json.gz"
 RUN = DATA / "real" / "h100_fidelity_run.json.gz"
 CALIBRATION_RUN = DATA / "real" / "h100_calibration_run.json.gz"
+MEASURED = DATA / "real" / "llama3-8b-real_h100_tp1.json"
 STEPS = DATA / "thermal" / "recordings" / "h100_steps_20261125.json.gz"
 TINY = WorkerConfig(model="tiny", device="cpu", max_slots=8, max_ctx=256)
 
@@ -465,3 +469,67 @@ def test_calibrate_rejects_malformed_batch_schedules(text):
     with pytest.raises(argparse.ArgumentTypeError, match="batch-steps"):
         parse_batch_steps(text)
     assert parse_batch_steps("0:64,60:8") == ((0.0, 64), (60.0, 8))
+
+
+def _real_worker_thermal() -> ThermalParams:
+    return ThermalParams.load(DATA / "real" / "h100_thermal_fit_real_worker.json")
+
+
+@pytest.mark.parametrize("path", [RUN, CALIBRATION_RUN])
+def test_served_recordings_hold_the_thermal_history_before_the_replay(path):
+    """The recorder samples an idle GPU, then the worker's build and warm-up, then the run."""
+    rec = load_recording(path)
+    assert pre_history_s(rec) > 30.0
+    lead = next(m for m in rec.extra["marks"] if m["phase"] == "idle_lead")
+    t = rec.column("t_s")
+    idle = rec.column("power_w")[(t > lead["t0"] + 2.0) & (t < lead["t1"])]
+    assert idle.size > 100 and 60.0 < float(np.median(idle)) < 160.0
+
+
+@pytest.mark.parametrize("path", [RUN, CALIBRATION_RUN])
+def test_thermal_state_from_history_matches_the_model_run_over_it(path):
+    """The replay starts where the thermal model, driven by the measured pre-history, ends."""
+    rec = load_recording(path)
+    thermal = _real_worker_thermal()
+    t0 = float(rec.extra["t0_s"])
+    # From the first sample, on the 0.25 s grid through t0.
+    h0 = t0 - 0.25 * np.floor((t0 - float(rec.column("t_s")[0])) / 0.25)
+    rel, pw, tt = power_windows(rec, h0, t0 + 60.0, 0.25)
+    first = int(np.searchsorted(rel, t0 - h0 - 1e-9))
+    _, inlet = thermal_rmse(thermal, pw, tt, score_from=first)
+    st = initial_thermal_state(rec, thermal, inlet)
+    at_t0 = inlet + float(st.x_die_c[0] + st.x_sink_c[0])
+    # The same model over the same windows, written out by hand.
+    x = np.array([thermal.r_die_c_per_w, thermal.r_sink_c_per_w]) * pw[0]
+    a = np.exp(-0.25 / np.array([thermal.tau_die_s, thermal.tau_sink_s]))
+    r = np.array([thermal.r_die_c_per_w, thermal.r_sink_c_per_w])
+    for p in pw[:first]:
+        x = r * p + (x - r * p) * a
+    assert at_t0 == pytest.approx(inlet + x.sum(), abs=1e-6)
+    # And it is close to what the GPU read at that moment (NVML reports whole degrees).
+    measured = float(rec.column("temp_c")[np.searchsorted(rec.column("t_s"), t0)])
+    assert abs(at_t0 - measured) < 2.0
+    steady = initial_thermal_state(rec, thermal, inlet, use_history=False)
+    assert inlet + float(steady.x_die_c[0] + steady.x_sink_c[0]) == pytest.approx(measured)
+
+
+@pytest.mark.parametrize("path", [RUN, CALIBRATION_RUN])
+def test_replay_from_measured_history_tracks_the_first_minute_better(path):
+    """Started from the measured history, the simulator's GPU temperature follows the real
+    one more closely in the first minute than when started from a steady state."""
+    prof = profile_object(json.loads(MEASURED.read_text()))
+    thermal = _real_worker_thermal()
+
+    def first_minute_rmse(use_history: bool) -> float:
+        s = compare(path, prof, thermal, use_history=use_history)["series"]
+        err = np.array(s["sim_temp_c"][:60]) - np.array(s["real_temp_c"][:60])
+        return float(np.sqrt(np.mean(err ** 2)))
+
+    assert first_minute_rmse(True) < first_minute_rmse(False)
+
+
+@pytest.mark.parametrize("text", ["-1", "nan", "inf", "soon"])
+def test_calibrate_rejects_bad_lead_seconds(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        non_negative_seconds(text)
+    assert non_negative_seconds("20") == 20.0

@@ -13,8 +13,10 @@ Inputs are two recordings made on the H100 (``envs/data/real``):
 profile recording's telemetry. :func:`replay_in_simulator` serves the run's requests, with
 the same batch-cap schedule, in ``SimCluster`` (one GPU, 0.25 s ticks) using those fits, and
 :func:`compare` prints power MAPE (1 s windows), temperature RMSE and throughput/latency
-errors. Only the thermal model's inlet offset is fitted to the fidelity run itself (the
-inlet air temperature was not measured); everything else comes from the profile recording.
+errors. The replay's thermal model starts from the GPU's measured history (the telemetry
+recorded before the replay: idle lead and worker warm-up). Only the thermal model's inlet
+offset is fitted to the fidelity run itself (the inlet air temperature was not measured);
+everything else comes from the profile and calibration recordings.
 
 What the fits cannot know (the clocks were never changed on the shared H100): the
 frequency sensitivities ``prefill_phi``, ``decode_phi`` and ``power_freq_exponent`` are
@@ -44,13 +46,16 @@ from envs.sim.profiles import (
     freq_at_power_limit_mhz,
     profile_from_dict,
 )
-from envs.sim.thermal import GpuThermalState, ThermalParams
+from envs.sim.thermal import GpuThermalState, ThermalParams, step_gpu_temperature
 
 MODEL_NAME = "llama3-8b-real"
 """Model key of the measured profile (the worker of envs/real/worker.py, not vLLM)."""
 
 WINDOW_S = 0.25
 """Resampling window of the thermal fit and simulator tick (s)."""
+
+PRE_HISTORY_MIN_S = 5.0
+"""Telemetry before the replay starts that is enough to start the thermal model from (s)."""
 
 
 class FidelityError(ValueError):
@@ -290,6 +295,29 @@ def fit_served_times(steps: dict[str, np.ndarray], co: dict[str, Any]) -> dict[s
     }
 
 
+def served_vs_isolated(steps: dict[str, np.ndarray], co: dict[str, Any]) -> dict[str, float]:
+    """How much longer the served engine's steps take than the isolated sweeps' fit predicts.
+
+    Medians of measured / predicted time: single prefill passes up to 2048 prompt tokens (the
+    largest CUDA-graph bucket) and above it (eager passes), and decode iterations.
+    """
+    one = steps["prefill_passes"] == 1
+    tok = steps["prefill_tokens"][one]
+    pred = (co["prefill_p0_s"] + co["prefill_p1_s_per_token"] * tok
+            + co["prefill_p2_s_per_token2"] * tok**2) * _prefill_slowdown(co, tok)
+    ratio = steps["prefill_s"][one] / pred
+    dec = steps["decode_batch"] > 0
+    pred_d = (co["decode_d0_s"] + co["decode_d1_s_per_seq"] * steps["decode_batch"][dec]
+              + co["decode_d2_s_per_seq_token"] * steps["decode_ctx_tokens"][dec])
+
+    def median(x: np.ndarray) -> float:
+        return round(float(np.median(x)), 3) if x.size else float("nan")
+
+    return {"prefill_up_to_2048_tokens": median(ratio[tok <= 2048]),
+            "prefill_above_2048_tokens": median(ratio[tok > 2048]),
+            "decode": median(steps["decode_s"][dec] / pred_d)}
+
+
 def _split_into_seconds(start_s: np.ndarray, dur_s: np.ndarray, weight: np.ndarray,
                         n: int) -> np.ndarray:
     """Sum of ``dur * weight`` per 1 s bin, splitting intervals that cross a bin edge."""
@@ -391,6 +419,7 @@ def fit_to_served_run(doc: dict[str, Any], run_path: str | Path) -> dict[str, An
                                    "prefill_p2_s_per_token2", "decode_d0_s", "decode_d1_s_per_seq",
                                    "decode_d2_s_per_seq_token", "prefill_max_power_w",
                                    "decode_max_power_w", "decode_k_batch")}
+    slower = served_vs_isolated(steps, co)
     phases = doc["grids"]["decode_power"]
     power = fit_served_power(rec, steps, co, phases["batch"], phases["power_w"])
     co.update(power["coefficients"])
@@ -403,6 +432,7 @@ def fit_to_served_run(doc: dict[str, Any], run_path: str | Path) -> dict[str, An
         "command": rec.static.get("command"),
         "steps": int(len(steps["t_start_s"])),
         "host_s_per_step": round(times["host_s_per_step"], 6),
+        "served_over_isolated_time_median": slower,
         "prefill_power_scale": power["prefill_power_scale"],
         "phase_weight": power["phase_weight"],
         "note": "time and power coefficients fitted to the served calibration run (its scheduler "
@@ -482,13 +512,19 @@ def fit_thermal(power_w: np.ndarray, temp_c: np.ndarray, window_s: float = WINDO
 
 
 def thermal_rmse(params: ThermalParams, power_w: np.ndarray, temp_c: np.ndarray,
-                 window_s: float = WINDOW_S) -> tuple[float, float]:
-    """RMSE of given parameters on a trace with only the inlet offset refitted (C, offset)."""
+                 window_s: float = WINDOW_S, score_from: int = 0) -> tuple[float, float]:
+    """RMSE of given parameters on a trace with only the inlet offset refitted (C, offset).
+
+    The model starts at the steady state of the first window's power; the offset is fitted
+    to every window, the RMSE taken from window ``score_from`` on (the windows before it are
+    history that sets the model's state).
+    """
     u = _unit_responses(power_w, np.array([params.tau_die_s, params.tau_sink_s]), window_s,
                         power_w[0])
     pred0 = u @ np.array([params.r_die_c_per_w, params.r_sink_c_per_w])
-    off = float(np.mean(temp_c - pred0))
-    return float(np.sqrt(np.mean((temp_c - pred0 - off) ** 2))), off
+    off = float(np.mean((temp_c - pred0)[score_from:]))
+    err = (temp_c - pred0 - off)[score_from:]
+    return float(np.sqrt(np.mean(err ** 2))), off
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,9 +569,51 @@ def _scenario(duration_s: float, slo_ttft_s: float, slo_tbt_s: float, inlet_c: f
     return s
 
 
+def pre_history_s(run: TelemetryRecording) -> float:
+    """Seconds of telemetry recorded before the trace replay starts (``t0_s``)."""
+    return max(float(run.extra["t0_s"]) - float(run.column("t_s")[0]), 0.0)
+
+
+def _history_start_s(run: TelemetryRecording, use_history: bool = True) -> float:
+    """Where the thermal model starts: the first sample, on a window grid through ``t0_s``.
+
+    So the history's windows end where the replay's first tick starts.
+    """
+    t0 = float(run.extra["t0_s"])
+    if use_history and pre_history_s(run) >= PRE_HISTORY_MIN_S:
+        return t0 - WINDOW_S * math.floor(pre_history_s(run) / WINDOW_S)
+    return t0
+
+
+def initial_thermal_state(run: TelemetryRecording, thermal: ThermalParams,
+                          inlet_c: float, use_history: bool = True) -> GpuThermalState:
+    """The GPU's thermal state (rises above the inlet) when the trace replay starts.
+
+    Recordings that sampled the GPU before the replay (``calibrate.py record`` samples while
+    the GPU idles and the worker warms up) give it from measurement: the model runs over that
+    measured power from a steady state at its first window's power, as :func:`thermal_rmse`
+    does when it fits the inlet offset. Without such history (older recordings) the die and
+    sink are put at the steady state that matches the first temperature of the replay (also
+    with ``use_history=False``, to measure what the history is worth).
+    """
+    t0 = float(run.extra["t0_s"])
+    h0 = _history_start_s(run, use_history)
+    if h0 < t0:
+        _, pw, _ = power_windows(run, h0, t0 + 0.5 * WINDOW_S, WINDOW_S)  # windows up to t0
+        st = GpuThermalState.steady(pw[:1], thermal)
+        for p in pw:
+            step_gpu_temperature(st, np.array([p]), np.array([inlet_c]), WINDOW_S, thermal)
+        return st
+    t_first = float(run.column("temp_c")[np.searchsorted(run.column("t_s"), t0)])
+    p0 = max((t_first - inlet_c) / thermal.r_total_c_per_w, 0.0)
+    return GpuThermalState.steady(np.array([p0]), thermal)
+
+
 def replay_in_simulator(run: TelemetryRecording, profile: Profile, thermal: ThermalParams,
-                        inlet_c: float) -> dict[str, np.ndarray]:
+                        inlet_c: float, use_history: bool = True) -> dict[str, np.ndarray]:
     """Serve the run's requests with its batch-cap schedule in ``SimCluster``.
+
+    The GPU's thermal state at the start comes from :func:`initial_thermal_state`.
 
     Returns:
         Per-tick arrays: ``t_s`` (tick start), ``power_w``, ``temp_c``, ``tokens``,
@@ -565,10 +643,7 @@ def replay_in_simulator(run: TelemetryRecording, profile: Profile, thermal: Ther
     sim.trace_pool = sim.pools.assign(trace.input_tokens, trace.output_tokens)
     sim._trace_pos = 0
     sim.mean_input_tokens = float(in_tok.mean())
-    # Start the GPU at the real run's first temperature (the die and sink at a steady state).
-    t_first = float(run.column("temp_c")[np.searchsorted(run.column("t_s"), ex["t0_s"])])
-    p0 = max((t_first - inlet_c) / thermal.r_total_c_per_w, 0.0)
-    st = GpuThermalState.steady(np.array([p0]), thermal)
+    st = initial_thermal_state(run, thermal, inlet_c, use_history)
     sim.thermal_state.x_die_c[:] = st.x_die_c
     sim.thermal_state.x_sink_c[:] = st.x_sink_c
     steps = [tuple(x) for x in ex["drill"]["batch_steps"]]
@@ -611,7 +686,7 @@ def _bins(t: np.ndarray, v: np.ndarray, width_s: float, n: int, how: str = "mean
 
 
 def compare(run_path: str | Path, profile: Profile, thermal: ThermalParams,
-            inlet_c: float | None = None) -> dict[str, Any]:
+            inlet_c: float | None = None, use_history: bool = True) -> dict[str, Any]:
     """Replay the run in the simulator and measure the gaps to the real run.
 
     Args:
@@ -620,6 +695,8 @@ def compare(run_path: str | Path, profile: Profile, thermal: ThermalParams,
         thermal: Thermal parameters (fitted).
         inlet_c: Inlet offset for the simulator (None: fitted to this run's telemetry with
             the given thermal parameters; the inlet was not measured).
+        use_history: Start the thermal model from the telemetry recorded before the replay
+            (if the recording has it); False: from a steady state at the first temperature.
 
     Returns:
         Figures: ``power_mape``, ``temp_rmse_c``, ``throughput_error`` (fractions and C) and
@@ -629,10 +706,14 @@ def compare(run_path: str | Path, profile: Profile, thermal: ThermalParams,
     ex = run.extra
     t0 = float(ex["t0_s"])
     duration = float(run.static.get("config", {}).get("duration_s", ex["trace"]["duration_s"]))
-    tw, pw, tt = power_windows(run, t0 - 30.0, t0 + duration, WINDOW_S)
+    # The model runs over the same span as the replay's initial state (pre-history, then the
+    # run); the offset is fitted to the run's windows.
+    h0 = _history_start_s(run, use_history)
+    rel, pw, tt = power_windows(run, h0, t0 + duration, WINDOW_S)
     if inlet_c is None:
-        _, inlet_c = thermal_rmse(thermal, pw, tt)
-    sim = replay_in_simulator(run, profile, thermal, inlet_c)
+        first = int(np.searchsorted(rel, t0 - h0 - 1e-9))
+        _, inlet_c = thermal_rmse(thermal, pw, tt, score_from=first)
+    sim = replay_in_simulator(run, profile, thermal, inlet_c, use_history)
     n = int(round(duration))
     # Real: 1 s power from the energy counter, temperature at each second's end.
     rt, rp, rtemp = power_windows(run, t0, t0 + duration, 1.0)
@@ -706,15 +787,18 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
     thermal, off, rmse_fit = fit_thermal(pw, tt)
     run = load_recording(run_path)
     t0 = float(run.extra["t0_s"])
-    _, rpw, rtt = power_windows(run, t0 - 30.0, float(run.column("t_s")[-1]), WINDOW_S)
-    rmse_run_fitted, _ = thermal_rmse(thermal, rpw, rtt)
-    rmse_run_shipped, _ = thermal_rmse(ThermalParams.load(), rpw, rtt)
+    h0 = _history_start_s(run)
+    rt_rel, rpw, rtt = power_windows(run, h0, float(run.column("t_s")[-1]), WINDOW_S)
+    first = int(np.searchsorted(rt_rel, t0 - h0 - 1e-9))
+    rmse_run_fitted, _ = thermal_rmse(thermal, rpw, rtt, score_from=first)
+    rmse_run_shipped, _ = thermal_rmse(ThermalParams.load(), rpw, rtt, score_from=first)
     comp = compare(run_path, prof, thermal)
     comp_sweep = (comp if calibration_path is None
                   else compare(run_path, profile_object(sweep_doc), thermal))
     comp_in_sample = None if calibration_path is None else compare(calibration_path, prof, thermal)
     shipped_prof = replace(ProfileLibrary.load().get("llama3-8b", "h100", 1), model=MODEL_NAME)
     comp_shipped = compare(run_path, shipped_prof, ThermalParams.load())
+    comp_steady = compare(run_path, prof, thermal, use_history=False)
     th = {
         "params": {"r_die_c_per_w": round(thermal.r_die_c_per_w, 6),
                    "tau_die_s": round(thermal.tau_die_s, 4),
@@ -734,6 +818,8 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
         "throughput_interval_mape": comp["throughput_interval_mape"],
         "finished_error": comp["finished_error"],
         "energy_error": comp["energy_error"],
+        "thermal_history_s": round(pre_history_s(run), 1),
+        "temp_rmse_c_steady_start": comp_steady["temp_rmse_c"],
         "isolated_sweep_profile": {k: comp_sweep[k] for k in headline},
         **({"calibration_run_in_sample": {k: comp_in_sample[k] for k in headline}}
            if comp_in_sample is not None else {}),
