@@ -1,4 +1,4 @@
-"""Episode roll-outs of any Controller, and the static baseline used to judge trained agents.
+"""Episode roll-outs of any Controller, and the comparison of a trained agent with static.
 
 `run_episodes` is the one loop used by the periodic evaluation during training and by the
 checkpoint's final evaluation; the full comparison against every rule-based controller and the
@@ -33,43 +33,6 @@ class EpisodeStats:
     peak_row_power_w: float
     max_gpu_temp_c: float
     steps: int
-
-
-class StaticController:
-    """The unaware static baseline: the scenario's initial configuration at maximum frequency.
-
-    Pools keep their initial share/TP/batch at the highest frequency; rows get full routing
-    weight, no clock ceiling below the maximum, no quantization; a waiting VM goes first-fit to
-    the lowest-numbered legal server (the thermal/power-unaware placement of TAPAS's baseline).
-    """
-
-    name = "static"
-
-    def __init__(self, env: gym.Env) -> None:
-        base = env.unwrapped
-        lay = base.layout
-        self.nvec = np.asarray(base.action_space.nvec)
-        parts: list[np.ndarray] = []
-        if base.codec.has_pools:
-            block = base.codec.encode(lay.initial_pools).reshape(lay.n_pools, 4)
-            block[:, 2] = len(lay.freq_choices_mhz) - 1
-            parts.append(block.ravel())
-        if base.codec.has_rows:
-            rows = np.tile([3, len(lay.freq_choices_mhz) - 1, 0], lay.n_rows)
-            parts.append(np.concatenate([rows, [lay.n_servers]]))
-        self.action = np.concatenate(parts).astype(np.int64)
-        self.has_placement = base.codec.has_rows
-
-    def reset(self) -> None:
-        """Stateless."""
-
-    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
-        """The fixed action, with first-fit placement where the mask allows one."""
-        a = self.action.copy()
-        if self.has_placement and action_mask is not None:
-            place = action_mask[-int(self.nvec[-1]):]
-            a[-1] = int(np.flatnonzero(place)[0])
-        return a
 
 
 def make_env(env_id: str, window: str | tuple[float, float] | None = "test",
@@ -130,16 +93,24 @@ def summarize(stats: Sequence[EpisodeStats]) -> dict[str, dict[str, float]]:
 
 def compare_with_static(policy: Any, env_factory: Callable[[], gym.Env],
                         seeds: Sequence[int]) -> dict[str, Any]:
-    """Policy vs the static baseline on the same env and seeds; ratios policy / static."""
+    """Policy vs the static baseline on the same env and seeds; ratios policy / static.
+
+    The baseline is the one every report uses, `controllers.static.StaticController`
+    (DynamoLLM's peak provisioning: TP 8, maximum clock, largest batch, never changed).
+    """
+    from controllers.context import ControllerContext
+    from controllers.static import StaticController
+
     env = env_factory()
     try:
         ours = run_episodes(policy, env, seeds)
-        static = run_episodes(StaticController(env), env, seeds)
+        static = run_episodes(StaticController(ControllerContext.from_env(env)), env, seeds)
     finally:
         env.close()
     a, b = summarize(ours), summarize(static)
     return {
         "seeds": list(map(int, seeds)),
+        "static_baseline": "controllers.static.StaticController",
         "policy": a,
         "static": b,
         "energy_ratio_vs_static": a["energy_j"]["mean"] / b["energy_j"]["mean"],

@@ -21,10 +21,13 @@ from agents.checkpoint import (
     load_checkpoint,
 )
 from agents.config import WINDOWS, HyperparamsError, load_task_config, windows_overlap
-from agents.evaluate import StaticController, make_env, run_episode
+from agents.evaluate import compare_with_static, make_env, run_episode
 from agents.policy import TrainedPolicy
 from agents.train import train
 from controllers.base import Controller
+from controllers.context import ControllerContext
+from controllers.static import StaticController
+from controllers.unaware import UnawareController
 
 
 def _tiny(task: str, finetune_steps: int = 0, **changes):
@@ -256,10 +259,26 @@ def test_wrong_env_is_refused(energy_run):
         load_checkpoint(energy_run, other)
 
 
-def test_static_controller_matches_initial_configuration():
+def test_agents_are_judged_against_the_reports_static_baseline():
+    """Training's final comparison uses the same static controller as every report: the
+    report's static, run through it, is exactly as good as itself."""
+    def factory():
+        return make_env("LLMCluster/Energy-small-v0", "test")
+
+    env = factory()
+    static = StaticController(ControllerContext.from_env(env))
+    res = compare_with_static(static, factory, seeds=[0])
+    assert res["static_baseline"] == "controllers.static.StaticController"
+    assert res["energy_ratio_vs_static"] == 1.0 and res["reward_gain_vs_static"] == 0.0
+    # Another policy is told apart from it.
+    other = compare_with_static(UnawareController(ControllerContext.from_env(env)), factory, [0])
+    assert other["energy_ratio_vs_static"] != 1.0
+
+
+def test_static_controller_places_first_fit():
     env = make_env("LLMCluster/Thermal-small-v0", "train")
     env.reset(seed=0)
-    ctl = StaticController(env)
+    ctl = StaticController(ControllerContext.from_env(env))
     mask = env.unwrapped.action_masks()
     a = ctl.act(np.zeros(env.observation_space.shape), mask)
     assert env.action_space.contains(a)
