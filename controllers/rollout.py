@@ -116,7 +116,9 @@ def skip_warmup(result: EpisodeResult, n: int) -> EpisodeResult:
         row_power_w=result.row_power_w[n:], row_limit_w=result.row_limit_w[n:],
         aisle_inlet_c=result.aisle_inlet_c[n:],
         aisle_max_gpu_temp_c=result.aisle_max_gpu_temp_c[n:],
-        active_faults=result.active_faults[n:], **tick)
+        active_faults=result.active_faults[n:],
+        ttft_hist=None if result.ttft_hist is None else result.ttft_hist[n:],
+        tbt_hist=None if result.tbt_hist is None else result.tbt_hist[n:], **tick)
 
 
 def run_controller(env_factory, backend: Any, make, seed: int, progress: bool = False

@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from envs.latency import empty_histogram
+
 FAULT_KINDS = ("cooling_failure", "power_failure", "load_spike")
 
 
@@ -120,7 +122,11 @@ class Telemetry:
 
 @dataclass(frozen=True)
 class ServiceMetrics:
-    """Service-level results of one control interval (counts are per interval)."""
+    """Service-level results of one control interval (counts are per interval).
+
+    ``ttft_hist`` and ``tbt_hist`` count the interval's finished requests per latency bin
+    (`envs.latency`), so that episode percentiles can be computed from intervals.
+    """
 
     interval_s: float
     arrived: int
@@ -150,6 +156,8 @@ class ServiceMetrics:
     max_gpu_temp_c: float
     carbon_g: float
     gpu_hours: float
+    ttft_hist: np.ndarray = field(default_factory=empty_histogram)
+    tbt_hist: np.ndarray = field(default_factory=empty_histogram)
 
     @property
     def slo_attainment(self) -> float:
@@ -169,7 +177,8 @@ class ServiceMetrics:
 def _scalar_metric_names() -> tuple[str, ...]:
     return tuple(
         f.name for f in fields(ServiceMetrics)
-        if f.name not in ("arrivals_per_pool", "queued_per_pool", "running_per_pool")
+        if f.name not in ("arrivals_per_pool", "queued_per_pool", "running_per_pool",
+                          "ttft_hist", "tbt_hist")
     )
 
 

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from envs.backend import ClusterAction, ClusterLayout, PoolConfig, ServiceMetrics, Telemetry
+from envs.latency import latency_histogram
 from envs.real.actuators import GpuActuators
 from envs.real.telemetry import (
     POWER_MASK,
@@ -461,6 +462,8 @@ class RealCluster:
             max_gpu_temp_c=max(temps) if temps else float("nan"),
             carbon_g=gpu_energy / 3.6e6 * cfg.carbon_g_per_kwh,
             gpu_hours=n_gpu * (t1 - t0) / 3600.0,
+            ttft_hist=latency_histogram(ttft),
+            tbt_hist=latency_histogram(tbt),
         )
         row = {k: v for k, v in m.as_dict().items()}
         row.update(t_rel_s=t0 - self._t0, budget_w=float(budgets.min()),

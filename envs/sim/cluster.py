@@ -640,7 +640,7 @@ class SimCluster:
 
     def _metrics(self, acc: ServiceAccumulator, st: _IntervalStats) -> ServiceMetrics:
         waiting, running = self.serving.per_pool_counts()
-        t50, t99, b50, b99 = acc.percentiles()
+        t50, t99, b50, b99, ttft_hist, tbt_hist = acc.latency_stats()
         self.arrived_total += acc.arrived
         self.finished_total += acc.finished
         self.dropped_total += acc.dropped
@@ -674,6 +674,8 @@ class SimCluster:
             max_gpu_temp_c=st.max_temp_c,
             carbon_g=st.carbon_g,
             gpu_hours=st.gpu_hours,
+            ttft_hist=ttft_hist,
+            tbt_hist=tbt_hist,
         )
 
 

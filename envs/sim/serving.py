@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from envs.latency import empty_histogram, latency_histogram
+
 
 @dataclass
 class TickLoad:
@@ -71,17 +73,22 @@ class ServiceAccumulator:
             self.tbt_s.append(tbt_s)
             self.weight.append(w)
 
-    def percentiles(self) -> tuple[float, float, float, float]:
-        """TTFT P50/P99 and TBT P50/P99 over the requests finished this interval (0 if none)."""
+    def latency_stats(self) -> tuple[float, float, float, float, np.ndarray, np.ndarray]:
+        """Latency of the requests finished this interval.
+
+        Returns:
+            TTFT P50/P99, TBT P50/P99 (0 if none finished), and the TTFT and TBT histograms
+            (`envs.latency`).
+        """
         if not self.ttft_s:
-            return 0.0, 0.0, 0.0, 0.0
+            return 0.0, 0.0, 0.0, 0.0, empty_histogram(), empty_histogram()
         one = len(self.weight) == 1  # the aggregate model's single cohort array per interval
         w = self.weight[0] if one else np.concatenate(self.weight)
         ttft = self.ttft_s[0] if one else np.concatenate(self.ttft_s)
         tbt = self.tbt_s[0] if one else np.concatenate(self.tbt_s)
         t50, t99 = weighted_percentiles(ttft, w, _P50_P99)
         b50, b99 = weighted_percentiles(tbt, w, _P50_P99)
-        return t50, t99, b50, b99
+        return t50, t99, b50, b99, latency_histogram(ttft, w), latency_histogram(tbt, w)
 
 
 _P50_P99 = np.array([0.5, 0.99]) - 1e-12
