@@ -358,6 +358,8 @@ def test_real_cluster_protocol_metrics_and_budget_events():
     c.close()
     assert sum(m.arrived for m in ms) == len(c.trace) == 20
     assert sum(m.finished for m in ms) >= 3
+    # Every finished request is in the interval's latency histograms (episode percentiles).
+    assert all(m.ttft_hist.sum() == m.tbt_hist.sum() == m.finished for m in ms)
     assert sum(m.tokens_generated for m in ms) > 20
     assert all(m.energy_j > 100.0 for m in ms)
     # Replayed H100 prefill draws ~700 W > 300 W budget: one exceedance event; the drill's
