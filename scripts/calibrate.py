@@ -67,12 +67,22 @@ def non_negative_seconds(text: str) -> float:
     return v
 
 
+def _colon_tuples(text: str, option: str, form: str, types: tuple[type, ...]) -> tuple[tuple, ...]:
+    """``"a:b,c:d"`` -> ((a, b), (c, d)), each field converted by ``types``.
+
+    Raises:
+        argparse.ArgumentTypeError: A field is missing, extra or not a number (names the option).
+    """
+    try:
+        return tuple(tuple(t(x) for t, x in zip(types, part.split(":"), strict=True))
+                     for part in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{option} {text!r}: want {form}") from err
+
+
 def parse_batch_steps(text: str) -> tuple[tuple[float, int], ...]:
     """``"0:64,60:8,120:64"`` -> ((0.0, 64), (60.0, 8), (120.0, 64)); must start at 0 s."""
-    try:
-        steps = tuple((float(a), int(b)) for a, b in (part.split(":") for part in text.split(",")))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--batch-steps {text!r}: want START_S:BATCH,...") from err
+    steps = _colon_tuples(text, "--batch-steps", "START_S:BATCH,...", (float, int))
     if not steps or steps[0][0] != 0.0 or any(b < 1 for _, b in steps) or any(
             t1 <= t0 for (t0, _), (t1, _) in zip(steps, steps[1:], strict=False)):
         raise argparse.ArgumentTypeError(
@@ -82,11 +92,8 @@ def parse_batch_steps(text: str) -> tuple[tuple[float, int], ...]:
 
 def parse_budget(text: str) -> tuple[tuple[float, float, float], ...]:
     """``"60:60:250"`` -> ((60.0, 60.0, 250.0),): start s, length s, budget W; comma-separated."""
-    try:
-        drills = tuple(tuple(float(x) for x in part.split(":")) for part in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--budget {text!r}: want START_S:LENGTH_S:WATTS,...") from err
-    if any(len(d) != 3 or d[1] <= 0 or d[2] <= 0 for d in drills):
+    drills = _colon_tuples(text, "--budget", "START_S:LENGTH_S:WATTS,...", (float, float, float))
+    if any(d[1] <= 0 or d[2] <= 0 for d in drills):
         raise argparse.ArgumentTypeError(f"--budget {text!r}: want START_S:LENGTH_S:WATTS,...")
     return drills  # type: ignore[return-value]
 

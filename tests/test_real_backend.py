@@ -42,7 +42,7 @@ from envs.real.telemetry import (
 )
 from envs.real.worker import STEP_LOG_COLUMNS, InferenceEngine, Request, WorkerConfig, WorkerError
 from envs.sim.thermal import ThermalParams
-from scripts.calibrate import non_negative_seconds, parse_batch_steps
+from scripts.calibrate import non_negative_seconds, parse_batch_steps, parse_budget
 
 DATA = Path(__file__).resolve().parents[1] / "envs" / "data"
 PROFILE = DATA / "real" / "h100_llama3-8b_profile.json.gz"
@@ -535,3 +535,10 @@ def test_calibrate_rejects_bad_lead_seconds(text):
     with pytest.raises(argparse.ArgumentTypeError):
         non_negative_seconds(text)
     assert non_negative_seconds("20") == 20.0
+
+
+@pytest.mark.parametrize("text", ["60:60", "60:60:250:1", "a:b:c", "60:0:250", "60:60:-5"])
+def test_calibrate_rejects_malformed_budget_drills(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="--budget"):
+        parse_budget(text)
+    assert parse_budget("60:60:250,130:5:300") == ((60.0, 60.0, 250.0), (130.0, 5.0, 300.0))
