@@ -558,7 +558,7 @@ class SimCluster:
         if self._any_capped:
             self.row_ceiling_mhz = pw.row_cap_ceiling_mhz(
                 gm, gl, topo.gpu_row, self.thermal_ceiling_mhz, np.flatnonzero(over),
-                target_w, server, topo.n_rows)
+                target_w, server, topo.n_rows, dyn=dyn)
         else:
             self.row_ceiling_mhz = self._no_row_ceiling_mhz
         self.row_capped = over

@@ -111,20 +111,23 @@ def row_cap_ceiling_mhz(
     server_spec: ServerSpec,
     n_rows: int,
     iterations: int = 8,
+    dyn: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Highest common clock ceiling per row at which each listed row fits its limit.
 
     Bisection on the clock (row power is monotone in it; 8 halvings of 800-1980 MHz leave
     < 5 MHz), vectorized over rows. Rows not
     listed get the maximum clock. A row that does not fit even at the minimum clock gets the
-    minimum clock (the capping controller can do no more).
+    minimum clock (the capping controller can do no more). ``dyn`` is
+    ``model.dynamic_at_max_clock_w(load)`` if the caller has it already.
     """
     lo = np.full(n_rows, model.min_freq_mhz)
     hi = np.full(n_rows, model.max_freq_mhz)
     target = np.full(n_rows, np.inf)
     target[rows] = row_limit_w[rows]
     server_row = gpu_row[:: server_spec.gpus]
-    dyn = model.dynamic_at_max_clock_w(load)  # the profile is evaluated once, not per halving
+    if dyn is None:  # the profile is evaluated once, not per halving
+        dyn = model.dynamic_at_max_clock_w(load)
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
         p = model.power_under_ceiling_w(dyn, load, np.minimum(other_ceiling_mhz, mid[gpu_row]))
