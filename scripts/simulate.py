@@ -73,7 +73,8 @@ def dataclass_parser(cls: type, prog: str, description: str, types: dict[str, ty
                      choices: dict[str, tuple] | None = None) -> argparse.ArgumentParser:
     """One option per dataclass field (`--field-name`), help from the field's docstring.
 
-    A field defaulting to False becomes a store-true flag; the others take `types[name]`.
+    A field defaulting to False becomes a store-true flag; the others take `types[name]`
+    (``str`` for a field not in it).
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     docs = field_docs(cls)
@@ -83,7 +84,7 @@ def dataclass_parser(cls: type, prog: str, description: str, types: dict[str, ty
         if f.default is False:
             parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
             continue
-        kwargs: dict = {"dest": f.name, "type": types[f.name], "default": f.default,
+        kwargs: dict = {"dest": f.name, "type": types.get(f.name, str), "default": f.default,
                         "help": f"{help_text} (default: {f.default})"}
         if choices and f.name in choices:
             kwargs["choices"] = choices[f.name]

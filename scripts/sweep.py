@@ -17,7 +17,6 @@ faults), none, cooling_failure, power_failure, load_spike.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.simulate import field_docs  # noqa: E402
+from scripts.simulate import dataclass_parser  # noqa: E402
 
 
 @dataclass
@@ -72,20 +71,11 @@ class SweepArgs:
 
 def build_parser() -> argparse.ArgumentParser:
     """An argparse parser with one option per `SweepArgs` field, help from its docstring."""
-    parser = argparse.ArgumentParser(prog="python -m scripts.sweep", description=__doc__.split("\n")[0])
-    docs = field_docs(SweepArgs)
-    types = {"warmup": int, "num_cpus": int, "max_in_flight": int, "retries": int}
-    choices = {"task": ("energy", "thermal", "combined"), "serving": ("request", "aggregate"),
-               "window": ("train", "validation", "test"), "reports": ("all", "first-seed", "none")}
-    for f in dataclasses.fields(SweepArgs):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = docs.get(f.name, "")
-        if f.default is False:
-            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
-            continue
-        parser.add_argument(flag, dest=f.name, type=types.get(f.name, str), default=f.default,
-                            choices=choices.get(f.name), help=f"{help_text} (default: {f.default})")
-    return parser
+    return dataclass_parser(
+        SweepArgs, "python -m scripts.sweep", __doc__.split("\n")[0],
+        {"warmup": int, "num_cpus": int, "max_in_flight": int, "retries": int},
+        {"task": ("energy", "thermal", "combined"), "serving": ("request", "aggregate"),
+         "window": ("train", "validation", "test"), "reports": ("all", "first-seed", "none")})
 
 
 def _split(text: str) -> list[str]:

@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.simulate import field_docs  # noqa: E402
+from scripts.simulate import dataclass_parser  # noqa: E402
 
 
 @dataclass
@@ -61,20 +61,11 @@ class TuneArgs:
 
 def build_parser() -> argparse.ArgumentParser:
     """An argparse parser with one option per `TuneArgs` field, help from its docstring."""
-    parser = argparse.ArgumentParser(prog="python -m scripts.tune", description=__doc__.split("\n")[0])
-    docs = field_docs(TuneArgs)
-    types = {"num_samples": int, "trial_steps": int, "seed": int, "n_envs": int, "max_concurrent": int,
-             "num_cpus": int}
-    for f in dataclasses.fields(TuneArgs):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = docs.get(f.name, "")
-        if f.default is False:
-            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
-            continue
-        parser.add_argument(flag, dest=f.name, type=types.get(f.name, str), default=f.default,
-                            choices=("energy", "thermal", "combined") if f.name == "task" else None,
-                            help=f"{help_text} (default: {f.default})")
-    return parser
+    return dataclass_parser(
+        TuneArgs, "python -m scripts.tune", __doc__.split("\n")[0],
+        {"num_samples": int, "trial_steps": int, "seed": int, "n_envs": int,
+         "max_concurrent": int, "num_cpus": int},
+        {"task": ("energy", "thermal", "combined")})
 
 
 def main(argv: list[str] | None = None) -> int:
