@@ -49,6 +49,7 @@ PROFILE = DATA / "real" / "h100_llama3-8b_profile.json.gz"
 RUN = DATA / "real" / "h100_fidelity_run.json.gz"
 CALIBRATION_RUN = DATA / "real" / "h100_calibration_run.json.gz"
 MEASURED = DATA / "real" / "llama3-8b-real_h100_tp1.json"
+TRANSFER_RUN = DATA / "real" / "h100_transfer_run.json.gz"
 STEPS = DATA / "thermal" / "recordings" / "h100_steps_20261125.json.gz"
 TINY = WorkerConfig(model="tiny", device="cpu", max_slots=8, max_ctx=256)
 
@@ -542,3 +543,13 @@ def test_calibrate_rejects_malformed_budget_drills(text):
     with pytest.raises(argparse.ArgumentTypeError, match="--budget"):
         parse_budget(text)
     assert parse_budget("60:60:250,130:5:300") == ((60.0, 60.0, 250.0), (130.0, 5.0, 300.0))
+
+
+def test_fitted_timing_carries_over_to_another_h100():
+    """The engine's time coefficients, fitted on one lent H100, reproduce the tokens served by
+    another H100 on another trace window (its power is a few percent off: fit it per GPU)."""
+    prof = profile_object(json.loads(MEASURED.read_text()))
+    c = compare(TRANSFER_RUN, prof, _real_worker_thermal())
+    assert c["throughput_error"] < 0.05
+    assert c["finished_error"] < 0.05
+    assert c["power_mape"] < 0.15

@@ -763,7 +763,8 @@ def compare(run_path: str | Path, profile: Profile, thermal: ThermalParams,
 
 def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
                           calibration_path: str | Path | None = None,
-                          write_dir: Path | None = None) -> dict[str, Any]:
+                          write_dir: Path | None = None,
+                          other_runs: tuple[str | Path, ...] = ()) -> dict[str, Any]:
     """Fit profile and thermal parameters, replay the run in the simulator, report the gaps.
 
     Args:
@@ -773,6 +774,8 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
         calibration_path: Another served recording (a different trace window) the time and
             power coefficients are fitted to; None: the isolated sweeps alone.
         write_dir: Where to write the fitted profile and ``calibration.json`` (None: don't).
+        other_runs: More served recordings judged with the same fit (e.g. another GPU), in
+            the summary under ``other_runs`` by file name.
 
     Returns:
         ``{"summary": {...}, "profile": doc, "thermal": {...}, "comparison": {...}}``.
@@ -829,6 +832,9 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
         "profile_fit_error_mape_pct": {k: v["mape_pct"] for k, v in doc["fit_error"].items()},
         "thermal": th,
     }
+    if other_runs:
+        summary["other_runs"] = {Path(x).name: {k: v for k, v in compare(x, prof, thermal).items()
+                                                if k != "series"} for x in other_runs}
     if write_dir is not None:
         write_dir = Path(write_dir)
         (write_dir / f"{MODEL_NAME}_h100_tp1.json").write_text(json.dumps(doc, indent=1) + "\n")
