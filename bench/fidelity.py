@@ -7,7 +7,7 @@ requests of ``envs/data/real/h100_fidelity_run.json.gz`` (another window, with a
 ``SimCluster`` and prints power MAPE (1 s windows), temperature RMSE and throughput error (total
 generated tokens).
 Goals of issue 7: power MAPE <= 0.05, temperature RMSE <= 2 C, throughput error <= 0.10.
-It also judges the same fit on a run recorded on another H100 (``h100_transfer_run.json.gz``).
+It also judges the same fit on runs recorded on two other H100s (``h100_other_gpu_*.json.gz``).
 """
 
 from __future__ import annotations
@@ -15,18 +15,20 @@ from __future__ import annotations
 import json
 
 from envs.real.fidelity import calibrate_and_compare
-from scripts.calibrate import CALIBRATION_REC, FIDELITY_REC, PROFILE_REC, TRANSFER_REC
+from scripts.calibrate import CALIBRATION_REC, FIDELITY_REC, OTHER_GPU_RECS, PROFILE_REC
 
 
 def main() -> None:
     rep = calibrate_and_compare(PROFILE_REC, FIDELITY_REC, CALIBRATION_REC,
-                                other_runs=(TRANSFER_REC,))
+                                other_runs=OTHER_GPU_RECS)
     s = rep["summary"]
     print(json.dumps({k: v for k, v in s.items() if k not in ("power_mape", "temp_rmse_c",
                                                               "throughput_error")}, indent=1))
-    t = s["other_runs"][TRANSFER_REC.name]
-    print(f"on another H100 ({TRANSFER_REC.name}, same fit): power MAPE {t['power_mape']:.3f}, "
-          f"temperature RMSE {t['temp_rmse_c']:.2f} C, throughput error {t['throughput_error']:.4f}")
+    for path in OTHER_GPU_RECS:
+        t = s["other_runs"][path.name]
+        print(f"on another H100 ({path.name}, same fit): power MAPE {t['power_mape']:.3f}, "
+              f"temperature RMSE {t['temp_rmse_c']:.2f} C, throughput error "
+              f"{t['throughput_error']:.4f}, energy error {t['energy_error']:.3f}")
     print(json.dumps({"power_mape": s["power_mape"], "temp_rmse_c": s["temp_rmse_c"],
                       "throughput_error": s["throughput_error"]}))
 

@@ -46,9 +46,10 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "envs" / "data" / "real"
 PROFILE_REC = DATA_DIR / "h100_llama3-8b_profile.json.gz"
 FIDELITY_REC = DATA_DIR / "h100_fidelity_run.json.gz"
 CALIBRATION_REC = DATA_DIR / "h100_calibration_run.json.gz"
-TRANSFER_REC = DATA_DIR / "h100_transfer_run.json.gz"
-"""A served run on another H100 (another lent machine, another trace window): how the fit
-carries over to a GPU it was not fitted on."""
+OTHER_GPU_RECS = (DATA_DIR / "h100_other_gpu_window1200.json.gz",
+                  DATA_DIR / "h100_other_gpu_window1800.json.gz")
+"""Served runs on two other H100s (other lent machines): the test window again, and another
+trace window. How the fit carries over to GPUs it was not fitted on."""
 MEASURED_PROFILE = DATA_DIR / "llama3-8b-real_h100_tp1.json"
 CALIBRATION = DATA_DIR / "calibration.json"
 
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="fit to the isolated profile sweeps alone (no served calibration run)")
     f.add_argument("--other-run", type=Path, action="append", default=None,
                    help="another served recording judged with the same fit (repeatable; default: "
-                        "the committed run on another H100)")
+                        "the committed runs on two other H100s)")
     f.add_argument("--write", action="store_true", help="write the fitted files to envs/data/real")
     ns = p.parse_args(argv)
     if ns.cmd == "record":
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                                        None if ns.sweeps_only else ns.calibration_run,
                                        write_dir=DATA_DIR if ns.write else None,
                                        other_runs=tuple(ns.other_run if ns.other_run is not None
-                                                        else [p for p in (TRANSFER_REC,)
+                                                        else [p for p in OTHER_GPU_RECS
                                                               if p.exists()]))
     except (FidelityError, TelemetryFileError) as err:
         print(f"calibrate: {err}", file=sys.stderr)

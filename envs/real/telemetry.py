@@ -118,6 +118,8 @@ class GpuStatic:
     shutdown_temp_c: float
     max_sm_clock_mhz: float
     supported_sm_clocks_mhz: tuple[float, ...] = ()
+    serial: str = ""
+    uuid: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-friendly dict."""
@@ -261,6 +263,9 @@ class NvmlGpuDevice(GpuDevice):
                 max_sm_clock_mhz=float(_try(lambda: n.nvmlDeviceGetMaxClockInfo(h, n.NVML_CLOCK_SM))
                                        or "nan"),
                 supported_sm_clocks_mhz=tuple(sorted(float(c) for c in sm)),
+                # Which board this is: recordings from different lent machines can differ.
+                serial=_text(_try(lambda: n.nvmlDeviceGetSerial(h)) or ""),
+                uuid=_text(_try(lambda: n.nvmlDeviceGetUUID(h)) or ""),
             )
         return self._static
 
@@ -522,6 +527,8 @@ class ReplayGpuDevice(GpuDevice):
             slowdown_temp_c=num("slowdown_temp_c", "slowdown_c"),
             shutdown_temp_c=num("shutdown_temp_c", "shutdown_c"),
             max_sm_clock_mhz=num("max_sm_clock_mhz"),
+            serial=str(s.get("serial", "")),
+            uuid=str(s.get("uuid", "")),
         )
 
     def position_s(self) -> tuple[float, int]:
