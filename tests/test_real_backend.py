@@ -556,3 +556,14 @@ def test_fit_carries_over_to_other_h100s(path):
     assert c["finished_error"] < 0.05
     assert c["energy_error"] < 0.06
     assert c["power_mape"] < 0.10
+
+
+def test_fidelity_picture_is_written_whole(tmp_path):
+    from envs.real.fidelity_plot import write_comparison_png
+
+    prof = profile_object(json.loads(MEASURED.read_text()))
+    comp = compare(RUN, prof, _real_worker_thermal())
+    out = write_comparison_png(comp, "test", tmp_path / "fidelity.png")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    assert [p.name for p in tmp_path.iterdir()] == ["fidelity.png"]  # no temporary left

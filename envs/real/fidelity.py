@@ -755,6 +755,7 @@ def compare(run_path: str | Path, profile: Profile, thermal: ThermalParams,
         "real_tbt_p50_s": round(real_tbt, 5),
         "inlet_offset_c": round(inlet_c, 3),
         "n_power_windows": int(m),
+        "tokens_interval_s": width,
         "series": {"real_power_w": real_p.tolist(), "sim_power_w": sim_p.tolist(),
                    "real_temp_c": real_t.tolist(), "sim_temp_c": sim_t.tolist(),
                    "real_tokens": real_tok.tolist(), "sim_tokens": sim_tok.tolist()},
@@ -857,4 +858,9 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
                "recordings": [Path(x).name for x in (profile_path, calibration_path, run_path)
                               if x is not None]}
         (write_dir / "calibration.json").write_text(json.dumps(cal, indent=1) + "\n")
+        from envs.real.fidelity_plot import write_comparison_png
+
+        write_comparison_png(comp, f"{Path(run_path).name} replayed in the simulator "
+                                   f"(fitted to {Path(calibration_path or profile_path).name})",
+                             write_dir / "fidelity.png")
     return {"summary": summary, "profile": doc, "thermal": th, "comparison": comp}
