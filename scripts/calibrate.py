@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--other-run", type=Path, action="append", default=None,
                    help="another served recording judged with the same fit (repeatable; default: "
                         "the committed runs on two other H100s)")
-    f.add_argument("--write", action="store_true", help="write the fitted files to envs/data/real")
+    f.add_argument("--write", action="store_true",
+                   help="write the fitted profile, thermal fit, calibration.json and fidelity.png "
+                        "to envs/data/real")
     ns = p.parse_args(argv)
     if ns.cmd == "record":
         try:
