@@ -210,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--profile", type=Path, default=PROFILE_REC)
     f.add_argument("--run", type=Path, default=FIDELITY_REC,
                    help="served recording of the test window (compared, not fitted)")
-    f.add_argument("--calibration-run", type=Path, default=CALIBRATION_REC,
+    f.add_argument("--calibration-run", type=Path, action="append", default=None,
                    help="served recording of another trace window that the time and power "
-                        "coefficients are fitted to")
+                        "coefficients are fitted to; repeat to pool several (default: "
+                        f"{CALIBRATION_REC.name})")
     f.add_argument("--sweeps-only", action="store_true",
                    help="fit to the isolated profile sweeps alone (no served calibration run)")
     f.add_argument("--other-run", type=Path, action="append", default=None,
@@ -235,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     from envs.real.telemetry import TelemetryFileError
 
     try:
+        cal = tuple(ns.calibration_run or (CALIBRATION_REC,))
         report = calibrate_and_compare(ns.profile, ns.run,
-                                       None if ns.sweeps_only else ns.calibration_run,
+                                       None if ns.sweeps_only else (cal[0] if len(cal) == 1 else cal),
                                        write_dir=DATA_DIR if ns.write else None,
                                        other_runs=tuple(ns.other_run if ns.other_run is not None
                                                         else [p for p in OTHER_GPU_RECS

@@ -567,3 +567,18 @@ def test_fidelity_picture_is_written_whole(tmp_path):
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     assert [p.name for p in tmp_path.iterdir()] == ["fidelity.png"]  # no temporary left
+
+
+def test_served_fit_pools_several_calibration_runs():
+    """Two calibration windows (two lent H100s) pool into one fit: every step of both counts."""
+    second = DATA / "real" / "h100_calibration_run_window1560.json.gz"
+    sweep = fit_profile(PROFILE)
+    one = fit_to_served_run(sweep, CALIBRATION_RUN)
+    both = fit_to_served_run(sweep, [CALIBRATION_RUN, second])
+    n_one = one["served_fit"]["steps"]
+    n_second = fit_to_served_run(sweep, second)["served_fit"]["steps"]
+    assert both["served_fit"]["steps"] == n_one + n_second
+    assert both["served_fit"]["recordings"] == [CALIBRATION_RUN.name, second.name]
+    prof = profile_object(both)
+    assert both["coefficients"] != one["coefficients"]
+    assert compare(RUN, prof, _real_worker_thermal())["throughput_error"] < 0.05

@@ -248,7 +248,8 @@ def _prefill_slowdown(co: dict[str, Any], tokens: np.ndarray) -> np.ndarray:
     return phi * co["max_freq_mhz"] / f + 1.0 - phi
 
 
-def fit_served_times(steps: dict[str, np.ndarray], co: dict[str, Any]) -> dict[str, Any]:
+def fit_served_times(steps: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
+                     co: dict[str, Any]) -> dict[str, Any]:
     """Prefill and decode time coefficients from the steps of a served run.
 
     The served engine pays what an isolated timing does not: prompt-length buckets padded up,
@@ -262,6 +263,8 @@ def fit_served_times(steps: dict[str, np.ndarray], co: dict[str, Any]) -> dict[s
         ``coefficients`` (the six time coefficients), ``fit_error`` (MAPE per step) and
         ``host_s_per_step``.
     """
+    runs = steps if isinstance(steps, list) else [steps]
+    steps = {k: np.concatenate([r[k] for r in runs]) for k in runs[0]}
     pre = steps["prefill_passes"] > 0
     n, tok = steps["prefill_passes"][pre], steps["prefill_tokens"][pre]
     xp = np.column_stack([n, tok, tok**2 / n])  # one prompt length per pass: the step's mean
@@ -273,11 +276,13 @@ def fit_served_times(steps: dict[str, np.ndarray], co: dict[str, Any]) -> dict[s
                           steps["decode_ctx_tokens"][dec]])
     yd = steps["decode_s"][dec]
     d_coef = nonneg_rel_lstsq(xd, yd)
-    wall = steps["t_end_s"] - steps["t_start_s"]
-    between = np.diff(steps["t_start_s"]) - wall[:-1]
-    host_s = float(np.sum(wall - steps["prefill_s"] - steps["decode_s"])
-                   + np.sum(between[between < 1.0]))  # longer pauses: the engine had no work
-    host_per_step = host_s / len(wall)
+    host_s = 0.0
+    for r in runs:  # gaps between steps are within one run
+        wall = r["t_end_s"] - r["t_start_s"]
+        between = np.diff(r["t_start_s"]) - wall[:-1]
+        host_s += float(np.sum(wall - r["prefill_s"] - r["decode_s"])
+                        + np.sum(between[between < 1.0]))  # longer pauses: no work
+    host_per_step = host_s / len(steps["t_start_s"])
     return {
         "coefficients": {
             "prefill_p0_s": float(p_coef[0]), "prefill_p1_s_per_token": float(p_coef[1]),
@@ -332,22 +337,9 @@ def _split_into_seconds(start_s: np.ndarray, dur_s: np.ndarray, weight: np.ndarr
     return out
 
 
-def fit_served_power(rec: TelemetryRecording, steps: dict[str, np.ndarray], co: dict[str, Any],
-                     phase_batch: np.ndarray, phase_power_w: np.ndarray) -> dict[str, Any]:
-    """Prefill and decode power from a served run's 1 s energy and its step schedule.
-
-    Each second's measured energy is idle power plus, for every step in it, the prefill time
-    at the (power-limited) prefill power and the decode time at ``decode_max_power_w`` and
-    ``decode_k_batch`` (the simulator's saturating form). The prefill curve keeps the
-    profile's shape with a fitted scale; the decode amplitude and scale are linear least
-    squares (relative error) for each half-load ``k`` on a grid. The profile's sustained
-    decode phases join the fit with a weight from a grid, which anchors batches the run
-    seldom reached; ``k`` and the weight minimize the run's MAPE plus the phases' MAPE.
-
-    Returns:
-        ``coefficients`` (``prefill_max_power_w``, ``decode_max_power_w``, ``decode_k_batch``)
-        and ``fit_error`` (``served_power_1s`` on this run, ``decode_power_phases``).
-    """
+def _served_seconds(rec: TelemetryRecording, steps: dict[str, np.ndarray], co: dict[str, Any]
+                    ) -> tuple[np.ndarray, np.ndarray, Any]:
+    """A served run's 1 s power, its prefill term per second, and its decode term for ``k``."""
     t0 = float(rec.extra["t0_s"])
     duration = float(rec.static.get("config", {}).get("duration_s", 0.0)) or float(
         steps["t_end_s"][-1])
@@ -361,12 +353,49 @@ def fit_served_power(rec: TelemetryRecording, steps: dict[str, np.ndarray], co: 
     t_dec = steps["t_start_s"] + steps["prefill_s"]
     f_pre = _split_into_seconds(steps["t_start_s"], steps["prefill_s"], p_pre - idle, n)
     b = steps["decode_batch"]
+
+    def f_dec(k: float) -> np.ndarray:
+        return _split_into_seconds(t_dec, steps["decode_s"], b / (b + k), n)
+
+    return power, f_pre, f_dec
+
+
+def fit_served_power(runs: list[tuple[TelemetryRecording, dict[str, np.ndarray]]],
+                     co: dict[str, Any], phase_batch: np.ndarray, phase_power_w: np.ndarray
+                     ) -> dict[str, Any]:
+    """Prefill and decode power from served runs' 1 s energy and their step schedules.
+
+    Each second's measured energy is idle power plus, for every step in it, the prefill time
+    at the (power-limited) prefill power and the decode time at ``decode_max_power_w`` and
+    ``decode_k_batch`` (the simulator's saturating form). The prefill curve keeps the
+    profile's shape with a fitted scale; the decode amplitude and scale are linear least
+    squares (relative error) for each half-load ``k`` on a grid. The profile's sustained
+    decode phases join the fit with a weight from a grid, which anchors batches the runs
+    seldom reached; ``k`` and the weight minimize the runs' MAPE plus the phases' MAPE.
+
+    Args:
+        runs: (recording, its step log) of each calibration run; their seconds are pooled.
+        co: The profile's coefficients (idle power, prefill curve shape, power limit).
+        phase_batch: Batch of each sustained decode phase of the profile recording.
+        phase_power_w: Power of each of those phases (W).
+
+    Returns:
+        ``coefficients`` (``prefill_max_power_w``, ``decode_max_power_w``, ``decode_k_batch``)
+        and ``fit_error`` (``served_power_1s`` over the runs, ``decode_power_phases``).
+    """
+    idle = co["idle_power_w"]
+    parts = [_served_seconds(rec, steps, co) for rec, steps in runs]
+    power = np.concatenate([pw_ for pw_, _, _ in parts])
+    f_pre = np.concatenate([fp for _, fp, _ in parts])
+
+    def f_dec(k: float) -> np.ndarray:
+        return np.concatenate([fd(k) for _, _, fd in parts])
+
     pb, pw = np.asarray(phase_batch, dtype=float), np.asarray(phase_power_w, dtype=float)
     y = power - idle
     best: tuple[float, float, float, np.ndarray] | None = None
     for k in np.logspace(-1, 2, 31):
-        f_dec = _split_into_seconds(t_dec, steps["decode_s"], b / (b + k), n)
-        run_x = np.column_stack([f_pre, f_dec])
+        run_x = np.column_stack([f_pre, f_dec(k)])
         phase_x = np.column_stack([np.zeros_like(pb), pb / (pb + k)])
         for w in (0.0, 1.0, 3.0, 10.0):
             xx = np.vstack([run_x / power[:, None], w * phase_x / pw[:, None]])
@@ -379,10 +408,10 @@ def fit_served_power(rec: TelemetryRecording, steps: dict[str, np.ndarray], co: 
             if best is None or score < best[0]:
                 best = (score, float(k), w, coef)
     if best is None:
-        raise FidelityError(f"{rec.path}: no positive power fit to the served run")
+        names = ", ".join(str(rec.path) for rec, _ in runs)
+        raise FidelityError(f"{names}: no positive power fit to the served runs")
     _, k, w, (pre_scale, dec_amp) = best
-    f_dec = _split_into_seconds(t_dec, steps["decode_s"], b / (b + k), n)
-    pred = idle + pre_scale * f_pre + dec_amp * f_dec
+    pred = idle + pre_scale * f_pre + dec_amp * f_dec(k)
     phase_pred = idle + dec_amp * pb / (pb + k)
     return {
         "coefficients": {
@@ -392,7 +421,7 @@ def fit_served_power(rec: TelemetryRecording, steps: dict[str, np.ndarray], co: 
         },
         "fit_error": {
             "served_power_1s": {**relative_error_stats(pred, power),
-                                "target": "1 s energy-counter power of the served run"},
+                                "target": "1 s energy-counter power of the served runs"},
             "decode_power_phases": {**relative_error_stats(phase_pred, pw),
                                     "target": "grids.decode_power.power_w (sustained phases)"},
         },
@@ -401,51 +430,59 @@ def fit_served_power(rec: TelemetryRecording, steps: dict[str, np.ndarray], co: 
     }
 
 
-def fit_to_served_run(doc: dict[str, Any], run_path: str | Path) -> dict[str, Any]:
-    """Refit a profile document's time and power coefficients to a served calibration run.
+def fit_to_served_run(doc: dict[str, Any],
+                      run_paths: str | Path | tuple[str | Path, ...] | list[str | Path]
+                      ) -> dict[str, Any]:
+    """Refit a profile document's time and power coefficients to served calibration runs.
 
     ``doc`` is :func:`fit_profile`'s document; its sustained decode phases
-    (``grids.decode_power``) join the power fit.
+    (``grids.decode_power``) join the power fit. Several runs (other trace windows) are
+    pooled: their steps in the time fit, their seconds in the power fit.
 
     Returns:
-        A new document: coefficients from the served run, the isolated-sweep coefficients
-        and fit errors kept under ``isolated_sweep``, provenance naming both recordings.
+        A new document: coefficients from the served runs, the isolated-sweep coefficients
+        and fit errors kept under ``isolated_sweep``, provenance naming every recording.
     """
-    rec = load_recording(run_path)
-    steps = served_steps(rec)
+    paths = [run_paths] if isinstance(run_paths, (str, Path)) else list(run_paths)
+    recs = [load_recording(x) for x in paths]
+    steps = [served_steps(rec) for rec in recs]
     out = copy.deepcopy(doc)
     co = out["coefficients"]
     isolated = {k: co[k] for k in ("prefill_p0_s", "prefill_p1_s_per_token",
                                    "prefill_p2_s_per_token2", "decode_d0_s", "decode_d1_s_per_seq",
                                    "decode_d2_s_per_seq_token", "prefill_max_power_w",
                                    "decode_max_power_w", "decode_k_batch")}
-    slower = served_vs_isolated(steps, co)
+    slower = {Path(x).name: served_vs_isolated(st, co) for x, st in zip(paths, steps, strict=True)}
     phases = doc["grids"]["decode_power"]
-    power = fit_served_power(rec, steps, co, phases["batch"], phases["power_w"])
+    power = fit_served_power(list(zip(recs, steps, strict=True)), co, phases["batch"],
+                             phases["power_w"])
     co.update(power["coefficients"])
     times = fit_served_times(steps, co)  # the slowdown uses the served power curve
     co.update(times["coefficients"])
     out["isolated_sweep"] = {"coefficients": isolated, "fit_error": doc["fit_error"]}
     out["fit_error"] = {**doc["fit_error"], **times["fit_error"], **power["fit_error"]}
     out["served_fit"] = {
-        "recording": Path(run_path).name,
-        "command": rec.static.get("command"),
-        "steps": int(len(steps["t_start_s"])),
+        "recordings": [Path(x).name for x in paths],
+        "commands": [rec.static.get("command") for rec in recs],
+        "steps": int(sum(len(st["t_start_s"]) for st in steps)),
         "host_s_per_step": round(times["host_s_per_step"], 6),
         "served_over_isolated_time_median": slower,
         "prefill_power_scale": power["prefill_power_scale"],
         "phase_weight": power["phase_weight"],
-        "note": "time and power coefficients fitted to the served calibration run (its scheduler "
-                "steps and 1 s energy), not to the isolated sweeps: see envs/real/fidelity.py "
-                "fit_served_times / fit_served_power; the isolated-sweep coefficients are kept "
-                "under isolated_sweep",
+        "note": "time and power coefficients fitted to the served calibration runs (their "
+                "scheduler steps and 1 s energy), not to the isolated sweeps: see "
+                "envs/real/fidelity.py fit_served_times / fit_served_power; the isolated-sweep "
+                "coefficients are kept under isolated_sweep",
     }
-    out["provenance"]["sources"].insert(1, {
-        "measured_here": f"{Path(run_path).name}: {rec.static.get('command')}; "
-                         f"{rec.static.get('name')}, {rec.static.get('date_utc')}",
-        "used_for": "prefill/decode time coefficients (served steps) and prefill/decode power "
-                    "(1 s energy of the served run, with the profile's sustained decode phases)",
-    })
+    for x, rec in reversed(list(zip(paths, recs, strict=True))):
+        out["provenance"]["sources"].insert(1, {
+            "measured_here": f"{Path(x).name}: {rec.static.get('command')}; "
+                             f"{rec.static.get('name')} {rec.static.get('serial') or ''}".rstrip()
+                             + f", {rec.static.get('date_utc')}",
+            "used_for": "prefill/decode time coefficients (served steps) and prefill/decode "
+                        "power (1 s energy of the served runs, with the profile's sustained "
+                        "decode phases)",
+        })
     out["provenance"]["sources"][0]["used_for"] = (
         "idle power, prefill power curve shape, sustained decode phases, isolated sweeps")
     return out
@@ -763,7 +800,7 @@ def compare(run_path: str | Path, profile: Profile, thermal: ThermalParams,
 
 
 def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
-                          calibration_path: str | Path | None = None,
+                          calibration_path: str | Path | tuple[str | Path, ...] | None = None,
                           write_dir: Path | None = None,
                           other_runs: tuple[str | Path, ...] = ()) -> dict[str, Any]:
     """Fit profile and thermal parameters, replay the run in the simulator, report the gaps.
@@ -773,7 +810,8 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
         run_path: ``calibrate.py record`` recording of the test window (only the thermal
             model's inlet offset is fitted to it).
         calibration_path: Another served recording (a different trace window) the time and
-            power coefficients are fitted to; None: the isolated sweeps alone.
+            power coefficients are fitted to, or several (pooled); None: the isolated sweeps
+            alone.
         write_dir: Where to write the fitted profile and ``calibration.json`` (None: don't).
         other_runs: More served recordings judged with the same fit (e.g. another GPU), in
             the summary under ``other_runs`` by file name.
@@ -799,7 +837,9 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
     comp = compare(run_path, prof, thermal)
     comp_sweep = (comp if calibration_path is None
                   else compare(run_path, profile_object(sweep_doc), thermal))
-    comp_in_sample = None if calibration_path is None else compare(calibration_path, prof, thermal)
+    cal_paths = ([] if calibration_path is None else [calibration_path]
+                 if isinstance(calibration_path, (str, Path)) else list(calibration_path))
+    comp_in_sample = [compare(x, prof, thermal) for x in cal_paths]
     shipped_prof = replace(ProfileLibrary.load().get("llama3-8b", "h100", 1), model=MODEL_NAME)
     comp_shipped = compare(run_path, shipped_prof, ThermalParams.load())
     comp_steady = compare(run_path, prof, thermal, use_history=False)
@@ -825,8 +865,11 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
         "thermal_history_s": round(pre_history_s(run), 1),
         "temp_rmse_c_steady_start": comp_steady["temp_rmse_c"],
         "isolated_sweep_profile": {k: comp_sweep[k] for k in headline},
-        **({"calibration_run_in_sample": {k: comp_in_sample[k] for k in headline}}
-           if comp_in_sample is not None else {}),
+        **({"calibration_run_in_sample": {k: comp_in_sample[0][k] for k in headline}}
+           if len(comp_in_sample) == 1 else {}),
+        **({"calibration_runs_in_sample": {Path(x).name: {k: c[k] for k in headline}
+                                           for x, c in zip(cal_paths, comp_in_sample, strict=True)}}
+           if len(comp_in_sample) > 1 else {}),
         "shipped_profile_power_mape": comp_shipped["power_mape"],
         "shipped_profile_temp_rmse_c": comp_shipped["temp_rmse_c"],
         "shipped_profile_throughput_error": comp_shipped["throughput_error"],
@@ -855,12 +898,11 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
         cal = {"summary": summary, "comparison": {k: v for k, v in comp.items() if k != "series"},
                "comparison_shipped_profile": {k: v for k, v in comp_shipped.items()
                                               if k != "series"},
-               "recordings": [Path(x).name for x in (profile_path, calibration_path, run_path)
-                              if x is not None]}
+               "recordings": [Path(x).name for x in (profile_path, *cal_paths, run_path)]}
         (write_dir / "calibration.json").write_text(json.dumps(cal, indent=1) + "\n")
         from envs.real.fidelity_plot import write_comparison_png
 
+        fitted_to = ", ".join(Path(x).name for x in cal_paths) or Path(profile_path).name
         write_comparison_png(comp, f"{Path(run_path).name} replayed in the simulator "
-                                   f"(fitted to {Path(calibration_path or profile_path).name})",
-                             write_dir / "fidelity.png")
+                                   f"(fitted to {fitted_to})", write_dir / "fidelity.png")
     return {"summary": summary, "profile": doc, "thermal": th, "comparison": comp}
