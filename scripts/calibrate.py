@@ -236,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     from envs.real.telemetry import TelemetryFileError
 
     try:
-        cal = tuple(ns.calibration_run or (CALIBRATION_REC,))
         report = calibrate_and_compare(ns.profile, ns.run,
-                                       None if ns.sweeps_only else (cal[0] if len(cal) == 1 else cal),
+                                       None if ns.sweeps_only
+                                       else tuple(ns.calibration_run or (CALIBRATION_REC,)),
                                        write_dir=DATA_DIR if ns.write else None,
                                        other_runs=tuple(ns.other_run if ns.other_run is not None
                                                         else [p for p in OTHER_GPU_RECS

@@ -248,9 +248,8 @@ def _prefill_slowdown(co: dict[str, Any], tokens: np.ndarray) -> np.ndarray:
     return phi * co["max_freq_mhz"] / f + 1.0 - phi
 
 
-def fit_served_times(steps: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
-                     co: dict[str, Any]) -> dict[str, Any]:
-    """Prefill and decode time coefficients from the steps of a served run.
+def fit_served_times(runs: list[dict[str, np.ndarray]], co: dict[str, Any]) -> dict[str, Any]:
+    """Prefill and decode time coefficients from the steps of served runs (pooled).
 
     The served engine pays what an isolated timing does not: prompt-length buckets padded up,
     prompts longer than the largest CUDA-graph bucket run eagerly, and per step the
@@ -263,7 +262,6 @@ def fit_served_times(steps: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
         ``coefficients`` (the six time coefficients), ``fit_error`` (MAPE per step) and
         ``host_s_per_step``.
     """
-    runs = steps if isinstance(steps, list) else [steps]
     steps = {k: np.concatenate([r[k] for r in runs]) for k in runs[0]}
     pre = steps["prefill_passes"] > 0
     n, tok = steps["prefill_passes"][pre], steps["prefill_tokens"][pre]
@@ -622,6 +620,20 @@ def _history_start_s(run: TelemetryRecording, use_history: bool = True) -> float
     return t0
 
 
+def history_windows(run: TelemetryRecording, t1_s: float, use_history: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Power and temperature windows from where the thermal model starts up to ``t1_s``.
+
+    Returns:
+        (power W, temperature C, index of the first window of the replay): the windows
+        before it are the history that sets the model's state.
+    """
+    t0 = float(run.extra["t0_s"])
+    h0 = _history_start_s(run, use_history)
+    rel, pw, tt = power_windows(run, h0, t1_s, WINDOW_S)
+    return pw, tt, int(np.searchsorted(rel, t0 - h0 - 1e-9))
+
+
 def initial_thermal_state(run: TelemetryRecording, thermal: ThermalParams,
                           inlet_c: float, use_history: bool = True) -> GpuThermalState:
     """The GPU's thermal state (rises above the inlet) when the trace replay starts.
@@ -743,12 +755,10 @@ def compare(run_path: str | Path, profile: Profile, thermal: ThermalParams,
     ex = run.extra
     t0 = float(ex["t0_s"])
     duration = float(run.static.get("config", {}).get("duration_s", ex["trace"]["duration_s"]))
-    # The model runs over the same span as the replay's initial state (pre-history, then the
-    # run); the offset is fitted to the run's windows.
-    h0 = _history_start_s(run, use_history)
-    rel, pw, tt = power_windows(run, h0, t0 + duration, WINDOW_S)
     if inlet_c is None:
-        first = int(np.searchsorted(rel, t0 - h0 - 1e-9))
+        # The model runs over the same span as the replay's initial state (pre-history, then
+        # the run); the offset is fitted to the run's windows.
+        pw, tt, first = history_windows(run, t0 + duration, use_history)
         _, inlet_c = thermal_rmse(thermal, pw, tt, score_from=first)
     sim = replay_in_simulator(run, profile, thermal, inlet_c, use_history)
     n = int(round(duration))
@@ -828,10 +838,7 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
     _, pw, tt = power_windows(prec, float(t[0]), float(t[-1]), WINDOW_S)
     thermal, off, rmse_fit = fit_thermal(pw, tt)
     run = load_recording(run_path)
-    t0 = float(run.extra["t0_s"])
-    h0 = _history_start_s(run)
-    rt_rel, rpw, rtt = power_windows(run, h0, float(run.column("t_s")[-1]), WINDOW_S)
-    first = int(np.searchsorted(rt_rel, t0 - h0 - 1e-9))
+    rpw, rtt, first = history_windows(run, float(run.column("t_s")[-1]))
     rmse_run_fitted, _ = thermal_rmse(thermal, rpw, rtt, score_from=first)
     rmse_run_shipped, _ = thermal_rmse(ThermalParams.load(), rpw, rtt, score_from=first)
     comp = compare(run_path, prof, thermal)
