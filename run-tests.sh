@@ -6,5 +6,5 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
-.venv/bin/python -m ruff check envs agents controllers scripts bench tests
+.venv/bin/python -m ruff check llm_cluster_gym envs agents controllers scripts bench tests
 .venv/bin/python -m pytest -q "$@"

@@ -13,9 +13,9 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from llm_cluster_gym.agents.config import WINDOWS
 
-import envs  # noqa: F401  (registers the LLMCluster ids)
-from agents.config import WINDOWS
+import llm_cluster_gym  # noqa: F401  (registers the LLMCluster ids)
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,8 @@ def compare_with_static(policy: Any, env_factory: Callable[[], gym.Env],
     The baseline is the one every report uses, `controllers.static.StaticController`
     (DynamoLLM's peak provisioning: TP 8, maximum clock, largest batch, never changed).
     """
-    from controllers.context import ControllerContext
-    from controllers.static import StaticController
+    from llm_cluster_gym.controllers.context import ControllerContext
+    from llm_cluster_gym.controllers.static import StaticController
 
     env = env_factory()
     try:
@@ -110,7 +110,7 @@ def compare_with_static(policy: Any, env_factory: Callable[[], gym.Env],
     a, b = summarize(ours), summarize(static)
     return {
         "seeds": list(map(int, seeds)),
-        "static_baseline": "controllers.static.StaticController",
+        "static_baseline": "llm_cluster_gym.controllers.static.StaticController",
         "policy": a,
         "static": b,
         "energy_ratio_vs_static": a["energy_j"]["mean"] / b["energy_j"]["mean"],

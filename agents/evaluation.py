@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from agents.config import WINDOWS
-from controllers.rollout import run_measured
-from envs.sim.report import EpisodeResult
-from envs.sim.scenario import Scenario, load_scenario
+from llm_cluster_gym.agents.config import WINDOWS
+from llm_cluster_gym.controllers.rollout import run_measured
+from llm_cluster_gym.envs.sim.report import EpisodeResult
+from llm_cluster_gym.envs.sim.scenario import Scenario, load_scenario
 
 AGENT = "agent"
 SHIELDED_AGENT = "shield:agent"
@@ -141,10 +140,10 @@ def windowed(scenario: str | Scenario, window: str) -> Scenario:
 
 def policy_factory(name: str, plan: TaskPlan, seed: int) -> Callable[[Any], Any]:
     """Build the controller for a policy name of the report (agent names map to the checkpoint)."""
-    from agents.policy import TrainedPolicy
-    from controllers.context import ControllerContext
-    from controllers.registry import make_controller
-    from controllers.shield import Shield
+    from llm_cluster_gym.agents.policy import TrainedPolicy
+    from llm_cluster_gym.controllers.context import ControllerContext
+    from llm_cluster_gym.controllers.registry import make_controller
+    from llm_cluster_gym.controllers.shield import Shield
 
     def make(env: Any) -> Any:
         if name in (AGENT, SHIELDED_AGENT):
@@ -162,7 +161,7 @@ def policy_factory(name: str, plan: TaskPlan, seed: int) -> Callable[[Any], Any]
 def evaluate_task(plan: TaskPlan, seeds: Sequence[int] = (0, 1, 2), window: str = "test",
                   warmup: int = 12, progress: Callable[[str], None] | None = None) -> TaskEvaluation:
     """Run the shielded and raw agent, the baselines and the oracle on every seed."""
-    from agents.checkpoint import load_metadata
+    from llm_cluster_gym.agents.checkpoint import load_metadata
 
     meta = load_metadata(plan.checkpoint)
     if meta["task"] != plan.task:

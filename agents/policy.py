@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from agents.checkpoint import Checkpoint, load_checkpoint
+from llm_cluster_gym.agents.checkpoint import Checkpoint, load_checkpoint
 
 
 class TrainedPolicy:

@@ -40,11 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from controllers.registry import make_controller
-from controllers.rollout import run_measured
-from envs.sim.report import EpisodeResult, write_report
-from envs.sim.scenario import FaultSpec, Scenario, load_scenario
+from llm_cluster_gym.controllers.registry import make_controller
+from llm_cluster_gym.controllers.rollout import run_measured
+from llm_cluster_gym.envs.sim.report import EpisodeResult, write_report
+from llm_cluster_gym.envs.sim.scenario import FaultSpec, Scenario, load_scenario
 
 CHECKPOINT_PREFIX = "ckpt:"
 """Policy spec prefix of a trained checkpoint directory (``ckpt:checkpoints/energy``)."""
@@ -151,7 +150,7 @@ class SweepSpec:
         if self.warmup < 0:
             raise SweepError(f"sweep: field 'warmup' is {self.warmup}, must be >= 0")
         if self.window is not None:
-            from agents.config import WINDOWS
+            from llm_cluster_gym.agents.config import WINDOWS
 
             if self.window not in WINDOWS:
                 raise SweepError(f"sweep: field 'window' is {self.window!r}, not one of {sorted(WINDOWS)}")
@@ -243,7 +242,7 @@ def drill_scenario(scenario: str | Scenario, drill: str, window: str | None = No
             for f in faults)
         changes["random_faults"] = dataclasses.replace(sc.random_faults, per_hour=0.0)
     if window is not None:
-        from agents.config import WINDOWS
+        from llm_cluster_gym.agents.config import WINDOWS
 
         start_s, window_s = WINDOWS[window]
         changes["workload"] = dataclasses.replace(sc.workload, start_s=start_s, window_s=window_s)
@@ -262,7 +261,7 @@ def read_checkpoint_files(directory: str | Path) -> dict[str, bytes]:
     Raises:
         SweepError: The directory lacks one of the files.
     """
-    from agents.checkpoint import METADATA_FILE, MODEL_FILE, VECNORM_FILE
+    from llm_cluster_gym.agents.checkpoint import METADATA_FILE, MODEL_FILE, VECNORM_FILE
 
     directory = Path(directory)
     files = {}
@@ -286,13 +285,13 @@ def make_policy(policy: str, env: Any, seed: int, checkpoint_path: str | Path | 
     ckpt = checkpoint_dir(policy)
     if ckpt is None:
         return make_controller(policy, env, seed=seed)
-    from agents.policy import TrainedPolicy
+    from llm_cluster_gym.agents.policy import TrainedPolicy
 
     learned = TrainedPolicy.from_checkpoint(checkpoint_path or ckpt, env, name=policy)
     if not policy.startswith(SHIELD_PREFIX):
         return learned
-    from controllers.context import ControllerContext
-    from controllers.shield import Shield
+    from llm_cluster_gym.controllers.context import ControllerContext
+    from llm_cluster_gym.controllers.shield import Shield
 
     base = env.unwrapped
     return Shield(learned, ControllerContext.from_env(base), base.backend.telemetry)

@@ -33,12 +33,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-from stable_baselines3.common.monitor import Monitor
-from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
-
-import envs  # noqa: F401  (registers the LLMCluster ids)
-from agents.checkpoint import (
+from llm_cluster_gym.agents.checkpoint import (
     MODEL_FILE,
     VECNORM_FILE,
     env_signature,
@@ -47,9 +42,14 @@ from agents.checkpoint import (
     package_versions,
     save_checkpoint,
 )
-from agents.config import WINDOWS, TaskConfig
-from agents.evaluate import compare_with_static, make_env, run_episodes, summarize
-from agents.policy import TrainedPolicy
+from llm_cluster_gym.agents.config import WINDOWS, TaskConfig
+from llm_cluster_gym.agents.evaluate import compare_with_static, make_env, run_episodes, summarize
+from llm_cluster_gym.agents.policy import TrainedPolicy
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
+
+import llm_cluster_gym  # noqa: F401  (registers the LLMCluster ids)
 
 VALIDATION_SEEDS = (1000, 1001, 1002, 1003, 1004)
 """Episode seeds of the periodic evaluation (validation window)."""
@@ -322,7 +322,7 @@ def _algo_class(algo: str) -> Any:
 
 
 def _weights(cfg: TaskConfig) -> dict[str, float]:
-    from envs.reward import TASK_WEIGHTS
+    from llm_cluster_gym.envs.reward import TASK_WEIGHTS
 
     w = TASK_WEIGHTS[cfg.task].as_dict()
     w.update(cfg.reward_weights or {})
@@ -333,7 +333,7 @@ def finalize(out: Path, cfg: TaskConfig, seeds: tuple[int, ...] = TEST_SEEDS) ->
     """Compare the shipped policy with the static baseline on the test window; store it in metadata."""
     import json
 
-    from agents.checkpoint import METADATA_FILE, sha256_file
+    from llm_cluster_gym.agents.checkpoint import METADATA_FILE, sha256_file
 
     policy = TrainedPolicy.from_checkpoint(out)
     result = compare_with_static(policy, lambda: make_env(cfg.eval_id, "test", cfg.reward_weights), seeds)

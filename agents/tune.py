@@ -33,8 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from agents.config import HYPERPARAMS_PATH, AlgoParams, TaskConfig
+from llm_cluster_gym.agents.config import HYPERPARAMS_PATH, AlgoParams, TaskConfig
 
 TUNE_SPACE_PATH = Path(__file__).resolve().parent / "tune_space.yaml"
 """The shipped search-space file."""
@@ -169,12 +168,11 @@ def trial_config(cfg: TaskConfig, params: dict[str, Any], n_envs: int) -> TaskCo
 def _trainable(params: dict[str, Any], cfg: TaskConfig, settings: TuneSettings, seed: int,
                n_envs: int) -> None:
     """One Tune trial: train in chunks, report the validation reward with the run as checkpoint."""
+    from llm_cluster_gym.agents.checkpoint import load_metadata
+    from llm_cluster_gym.agents.evaluate import make_env, run_episodes, summarize
+    from llm_cluster_gym.agents.policy import TrainedPolicy
+    from llm_cluster_gym.agents.train import train
     from ray import tune
-
-    from agents.checkpoint import load_metadata
-    from agents.evaluate import make_env, run_episodes, summarize
-    from agents.policy import TrainedPolicy
-    from agents.train import train
 
     run_dir = Path(tune.get_context().get_trial_dir()) / "run"
     tcfg = trial_config(cfg, params, n_envs)
@@ -233,8 +231,8 @@ def tune_agent(task: str, out: str | Path, settings: TuneSettings | None = None,
     Raises:
         RuntimeError: No trial reported a result (every trial failed).
     """
-    from agents.config import load_task_config
-    from agents.sweep import init_ray
+    from llm_cluster_gym.agents.config import load_task_config
+    from llm_cluster_gym.agents.sweep import init_ray
 
     init_ray()
     from ray import tune
@@ -292,7 +290,7 @@ def _write_outputs(out: Path, ckpt: Any, cfg: TaskConfig, params: dict[str, Any]
                    trials: list[dict[str, Any]], settings: TuneSettings, seed: int, n_envs: int,
                    hyperparams: str | Path, space_path: str | Path) -> None:
     """Best checkpoint (+ last/), tuned hyperparameter file and trial table into `out`."""
-    from agents.checkpoint import METADATA_FILE, MODEL_FILE, VECNORM_FILE
+    from llm_cluster_gym.agents.checkpoint import METADATA_FILE, MODEL_FILE, VECNORM_FILE
 
     with tempfile.TemporaryDirectory(prefix="tune-best-") as tmp:
         src = Path(ckpt.to_directory(tmp))

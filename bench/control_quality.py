@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import sys
 
-from agents.evaluation import DEFAULT_PLANS, SHIELDED_AGENT, evaluate_task
+from llm_cluster_gym.agents.evaluation import DEFAULT_PLANS, SHIELDED_AGENT, evaluate_task
 
 
 def reduction(events: float, base: float) -> float | None:

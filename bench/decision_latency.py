@@ -23,8 +23,14 @@ import numpy as np
 
 def main() -> None:
     """Run and print the figures."""
-    from controllers.live import DecisionLog, LiveLoop, PowerGovernor, build_policy, guarded_env
-    from envs.cluster_env import ClusterEnv
+    from llm_cluster_gym.controllers.live import (
+        DecisionLog,
+        LiveLoop,
+        PowerGovernor,
+        build_policy,
+        guarded_env,
+    )
+    from llm_cluster_gym.envs.cluster_env import ClusterEnv
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scenario", default="small")

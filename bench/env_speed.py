@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 
-import envs  # noqa: E402
+import llm_cluster_gym  # noqa: E402
 
 MIN_SECONDS = 3.0
 
@@ -75,7 +75,7 @@ def env_steps_per_s(env_id: str) -> tuple[float, float]:
 
 def main() -> None:
     out = {}
-    for env_id in envs.TASK_IDS:
+    for env_id in llm_cluster_gym.TASK_IDS:
         if "-small-" not in env_id:
             continue
         env_rate, bare_rate = env_steps_per_s(env_id)

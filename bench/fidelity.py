@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 
-from envs.real.fidelity import calibrate_and_compare
-from scripts.calibrate import CALIBRATION_REC, FIDELITY_REC, OTHER_GPU_RECS, PROFILE_REC
+from llm_cluster_gym.envs.real.fidelity import calibrate_and_compare
+from llm_cluster_gym.scripts.calibrate import CALIBRATION_REC, FIDELITY_REC, OTHER_GPU_RECS, PROFILE_REC
 
 
 def main() -> None:

@@ -34,8 +34,8 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from envs.sim.cluster import SimCluster  # noqa: E402
-from envs.sim.scenario import load_scenario  # noqa: E402
+from llm_cluster_gym.envs.sim.cluster import SimCluster  # noqa: E402
+from llm_cluster_gym.envs.sim.scenario import load_scenario  # noqa: E402
 
 
 def _pin_one_core() -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agents.sweep import SweepSpec, expand_grid, init_ray, run_sweep  # noqa: E402
+from llm_cluster_gym.agents.sweep import SweepSpec, expand_grid, init_ray, run_sweep  # noqa: E402
 
 
 def main() -> None:

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from envs.backend import ClusterLayout
-from envs.sim.profiles import Profile, ProfileLibrary
-from envs.sim.thermal import ThermalParams
+from llm_cluster_gym.envs.backend import ClusterLayout
+from llm_cluster_gym.envs.sim.profiles import Profile, ProfileLibrary
+from llm_cluster_gym.envs.sim.thermal import ThermalParams
 
 
 class ControllerError(ValueError):
@@ -73,7 +72,7 @@ def pool_stats_from_backend(backend: Any) -> PoolStats:
     Raises:
         ControllerError: The backend has no scenario/pool description to derive them from.
     """
-    from envs.sim.workload import builtin_trace, load_trace
+    from llm_cluster_gym.envs.sim.workload import builtin_trace, load_trace
 
     scenario = getattr(backend, "scenario", None)
     pools = getattr(backend, "pools", None)

@@ -18,10 +18,9 @@ Predictions come from the profile tables through `controllers.perfmodel.predict_
 from __future__ import annotations
 
 import numpy as np
-
-from controllers.context import ControllerContext
-from controllers.forecast import LoadForecaster
-from controllers.perfmodel import predict_pool
+from llm_cluster_gym.controllers.context import ControllerContext
+from llm_cluster_gym.controllers.forecast import LoadForecaster
+from llm_cluster_gym.controllers.perfmodel import predict_pool
 
 
 class DynamoController:
@@ -178,6 +177,6 @@ class DynamoController:
         if ctx.codec.has_rows:
             r = ctx.layout.n_rows
             rows = ctx.row_block(np.full(r, 3), np.full(r, len(self.freqs) - 1), np.zeros(r))
-        from controllers.static import first_fit
+        from llm_cluster_gym.controllers.static import first_fit
 
         return ctx.assemble(pools, rows, first_fit(ctx.legal_servers(action_mask)))

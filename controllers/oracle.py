@@ -18,9 +18,8 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-
-from controllers.context import ControllerContext
-from controllers.dynamo import DynamoController
+from llm_cluster_gym.controllers.context import ControllerContext
+from llm_cluster_gym.controllers.dynamo import DynamoController
 
 
 class OracleController:

@@ -19,8 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from envs.sim.profiles import Profile
+from llm_cluster_gym.envs.sim.profiles import Profile
 
 WAIT_SAFETY = 3.0
 """Multiplier on the mean M/D/1 prefill wait to approximate its tail (modelling assumption)."""

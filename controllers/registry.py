@@ -11,14 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from controllers.context import ControllerContext
-from controllers.dynamo import DynamoController
-from controllers.oracle import OracleController
-from controllers.shield import Shield
-from controllers.static import StaticController
-from controllers.tapas import TapasController
-from controllers.unaware import UnawareController
+from llm_cluster_gym.controllers.context import ControllerContext
+from llm_cluster_gym.controllers.dynamo import DynamoController
+from llm_cluster_gym.controllers.oracle import OracleController
+from llm_cluster_gym.controllers.shield import Shield
+from llm_cluster_gym.controllers.static import StaticController
+from llm_cluster_gym.controllers.tapas import TapasController
+from llm_cluster_gym.controllers.unaware import UnawareController
 
 CONTROLLERS = ("static", "unaware", "dynamo", "tapas", "oracle", "random")
 
@@ -72,3 +71,12 @@ def make_controller(name: str, env: Any, ctx: ControllerContext | None = None,
     if name == "random":
         return RandomController(base.action_space.nvec, np.random.default_rng(seed))
     raise ValueError(f"unknown controller {name!r}; known: {CONTROLLERS} (prefix 'shield:')")
+
+
+def policy_maker(name: str, seed: int = 0) -> Any:
+    """A factory ``env -> controller`` for a controller name (what episode runners take)."""
+
+    def make(env: Any) -> Any:
+        return make_controller(name, env, seed=seed)
+
+    return make

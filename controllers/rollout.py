@@ -12,9 +12,8 @@ import dataclasses
 from typing import Any
 
 import numpy as np
-
-from envs.backend import ClusterAction, ServiceMetrics, Telemetry
-from envs.sim.report import EpisodeResult, run_episode
+from llm_cluster_gym.envs.backend import ClusterAction, ServiceMetrics, Telemetry
+from llm_cluster_gym.envs.sim.report import EpisodeResult, run_episode
 
 
 class _Tap:
@@ -141,8 +140,8 @@ def run_measured(task: str, scenario: Any, serving: str, make, seed: int,
     Returns:
         (measured episode result, its summary with `shield_overrides`).
     """
-    from envs.cluster_env import ClusterEnv
-    from envs.sim.cluster import SimCluster
+    from llm_cluster_gym.envs.cluster_env import ClusterEnv
+    from llm_cluster_gym.envs.sim.cluster import SimCluster
 
     backend = SimCluster(scenario, serving_model=serving, record_ticks=True,
                          auto_place_vms=task == "energy")

@@ -33,10 +33,9 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 import numpy as np
-
-from controllers.context import ControllerContext
-from controllers.perfmodel import worst_gpu_power_w
-from envs.backend import Telemetry
+from llm_cluster_gym.controllers.context import ControllerContext
+from llm_cluster_gym.controllers.perfmodel import worst_gpu_power_w
+from llm_cluster_gym.envs.backend import Telemetry
 
 INLET_RISE_C = 1.5
 """Bound on the inlet rise over one 5 s interval (C). The aisle inlet relaxes with tau = 300 s
@@ -68,7 +67,7 @@ class Shield:
         self.inner, self.ctx, self.telemetry = inner, ctx, telemetry
         self.name = f"shield({getattr(inner, 'name', type(inner).__name__)})"
         if fallback is None and ctx.codec.has_rows:
-            from controllers.tapas import TapasController
+            from llm_cluster_gym.controllers.tapas import TapasController
 
             fallback = TapasController(ctx)
         self.fallback = fallback

@@ -9,8 +9,7 @@ clock ceiling, no quantization, and VMs are placed first-fit.
 from __future__ import annotations
 
 import numpy as np
-
-from controllers.context import ControllerContext
+from llm_cluster_gym.controllers.context import ControllerContext
 
 
 def split_levels(weights: np.ndarray, levels: int) -> np.ndarray:

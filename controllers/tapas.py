@@ -21,8 +21,7 @@ From the observation only:
 from __future__ import annotations
 
 import numpy as np
-
-from controllers.context import ControllerContext
+from llm_cluster_gym.controllers.context import ControllerContext
 
 
 class TapasController:

@@ -9,9 +9,8 @@ server whatever the power or cooling headroom there.
 from __future__ import annotations
 
 import numpy as np
-
-from controllers.context import ControllerContext
-from controllers.static import first_fit
+from llm_cluster_gym.controllers.context import ControllerContext
+from llm_cluster_gym.controllers.static import first_fit
 
 
 class UnawareController:

@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 from gymnasium import spaces
-
-from envs.backend import ClusterAction, ClusterLayout, PoolConfig
+from llm_cluster_gym.envs.backend import ClusterAction, ClusterLayout, PoolConfig
 
 ROUTE_WEIGHT_LEVELS = (0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0)
 """Routing weight of a row per level; a row at 0 gets new requests only if every row is at 0."""

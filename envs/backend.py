@@ -12,8 +12,7 @@ from functools import lru_cache
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-
-from envs.latency import empty_histogram
+from llm_cluster_gym.envs.latency import empty_histogram
 
 FAULT_KINDS = ("cooling_failure", "power_failure", "load_spike")
 

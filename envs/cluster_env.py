@@ -12,12 +12,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-
-from envs.actions import TASKS, ActionCodec
-from envs.backend import ClusterBackend, ClusterLayout, PoolConfig, ServiceMetrics, Telemetry
-from envs.observation import OBS_CLIP, ObservationBuilder, observation_spec
-from envs.render import render_ansi, render_rgb
-from envs.reward import TASK_WEIGHTS, TERMS, RewardWeights, compute_reward
+from llm_cluster_gym.envs.actions import TASKS, ActionCodec
+from llm_cluster_gym.envs.backend import ClusterBackend, ClusterLayout, PoolConfig, ServiceMetrics, Telemetry
+from llm_cluster_gym.envs.observation import OBS_CLIP, ObservationBuilder, observation_spec
+from llm_cluster_gym.envs.render import render_ansi, render_rgb
+from llm_cluster_gym.envs.reward import TASK_WEIGHTS, TERMS, RewardWeights, compute_reward
 
 INFO_METRICS = (
     "energy_j", "gpu_energy_j", "arrived", "finished", "dropped", "in_flight", "tokens_generated",
@@ -115,8 +114,8 @@ class ClusterEnv(gym.Env):
             raise ValueError("trace_window_s applies to the simulated backend; do not pass a backend too")
         self.trace_window_s = None if trace_window_s is None else tuple(float(v) for v in trace_window_s)
         if backend is None:
-            from envs.sim.cluster import SimCluster
-            from envs.sim.scenario import load_scenario
+            from llm_cluster_gym.envs.sim.cluster import SimCluster
+            from llm_cluster_gym.envs.sim.scenario import load_scenario
 
             if self.trace_window_s is not None:
                 if len(self.trace_window_s) != 2:

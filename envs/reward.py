@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-from envs.backend import ServiceMetrics
+from llm_cluster_gym.envs.backend import ServiceMetrics
 
 
 @dataclass(frozen=True)

@@ -30,14 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from envs.sim.fitting import nonneg_rel_lstsq, relative_error_stats, saturation_fit
+from llm_cluster_gym.envs.sim.fitting import nonneg_rel_lstsq, relative_error_stats, saturation_fit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from envs.sim.profiles import (  # noqa: E402  (path set up above for direct script runs)
+from llm_cluster_gym.envs.sim.profiles import (  # noqa: E402  (path set up above for direct script runs)
     SCHEMA_VERSION,
     freq_at_power_limit_mhz,
     phase_power_w,

@@ -37,10 +37,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-
-from envs.backend import ClusterAction, PoolConfig
-from envs.real.telemetry import GpuUnavailableError, save_recording
-from envs.real.worker import STEP_LOG_COLUMNS, WorkerConfig, WorkerError
+from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
+from llm_cluster_gym.envs.real.telemetry import GpuUnavailableError, save_recording
+from llm_cluster_gym.envs.real.worker import STEP_LOG_COLUMNS, WorkerConfig, WorkerError
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "envs" / "data" / "real"
 PROFILE_REC = DATA_DIR / "h100_llama3-8b_profile.json.gz"
@@ -119,8 +118,7 @@ def record(out: Path, trace: str, start_s: float, duration_s: float, rate_rps: f
         WorkerError: No CUDA device for the worker.
     """
     import torch
-
-    from envs.real.cluster import RealCluster, RealClusterConfig
+    from llm_cluster_gym.envs.real.cluster import RealCluster, RealClusterConfig
 
     cfg = RealClusterConfig(
         worker=WorkerConfig(model="llama3-8b", device=f"cuda:{gpu}", max_slots=64, max_ctx=4096,
@@ -232,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"wrote {path}")
         return 0
-    from envs.real.fidelity import FidelityError, calibrate_and_compare
-    from envs.real.telemetry import TelemetryFileError
+    from llm_cluster_gym.envs.real.fidelity import FidelityError, calibrate_and_compare
+    from llm_cluster_gym.envs.real.telemetry import TelemetryFileError
 
     try:
         report = calibrate_and_compare(ns.profile, ns.run,

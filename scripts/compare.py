@@ -28,9 +28,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from controllers.registry import make_controller  # noqa: E402
-from controllers.rollout import run_measured  # noqa: E402
-from envs.sim.report import write_report  # noqa: E402
+from llm_cluster_gym.controllers.registry import make_controller  # noqa: E402
+from llm_cluster_gym.controllers.rollout import run_measured  # noqa: E402
+from llm_cluster_gym.envs.sim.report import write_report  # noqa: E402
 
 COLUMNS = (
     ("energy_kwh", "energy kWh"), ("energy_per_token_j", "J/token"),

@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from envs.sim.profiles import (
+from llm_cluster_gym.envs.sim.profiles import (
     DEFAULT_PROFILE_DIR,
     Profile,
     ProfileError,
@@ -253,7 +252,7 @@ def refit_profile(data: dict[str, Any], p: Profile, entry: dict[str, Any], quant
 
 
 def _profile_of(d: dict[str, Any]) -> Profile:
-    from envs.sim.profiles import profile_from_dict
+    from llm_cluster_gym.envs.sim.profiles import profile_from_dict
 
     return profile_from_dict(d, Path(f"{d['model']}_{d['gpu']}_tp{d['tp']}.json"))
 

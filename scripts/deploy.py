@@ -106,10 +106,10 @@ def parse_args(argv: list[str] | None = None) -> DeployArgs:
 
 
 def _real_backend(a: DeployArgs) -> Any:
-    from controllers.live.supervise import SupervisedWorker
-    from envs.real.cluster import RealCluster, RealClusterConfig, RealClusterError
-    from envs.real.telemetry import ReplayGpuDevice
-    from envs.real.worker import InlineWorker, WorkerConfig, WorkerProcess
+    from llm_cluster_gym.controllers.live.supervise import SupervisedWorker
+    from llm_cluster_gym.envs.real.cluster import RealCluster, RealClusterConfig, RealClusterError
+    from llm_cluster_gym.envs.real.telemetry import ReplayGpuDevice
+    from llm_cluster_gym.envs.real.worker import InlineWorker, WorkerConfig, WorkerProcess
 
     gpus = tuple(int(g) for g in a.gpus.split(","))
     drills = []
@@ -142,7 +142,7 @@ def _real_backend(a: DeployArgs) -> Any:
 
 def build(a: DeployArgs) -> tuple[Any, Any]:
     """The env (guarded backend) and the loop for these arguments."""
-    from controllers.live import (
+    from llm_cluster_gym.controllers.live import (
         DecisionLog,
         Drill,
         LiveLoop,
@@ -151,7 +151,7 @@ def build(a: DeployArgs) -> tuple[Any, Any]:
         build_policy,
         guarded_env,
     )
-    from envs.cluster_env import ClusterEnv
+    from llm_cluster_gym.envs.cluster_env import ClusterEnv
 
     if a.scenario == "local":
         env = ClusterEnv(task=a.task, backend=_real_backend(a))
@@ -175,7 +175,7 @@ def build(a: DeployArgs) -> tuple[Any, Any]:
 
 
 def _save_recording(a: DeployArgs, env: Any, loop: Any) -> None:
-    from envs.real.telemetry import save_recording
+    from llm_cluster_gym.envs.real.telemetry import save_recording
 
     cl = env.unwrapped.backend.inner
     st = cl.devices[0].static()
@@ -218,13 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.scenario == "local" and a.record:
         _save_recording(a, env, loop)
         if a.budget_drill:
-            from controllers.live.report import analyse, plot
+            from llm_cluster_gym.controllers.live.report import analyse, plot
 
             res, series = analyse(a.record)
             out["drill"] = res.as_dict()
             if a.plot:
                 plot(res, series, a.plot, title=f"Budget drill, {a.policy} (shield) + governor")
-    from controllers.live.exporter import _jsonable
+    from llm_cluster_gym.controllers.live.exporter import _jsonable
 
     print(json.dumps(_jsonable(out)))
     return 0

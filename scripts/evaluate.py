@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agents.evaluation import DEFAULT_PLANS, evaluate_task, format_table, write_evaluation
+from llm_cluster_gym.agents.evaluation import DEFAULT_PLANS, evaluate_task, format_table, write_evaluation
 
 
 @dataclass

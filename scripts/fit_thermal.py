@@ -41,8 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from envs.sim.thermal import (
+from llm_cluster_gym.envs.sim.thermal import (
     DATA_DIR,
     GpuThermalState,
     ThermalError,

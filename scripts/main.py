@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from scripts import evaluate
+from llm_cluster_gym.scripts import evaluate
 
 
 def main(argv: list[str] | None = None) -> int:

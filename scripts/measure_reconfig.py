@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from envs.real.tp_worker import TP_SHAPES, TPWorkerConfig, TPWorkerError, TPWorkerProcess
-from envs.real.worker import Request, WorkerConfig
+from llm_cluster_gym.envs.real.tp_worker import TP_SHAPES, TPWorkerConfig, TPWorkerError, TPWorkerProcess
+from llm_cluster_gym.envs.real.worker import Request, WorkerConfig
 
 SCHEMA = "llm-cluster-gym/reconfig/1"
 
@@ -183,7 +182,7 @@ def run(args: Args) -> dict[str, Any]:
                             "mode": "tiny-cpu-gloo" if args.tiny else "gpu-nccl",
                             "weights": args.weights_path or "random, created on the devices"}
     if not args.tiny:
-        from envs.real.telemetry import NvmlGpuDevice
+        from llm_cluster_gym.envs.real.telemetry import NvmlGpuDevice
 
         st = NvmlGpuDevice(0).static()
         prov.update(gpu_name=st.name, driver=st.driver,

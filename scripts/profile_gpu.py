@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from envs.real.telemetry import (
+from llm_cluster_gym.envs.real.telemetry import (
     GpuUnavailableError,
     NvmlGpuDevice,
     TelemetrySampler,
@@ -39,7 +38,7 @@ from envs.real.telemetry import (
     decode_throttle_reasons,
     save_recording,
 )
-from envs.real.worker import InferenceEngine, WorkerConfig, WorkerError
+from llm_cluster_gym.envs.real.worker import InferenceEngine, WorkerConfig, WorkerError
 
 
 @dataclass

@@ -35,15 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from envs.real.tp_worker import (
+from llm_cluster_gym.envs.real.tp_worker import (
     TP_SHAPES,
     TPShardError,
     TPWorkerConfig,
     TPWorkerError,
     run_tp,
 )
-from envs.real.worker import ModelShape, WorkerConfig
+from llm_cluster_gym.envs.real.worker import ModelShape, WorkerConfig
 
 SCHEMA = "llm-cluster-gym/tp-profile/1"
 GIB = 1024 ** 3
@@ -217,7 +216,7 @@ def _phase_power(sampler: Any, n_gpus: int, a: float, b: float, settle_s: float)
     if sampler is None:
         return {"power_w_per_gpu": None, "power_w_mean": None, "sm_clock_mhz_median": None,
                 "temp_c_max": None, "throttle_reasons": []}
-    from envs.real.telemetry import column_index, decode_throttle_reasons
+    from llm_cluster_gym.envs.real.telemetry import column_index, decode_throttle_reasons
 
     t0 = a + min(settle_s, 0.5 * (b - a))
     power = [sampler.energy_j(t0, b, gpu=g).mean_power_w for g in range(n_gpus)]
@@ -240,7 +239,7 @@ def measure_entry(eng: Any, info: dict, grids: Grids, gpu_indices: list[int] | N
 
     sampler, statics = None, []
     if gpu_indices is not None:
-        from envs.real.telemetry import NvmlGpuDevice, TelemetrySampler
+        from llm_cluster_gym.envs.real.telemetry import NvmlGpuDevice, TelemetrySampler
 
         devs = [NvmlGpuDevice(i) for i in gpu_indices]
         statics = [d.static().as_dict() for d in devs]

@@ -26,8 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from envs.sim.report import format_table, run_episode, write_report  # noqa: E402
-from envs.sim.scenario import ScenarioError, load_scenario  # noqa: E402
+from llm_cluster_gym.envs.sim.report import format_table, run_episode, write_report  # noqa: E402
+from llm_cluster_gym.envs.sim.scenario import ScenarioError, load_scenario  # noqa: E402
 
 SERVING_MODELS = ("request", "aggregate")
 
@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> SimulateArgs:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the simulation, print the table and write the report; returns the exit status."""
-    from envs.sim.cluster import SimCluster
+    from llm_cluster_gym.envs.sim.cluster import SimCluster
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

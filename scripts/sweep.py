@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.simulate import dataclass_parser  # noqa: E402
+from llm_cluster_gym.scripts.simulate import dataclass_parser  # noqa: E402
 
 
 @dataclass
@@ -84,7 +84,7 @@ def _split(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep; print the table, failures and where the reports are. Exit 1 if a cell failed."""
-    from agents.sweep import (
+    from llm_cluster_gym.agents.sweep import (
         SweepError,
         SweepSpec,
         expand_grid,

@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.simulate import dataclass_parser  # noqa: E402
+from llm_cluster_gym.scripts.simulate import dataclass_parser  # noqa: E402
 
 TASK_NAMES = ("energy", "thermal", "combined")
 
@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, train, and print where the checkpoint went and how it did."""
-    from agents.config import HYPERPARAMS_PATH, HyperparamsError, load_task_config
-    from agents.train import train
+    from llm_cluster_gym.agents.config import HYPERPARAMS_PATH, HyperparamsError, load_task_config
+    from llm_cluster_gym.agents.train import train
 
     parser = build_parser()
     args = TrainArgs(**vars(parser.parse_args(argv)))

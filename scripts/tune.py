@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.simulate import dataclass_parser  # noqa: E402
+from llm_cluster_gym.scripts.simulate import dataclass_parser  # noqa: E402
 
 
 @dataclass
@@ -70,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the search and print the best configuration and where it was written."""
-    from agents.config import HYPERPARAMS_PATH, HyperparamsError
-    from agents.sweep import init_ray
-    from agents.tune import TUNE_SPACE_PATH, TuneSpaceError, load_search_space, tune_agent
+    from llm_cluster_gym.agents.config import HYPERPARAMS_PATH, HyperparamsError
+    from llm_cluster_gym.agents.sweep import init_ray
+    from llm_cluster_gym.agents.tune import TUNE_SPACE_PATH, TuneSpaceError, load_search_space, tune_agent
 
     parser = build_parser()
     args = TuneArgs(**vars(parser.parse_args(argv)))

@@ -11,23 +11,23 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-
-import envs  # noqa: F401
-from agents.checkpoint import (
+from llm_cluster_gym.agents.checkpoint import (
     METADATA_FILE,
     MODEL_FILE,
     VECNORM_FILE,
     CheckpointError,
     load_checkpoint,
 )
-from agents.config import WINDOWS, HyperparamsError, load_task_config, windows_overlap
-from agents.evaluate import compare_with_static, make_env, run_episode
-from agents.policy import TrainedPolicy
-from agents.train import train
-from controllers.base import Controller
-from controllers.context import ControllerContext
-from controllers.static import StaticController
-from controllers.unaware import UnawareController
+from llm_cluster_gym.agents.config import WINDOWS, HyperparamsError, load_task_config, windows_overlap
+from llm_cluster_gym.agents.evaluate import compare_with_static, make_env, run_episode
+from llm_cluster_gym.agents.policy import TrainedPolicy
+from llm_cluster_gym.agents.train import train
+from llm_cluster_gym.controllers.base import Controller
+from llm_cluster_gym.controllers.context import ControllerContext
+from llm_cluster_gym.controllers.static import StaticController
+from llm_cluster_gym.controllers.unaware import UnawareController
+
+import llm_cluster_gym  # noqa: F401
 
 
 def _tiny(task: str, finetune_steps: int = 0, **changes):
@@ -80,7 +80,7 @@ def test_trace_windows_are_disjoint_and_used_by_the_env():
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert not windows_overlap(WINDOWS[a], WINDOWS[b]), (a, b)
-    from envs.sim.workload import builtin_trace
+    from llm_cluster_gym.envs.sim.workload import builtin_trace
 
     base = builtin_trace("azure_conv_2023")
     env = make_env("LLMCluster/Energy-small-v0", "test")
@@ -268,7 +268,7 @@ def test_agents_are_judged_against_the_reports_static_baseline():
     env = factory()
     static = StaticController(ControllerContext.from_env(env))
     res = compare_with_static(static, factory, seeds=[0])
-    assert res["static_baseline"] == "controllers.static.StaticController"
+    assert res["static_baseline"] == "llm_cluster_gym.controllers.static.StaticController"
     assert res["energy_ratio_vs_static"] == 1.0 and res["reward_gain_vs_static"] == 0.0
     # Another policy is told apart from it.
     other = compare_with_static(UnawareController(ControllerContext.from_env(env)), factory, [0])

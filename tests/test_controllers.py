@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from controllers.base import Controller
-from controllers.context import ControllerContext
-from controllers.dynamo import DynamoController
-from controllers.forecast import LoadForecaster
-from controllers.oracle import OracleController
-from controllers.perfmodel import predict_pool
-from controllers.registry import make_controller
-from controllers.rollout import run_controller, skip_warmup
-from controllers.static import StaticController, split_levels
-from controllers.tapas import TapasController
-from controllers.unaware import UnawareController
-from envs.cluster_env import ClusterEnv
-from envs.sim.cluster import SimCluster
-from envs.sim.scenario import load_scenario
+from llm_cluster_gym.controllers.base import Controller
+from llm_cluster_gym.controllers.context import ControllerContext
+from llm_cluster_gym.controllers.dynamo import DynamoController
+from llm_cluster_gym.controllers.forecast import LoadForecaster
+from llm_cluster_gym.controllers.oracle import OracleController
+from llm_cluster_gym.controllers.perfmodel import predict_pool
+from llm_cluster_gym.controllers.registry import make_controller
+from llm_cluster_gym.controllers.rollout import run_controller, skip_warmup
+from llm_cluster_gym.controllers.static import StaticController, split_levels
+from llm_cluster_gym.controllers.tapas import TapasController
+from llm_cluster_gym.controllers.unaware import UnawareController
+from llm_cluster_gym.envs.cluster_env import ClusterEnv
+from llm_cluster_gym.envs.sim.cluster import SimCluster
+from llm_cluster_gym.envs.sim.scenario import load_scenario
 
 WARMUP = 12
 

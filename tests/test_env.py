@@ -5,13 +5,13 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
+from llm_cluster_gym.envs.actions import InvalidActionError
+from llm_cluster_gym.envs.cluster_env import ClusterEnv
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-import envs
-from envs.actions import InvalidActionError
-from envs.cluster_env import ClusterEnv
+import llm_cluster_gym
 
-IDS = list(envs.TASK_IDS)
+IDS = list(llm_cluster_gym.TASK_IDS)
 TRAIN_IDS = [i for i in IDS if "-small-" in i]
 
 
@@ -178,7 +178,8 @@ def test_subproc_vec_env():
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import SubprocVecEnv
 
-    venv = make_vec_env("envs:LLMCluster/Energy-small-v0", n_envs=2, seed=0, vec_env_cls=SubprocVecEnv)
+    venv = make_vec_env("llm_cluster_gym:LLMCluster/Energy-small-v0", n_envs=2, seed=0,
+                        vec_env_cls=SubprocVecEnv)
     try:
         obs = venv.reset()
         assert obs.shape == (2, venv.observation_space.shape[0])

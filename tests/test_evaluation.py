@@ -1,9 +1,8 @@
 from pathlib import Path
 
 import pytest
-
-from agents.config import WINDOWS
-from agents.evaluation import (
+from llm_cluster_gym.agents.config import WINDOWS
+from llm_cluster_gym.agents.evaluation import (
     AGENT,
     SHIELDED_AGENT,
     TaskPlan,

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from controllers.live import (
+from llm_cluster_gym.controllers.live import (
     DecisionLog,
     Drill,
     LiveLoop,
@@ -26,14 +25,14 @@ from controllers.live import (
     build_policy,
     guarded_env,
 )
-from controllers.live.governor import GovernorError
-from controllers.live.loop import TELEMETRY_LOST
-from envs.backend import Telemetry
-from envs.cluster_env import ClusterEnv
-from envs.real.cluster import RealCluster, RealClusterConfig
-from envs.real.fidelity import pre_history_s
-from envs.real.telemetry import ReplayGpuDevice, load_recording
-from envs.real.worker import InlineWorker, Request, WorkerConfig, WorkerProcess
+from llm_cluster_gym.controllers.live.governor import GovernorError
+from llm_cluster_gym.controllers.live.loop import TELEMETRY_LOST
+from llm_cluster_gym.envs.backend import Telemetry
+from llm_cluster_gym.envs.cluster_env import ClusterEnv
+from llm_cluster_gym.envs.real.cluster import RealCluster, RealClusterConfig
+from llm_cluster_gym.envs.real.fidelity import pre_history_s
+from llm_cluster_gym.envs.real.telemetry import ReplayGpuDevice, load_recording
+from llm_cluster_gym.envs.real.worker import InlineWorker, Request, WorkerConfig, WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ROOT / "envs" / "data" / "thermal" / "recordings" / "h100_steps_20261125.json.gz"
@@ -286,7 +285,7 @@ def test_dashboard_plots_only_exported_metrics():
 
 
 def test_drill_analysis_of_the_committed_h100_recording():
-    from controllers.live.report import analyse
+    from llm_cluster_gym.controllers.live.report import analyse
 
     res, series = analyse(ROOT / "envs" / "data" / "real" / "drill" / "h100_budget_drill.json.gz")
     assert res.budget_drill_w == 300.0 and res.drill_start_s == 50.0

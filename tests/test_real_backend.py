@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from envs.backend import ClusterAction, ClusterBackend, PoolConfig
-from envs.real.actuators import ActuatorError, GpuActuators
-from envs.real.cluster import RealCluster, RealClusterConfig, RealClusterError
-from envs.real.fidelity import (
+from llm_cluster_gym.envs.backend import ClusterAction, ClusterBackend, PoolConfig
+from llm_cluster_gym.envs.real.actuators import ActuatorError, GpuActuators
+from llm_cluster_gym.envs.real.cluster import RealCluster, RealClusterConfig, RealClusterError
+from llm_cluster_gym.envs.real.fidelity import (
     FidelityError,
     compare,
     fit_profile,
@@ -27,7 +26,7 @@ from envs.real.fidelity import (
     profile_object,
     thermal_rmse,
 )
-from envs.real.telemetry import (
+from llm_cluster_gym.envs.real.telemetry import (
     COLUMNS,
     GpuUnavailableError,
     ReplayGpuDevice,
@@ -40,9 +39,15 @@ from envs.real.telemetry import (
     save_recording,
     window_energy,
 )
-from envs.real.worker import STEP_LOG_COLUMNS, InferenceEngine, Request, WorkerConfig, WorkerError
-from envs.sim.thermal import ThermalParams
-from scripts.calibrate import non_negative_seconds, parse_batch_steps, parse_budget
+from llm_cluster_gym.envs.real.worker import (
+    STEP_LOG_COLUMNS,
+    InferenceEngine,
+    Request,
+    WorkerConfig,
+    WorkerError,
+)
+from llm_cluster_gym.envs.sim.thermal import ThermalParams
+from llm_cluster_gym.scripts.calibrate import non_negative_seconds, parse_batch_steps, parse_budget
 
 DATA = Path(__file__).resolve().parents[1] / "envs" / "data"
 PROFILE = DATA / "real" / "h100_llama3-8b_profile.json.gz"
@@ -147,7 +152,7 @@ def test_save_and_load_roundtrip(tmp_path):
 
 
 def test_nvml_absent_gives_clear_error():
-    from envs.real.telemetry import NvmlGpuDevice
+    from llm_cluster_gym.envs.real.telemetry import NvmlGpuDevice
 
     try:
         NvmlGpuDevice(0)
@@ -559,7 +564,7 @@ def test_fit_carries_over_to_other_h100s(path):
 
 
 def test_fidelity_picture_is_written_whole(tmp_path):
-    from envs.real.fidelity_plot import write_comparison_png
+    from llm_cluster_gym.envs.real.fidelity_plot import write_comparison_png
 
     prof = profile_object(json.loads(MEASURED.read_text()))
     comp = compare(RUN, prof, _real_worker_thermal())

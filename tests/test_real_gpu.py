@@ -13,10 +13,10 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():  # pragma: no cover - CPU machines
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
-from envs.real.actuators import GpuActuators  # noqa: E402
-from envs.real.cluster import RealCluster, RealClusterConfig  # noqa: E402
-from envs.real.telemetry import NvmlGpuDevice, TelemetrySampler, column_index  # noqa: E402
-from envs.real.worker import InferenceEngine, WorkerConfig  # noqa: E402
+from llm_cluster_gym.envs.real.actuators import GpuActuators  # noqa: E402
+from llm_cluster_gym.envs.real.cluster import RealCluster, RealClusterConfig  # noqa: E402
+from llm_cluster_gym.envs.real.telemetry import NvmlGpuDevice, TelemetrySampler, column_index  # noqa: E402
+from llm_cluster_gym.envs.real.worker import InferenceEngine, WorkerConfig  # noqa: E402
 
 
 def test_nvml_sampler_rate_and_energy_cross_check():

@@ -6,11 +6,10 @@ import math
 
 import numpy as np
 import pytest
-
-from envs.backend import ClusterAction, PoolConfig
-from envs.latency import LATENCY_EDGES_S, N_LATENCY_BINS
-from envs.sim.cluster import SimCluster
-from envs.sim.report import (
+from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
+from llm_cluster_gym.envs.latency import LATENCY_EDGES_S, N_LATENCY_BINS
+from llm_cluster_gym.envs.sim.cluster import SimCluster
+from llm_cluster_gym.envs.sim.report import (
     SUMMARY_FIELDS,
     EpisodeResult,
     ReportError,
@@ -19,8 +18,8 @@ from envs.sim.report import (
     run_episode,
     write_report,
 )
-from envs.sim.scenario import FaultSpec, load_scenario
-from scripts.simulate import build_parser, main
+from llm_cluster_gym.envs.sim.scenario import FaultSpec, load_scenario
+from llm_cluster_gym.scripts.simulate import build_parser, main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNGS = ("row_power.png", "temperature.png", "latency.png", "energy.png")

@@ -1,9 +1,8 @@
 from pathlib import Path
 
 import pytest
-
-from envs.sim.scenario import ScenarioError, load_scenario, shipped_scenarios
-from envs.sim.topology import build_topology
+from llm_cluster_gym.envs.sim.scenario import ScenarioError, load_scenario, shipped_scenarios
+from llm_cluster_gym.envs.sim.topology import build_topology
 
 
 @pytest.mark.parametrize("name", shipped_scenarios())

@@ -25,14 +25,13 @@ import dataclasses
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from controllers.context import ControllerContext
-from controllers.registry import RandomController
-from controllers.shield import Shield
-from controllers.unaware import UnawareController
-from envs.cluster_env import ClusterEnv
-from envs.sim.cluster import SimCluster
-from envs.sim.scenario import FaultSpec, load_scenario
+from llm_cluster_gym.controllers.context import ControllerContext
+from llm_cluster_gym.controllers.registry import RandomController
+from llm_cluster_gym.controllers.shield import Shield
+from llm_cluster_gym.controllers.unaware import UnawareController
+from llm_cluster_gym.envs.cluster_env import ClusterEnv
+from llm_cluster_gym.envs.sim.cluster import SimCluster
+from llm_cluster_gym.envs.sim.scenario import FaultSpec, load_scenario
 
 DURATION_S = 200.0
 

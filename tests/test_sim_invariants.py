@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from envs.backend import ClusterAction, ServiceMetrics, Telemetry
-from envs.sim.cluster import SimCluster
-from envs.sim.scenario import Scenario, load_scenario
+from llm_cluster_gym.envs.backend import ClusterAction, ServiceMetrics, Telemetry
+from llm_cluster_gym.envs.sim.cluster import SimCluster
+from llm_cluster_gym.envs.sim.scenario import Scenario, load_scenario
 
 SERVING_MODELS = ("request", "aggregate")
 

@@ -16,12 +16,11 @@ import dataclasses
 
 import numpy as np
 import pytest
-
-from envs.backend import ClusterAction, PoolConfig
-from envs.sim.cluster import CAP_TARGET_FRACTION, SimCluster
-from envs.sim.profiles import ProfileLibrary
-from envs.sim.scenario import FaultSpec, Scenario, load_scenario
-from envs.sim.thermal import ThermalParams
+from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
+from llm_cluster_gym.envs.sim.cluster import CAP_TARGET_FRACTION, SimCluster
+from llm_cluster_gym.envs.sim.profiles import ProfileLibrary
+from llm_cluster_gym.envs.sim.scenario import FaultSpec, Scenario, load_scenario
+from llm_cluster_gym.envs.sim.thermal import ThermalParams
 
 TICK_S = 0.5
 
@@ -470,9 +469,9 @@ def test_routing_weights_of_zero_everywhere_still_serve(serving_model):
 
 def test_prefill_burst_spanning_ticks_draws_prefill_power_every_tick():
     """A backlog admitted at once is prefilled over several ticks, each at prefill power."""
-    from envs.sim.instances import InstanceTable
-    from envs.sim.serving import ServiceAccumulator
-    from envs.sim.serving_request import RequestLevelServing, SlotModel
+    from llm_cluster_gym.envs.sim.instances import InstanceTable
+    from llm_cluster_gym.envs.sim.serving import ServiceAccumulator
+    from llm_cluster_gym.envs.sim.serving_request import RequestLevelServing, SlotModel
 
     inst = InstanceTable.empty(np.array([0]), gpus_per_server=1)
     inst.active[0], inst.pool[0], inst.max_batch[0] = True, 0, 64

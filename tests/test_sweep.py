@@ -5,8 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
-
-from agents.sweep import (
+from llm_cluster_gym.agents.sweep import (
     DRILLS,
     Cell,
     SweepError,
@@ -17,7 +16,7 @@ from agents.sweep import (
     run_sweep,
     write_sweep,
 )
-from scripts.compare import run_compare
+from llm_cluster_gym.scripts.compare import run_compare
 
 SPEC = SweepSpec(task="energy", serving="aggregate", warmup=4)
 CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "energy"
@@ -91,8 +90,8 @@ def test_failed_cell_is_named_retried_once_and_others_finish(ray_local):
 
 
 def test_search_space_file_and_trial_config(tmp_path):
-    from agents.config import load_task_config
-    from agents.tune import TuneSpaceError, load_search_space, trial_config
+    from llm_cluster_gym.agents.config import load_task_config
+    from llm_cluster_gym.agents.tune import TuneSpaceError, load_search_space, trial_config
 
     for task in ("energy", "thermal", "combined"):
         s = load_search_space(task)

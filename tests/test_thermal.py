@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from envs.sim.thermal import (
+from llm_cluster_gym.envs.sim.thermal import (
     DEFAULT_FIT_PATH,
     AisleCoolingParams,
     GpuThermalState,
@@ -21,7 +20,7 @@ from envs.sim.thermal import (
     step_inlet_temperature,
     step_response_c,
 )
-from scripts.fit_thermal import RECORDINGS_DIR, load_recording, simulate_with_params
+from llm_cluster_gym.scripts.fit_thermal import RECORDINGS_DIR, load_recording, simulate_with_params
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,8 @@ import time
 
 import numpy as np
 import pytest
-
-from envs.real.tp_layers import ShardSpec, TPShardError
-from envs.real.tp_worker import (
+from llm_cluster_gym.envs.real.tp_layers import ShardSpec, TPShardError
+from llm_cluster_gym.envs.real.tp_worker import (
     TP_SHAPES,
     TPInferenceEngine,
     TPWorkerConfig,
@@ -25,9 +24,9 @@ from envs.real.tp_worker import (
     TPWorkerProcess,
     reference_logits,
 )
-from envs.real.worker import Request, WorkerConfig, WorkerError
-from envs.sim.profiles import DEFAULT_PROFILE_DIR, ProfileLibrary, load_profile
-from scripts import compare_profiles, measure_reconfig, profile_tp
+from llm_cluster_gym.envs.real.worker import Request, WorkerConfig, WorkerError
+from llm_cluster_gym.envs.sim.profiles import DEFAULT_PROFILE_DIR, ProfileLibrary, load_profile
+from llm_cluster_gym.scripts import compare_profiles, measure_reconfig, profile_tp
 
 TINY = WorkerConfig(model="tiny-tp", device="cpu", max_slots=4, max_ctx=64, cuda_graphs=False)
 

@@ -19,8 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from envs.backend import Telemetry
+from llm_cluster_gym.envs.backend import Telemetry
 
 
 class GovernorError(ValueError):

@@ -30,10 +30,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-
-from controllers.live.exporter import DecisionLog, MetricsExporter
-from controllers.live.governor import GovernorDecision, PowerGovernor
-from envs.backend import ClusterAction, ServiceMetrics, Telemetry
+from llm_cluster_gym.controllers.live.exporter import DecisionLog, MetricsExporter
+from llm_cluster_gym.controllers.live.governor import GovernorDecision, PowerGovernor
+from llm_cluster_gym.envs.backend import ClusterAction, ServiceMetrics, Telemetry
 
 TELEMETRY_LOST = "power_failure:telemetry_unavailable"
 """Fault name set while telemetry cannot be read (maps to the power-emergency flag)."""

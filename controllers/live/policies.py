@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from controllers.context import ControllerContext, ObsView, PoolStats, ServerPowerSpec
-from controllers.registry import make_controller
-from controllers.shield import Shield
-from controllers.static import StaticController
+from llm_cluster_gym.controllers.context import ControllerContext, ObsView, PoolStats, ServerPowerSpec
+from llm_cluster_gym.controllers.registry import make_controller
+from llm_cluster_gym.controllers.shield import Shield
+from llm_cluster_gym.controllers.static import StaticController
 
 REAL_PROFILE = (Path(__file__).resolve().parents[2] / "envs" / "data" / "real"
                 / "llama3-8b-real_h100_tp1.json")
@@ -40,10 +39,10 @@ def real_node_context(env: Any) -> ControllerContext:
     Raises:
         PolicySpecError: The env's backend is not a RealCluster.
     """
-    from envs.real.cluster import RealCluster
-    from envs.sim.profiles import load_profile
-    from envs.sim.thermal import ThermalParams
-    from envs.sim.workload import builtin_trace
+    from llm_cluster_gym.envs.real.cluster import RealCluster
+    from llm_cluster_gym.envs.sim.profiles import load_profile
+    from llm_cluster_gym.envs.sim.thermal import ThermalParams
+    from llm_cluster_gym.envs.sim.workload import builtin_trace
 
     env = getattr(env, "unwrapped", env)
     backend = getattr(env.backend, "inner", env.backend)
@@ -67,7 +66,7 @@ def real_node_context(env: Any) -> ControllerContext:
 
 def context_for(env: Any) -> ControllerContext:
     """The controller context of a simulated or real env."""
-    from envs.real.cluster import RealCluster
+    from llm_cluster_gym.envs.real.cluster import RealCluster
 
     base = getattr(env, "unwrapped", env)
     if isinstance(getattr(base.backend, "inner", base.backend), RealCluster):
@@ -100,7 +99,7 @@ def build_policy(spec: str, env: Any, shield: bool = True, seed: int = 0,
         spec, shield = spec.split(":", 1)[1], True
     if spec.startswith("checkpoint:"):
         try:
-            from agents.policy import TrainedPolicy
+            from llm_cluster_gym.agents.policy import TrainedPolicy
         except ImportError as exc:
             raise PolicySpecError(f"policy {spec!r}: agents.policy is not available ({exc})") from exc
         try:
@@ -113,7 +112,7 @@ def build_policy(spec: str, env: Any, shield: bool = True, seed: int = 0,
         except ValueError as exc:
             raise PolicySpecError(f"policy {spec!r}: {exc}") from exc
     if ctx.codec.has_rows:
-        from controllers.tapas import TapasController
+        from llm_cluster_gym.controllers.tapas import TapasController
 
         fb: Any = TapasController(ctx)
     else:

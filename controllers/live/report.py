@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from envs.real.fidelity import power_windows
-from envs.real.telemetry import TelemetryRecording, load_recording
+from llm_cluster_gym.envs.real.fidelity import power_windows
+from llm_cluster_gym.envs.real.telemetry import TelemetryRecording, load_recording
 
 
 class DrillReportError(ValueError):

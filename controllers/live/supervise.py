@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from envs.real.worker import Completed, Request, WorkerReport
+from llm_cluster_gym.envs.real.worker import Completed, Request, WorkerReport
 
 
 @dataclass(frozen=True)

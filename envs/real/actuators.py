@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from envs.real.telemetry import GpuDevice
+from llm_cluster_gym.envs.real.telemetry import GpuDevice
 
 logger = logging.getLogger(__name__)
 

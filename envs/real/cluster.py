@@ -32,11 +32,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-
-from envs.backend import ClusterAction, ClusterLayout, PoolConfig, ServiceMetrics, Telemetry
-from envs.latency import latency_histogram
-from envs.real.actuators import GpuActuators
-from envs.real.telemetry import (
+from llm_cluster_gym.envs.backend import ClusterAction, ClusterLayout, PoolConfig, ServiceMetrics, Telemetry
+from llm_cluster_gym.envs.latency import latency_histogram
+from llm_cluster_gym.envs.real.actuators import GpuActuators
+from llm_cluster_gym.envs.real.telemetry import (
     POWER_MASK,
     THERMAL_MASK,
     GpuDevice,
@@ -44,7 +43,7 @@ from envs.real.telemetry import (
     column_index,
     open_devices,
 )
-from envs.real.worker import (
+from llm_cluster_gym.envs.real.worker import (
     Completed,
     EngineStats,
     InlineWorker,
@@ -53,8 +52,8 @@ from envs.real.worker import (
     WorkerProcess,
     WorkerReport,
 )
-from envs.sim.serving import weighted_percentiles
-from envs.sim.workload import Trace, builtin_trace, scale_to_rate
+from llm_cluster_gym.envs.sim.serving import weighted_percentiles
+from llm_cluster_gym.envs.sim.workload import Trace, builtin_trace, scale_to_rate
 
 
 class RealClusterError(ValueError):

@@ -35,18 +35,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from envs.backend import ClusterAction, PoolConfig
-from envs.real.telemetry import TelemetryRecording, load_recording
-from envs.sim.fitting import nonneg_rel_lstsq, relative_error_stats, saturation_fit
-from envs.sim.profiles import (
+from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
+from llm_cluster_gym.envs.real.telemetry import TelemetryRecording, load_recording
+from llm_cluster_gym.envs.sim.fitting import nonneg_rel_lstsq, relative_error_stats, saturation_fit
+from llm_cluster_gym.envs.sim.profiles import (
     DEFAULT_PROFILE_DIR,
     Profile,
     ProfileLibrary,
     freq_at_power_limit_mhz,
     profile_from_dict,
 )
-from envs.sim.thermal import GpuThermalState, ThermalParams, step_gpu_temperature
+from llm_cluster_gym.envs.sim.thermal import GpuThermalState, ThermalParams, step_gpu_temperature
 
 MODEL_NAME = "llama3-8b-real"
 """Model key of the measured profile (the worker of envs/real/worker.py, not vLLM)."""
@@ -569,7 +568,7 @@ def thermal_rmse(params: ThermalParams, power_w: np.ndarray, temp_c: np.ndarray,
 
 def _scenario(duration_s: float, slo_ttft_s: float, slo_tbt_s: float, inlet_c: float,
               max_prefill_tokens: int, drop_after_s: float) -> Any:
-    from envs.sim.scenario import (
+    from llm_cluster_gym.envs.sim.scenario import (
         CoolingSpec,
         DatacenterSpec,
         PoolSpec,
@@ -668,8 +667,8 @@ def replay_in_simulator(run: TelemetryRecording, profile: Profile, thermal: Ther
         Per-tick arrays: ``t_s`` (tick start), ``power_w``, ``temp_c``, ``tokens``,
         ``finished``, and per-interval lists of TTFT/TBT P50.
     """
-    from envs.sim.cluster import SimCluster
-    from envs.sim.workload import Trace
+    from llm_cluster_gym.envs.sim.cluster import SimCluster
+    from llm_cluster_gym.envs.sim.workload import Trace
 
     ex = run.extra
     cfg = run.static.get("config", {})
@@ -907,7 +906,7 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
                                               if k != "series"},
                "recordings": [Path(x).name for x in (profile_path, *cal_paths, run_path)]}
         (write_dir / "calibration.json").write_text(json.dumps(cal, indent=1) + "\n")
-        from envs.real.fidelity_plot import write_comparison_png
+        from llm_cluster_gym.envs.real.fidelity_plot import write_comparison_png
 
         fitted_to = ", ".join(Path(x).name for x in cal_paths) or Path(profile_path).name
         write_comparison_png(comp, f"{Path(run_path).name} replayed in the simulator "

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from envs.real.worker import ModelShape, WorkerError, finish_weight_load
+from llm_cluster_gym.envs.real.worker import ModelShape, WorkerError, finish_weight_load
 
 # Parameter-name suffix -> dimension it is split along (0: output features, 1: input features).
 COLUMN_PARALLEL = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",

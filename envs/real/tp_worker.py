@@ -35,14 +35,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from envs.real.tp_layers import (
+from llm_cluster_gym.envs.real.tp_layers import (
     ShardSpec,
     TPShardError,
     init_random_sharded_,
     load_hf_weights_sharded_,
     make_row_parallel_,
 )
-from envs.real.worker import (
+from llm_cluster_gym.envs.real.worker import (
     SHAPES,
     InferenceEngine,
     ModelShape,
@@ -390,7 +390,7 @@ def _leader_main(conn: Any, tcfg: TPWorkerConfig, port: int) -> None:  # pragma:
 def _mp_context(tcfg: TPWorkerConfig) -> Any:
     ctx = mp.get_context(tcfg.start_method)
     if tcfg.start_method == "forkserver":
-        ctx.set_forkserver_preload(["torch", "envs.real.tp_worker"])
+        ctx.set_forkserver_preload(["torch", "llm_cluster_gym.envs.real.tp_worker"])
     return ctx
 
 

@@ -13,32 +13,31 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from envs.backend import ClusterAction, ClusterLayout, PoolConfig, ServiceMetrics, Telemetry
-from envs.sim import power as pw
-from envs.sim.demand import episode_trace, pools_for
-from envs.sim.faults import FaultSchedule
-from envs.sim.instances import InstanceTable
-from envs.sim.profiles import (
+from llm_cluster_gym.envs.backend import ClusterAction, ClusterLayout, PoolConfig, ServiceMetrics, Telemetry
+from llm_cluster_gym.envs.sim import power as pw
+from llm_cluster_gym.envs.sim.demand import episode_trace, pools_for
+from llm_cluster_gym.envs.sim.faults import FaultSchedule
+from llm_cluster_gym.envs.sim.instances import InstanceTable
+from llm_cluster_gym.envs.sim.profiles import (
     ProfileArrays,
     ProfileLibrary,
     decode_iter_time_s,
     freq_at_power_limit_mhz,
     prefill_time_s,
 )
-from envs.sim.scenario import Scenario, load_scenario
-from envs.sim.serving import ServiceAccumulator, TickLoad
-from envs.sim.serving_aggregate import AggregateServing
-from envs.sim.serving_request import RequestLevelServing, SlotModel
-from envs.sim.thermal import (
+from llm_cluster_gym.envs.sim.scenario import Scenario, load_scenario
+from llm_cluster_gym.envs.sim.serving import ServiceAccumulator, TickLoad
+from llm_cluster_gym.envs.sim.serving_aggregate import AggregateServing
+from llm_cluster_gym.envs.sim.serving_request import RequestLevelServing, SlotModel
+from llm_cluster_gym.envs.sim.thermal import (
     AisleCoolingParams,
     GpuThermalState,
     ThermalParams,
     step_gpu_temperature,
     step_inlet_temperature,
 )
-from envs.sim.topology import build_topology
-from envs.sim.vms import VmPool
+from llm_cluster_gym.envs.sim.topology import build_topology
+from llm_cluster_gym.envs.sim.vms import VmPool
 
 CAP_WINDOW_S = 2.0
 """Time constant of the row-power average that power capping acts on."""

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-
-from envs.sim.scenario import Scenario
-from envs.sim.workload import (
+from llm_cluster_gym.envs.sim.scenario import Scenario
+from llm_cluster_gym.envs.sim.workload import (
     DEFAULT_POOLS,
     LengthPools,
     Trace,

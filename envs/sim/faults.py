@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from envs.sim.scenario import FaultSpec, Scenario
+from llm_cluster_gym.envs.sim.scenario import FaultSpec, Scenario
 
 
 @dataclass(frozen=True)

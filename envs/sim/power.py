@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from envs.sim.profiles import phase_power_w
-from envs.sim.scenario import ServerSpec
+from llm_cluster_gym.envs.sim.profiles import phase_power_w
+from llm_cluster_gym.envs.sim.scenario import ServerSpec
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from llm_cluster_gym.envs.backend import ClusterAction, ClusterBackend, ServiceMetrics, Telemetry
+from llm_cluster_gym.envs.latency import histogram_percentile
 from tqdm import tqdm
-
-from envs.backend import ClusterAction, ClusterBackend, ServiceMetrics, Telemetry
-from envs.latency import histogram_percentile
 
 
 class ReportError(ValueError):

@@ -12,9 +12,8 @@ profile models with the request-level model; only the bookkeeping of requests di
 from __future__ import annotations
 
 import numpy as np
-
-from envs.sim.instances import InstanceTable
-from envs.sim.serving import ServiceAccumulator, TickLoad
+from llm_cluster_gym.envs.sim.instances import InstanceTable
+from llm_cluster_gym.envs.sim.serving import ServiceAccumulator, TickLoad
 
 
 class AggregateServing:

@@ -15,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from envs.sim.instances import InstanceTable
-from envs.sim.routing import integer_split, water_fill
-from envs.sim.serving import ServiceAccumulator, TickLoad
+from llm_cluster_gym.envs.sim.instances import InstanceTable
+from llm_cluster_gym.envs.sim.routing import integer_split, water_fill
+from llm_cluster_gym.envs.sim.serving import ServiceAccumulator, TickLoad
 
 _FIELDS = {
     "arrival_s": np.float64,

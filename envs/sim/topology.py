@@ -8,8 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from envs.sim.scenario import Scenario
+from llm_cluster_gym.envs.sim.scenario import Scenario
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,46 @@
+"""Golden rollouts: every registered id and every rule-based controller, bit for bit.
+
+The digests in `tests/golden/rollouts.json` were recorded by `tests/golden/record.py`; a change
+meant to keep behaviour (a refactor) must keep each one. A change meant to alter behaviour
+records them again and says why in its commit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+GOLDEN_DIR = Path(__file__).with_name("golden")
+sys.path.insert(0, str(GOLDEN_DIR))
+import golden_digests  # noqa: E402
+
+EXPECTED = json.loads((GOLDEN_DIR / "rollouts.json").read_text())
+ENV_KEYS = sorted(k for k in EXPECTED if k.startswith("env:"))
+CONTROLLER_KEYS = sorted(k for k in EXPECTED if k.startswith("controller:"))
+FIXED_KEYS = sorted(k for k in EXPECTED if k.startswith("fixed:"))
+
+
+def test_golden_covers_every_registered_id():
+    import llm_cluster_gym
+
+    assert {k.removeprefix("env:") for k in ENV_KEYS} == set(llm_cluster_gym.TASK_IDS)
+
+
+@pytest.mark.parametrize("key", ENV_KEYS)
+def test_env_rollout_is_bit_identical(key):
+    assert golden_digests.env_digest(key.removeprefix("env:")) == EXPECTED[key]
+
+
+@pytest.mark.parametrize("key", CONTROLLER_KEYS)
+def test_controller_rollout_is_bit_identical(key):
+    _, task, scenario, name = key.split(":", 3)
+    assert golden_digests.controller_digest(task, scenario, name) == EXPECTED[key]
+
+
+@pytest.mark.parametrize("key", FIXED_KEYS)
+def test_fixed_configuration_rollout_is_bit_identical(key):
+    _, scenario, serving = key.split(":")
+    assert golden_digests.fixed_digest(scenario, serving) == EXPECTED[key]
