@@ -7,12 +7,17 @@ Every quantity carries its unit in its name.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 from llm_cluster_gym.envs.latency import empty_histogram
+
+if TYPE_CHECKING:
+    from llm_cluster_gym.envs.sim.profiles import Profile
+    from llm_cluster_gym.envs.sim.thermal import ThermalParams
 
 FAULT_KINDS = ("cooling_failure", "power_failure", "load_spike")
 
@@ -181,6 +186,110 @@ def _scalar_metric_names() -> tuple[str, ...]:
     )
 
 
+@dataclass(frozen=True)
+class ServerPowerSpec:
+    """Server power model constants (a scenario's `datacenter.server`, or the real node's).
+
+    Attributes:
+        gpus: GPUs per server.
+        max_power_w: Server nameplate power (DGX H100 datasheet: 10.2 kW).
+        gpu_tdp_w: GPU TDP (700 W for H100 SXM).
+        overhead_idle_w: Non-GPU power at idle GPUs (modelling assumption of the scenario).
+    """
+
+    gpus: int
+    max_power_w: float
+    gpu_tdp_w: float
+    overhead_idle_w: float
+
+    def server_power_w(self, gpu_sum_w: np.ndarray | float, idle_gpu_w: float) -> np.ndarray:
+        """Server power for a total GPU power (same linear overhead as the simulator's)."""
+        g = np.asarray(gpu_sum_w, dtype=float)
+        load = np.clip((g - self.gpus * idle_gpu_w) / (self.gpus * (self.gpu_tdp_w - idle_gpu_w)),
+                       0.0, 1.0)
+        over_max = self.max_power_w - self.gpus * self.gpu_tdp_w
+        return g + self.overhead_idle_w + (over_max - self.overhead_idle_w) * load
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """Request-length statistics per pool (what the operator knows from its request history).
+
+    Attributes:
+        fraction: Share of requests falling in each pool.
+        mean_input_tokens: Mean prompt length per pool.
+        p90_input_tokens: 90th-percentile prompt length per pool (sizes TTFT).
+        mean_output_tokens: Mean output length per pool.
+        mean_input_all: Mean prompt length over all requests (the simulator's prefill clock
+            under the GPU power limit is set from it).
+    """
+
+    fraction: np.ndarray
+    mean_input_tokens: np.ndarray
+    p90_input_tokens: np.ndarray
+    mean_output_tokens: np.ndarray
+    mean_input_all: float
+
+
+ArrivalOracle = Callable[[float, int, float], np.ndarray]
+"""``(t0_s, horizon, interval_s) -> rates_rps``: the true arrival rate per pool (req/s) of each of
+the `horizon` intervals of length `interval_s` starting at `t0_s`, shape (horizon, n_pools).
+Only a simulator knows the future; it is what the hindsight oracle cheats with."""
+
+
+@dataclass(frozen=True)
+class BackendDescription:
+    """What a controller may know about a backend before it runs (static, read once).
+
+    The power and cooling limits (row limits, aisle cooling capacities, GPU power limit) are
+    in `layout` (``row_limit_w``, ``aisle_capacity_w``, ``gpu_power_limit_w``).
+
+    Attributes:
+        layout: Static shape, limits, SLOs and choice lists of the cluster.
+        server: Server power model constants.
+        thermal: GPU thermal model parameters (the calibrated fit).
+        pool_stats: Request-length statistics per pool (the operator's request history).
+        profiles_by_tp: Performance/power profile of the served model per TP degree.
+        scenario_name: Name of the scenario, or None (a live node has none).
+        gpu_hour_usd: Price of one GPU-hour (USD) for cost lines; 0 when unknown.
+        episode_intervals: Control intervals in an episode, or None when unknown.
+        slowdown_temp_c: GPU thermal slowdown temperature (C), or None when unknown.
+        arrival_oracle: True future arrival rates (see `ArrivalOracle`); None on a real node.
+    """
+
+    layout: ClusterLayout
+    server: ServerPowerSpec
+    thermal: ThermalParams
+    pool_stats: PoolStats
+    profiles_by_tp: Mapping[int, Profile]
+    scenario_name: str | None = None
+    gpu_hour_usd: float = 0.0
+    episode_intervals: int | None = None
+    slowdown_temp_c: float | None = None
+    arrival_oracle: ArrivalOracle | None = None
+
+
+@dataclass(frozen=True)
+class TickHistory:
+    """Per-tick history inside the control intervals (a simulator that records ticks).
+
+    Attributes:
+        time_s: End time of each tick (s), shape (m,).
+        row_power_w: Row power at each tick (W), shape (m, rows).
+        row_power_avg_w: Moving-average row power the power capping acts on (W), shape (m, rows).
+        row_limit_w: Row power limit in force at each tick (W), shape (m, rows).
+        aisle_inlet_c: Aisle inlet temperature at each tick (C), shape (m, aisles).
+        max_gpu_temp_c: Hottest GPU at each tick (C), shape (m,).
+    """
+
+    time_s: np.ndarray
+    row_power_w: np.ndarray
+    row_power_avg_w: np.ndarray
+    row_limit_w: np.ndarray
+    aisle_inlet_c: np.ndarray
+    max_gpu_temp_c: np.ndarray
+
+
 @runtime_checkable
 class ClusterBackend(Protocol):
     """A cluster the environment can drive, simulated or real."""
@@ -206,4 +315,16 @@ class ClusterBackend(Protocol):
     @property
     def done(self) -> bool:
         """True once the workload (trace) is exhausted."""
+        ...
+
+    def describe(self) -> BackendDescription:
+        """What a controller may know about this backend (static description)."""
+        ...
+
+    def tick_history(self) -> TickHistory | None:
+        """The current episode's per-tick history, or None when none is kept."""
+        ...
+
+    def close(self) -> None:
+        """Release what the backend holds (processes, samplers, GPU settings)."""
         ...

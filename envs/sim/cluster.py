@@ -13,9 +13,18 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from llm_cluster_gym.envs.backend import ClusterAction, ClusterLayout, PoolConfig, ServiceMetrics, Telemetry
+from llm_cluster_gym.envs.backend import (
+    BackendDescription,
+    ClusterAction,
+    ClusterLayout,
+    PoolConfig,
+    ServiceMetrics,
+    Telemetry,
+    TickHistory,
+)
 from llm_cluster_gym.envs.sim import power as pw
 from llm_cluster_gym.envs.sim.demand import episode_trace, pools_for
+from llm_cluster_gym.envs.sim.description import describe_sim, tick_history
 from llm_cluster_gym.envs.sim.faults import FaultSchedule
 from llm_cluster_gym.envs.sim.instances import InstanceTable
 from llm_cluster_gym.envs.sim.profiles import (
@@ -296,6 +305,19 @@ class SimCluster:
     def done(self) -> bool:
         """True when the scenario's duration has been simulated."""
         return self.interval >= self.n_intervals
+
+    def describe(self) -> BackendDescription:
+        """What a controller may know: scenario, models, request history (`envs.sim.description`)."""
+        return describe_sim(self)
+
+    def tick_history(self) -> TickHistory | None:
+        """This episode's per-tick history (None unless built with ``record_ticks=True``)."""
+        if not self.record_ticks:
+            return None
+        return tick_history(self.record, self.topo.n_rows, self.topo.n_aisles)
+
+    def close(self) -> None:
+        """Nothing to release: the simulator holds no process, device or file."""
 
     # ------------------------------------------------------------------ configuration
     def _apply_pools(self, pools: tuple[PoolConfig, ...]) -> None:
