@@ -12,89 +12,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from llm_cluster_gym.envs.backend import ClusterLayout
+from llm_cluster_gym.envs.backend import ClusterLayout, PoolStats, ServerPowerSpec
 from llm_cluster_gym.envs.sim.profiles import Profile, ProfileLibrary
 from llm_cluster_gym.envs.sim.thermal import ThermalParams
+
+__all__ = ["ControllerContext", "ControllerError", "ObsView", "PoolStats", "ServerPowerSpec"]
 
 
 class ControllerError(ValueError):
     """A controller was built from an unusable description; the message names what and why."""
-
-
-@dataclass(frozen=True)
-class ServerPowerSpec:
-    """Server power model constants (from the scenario's `datacenter.server`).
-
-    Attributes:
-        gpus: GPUs per server.
-        max_power_w: Server nameplate power (DGX H100 datasheet: 10.2 kW).
-        gpu_tdp_w: GPU TDP (700 W for H100 SXM).
-        overhead_idle_w: Non-GPU power at idle GPUs (modelling assumption of the scenario).
-    """
-
-    gpus: int
-    max_power_w: float
-    gpu_tdp_w: float
-    overhead_idle_w: float
-
-    def server_power_w(self, gpu_sum_w: np.ndarray | float, idle_gpu_w: float) -> np.ndarray:
-        """Server power for a total GPU power (same linear overhead as the simulator's)."""
-        g = np.asarray(gpu_sum_w, dtype=float)
-        load = np.clip((g - self.gpus * idle_gpu_w) / (self.gpus * (self.gpu_tdp_w - idle_gpu_w)),
-                       0.0, 1.0)
-        over_max = self.max_power_w - self.gpus * self.gpu_tdp_w
-        return g + self.overhead_idle_w + (over_max - self.overhead_idle_w) * load
-
-
-@dataclass(frozen=True)
-class PoolStats:
-    """Request-length statistics per pool (what the operator knows from its request history).
-
-    Attributes:
-        fraction: Share of requests falling in each pool.
-        mean_input_tokens: Mean prompt length per pool.
-        p90_input_tokens: 90th-percentile prompt length per pool (sizes TTFT).
-        mean_output_tokens: Mean output length per pool.
-        mean_input_all: Mean prompt length over all requests (the simulator's prefill clock
-            under the GPU power limit is set from it).
-    """
-
-    fraction: np.ndarray
-    mean_input_tokens: np.ndarray
-    p90_input_tokens: np.ndarray
-    mean_output_tokens: np.ndarray
-    mean_input_all: float
-
-
-def pool_stats_from_backend(backend: Any) -> PoolStats:
-    """Pool statistics from the scenario's request trace (SimCluster), i.e. request history.
-
-    Raises:
-        ControllerError: The backend has no scenario/pool description to derive them from.
-    """
-    from llm_cluster_gym.envs.sim.workload import builtin_trace, load_trace
-
-    scenario = getattr(backend, "scenario", None)
-    pools = getattr(backend, "pools", None)
-    if scenario is None or pools is None:
-        raise ControllerError(
-            f"{type(backend).__name__}: no 'scenario'/'pools' to derive pool statistics from; "
-            "pass PoolStats explicitly")
-    name = scenario.workload.trace
-    trace = builtin_trace(name) if "/" not in name and "." not in name else load_trace(name)
-    pid = pools.assign(trace.input_tokens, trace.output_tokens)
-    n = pools.n_pools
-    frac, mean_in, p90_in, mean_out = (np.zeros(n) for _ in range(4))
-    for p in range(n):
-        sel = pid == p
-        if not sel.any():
-            frac[p], mean_in[p], p90_in[p], mean_out[p] = 0.0, 1.0, 1.0, 1.0
-            continue
-        frac[p] = sel.mean()
-        mean_in[p] = trace.input_tokens[sel].mean()
-        p90_in[p] = np.percentile(trace.input_tokens[sel], 90)
-        mean_out[p] = trace.output_tokens[sel].mean()
-    return PoolStats(frac, mean_in, p90_in, mean_out, float(trace.input_tokens.mean()))
 
 
 class ObsView:
@@ -197,25 +123,34 @@ class ControllerContext:
 
     @classmethod
     def from_env(cls, env: Any, profiles: ProfileLibrary | None = None) -> ControllerContext:
-        """Build the context from a `ClusterEnv` (or a gymnasium wrapper of one)."""
-        env = getattr(env, "unwrapped", env)
+        """Build the context from a `ClusterEnv` (or a gymnasium wrapper of one).
+
+        Everything but the env's own codec and observation names comes from the backend's
+        description (`ClusterBackend.describe`).
+
+        Args:
+            env: The env the controller will act on.
+            profiles: A profile library to read the served model's profiles from instead of
+                the backend's own.
+
+        Raises:
+            envs.sim.profiles.ProfileError: `profiles` lacks the served model at some TP degree.
+        """
+        env = env.unwrapped
         lay: ClusterLayout = env.layout
-        lib = profiles or ProfileLibrary.load()
-        backend = env.backend
-        spec = getattr(getattr(getattr(backend, "scenario", None), "datacenter", None), "server",
-                       None)
-        if spec is None:
-            raise ControllerError(f"{type(backend).__name__}: no scenario.datacenter.server spec")
+        desc = env.backend.describe()
+        by_tp = dict(desc.profiles_by_tp)
+        if profiles is not None:
+            by_tp = {tp: profiles.get(lay.model, lay.gpu, tp) for tp in lay.tp_choices}
         return cls(
             task=env.task,
             layout=lay,
             codec=env.codec,
             view=ObsView(tuple(env.observation_names), lay),
-            profiles={tp: lib.get(lay.model, lay.gpu, tp) for tp in lay.tp_choices},
-            thermal=getattr(backend, "thermal", None) or ThermalParams.load(),
-            pool_stats=pool_stats_from_backend(backend),
-            server=ServerPowerSpec(spec.gpus, spec.max_power_w, spec.gpu_tdp_w,
-                                   spec.overhead_idle_w),
+            profiles=by_tp,
+            thermal=desc.thermal,
+            pool_stats=desc.pool_stats,
+            server=desc.server,
             reconfig_every=int(env.reconfig_every),
         )
 

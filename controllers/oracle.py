@@ -1,9 +1,10 @@
 """Hindsight oracle for the energy task: knows the future load and tries its options.
 
-This controller CHEATS on purpose: it reads the episode's request trace from the `SimCluster`
-behind the env (true future arrival rates per pool) and simulates candidate actions on deep
-copies of the env (same random state, hence the same future). It is the lower bound every
-energy policy is measured against, and it only works on the simulated backend.
+This controller CHEATS on purpose: it reads the true future arrival rates per pool from the
+backend's description (`BackendDescription.arrival_oracle`, which only the simulator offers)
+and simulates candidate actions on deep copies of the env (same random state, hence the same
+future). It is the lower bound every energy policy is measured against, and it only works on
+the simulated backend.
 
 Each interval: the DynamoLLM optimizer, fed with the true rates of the next interval and of
 the coming reconfiguration window, proposes a configuration; the oracle then simulates that
@@ -37,10 +38,12 @@ class OracleController:
 
     def __init__(self, ctx: ControllerContext, env,
                  freq_shifts: tuple[int, ...] = (-2, -1, 0, 1), lookahead: int = 3) -> None:
-        self.env = getattr(env, "unwrapped", env)
-        backend = self.env.backend
-        if not hasattr(backend, "trace") or not hasattr(backend, "trace_pool"):
-            raise ValueError("OracleController needs the SimCluster backend (it reads the trace)")
+        self.env = env.unwrapped
+        arrivals = self.env.backend.describe().arrival_oracle
+        if arrivals is None:
+            raise ValueError("OracleController needs a backend that knows its future arrivals "
+                             "(the simulator's arrival_oracle); this one has none")
+        self._arrivals = arrivals
         self.ctx = ctx
         self.freq_shifts = freq_shifts
         self.lookahead = max(1, int(lookahead))
@@ -52,17 +55,8 @@ class OracleController:
 
         The largest per-interval rate of the window when horizon > 1.
         """
-        b = self.env.backend
-        lay = self.ctx.layout
-        dt = lay.control_interval_s
-        t0 = b.time_s
-        edges = t0 + dt * np.arange(horizon + 1)
-        pos = np.searchsorted(b.trace.arrival_s, edges, side="left")
-        rates = np.zeros((horizon, lay.n_pools))
-        for h in range(horizon):
-            pool = b.trace_pool[pos[h]:pos[h + 1]]
-            rates[h] = np.bincount(pool, minlength=lay.n_pools) / dt
-        return rates.max(axis=0)
+        t0_s = self.env.last_telemetry.time_s
+        return self._arrivals(t0_s, horizon, self.ctx.layout.control_interval_s).max(axis=0)
 
     def reset(self) -> None:
         """Forget the planner's state."""

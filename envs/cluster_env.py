@@ -158,9 +158,15 @@ class ClusterEnv(gym.Env):
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        """Start an episode; the backend's randomness is seeded from `self.np_random`."""
+        """Start an episode; the backend's randomness is seeded from `self.np_random`.
+
+        ``options={"backend_seed": n}`` seeds the backend with `n` itself instead (what a run
+        seeded at the backend, such as `llm-cluster simulate`, reproduces).
+        """
         super().reset(seed=seed)
         backend_seed = int(self.np_random.integers(2**31 - 1))
+        if options and options.get("backend_seed") is not None:
+            backend_seed = int(options["backend_seed"])
         self._tel = self.backend.reset(seed=backend_seed)
         self._metrics = None
         self._reset_settings()
@@ -172,21 +178,12 @@ class ClusterEnv(gym.Env):
         return obs, info
 
     def step(self, action):
-        """Apply the action for one control interval."""
+        """Apply the action for one control interval (None: hold every setting, apply nothing)."""
         assert self._tel is not None, "call reset() before step()"
-        cluster_action, masked = self.codec.decode(action, self._legal_servers())
-        if cluster_action.pools is not None:
-            scaled = self._time_scaled(cluster_action.pools)
-            if scaled is not cluster_action.pools:
-                cluster_action = replace(cluster_action, pools=scaled)
-        self.backend.apply(cluster_action)
+        masked = False
+        if action is not None:
+            masked = self._apply(action)
         self._step_count += 1
-        if cluster_action.pools is not None:
-            self.pools = cluster_action.pools
-        if cluster_action.row_route_weight is not None:
-            self.route_weight = cluster_action.row_route_weight
-            self.freq_cap_mhz = cluster_action.row_freq_cap_mhz
-            self.quantized = cluster_action.row_quantized.astype(float)
         m = self.backend.advance()
         self._tel = self.backend.telemetry()
         self._metrics = m
@@ -196,6 +193,37 @@ class ClusterEnv(gym.Env):
         info = self._info(m, terms)
         info["placement_masked"] = float(masked)
         return obs, float(reward), False, truncated, info
+
+    def _apply(self, action) -> bool:
+        """Decode and apply an action; True when its VM placement was masked."""
+        cluster_action, masked = self.codec.decode(action, self._legal_servers())
+        if cluster_action.pools is not None:
+            scaled = self._time_scaled(cluster_action.pools)
+            if scaled is not cluster_action.pools:
+                cluster_action = replace(cluster_action, pools=scaled)
+        self.backend.apply(cluster_action)
+        if cluster_action.pools is not None:
+            self.pools = cluster_action.pools
+        if cluster_action.row_route_weight is not None:
+            self.route_weight = cluster_action.row_route_weight
+            self.freq_cap_mhz = cluster_action.row_freq_cap_mhz
+            self.quantized = cluster_action.row_quantized.astype(float)
+        return masked
+
+    @property
+    def last_metrics(self) -> ServiceMetrics | None:
+        """Service metrics of the last interval (None before the first step of an episode)."""
+        return self._metrics
+
+    @property
+    def last_telemetry(self) -> Telemetry | None:
+        """Telemetry at the end of the last interval (after `reset`: the first reading)."""
+        return self._tel
+
+    def close(self) -> None:
+        """Close the backend (a real node stops its sampler and workers, restores GPU settings)."""
+        self.backend.close()
+        super().close()
 
     def action_masks(self) -> np.ndarray:
         """Legal choices, flattened over the MultiDiscrete dimensions (MaskablePPO format)."""

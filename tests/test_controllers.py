@@ -11,11 +11,11 @@ from llm_cluster_gym.controllers.forecast import LoadForecaster
 from llm_cluster_gym.controllers.oracle import OracleController
 from llm_cluster_gym.controllers.perfmodel import predict_pool
 from llm_cluster_gym.controllers.registry import make_controller
-from llm_cluster_gym.controllers.rollout import run_controller, skip_warmup
 from llm_cluster_gym.controllers.static import StaticController, split_levels
 from llm_cluster_gym.controllers.tapas import TapasController
 from llm_cluster_gym.controllers.unaware import UnawareController
 from llm_cluster_gym.envs.cluster_env import ClusterEnv
+from llm_cluster_gym.envs.rollout import run_episode, skip_warmup
 from llm_cluster_gym.envs.sim.cluster import SimCluster
 from llm_cluster_gym.envs.sim.scenario import load_scenario
 
@@ -25,8 +25,8 @@ WARMUP = 12
 def _episode(task: str, scenario, name: str, seed: int = 0) -> dict[str, float]:
     backend = SimCluster(scenario, serving_model="request", record_ticks=True,
                          auto_place_vms=task == "energy")
-    result, _ = run_controller(lambda b: ClusterEnv(task=task, backend=b), backend,
-                               lambda env: make_controller(name, env), seed)
+    env = ClusterEnv(task=task, backend=backend)
+    result = run_episode(env, make_controller(name, env), seed)
     return skip_warmup(result, WARMUP).summary()
 
 

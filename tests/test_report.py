@@ -6,18 +6,13 @@ import math
 
 import numpy as np
 import pytest
-from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
+from llm_cluster_gym.envs.backend import PoolConfig
+from llm_cluster_gym.envs.cluster_env import ClusterEnv
+from llm_cluster_gym.envs.episode import SUMMARY_FIELDS, EpisodeResult, ReportError
 from llm_cluster_gym.envs.latency import LATENCY_EDGES_S, N_LATENCY_BINS
+from llm_cluster_gym.envs.rollout import run_episode
 from llm_cluster_gym.envs.sim.cluster import SimCluster
-from llm_cluster_gym.envs.sim.report import (
-    SUMMARY_FIELDS,
-    EpisodeResult,
-    ReportError,
-    format_table,
-    row_power_series,
-    run_episode,
-    write_report,
-)
+from llm_cluster_gym.envs.sim.report import format_table, row_power_series, write_report
 from llm_cluster_gym.envs.sim.scenario import FaultSpec, load_scenario
 from llm_cluster_gym.scripts.simulate import build_parser, main
 
@@ -40,14 +35,20 @@ def _small_faults() -> SimCluster:
     return SimCluster(s, record_ticks=True)
 
 
+def _fixed(cluster: SimCluster, seed: int | None = 0, policy=None, **kwargs) -> EpisodeResult:
+    """An episode the way `llm-cluster simulate` runs it (backend seeded with `seed`)."""
+    env = ClusterEnv(task="energy", backend=cluster)
+    return run_episode(env, policy, seed, seed_backend=True, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def small() -> EpisodeResult:
-    return run_episode(_small(), seed=0, progress=False)
+    return _fixed(_small(), seed=0)
 
 
 @pytest.fixture(scope="module")
 def faults() -> EpisodeResult:
-    return run_episode(_small_faults(), seed=1, progress=False)
+    return _fixed(_small_faults(), seed=1)
 
 
 def test_arrays_cover_every_interval(small: EpisodeResult) -> None:
@@ -122,48 +123,59 @@ def test_faults_show_in_telemetry_summaries(faults: EpisodeResult) -> None:
 
 
 def test_same_seed_same_summary() -> None:
-    a = run_episode(_small(), seed=3, progress=False).summary()
-    b = run_episode(_small(), seed=3, progress=False).summary()
+    a = _fixed(_small(), seed=3).summary()
+    b = _fixed(_small(), seed=3).summary()
     assert a == b
 
 
 class LowClock:
-    """A tiny controller: drop every pool to 1,200 MHz, and remember what it saw."""
+    """A tiny policy: every pool at 1,200 MHz; remembers the observations it saw."""
 
-    def __init__(self) -> None:
-        self.seen: list[object] = []
+    name = "low-clock"
 
-    def act(self, telemetry, metrics):
-        self.seen.append(metrics)
+    def __init__(self, env: ClusterEnv) -> None:
         pools = (PoolConfig(2, 4, 1200.0, 64), PoolConfig(2, 4, 1200.0, 64),
                  PoolConfig(4, 4, 1200.0, 64))
-        return ClusterAction(pools=pools) if metrics is None else None
+        self.action = env.codec.encode(pools)
+        self.seen: list[np.ndarray] = []
+        self.resets = 0
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+        self.seen.append(observation)
+        return self.action
 
 
-def test_controller_hook(small: EpisodeResult) -> None:
-    ctrl = LowClock()
-    r = run_episode(_small(), controller=ctrl, seed=0, progress=False)
-    assert len(ctrl.seen) == r.n_intervals == 12
-    assert ctrl.seen[0] is None and all(m is not None for m in ctrl.seen[1:])
-    assert r.controller_name == "LowClock" and small.controller_name == "fixed"
+def test_policy_drives_the_episode(small: EpisodeResult) -> None:
+    env = ClusterEnv(task="energy", backend=_small())
+    ctrl = LowClock(env)
+    r = run_episode(env, ctrl, 0, seed_backend=True)
+    assert len(ctrl.seen) == r.n_intervals == 12 and ctrl.resets == 1
+    assert r.controller_name == "low-clock" and small.controller_name == "fixed"
+    assert r.reward.shape == (12,) and np.isfinite(r.reward).all()
     # Same arrivals, lower clocks: less GPU energy.
     assert r.metrics["arrived"].sum() == small.metrics["arrived"].sum()
     assert r.metrics["gpu_energy_j"].sum() < small.metrics["gpu_energy_j"].sum()
 
 
-def test_controller_returning_junk_is_rejected() -> None:
-    class Bad:
-        def act(self, telemetry, metrics):
-            return {"freq_mhz": 1000}
+def test_env_seeding_differs_from_backend_seeding() -> None:
+    env = ClusterEnv(task="energy", backend=_small())
+    a = run_episode(env, None, 0, max_intervals=4)
+    b = run_episode(env, None, 0, max_intervals=4, seed_backend=True)
+    c = run_episode(env, None, 0, max_intervals=4)
+    assert a.metrics["arrived"].tolist() == c.metrics["arrived"].tolist()
+    assert a.metrics["arrived"].tolist() != b.metrics["arrived"].tolist()
 
-    with pytest.raises(ReportError, match="Bad.act returned dict"):
-        run_episode(_small(), controller=Bad(), progress=False)
+
+def test_bad_max_intervals_is_rejected() -> None:
     with pytest.raises(ReportError, match="max_intervals"):
-        run_episode(_small(), max_intervals=0, progress=False)
+        _fixed(_small(), max_intervals=0)
 
 
 def test_max_intervals_stops_early() -> None:
-    r = run_episode(_small(), progress=False, max_intervals=3)
+    r = _fixed(_small(), max_intervals=3)
     assert r.n_intervals == 3
 
 

@@ -1,18 +1,12 @@
-"""Run a whole episode on any cluster backend and write a report (table, JSON, plots).
+"""Write an episode's report: headline table, JSON summary and plots.
 
-`run_episode` drives a `ClusterBackend` (simulated or real) from `reset` to `done`, optionally
-under a controller, and keeps per-interval service metrics and telemetry summaries in numpy
-arrays (`EpisodeResult`). `EpisodeResult.summary` reduces them to the headline table: DynamoLLM's
-three metrics (energy, operational carbon, GPU-hour cost), latency percentiles, SLO attainment,
-throttling events and the peaks of row power and GPU temperature. `write_report` turns a result
-into ``report.md``, ``summary.json`` and PNG plots, writing nothing until everything has been
-computed, and each file through a temporary name renamed into place.
-
-Only what crosses the `envs.backend` seam is read (telemetry and metrics), plus optional
-attributes a backend may have for nicer reports: ``scenario`` (name, GPU-hour price),
-``n_intervals`` (progress-bar length), ``thermal.slowdown_temp_c`` (threshold line) and, when
-``record_ticks`` is true, the per-tick ``record`` of `SimCluster` (row power within each interval:
-mean and peak instead of a single end-of-interval reading).
+`write_report` turns an `envs.episode.EpisodeResult` (recorded by the runner of
+`envs.rollout` or by the live loop) into ``report.md``, ``summary.json`` and PNG plots, writing
+nothing until everything has been computed, and each file through a temporary name renamed
+into place. The table's figures and labels are `EpisodeResult.summary` and
+`envs.episode.SUMMARY_FIELDS`. With a per-tick history (a simulator built with
+``record_ticks``) the row power plot shows the mean and peak within each interval instead of a
+single end-of-interval reading.
 """
 
 from __future__ import annotations
@@ -22,59 +16,15 @@ import io
 import json
 import math
 import os
-import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-from llm_cluster_gym.envs.backend import ClusterAction, ClusterBackend, ServiceMetrics, Telemetry
-from llm_cluster_gym.envs.latency import histogram_percentile
-from tqdm import tqdm
+from llm_cluster_gym.envs.episode import SUMMARY_FIELDS, EpisodeResult, ReportError
 
+__all__ = ["PLOT_FILES", "ReportError", "format_table", "row_power_series", "write_report"]
 
-class ReportError(ValueError):
-    """Bad input to the episode runner or the report writer; the message names field and value."""
-
-
-class Controller(Protocol):
-    """Anything that picks the next interval's action from what an operator can see."""
-
-    def act(self, telemetry: Telemetry, metrics: ServiceMetrics | None) -> ClusterAction | None:
-        """Return an action for the next interval, or None to keep the current configuration.
-
-        Args:
-            telemetry: Hardware state at the end of the last interval (after `reset` at first).
-            metrics: Service metrics of the last interval; None before the first interval.
-        """
-        ...
-
-
-# Headline table: key -> (label, unit). The order is the order of the printed table.
-SUMMARY_FIELDS: dict[str, tuple[str, str]] = {
-    "duration_s": ("simulated time", "s"),
-    "energy_kwh": ("energy (servers, incl. overhead)", "kWh"),
-    "energy_per_token_j": ("energy per output token", "J"),
-    "carbon_kg": ("operational carbon", "kg CO2"),
-    "gpu_hours": ("GPU-hours (serving instances)", "GPU h"),
-    "cost_usd": ("GPU-hour cost", "USD"),
-    "ttft_p50_s": ("TTFT P50", "s"),
-    "ttft_p99_s": ("TTFT P99", "s"),
-    "ttft_p99_worst_interval_s": ("TTFT P99 of the worst interval", "s"),
-    "tbt_p50_s": ("TBT P50", "s"),
-    "tbt_p99_s": ("TBT P99", "s"),
-    "tbt_p99_worst_interval_s": ("TBT P99 of the worst interval", "s"),
-    "slo_attainment": ("SLO attainment (finished requests)", "fraction"),
-    "thermal_throttle_events": ("thermal throttling events (GPU onsets)", "count"),
-    "power_throttle_events": ("power capping events (row onsets)", "count"),
-    "peak_row_power_kw": ("peak row power", "kW"),
-    "max_gpu_temp_c": ("max GPU temperature", "C"),
-    "tokens_generated": ("output tokens generated", "tokens"),
-    "requests_arrived": ("requests arrived", "count"),
-    "requests_finished": ("requests finished", "count"),
-    "requests_dropped": ("requests dropped", "count"),
-}
 
 PLOT_FILES = {
     "row_power": "row_power.png",
@@ -82,262 +32,6 @@ PLOT_FILES = {
     "latency": "latency.png",
     "energy": "energy.png",
 }
-
-
-@dataclass
-class EpisodeResult:
-    """Per-interval history of one episode (arrays indexed by control interval).
-
-    Attributes:
-        scenario_name: Name of the scenario (or "unknown" for a backend without one).
-        seed: Seed passed to `reset`.
-        controller_name: Class name of the controller, or "fixed" for the scenario's configuration.
-        interval_s: Control interval length (s).
-        time_s: End time of each interval (s), shape (n,).
-        metrics: Every scalar field of `ServiceMetrics` (plus ``slo_attainment``) as an array of
-            shape (n,), keyed by field name (``energy_j``, ``ttft_p99_s``, ...).
-        row_power_w: Row power at the end of each interval (W), shape (n, rows).
-        row_limit_w: Row power limit at the end of each interval (W), shape (n, rows).
-        aisle_inlet_c: Aisle inlet temperature at the end of each interval (C), shape (n, aisles).
-        aisle_max_gpu_temp_c: Hottest GPU of each aisle at the end of each interval (C),
-            shape (n, aisles).
-        active_faults: Names of the faults active at the end of each interval.
-        slo_ttft_s: TTFT SLO of each pool (s).
-        slo_tbt_s: TBT SLO of each pool (s).
-        pool_names: Name of each pool (labels of the SLO lines).
-        slowdown_temp_c: GPU thermal slowdown threshold (C), if the backend exposes it.
-        gpu_hour_usd: Price of one GPU-hour (USD) used for the cost line.
-        wall_s: Wall-clock time the episode took (s).
-        tick_time_s: End time of each simulator tick (s), shape (m,), or None when the backend
-            kept no per-tick record.
-        tick_row_power_w: Row power at each tick (W), shape (m, rows), or None.
-        tick_row_limit_w: Row power limit at each tick (W), shape (m, rows), or None.
-        ttft_hist: Finished requests per TTFT bin (`envs.latency`) of each interval, shape
-            (n, bins), or None when the backend reports no histograms.
-        tbt_hist: The same for TBT.
-    """
-
-    scenario_name: str
-    seed: int | None
-    controller_name: str
-    interval_s: float
-    time_s: np.ndarray
-    metrics: dict[str, np.ndarray]
-    row_power_w: np.ndarray
-    row_limit_w: np.ndarray
-    aisle_inlet_c: np.ndarray
-    aisle_max_gpu_temp_c: np.ndarray
-    active_faults: list[tuple[str, ...]] = field(default_factory=list)
-    slo_ttft_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    slo_tbt_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    pool_names: tuple[str, ...] = ()
-    slowdown_temp_c: float | None = None
-    gpu_hour_usd: float = 0.0
-    wall_s: float = 0.0
-    tick_time_s: np.ndarray | None = None
-    tick_row_power_w: np.ndarray | None = None
-    tick_row_limit_w: np.ndarray | None = None
-    ttft_hist: np.ndarray | None = None
-    tbt_hist: np.ndarray | None = None
-
-    @property
-    def n_intervals(self) -> int:
-        """Number of control intervals recorded."""
-        return len(self.time_s)
-
-    def summary(self) -> dict[str, float]:
-        """The headline table as plain floats (see `SUMMARY_FIELDS` for labels and units).
-
-        Energy, carbon, GPU-hours, tokens, requests and throttling events are sums over the
-        intervals. SLO attainment is over all finished requests (1 - violations / finished, the
-        finished-weighted mean of the interval attainments).
-
-        Latency: percentiles do not combine over intervals, counts do. ``*_p50_s`` and
-        ``*_p99_s`` are the episode's percentiles over every finished request, read from the
-        sum of the intervals' latency histograms (`envs.latency`: within one 12%-wide bin of
-        the exact value). ``*_p99_worst_interval_s`` is the largest interval P99: the worst
-        interval, which an SLO report also wants. Intervals that finished nothing are left
-        out. Without histograms (a backend that reports none), P50 is the finished-weighted
-        mean of the interval medians and P99 the worst interval's (an upper bound of the
-        episode P99).
-
-        Returns:
-            Mapping from the keys of `SUMMARY_FIELDS` to values; ``energy_per_token_j`` is NaN
-            when no token was generated, latencies are NaN when no request finished.
-        """
-        if self.n_intervals == 0:
-            raise ReportError("EpisodeResult.summary: field 'time_s' is empty (no interval was run)")
-        m = self.metrics
-        finished = m["finished"]
-        served = finished > 0
-        energy_j = float(m["energy_j"].sum())
-        tokens = float(m["tokens_generated"].sum())
-        n_finished = float(finished.sum())
-        gpu_hours = float(m["gpu_hours"].sum())
-
-        def worst(key: str) -> float:
-            return float(m[key][served].max()) if served.any() else math.nan
-
-        def percentile(hist: np.ndarray | None, q: float, key: str) -> float:
-            if not served.any():
-                return math.nan
-            if hist is not None and hist.sum() > 0:
-                return histogram_percentile(hist.sum(axis=0, dtype=float), q)
-            if q == 50.0:
-                return float(np.average(m[key][served], weights=finished[served]))
-            return worst(key)
-
-        return {
-            "duration_s": float(self.n_intervals * self.interval_s),
-            "energy_kwh": energy_j / 3.6e6,
-            "energy_per_token_j": energy_j / tokens if tokens > 0 else math.nan,
-            "carbon_kg": float(m["carbon_g"].sum()) / 1000.0,
-            "gpu_hours": gpu_hours,
-            "cost_usd": gpu_hours * self.gpu_hour_usd,
-            "ttft_p50_s": percentile(self.ttft_hist, 50.0, "ttft_p50_s"),
-            "ttft_p99_s": percentile(self.ttft_hist, 99.0, "ttft_p99_s"),
-            "ttft_p99_worst_interval_s": worst("ttft_p99_s"),
-            "tbt_p50_s": percentile(self.tbt_hist, 50.0, "tbt_p50_s"),
-            "tbt_p99_s": percentile(self.tbt_hist, 99.0, "tbt_p99_s"),
-            "tbt_p99_worst_interval_s": worst("tbt_p99_s"),
-            "slo_attainment": (1.0 - float(m["slo_violations"].sum()) / n_finished
-                               if n_finished > 0 else 1.0),
-            "thermal_throttle_events": float(m["thermal_throttle_events"].sum()),
-            "power_throttle_events": float(m["power_throttle_events"].sum()),
-            "peak_row_power_kw": float(m["peak_row_power_w"].max()) / 1000.0,
-            "max_gpu_temp_c": float(m["max_gpu_temp_c"].max()),
-            "tokens_generated": tokens,
-            "requests_arrived": float(m["arrived"].sum()),
-            "requests_finished": n_finished,
-            "requests_dropped": float(m["dropped"].sum()),
-        }
-
-
-def run_episode(
-    backend: ClusterBackend,
-    controller: Controller | None = None,
-    seed: int | None = 0,
-    progress: bool = True,
-    max_intervals: int | None = None,
-) -> EpisodeResult:
-    """Drive `backend` for a whole episode and collect per-interval metrics and telemetry.
-
-    Each interval: the controller (if any) sees the latest telemetry and the last interval's
-    metrics and may return an action, which is applied; then the backend advances one control
-    interval. Without a controller the backend keeps the configuration `reset` gave it (the
-    scenario's fixed configuration for `SimCluster`).
-
-    Args:
-        backend: Any `ClusterBackend` (e.g. `envs.sim.cluster.SimCluster`).
-        controller: Object with ``act(telemetry, metrics) -> ClusterAction | None``, or None.
-        seed: Seed for `backend.reset`.
-        progress: Show a tqdm progress bar (on stderr).
-        max_intervals: Stop after this many intervals even if the backend is not done (needed
-            for backends whose `done` never becomes true, such as a live node).
-
-    Returns:
-        The episode's `EpisodeResult`.
-
-    Raises:
-        ReportError: ``max_intervals`` is not positive, or the controller returned something
-            that is not a `ClusterAction` or None.
-    """
-    if max_intervals is not None and max_intervals <= 0:
-        raise ReportError(f"run_episode: field 'max_intervals' must be > 0, got {max_intervals!r}")
-    layout = backend.layout
-    gpu_aisle = np.repeat(np.asarray(layout.server_aisle), layout.gpus_per_server)
-    scenario = getattr(backend, "scenario", None)
-    total = getattr(backend, "n_intervals", None)
-    if max_intervals is not None:
-        total = min(total, max_intervals) if total is not None else max_intervals
-    name = str(getattr(scenario, "name", "unknown"))
-
-    start = time.perf_counter()
-    tel = backend.reset(seed=seed)
-    metrics: ServiceMetrics | None = None
-    rows: list[dict[str, float]] = []
-    times, row_w, row_lim, inlet, aisle_temp, faults = [], [], [], [], [], []
-    ttft_hist: list[np.ndarray] = []
-    tbt_hist: list[np.ndarray] = []
-    with tqdm(total=total, disable=not progress, desc=f"simulating {name}", unit="interval",
-              leave=False) as bar:
-        while not backend.done and (max_intervals is None or len(rows) < max_intervals):
-            if controller is not None:
-                action = controller.act(tel, metrics)
-                if action is not None:
-                    if not isinstance(action, ClusterAction):
-                        raise ReportError(
-                            f"run_episode: {type(controller).__name__}.act returned "
-                            f"{type(action).__name__} ({action!r}); expected ClusterAction or None"
-                        )
-                    backend.apply(action)
-            metrics = backend.advance()
-            tel = backend.telemetry()
-            rows.append(metrics.as_dict())
-            ttft_hist.append(metrics.ttft_hist)
-            tbt_hist.append(metrics.tbt_hist)
-            times.append(tel.time_s)
-            row_w.append(np.asarray(tel.row_power_w, dtype=float))
-            row_lim.append(np.asarray(tel.row_limit_w, dtype=float))
-            inlet.append(np.asarray(tel.aisle_inlet_c, dtype=float))
-            hottest = np.full(layout.n_aisles, -np.inf)
-            np.maximum.at(hottest, gpu_aisle, np.asarray(tel.gpu_temp_c, dtype=float))
-            aisle_temp.append(hottest)
-            faults.append(tuple(tel.active_faults))
-            bar.update(1)
-    tick_t, tick_w, tick_lim = _tick_record(backend, layout.n_rows)
-    keys = list(rows[0]) if rows else list(ServiceMetrics.__dataclass_fields__) + ["slo_attainment"]
-    thermal = getattr(backend, "thermal", None)
-    slowdown = getattr(thermal, "slowdown_temp_c", None)
-    return EpisodeResult(
-        scenario_name=name,
-        seed=seed,
-        controller_name="fixed" if controller is None else type(controller).__name__,
-        interval_s=float(layout.control_interval_s),
-        time_s=np.asarray(times, dtype=float),
-        metrics={k: np.array([r.get(k, math.nan) for r in rows], dtype=float) for k in keys},
-        row_power_w=_stack(row_w, layout.n_rows),
-        row_limit_w=_stack(row_lim, layout.n_rows),
-        aisle_inlet_c=_stack(inlet, layout.n_aisles),
-        aisle_max_gpu_temp_c=_stack(aisle_temp, layout.n_aisles),
-        active_faults=faults,
-        slo_ttft_s=np.asarray(layout.slo_ttft_s, dtype=float),
-        slo_tbt_s=np.asarray(layout.slo_tbt_s, dtype=float),
-        pool_names=tuple(layout.pool_names),
-        slowdown_temp_c=None if slowdown is None else float(slowdown),
-        gpu_hour_usd=float(getattr(scenario, "gpu_hour_usd", 0.0) or 0.0),
-        wall_s=time.perf_counter() - start,
-        tick_time_s=tick_t,
-        tick_row_power_w=tick_w,
-        tick_row_limit_w=tick_lim,
-        ttft_hist=_stack_hist(ttft_hist),
-        tbt_hist=_stack_hist(tbt_hist),
-    )
-
-
-def _stack_hist(hists: list[np.ndarray]) -> np.ndarray | None:
-    """Per-interval histograms as one float32 array (n, bins); None if none was reported."""
-    if not hists or all(h.sum() == 0 for h in hists):
-        return None
-    return np.stack(hists).astype(np.float32)
-
-
-def _tick_record(
-    backend: ClusterBackend, n_rows: int
-) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-    """Per-tick row power and limits from a backend that recorded them (`SimCluster`), else None."""
-    record = getattr(backend, "record", None)
-    if not getattr(backend, "record_ticks", False) or record is None:
-        return None, None, None
-    t = getattr(record, "time_s", None)
-    if not t:
-        return None, None, None
-    return (np.asarray(t, dtype=float), _stack(record.row_power_w, n_rows),
-            _stack(record.row_limit_w, n_rows))
-
-
-def _stack(arrays: list[np.ndarray], width: int) -> np.ndarray:
-    return np.vstack(arrays) if arrays else np.zeros((0, width))
 
 
 # ---------------------------------------------------------------------------------- tables

@@ -66,7 +66,7 @@ def env_digest(env_id: str, seed: int = 0) -> str:
 def controller_digest(task: str, scenario_name: str, controller: str, seed: int = 0) -> str:
     """Digest of one short simulated episode of a rule-based controller (every interval metric)."""
     from llm_cluster_gym.controllers.registry import policy_maker
-    from llm_cluster_gym.controllers.rollout import run_measured
+    from llm_cluster_gym.envs.rollout import run_measured
     from llm_cluster_gym.envs.sim.scenario import load_scenario
 
     scenario = load_scenario(scenario_name).with_overrides(duration_s=CONTROLLER_DURATION_S)
@@ -84,13 +84,15 @@ FIXED_CELLS = (("small", "request"), ("small_faults", "request"), ("small_tapas"
 
 def fixed_digest(scenario_name: str, serving: str, seed: int = 0) -> str:
     """Digest of a short episode under the scenario's fixed configuration (`llm-cluster simulate`)."""
+    from llm_cluster_gym.envs.cluster_env import ClusterEnv
+    from llm_cluster_gym.envs.rollout import run_episode
     from llm_cluster_gym.envs.sim.cluster import SimCluster
-    from llm_cluster_gym.envs.sim.report import run_episode
     from llm_cluster_gym.envs.sim.scenario import load_scenario
 
     scenario = load_scenario(scenario_name).with_overrides(duration_s=CONTROLLER_DURATION_S)
-    result = run_episode(SimCluster(scenario, serving_model=serving, record_ticks=True), seed=seed,
-                         progress=False)
+    env = ClusterEnv(task="energy", backend=SimCluster(scenario, serving_model=serving,
+                                                        record_ticks=True))
+    result = run_episode(env, None, seed, seed_backend=True)
     digest = _Digest()
     digest.add(result.metrics)
     digest.add(result.row_power_w)
