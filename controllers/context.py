@@ -12,11 +12,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from llm_cluster_gym.envs.backend import ClusterLayout, PoolStats, ServerPowerSpec
+from llm_cluster_gym.envs.actions import ROUTE_WEIGHT_LEVELS
+from llm_cluster_gym.envs.backend import (
+    ClusterAction,
+    ClusterLayout,
+    PoolConfig,
+    PoolStats,
+    ServerPowerSpec,
+)
 from llm_cluster_gym.envs.sim.profiles import Profile, ProfileLibrary
 from llm_cluster_gym.envs.sim.thermal import ThermalParams
 
 __all__ = ["ControllerContext", "ControllerError", "ObsView", "PoolStats", "ServerPowerSpec"]
+
+_ROUTE_WEIGHTS = np.array(ROUTE_WEIGHT_LEVELS)
 
 
 class ControllerError(ValueError):
@@ -154,36 +163,37 @@ class ControllerContext:
             reconfig_every=int(env.reconfig_every),
         )
 
-    # --------------------------------------------------------------- action-block helpers
+    # --------------------------------------------------------------- action helpers
     @property
-    def n_pool_dims(self) -> int:
-        """Length of the pool block of the action (0 for the thermal task)."""
-        return 4 * self.layout.n_pools if self.codec.has_pools else 0
+    def initial_pools(self) -> tuple[PoolConfig, ...]:
+        """The scenario's initial pool configuration as the action codec represents it."""
+        return self.codec.nearest_pools(self.layout.initial_pools)
 
-    def initial_pool_block(self) -> np.ndarray:
-        """The pool block encoding the scenario's initial configuration."""
-        return self.codec.encode(self.layout.initial_pools)
+    def action(self, pools: tuple[PoolConfig, ...] | None = None,
+               route_level: np.ndarray | None = None, cap_idx: np.ndarray | None = None,
+               quantized: np.ndarray | None = None, vm_server: int | None = None) -> ClusterAction:
+        """A `ClusterAction` for this task; the parts the task has no action for are dropped.
 
-    def row_block(self, route_level: np.ndarray, cap_idx: np.ndarray,
-                  quantized: np.ndarray) -> np.ndarray:
-        """The per-row block (routing level, clock-ceiling index, quantized)."""
-        return np.column_stack([route_level, cap_idx, quantized]).astype(np.int64).ravel()
-
-    def assemble(self, pool_block: np.ndarray | None, row_block: np.ndarray | None,
-                 placement: int | None) -> np.ndarray:
-        """A full action vector for this task from its blocks."""
-        parts = []
-        if self.codec.has_pools:
-            parts.append(np.asarray(pool_block, dtype=np.int64))
-        if self.codec.has_rows:
-            parts.append(np.asarray(row_block, dtype=np.int64))
-            parts.append(np.array([self.layout.n_servers if placement is None else placement],
-                                  dtype=np.int64))
-        return np.concatenate(parts)
+        Args:
+            pools: Pool configurations (tasks with pool actions).
+            route_level: Per row, the routing weight's index in `ROUTE_WEIGHT_LEVELS`.
+            cap_idx: Per row, the SaaS clock ceiling's index in `layout.freq_choices_mhz`.
+            quantized: Per row, serve the quantized model (0/1).
+            vm_server: Server for the waiting VM, or None to keep it waiting.
+        """
+        if not self.codec.has_rows:
+            return ClusterAction(pools=pools if self.codec.has_pools else None)
+        freqs = np.asarray(self.layout.freq_choices_mhz, dtype=float)
+        return ClusterAction(
+            pools=pools if self.codec.has_pools else None,
+            row_route_weight=None if route_level is None else _ROUTE_WEIGHTS[np.asarray(route_level)],
+            row_freq_cap_mhz=None if cap_idx is None else freqs[np.asarray(cap_idx)],
+            row_quantized=None if quantized is None else np.asarray(quantized).astype(bool),
+            vm_server=vm_server)
 
     def legal_servers(self, action_mask: np.ndarray | None) -> np.ndarray:
-        """Servers the pending VM may go to (from the action mask; none without a mask)."""
-        n = self.layout.n_servers
-        if action_mask is None or not self.codec.has_rows:
-            return np.zeros(n, dtype=bool)
-        return np.asarray(action_mask[-(n + 1):-1], dtype=bool)
+        """Servers the pending VM may go to, as the codec reads them from the action mask.
+
+        None without a mask or for a task without placement.
+        """
+        return self.codec.legal_servers(action_mask)

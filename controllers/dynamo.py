@@ -21,10 +21,11 @@ import numpy as np
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.forecast import LoadForecaster
 from llm_cluster_gym.controllers.perfmodel import predict_pool
+from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
 
 
 class DynamoController:
-    """Energy manager over the pool block of the action (energy and combined tasks).
+    """Energy manager over the pools of the action (energy and combined tasks).
 
     Args:
         ctx: Static description of the env.
@@ -60,9 +61,9 @@ class DynamoController:
         self.forecaster.reset()
         self.step = 0
         lay = self.ctx.layout
-        init = self.ctx.initial_pool_block().reshape(lay.n_pools, 4)
-        self.levels = init[:, 0].copy()
-        self.tp_idx = init[:, 1].copy()
+        codec, init = self.ctx.codec, self.ctx.initial_pools
+        self.levels = codec.share_levels_for(codec.pool_servers(init))
+        self.tp_idx = np.array([lay.tp_choices.index(p.tp) for p in init], dtype=np.int64)
 
     # ------------------------------------------------------------------ model helpers
     def _servers(self, level: np.ndarray) -> np.ndarray:
@@ -148,8 +149,8 @@ class DynamoController:
         peak = self.forecaster.peak(self.ctx.reconfig_every) * self.peak_headroom
         return nxt + backlog_rps, np.maximum(peak, nxt + backlog_rps)
 
-    def pool_block(self, observation: np.ndarray) -> np.ndarray:
-        """The pool block of the action for this interval."""
+    def next_pools(self, observation: np.ndarray) -> tuple[PoolConfig, ...]:
+        """The pool configurations for the next interval (one call per interval: it counts)."""
         lay = self.ctx.layout
         rate_next, rate_peak = self._rates(observation)
         if self.step % self.ctx.reconfig_every == 0:
@@ -165,18 +166,20 @@ class DynamoController:
             if feas[0]:
                 f_idx[p] = fi[0]
         self.step += 1
-        block = np.column_stack([self.levels, self.tp_idx, f_idx,
-                                 np.full(lay.n_pools, self.batch_idx)])
-        return block.astype(np.int64).ravel()
+        return self.ctx.codec.pool_configs(self.levels, self.tps[self.tp_idx], self.freqs[f_idx],
+                                           [lay.batch_choices[self.batch_idx]] * lay.n_pools)
 
-    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
-        """Pool block from the energy manager; rows (combined task) untouched and uncapped."""
-        ctx = self.ctx
-        pools = self.pool_block(observation)
-        rows = None
-        if ctx.codec.has_rows:
-            r = ctx.layout.n_rows
-            rows = ctx.row_block(np.full(r, 3), np.full(r, len(self.freqs) - 1), np.zeros(r))
+    def decide(self, observation: np.ndarray, action_mask: np.ndarray | None = None
+               ) -> ClusterAction:
+        """Pools from the energy manager; rows (combined task) at full weight and uncapped."""
         from llm_cluster_gym.controllers.static import first_fit
 
-        return ctx.assemble(pools, rows, first_fit(ctx.legal_servers(action_mask)))
+        ctx = self.ctx
+        pools = self.next_pools(observation)
+        r = ctx.layout.n_rows
+        return ctx.action(pools, route_level=np.full(r, 3), cap_idx=np.full(r, len(self.freqs) - 1),
+                          quantized=np.zeros(r), vm_server=first_fit(ctx.legal_servers(action_mask)))
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+        """`decide`, as the env's action vector."""
+        return self.ctx.codec.encode_action(self.decide(observation, action_mask))

@@ -64,16 +64,20 @@ class OracleController:
 
     def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
         """The cheapest SLO-clean candidate found by simulating the next interval."""
-        base = self.planner.act(observation, action_mask)
-        n_f = len(self.ctx.layout.freq_choices_mhz)
-        n_pool_dims = self.ctx.n_pool_dims
-        best, best_key = base, None
+        from dataclasses import replace
+
+        base = self.planner.decide(observation, action_mask)
+        freqs = self.ctx.layout.freq_choices_mhz
+        encode = self.ctx.codec.encode_action
+        best, best_key = encode(base), None
         for shift in self.freq_shifts:
-            cand = base.copy()
-            f = cand[2:n_pool_dims:4] + shift
-            cand[2:n_pool_dims:4] = np.clip(f, 0, n_f - 1)
-            if shift != 0 and np.array_equal(cand, base):
+            pools = tuple(
+                replace(p, freq_mhz=float(freqs[int(np.clip(freqs.index(p.freq_mhz) + shift, 0,
+                                                            len(freqs) - 1))]))
+                for p in base.pools)
+            if shift != 0 and pools == base.pools:
                 continue
+            cand = encode(replace(base, pools=pools))
             sim = copy.deepcopy(self.env)
             bad = energy_j = 0.0
             for _ in range(self.lookahead):

@@ -31,11 +31,13 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.perfmodel import worst_gpu_power_w
-from llm_cluster_gym.envs.backend import Telemetry
+from llm_cluster_gym.envs.actions import ROUTE_WEIGHT_LEVELS
+from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig, Telemetry
 
 INLET_RISE_C = 1.5
 """Bound on the inlet rise over one 5 s interval (C). The aisle inlet relaxes with tau = 300 s
@@ -91,7 +93,7 @@ class Shield:
             self.fallback.reset()
         self._dyn_hist.clear()
         self._tp_now: np.ndarray | None = None
-        self._last_pool_block: np.ndarray | None = None
+        self._last_pools: tuple[PoolConfig, ...] | None = None
         self._tp_changed_at = np.full(self.ctx.layout.n_pools, -(10**9))
         self.overrides = 0
         self.steps = 0
@@ -182,11 +184,20 @@ class Shield:
 
     # ------------------------------------------------------------------ policy
     def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
-        """The wrapped controller's action, or the clamped fallback when it would be unsafe."""
+        """The wrapped controller's action, or the clamped fallback when it would be unsafe.
+
+        The wrapped controller's vector comes back unchanged when the shield lets it through;
+        otherwise the shield edits the decoded `ClusterAction` and the codec encodes it.
+        """
         ctx, lay, view = self.ctx, self.ctx.layout, self.ctx.view
-        action = np.asarray(self.inner.act(observation, action_mask), dtype=np.int64)
-        fb_action = (self.fallback.act(observation, action_mask)
+        vector = np.asarray(self.inner.act(observation, action_mask), dtype=np.int64)
+        fb_vector = (self.fallback.act(observation, action_mask)
                      if self.fallback is not None else None)
+        # Without a mask legality is unknown: the proposed placement is judged as proposed.
+        legal = (ctx.legal_servers(action_mask) if action_mask is not None
+                 else np.ones(lay.n_servers, dtype=bool))
+        action, _ = ctx.codec.decode(vector, legal)
+        fb_action = ctx.codec.decode(fb_vector, legal)[0] if fb_vector is not None else None
         tel = self.telemetry()
         dyn_w = self._saas_dyn_w(tel)
         self.steps += 1
@@ -195,7 +206,8 @@ class Shield:
         if faults.any():
             kinds = np.array(["cooling_failure", "power_failure", "load_spike"])[faults]
             reasons.append("emergency:" + "+".join(kinds))
-        f_row, vm_server = self._row_clocks(action)
+        f_row = self._row_clocks(action)
+        vm_server = action.vm_server
         vm_w = view.pending_vm_gpu_w(observation)
         row_w, row_t = self._predict(tel, dyn_w, f_row, vm_server, vm_w)
         limit = np.asarray(tel.row_limit_w, dtype=float)
@@ -234,127 +246,118 @@ class Shield:
             self.overrides += 1
             self.reason_counts.update(reasons)
         if ctx.codec.has_pools:
-            self._last_pool_block = out[: ctx.n_pool_dims].copy()
-        return out
+            self._last_pools = out.pools
+        return vector if out is action else ctx.codec.encode_action(out)
 
-    def _pool_capacity(self, block: np.ndarray) -> np.ndarray:
+    def _pool_capacity(self, pools: tuple[PoolConfig, ...]) -> np.ndarray:
         """Concurrent sequences x relative clock per pool: a proxy of its serving capacity."""
-        lay = self.ctx.layout
-        b = block.reshape(lay.n_pools, 4)
-        tp = np.array(lay.tp_choices)[b[:, 1]]
-        inst = self.ctx.codec._servers_per_pool(b[:, 0]) * (lay.gpus_per_server // tp)
-        batch = np.array(lay.batch_choices)[b[:, 3]]
-        return inst * batch * self.freqs[b[:, 2]] / lay.max_freq_mhz
+        inst = np.array([p.n_instances for p in pools])
+        batch = np.array([p.max_batch for p in pools])
+        freq = np.array([p.freq_mhz for p in pools], dtype=float)
+        return inst * batch * freq / self.ctx.layout.max_freq_mhz
 
-    def _shrinks_while_backlogged(self, action: np.ndarray, observation: np.ndarray) -> bool:
+    def _shrinks_while_backlogged(self, action: ClusterAction, observation: np.ndarray) -> bool:
         """The cluster holds more than an interval of arrivals in its queues and loses capacity.
 
         Shrinking a backlogged cluster lets its queues age past the drop deadline; the shield
         keeps the capacity until the backlog drains (pools may still trade capacity).
         """
-        if self._last_pool_block is None:
+        if self._last_pools is None:
             return False
         view, lay = self.ctx.view, self.ctx.layout
         backlog = view.pool_backlog(observation).sum()
         backlogged = backlog > max(view.pool_rate_rps(observation).sum() * lay.control_interval_s, 1.0)
-        shrinks = self._pool_capacity(action[: self.ctx.n_pool_dims]).sum() < self._pool_capacity(
-            self._last_pool_block).sum() * 0.999
+        shrinks = self._pool_capacity(action.pools).sum() < self._pool_capacity(
+            self._last_pools).sum() * 0.999
         return bool(backlogged and shrinks)
 
-    def _pace_resharding(self, action: np.ndarray, force: bool = False) -> tuple[np.ndarray, bool]:
+    def _pace_resharding(self, action: ClusterAction, force: bool = False
+                         ) -> tuple[ClusterAction, bool]:
         """Hold each pool's TP unless its last change is `min_reshard_intervals` old.
 
         A TP change restarts every instance of the pool at once (model-load downtime); back to
         back, such restarts let queued requests age past the drop deadline. Spacing them keeps
         the downtime a small fraction of the time, so the backlog drains in between. With
-        `force` (the shield's own fallback) the change is recorded but never held back.
+        `force` (the shield's own fallback) the change is recorded but never held back. A held
+        pool keeps its servers at the old TP (instances per server follow the TP).
         """
-        lay = self.ctx.layout
-        tp_idx = action[1: 4 * lay.n_pools: 4]
+        tp = np.array([p.tp for p in action.pools])
         if self._tp_now is None:
-            self._tp_now = self.ctx.initial_pool_block()[1::4].copy()
-        changed = tp_idx != self._tp_now
+            self._tp_now = np.array([p.tp for p in self.ctx.initial_pools])
+        changed = tp != self._tp_now
         recent = (self.steps - self._tp_changed_at) < self.min_reshard_intervals
         if force:
             recent = np.zeros_like(recent)
         blocked = changed & recent
-        out = action.copy()
-        out[1: 4 * lay.n_pools: 4] = np.where(blocked, self._tp_now, tp_idx)
         allowed = changed & ~recent
         self._tp_changed_at = np.where(allowed, self.steps, self._tp_changed_at)
-        self._tp_now = out[1: 4 * lay.n_pools: 4].copy()
-        return out, bool(blocked.any())
+        if not blocked.any():
+            self._tp_now = tp
+            return action, False
+        servers = self.ctx.codec.pool_servers(action.pools)
+        gpus = self.ctx.layout.gpus_per_server
+        pools = tuple(
+            replace(p, tp=int(self._tp_now[i]), n_instances=int(servers[i]) * (gpus // int(self._tp_now[i])))
+            if blocked[i] else p for i, p in enumerate(action.pools))
+        self._tp_now = np.array([p.tp for p in pools])
+        return replace(action, pools=pools), True
 
-    def _row_clocks(self, action: np.ndarray) -> tuple[np.ndarray, int | None]:
-        """Effective SaaS clock ceiling per row and the placement of an action."""
-        ctx, lay = self.ctx, self.ctx.layout
+    def _row_clocks(self, action: ClusterAction) -> np.ndarray:
+        """Effective SaaS clock ceiling per row of an action (pool clocks and row ceilings)."""
+        lay = self.ctx.layout
         f = np.full(lay.n_rows, lay.max_freq_mhz)
-        if ctx.codec.has_pools:
-            f[:] = self.freqs[action[2:ctx.n_pool_dims:4]].max()
-        place = None
-        if ctx.codec.has_rows:
-            rows = action[ctx.n_pool_dims:ctx.n_pool_dims + 3 * lay.n_rows].reshape(-1, 3)
-            f = np.minimum(f, self.freqs[rows[:, 1]])
-            place = int(action[-1]) if int(action[-1]) < lay.n_servers else None
-        return f, place
+        if action.pools is not None:
+            f[:] = max(p.freq_mhz for p in action.pools)
+        if action.row_freq_cap_mhz is not None:
+            f = np.minimum(f, action.row_freq_cap_mhz)
+        return f
 
-    def _starves_a_row(self, action: np.ndarray, tel: Telemetry) -> bool:
-        """Weight 0 on a row that is within its limit: its load piles onto the other rows."""
-        lay, lo = self.ctx.layout, self.ctx.n_pool_dims
-        level = action[lo: lo + 3 * lay.n_rows: 3]
-        under = np.asarray(tel.row_power_w) <= np.asarray(tel.row_limit_w)
-        return bool(((level == 0) & under).any())
-
-    def _starves_a_pool(self, action: np.ndarray, observation: np.ndarray) -> bool:
-        lay, view = self.ctx.layout, self.ctx.view
-        levels = action[: 4 * lay.n_pools: 4]
-        tp = np.array(lay.tp_choices)[action[1: 4 * lay.n_pools: 4]]
-        servers = self.ctx.codec._servers_per_pool(levels)
-        inst = servers * (lay.gpus_per_server // tp)
+    def _starves_a_pool(self, action: ClusterAction, observation: np.ndarray) -> bool:
+        view = self.ctx.view
+        inst = sum(p.n_instances for p in action.pools)
         # A pool without instances of its own is served by the others (the router spills its
         # requests over every live instance, DynamoLLM-style consolidation); only a cluster
         # with no instance at all starves.
         demand = (view.pool_rate_rps(observation) > 0) | (view.pool_backlog(observation) > 0)
-        return bool(inst.sum() == 0 and (demand | (self.ctx.pool_stats.fraction > 0)).any())
+        return bool(inst == 0 and (demand | (self.ctx.pool_stats.fraction > 0)).any())
 
-    def _safe_fallback(self, action, fb_action, observation, action_mask, tel, dyn_w
-                       ) -> np.ndarray:
-        ctx, lay, _view = self.ctx, self.ctx.layout, self.ctx.view
-        out = (fb_action if fb_action is not None else action).copy()
+    def _safe_fallback(self, action: ClusterAction, fb_action: ClusterAction | None,
+                       observation, action_mask, tel, dyn_w) -> ClusterAction:
+        ctx = self.ctx
+        out = fb_action if fb_action is not None else action
         safe_idx = self._safe_row_freq_idx(tel, dyn_w)
         if ctx.codec.has_pools:
-            block = out[: ctx.n_pool_dims].reshape(lay.n_pools, 4)
-            if self._starves_a_pool(out, observation):
-                block[:] = ctx.initial_pool_block().reshape(lay.n_pools, 4)
+            pools = ctx.initial_pools if self._starves_a_pool(out, observation) else out.pools
             if not ctx.codec.has_rows:
-                block[:, 2] = np.minimum(block[:, 2], safe_idx.min())
-            out[: ctx.n_pool_dims] = block.ravel()
+                ceiling = float(self.freqs[safe_idx.min()])
+                pools = tuple(replace(p, freq_mhz=min(p.freq_mhz, ceiling)) for p in pools)
+            out = replace(out, pools=pools)
         if ctx.codec.has_rows:
-            lo = ctx.n_pool_dims
-            rows = out[lo: lo + 3 * lay.n_rows].reshape(lay.n_rows, 3)
-            rows[:, 1] = np.minimum(rows[:, 1], safe_idx)
+            cap = np.minimum(out.row_freq_cap_mhz, self.freqs[safe_idx])
             # Steer new requests away from rows pinned at their lowest clock, but starve none.
             pinned = safe_idx == 0
-            rows[:, 0] = np.maximum(rows[:, 0], 1)
+            weight = np.maximum(out.row_route_weight, ROUTE_WEIGHT_LEVELS[1])
             if pinned.any() and not pinned.all():
-                rows[pinned, 0] = 1
-            if not (rows[:, 0] == 3).any():
-                rows[int(np.argmax(safe_idx)), 0] = 3
-            out[lo: lo + 3 * lay.n_rows] = rows.ravel()
-            out[-1] = self._safe_placement(out, observation, action_mask, tel, dyn_w)
+                weight[pinned] = ROUTE_WEIGHT_LEVELS[1]
+            if not (weight == ROUTE_WEIGHT_LEVELS[-1]).any():
+                weight[int(np.argmax(safe_idx))] = ROUTE_WEIGHT_LEVELS[-1]
+            out = replace(out, row_freq_cap_mhz=cap, row_route_weight=weight)
+            out = replace(out, vm_server=self._safe_placement(out, observation, action_mask, tel,
+                                                              dyn_w))
         return out
 
-    def _safe_placement(self, action, observation, action_mask, tel, dyn_w) -> int:
-        """The proposed placement if safe, else the safest legal server, else 'none'."""
+    def _safe_placement(self, action: ClusterAction, observation, action_mask, tel, dyn_w
+                        ) -> int | None:
+        """The proposed placement if safe, else the safest legal server, else None (wait)."""
         ctx, lay, view = self.ctx, self.ctx.layout, self.ctx.view
         legal = ctx.legal_servers(action_mask)
-        f_row, _ = self._row_clocks(action)
+        f_row = self._row_clocks(action)
         vm_w = view.pending_vm_gpu_w(observation)
         limit = np.asarray(tel.row_limit_w, dtype=float) * self.power_margin
-        best, best_slack = lay.n_servers, -np.inf
-        choices = [int(action[-1])] + [int(s) for s in np.flatnonzero(legal)]
-        for s in choices:
-            if s >= lay.n_servers or not legal[s]:
+        best, best_slack = None, -np.inf
+        proposed = [] if action.vm_server is None else [action.vm_server]
+        for s in proposed + [int(s) for s in np.flatnonzero(legal)]:
+            if not legal[s]:
                 continue
             row_w, row_t = self._predict(tel, dyn_w, f_row, s, vm_w)
             slack = min(float(np.min(limit - row_w) / limit.max()),
@@ -364,4 +367,4 @@ class Shield:
             if slack > best_slack:
                 best, best_slack = s, slack
         # No safe server: keep the VM waiting (a masked choice is not executed).
-        return lay.n_servers if best_slack < 0 else best
+        return None if best_slack < 0 else best

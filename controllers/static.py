@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from llm_cluster_gym.controllers.context import ControllerContext
+from llm_cluster_gym.envs.backend import ClusterAction
 
 
 def split_levels(weights: np.ndarray, levels: int) -> np.ndarray:
@@ -54,21 +55,21 @@ class StaticController:
                          max(lay.batch_choices) / 2, st.mean_input_tokens, f))
         self.levels = split_levels(st.fraction * service_s, ctx.codec.share_levels)
         n = lay.n_pools
-        block = np.column_stack([
-            self.levels,
-            np.full(n, lay.tp_choices.index(tp)),
-            np.full(n, len(lay.freq_choices_mhz) - 1),
-            np.full(n, int(np.argmax(lay.batch_choices))),
-        ])
-        self.pool_block = block.astype(np.int64).ravel()
-        r = lay.n_rows
-        self.row_block = ctx.row_block(np.full(r, 3), np.full(r, len(lay.freq_choices_mhz) - 1),
-                                       np.zeros(r))
+        self.pools = ctx.codec.pool_configs(self.levels, [tp] * n, [lay.freq_choices_mhz[-1]] * n,
+                                            [max(lay.batch_choices)] * n)
 
     def reset(self) -> None:
         """Nothing to forget."""
 
-    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+    def decide(self, observation: np.ndarray, action_mask: np.ndarray | None = None
+               ) -> ClusterAction:
         """The fixed configuration; a waiting VM goes to the first legal server."""
-        place = first_fit(self.ctx.legal_servers(action_mask))
-        return self.ctx.assemble(self.pool_block, self.row_block, place)
+        r = self.ctx.layout.n_rows
+        return self.ctx.action(self.pools, route_level=np.full(r, 3),
+                               cap_idx=np.full(r, len(self.ctx.layout.freq_choices_mhz) - 1),
+                               quantized=np.zeros(r),
+                               vm_server=first_fit(self.ctx.legal_servers(action_mask)))
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+        """`decide`, as the env's action vector."""
+        return self.ctx.codec.encode_action(self.decide(observation, action_mask))

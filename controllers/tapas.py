@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 from llm_cluster_gym.controllers.context import ControllerContext
+from llm_cluster_gym.envs.backend import ClusterAction
 
 
 class TapasController:
@@ -32,7 +33,7 @@ class TapasController:
         power_high: Row power / limit above which the row is tightened.
         power_low: Below this (and thermally cool) the row is relaxed.
         temp_margin_c: Tighten when the aisle's hottest GPU is within this of slowdown.
-        pool_controller: Optional controller whose pool block is used (combined task);
+        pool_controller: Optional controller whose `next_pools` are used (combined task);
             otherwise the scenario's initial pool configuration is kept.
     """
 
@@ -138,15 +139,21 @@ class TapasController:
         raise_cap = relax & ~release_q & (self.cap_idx < self.n_f - 1)
         self.cap_idx = np.where(raise_cap, self.cap_idx + 1, self.cap_idx)
 
-    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+    def decide(self, observation: np.ndarray, action_mask: np.ndarray | None = None
+               ) -> ClusterAction:
         """Placement, routing and per-row SaaS reconfiguration for the next interval."""
         ctx = self.ctx
         frac, temp_c, _ = self._observe(observation)
         self._reconfigure(observation, frac, temp_c)
-        rows = ctx.row_block(self._routing(frac, temp_c), self.cap_idx, self.quant)
+        route_level = self._routing(frac, temp_c)
         place = self._place(observation, ctx.legal_servers(action_mask))
         pools = None
         if ctx.codec.has_pools:
-            pools = (self.pool_controller.pool_block(observation)
-                     if self.pool_controller is not None else ctx.initial_pool_block())
-        return ctx.assemble(pools, rows, place)
+            pools = (self.pool_controller.next_pools(observation)
+                     if self.pool_controller is not None else ctx.initial_pools)
+        return ctx.action(pools, route_level=route_level, cap_idx=self.cap_idx,
+                          quantized=self.quant, vm_server=place)
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+        """`decide`, as the env's action vector."""
+        return self.ctx.codec.encode_action(self.decide(observation, action_mask))

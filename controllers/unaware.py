@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.static import first_fit
+from llm_cluster_gym.envs.backend import ClusterAction
 
 
 class UnawareController:
@@ -20,16 +21,20 @@ class UnawareController:
 
     def __init__(self, ctx: ControllerContext) -> None:
         self.ctx = ctx
-        lay = ctx.layout
-        r = lay.n_rows
-        self.pool_block = ctx.initial_pool_block() if ctx.codec.has_pools else None
-        self.row_block = ctx.row_block(np.full(r, 3), np.full(r, len(lay.freq_choices_mhz) - 1),
-                                       np.zeros(r))
+        self.pools = ctx.initial_pools if ctx.codec.has_pools else None
 
     def reset(self) -> None:
         """Nothing to forget."""
 
-    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+    def decide(self, observation: np.ndarray, action_mask: np.ndarray | None = None
+               ) -> ClusterAction:
         """Equal routing, no caps, first-fit placement."""
-        place = first_fit(self.ctx.legal_servers(action_mask))
-        return self.ctx.assemble(self.pool_block, self.row_block, place)
+        r = self.ctx.layout.n_rows
+        return self.ctx.action(self.pools, route_level=np.full(r, 3),
+                               cap_idx=np.full(r, len(self.ctx.layout.freq_choices_mhz) - 1),
+                               quantized=np.zeros(r),
+                               vm_server=first_fit(self.ctx.legal_servers(action_mask)))
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+        """`decide`, as the env's action vector."""
+        return self.ctx.codec.encode_action(self.decide(observation, action_mask))

@@ -1,4 +1,4 @@
-"""Action spaces of the control tasks and their decoding into `ClusterAction`s.
+"""Action spaces of the control tasks, and the codec between their vectors and `ClusterAction`s.
 
 Every task uses one flat `MultiDiscrete` space (what stable-baselines3 and sb3-contrib's
 MaskablePPO support), made of blocks:
@@ -11,11 +11,18 @@ MaskablePPO support), made of blocks:
   index for "no placement" (the only legal choice when no VM waits). Illegal servers are
   masked by `action_masks()`; a masked choice is never executed (the VM keeps waiting) and
   the step's `info["placement_masked"]` says so.
+
+Only `ActionCodec` knows this layout. Controllers think in `ClusterAction`s: they read a
+vector with `decode`, build or edit the decoded action, and write it back with
+`encode_action` (its exact inverse); `servers_per_pool`, `pool_configs` and `server_splits`
+say which server counts a share vector really produces, so a controller can predict what
+executes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,14 +37,32 @@ _ROUTE_LEVELS = np.array(ROUTE_WEIGHT_LEVELS)
 
 TASKS = ("energy", "thermal", "combined")
 
+_MATCH_TOL = 1e-9
+"""Relative tolerance when a float setting (clock, routing weight) is matched to its choice."""
+
 
 class InvalidActionError(ValueError):
-    """An action outside the space, or with NaN or non-integer entries."""
+    """An action outside the space, with NaN or non-integer entries, or not representable."""
+
+
+def _share_order(levels: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """Sort key of the canonical order of share vectors.
+
+    Fewest levels in total first, then the last pool's level ascending, then the one before
+    it, ... (the order in which DynamoLLM's budget DP breaks ties).
+    """
+    return sum(levels), levels[::-1]
 
 
 @dataclass(frozen=True)
 class ActionCodec:
-    """Maps between the flat MultiDiscrete action and a `ClusterAction` for one task."""
+    """Maps between the flat MultiDiscrete action and a `ClusterAction` for one task.
+
+    `decode` reads a vector; `encode_action` writes one (``decode(encode_action(a)) == a`` for
+    every action `decode` can return); `servers_per_pool`, `pool_configs`, `server_splits` and
+    `pool_servers` relate share levels, server counts and instance counts exactly as `decode`
+    does; `masks` and `legal_servers` write and read the placement part of the action mask.
+    """
 
     task: str
     layout: ClusterLayout
@@ -104,8 +129,15 @@ class ActionCodec:
             )
         return a
 
+    # ------------------------------------------------------------------ vector -> action
     def decode(self, action: np.ndarray, legal_servers: np.ndarray) -> tuple[ClusterAction, bool]:
-        """Turn an action into a ClusterAction; the flag is True if a masked placement was dropped."""
+        """Turn an action into a ClusterAction; the flag is True if a masked placement was dropped.
+
+        The pools are the configurations `pool_configs` gives for the block's share levels (the
+        task always sets every pool); the rows get the chosen routing weights (all levels 0 read
+        as equal weight 1), clock ceilings and quantized flags; the placement is the chosen
+        server when it is legal, else None (the VM keeps waiting).
+        """
         a = self.validate(action)
         lay = self.layout
         pools = None
@@ -130,14 +162,14 @@ class ActionCodec:
         return ClusterAction(pools=pools, row_freq_cap_mhz=cap, row_quantized=quant,
                              row_route_weight=weight, vm_server=vm_server), masked
 
-    def _memoized(self, cache_name: str, key: bytes, build: Callable[[], Any]) -> Any:
+    def _memoized(self, cache_name: str, key: Any, build: Callable[[], Any]) -> Any:
         """``build()`` cached under ``key`` (policies repeat their choices; bounded size)."""
         cache = self.__dict__.setdefault(cache_name, {})
-        hit = cache.get(key)
-        if hit is None:
-            if len(cache) > 4096:
-                cache.clear()
-            cache[key] = hit = build()
+        if key in cache:
+            return cache[key]
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = hit = build()
         return hit
 
     def _rows(self, key: bytes, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -163,22 +195,27 @@ class ActionCodec:
     def _decode_pools(self, flat: np.ndarray) -> tuple[PoolConfig, ...]:
         lay = self.layout
         block = flat.reshape(lay.n_pools, 4)
-        servers = self._servers_per_pool(block[:, 0])
-        cfgs = []
-        for p in range(lay.n_pools):
-            tp = lay.tp_choices[block[p, 1]]
-            cfgs.append(PoolConfig(
-                n_instances=int(servers[p]) * (lay.gpus_per_server // tp),
-                tp=tp,
-                freq_mhz=float(lay.freq_choices_mhz[block[p, 2]]),
-                max_batch=int(lay.batch_choices[block[p, 3]]),
-            ))
-        return tuple(cfgs)
+        return self.pool_configs(block[:, 0], [lay.tp_choices[i] for i in block[:, 1]],
+                                 [lay.freq_choices_mhz[i] for i in block[:, 2]],
+                                 [lay.batch_choices[i] for i in block[:, 3]])
 
-    def _servers_per_pool(self, levels: np.ndarray) -> np.ndarray:
-        """Server counts per pool from share levels, scaled down to fit the SaaS servers."""
+    # ------------------------------------------------------------------ share levels
+    def servers_per_pool(self, levels: Sequence[int] | np.ndarray) -> np.ndarray:
+        """SaaS servers each pool gets for its share level (0..K), as `decode` assigns them.
+
+        Level ``l`` asks for ``l / K`` of the SaaS servers; when the asks add up to more than
+        all of them they are scaled down to fit. Each pool gets the floor of its ask, then the
+        servers left over go one each to the pools with the largest fractional remainders
+        (ties to the lower pool index) — so a pool may get one server more than its floor.
+
+        Raises:
+            InvalidActionError: A level outside 0..K.
+        """
+        lv = np.asarray(levels, dtype=np.int64)
         k = self.share_levels
-        want = levels / k * self.n_saas_servers
+        if lv.size and (lv.min() < 0 or lv.max() > k):
+            raise InvalidActionError(f"share levels must be in 0..{k}, got {lv.tolist()}")
+        want = lv / k * self.n_saas_servers
         total = want.sum()
         if total > self.n_saas_servers:
             want = want * self.n_saas_servers / total
@@ -192,6 +229,231 @@ class ActionCodec:
             spare -= 1
         return servers
 
+    def pool_configs(self, levels: Sequence[int] | np.ndarray, tp: Sequence[int],
+                     freq_mhz: Sequence[float], max_batch: Sequence[int]) -> tuple[PoolConfig, ...]:
+        """The pool configurations a share vector produces with these per-pool settings.
+
+        What `decode` returns for a pool block with these levels: each pool runs
+        ``servers_per_pool(levels)[p] * (gpus_per_server // tp[p])`` instances.
+        """
+        servers = self.servers_per_pool(levels)
+        gpus = self.layout.gpus_per_server
+        return tuple(
+            PoolConfig(n_instances=int(servers[p]) * (gpus // int(tp[p])), tp=int(tp[p]),
+                       freq_mhz=float(freq_mhz[p]), max_batch=int(max_batch[p]))
+            for p in range(self.layout.n_pools))
+
+    def pool_servers(self, pools: Sequence[PoolConfig]) -> np.ndarray:
+        """SaaS servers each pool occupies: its instances over the instances a server holds.
+
+        Raises:
+            InvalidActionError: A pool whose instances do not fill whole servers at its TP.
+        """
+        gpus = self.layout.gpus_per_server
+        out = np.zeros(len(pools), dtype=np.int64)
+        for p, cfg in enumerate(pools):
+            per_server = gpus // int(cfg.tp) if cfg.tp > 0 else 0
+            n = cfg.n_instances
+            if n == 0:
+                continue
+            if per_server <= 0 or n < 0 or n != int(n) or int(n) % per_server:
+                raise InvalidActionError(
+                    f"pools[{p}].n_instances={_plain(n)!r} is not a whole number of servers at "
+                    f"tp={_plain(cfg.tp)} ({per_server} instances per {gpus}-GPU server)")
+            out[p] = int(n) // per_server
+        return out
+
+    def server_splits(self) -> np.ndarray:
+        """Every split of the SaaS servers over the pools that share levels within budget give.
+
+        Within budget: levels adding up to at most K (no ask scaled down). Each split is what
+        `servers_per_pool` (so `decode`) really assigns, remainders included.
+
+        Returns:
+            Read-only int array (splits, n_pools), distinct rows, in the canonical order of
+            their share levels (fewest levels in total first, then the last pool's level
+            ascending, then the one before it, ...).
+        """
+        cached = self.__dict__.get("_splits")
+        if cached is None:
+            seen: dict[tuple[int, ...], None] = {}
+            for lv in self._levels_in_order():
+                if sum(lv) <= self.share_levels:
+                    seen.setdefault(tuple(int(s) for s in self.servers_per_pool(lv)), None)
+            cached = np.array(list(seen), dtype=np.int64).reshape(-1, self.layout.n_pools)
+            cached.flags.writeable = False
+            object.__setattr__(self, "_splits", cached)
+        return cached
+
+    def _levels_in_order(self) -> list[tuple[int, ...]]:
+        """Every share vector, in the canonical order (cached)."""
+        cached = self.__dict__.get("_all_levels")
+        if cached is None:
+            cached = sorted(itertools.product(range(self.share_levels + 1),
+                                              repeat=self.layout.n_pools), key=_share_order)
+            object.__setattr__(self, "_all_levels", cached)
+        return cached
+
+    def share_levels_for(self, servers: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The canonical share levels that `servers_per_pool` turns into this server split.
+
+        The first in canonical order (see `server_splits`) of the share vectors giving it.
+
+        Raises:
+            InvalidActionError: No share vector gives this split.
+        """
+        split = tuple(int(s) for s in np.asarray(servers, dtype=np.int64).ravel())
+        levels = None
+        if len(split) == self.layout.n_pools:
+            levels = self._levels_for_servers(split)
+        if levels is None:
+            raise InvalidActionError(
+                f"servers per pool {list(split)}: no share levels 0..{self.share_levels} over "
+                f"{self.layout.n_pools} pools split the {self.n_saas_servers} SaaS servers so "
+                "(see server_splits)")
+        return np.array(levels, dtype=np.int64)
+
+    def _levels_for_servers(self, servers: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The first share vector (canonical order) that `servers_per_pool` maps to `servers`.
+
+        Without scaling, a pool gets the floor of its ask or one more, so the few levels whose
+        floor is ``s`` or ``s - 1`` are tried first; splits that need the asks scaled down are
+        looked up in a table of every share vector, built once. None when no share vector
+        produces them.
+        """
+        def search() -> tuple[int, ...] | None:
+            target = np.array(servers, dtype=np.int64)
+            k, n = self.share_levels, self.n_saas_servers
+            if target.min(initial=0) < 0 or target.sum() > n:
+                return None
+            floors = np.floor(np.arange(k + 1) / k * n + 1e-9)
+            near = [np.flatnonzero((floors == s) | (floors == s - 1)).tolist() for s in servers]
+            close = sorted((c for c in itertools.product(*near) if sum(c) <= k), key=_share_order)
+            for lv in close:
+                if np.array_equal(self.servers_per_pool(lv), target):
+                    return tuple(int(v) for v in lv)
+            return self._all_splits().get(servers)
+
+        return self._memoized("_levels_cache", servers, search)
+
+    def _all_splits(self) -> dict[tuple[int, ...], tuple[int, ...]]:
+        """Split -> first share vector (canonical order) producing it, over every share vector."""
+        cached = self.__dict__.get("_split_table")
+        if cached is None:
+            cached = {}
+            for lv in self._levels_in_order():
+                cached.setdefault(tuple(int(s) for s in self.servers_per_pool(lv)), lv)
+            object.__setattr__(self, "_split_table", cached)
+        return cached
+
+    # ------------------------------------------------------------------ action -> vector
+    def encode_action(self, action: ClusterAction) -> np.ndarray:
+        """The vector that `decode` turns into `action`: its exact inverse.
+
+        ``decode(encode_action(a), legal)`` equals ``a`` for every representable action whose
+        placement is legal (so for every action `decode` returns). Where several vectors decode
+        to the same action, the canonical one is written: the first share levels producing the
+        pools' server counts (in `server_splits`' order), routing levels as the weights say,
+        and "no placement" (index ``n_servers``) for ``vm_server=None``.
+
+        Raises:
+            InvalidActionError: (a ValueError) a field the task's vector cannot express, named
+                with its value: a missing block (None "keeps" a setting, but the vector sets
+                every pool and row of its task), a block the task has no dimensions for, a TP,
+                clock, batch cap, routing weight or server outside its choices, instances
+                that fill no whole number of servers or no share vector produces,
+                ``admit_fraction`` or a per-pool ``quantized``.
+        """
+        if action.admit_fraction is not None:
+            raise InvalidActionError(
+                f"admit_fraction={action.admit_fraction!r}: the action vector has no admission "
+                "dimension (leave it None)")
+        parts: list[np.ndarray] = []
+        if self.has_pools:
+            parts.append(self._encode_pools(action.pools))
+        elif action.pools is not None:
+            raise InvalidActionError(f"pools={action.pools!r}: the {self.task} task's vector "
+                                     "has no pool dimensions (leave it None)")
+        row_fields = ("row_route_weight", "row_freq_cap_mhz", "row_quantized")
+        if self.has_rows:
+            parts.append(self._encode_rows(action))
+            parts.append(np.array([self._encode_placement(action.vm_server)], dtype=np.int64))
+        else:
+            for name in (*row_fields, "vm_server"):
+                if getattr(action, name) is not None:
+                    raise InvalidActionError(
+                        f"{name}={getattr(action, name)!r}: the {self.task} task's vector has no "
+                        "row or placement dimensions (leave it None)")
+        return np.concatenate(parts).astype(np.int64)
+
+    def _encode_pools(self, pools: tuple[PoolConfig, ...] | None) -> np.ndarray:
+        lay = self.layout
+        if pools is None:
+            raise InvalidActionError(
+                f"pools=None (keep): the {self.task} task's vector sets every pool; pass the "
+                "configurations to keep")
+        if len(pools) != lay.n_pools:
+            raise InvalidActionError(f"pools has {len(pools)} configurations, the layout "
+                                     f"{lay.n_pools} pools")
+        block = np.zeros((lay.n_pools, 4), dtype=np.int64)
+        for p, cfg in enumerate(pools):
+            if cfg.quantized:
+                raise InvalidActionError(
+                    f"pools[{p}].quantized=True: the vector quantizes per row (row_quantized), "
+                    "not per pool")
+            block[p, 1] = _choice_index(lay.tp_choices, cfg.tp, f"pools[{p}].tp")
+            block[p, 2] = _choice_index(lay.freq_choices_mhz, cfg.freq_mhz, f"pools[{p}].freq_mhz")
+            block[p, 3] = _choice_index(lay.batch_choices, cfg.max_batch, f"pools[{p}].max_batch")
+        servers = self.pool_servers(pools)
+        try:
+            block[:, 0] = self.share_levels_for(servers)
+        except InvalidActionError as exc:
+            raise InvalidActionError(
+                f"pools n_instances={[_plain(c.n_instances) for c in pools]}: {exc}") from None
+        return block.ravel()
+
+    def _encode_rows(self, action: ClusterAction) -> np.ndarray:
+        lay = self.layout
+        n = lay.n_rows
+        arrays = {}
+        for name in ("row_route_weight", "row_freq_cap_mhz", "row_quantized"):
+            value = getattr(action, name)
+            if value is None:
+                raise InvalidActionError(
+                    f"{name}=None (keep): the {self.task} task's vector sets every row; pass "
+                    "the values to keep")
+            arr = np.asarray(value)
+            if arr.shape != (n,):
+                raise InvalidActionError(f"{name} must have shape ({n},), got {arr.shape}")
+            arrays[name] = arr
+        weight = arrays["row_route_weight"].astype(float)
+        if not weight.any():
+            raise InvalidActionError(
+                f"row_route_weight={weight.tolist()}: all 0 decodes as equal weight 1 on "
+                "every row; pass np.ones(n_rows)")
+        rows = np.zeros((n, 3), dtype=np.int64)
+        rows[:, 0] = _choice_indices(ROUTE_WEIGHT_LEVELS, weight, "row_route_weight")
+        rows[:, 1] = _choice_indices(lay.freq_choices_mhz, arrays["row_freq_cap_mhz"],
+                                     "row_freq_cap_mhz")
+        quant = arrays["row_quantized"]
+        bad = ~np.isin(quant, (0, 1))
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            raise InvalidActionError(f"row_quantized[{r}]={_plain(quant[r])!r} is not a bool")
+        rows[:, 2] = quant.astype(np.int64)
+        return rows.ravel()
+
+    def _encode_placement(self, vm_server: int | None) -> int:
+        n = self.layout.n_servers
+        if vm_server is None:
+            return n
+        if isinstance(vm_server, (bool, np.bool_)) or not isinstance(vm_server, (int, np.integer)) \
+                or not 0 <= vm_server < n:
+            raise InvalidActionError(
+                f"vm_server={_plain(vm_server)!r} is not a server index in [0, {n - 1}] or None")
+        return int(vm_server)
+
+    # ------------------------------------------------------------------ masks
     def masks(self, legal_servers: np.ndarray) -> np.ndarray:
         """Flat boolean mask over all dimensions' choices (sb3-contrib MultiDiscrete format)."""
         all_legal = self.__dict__.get("_all_legal")
@@ -200,13 +462,31 @@ class ActionCodec:
             object.__setattr__(self, "_all_legal", all_legal)
         mask = all_legal.copy()
         if self.has_rows:
-            n = self.layout.n_servers
-            mask[-n - 1: -1] = legal_servers
+            mask[self._placement_servers()] = legal_servers
             mask[-1] = not np.count_nonzero(legal_servers)
         return mask
 
+    def legal_servers(self, action_mask: np.ndarray | None) -> np.ndarray:
+        """Servers the pending VM may go to, read back from a `masks` vector.
+
+        None without a mask or for a task without placement.
+        """
+        n = self.layout.n_servers
+        if action_mask is None or not self.has_rows:
+            return np.zeros(n, dtype=bool)
+        return np.asarray(action_mask[self._placement_servers()], dtype=bool)
+
+    def _placement_servers(self) -> slice:
+        """The mask entries of the placement dimension's server choices (the last dimension)."""
+        n = self.layout.n_servers
+        return slice(-n - 1, -1)
+
+    # ------------------------------------------------------------------ nearest block
     def encode(self, pools: tuple[PoolConfig, ...]) -> np.ndarray:
-        """The pool block that best represents a configuration (for observations/baselines)."""
+        """The pool block that best represents a configuration (for observations/baselines).
+
+        Unlike `encode_action` it never refuses: each setting goes to its nearest choice.
+        """
         lay = self.layout
         out = []
         for p in pools:
@@ -219,3 +499,36 @@ class ActionCodec:
                 int(np.argmin(np.abs(np.array(lay.batch_choices) - p.max_batch))),
             ]
         return np.array(out, dtype=np.int64)
+
+    def nearest_pools(self, pools: tuple[PoolConfig, ...]) -> tuple[PoolConfig, ...]:
+        """The representable configuration nearest to `pools`: what `decode` makes of `encode`."""
+        block = self.encode(pools)
+        return self._pools(block.tobytes(), block)
+
+
+def _choice_index(choices: Sequence[float], value: float, name: str) -> int:
+    """Index of `value` among `choices` (within `_MATCH_TOL`, relative)."""
+    return int(_choice_indices(choices, np.array([value]), name, scalar=True)[0])
+
+
+def _choice_indices(choices: Sequence[float], values: np.ndarray, name: str,
+                    scalar: bool = False) -> np.ndarray:
+    """Index of each value among `choices`; names the first value that matches none."""
+    c = np.asarray(choices, dtype=float)
+    try:
+        v = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        raise InvalidActionError(f"{name}={values!r} is not numeric") from None
+    hit = np.abs(v[:, None] - c[None, :]) <= _MATCH_TOL * np.maximum(np.abs(c[None, :]), 1.0)
+    ok = hit.any(axis=1)
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        where = name if scalar else f"{name}[{i}]"
+        raise InvalidActionError(
+            f"{where}={_plain(values[i])!r} is not one of the choices {tuple(choices)}")
+    return np.argmax(hit, axis=1)
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as its Python value (for readable error messages)."""
+    return value.item() if isinstance(value, np.generic) else value

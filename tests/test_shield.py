@@ -156,9 +156,10 @@ def test_shield_passes_safe_actions_through_unchanged():
 
         def act(self, observation, action_mask=None):
             r = ctx.layout.n_rows
-            return ctx.assemble(None, ctx.row_block(np.full(r, 3), np.zeros(r), np.zeros(r)),
-                                None if not ctx.legal_servers(action_mask).any() else
-                                int(np.flatnonzero(ctx.legal_servers(action_mask))[0]))
+            legal = np.flatnonzero(ctx.legal_servers(action_mask))
+            return ctx.codec.encode_action(ctx.action(
+                route_level=np.full(r, 3), cap_idx=np.zeros(r, dtype=int), quantized=np.zeros(r),
+                vm_server=int(legal[0]) if len(legal) else None))
 
     inner = Cautious()
     shield = Shield(inner, ctx, env.backend.telemetry)
