@@ -99,11 +99,10 @@ def package_versions() -> dict[str, str]:
 
 def env_signature(env: Any) -> dict[str, Any]:
     """What a checkpoint must agree with: task, scenario, observation names, action space."""
-    base = env.unwrapped if hasattr(env, "unwrapped") else env
-    scenario = getattr(getattr(base, "backend", None), "scenario", None)
+    base = env.unwrapped
     return {
         "task": base.task,
-        "scenario": getattr(scenario, "name", None),
+        "scenario": base.backend.describe().scenario_name,
         "observation_names": list(base.observation_names),
         "action_nvec": [int(v) for v in base.action_space.nvec],
     }

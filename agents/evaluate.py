@@ -1,8 +1,9 @@
 """Episode roll-outs of any Controller, and the comparison of a trained agent with static.
 
-`run_episodes` is the one loop used by the periodic evaluation during training and by the
-checkpoint's final evaluation; the full comparison against every rule-based controller and the
-oracle (plots, report) lives in the evaluation job over `controllers.registry`.
+`run_episodes` is what the periodic evaluation during training and the checkpoint's final
+evaluation run: episodes of the one runner (`envs.rollout.run_episode`), reduced to the totals
+training selects on (`EpisodeStats`); the full comparison against every rule-based controller
+and the oracle (plots, report) lives in the evaluation job over `controllers.registry`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,19 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from llm_cluster_gym.agents.config import WINDOWS
+from llm_cluster_gym.envs.episode import EpisodeResult
+from llm_cluster_gym.envs.rollout import run_episode as run_env_episode
 
 import llm_cluster_gym  # noqa: F401  (registers the LLMCluster ids)
 
 
 @dataclass(frozen=True)
 class EpisodeStats:
-    """Totals of one episode (units in names)."""
+    """Totals of one episode (units in names), what training's model selection reads.
+
+    ``slo_attainment`` counts dropped requests as misses: 1 - (violations + drops) / (finished
+    + drops), so that shedding load never looks like meeting the SLO.
+    """
 
     seed: int
     reward: float
@@ -33,6 +40,27 @@ class EpisodeStats:
     peak_row_power_w: float
     max_gpu_temp_c: float
     steps: int
+
+    @classmethod
+    def from_result(cls, result: EpisodeResult) -> EpisodeStats:
+        """The totals of a recorded episode (summed interval by interval, in order)."""
+        m = result.metrics
+
+        def total(key: str) -> float:
+            return sum(m[key].tolist(), 0.0)
+
+        finished, dropped = total("finished"), total("dropped")
+        served = finished + dropped
+        attain = 1.0 - (total("slo_violations") + dropped) / served if served > 0 else 1.0
+        peak_w = max_c = 0.0
+        for w, c in zip(m["peak_row_power_w"].tolist(), m["max_gpu_temp_c"].tolist(), strict=True):
+            peak_w, max_c = max(peak_w, w), max(max_c, c)
+        return cls(seed=int(result.seed) if result.seed is not None else 0,
+                   reward=sum(result.reward.tolist(), 0.0), energy_j=total("energy_j"),
+                   slo_attainment=attain, finished=finished, dropped=dropped,
+                   thermal_throttle_events=total("thermal_throttle_events"),
+                   power_throttle_events=total("power_throttle_events"),
+                   peak_row_power_w=peak_w, max_gpu_temp_c=max_c, steps=result.n_intervals)
 
 
 def make_env(env_id: str, window: str | tuple[float, float] | None = "test",
@@ -47,31 +75,8 @@ def make_env(env_id: str, window: str | tuple[float, float] | None = "test",
 
 
 def run_episode(controller: Any, env: gym.Env, seed: int) -> EpisodeStats:
-    """Roll one episode of `controller` on `env` from `seed`."""
-    controller.reset()
-    obs, _ = env.reset(seed=seed)
-    masks_fn = getattr(env.unwrapped, "action_masks", None)
-    totals = dict.fromkeys(("reward", "energy_j", "finished", "dropped", "slo_violations",
-                            "thermal_throttle_events", "power_throttle_events"), 0.0)
-    peak_w, max_c, steps, done = 0.0, 0.0, 0, False
-    while not done:
-        mask = masks_fn() if masks_fn is not None else None
-        obs, reward, terminated, truncated, info = env.step(controller.act(obs, mask))
-        totals["reward"] += reward
-        for k in ("energy_j", "finished", "dropped", "slo_violations",
-                  "thermal_throttle_events", "power_throttle_events"):
-            totals[k] += info[k]
-        peak_w = max(peak_w, info["peak_row_power_w"])
-        max_c = max(max_c, info["max_gpu_temp_c"])
-        steps += 1
-        done = terminated or truncated
-    served = totals["finished"] + totals["dropped"]
-    attain = 1.0 - (totals["slo_violations"] + totals["dropped"]) / served if served > 0 else 1.0
-    return EpisodeStats(seed=seed, reward=totals["reward"], energy_j=totals["energy_j"],
-                        slo_attainment=attain, finished=totals["finished"], dropped=totals["dropped"],
-                        thermal_throttle_events=totals["thermal_throttle_events"],
-                        power_throttle_events=totals["power_throttle_events"],
-                        peak_row_power_w=peak_w, max_gpu_temp_c=max_c, steps=steps)
+    """Roll one episode of `controller` on `env` from `seed` (the one runner) and total it."""
+    return EpisodeStats.from_result(run_env_episode(env, controller, seed))
 
 
 def run_episodes(controller: Any, env: gym.Env, seeds: Sequence[int]) -> list[EpisodeStats]:

@@ -3,7 +3,7 @@
 The job users run most: each trained checkpoint, inside the safety shield by default (and
 unshielded, for reference), runs beside the baselines of its task on held-out trace windows
 (the `test` window of `agents.config`, never seen in training or model selection), several
-seeds, on the request-level model. Every policy/seed is one `controllers.rollout.run_measured`
+seeds, on the request-level model. Every policy/seed is one `envs.rollout.run_measured`
 cell, the same measurement `scripts.compare` and the Ray sweep make; the first `warmup`
 intervals (start-up reconfiguration and model loads) are left out for every policy alike.
 
@@ -24,26 +24,12 @@ from typing import Any
 
 import numpy as np
 from llm_cluster_gym.agents.config import WINDOWS
-from llm_cluster_gym.controllers.rollout import run_measured
-from llm_cluster_gym.envs.sim.report import EpisodeResult
+from llm_cluster_gym.envs.episode import COMPARISON_COLUMNS, EpisodeResult
+from llm_cluster_gym.envs.rollout import run_measured
 from llm_cluster_gym.envs.sim.scenario import Scenario, load_scenario
 
 AGENT = "agent"
 SHIELDED_AGENT = "shield:agent"
-
-METRICS: tuple[tuple[str, str], ...] = (
-    ("energy_kwh", "energy kWh"),
-    ("energy_per_token_j", "J/token"),
-    ("slo_attainment", "SLO att."),
-    ("ttft_p99_s", "TTFT P99 s"),
-    ("tbt_p99_s", "TBT P99 s"),
-    ("thermal_throttle_events", "thermal ev."),
-    ("power_throttle_events", "power ev."),
-    ("peak_row_power_kw", "peak row kW"),
-    ("max_gpu_temp_c", "max temp C"),
-    ("shield_overrides", "overrides"),
-)
-
 
 @dataclass(frozen=True)
 class TaskPlan:
@@ -184,11 +170,11 @@ def evaluate_task(plan: TaskPlan, seeds: Sequence[int] = (0, 1, 2), window: str 
 # ------------------------------------------------------------------------------------ report
 def format_table(ev: TaskEvaluation) -> str:
     """Markdown table: mean ± std per metric and policy, then the ratios."""
-    head = "| policy | " + " | ".join(label for _, label in METRICS) + " |"
-    lines = [head, "|---" * (len(METRICS) + 1) + "|"]
+    head = "| policy | " + " | ".join(label for _, label in COMPARISON_COLUMNS) + " |"
+    lines = [head, "|---" * (len(COMPARISON_COLUMNS) + 1) + "|"]
     for name, runs in ev.runs.items():
         cells = []
-        for key, _ in METRICS:
+        for key, _ in COMPARISON_COLUMNS:
             mean, std = runs.stat(key)
             cells.append(f"{_fmt(mean)} ± {_fmt(std)}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -284,7 +270,7 @@ def write_evaluation(evals: Sequence[TaskEvaluation], out_dir: Path, command: st
             md += [f"![{ev.plan.task} {key}]({name})", ""]
         summary[f"{ev.plan.task}/{ev.plan.scenario}"] = {
             "scenario": ev.plan.scenario, "window": ev.window, "seeds": list(ev.seeds),
-            "policies": {n: {k: r.stat(k)[0] for k, _ in METRICS} for n, r in ev.runs.items()},
+            "policies": {n: {k: r.stat(k)[0] for k, _ in COMPARISON_COLUMNS} for n, r in ev.runs.items()},
             "ratios": ev.ratios(),
         }
     files["report.md"] = "\n".join(md).encode()

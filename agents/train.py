@@ -45,6 +45,7 @@ from llm_cluster_gym.agents.checkpoint import (
 from llm_cluster_gym.agents.config import WINDOWS, TaskConfig
 from llm_cluster_gym.agents.evaluate import compare_with_static, make_env, run_episodes, summarize
 from llm_cluster_gym.agents.policy import TrainedPolicy
+from llm_cluster_gym.envs.sim.scenario import load_scenario
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
@@ -258,8 +259,9 @@ def train(
     t0 = time.perf_counter()
     probe = make_env(cfg.env_id, "train")
     signature = env_signature(probe)
-    scenario = probe.unwrapped.backend.scenario
     probe.close()
+    # The id's scenario file (the training window changes where the trace is read, not which).
+    scenario = load_scenario(gym.spec(cfg.env_id).kwargs["scenario"])
 
     def metadata(m: Any) -> dict[str, Any]:
         return {

@@ -77,6 +77,11 @@ def test_sim_loop_logs_every_decision_and_exports_metrics(tmp_path):
         r["interval"]["arrived"] for r in dec)
     totals = recs[-1]["totals"]
     assert totals["arrived"] == sum(r["interval"]["arrived"] for r in dec)
+    # The loop records its episode like every offline run (EpisodeResult and its summary).
+    assert s.episode is not None and s.episode.n_intervals == 25
+    assert s.episode.metrics["arrived"].tolist() == [r["interval"]["arrived"] for r in dec]
+    assert recs[-1]["summary"]["requests_arrived"] == totals["arrived"]
+    assert recs[-1]["backend_closed"] is True and recs[-1]["gpu_settings_changed"] is None
 
 
 def test_telemetry_loss_holds_the_shield_fallback(tmp_path):
@@ -177,7 +182,8 @@ def test_real_backend_replay_budget_drill_worker_kill(tmp_path):
     env = guarded_env(ClusterEnv(task="energy", backend=cl))
     pol, fb = build_policy("static", env)
     loop = LiveLoop(env, pol, fb, governor=PowerGovernor(), log=DecisionLog(tmp_path / "d.jsonl"),
-                    drills=[Drill.parse("worker_kill@3"), Drill.parse("telemetry_loss@5")])
+                    drills=[Drill.parse("worker_kill@3"), Drill.parse("telemetry_loss@5")],
+                    node=cl)
     s = loop.run(seed=0)
     recs = read_log(tmp_path / "d.jsonl")
     dec = recs[:-1]
@@ -239,7 +245,7 @@ def test_given_up_worker_reports_drops():
 def test_sigterm_stops_flushes_and_serves_metrics(tmp_path):
     log = tmp_path / "d.jsonl"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "deploy.py"), "--scenario",
+    p = subprocess.Popen([sys.executable, "-m", "llm_cluster_gym", "deploy", "--scenario",
                           "small", "--serving-model", "aggregate", "--policy", "static",
                           "--interval-s", "0.1", "--metrics-port", "0", "--log", str(log)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,

@@ -32,7 +32,15 @@ from typing import Any
 import numpy as np
 from llm_cluster_gym.controllers.live.exporter import DecisionLog, MetricsExporter
 from llm_cluster_gym.controllers.live.governor import GovernorDecision, PowerGovernor
-from llm_cluster_gym.envs.backend import ClusterAction, ServiceMetrics, Telemetry
+from llm_cluster_gym.envs.backend import (
+    BackendDescription,
+    ClusterAction,
+    ClusterBackend,
+    ServiceMetrics,
+    Telemetry,
+    TickHistory,
+)
+from llm_cluster_gym.envs.episode import EpisodeRecorder, EpisodeResult
 
 TELEMETRY_LOST = "power_failure:telemetry_unavailable"
 """Fault name set while telemetry cannot be read (maps to the power-emergency flag)."""
@@ -102,10 +110,10 @@ class GuardedBackend:
     its faults and sets ``stale``.
 
     Args:
-        inner: The backend (SimCluster, RealCluster, ...); other attributes pass through.
+        inner: The backend (SimCluster, RealCluster, ...).
     """
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: ClusterBackend) -> None:
         self.inner = inner
         self.layout = inner.layout
         self.fail_reads = False
@@ -114,9 +122,6 @@ class GuardedBackend:
         self.read_at = self.applied_at = time.perf_counter()
         self._snap: Telemetry | None = None
         self._good: Telemetry | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["inner"], name)
 
     def reset(self, seed: int | None = None) -> Telemetry:
         """Reset the backend; its first telemetry is the first snapshot."""
@@ -162,6 +167,18 @@ class GuardedBackend:
         """The backend's episode end."""
         return bool(self.inner.done)
 
+    def describe(self) -> BackendDescription:
+        """The backend's description."""
+        return self.inner.describe()
+
+    def tick_history(self) -> TickHistory | None:
+        """The backend's per-tick history."""
+        return self.inner.tick_history()
+
+    def close(self) -> None:
+        """Close the backend (RealCluster: stops workers and sampler, restores GPU settings)."""
+        self.inner.close()
+
 
 @dataclass
 class LoopSummary:
@@ -176,6 +193,7 @@ class LoopSummary:
     telemetry_errors: int = 0
     worker_events: list[dict[str, Any]] = field(default_factory=list)
     totals: dict[str, float] = field(default_factory=dict)
+    episode: EpisodeResult | None = None
 
     def latency_ms(self) -> dict[str, float]:
         """P50/P99 of decision and policy latency (ms)."""
@@ -187,8 +205,17 @@ class LoopSummary:
         return out
 
 
+TOTAL_KEYS = ("energy_j", "arrived", "finished", "dropped", "slo_violations",
+              "power_throttle_events", "thermal_throttle_events")
+"""Interval metrics summed into `LoopSummary.totals` (and the stop record's ``totals``)."""
+
+
 class LiveLoop:
     """Runs a policy against a ClusterEnv's backend in (accelerated) real time.
+
+    The episode is recorded by the same `envs.episode.EpisodeRecorder` as every offline run:
+    `LoopSummary.episode` is an `EpisodeResult` (its summary goes to the stop record, and
+    `envs.sim.report.write_report` can report it).
 
     Args:
         env: A :class:`envs.cluster_env.ClusterEnv` whose backend is a :class:`GuardedBackend`
@@ -201,15 +228,18 @@ class LiveLoop:
         speed: Simulated seconds per wall second (``inf``: as fast as possible; 1: real
             time). A real backend paces itself.
         drills: Scheduled faults.
+        node: The `envs.real.cluster.RealCluster` behind the guard when the loop drives the
+            real node (its builder has it): its supervised workers take ``worker_kill`` drills
+            and report worker events, and its GPU actuators' log is counted at the stop.
     """
 
     def __init__(self, env: Any, policy: Any, fallback: Any,
                  governor: PowerGovernor | None = None, log: DecisionLog | None = None,
                  exporter: MetricsExporter | None = None, speed: float = math.inf,
-                 drills: Sequence[Drill] = ()) -> None:
+                 drills: Sequence[Drill] = (), node: Any | None = None) -> None:
         self.env = env
-        self.backend = env.unwrapped.backend
-        if not isinstance(self.backend, GuardedBackend):
+        self.guard = env.unwrapped.backend
+        if not isinstance(self.guard, GuardedBackend):
             raise LiveLoopError("LiveLoop: the env's backend must be a GuardedBackend "
                                 "(build the env with guarded_env())")
         if not speed > 0:
@@ -217,7 +247,10 @@ class LiveLoop:
         self.policy, self.fallback, self.governor = policy, fallback, governor
         self.log = log or DecisionLog(None)
         self.exporter, self.speed, self.drills = exporter, float(speed), tuple(drills)
-        workers = getattr(self.backend.inner, "_workers", None) or []
+        if node is not None and self.guard.inner is not node:
+            raise LiveLoopError("LiveLoop: field 'node' must be the backend the env's guard wraps")
+        self.node = node
+        workers = list(node.workers) if node is not None else []
         if any(d.kind == "worker_kill" for d in self.drills):
             if not workers or not all(hasattr(w, "kill") for w in workers):
                 raise LiveLoopError("drill 'worker_kill' needs a real backend with supervised "
@@ -233,6 +266,8 @@ class LiveLoop:
                 w.on_event = lambda ev: self._worker_events.append(ev.__dict__.copy())
         self._stop = threading.Event()
         self.stop_reason = ""
+        self._recorder: EpisodeRecorder | None = None
+        self._t_start = time.perf_counter()
 
     # ------------------------------------------------------------------ control
     def request_stop(self, reason: str) -> None:
@@ -281,7 +316,10 @@ class LiveLoop:
         return summary
 
     def _run(self, summary: LoopSummary, seed: int | None, max_steps: int | None) -> None:
-        env, be, lay = self.env, self.backend, self.env.unwrapped.layout
+        env, be, lay = self.env, self.guard, self.env.unwrapped.layout
+        self._t_start = time.perf_counter()
+        self._recorder = EpisodeRecorder(be.describe(), seed,
+                                         getattr(self.policy, "name", "policy"))
         obs, _ = env.reset(seed=seed)
         self.policy.reset()
         self.fallback.reset()
@@ -315,7 +353,8 @@ class LiveLoop:
             latency = be.applied_at - read_at  # env.step applies, then advances
             summary.decision_latency_s.append(latency)
             summary.policy_latency_s.append(t_policy)
-            self._record(step, tel, stale, action, err, gov, info, latency, t_policy, summary)
+            self._record(step, tel, stale, action, err, gov, info, latency, t_policy, summary,
+                         float(_reward))
             step += 1
             summary.steps = step
             if terminated or truncated:
@@ -327,7 +366,7 @@ class LiveLoop:
 
     def _record(self, step: int, tel: Telemetry, stale: bool, action: np.ndarray,
                 err: str | None, gov: GovernorDecision | None, info: dict[str, Any],
-                latency: float, t_policy: float, summary: LoopSummary) -> None:
+                latency: float, t_policy: float, summary: LoopSummary, reward: float) -> None:
         env = self.env.unwrapped
         override = tuple(getattr(self.policy, "last_override", ()) or ())
         if err is not None:
@@ -341,10 +380,9 @@ class LiveLoop:
                                         "slo_violations", "slo_attainment", "ttft_p99_s",
                                         "tbt_p99_s", "peak_row_power_w", "max_gpu_temp_c",
                                         "power_throttle_events", "thermal_throttle_events")}
-        for k, v in metrics.items():
-            if k not in ("slo_attainment", "ttft_p99_s", "tbt_p99_s", "in_flight",
-                         "peak_row_power_w", "max_gpu_temp_c"):
-                summary.totals[k] = summary.totals.get(k, 0.0) + float(v)
+        m = env.last_metrics
+        if self._recorder is not None and m is not None and env.last_telemetry is not None:
+            self._recorder.record(m, env.last_telemetry, reward, override)
         pools = [p.__dict__ for p in env.pools]
         rec = {
             "event": "decision", "step": step, "wall_time_s": time.time(),
@@ -353,7 +391,7 @@ class LiveLoop:
             "fallback_used": err is not None, "policy_error": err,
             "shield_override": list(override),
             "telemetry_stale": stale,
-            "telemetry_error": self.backend.errors[-1] if stale and self.backend.errors else None,
+            "telemetry_error": self.guard.errors[-1] if stale and self.guard.errors else None,
             "admit_fraction": None if gov is None else gov.admit_fraction,
             "governor": None if gov is None else gov.reason,
             "power_ratio": None if gov is None else gov.power_ratio,
@@ -386,26 +424,30 @@ class LiveLoop:
                 ex.telemetry_errors.inc()
             for ev in events:
                 ex.worker_events.labels(ev["kind"]).inc()
-            m = getattr(env, "_metrics", None)
             if m is not None:
                 ex.observe_metrics(m)
 
     def _finish(self, summary: LoopSummary) -> None:
-        closed = None
-        close = getattr(self.backend.inner, "close", None)
+        closed: bool | str = True
         try:
-            if close is not None:
-                close()  # RealCluster: stops workers and sampler, restores GPU settings
-                closed = True
+            self.guard.close()  # RealCluster: stops workers and sampler, restores GPU settings
         except Exception as exc:  # still flush the log
             closed = f"{type(exc).__name__}: {exc}"
-        act = getattr(self.backend.inner, "actuators", None)
+        episode_summary = None
+        if self._recorder is not None:
+            summary.totals = self._recorder.totals(TOTAL_KEYS)
+            summary.episode = self._recorder.result(self.guard.tick_history(),
+                                                    time.perf_counter() - self._t_start)
+            if summary.episode.n_intervals:
+                episode_summary = {k: (v if math.isfinite(v) else None)
+                                   for k, v in summary.episode.summary().items()}
         self.log.write({"event": "stop", "wall_time_s": time.time(),
                         "reason": summary.stop_reason, "steps": summary.steps,
                         "backend_closed": closed,
-                        "gpu_settings_changed": None if act is None else sum(
-                            e.applied for e in act.log),
-                        "totals": summary.totals, **summary.latency_ms(),
+                        "gpu_settings_changed": None if self.node is None else sum(
+                            e.applied for e in self.node.actuators.log),
+                        "totals": summary.totals, "summary": episode_summary,
+                        **summary.latency_ms(),
                         "overrides": summary.overrides, "policy_errors": summary.policy_errors,
                         "telemetry_errors": summary.telemetry_errors,
                         "worker_events": len(summary.worker_events)})
@@ -415,8 +457,17 @@ class LiveLoop:
 
 
 def guarded_env(env: Any) -> Any:
-    """Put a :class:`GuardedBackend` between a ClusterEnv and its backend (in place)."""
+    """A ClusterEnv like `env` built over a :class:`GuardedBackend` of `env`'s backend.
+
+    The new env has `env`'s task, reward weights, time scale and render mode; `env` itself
+    shares the backend and must not be used any more. An env whose backend is already guarded
+    is returned as is.
+    """
+    from llm_cluster_gym.envs.cluster_env import ClusterEnv
+
     base = env.unwrapped
-    if not isinstance(base.backend, GuardedBackend):
-        base.backend = GuardedBackend(base.backend)
-    return env
+    if isinstance(base.backend, GuardedBackend):
+        return env
+    return ClusterEnv(task=base.task, backend=GuardedBackend(base.backend),
+                      reward_weights=base.reward_weights, render_mode=base.render_mode,
+                      reconfig_every=base.reconfig_every)

@@ -27,12 +27,23 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from llm_cluster_gym.envs.backend import ClusterAction, ClusterLayout, PoolConfig, ServiceMetrics, Telemetry
+from llm_cluster_gym.envs.backend import (
+    BackendDescription,
+    ClusterAction,
+    ClusterLayout,
+    PoolConfig,
+    PoolStats,
+    ServerPowerSpec,
+    ServiceMetrics,
+    Telemetry,
+    TickHistory,
+)
 from llm_cluster_gym.envs.latency import latency_histogram
 from llm_cluster_gym.envs.real.actuators import GpuActuators
 from llm_cluster_gym.envs.real.telemetry import (
@@ -42,6 +53,7 @@ from llm_cluster_gym.envs.real.telemetry import (
     TelemetrySampler,
     column_index,
     open_devices,
+    save_recording,
 )
 from llm_cluster_gym.envs.real.worker import (
     Completed,
@@ -54,6 +66,9 @@ from llm_cluster_gym.envs.real.worker import (
 )
 from llm_cluster_gym.envs.sim.serving import weighted_percentiles
 from llm_cluster_gym.envs.sim.workload import Trace, builtin_trace, scale_to_rate
+
+REAL_PROFILE = Path(__file__).resolve().parents[1] / "data" / "real" / "llama3-8b-real_h100_tp1.json"
+"""Profile of the real worker measured on the H100 (see envs/data/real/README.md)."""
 
 
 class RealClusterError(ValueError):
@@ -211,6 +226,8 @@ class RealCluster:
         self._prev_stats: list[EngineStats] = []
         self._outstanding = np.zeros(n)
         self._last_report: list[WorkerReport] = []
+        self._description: BackendDescription | None = None
+        self._closed = False
 
     # ------------------------------------------------------------------ workers
     def _build_workers(self) -> list[Worker]:
@@ -507,8 +524,75 @@ class RealCluster:
         """True once the episode's duration has been served."""
         return self.elapsed_s >= self.config.duration_s - 1e-9
 
+    def describe(self) -> BackendDescription:
+        """What a controller may know about the node (built once; no scenario file here).
+
+        Assembled from what is measured: the profile fitted to the H100 worker
+        (`REAL_PROFILE`), the thermal fit of the same recordings, the trace's request-length
+        statistics (one pool), and a server power model with no overhead (row power here is
+        the sum of GPU power). The node knows no future arrivals and no GPU-hour price.
+        """
+        if self._description is None:
+            from llm_cluster_gym.envs.sim.profiles import load_profile
+            from llm_cluster_gym.envs.sim.thermal import ThermalParams
+
+            lay, cfg = self.layout, self.config
+            tr = builtin_trace(cfg.trace)
+            stats = PoolStats(np.array([1.0]), np.array([tr.input_tokens.mean()]),
+                              np.array([np.percentile(tr.input_tokens, 90)]),
+                              np.array([tr.output_tokens.mean()]), float(tr.input_tokens.mean()))
+            n = lay.gpus_per_server
+            prof = load_profile(REAL_PROFILE)
+            self._description = BackendDescription(
+                layout=lay,
+                server=ServerPowerSpec(n, n * lay.gpu_power_limit_w, lay.gpu_power_limit_w, 0.0),
+                thermal=ThermalParams.load(),
+                pool_stats=stats,
+                profiles_by_tp={tp: prof for tp in lay.tp_choices},
+                scenario_name=None,
+                gpu_hour_usd=0.0,
+                episode_intervals=math.ceil(cfg.duration_s / cfg.control_interval_s - 1e-9),
+                slowdown_temp_c=float(lay.slowdown_temp_c),
+                arrival_oracle=None,
+            )
+        return self._description
+
+    def tick_history(self) -> TickHistory | None:
+        """None: the node keeps no per-tick history (its telemetry samples are in the recording)."""
+        return None
+
+    def save_recording(self, path: str | Path, provenance: Mapping[str, Any] | None = None,
+                       run: Mapping[str, Any] | None = None, **sections: Any) -> Path:
+        """Write this episode's recording (`envs.real.telemetry.save_recording` format).
+
+        It holds the telemetry samples, the first GPU's static description, the per-interval
+        metrics (``intervals``), the control changes (``controls``) and the budget schedule
+        (``drill``: episode start, budget, drills, duration, interval), which
+        `controllers.live.report.analyse` reads.
+
+        Args:
+            path: Output file (``.gz`` compresses).
+            provenance: Added to the static description (command line, date, versions).
+            run: Added to the ``drill`` section (how the episode was controlled).
+            **sections: More top-level sections (e.g. the loop's ``decisions``).
+
+        Returns:
+            The path written.
+        """
+        cfg = self.config
+        static = {**self.devices[0].static().as_dict(), **(provenance or {})}
+        drill = {"t0_s": self.log.t0_s, "power_budget_w": cfg.power_budget_w,
+                 "budget_drills": [list(d) for d in cfg.budget_drills],
+                 "duration_s": self.elapsed_s, "control_interval_s": cfg.control_interval_s,
+                 **(run or {})}
+        return save_recording(path, static, self.sampler.recorded(), drill=drill,
+                              intervals=self.log.intervals, controls=self.log.controls, **sections)
+
     def close(self) -> None:
-        """Stop the sampler and workers and restore any GPU setting changed."""
+        """Stop the sampler and workers and restore any GPU setting changed (once)."""
+        if self._closed:
+            return
+        self._closed = True
         self.sampler.stop()
         if self._workers is not None:
             for w in self._workers:
