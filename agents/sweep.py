@@ -41,8 +41,9 @@ from typing import Any
 
 import numpy as np
 from llm_cluster_gym.controllers.registry import make_controller
-from llm_cluster_gym.controllers.rollout import run_measured
-from llm_cluster_gym.envs.sim.report import EpisodeResult, write_report
+from llm_cluster_gym.envs.episode import COMPARISON_COLUMNS, EpisodeResult
+from llm_cluster_gym.envs.rollout import run_measured
+from llm_cluster_gym.envs.sim.report import write_report
 from llm_cluster_gym.envs.sim.scenario import FaultSpec, Scenario, load_scenario
 
 CHECKPOINT_PREFIX = "ckpt:"
@@ -67,14 +68,8 @@ DRILLS: dict[str, tuple[dict[str, float | str | int], ...] | None] = {
 TASKS = ("energy", "thermal", "combined")
 SERVING_MODELS = ("request", "aggregate")
 
-COLUMNS = (
-    ("energy_kwh", "energy kWh"), ("energy_per_token_j", "J/token"),
-    ("slo_attainment", "SLO att."), ("ttft_p99_s", "TTFT P99 s"), ("tbt_p99_s", "TBT P99 s"),
-    ("thermal_throttle_events", "thermal ev."), ("power_throttle_events", "power ev."),
-    ("peak_row_power_kw", "peak row kW"), ("max_gpu_temp_c", "max temp C"),
-    ("shield_overrides", "overrides"),
-)
-"""Summary keys and labels of the sweep table (the columns of `scripts.compare`)."""
+COLUMNS = COMPARISON_COLUMNS
+"""(summary key, column label) of the table: `envs.episode`'s comparison columns."""
 
 
 class SweepError(ValueError):

@@ -6,7 +6,7 @@ Usage::
         [--controllers static,dynamo,oracle] [--seeds 0,1,2] [--warmup 12]
         [--out reports/compare-<task>-<scenario>] [--no-plots]
 
-For each controller and seed the env runs a whole episode (`controllers.rollout`); the first
+For each controller and seed the env runs a whole episode (`envs.rollout`); the first
 `warmup` intervals (start-up reconfiguration, model loads) are left out of the figures. The
 table gives means over seeds of energy, energy per token, SLO attainment, TTFT/TBT P99,
 thermal and power throttling events, peak row power, max GPU temperature and shield
@@ -29,16 +29,12 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from llm_cluster_gym.controllers.registry import make_controller  # noqa: E402
-from llm_cluster_gym.controllers.rollout import run_measured  # noqa: E402
+from llm_cluster_gym.envs.episode import COMPARISON_COLUMNS  # noqa: E402
+from llm_cluster_gym.envs.rollout import run_measured  # noqa: E402
 from llm_cluster_gym.envs.sim.report import write_report  # noqa: E402
 
-COLUMNS = (
-    ("energy_kwh", "energy kWh"), ("energy_per_token_j", "J/token"),
-    ("slo_attainment", "SLO att."), ("ttft_p99_s", "TTFT P99 s"), ("tbt_p99_s", "TBT P99 s"),
-    ("thermal_throttle_events", "thermal ev."), ("power_throttle_events", "power ev."),
-    ("peak_row_power_kw", "peak row kW"), ("max_gpu_temp_c", "max temp C"),
-    ("shield_overrides", "overrides"),
-)
+COLUMNS = COMPARISON_COLUMNS
+"""(summary key, column label) of the table: `envs.episode`'s comparison columns."""
 
 
 def run_compare(task: str, scenario: str, serving: str, controllers: list[str],

@@ -149,19 +149,23 @@ def build(a: DeployArgs) -> tuple[Any, Any]:
         MetricsExporter,
         PowerGovernor,
         build_policy,
-        guarded_env,
     )
+    from llm_cluster_gym.controllers.live.loop import GuardedBackend
     from llm_cluster_gym.envs.cluster_env import ClusterEnv
+    from llm_cluster_gym.envs.sim.cluster import SimCluster
 
+    node = None
     if a.scenario == "local":
-        env = ClusterEnv(task=a.task, backend=_real_backend(a))
+        node = _real_backend(a)
+        env = ClusterEnv(task=a.task, backend=GuardedBackend(node))
         speed = math.inf  # the real node paces itself
     else:
-        env = ClusterEnv(task=a.task, scenario=a.scenario, serving_model=a.serving_model)
+        sim = SimCluster(a.scenario, serving_model=a.serving_model,
+                         auto_place_vms=a.task == "energy")
+        env = ClusterEnv(task=a.task, backend=GuardedBackend(sim))
         iv = env.layout.control_interval_s
         wall = iv if a.interval_s is None else a.interval_s
         speed = math.inf if wall <= 0 else iv / wall
-    guarded_env(env)
     policy, fallback = build_policy(a.policy, env, shield=not a.no_shield, seed=a.seed)
     for sh in (policy, fallback):
         if hasattr(sh, "power_margin"):
@@ -170,30 +174,22 @@ def build(a: DeployArgs) -> tuple[Any, Any]:
     loop = LiveLoop(env, policy, fallback,
                     governor=None if a.no_governor else PowerGovernor(margin=a.governor_margin),
                     log=DecisionLog(a.log), exporter=exporter, speed=speed,
-                    drills=[Drill.parse(d) for d in a.drill])
+                    drills=[Drill.parse(d) for d in a.drill], node=node)
     return env, loop
 
 
 def _save_recording(a: DeployArgs, env: Any, loop: Any) -> None:
-    from llm_cluster_gym.envs.real.telemetry import save_recording
-
-    cl = env.unwrapped.backend.inner
-    st = cl.devices[0].static()
-    static = {**st.as_dict(), "command": "python scripts/deploy.py " + " ".join(_argv),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    provenance: dict[str, Any] = {
+        "command": "python scripts/deploy.py " + " ".join(_argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
         import torch
 
-        static["torch"] = torch.__version__
+        provenance["torch"] = torch.__version__
     except ImportError:
         pass
-    drill = {"t0_s": cl.log.t0_s, "power_budget_w": cl.config.power_budget_w,
-             "budget_drills": [list(d) for d in cl.config.budget_drills],
-             "duration_s": cl.elapsed_s, "control_interval_s": cl.config.control_interval_s,
-             "policy": a.policy, "shield": not a.no_shield, "governor": not a.no_governor}
-    save_recording(a.record, static, cl.sampler.recorded(), drill=drill,
-                   intervals=cl.log.intervals, controls=cl.log.controls,
-                   decisions=loop.log.records)
+    run = {"policy": a.policy, "shield": not a.no_shield, "governor": not a.no_governor}
+    loop.node.save_recording(a.record, provenance, run, decisions=loop.log.records)
 
 
 _argv: list[str] = []

@@ -6,72 +6,34 @@ see ``controllers/registry.py``) or ``checkpoint:<dir>`` (a trained agent saved 
 otherwise the policy runs inside the safety shield, and a rule-based fallback (shielded too)
 is built beside it for when the policy raises.
 
-On the real node there is no scenario file, so the operator's static knowledge
-(:class:`controllers.context.ControllerContext`) is assembled here from what is measured: the
-profile fitted to the H100 worker (``envs/data/real/llama3-8b-real_h100_tp1.json``), the
-thermal fit of the same recordings, the trace's request-length statistics, and a server
-power model with no overhead (RealCluster's row power is the sum of GPU power).
+The operator's static knowledge (:class:`controllers.context.ControllerContext`) comes from the
+backend's description. On the real node there is no scenario file, so `RealCluster.describe`
+assembles it from what is measured: the profile fitted to the H100 worker
+(``envs/data/real/llama3-8b-real_h100_tp1.json``), the thermal fit of the same recordings, the
+trace's request-length statistics, and a server power model with no overhead (RealCluster's
+row power is the sum of GPU power).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-from llm_cluster_gym.controllers.context import ControllerContext, ObsView, PoolStats, ServerPowerSpec
+from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.registry import make_controller
 from llm_cluster_gym.controllers.shield import Shield
 from llm_cluster_gym.controllers.static import StaticController
-
-REAL_PROFILE = (Path(__file__).resolve().parents[2] / "envs" / "data" / "real"
-                / "llama3-8b-real_h100_tp1.json")
-"""Profile of the real worker measured on the H100 (see envs/data/real/README.md)."""
 
 
 class PolicySpecError(ValueError):
     """Unknown or unusable policy spec (the message names it)."""
 
 
-def real_node_context(env: Any) -> ControllerContext:
-    """ControllerContext for a ClusterEnv over a RealCluster (no scenario file there).
-
-    Raises:
-        PolicySpecError: The env's backend is not a RealCluster.
-    """
-    from llm_cluster_gym.envs.real.cluster import RealCluster
-    from llm_cluster_gym.envs.sim.profiles import load_profile
-    from llm_cluster_gym.envs.sim.thermal import ThermalParams
-    from llm_cluster_gym.envs.sim.workload import builtin_trace
-
-    env = getattr(env, "unwrapped", env)
-    backend = getattr(env.backend, "inner", env.backend)
-    if not isinstance(backend, RealCluster):
-        raise PolicySpecError(f"real_node_context: backend is {type(backend).__name__}, "
-                              "not RealCluster")
-    lay = env.layout
-    prof = load_profile(REAL_PROFILE)
-    tr = builtin_trace(backend.config.trace)
-    stats = PoolStats(np.array([1.0]), np.array([tr.input_tokens.mean()]),
-                      np.array([np.percentile(tr.input_tokens, 90)]),
-                      np.array([tr.output_tokens.mean()]), float(tr.input_tokens.mean()))
-    n = lay.gpus_per_server
-    server = ServerPowerSpec(n, n * lay.gpu_power_limit_w, lay.gpu_power_limit_w, 0.0)
-    return ControllerContext(task=env.task, layout=lay, codec=env.codec,
-                             view=ObsView(tuple(env.observation_names), lay),
-                             profiles={tp: prof for tp in lay.tp_choices},
-                             thermal=ThermalParams.load(), pool_stats=stats, server=server,
-                             reconfig_every=int(env.reconfig_every))
-
-
 def context_for(env: Any) -> ControllerContext:
-    """The controller context of a simulated or real env."""
-    from llm_cluster_gym.envs.real.cluster import RealCluster
+    """The controller context of a simulated or real env (from its backend's description).
 
-    base = getattr(env, "unwrapped", env)
-    if isinstance(getattr(base.backend, "inner", base.backend), RealCluster):
-        return real_node_context(base)
-    return ControllerContext.from_env(base)
+    On the real node there is no scenario file; `RealCluster.describe` gives what is measured.
+    """
+    return ControllerContext.from_env(env.unwrapped)
 
 
 def build_policy(spec: str, env: Any, shield: bool = True, seed: int = 0,
