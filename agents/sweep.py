@@ -2,7 +2,7 @@
 
 One *cell* is one episode: a policy (a rule-based controller by name, or a trained checkpoint)
 on one scenario under one fault drill with one seed, measured exactly like one controller/seed
-of `python -m scripts.compare` (request-level serving, the first `warmup` intervals left out,
+of `llm-cluster compare` (request-level serving, the first `warmup` intervals left out,
 `EpisodeResult.summary()` plus the count of shield overrides). `run_cell` runs a cell in this
 process; `run_sweep` runs a grid of cells as Ray tasks, on a local Ray started by `init_ray()`
 or on an existing cluster given its address, and gathers them into one `SweepResult`.
@@ -23,7 +23,7 @@ faults, so a drill measures one known emergency. Their timings and magnitudes ar
 `envs/scenarios/small_faults.yaml` as fractions of the episode (a modelling choice, not
 measured data): cooling aisle 0 keeps 25% capacity from 20% to 60% of the episode; power feed of
 row 0 keeps 60% of its limit from 50% to 70%; a 2x load spike from 75% to 85%. The drill
-``scenario`` keeps the scenario file's own faults (what `scripts.compare` runs).
+``scenario`` keeps the scenario file's own faults (what `llm-cluster compare` runs).
 """
 
 from __future__ import annotations
@@ -40,17 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from llm_cluster_gym.controllers.registry import make_controller
+from llm_cluster_gym.controllers.policy_spec import make_policy as make_spec_policy
+from llm_cluster_gym.controllers.policy_spec import parse_policy_spec
 from llm_cluster_gym.envs.episode import COMPARISON_COLUMNS, EpisodeResult
 from llm_cluster_gym.envs.rollout import run_measured
 from llm_cluster_gym.envs.sim.report import write_report
 from llm_cluster_gym.envs.sim.scenario import FaultSpec, Scenario, load_scenario
-
-CHECKPOINT_PREFIX = "ckpt:"
-"""Policy spec prefix of a trained checkpoint directory (``ckpt:checkpoints/energy``)."""
-
-SHIELD_PREFIX = "shield:"
-"""Policy spec prefix wrapping a policy in the safety shield (``shield:ckpt:checkpoints/thermal``)."""
 
 DRILLS: dict[str, tuple[dict[str, float | str | int], ...] | None] = {
     "scenario": None,
@@ -96,8 +91,9 @@ class Cell:
     """One episode of a sweep.
 
     Attributes:
-        policy: Controller name of `controllers.registry` (``static``, ``shield:dynamo``, ...),
-            or ``ckpt:<dir>`` / ``shield:ckpt:<dir>`` for a trained checkpoint.
+        policy: Policy spec (`controllers.policy_spec`): a controller name (``static``,
+            ``shield:dynamo``, ...), or ``ckpt:<dir>`` / ``shield:ckpt:<dir>`` for a trained
+            checkpoint.
         scenario: Scenario name or YAML path.
         seed: Episode seed (env reset and controller).
         drill: Key of `DRILLS`.
@@ -129,7 +125,7 @@ class SweepSpec:
         serving: Serving model of the simulator ("request" for evaluation, "aggregate" is faster).
         warmup: Intervals left out at the start (start-up reconfiguration, model loads).
         window: Trace window ("train", "validation", "test" of `agents.config.WINDOWS`), or
-            None for the scenario's own (what `scripts.compare` uses).
+            None for the scenario's own (what `llm-cluster compare` uses).
     """
 
     task: str = "energy"
@@ -205,8 +201,11 @@ def expand_grid(policies: Iterable[str], scenarios: Iterable[str], seeds: Iterab
 
     Raises:
         SweepError: An unknown drill, or an empty grid.
+        PolicySpecError: A policy that is not a valid spec.
     """
     policies, scenarios, seeds, drills = list(policies), list(scenarios), list(seeds), list(drills)
+    for p in policies:
+        parse_policy_spec(p)
     for d in drills:
         if d not in DRILLS:
             raise SweepError(f"sweep: field 'drills' has {d!r}, not one of {sorted(DRILLS)}")
@@ -246,8 +245,7 @@ def drill_scenario(scenario: str | Scenario, drill: str, window: str | None = No
 
 def checkpoint_dir(policy: str) -> Path | None:
     """The checkpoint directory of a ``[shield:]ckpt:<dir>`` spec, or None for a controller name."""
-    inner = policy[len(SHIELD_PREFIX):] if policy.startswith(SHIELD_PREFIX) else policy
-    return Path(inner[len(CHECKPOINT_PREFIX):]) if inner.startswith(CHECKPOINT_PREFIX) else None
+    return parse_policy_spec(policy).checkpoint
 
 
 def read_checkpoint_files(directory: str | Path) -> dict[str, bytes]:
@@ -277,23 +275,11 @@ def make_policy(policy: str, env: Any, seed: int, checkpoint_path: str | Path | 
         seed: Seed of controllers that draw random numbers.
         checkpoint_path: Where the checkpoint's files are (default: the directory in the spec).
     """
-    ckpt = checkpoint_dir(policy)
-    if ckpt is None:
-        return make_controller(policy, env, seed=seed)
-    from llm_cluster_gym.agents.policy import TrainedPolicy
-
-    learned = TrainedPolicy.from_checkpoint(checkpoint_path or ckpt, env, name=policy)
-    if not policy.startswith(SHIELD_PREFIX):
-        return learned
-    from llm_cluster_gym.controllers.context import ControllerContext
-    from llm_cluster_gym.controllers.shield import Shield
-
-    base = env.unwrapped
-    return Shield(learned, ControllerContext.from_env(base), base.backend.telemetry)
+    return make_spec_policy(policy, env, seed, checkpoint_path)
 
 
 def run_cell(cell: Cell, spec: SweepSpec, checkpoint_files: dict[str, bytes] | None = None) -> CellResult:
-    """Run one cell in this process, measured as one controller/seed of `scripts.compare`.
+    """Run one cell in this process, measured as one controller/seed of `llm-cluster compare`.
 
     Args:
         cell: The cell.
@@ -451,11 +437,6 @@ def _ray_ready() -> bool:
     return ray.is_initialized()
 
 
-def run_cells_serially(cells: Sequence[Cell], spec: SweepSpec) -> list[CellResult]:
-    """The same cells one by one in this process (the reference the Ray sweep must reproduce)."""
-    return [run_cell(c, spec) for c in cells]
-
-
 def _fmt(value: float) -> str:
     return "nan" if not np.isfinite(value) else f"{value:.4g}"
 
@@ -471,7 +452,7 @@ def format_table(sweep: SweepResult) -> str:
 
 
 def write_sweep(sweep: SweepResult, out: str | Path, reports: str = "first-seed",
-                command: str = "python -m scripts.sweep") -> Path:
+                command: str = "llm-cluster sweep") -> Path:
     """Write the sweep's table, per-cell figures and episode reports under `out`.
 
     Files: ``sweep.md`` (table, failures, settings), ``cells.csv`` (one row per finished cell,
@@ -483,7 +464,7 @@ def write_sweep(sweep: SweepResult, out: str | Path, reports: str = "first-seed"
         sweep: The result.
         out: Folder (created).
         reports: "all" cells, "first-seed" (lowest seed of each policy/scenario/drill, as
-            `scripts.compare` does), or "none".
+            `llm-cluster compare` does), or "none".
         command: Command line recorded in the reports.
 
     Returns:

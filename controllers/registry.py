@@ -3,7 +3,8 @@
 Names: ``static``, ``unaware``, ``dynamo``, ``tapas``, ``oracle`` (simulated backend only; it
 reads the future), ``random`` (uniform over the action space, for tests); prefix
 ``shield:`` wraps any of them in the safety shield (e.g. ``shield:dynamo``). For the combined
-task ``tapas`` drives the pools with the DynamoLLM manager.
+task ``tapas`` drives the pools with the DynamoLLM manager. The names are policy specs of
+`controllers.policy_spec` (which also names trained checkpoints, ``ckpt:<dir>``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.dynamo import DynamoController
 from llm_cluster_gym.controllers.oracle import OracleController
+from llm_cluster_gym.controllers.policy_spec import PolicySpecError, parse_policy_spec
 from llm_cluster_gym.controllers.shield import Shield
 from llm_cluster_gym.controllers.static import StaticController
 from llm_cluster_gym.controllers.tapas import TapasController
@@ -44,13 +46,20 @@ def make_controller(name: str, env: Any, ctx: ControllerContext | None = None,
     """A controller for `env` by name (see the module docstring).
 
     Raises:
-        ValueError: Unknown name, or a controller that does not fit the env's task.
+        PolicySpecError: Unknown name, or a checkpoint spec (build those with
+            `controllers.policy_spec.make_policy`).
+        ValueError: A controller that does not fit the env's task.
     """
+    spec = parse_policy_spec(name)
+    if spec.controller is None:
+        raise PolicySpecError(f"policy {name!r} is a checkpoint, not a controller name "
+                              "(controllers.policy_spec.make_policy builds it)")
     base = getattr(env, "unwrapped", env)
     ctx = ctx or ControllerContext.from_env(base)
-    if name.startswith("shield:"):
-        inner = make_controller(name.split(":", 1)[1], env, ctx, seed)
+    if spec.shield:
+        inner = make_controller(spec.controller, env, ctx, seed)
         return Shield(inner, ctx, base.backend.telemetry)
+    name = spec.controller
     if name == "static":
         return StaticController(ctx)
     if name == "unaware":
@@ -68,9 +77,7 @@ def make_controller(name: str, env: Any, ctx: ControllerContext | None = None,
         if not ctx.codec.has_pools:
             raise ValueError(f"controller 'oracle' needs pool actions; task is {ctx.task!r}")
         return OracleController(ctx, base)
-    if name == "random":
-        return RandomController(base.action_space.nvec, np.random.default_rng(seed))
-    raise ValueError(f"unknown controller {name!r}; known: {CONTROLLERS} (prefix 'shield:')")
+    return RandomController(base.action_space.nvec, np.random.default_rng(seed))  # name == "random"
 
 
 def policy_maker(name: str, seed: int = 0) -> Any:

@@ -1,8 +1,8 @@
 """Building the policy the live loop runs: a rule-based controller or a checkpoint, shielded.
 
-Policy specs: a registry name (``static``, ``unaware``, ``dynamo``, ``tapas``, ``random``;
-see ``controllers/registry.py``) or ``checkpoint:<dir>`` (a trained agent saved by
-``agents/checkpoint.py``, loaded through ``agents.policy.TrainedPolicy``). Unless told
+Policy specs (`controllers.policy_spec`): a registry name (``static``, ``unaware``, ``dynamo``,
+``tapas``, ``random``; see ``controllers/registry.py``) or ``ckpt:<dir>`` (a trained agent saved
+by ``agents/checkpoint.py``, loaded through ``agents.policy.TrainedPolicy``). Unless told
 otherwise the policy runs inside the safety shield, and a rule-based fallback (shielded too)
 is built beside it for when the policy raises.
 
@@ -19,13 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 from llm_cluster_gym.controllers.context import ControllerContext
+from llm_cluster_gym.controllers.policy_spec import PolicySpecError, parse_policy_spec
 from llm_cluster_gym.controllers.registry import make_controller
 from llm_cluster_gym.controllers.shield import Shield
 from llm_cluster_gym.controllers.static import StaticController
-
-
-class PolicySpecError(ValueError):
-    """Unknown or unusable policy spec (the message names it)."""
 
 
 def context_for(env: Any) -> ControllerContext:
@@ -41,7 +38,7 @@ def build_policy(spec: str, env: Any, shield: bool = True, seed: int = 0,
     """The policy named by ``spec`` and its rule-based fallback, both shielded if asked.
 
     Args:
-        spec: Registry name or ``checkpoint:<dir>``.
+        spec: Policy spec (`controllers.policy_spec`): registry name or ``[shield:]ckpt:<dir>``.
         env: The ClusterEnv the loop drives (its backend's ``telemetry`` feeds the shield).
         shield: Wrap in the safety shield.
         seed: Seed of randomized controllers.
@@ -57,20 +54,22 @@ def build_policy(spec: str, env: Any, shield: bool = True, seed: int = 0,
     base = getattr(env, "unwrapped", env)
     ctx = ctx or context_for(base)
     tel = base.backend.telemetry
-    if spec.startswith("shield:"):
-        spec, shield = spec.split(":", 1)[1], True
-    if spec.startswith("checkpoint:"):
+    parsed = parse_policy_spec(spec)
+    shield = shield or parsed.shield
+    if parsed.checkpoint is not None:
         try:
             from llm_cluster_gym.agents.policy import TrainedPolicy
         except ImportError as exc:
             raise PolicySpecError(f"policy {spec!r}: agents.policy is not available ({exc})") from exc
         try:
-            inner = TrainedPolicy.from_checkpoint(spec.split(":", 1)[1], base)
+            inner = TrainedPolicy.from_checkpoint(parsed.checkpoint, base)
         except (OSError, ValueError, KeyError) as exc:
             raise PolicySpecError(f"policy {spec!r}: cannot load checkpoint ({exc})") from exc
     else:
         try:
-            inner = make_controller(spec, base, ctx, seed)
+            inner = make_controller(parsed.controller, base, ctx, seed)
+        except PolicySpecError:
+            raise
         except ValueError as exc:
             raise PolicySpecError(f"policy {spec!r}: {exc}") from exc
     if ctx.codec.has_rows:
