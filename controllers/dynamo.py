@@ -4,7 +4,9 @@ Three time scales, as in DynamoLLM:
 
 * instances (server share per pool) and TP, every `reconfig_every` intervals (the env applies
   them only then): sized for the forecast peak of the coming window, chosen jointly over pools
-  by dynamic programming over the server budget; a change is made only when the current
+  among the server splits the action codec can produce within its share budget
+  (`ActionCodec.server_splits`, remainders included, so the servers predicted are the servers
+  that run); a change is made only when the current
   configuration would miss the SLO or the predicted saving exceeds `min_saving` (instances
   being re-sharded are down for the model-load time, so small savings do not pay);
 * frequency, every interval: the lowest clock at which the predicted TTFT and TBT of the
@@ -50,8 +52,6 @@ class DynamoController:
         self.tps = np.array(lay.tp_choices)
         self.freqs = np.array(lay.freq_choices_mhz, dtype=float)
         self.batch_idx = int(np.argmax(lay.batch_choices))
-        self.K = ctx.codec.share_levels
-        self.n_saas = ctx.codec.n_saas_servers
         prior = lay.nominal_rps * ctx.pool_stats.fraction
         self.forecaster = LoadForecaster(prior, window=ctx.reconfig_every)
         self.reset()
@@ -61,22 +61,20 @@ class DynamoController:
         self.forecaster.reset()
         self.step = 0
         lay = self.ctx.layout
-        codec, init = self.ctx.codec, self.ctx.initial_pools
-        self.levels = codec.share_levels_for(codec.pool_servers(init))
+        init = self.ctx.initial_pools
+        # SaaS servers per pool of the current layout: always a split the codec executes.
+        self.servers = self.ctx.codec.pool_servers(init)
         self.tp_idx = np.array([lay.tp_choices.index(p.tp) for p in init], dtype=np.int64)
 
     # ------------------------------------------------------------------ model helpers
-    def _servers(self, level: np.ndarray) -> np.ndarray:
-        return np.floor(np.asarray(level) / self.K * self.n_saas + 1e-9)
-
-    def _freq_table(self, p: int, tp_i: int, level: np.ndarray, rate: float
+    def _freq_table(self, p: int, tp_i: int, servers: np.ndarray, rate: float
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per level: feasible?, cheapest feasible frequency index, dynamic power (W)."""
+        """Per server count: feasible?, cheapest feasible frequency index, dynamic power (W)."""
         ctx, lay = self.ctx, self.ctx.layout
         tp = int(self.tps[tp_i])
         prof = ctx.profiles[tp]
         st = ctx.pool_stats
-        n_inst = self._servers(level) * (lay.gpus_per_server // tp)
+        n_inst = np.asarray(servers, dtype=float) * (lay.gpus_per_server // tp)
         pred = predict_pool(
             prof, rate, n_inst[:, None], self.freqs[None, :], lay.batch_choices[self.batch_idx],
             st.mean_input_tokens[p], st.p90_input_tokens[p], st.mean_output_tokens[p],
@@ -87,46 +85,40 @@ class DynamoController:
         cost = np.where(ok, dyn, np.inf)
         f_idx = np.argmin(cost, axis=1)
         feasible = ok.any(axis=1)
-        return feasible, f_idx, cost[np.arange(len(level)), f_idx]
+        return feasible, f_idx, cost[np.arange(len(servers)), f_idx]
 
     def _layout_cost(self, rate: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-        """Best (levels, tp indices) by DP over pools under the server budget, and its cost."""
+        """Cheapest (servers per pool, tp indices) over the codec's splits, and its cost.
+
+        Each pool's cost depends on its own servers only, so it is tabulated per server count
+        (best TP each); a split costs the sum over pools. Ties go to the first split in the
+        codec's order (fewest share levels, then the last pool's level, ...).
+        """
         n_pools = len(rate)
-        levels = np.arange(self.K + 1)
-        best_cost = np.full((n_pools, self.K + 1), np.inf)
-        best_tp = np.zeros((n_pools, self.K + 1), dtype=np.int64)
+        splits = self.ctx.codec.server_splits()
+        counts = np.unique(splits)  # always starts at 0: the all-zero split
+        best_cost = np.full((n_pools, len(counts)), np.inf)
+        best_tp = np.zeros((n_pools, len(counts)), dtype=np.int64)
         for p in range(n_pools):
             for ti in range(len(self.tps)):
-                feas, _, cost = self._freq_table(p, ti, levels, float(rate[p]))
+                feas, _, cost = self._freq_table(p, ti, counts, float(rate[p]))
                 cost = np.where(feas, cost, np.inf)
                 if rate[p] <= 0:
                     cost[0] = 0.0
                 better = cost < best_cost[p]
                 best_cost[p] = np.where(better, cost, best_cost[p])
                 best_tp[p] = np.where(better, ti, best_tp[p])
-        # DP over pools: value[b] = min cost using b levels so far.
-        value = np.zeros(self.K + 1)
-        value[1:] = np.inf
-        choice = np.zeros((n_pools, self.K + 1), dtype=np.int64)
+        col = np.searchsorted(counts, splits)
+        total = np.zeros(len(splits))
         for p in range(n_pools):
-            new = np.full(self.K + 1, np.inf)
-            for b in range(self.K + 1):
-                cand = value[: b + 1][::-1] + best_cost[p, : b + 1]  # previous b-l, this l
-                j = int(np.argmin(cand))
-                new[b], choice[p, b] = cand[j], j
-            value = new
-        b = int(np.argmin(value))
-        total = float(value[b])
-        out = np.zeros(n_pools, dtype=np.int64)
-        for p in range(n_pools - 1, -1, -1):
-            out[p] = choice[p, b]
-            b -= out[p]
-        return out, best_tp[np.arange(n_pools), out], total
+            total = total + best_cost[p, col[:, p]]
+        j = int(np.argmin(total))
+        return splits[j].copy(), best_tp[np.arange(n_pools), col[j]], float(total[j])
 
     def _current_cost(self, rate: np.ndarray) -> float:
         total = 0.0
         for p in range(len(rate)):
-            feas, _, cost = self._freq_table(p, int(self.tp_idx[p]), self.levels[p:p + 1],
+            feas, _, cost = self._freq_table(p, int(self.tp_idx[p]), self.servers[p:p + 1],
                                              float(rate[p]))
             if not feas[0] and rate[p] > 0:
                 return np.inf
@@ -154,20 +146,24 @@ class DynamoController:
         lay = self.ctx.layout
         rate_next, rate_peak = self._rates(observation)
         if self.step % self.ctx.reconfig_every == 0:
-            levels, tp_idx, cost = self._layout_cost(rate_peak)
+            servers, tp_idx, cost = self._layout_cost(rate_peak)
             current = self._current_cost(rate_peak)
             if np.isfinite(cost) and (not np.isfinite(current)
                                       or cost < (1.0 - self.min_saving) * current):
-                self.levels, self.tp_idx = levels, tp_idx
+                self.servers, self.tp_idx = servers, tp_idx
         f_idx = np.full(lay.n_pools, len(self.freqs) - 1)
         for p in range(lay.n_pools):
-            feas, fi, _ = self._freq_table(p, int(self.tp_idx[p]), self.levels[p:p + 1],
+            feas, fi, _ = self._freq_table(p, int(self.tp_idx[p]), self.servers[p:p + 1],
                                            float(rate_next[p]))
             if feas[0]:
                 f_idx[p] = fi[0]
         self.step += 1
-        return self.ctx.codec.pool_configs(self.levels, self.tps[self.tp_idx], self.freqs[f_idx],
-                                           [lay.batch_choices[self.batch_idx]] * lay.n_pools)
+        gpus, batch = lay.gpus_per_server, int(lay.batch_choices[self.batch_idx])
+        return tuple(
+            PoolConfig(n_instances=int(self.servers[p]) * (gpus // int(self.tps[self.tp_idx[p]])),
+                       tp=int(self.tps[self.tp_idx[p]]), freq_mhz=float(self.freqs[f_idx[p]]),
+                       max_batch=batch)
+            for p in range(lay.n_pools))
 
     def decide(self, observation: np.ndarray, action_mask: np.ndarray | None = None
                ) -> ClusterAction:

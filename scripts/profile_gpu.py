@@ -217,7 +217,7 @@ def run(args: Args) -> dict[str, Any]:
             a = time.time()
             iters = 0
             while time.time() - a < ps:
-                eng._pos[:bsz] = ctx - 1
+                eng.passes.pos[:bsz] = ctx - 1
                 for k in range(20):
                     eng.decode_step(bsz, ctx - 1 + k, np.full(bsz, ctx - 1 + k))
                 eng.sync()

@@ -290,7 +290,7 @@ def measure_entry(eng: Any, info: dict, grids: Grids, gpu_indices: list[int] | N
             for bsz in [x for x in grids.phase_decode_batch if x <= cfg.max_slots]:
                 a, iters = time.time(), 0
                 while time.time() - a < grids.phase_s or iters == 0:
-                    eng._pos[:bsz] = ctx - 1
+                    eng.passes.pos[:bsz] = ctx - 1
                     for _ in range(20):
                         eng.decode_step(bsz, ctx + 20)
                     eng.sync()

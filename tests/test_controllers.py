@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from llm_cluster_gym.controllers.base import Controller
@@ -131,3 +133,30 @@ def test_registry_rejects_unknown_and_mismatched(energy_env):
         make_controller("tapas", energy_env)
     shielded = make_controller("shield:static", energy_env)
     assert shielded.name == "shield(static)"
+
+
+def test_dynamo_predicts_the_servers_the_codec_executes():
+    """The DynamoLLM manager's model uses the servers that really run, not floored shares.
+
+    On 12 SaaS servers (K = 8 levels of 1.5 servers) decode hands out remainders.
+    """
+    sc = load_scenario("small").with_overrides(duration_s=300.0)
+    sc = sc.with_overrides(datacenter=dataclasses.replace(sc.datacenter, servers_per_rack=6))
+    env = ClusterEnv(task="energy", backend=SimCluster(sc, serving_model="aggregate",
+                                                       auto_place_vms=True))
+    ctx = ControllerContext.from_env(env)
+    codec = ctx.codec
+    assert (codec.n_saas_servers, codec.share_levels) == (12, 8)
+    c = DynamoController(ctx)
+    c.reset()
+    obs, _ = env.reset(seed=0)
+    floored_wrong = 0
+    for _ in range(40):
+        a = c.act(obs, env.action_masks())
+        obs, *_ = env.step(a)
+        executed = codec.pool_servers(env.pools)
+        np.testing.assert_array_equal(executed, c.servers)
+        levels = codec.share_levels_for(executed)
+        floored = np.floor(levels / codec.share_levels * codec.n_saas_servers + 1e-9)
+        floored_wrong += not np.array_equal(floored, executed)
+    assert floored_wrong > 0  # the episode does run layouts a floored share would mispredict

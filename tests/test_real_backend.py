@@ -225,29 +225,29 @@ def test_decode_matches_prefill_and_slot_moves_keep_sequences():
     prompts = [torch.randint(0, 512, (n,)) for n in (9, 17, 5)]
     with torch.inference_mode():
         for s, p in enumerate(prompts):
-            e._tok[s] = e.prefill(p, s)
-            e._pos[s] = len(p)
+            e.passes.tok[s] = e.prefill(p, s)
+            e.passes.pos[s] = len(p)
         e.decode_step(3, 17)
         # Move slot 2 into slot 0 (what retiring sequence 0 does) and keep decoding it.
-        seq2 = torch.cat([prompts[2], e._tok[2:3].clone()])
+        seq2 = torch.cat([prompts[2], e.passes.tok[2:3].clone()])
         e.running = [type("S", (), {"prompt_tokens": 5, "generated": 1})()] * 3
         e._move_slot(2, 0)
-        e.decode_step(1, int(e._pos[0]))
-        ref = e.prefill(torch.cat([seq2, e._tok[0:1]])[:-1], 5)
-    assert int(e._tok[0]) == int(ref)
+        e.decode_step(1, int(e.passes.pos[0]))
+        ref = e.prefill(torch.cat([seq2, e.passes.tok[0:1]])[:-1], 5)
+    assert int(e.passes.tok[0]) == int(ref)
 
 
 def test_chunk_table_lists_only_live_chunks():
     e = InferenceEngine(WorkerConfig(model="tiny", device="cpu", max_slots=8, max_ctx=256,
                                      kv_chunk_tokens=16, decode_attention="chunked"))
-    assert e.chunked
-    assert not InferenceEngine(WorkerConfig(model="tiny", device="cpu")).chunked
-    tab = e.chunk_table([0, 15, 16, 40])  # live lengths 1, 16, 17, 41
+    assert e.passes.chunked
+    assert not InferenceEngine(WorkerConfig(model="tiny", device="cpu")).passes.chunked
+    tab = e.passes.chunk_table([0, 15, 16, 40])  # live lengths 1, 16, 17, 41
     assert tab[0].tolist() == [0, 1, 2, 2, 3, 3, 3]
     assert tab[1].tolist() == [0, 0, 0, 1, 0, 1, 2]
     assert tab[2].tolist() == [1, 16, 16, 1, 16, 16, 9]
     assert tab[2].sum() == 1 + 16 + 17 + 41
-    assert e.decode_buckets(4, 40, tab.shape[1]) == (4, 8)
+    assert e.runner.decode_buckets(4, 40, tab.shape[1]) == (4, 8)
     with pytest.raises(WorkerError, match="kv_chunk_tokens"):
         InferenceEngine(WorkerConfig(model="tiny", device="cpu", max_ctx=256, kv_chunk_tokens=24))
     with pytest.raises(WorkerError, match="decode_attention"):
@@ -267,24 +267,25 @@ def test_chunked_decode_attention_equals_padded_attention():
     for e in (ch, pa):
         with torch.inference_mode():
             for s, p in enumerate(prompts):
-                e._tok[s] = e.prefill(p, s)
-                e._pos[s] = len(p)
+                e.passes.tok[s] = e.prefill(p, s)
+                e.passes.pos[s] = len(p)
             steps = []
             for _ in range(6):
                 e.decode_step(len(lens))
-                steps.append(e._tok[: len(lens)].clone())
+                steps.append(e.passes.tok[: len(lens)].clone())
         toks.append(torch.stack(steps))
     assert torch.equal(toks[0], toks[1])
     # The attention outputs themselves agree (same caches, same queries).
     q = torch.randn(len(lens), 4 * 16)
     with torch.inference_mode():
-        pos = ch._pos[: len(lens)].clone()
-        ch._ch_meta.zero_()
-        tab = torch.from_numpy(ch.chunk_table(pos.numpy()))
-        ch._ch_meta[:, : tab.shape[1]] = tab
-        keep = (ch._ctx_ar[:256][None, :] <= pos[:, None])[:, None, None, :]
-        a = ch._attend_chunked(q, 1, len(lens), 32)  # 32 rows: padding rows included
-        b = ch._attend_padded(q, 1, len(lens), 256, keep)
+        cp = ch.passes
+        pos = cp.pos[: len(lens)].clone()
+        cp.ch_meta.zero_()
+        tab = torch.from_numpy(cp.chunk_table(pos.numpy()))
+        cp.ch_meta[:, : tab.shape[1]] = tab
+        keep = (cp.ctx_ar[:256][None, :] <= pos[:, None])[:, None, None, :]
+        a = cp.attend_chunked(q, 1, len(lens), 32)  # 32 rows: padding rows included
+        b = cp.attend_padded(q, 1, len(lens), 256, keep)
     assert torch.allclose(a, b, atol=1e-5)
 
 
@@ -297,10 +298,10 @@ def test_bucket_padded_prefill_equals_exact_prefill():
     padded = torch.cat([ids, torch.randint(0, 512, (19,))])  # a 64-token bucket
     last = torch.tensor([44])
     with torch.inference_mode():
-        ref = e._prefill_impl(ids, torch.tensor([1]), last)
-        k_ref = e.k_cache[1][1, :, :45].clone()
-        got = e._prefill_impl(padded, torch.tensor([2]), last)
-        k_got = e.k_cache[1][2, :, :45]
+        ref = e.passes.prefill_pass(ids, torch.tensor([1]), last)
+        k_ref = e.passes.k_cache[1][1, :, :45].clone()
+        got = e.passes.prefill_pass(padded, torch.tensor([2]), last)
+        k_got = e.passes.k_cache[1][2, :, :45]
     assert int(ref) == int(got)
     assert torch.allclose(k_ref, k_got, atol=1e-6)
 

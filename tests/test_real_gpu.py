@@ -49,8 +49,8 @@ def test_cuda_graph_decode_and_prefill_match_eager():
     g = InferenceEngine(cfg)
     e = InferenceEngine(WorkerConfig(**{**cfg.__dict__, "cuda_graphs": False,
                                         "prefill_graphs": False, "decode_attention": "padded"}))
-    assert g.use_graphs and g.use_prefill_graphs and not e.use_graphs
-    assert not e.use_prefill_graphs
+    assert g.runner.use_graphs and g.runner.use_prefill_graphs and not e.runner.use_graphs
+    assert not e.runner.use_prefill_graphs
     assert g.warmup() > 0
     lens = (10, 40, 75)
     ids = torch.randint(0, 512, (3, 80), device="cuda")
@@ -58,17 +58,18 @@ def test_cuda_graph_decode_and_prefill_match_eager():
     with torch.inference_mode():
         for s, n in enumerate(lens):
             for eng in (g, e):
-                eng._tok[s] = eng.prefill(ids[s, :n], s)
-                eng._pos[s] = n
+                eng.passes.tok[s] = eng.prefill(ids[s, :n], s)
+                eng.passes.pos[s] = n
         for _ in range(6):
-            e._tok[:3] = g._tok[:3]
+            e.passes.tok[:3] = g.passes.tok[:3]
             g.decode_step(3)
             e.decode_step(3)
-            same += int((g._tok[:3] == e._tok[:3]).sum())
-    assert torch.equal(g._pos[:3], e._pos[:3])
+            same += int((g.passes.tok[:3] == e.passes.tok[:3]).sum())
+    assert torch.equal(g.passes.pos[:3], e.passes.pos[:3])
     for s, n in enumerate(lens):
         for li in range(2):
-            a, b = g.k_cache[li][s, :, : n + 6].float(), e.k_cache[li][s, :, : n + 6].float()
+            a = g.passes.k_cache[li][s, :, : n + 6].float()
+            b = e.passes.k_cache[li][s, :, : n + 6].float()
             assert torch.allclose(a, b, atol=3e-2, rtol=3e-2), (s, li)
     assert same >= 9  # of 18 next tokens
 

@@ -63,11 +63,11 @@ def test_config_validation_names_the_field():
 
 
 def test_random_weights_do_not_depend_on_tp():
-    full = dict(TPInferenceEngine(TINY).model.named_parameters())
+    full = dict(TPInferenceEngine(TINY).passes.model.named_parameters())
     for tp in (2, 4):
         for rank in range(tp):
             eng = TPInferenceEngine(TINY, rank=rank, tp=tp)
-            for name, prm in eng.model.named_parameters():
+            for name, prm in eng.passes.model.named_parameters():
                 dim = eng.spec.split_dim(name)
                 want = full[name] if dim is None else full[name].narrow(
                     dim, rank * prm.shape[dim], prm.shape[dim])

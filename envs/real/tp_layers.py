@@ -101,7 +101,7 @@ def _block_seed(seed: int, name: str, block: int) -> int:
 def init_random_sharded_(model: Any, spec: ShardSpec, seed: int, std: float = 0.02) -> None:
     """Fill ``model`` (a rank's shard) with random weights that do not depend on ``tp``.
 
-    Norm weights are ones (as in :func:`envs.real.worker._build_model`); every other weight is
+    Norm weights are ones (as in :func:`envs.real.llama.build_model`); every other weight is
     normal(0, ``std``), drawn block by block (see the module docstring).
     """
     import torch

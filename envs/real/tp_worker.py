@@ -218,10 +218,10 @@ class TPInferenceEngine(InferenceEngine):
         self.rank, self.tp, self.group = rank, tp, group
         self.is_leader = rank == 0
         if config.weights_path:
-            load_hf_weights_sharded_(self.model, Path(config.weights_path), spec)
+            load_hf_weights_sharded_(self.passes.model, Path(config.weights_path), spec)
         else:
-            init_random_sharded_(self.model, spec, config.seed)
-        make_row_parallel_(self.model, group if tp > 1 else None)
+            init_random_sharded_(self.passes.model, spec, config.seed)
+        make_row_parallel_(self.passes.model, group if tp > 1 else None)
         self._stopped = False
         self._cmd = self.torch.zeros(4, dtype=self.torch.long, device=self.device)
         self.sync()
@@ -251,20 +251,13 @@ class TPInferenceEngine(InferenceEngine):
         """Announce (with the token and position vectors), then run one decode iteration."""
         if self.tp > 1:
             self._announce(_OP_DECODE, int(n), -1 if max_pos is None else int(max_pos))
-            self._bcast(self.torch.stack([self._tok[:n], self._pos[:n]]).contiguous())
+            self._bcast(self.torch.stack([self.passes.tok[:n], self.passes.pos[:n]]).contiguous())
         InferenceEngine.decode_step(self, n, max_pos, positions)
-
-    def _copy_slot(self, src: int, dst: int, n: int) -> None:
-        for kc, vc in zip(self.k_cache, self.v_cache, strict=True):
-            kc[dst, :, :n].copy_(kc[src, :, :n])
-            vc[dst, :, :n].copy_(vc[src, :, :n])
-        self._tok[dst] = self._tok[src]
-        self._pos[dst] = self._pos[src]
 
     def _move_slot(self, src: int, dst: int) -> None:
         n = self.running[src].prompt_tokens + self.running[src].generated
         self._announce(_OP_MOVE, src, dst, n)
-        self._copy_slot(src, dst, n)
+        self.passes.copy_slot(src, dst, n)
 
     def warmup(self) -> int:
         """Capture the decode CUDA graphs on every rank (same buckets, same order)."""
@@ -301,11 +294,11 @@ class TPInferenceEngine(InferenceEngine):
                     InferenceEngine.prefill(self, ids, b)
                 elif op == _OP_DECODE:
                     st = self._bcast(torch.empty(2, a, dtype=torch.long, device=self.device))
-                    self._tok[:a] = st[0]
-                    self._pos[:a] = st[1]
+                    self.passes.tok[:a] = st[0]
+                    self.passes.pos[:a] = st[1]
                     InferenceEngine.decode_step(self, a, None if b < 0 else b)
                 elif op == _OP_MOVE:
-                    self._copy_slot(a, b, c)
+                    self.passes.copy_slot(a, b, c)
                 elif op == _OP_WARMUP:
                     InferenceEngine.warmup(self)
                 else:
@@ -539,22 +532,22 @@ def _reference_fn(eng: TPInferenceEngine, info: dict, prompts: list[list[int]],
                   decode_steps: int) -> dict[str, Any]:  # pragma: no cover - child process
     torch = eng.torch
     logits: list[Any] = []
-    hook = eng.model.lm_head.register_forward_hook(
+    hook = eng.passes.model.lm_head.register_forward_hook(
         lambda _m, _i, out: logits.append(out.detach().float().cpu().numpy().copy()))
     try:
         with torch.inference_mode():
             for slot, p in enumerate(prompts):
                 first = eng.prefill(torch.tensor(p, dtype=torch.long, device=eng.device), slot)
-                eng._tok[slot] = first
-                eng._pos[slot] = len(p)
+                eng.passes.tok[slot] = first
+                eng.passes.pos[slot] = len(p)
             n = len(prompts)
             pre = list(logits)
             logits.clear()
-            toks = [eng._tok[:n].cpu().numpy().copy()]
+            toks = [eng.passes.tok[:n].cpu().numpy().copy()]
             for _ in range(decode_steps):
-                max_pos = int(eng._pos[:n].max())
+                max_pos = int(eng.passes.pos[:n].max())
                 eng.decode_step(n, max_pos)
-                toks.append(eng._tok[:n].cpu().numpy().copy())
+                toks.append(eng.passes.tok[:n].cpu().numpy().copy())
     finally:
         hook.remove()
     return {"prefill_logits": pre, "decode_logits": list(logits), "tokens": toks,
