@@ -28,11 +28,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm_cluster_gym.envs.sim.cluster import SimCluster  # noqa: E402
 from llm_cluster_gym.envs.sim.scenario import load_scenario  # noqa: E402

@@ -1,7 +1,7 @@
 """Sweep scaling: wall time of a fixed evaluation grid on Ray with 1 and with 2 workers.
 
 The grid: static and dynamo x `small` x 4 seeds (8 cells), request-level serving, energy task,
-12 warm-up intervals (what `python -m scripts.sweep` runs by default). One local Ray with 2 CPUs
+12 warm-up intervals (what `llm-cluster sweep` runs by default). One local Ray with 2 CPUs
 (no dashboard) runs it twice: one cell in flight at a time (1 worker), then two (2 workers).
 Before timing, both worker processes are started and have imported the simulator (a 2-cell
 warm-up sweep), so neither measurement pays Ray's worker start-up. The sweep results of the two
@@ -19,12 +19,8 @@ import argparse
 import json
 import os
 import platform
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from llm_cluster_gym.agents.sweep import SweepSpec, expand_grid, init_ray, run_sweep  # noqa: E402
+from llm_cluster_gym.agents.sweep import SweepSpec, expand_grid, init_ray, run_sweep
 
 
 def main() -> None:

@@ -1,11 +1,12 @@
-"""Build the performance/power profile JSON files in ``envs/data/profiles`` from public data.
+"""`llm-cluster build-profiles`: the performance/power profiles in ``envs/data/profiles`` from public data.
 
 Run once (the output is committed)::
 
-    .venv/bin/python scripts/build_profiles.py [--data-root /work/shared/data] [--out DIR]
+    llm-cluster build-profiles --data-root DATA_ROOT [--out DIR]
 
-Inputs (copies of public repositories and of a probe measured for this project, see
-``envs/data/profiles/README.md``):
+``DATA_ROOT`` holds copies of public repositories and of a probe measured for this project (see
+``envs/data/profiles/README.md``); the profiles' provenance names each source by its public
+repository, commit and path, never by where the copy sat on the building machine:
 
 * splitwise-sim ``data/perf_model.csv``: Llama-2-70B on H100, TP 2/4/8, prefill and decode times.
 * ML.ENERGY leaderboard v2 (flattened CSV): Llama-3.1-8B TP1 and Llama-3.1-70B TP4 on H100:
@@ -19,29 +20,25 @@ The run is deterministic (no randomness).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime as dt
 import gzip
 import json
 import shutil
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from llm_cluster_gym.envs.sim.fitting import nonneg_rel_lstsq, relative_error_stats, saturation_fit
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from llm_cluster_gym.envs.sim.profiles import (  # noqa: E402  (path set up above for direct script runs)
+from llm_cluster_gym.envs.sim.profiles import (
+    DEFAULT_PROFILE_DIR,
     SCHEMA_VERSION,
     freq_at_power_limit_mhz,
     phase_power_w,
     prefill_time_s,
 )
+from llm_cluster_gym.scripts.usage import UsageError
 
 SPLITWISE = {
     "repo": "Mutinifni/splitwise-sim",
@@ -475,7 +472,7 @@ def probe_source(probe: dict[str, Any], used_for: str) -> dict[str, str]:
     """The provenance entry of the H100 probe (measured for this project)."""
     return {
         "measured_here": (
-            f"/work/shared/data/h100_probe: nvml_probe.py -> h100_probe.json, "
+            f"h100_probe (in the data root): nvml_probe.py -> h100_probe.json, "
             f"calibration_steps.py -> "
             f"h100_calibration_steps.json.gz; {probe['gpu_name']}, driver {probe['driver']}, "
             f"{probe['date']}"
@@ -551,10 +548,15 @@ def assemble(
     }
 
 
+BUILT_BY = ("llm-cluster build-profiles --data-root DATA_ROOT (DATA_ROOT: copies of the sources "
+            "named under 'sources'; see envs/data/profiles/README.md)")
+"""The provenance's ``built_by``: the command, with the data root named by what it holds."""
+
+
 def build(data_root: Path, out_dir: Path) -> list[Path]:
     """Read the public data, fit every profile, write JSON files; returns the written paths."""
     today = dt.date.today().isoformat()
-    command = "python scripts/build_profiles.py --data-root " + str(data_root)
+    command = BUILT_BY
     probe = read_probe(data_root)
     idle_w = probe["idle_w"]
     ppow = prefill_power_fit(probe)
@@ -926,22 +928,26 @@ def copy_licenses(data_root: Path, dest: Path) -> None:
         shutil.copyfile(data_root / src, dest / name)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--data-root",
-        type=Path,
-        default=Path("/work/shared/data"),
-        help="folder holding the public data copies (splitwise_sim/, ml_energy_leaderboard/, ...)",
-    )
-    ap.add_argument(
-        "--out", type=Path, default=REPO_ROOT / "envs/data/profiles", help="output folder"
-    )
-    args = ap.parse_args(argv)
+@dataclass
+class BuildProfilesArgs:
+    """Build the simulator's profile JSON files from copies of the public data (see envs/data/profiles)."""
+
+    data_root: Path
+    """Folder holding the copies of the public data (splitwise_sim/, ml_energy_leaderboard/, vidur/,
+    h100_probe/); required, and never written into the profiles."""
+    out: Path = DEFAULT_PROFILE_DIR
+    """Output folder (default: the package's envs/data/profiles)."""
+
+    def __post_init__(self) -> None:
+        if not self.data_root.is_dir():
+            raise UsageError(f"--data-root {self.data_root}: no such folder")
+
+
+def run(args: BuildProfilesArgs, command: str = "llm-cluster build-profiles") -> int:
+    """Build every profile and write it.
+
+    Raises:
+        FileNotFoundError: The data root lacks one of the public files.
+    """
     build(args.data_root, args.out)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Sim-to-real calibration: record a trace replay on the GPU, fit the simulator, compare.
+"""`llm-cluster calibrate`: record a trace replay on the GPU, fit the simulator to it, compare.
 
 Two steps:
 
@@ -10,7 +10,7 @@ every request's TTFT/TBT, per-interval metrics, every scheduler step, the drill)
 
 ``fit`` (CPU): fit the simulator's time and power coefficients to a served calibration run
 (one trace window, its scheduler steps and 1 s energy) together with the profile recording
-(``scripts/profile_gpu.py``: idle power, prefill power shape, sustained decode phases), and
+(``llm-cluster profile``: idle power, prefill power shape, sustained decode phases), and
 the two-node thermal model to the profile recording; then replay the requests and the
 batch-cap schedule of a second, held-out run (another trace window) in the simulator
 (``SimCluster`` with one GPU) and compare: power MAPE over 1 s windows, temperature RMSE,
@@ -19,27 +19,32 @@ throughput and latency errors.
 Usage::
 
     # on the H100: the calibration window, then the held-out test window
-    PYTHONUNBUFFERED=1 python scripts/calibrate.py record --start-s 600 \
-        --batch-steps 0:64,50:8,100:16,140:64 --out envs/data/real/h100_calibration_run.json.gz
-    PYTHONUNBUFFERED=1 python scripts/calibrate.py record --out envs/data/real/h100_fidelity_run.json.gz
+    PYTHONUNBUFFERED=1 llm-cluster calibrate record --start-s 600 \
+        --batch-steps 0:64 50:8 100:16 140:64 --out envs/data/real/h100_calibration_run.json.gz
+    PYTHONUNBUFFERED=1 llm-cluster calibrate record --out envs/data/real/h100_fidelity_run.json.gz
     # anywhere
-    python scripts/calibrate.py fit
+    llm-cluster calibrate fit
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import shlex
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated, Union
 
 import numpy as np
+import tyro
 from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
-from llm_cluster_gym.envs.real.telemetry import GpuUnavailableError, save_recording
-from llm_cluster_gym.envs.real.worker import STEP_LOG_COLUMNS, WorkerConfig, WorkerError
+from llm_cluster_gym.envs.real.telemetry import save_recording
+from llm_cluster_gym.envs.real.worker import STEP_LOG_COLUMNS, WorkerConfig
+from llm_cluster_gym.scripts.usage import UsageError
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "envs" / "data" / "real"
 PROFILE_REC = DATA_DIR / "h100_llama3-8b_profile.json.gz"
@@ -59,45 +64,43 @@ DEFAULT_LEAD_S = 20.0
 """Idle telemetry before the worker is built (s): the thermal history of the replay."""
 
 
-def non_negative_seconds(text: str) -> float:
-    """Argparse type: a finite number of seconds >= 0."""
-    try:
-        v = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from err
-    if not (v >= 0 and np.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"{text!r}: want a finite number of seconds >= 0")
-    return v
-
-
-def _colon_tuples(text: str, option: str, form: str, types: tuple[type, ...]) -> tuple[tuple, ...]:
-    """``"a:b,c:d"`` -> ((a, b), (c, d)), each field converted by ``types``.
+def _colon_tuples(items: Sequence[str], option: str, form: str,
+                  types: tuple[type, ...]) -> tuple[tuple, ...]:
+    """``["a:b", "c:d"]`` -> ((a, b), (c, d)), each field converted by ``types``.
 
     Raises:
-        argparse.ArgumentTypeError: A field is missing, extra or not a number (names the option).
+        UsageError: A field is missing, extra or not a number (names the option).
     """
     try:
         return tuple(tuple(t(x) for t, x in zip(types, part.split(":"), strict=True))
-                     for part in text.split(","))
+                     for part in items)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{option} {text!r}: want {form}") from err
+        raise UsageError(f"{option} {' '.join(items)!r}: want {form}") from err
 
 
-def parse_batch_steps(text: str) -> tuple[tuple[float, int], ...]:
-    """``"0:64,60:8,120:64"`` -> ((0.0, 64), (60.0, 8), (120.0, 64)); must start at 0 s."""
-    steps = _colon_tuples(text, "--batch-steps", "START_S:BATCH,...", (float, int))
+def parse_batch_steps(items: Sequence[str]) -> tuple[tuple[float, int], ...]:
+    """``["0:64", "60:8", "120:64"]`` -> ((0.0, 64), (60.0, 8), (120.0, 64)); must start at 0 s.
+
+    Raises:
+        UsageError: Malformed, not starting at 0 s, times not increasing, or a cap below 1.
+    """
+    steps = _colon_tuples(items, "--batch-steps", "START_S:BATCH ...", (float, int))
     if not steps or steps[0][0] != 0.0 or any(b < 1 for _, b in steps) or any(
             t1 <= t0 for (t0, _), (t1, _) in zip(steps, steps[1:], strict=False)):
-        raise argparse.ArgumentTypeError(
-            f"--batch-steps {text!r}: start at 0, increasing times, batch caps >= 1")
+        raise UsageError(f"--batch-steps {' '.join(items)!r}: start at 0, increasing times, "
+                         "batch caps >= 1")
     return steps
 
 
-def parse_budget(text: str) -> tuple[tuple[float, float, float], ...]:
-    """``"60:60:250"`` -> ((60.0, 60.0, 250.0),): start s, length s, budget W; comma-separated."""
-    drills = _colon_tuples(text, "--budget", "START_S:LENGTH_S:WATTS,...", (float, float, float))
+def parse_budget(items: Sequence[str]) -> tuple[tuple[float, float, float], ...]:
+    """``["60:60:250"]`` -> ((60.0, 60.0, 250.0),): start s, length s, budget W per window.
+
+    Raises:
+        UsageError: Malformed, or a length or budget that is not positive.
+    """
+    drills = _colon_tuples(items, "--budget", "START_S:LENGTH_S:WATTS ...", (float, float, float))
     if any(d[1] <= 0 or d[2] <= 0 for d in drills):
-        raise argparse.ArgumentTypeError(f"--budget {text!r}: want START_S:LENGTH_S:WATTS,...")
+        raise UsageError(f"--budget {' '.join(items)!r}: want START_S:LENGTH_S:WATTS ...")
     return drills  # type: ignore[return-value]
 
 
@@ -185,68 +188,96 @@ def record(out: Path, trace: str, start_s: float, duration_s: float, rate_rps: f
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``record`` or ``fit``."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("record", help="replay a trace window on the GPU (needs a GPU)")
-    r.add_argument("--out", type=Path, default=FIDELITY_REC)
-    r.add_argument("--trace", default="azure_conv_2023")
-    r.add_argument("--start-s", type=float, default=1200.0)
-    r.add_argument("--duration-s", type=float, default=180.0)
-    r.add_argument("--rate-rps", type=float, default=None)
-    r.add_argument("--gpu", type=int, default=0)
-    r.add_argument("--interval-s", type=float, default=5.0)
-    r.add_argument("--batch-steps", type=parse_batch_steps, default=DRILL_BATCH_STEPS,
-                   help="batch-cap schedule START_S:CAP,... (default 0:64,60:8,120:64)")
-    r.add_argument("--budget", type=parse_budget, default=DRILL_BUDGET,
-                   help="virtual power budget drills START_S:LENGTH_S:WATTS,... (default 60:60:250)")
-    r.add_argument("--lead-s", type=non_negative_seconds, default=DEFAULT_LEAD_S,
-                   help="seconds of idle GPU telemetry sampled before the worker is built "
-                        f"(default {DEFAULT_LEAD_S:g})")
-    f = sub.add_parser("fit", help="fit the simulator to the recordings and compare (CPU)")
-    f.add_argument("--profile", type=Path, default=PROFILE_REC)
-    f.add_argument("--run", type=Path, default=FIDELITY_REC,
-                   help="served recording of the test window (compared, not fitted)")
-    f.add_argument("--calibration-run", type=Path, action="append", default=None,
-                   help="served recording of another trace window that the time and power "
-                        "coefficients are fitted to; repeat to pool several (default: "
-                        f"{CALIBRATION_REC.name})")
-    f.add_argument("--sweeps-only", action="store_true",
-                   help="fit to the isolated profile sweeps alone (no served calibration run)")
-    f.add_argument("--other-run", type=Path, action="append", default=None,
-                   help="another served recording judged with the same fit (repeatable; default: "
-                        "the committed runs on two other H100s)")
-    f.add_argument("--write", action="store_true",
-                   help="write the fitted profile, thermal fit, calibration.json and fidelity.png "
-                        "to envs/data/real")
-    ns = p.parse_args(argv)
-    if ns.cmd == "record":
-        try:
-            path = record(ns.out, ns.trace, ns.start_s, ns.duration_s, ns.rate_rps, ns.gpu,
-                          ns.interval_s, ns.batch_steps, ns.budget, ns.lead_s)
-        except (GpuUnavailableError, WorkerError) as err:
-            print(f"calibrate: {err}", file=sys.stderr)
-            return 2
+@dataclass
+class CalibrateRecordArgs:
+    """Replay a trace window on the GPU with the scripted drill and record everything (needs a GPU)."""
+
+    out: Path = FIDELITY_REC
+    """Recording to write (gzip JSON)."""
+    trace: str = "azure_conv_2023"
+    """Trace replayed (a shipped trace name)."""
+    start_s: float = 1200.0
+    """Start of the trace window (s)."""
+    duration_s: float = 180.0
+    """Length of the replay (s)."""
+    rate_rps: float | None = None
+    """Replay rate (default: the trace's own arrivals)."""
+    gpu: int = 0
+    """GPU index (NVML and CUDA)."""
+    interval_s: float = 5.0
+    """Control interval of the replay (s)."""
+    batch_steps: list[str] = field(
+        default_factory=lambda: [f"{t:g}:{b}" for t, b in DRILL_BATCH_STEPS])
+    """Batch-cap schedule, START_S:CAP items starting at 0 s."""
+    budget: list[str] = field(
+        default_factory=lambda: [":".join(f"{x:g}" for x in d) for d in DRILL_BUDGET])
+    """Virtual power budget drills, START_S:LENGTH_S:WATTS items."""
+    lead_s: float = DEFAULT_LEAD_S
+    """Seconds of idle GPU telemetry sampled before the worker is built."""
+
+    def __post_init__(self) -> None:
+        parse_batch_steps(self.batch_steps)
+        parse_budget(self.budget)
+        if not (self.lead_s >= 0 and math.isfinite(self.lead_s)):
+            raise UsageError(f"--lead-s {self.lead_s}: want a finite number of seconds >= 0")
+
+
+@dataclass
+class CalibrateFitArgs:
+    """Fit the simulator to the recordings and compare with a held-out run (CPU)."""
+
+    profile: Path = PROFILE_REC
+    """Profile recording (`llm-cluster profile`): idle power, prefill and decode sweeps."""
+    run: Path = FIDELITY_REC
+    """Served recording of the test window (compared, not fitted)."""
+    calibration_run: list[Path] | None = None
+    """Served recordings of other trace windows that the time and power coefficients are fitted to,
+    pooled (default: h100_calibration_run.json.gz)."""
+    sweeps_only: bool = False
+    """Fit to the isolated profile sweeps alone (no served calibration run)."""
+    other_run: list[Path] | None = None
+    """Other served recordings judged with the same fit (default: the committed runs on two other
+    H100s)."""
+    write: bool = False
+    """Write the fitted profile, thermal fit, calibration.json and fidelity.png to envs/data/real."""
+
+
+@dataclass
+class CalibrateArgs:
+    """Sim-to-real calibration: record a trace replay on the GPU (record), fit and compare (fit)."""
+
+    step: Union[  # noqa: UP007 - tyro reads the Annotated members of a typing.Union
+        Annotated[CalibrateRecordArgs, tyro.conf.subcommand(
+            "record", description="Replay a trace window on the GPU and record it (needs a GPU).")],
+        Annotated[CalibrateFitArgs, tyro.conf.subcommand(
+            "fit", description="Fit the simulator to the recordings and compare (CPU).")],
+    ]
+    """The step: record (GPU) or fit (CPU)."""
+
+
+def run(args: CalibrateArgs, command: str = "llm-cluster calibrate") -> int:
+    """Run ``record`` or ``fit``.
+
+    Raises:
+        GpuUnavailableError: record: no NVML / GPU.
+        WorkerError: record: no CUDA device for the worker.
+        FidelityError: fit: a recording lacks what the fit needs.
+        TelemetryFileError: fit: a recording cannot be read.
+    """
+    ns = args.step
+    if isinstance(ns, CalibrateRecordArgs):
+        path = record(ns.out, ns.trace, ns.start_s, ns.duration_s, ns.rate_rps, ns.gpu,
+                      ns.interval_s, parse_batch_steps(ns.batch_steps), parse_budget(ns.budget),
+                      ns.lead_s)
         print(f"wrote {path}")
         return 0
-    from llm_cluster_gym.envs.real.fidelity import FidelityError, calibrate_and_compare
-    from llm_cluster_gym.envs.real.telemetry import TelemetryFileError
+    from llm_cluster_gym.envs.real.fidelity import calibrate_and_compare
 
-    try:
-        report = calibrate_and_compare(ns.profile, ns.run,
-                                       None if ns.sweeps_only
-                                       else tuple(ns.calibration_run or (CALIBRATION_REC,)),
-                                       write_dir=DATA_DIR if ns.write else None,
-                                       other_runs=tuple(ns.other_run if ns.other_run is not None
-                                                        else [p for p in OTHER_GPU_RECS
-                                                              if p.exists()]))
-    except (FidelityError, TelemetryFileError) as err:
-        print(f"calibrate: {err}", file=sys.stderr)
-        return 2
+    report = calibrate_and_compare(ns.profile, ns.run,
+                                   None if ns.sweeps_only
+                                   else tuple(ns.calibration_run or (CALIBRATION_REC,)),
+                                   write_dir=DATA_DIR if ns.write else None,
+                                   other_runs=tuple(ns.other_run if ns.other_run is not None
+                                                    else [p for p in OTHER_GPU_RECS if p.exists()]))
     print(json.dumps(report["summary"], indent=1))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,57 +1,100 @@
-"""Compare controllers on a scenario over several seeds: one table, ratios, report plots.
+"""`llm-cluster compare`: controllers on a scenario over several seeds; one table, ratios, plots.
 
 Usage::
 
-    python -m scripts.compare [--task energy] [--scenario small] [--serving request]
-        [--controllers static,dynamo,oracle] [--seeds 0,1,2] [--warmup 12]
+    llm-cluster compare [--task energy] [--scenario small] [--serving request]
+        [--controllers static dynamo oracle] [--seeds 0 1 2] [--warmup 12]
         [--out reports/compare-<task>-<scenario>] [--no-plots]
 
-For each controller and seed the env runs a whole episode (`envs.rollout`); the first
-`warmup` intervals (start-up reconfiguration, model loads) are left out of the figures. The
-table gives means over seeds of energy, energy per token, SLO attainment, TTFT/TBT P99,
-thermal and power throttling events, peak row power, max GPU temperature and shield
-overrides. Then the ratios the issue asks for: DynamoLLM-style energy over static (with both
-attainments), TAPAS-style throttling events over unaware. Plots per controller (first seed)
-come from `envs.sim.report.write_report`.
+Controllers are policy specs (`controllers.policy_spec`: ``dynamo``, ``shield:dynamo``,
+``ckpt:<dir>``, ...). For each controller and seed the env runs a whole episode
+(`envs.rollout`); the first `warmup` intervals (start-up reconfiguration, model loads)
+are left out of the figures. The table gives means over seeds of energy, energy per token,
+SLO attainment, TTFT/TBT P99, thermal and power throttling events, peak row power, max GPU
+temperature and shield overrides. Then the ratios the issue asks for: DynamoLLM-style energy
+over static (with both attainments), TAPAS-style throttling events over unaware. Plots per
+controller (first seed) come from `envs.sim.report.write_report`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from llm_cluster_gym.controllers.registry import make_controller  # noqa: E402
-from llm_cluster_gym.envs.episode import COMPARISON_COLUMNS  # noqa: E402
-from llm_cluster_gym.envs.rollout import run_measured  # noqa: E402
-from llm_cluster_gym.envs.sim.report import write_report  # noqa: E402
+from llm_cluster_gym.controllers.policy_spec import make_policy, parse_policy_spec
+from llm_cluster_gym.envs.episode import COMPARISON_COLUMNS
+from llm_cluster_gym.envs.rollout import run_measured
+from llm_cluster_gym.envs.sim.report import write_report
+from llm_cluster_gym.envs.sim.scenario import load_scenario
+from llm_cluster_gym.scripts.usage import UsageError
 
 COLUMNS = COMPARISON_COLUMNS
 """(summary key, column label) of the table: `envs.episode`'s comparison columns."""
 
 
+def default_policies(task: str) -> list[str]:
+    """The policies compared when none are named: the task's baselines (and the oracle for energy)."""
+    if task == "energy":
+        return ["static", "dynamo", "oracle"]
+    return ["unaware", "tapas", "shield:unaware"]
+
+
+@dataclass
+class CompareArgs:
+    """Compare controllers on a scenario over several seeds: one table, ratios, report plots."""
+
+    task: Literal["energy", "thermal", "combined"] = "energy"
+    """Env task (its action space and reward)."""
+    scenario: str = "small"
+    """Scenario name or YAML path."""
+    serving: Literal["request", "aggregate"] = "request"
+    """Serving model: request (per-request batching) or aggregate (fluid, fast)."""
+    controllers: list[str] | None = None
+    """Policy specs (static, dynamo, shield:dynamo, ckpt:<dir>, ...); default: static dynamo oracle
+    for the energy task, unaware tapas shield:unaware otherwise."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Episode seeds (every controller runs every seed)."""
+    warmup: int = 12
+    """Control intervals left out at the start of every episode (start-up reconfiguration)."""
+    out: str | None = None
+    """Report folder (default: reports/compare-<task>-<scenario>)."""
+    no_plots: bool = False
+    """Skip the per-controller reports (table only)."""
+
+    def __post_init__(self) -> None:
+        for name in self.controllers or []:
+            parse_policy_spec(name)
+        if not self.seeds:
+            raise UsageError("--seeds needs at least one seed")
+        if self.controllers is not None and not self.controllers:
+            raise UsageError("--controllers needs at least one policy")
+        if self.warmup < 0:
+            raise UsageError(f"--warmup must be >= 0, got {self.warmup}")
+
+    def policies(self) -> list[str]:
+        """The policy specs to run (the task's defaults when none were given)."""
+        return list(self.controllers) if self.controllers else default_policies(self.task)
+
+
 def run_compare(task: str, scenario: str, serving: str, controllers: list[str],
-                seeds: list[int], warmup: int, out: Path | None) -> dict[str, dict[str, float]]:
-    """Run every controller on every seed; mean summary per controller (plots if `out`)."""
+                seeds: list[int], warmup: int, out: Path | None,
+                command: str = "llm-cluster compare") -> dict[str, dict[str, float]]:
+    """Run every controller (policy spec) on every seed; mean summary per controller (plots if `out`)."""
     table: dict[str, dict[str, float]] = {}
     for name in controllers:
         rows = []
         for k, seed in enumerate(seeds):
             measured, summary = run_measured(
-                task, scenario, serving, lambda env, n=name, s=seed: make_controller(n, env, seed=s),
+                task, scenario, serving, lambda env, n=name, s=seed: make_policy(n, env, seed=s),
                 seed, warmup)
             rows.append(summary)
             if out is not None and k == 0:
-                write_report(measured, out / name.replace(":", "_"),
+                write_report(measured, out / name.replace(":", "_").replace("/", "_"),
                              f"{name} on {scenario} ({task}, seed {seed})",
-                             command="python -m scripts.compare")
+                             command=command)
         table[name] = {key: float(np.nanmean([r[key] for r in rows])) for key in rows[0]}
     return table
 
@@ -88,34 +131,18 @@ def ratios(table: dict[str, dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line."""
-    p = argparse.ArgumentParser(prog="python -m scripts.compare", description=__doc__.split("\n")[0])
-    p.add_argument("--task", default="energy", choices=("energy", "thermal", "combined"),
-                   help="env task (default: energy)")
-    p.add_argument("--scenario", default="small", help="scenario name or YAML path")
-    p.add_argument("--serving", default="request", choices=("request", "aggregate"),
-                   help="serving model (default: request)")
-    p.add_argument("--controllers", default=None,
-                   help="comma-separated names (default: static,dynamo,oracle for energy; "
-                        "unaware,tapas,shield:unaware otherwise)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("--warmup", type=int, default=12, help="intervals left out at the start")
-    p.add_argument("--out", default=None, help="report folder (default reports/compare-...)")
-    p.add_argument("--no-plots", action="store_true", help="skip the per-controller reports")
-    return p
+def run(args: CompareArgs, command: str = "llm-cluster compare") -> int:
+    """Run the comparison and print the table and ratios.
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the comparison and print the table and ratios."""
-    args = build_parser().parse_args(argv)
-    names = (args.controllers.split(",") if args.controllers else
-             (["static", "dynamo", "oracle"] if args.task == "energy"
-              else ["unaware", "tapas", "shield:unaware"]))
-    seeds = [int(s) for s in args.seeds.split(",")]
+    Raises:
+        ScenarioError: Unknown scenario (before anything runs).
+    """
+    names = args.policies()
+    load_scenario(args.scenario)
     out = None if args.no_plots else Path(args.out or f"reports/compare-{args.task}-{args.scenario}")
-    table = run_compare(args.task, args.scenario, args.serving, names, seeds, args.warmup, out)
-    print(f"# {args.task} on {args.scenario} ({args.serving} serving), seeds {seeds}, "
+    table = run_compare(args.task, args.scenario, args.serving, names, args.seeds, args.warmup, out,
+                        command=command)
+    print(f"# {args.task} on {args.scenario} ({args.serving} serving), seeds {args.seeds}, "
           f"first {args.warmup} intervals left out\n")
     print(format_compare(table))
     r = ratios(table)
@@ -124,7 +151,3 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         print(f"\nreports: {out}/<controller>/report.md")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Compare measured TP tables (``scripts/profile_tp.py``) with the simulator's shipped profiles.
+"""`llm-cluster compare-profiles`: measured TP tables (``profile-tp``) vs the shipped profiles.
 
 For every measured (model, GPU, TP) entry it evaluates the matching profile of
 ``envs/data/profiles`` (``envs/sim/profiles.py``) at the measured points and prints measured vs
@@ -17,23 +17,24 @@ with the simulator's validator.
 
 Usage::
 
-    python scripts/compare_profiles.py envs/data/real/h200_tp_llama2-70b.json
-    python scripts/compare_profiles.py table.json --as-gpu h100 --write --threshold-pct 10
+    llm-cluster compare-profiles envs/data/real/h200_tp_llama2-70b.json
+    llm-cluster compare-profiles table.json --as-gpu h100 --write --threshold-pct 10
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import shlex
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tyro
 from llm_cluster_gym.envs.sim.profiles import (
     DEFAULT_PROFILE_DIR,
     Profile,
@@ -41,6 +42,7 @@ from llm_cluster_gym.envs.sim.profiles import (
     ProfileLibrary,
     load_profile,
 )
+from llm_cluster_gym.scripts.usage import UsageError
 
 TABLE_SCHEMA = "llm-cluster-gym/tp-profile/1"
 QUANTITIES = ("prefill_time", "decode_time", "prefill_power", "decode_power")
@@ -48,6 +50,26 @@ QUANTITIES = ("prefill_time", "decode_time", "prefill_power", "decode_power")
 
 class CompareError(ValueError):
     """A measured table is malformed (names the file, field and value)."""
+
+
+@dataclass
+class CompareProfilesArgs:
+    """Compare measured TP tables (from profile-tp) with the shipped profiles; refit with --write."""
+
+    tables: tyro.conf.Positional[list[Path]]
+    """Tables written by `llm-cluster profile-tp` (one or more)."""
+    profile_dir: Path = DEFAULT_PROFILE_DIR
+    """Folder of the simulator's profiles to compare against (and to write with --write)."""
+    as_gpu: str | None = None
+    """Compare against this GPU's profiles (default: the GPU each table entry was measured on)."""
+    write: bool = False
+    """Refit and write the profiles whose error exceeds --threshold-pct (new TPs get new files)."""
+    threshold_pct: float = 10.0
+    """Refit a quantity whose MAPE (%) exceeds this."""
+
+    def __post_init__(self) -> None:
+        if not self.tables:
+            raise UsageError("give at least one table written by `llm-cluster profile-tp`")
 
 
 def load_table(path: Path) -> dict[str, Any]:
@@ -278,22 +300,15 @@ def new_profile_from_template(template: dict[str, Any], tp: int) -> dict[str, An
     return d
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the comparison; with --write, update or create profile files."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("tables", nargs="+", type=Path, help="tables written by profile_tp.py")
-    ap.add_argument("--profile-dir", type=Path, default=DEFAULT_PROFILE_DIR)
-    ap.add_argument("--as-gpu", default=None, help="compare against this GPU's profiles")
-    ap.add_argument("--write", action="store_true", help="refit and write disagreeing profiles")
-    ap.add_argument("--threshold-pct", type=float, default=10.0,
-                    help="refit a quantity whose MAPE exceeds this")
-    ns = ap.parse_args(argv)
-    try:
-        lib = ProfileLibrary.load(ns.profile_dir)
-        tables = [load_table(t) for t in ns.tables]
-    except (ProfileError, CompareError) as err:
-        print(f"compare_profiles: {err}", file=sys.stderr)
-        return 2
+def run(ns: CompareProfilesArgs, command: str = "llm-cluster compare-profiles") -> int:
+    """Print the comparison; with --write, update or create profile files.
+
+    Raises:
+        ProfileError: The profile folder is unreadable.
+        CompareError: A table is malformed (both before anything is compared).
+    """
+    lib = ProfileLibrary.load(ns.profile_dir)
+    tables = [load_table(t) for t in ns.tables]
     summary = []
     for table in tables:
         prov = table.get("provenance", {})
@@ -328,7 +343,3 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  wrote {path} (refitted: {', '.join(bad)})")
     print(json.dumps(summary))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

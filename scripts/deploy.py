@@ -1,11 +1,11 @@
-"""Deploy a policy as a live controller on a simulated scenario or on the local GPU node.
+"""`llm-cluster deploy`: a policy as a live controller on a simulated scenario or the local GPU node.
 
 Examples::
 
     # the small scenario, shielded DynamoLLM-style controller, 10x faster than real time
-    python scripts/deploy.py --scenario small --policy dynamo --interval-s 0.5
+    llm-cluster deploy --scenario small --policy dynamo --interval-s 0.5
     # the local GPU node, budget 550 W dropping to 300 W for 60 s at t = 60 s
-    python scripts/deploy.py --scenario local --policy static --interval-s 1 \
+    llm-cluster deploy --scenario local --policy static --interval-s 1 \
         --power-budget-w 550 --budget-drill 60,60,300 --record drill.json.gz
 
 Prometheus metrics are served on http://127.0.0.1:9108/metrics (``--metrics-port -1``
@@ -15,26 +15,28 @@ no further action is applied, GPU settings are restored and the log is flushed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
+import shlex
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
+
+from llm_cluster_gym.controllers.policy_spec import parse_policy_spec
+from llm_cluster_gym.scripts.usage import UsageError
 
 
 @dataclass
 class DeployArgs:
-    """Command-line arguments (one field per option)."""
+    """Run a policy as a live controller (metrics, decision log, drills) on a scenario or this GPU node."""
 
     scenario: str = "small"
     """Scenario name or YAML path, or ``local`` for the GPU node of this machine."""
-    task: str = "energy"
+    task: Literal["energy", "thermal", "combined"] = "energy"
     """Task whose action space the policy uses: energy, thermal, combined."""
     policy: str = "dynamo"
-    """Registry name (static, unaware, dynamo, tapas, random) or checkpoint:<dir>."""
+    """Policy spec: a controller name (static, unaware, dynamo, tapas, random) or ckpt:<dir>."""
     no_shield: bool = False
     """Run the policy without the safety shield."""
     interval_s: float | None = None
@@ -44,7 +46,7 @@ class DeployArgs:
     """Stop after this many decisions (default: the episode's end)."""
     seed: int = 0
     """Episode seed."""
-    serving_model: str = "request"
+    serving_model: Literal["request", "aggregate"] = "request"
     """Simulated serving model: request (evaluation) or aggregate (fast)."""
     power_margin: float = 0.93
     """Shield: predicted row power must stay under this fraction of the limit."""
@@ -59,9 +61,9 @@ class DeployArgs:
     power_budget_w: float = 550.0
     """Local node: virtual power budget (sum of GPU power, W)."""
     budget_drill: list[str] = field(default_factory=list)
-    """Local node: start_s,duration_s,budget_w windows where the budget drops."""
-    gpus: str = "0"
-    """Local node: comma-separated GPU indices (one worker each)."""
+    """Local node: windows where the budget drops, each start_s,duration_s,budget_w."""
+    gpus: list[int] = field(default_factory=lambda: [0])
+    """Local node: GPU indices (one worker each)."""
     model: str = "llama3-8b"
     """Local node: worker model shape (llama3-8b, tiny)."""
     device: str = "cuda"
@@ -88,21 +90,26 @@ class DeployArgs:
     """Local node with a budget drill: plot power vs budget here (PNG)."""
 
 
-def parse_args(argv: list[str] | None = None) -> DeployArgs:
-    """Parse the command line into :class:`DeployArgs`."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(DeployArgs):
-        flag = "--" + f.name.replace("_", "-")
-        default = DeployArgs().__getattribute__(f.name)
-        if isinstance(default, bool):
-            p.add_argument(flag, action="store_true")
-        elif isinstance(default, list):
-            p.add_argument(flag, action="append", default=[])
-        else:
-            typ = {"interval_s": float, "max_steps": int, "rate_rps": float, "replay": str,
-                   "record": str, "plot": str}.get(f.name, type(default))
-            p.add_argument(flag, type=typ, default=default)
-    return DeployArgs(**vars(p.parse_args(argv)))
+    def __post_init__(self) -> None:
+        from llm_cluster_gym.controllers.live.loop import Drill
+
+        parse_policy_spec(self.policy)
+        for d in self.drill:
+            Drill.parse(d)
+        for d in self.budget_drill:
+            parts = d.split(",")
+            try:
+                ok = len(parts) == 3 and all(float(x) >= 0 for x in parts)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise UsageError(f"--budget-drill {d!r}: want start_s,duration_s,budget_w")
+        if not self.gpus:
+            raise UsageError("--gpus needs at least one GPU index")
+        if self.metrics_port < -1:
+            raise UsageError(f"--metrics-port must be -1 (off), 0 (any) or a port, got {self.metrics_port}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise UsageError(f"--max-steps must be > 0, got {self.max_steps}")
 
 
 def _real_backend(a: DeployArgs) -> Any:
@@ -111,7 +118,7 @@ def _real_backend(a: DeployArgs) -> Any:
     from llm_cluster_gym.envs.real.telemetry import ReplayGpuDevice
     from llm_cluster_gym.envs.real.worker import InlineWorker, WorkerConfig, WorkerProcess
 
-    gpus = tuple(int(g) for g in a.gpus.split(","))
+    gpus = tuple(a.gpus)
     drills = []
     for d in a.budget_drill:
         try:
@@ -195,12 +202,18 @@ def _save_recording(a: DeployArgs, env: Any, loop: Any) -> None:
 _argv: list[str] = []
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the loop; prints a summary (and the drill figures) as JSON on the last line."""
-    import sys
+def run(a: DeployArgs, command: str = "llm-cluster deploy") -> int:
+    """Run the loop; prints a summary (and the drill figures) as JSON on the last line.
 
-    _argv[:] = list(sys.argv[1:] if argv is None else argv)
-    a = parse_args(argv)
+    Raises:
+        ScenarioError: Unknown scenario (before anything starts).
+        PolicySpecError: The policy cannot be built for this env.
+    """
+    _argv[:] = shlex.split(command)[2:]
+    if a.scenario != "local":
+        from llm_cluster_gym.envs.sim.scenario import load_scenario
+
+        load_scenario(a.scenario)
     env, loop = build(a)
     if loop.exporter is not None:
         print(f"metrics on http://{a.metrics_addr}:{loop.exporter.port}/metrics", flush=True)
@@ -224,16 +237,3 @@ def main(argv: list[str] | None = None) -> int:
 
     print(json.dumps(_jsonable(out)))
     return 0
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """`main` with bad input (policy spec, checkpoint, scenario, missing GPU) as one-line errors."""
-    try:
-        return main(argv)
-    except (ValueError, RuntimeError, OSError) as exc:
-        print(f"deploy: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(cli())

@@ -1,31 +1,36 @@
-"""Evaluate shipped checkpoints against the rule-based controllers and the oracle.
+"""`llm-cluster evaluate`: the shipped checkpoints against the rule-based controllers and the oracle.
 
-`python -m scripts.evaluate` runs the default plans of `agents.evaluation.DEFAULT_PLANS` (energy
+`llm-cluster evaluate` runs the default plans of `agents.evaluation.DEFAULT_PLANS` (energy
 agent vs static, DynamoLLM-style and the oracle on `small`; thermal agent vs unaware and
 TAPAS-style on `small_tapas_high` and `small_faults`) on the held-out test window, prints the
-tables and writes `reports/evaluation/report.md` with plots.
+tables and writes `reports/evaluation/report.md` with plots. `llm-cluster main` (the main job,
+`./run-main.sh`) is the same command.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from llm_cluster_gym.agents.evaluation import DEFAULT_PLANS, evaluate_task, format_table, write_evaluation
+from llm_cluster_gym.scripts.usage import UsageError
+
+TASKS = tuple(sorted({p.task for p in DEFAULT_PLANS}))
+"""Tasks with a shipped checkpoint and an evaluation plan."""
 
 
 @dataclass
 class EvaluateArgs:
-    """Arguments of `python -m scripts.evaluate`."""
+    """Evaluate the shipped checkpoints against the rule-based controllers and the oracle."""
 
-    tasks: list[str] = field(default_factory=lambda: sorted({p.task for p in DEFAULT_PLANS}))
-    """Tasks to evaluate (each with its shipped checkpoint and baselines)."""
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    """Tasks to evaluate (each with its shipped checkpoint and baselines): energy, thermal."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Episode seeds (each policy runs every seed)."""
-    window: str = "test"
+    window: Literal["test", "validation", "train"] = "test"
     """Trace window: test (held out), validation or train."""
     warmup: int = 12
     """Control intervals left out at the start of every episode (start-up reconfiguration)."""
@@ -34,47 +39,53 @@ class EvaluateArgs:
     out: str = "reports/evaluation"
     """Where the Markdown report and its PNGs go."""
 
-
-def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser whose help comes from the EvaluateArgs field docstrings."""
-    p = argparse.ArgumentParser(prog="python -m scripts.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--tasks", nargs="+", default=EvaluateArgs().tasks,
-                   help="Tasks to evaluate (each with its shipped checkpoint and baselines).")
-    p.add_argument("--seeds", nargs="+", type=int, default=EvaluateArgs().seeds,
-                   help="Episode seeds (each policy runs every seed).")
-    p.add_argument("--window", default="test", choices=["test", "validation", "train"],
-                   help="Trace window: test (held out), validation or train.")
-    p.add_argument("--warmup", type=int, default=12,
-                   help="Control intervals left out at the start of every episode.")
-    p.add_argument("--checkpoint-dir", default="checkpoints", help="Folder holding <task>/ checkpoints.")
-    p.add_argument("--out", default="reports/evaluation", help="Where the report and its PNGs go.")
-    return p
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise UsageError(f"--tasks: unknown task(s) {unknown}; evaluable: {list(TASKS)}")
+        if not self.tasks:
+            raise UsageError("--tasks needs at least one task")
+        if not self.seeds:
+            raise UsageError("--seeds needs at least one seed")
+        if self.warmup < 0:
+            raise UsageError(f"--warmup must be >= 0, got {self.warmup}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the evaluation and write the report."""
-    ns = build_parser().parse_args(argv)
-    args = EvaluateArgs(tasks=ns.tasks, seeds=ns.seeds, window=ns.window, warmup=ns.warmup,
-                        checkpoint_dir=ns.checkpoint_dir, out=ns.out)
-    known = sorted({p.task for p in DEFAULT_PLANS})
-    unknown = [t for t in args.tasks if t not in known]
-    if unknown:
-        print(f"unknown task(s) {unknown}; evaluable: {known}", file=sys.stderr)
-        return 2
+@dataclass
+class MainArgs(EvaluateArgs):
+    """The main job (./run-main.sh): evaluate the shipped agents against the baselines.
+
+    The energy agent (DynamoLLM task) against static, the DynamoLLM-style manager and the
+    hindsight oracle, and the thermal agent (TAPAS task, at 1.6x oversubscription) against the
+    unaware and TAPAS-style baselines, each inside the safety shield and raw, on held-out trace
+    windows, three seeds, request-level model; prints the tables and writes
+    `reports/evaluation/report.md` with its plots. The options are those of `evaluate`.
+    """
+
+
+def run(args: EvaluateArgs, command: str = "llm-cluster evaluate") -> int:
+    """Run the evaluation and write the report.
+
+    Raises:
+        CheckpointError: A task's checkpoint is missing or unreadable (checked before any run).
+        UsageError: A checkpoint was trained for another task.
+    """
+    from llm_cluster_gym.agents.checkpoint import load_metadata
+
+    plans = [dataclasses.replace(p, checkpoint=Path(args.checkpoint_dir) / p.task)
+             for p in DEFAULT_PLANS if p.task in args.tasks]
+    for plan in plans:
+        meta = load_metadata(plan.checkpoint)
+        if meta["task"] != plan.task:
+            raise UsageError(f"--checkpoint-dir: {plan.checkpoint} holds a checkpoint of task "
+                             f"{meta['task']!r}, not {plan.task!r}")
     evals = []
-    for default in (p for p in DEFAULT_PLANS if p.task in args.tasks):
-        task = default.task
-        plan = dataclasses.replace(default, checkpoint=Path(args.checkpoint_dir) / task)
+    for plan in plans:
         ev = evaluate_task(plan, args.seeds, args.window, args.warmup,
                            progress=lambda msg: print(f"  running {msg}", file=sys.stderr, flush=True))
-        print(f"\n## {task} task on {plan.scenario} ({args.window} window, seeds {args.seeds})\n")
+        print(f"\n## {plan.task} task on {plan.scenario} ({args.window} window, seeds {args.seeds})\n")
         print(format_table(ev))
         evals.append(ev)
-    command = "python -m scripts.evaluate " + " ".join(argv or [])
-    path = write_evaluation(evals, Path(args.out), command=command.strip())
+    path = write_evaluation(evals, Path(args.out), command=command)
     print(f"\nreport: {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

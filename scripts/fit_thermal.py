@@ -1,4 +1,4 @@
-"""Fit the two-node GPU thermal model and the phase power levels to real H100 recordings.
+"""`llm-cluster fit-thermal`: the two-node GPU thermal model and phase power levels, fitted to H100 runs.
 
 Reads the recordings in ``envs/data/thermal/recordings`` and writes
 ``envs/data/thermal/h100_thermal_fit.json`` (the parameters ``ThermalParams.load`` reads,
@@ -25,16 +25,14 @@ Method (numpy only):
 
 Usage::
 
-    python scripts/fit_thermal.py
+    llm-cluster fit-thermal
 """
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -363,20 +361,26 @@ def _plot(recs, two: Fit, one: Fit, offsets2, offsets1, out_png: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class FitThermalArgs:
+    """Fit the two-node GPU thermal model and phase power levels to the committed H100 recordings."""
+
+    out: Path = DATA_DIR / "h100_thermal_fit.json"
+    """Where the fit goes (the JSON `ThermalParams.load` reads)."""
+    plot: Path = DATA_DIR / "h100_thermal_fit.png"
+    """Where the measured-vs-fitted temperature figure goes (PNG)."""
+
+
+def run(args: FitThermalArgs, command: str = "llm-cluster fit-thermal") -> int:
     """Fit, cross-validate, write the fit JSON and the plot.
 
     Args:
-        argv: Command-line arguments (``None``: ``sys.argv``).
+        args: The options.
+        command: The command line (recorded in the fit).
 
     Returns:
         Exit code.
     """
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=DATA_DIR / "h100_thermal_fit.json")
-    ap.add_argument("--plot", type=Path, default=DATA_DIR / "h100_thermal_fit.png")
-    args = ap.parse_args(argv)
-
     fit_recs = [load_recording(RECORDINGS_DIR / n) for n in FIT_RECORDINGS]
     held = [load_recording(RECORDINGS_DIR / n) for n in HELD_OUT_RECORDINGS]
 
@@ -457,11 +461,11 @@ def main(argv: list[str] | None = None) -> int:
             "to real NVML recordings; plus measured phase power levels for the simulator."
         ),
         "source": (
-            "joint least-squares fit by scripts/fit_thermal.py to "
+            "joint least-squares fit by scripts/fit_thermal.py (llm-cluster fit-thermal) to "
             + ", ".join(FIT_RECORDINGS)
             + " (envs/data/thermal/recordings, see README.md there)"
         ),
-        "command": "python scripts/fit_thermal.py",
+        "command": command,
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": (
             "T_gpu = T_inlet + x_die + x_sink; dx_i/dt = (R_i*P - x_i)/tau_i; exact step "
@@ -526,7 +530,3 @@ def main(argv: list[str] | None = None) -> int:
                       "eval": out["joint_fit_evaluation"], "cross": out["cross_recording"],
                       "idle_w": out["power"]["idle_power_w"]}, indent=1))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-r"""Measure the cost of re-sharding an instance: TP4 -> TP8 (stop, load, warm up, first token).
+r"""`llm-cluster measure-reconfig`: the cost of re-sharding an instance, TP4 -> TP8 (stop to first token).
 
 The simulator charges a reconfiguration as downtime (``load_time_s`` in the profiles,
 DynamoLLM's re-shard/restart cost). This script measures it on a multi-GPU node with the real
@@ -18,15 +18,14 @@ local disk) it does.
 
 Usage::
 
-    python scripts/measure_reconfig.py --dry-run                # print the plan only
-    python scripts/measure_reconfig.py --tiny --out /tmp/r.json  # CPU, gloo, TP1 -> TP2
-    PYTHONUNBUFFERED=1 python scripts/measure_reconfig.py --model llama2-70b --from-tp 4 \\
+    llm-cluster measure-reconfig --dry-run                # print the plan only
+    llm-cluster measure-reconfig --tiny --out /tmp/r.json  # CPU, gloo, TP1 -> TP2
+    PYTHONUNBUFFERED=1 llm-cluster measure-reconfig --model llama2-70b --from-tp 4 \\
         --to-tp 8 --out envs/data/real/h200_reconfig_tp4_tp8.json   # 8-GPU node
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
@@ -39,13 +38,14 @@ from typing import Any
 import numpy as np
 from llm_cluster_gym.envs.real.tp_worker import TP_SHAPES, TPWorkerConfig, TPWorkerError, TPWorkerProcess
 from llm_cluster_gym.envs.real.worker import Request, WorkerConfig
+from llm_cluster_gym.scripts.usage import UsageError
 
 SCHEMA = "llm-cluster-gym/reconfig/1"
 
 
 @dataclass
-class Args:
-    """Command-line arguments."""
+class MeasureReconfigArgs:
+    """Measure the downtime of re-sharding an instance, TP4 -> TP8 (GPU node, or --tiny on CPU)."""
 
     out: Path = Path("reconfig.json")
     """Output file (JSON)."""
@@ -70,34 +70,18 @@ class Args:
     tiny: bool = False
     """CPU with gloo, tiny-tp shape, TP1 -> TP2 (tests the whole path)."""
 
-
-def parse_args(argv: list[str] | None = None) -> Args:
-    """Parse the command line into :class:`Args`."""
-    d = Args()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=d.out)
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--from-tp", type=int, default=d.from_tp)
-    p.add_argument("--to-tp", type=int, default=d.to_tp)
-    p.add_argument("--max-slots", type=int, default=d.max_slots)
-    p.add_argument("--max-ctx", type=int, default=d.max_ctx)
-    p.add_argument("--warm-requests", type=int, default=d.warm_requests)
-    p.add_argument("--repeats", type=int, default=d.repeats)
-    p.add_argument("--weights-path", default=None)
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--tiny", action="store_true")
-    ns = p.parse_args(argv)
-    a = Args(ns.out, ns.model, ns.from_tp, ns.to_tp, ns.max_slots, ns.max_ctx, ns.warm_requests,
-             ns.repeats, ns.weights_path, ns.dry_run, ns.tiny)
-    if a.tiny:
-        a.model, a.from_tp, a.to_tp, a.max_slots, a.max_ctx = "tiny-tp", 1, 2, 4, 64
-        a.warm_requests, a.repeats = 3, 1
-    if a.model not in TP_SHAPES and not a.weights_path:
-        p.error(f"--model: unknown shape {a.model!r}; known: {sorted(TP_SHAPES)}")
-    return a
+    def __post_init__(self) -> None:
+        if self.tiny:
+            self.model, self.from_tp, self.to_tp, self.max_slots, self.max_ctx = "tiny-tp", 1, 2, 4, 64
+            self.warm_requests, self.repeats = 3, 1
+        if self.model not in TP_SHAPES and not self.weights_path:
+            raise UsageError(f"--model: unknown shape {self.model!r}; known: {sorted(TP_SHAPES)}")
+        for name in ("from_tp", "to_tp", "max_slots", "max_ctx", "warm_requests", "repeats"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
 
 
-def _config(args: Args, tp: int) -> TPWorkerConfig:
+def _config(args: MeasureReconfigArgs, tp: int) -> TPWorkerConfig:
     wc = WorkerConfig(model=args.model, device="cpu" if args.tiny else "cuda:0",
                       max_slots=args.max_slots, max_ctx=args.max_ctx,
                       weights_path=args.weights_path)
@@ -118,15 +102,15 @@ def _serve(worker: TPWorkerProcess, n: int, prompt: int, out: int, timeout_s: fl
     return time.time() - t0
 
 
-def _prompt(args: Args) -> int:
+def _prompt(args: MeasureReconfigArgs) -> int:
     return 16 if args.tiny else 512
 
 
-def _out_tokens(args: Args) -> int:
+def _out_tokens(args: MeasureReconfigArgs) -> int:
     return 4 if args.tiny else 32
 
 
-def describe(args: Args) -> str:
+def describe(args: MeasureReconfigArgs) -> str:
     """The plan as text."""
     return "\n".join([
         f"measure_reconfig plan ({'tiny CPU/gloo' if args.tiny else 'GPU/NCCL'}): model "
@@ -144,7 +128,7 @@ def describe(args: Args) -> str:
     ])
 
 
-def run(args: Args) -> dict[str, Any]:
+def measure(args: MeasureReconfigArgs) -> dict[str, Any]:
     """Do the reconfigurations; returns the result table."""
     print(describe(args), flush=True)
     res: dict[str, Any] = {"schema": SCHEMA, "model": args.model, "from_tp": args.from_tp,
@@ -191,20 +175,15 @@ def run(args: Args) -> dict[str, Any]:
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run and write; 2 when the workers cannot start."""
-    args = parse_args(argv)
-    try:
-        res = run(args)
-    except TPWorkerError as err:
-        print(f"measure_reconfig: {err}", file=sys.stderr)
-        return 2
+def run(args: MeasureReconfigArgs, command: str = "llm-cluster measure-reconfig") -> int:
+    """Run and write the result.
+
+    Raises:
+        TPWorkerError: The workers cannot start (no GPU, bad shape).
+    """
+    res = measure(args)
     if not args.dry_run:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1))
         print(f"wrote {args.out}", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

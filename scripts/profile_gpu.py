@@ -1,4 +1,4 @@
-"""Profile the real inference worker on a GPU: time and power of prefill and decode.
+"""`llm-cluster profile`: profile the real inference worker on a GPU: time and power of prefill and decode.
 
 Measures, with the worker of ``envs/real/worker.py`` (Llama-3-8B shape, random bf16 weights,
 static KV cache, CUDA-graph decode) at the clocks the GPU runs by itself (clocks and power
@@ -13,14 +13,13 @@ limits are read, never set):
 
 Usage (GPU machine; writes a gzip JSON with the command, date, GPU and driver inside)::
 
-    PYTHONUNBUFFERED=1 python scripts/profile_gpu.py --out envs/data/real/h100_llama3-8b_profile.json.gz
+    PYTHONUNBUFFERED=1 llm-cluster profile --out envs/data/real/h100_llama3-8b_profile.json.gz
 
 Without a GPU it exits with a one-line message (status 2).
 """
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 import time
@@ -38,12 +37,13 @@ from llm_cluster_gym.envs.real.telemetry import (
     decode_throttle_reasons,
     save_recording,
 )
-from llm_cluster_gym.envs.real.worker import InferenceEngine, WorkerConfig, WorkerError
+from llm_cluster_gym.envs.real.worker import InferenceEngine, WorkerConfig
+from llm_cluster_gym.scripts.usage import UsageError
 
 
 @dataclass
-class Args:
-    """Command-line arguments."""
+class ProfileArgs:
+    """Profile the real inference worker on a GPU: prefill/decode time and power (needs a GPU)."""
 
     out: Path = Path("h100_llama3-8b_profile.json.gz")
     """Output file (.json or .json.gz)."""
@@ -62,22 +62,10 @@ class Args:
     quick: bool = False
     """Short grids and phases (smoke test)."""
 
-
-def parse_args(argv: list[str] | None = None) -> Args:
-    """Parse the command line into :class:`Args`."""
-    d = Args()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=d.out)
-    p.add_argument("--gpu", type=int, default=d.gpu)
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--max-slots", type=int, default=d.max_slots)
-    p.add_argument("--max-ctx", type=int, default=d.max_ctx)
-    p.add_argument("--sample-hz", type=float, default=d.sample_hz)
-    p.add_argument("--phase-s", type=float, default=d.phase_s)
-    p.add_argument("--quick", action="store_true")
-    ns = p.parse_args(argv)
-    return Args(ns.out, ns.gpu, ns.model, ns.max_slots, ns.max_ctx, ns.sample_hz, ns.phase_s,
-                ns.quick)
+    def __post_init__(self) -> None:
+        for name in ("max_slots", "max_ctx", "sample_hz", "phase_s"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
 
 
 def phase_summary(sampler: TelemetrySampler, t0: float, t1: float, settle_s: float) -> dict:
@@ -100,7 +88,7 @@ def phase_summary(sampler: TelemetrySampler, t0: float, t1: float, settle_s: flo
     }
 
 
-def run(args: Args) -> dict[str, Any]:
+def measure(args: ProfileArgs) -> dict[str, Any]:
     """Do every measurement; returns the result sections (also holds the samples)."""
     import torch
 
@@ -240,20 +228,16 @@ def run(args: Args) -> dict[str, Any]:
             "marks": marks, "samples": sampler.recorded()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the profile and write it; 2 when no GPU is usable."""
-    args = parse_args(argv)
-    try:
-        res = run(args)
-    except (GpuUnavailableError, WorkerError) as err:
-        print(f"profile_gpu: {err}", file=sys.stderr)
-        return 2
+def run(args: ProfileArgs, command: str = "llm-cluster profile") -> int:
+    """Run the profile and write it.
+
+    Raises:
+        GpuUnavailableError: No NVML / GPU here.
+        WorkerError: No CUDA device for the worker.
+    """
+    res = measure(args)
     samples = res.pop("samples")
     static = res.pop("static")
     save_recording(args.out, static, samples, **res)
     print(f"wrote {args.out}", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

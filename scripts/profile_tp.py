@@ -1,4 +1,4 @@
-r"""Profile tensor-parallel workers: prefill/decode time and per-GPU power at TP 1/2/4/8.
+r"""`llm-cluster profile-tp`: tensor-parallel workers' prefill/decode time and per-GPU power at TP 1/2/4/8.
 
 For each model shape (default: the Llama-3-8B shape and the Llama-2-70B shape, random weights;
 ``envs/real/tp_worker.py`` ``TP_SHAPES``) and each TP degree that fits the node, starts a
@@ -11,19 +11,18 @@ at the clocks the GPUs run by themselves (clocks and power limits are read, neve
   power of every GPU of the group from the NVML energy counter, clocks and throttle reasons.
 
 The table it writes (JSON, schema ``llm-cluster-gym/tp-profile/1``; provenance holds the
-command, date, GPUs and driver) is what ``scripts/compare_profiles.py`` reads.
+command, date, GPUs and driver) is what ``llm-cluster compare-profiles`` reads.
 
 Usage::
 
-    python scripts/profile_tp.py --dry-run                      # print the plan, run nothing
-    python scripts/profile_tp.py --tiny --out /tmp/tp_tiny.json  # CPU, gloo, tiny shapes
-    PYTHONUNBUFFERED=1 python scripts/profile_tp.py --models llama2-70b --tps 2,4,8 \\
-        --out envs/data/real/h200_tp_llama2-70b.json             # GPU node (NCCL)
+    llm-cluster profile-tp --dry-run                      # print the plan, run nothing
+    llm-cluster profile-tp --tiny --out /tmp/tp_tiny.json  # CPU, gloo, tiny shapes
+    PYTHONUNBUFFERED=1 llm-cluster profile-tp --models llama2-70b --tps 2 4 8 \\
+        --out envs/data/real/h200_tp_llama2-70b.json       # GPU node (NCCL)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shlex
@@ -43,6 +42,7 @@ from llm_cluster_gym.envs.real.tp_worker import (
     run_tp,
 )
 from llm_cluster_gym.envs.real.worker import ModelShape, WorkerConfig
+from llm_cluster_gym.scripts.usage import UsageError
 
 SCHEMA = "llm-cluster-gym/tp-profile/1"
 GIB = 1024 ** 3
@@ -76,8 +76,8 @@ TINY_GRIDS = Grids([8, 32], [1, 4], [16, 48], [32], [4], 16, 0.3, 0.1, 2, 3)
 
 
 @dataclass
-class Args:
-    """Command-line arguments."""
+class ProfileTPArgs:
+    """Profile tensor-parallel workers at TP 1/2/4/8: time and per-GPU power (GPU node, or --tiny on CPU)."""
 
     out: Path = Path("tp_profile.json")
     """Output table (JSON)."""
@@ -102,32 +102,15 @@ class Args:
     n_gpus: int | None = None
     """GPUs on the node for the plan (None: torch's count; dry run: 8)."""
 
-
-def parse_args(argv: list[str] | None = None) -> Args:
-    """Parse the command line into :class:`Args`."""
-    d = Args()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=d.out)
-    p.add_argument("--models", default=",".join(d.models))
-    p.add_argument("--tps", default=",".join(map(str, d.tps)))
-    p.add_argument("--first-gpu", type=int, default=d.first_gpu)
-    p.add_argument("--max-slots", type=int, default=d.max_slots)
-    p.add_argument("--max-ctx", type=int, default=d.max_ctx)
-    p.add_argument("--sample-hz", type=float, default=d.sample_hz)
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--gpu-mem-gib", type=float, default=None)
-    p.add_argument("--n-gpus", type=int, default=None)
-    ns = p.parse_args(argv)
-    a = Args(ns.out, [m for m in ns.models.split(",") if m], [int(t) for t in ns.tps.split(",")],
-             ns.first_gpu, ns.max_slots, ns.max_ctx, ns.sample_hz, ns.dry_run, ns.tiny,
-             ns.gpu_mem_gib, ns.n_gpus)
-    if a.tiny:
-        a.models, a.tps, a.max_slots, a.max_ctx = ["tiny-tp"], [1, 2], 4, 64
-    for m in a.models:
-        if m not in TP_SHAPES:
-            p.error(f"--models: unknown shape {m!r}; known: {sorted(TP_SHAPES)}")
-    return a
+    def __post_init__(self) -> None:
+        if self.tiny:
+            self.models, self.tps, self.max_slots, self.max_ctx = ["tiny-tp"], [1, 2], 4, 64
+        for m in self.models:
+            if m not in TP_SHAPES:
+                raise UsageError(f"--models: unknown shape {m!r}; known: {sorted(TP_SHAPES)}")
+        if not self.models or not self.tps or any(t <= 0 for t in self.tps):
+            raise UsageError(f"--models and --tps need at least one value, TP degrees > 0; got "
+                             f"{self.models} and {self.tps}")
 
 
 def gpu_key(name: str) -> str:
@@ -146,7 +129,7 @@ def memory_per_gpu_bytes(shape: ModelShape, tp: int, slots: int, ctx: int) -> di
     return {"weights": sharded + emb, "kv_cache": kv}
 
 
-def plan_entries(args: Args, gpu_mem_bytes: float, n_gpus: int) -> tuple[list[dict], list[dict]]:
+def plan_entries(args: ProfileTPArgs, gpu_mem_bytes: float, n_gpus: int) -> tuple[list[dict], list[dict]]:
     """(entries to run, entries skipped with why) for the requested models and TP degrees."""
     run_list, skipped = [], []
     for m in args.models:
@@ -182,7 +165,7 @@ def estimate_duration_s(entry: dict, grids: Grids) -> float:
     return start_s + sweeps + phases * (grids.phase_s + grids.gap_s)
 
 
-def describe(args: Args, grids: Grids, run_list: list[dict], skipped: list[dict]) -> str:
+def describe(args: ProfileTPArgs, grids: Grids, run_list: list[dict], skipped: list[dict]) -> str:
     """What the run measures, as text (printed by --dry-run and before a real run)."""
     lines = [f"profile_tp plan ({'tiny CPU/gloo' if args.tiny else 'GPU/NCCL'}):",
              f"  prefill time: prompt tokens {grids.prefill_tokens} "
@@ -313,7 +296,7 @@ def measure_entry(eng: Any, info: dict, grids: Grids, gpu_indices: list[int] | N
             "power": {"idle_w_per_gpu": idle_w, "phases": phases}}
 
 
-def _provenance(args: Args, statics: list[dict]) -> dict[str, Any]:
+def _provenance(args: ProfileTPArgs, statics: list[dict]) -> dict[str, Any]:
     import torch
 
     prov = {"command": shlex.join([sys.executable, *sys.argv]),
@@ -328,7 +311,7 @@ def _provenance(args: Args, statics: list[dict]) -> dict[str, Any]:
     return prov
 
 
-def run(args: Args) -> dict[str, Any]:
+def measure(args: ProfileTPArgs) -> dict[str, Any]:
     """Plan, measure every entry that fits, return the table."""
     grids = TINY_GRIDS if args.tiny else GPU_GRIDS
     if args.dry_run:
@@ -388,20 +371,15 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the profile and write the table; 2 when no GPU is usable."""
-    args = parse_args(argv)
-    try:
-        table = run(args)
-    except TPWorkerError as err:
-        print(f"profile_tp: {err}", file=sys.stderr)
-        return 2
+def run(args: ProfileTPArgs, command: str = "llm-cluster profile-tp") -> int:
+    """Run the profile and write the table.
+
+    Raises:
+        TPWorkerError: No GPU usable (or the workers cannot start).
+    """
+    table = measure(args)
     if not args.dry_run:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(_jsonable(table), indent=1))
         print(f"wrote {args.out}", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
-"""Record a real GPU's power and temperature under a scripted LLM load (read-only NVML).
+"""`llm-cluster record-h100-steps`: a real GPU's power and temperature under a scripted LLM load.
 
 The recording calibrates the simulator's two-node GPU thermal model and its phase power
-levels (see ``envs/sim/thermal.py`` and ``scripts/fit_thermal.py``). A Llama-3-8B-shaped
+levels (see ``envs/sim/thermal.py`` and ``llm-cluster fit-thermal``). NVML is only read. A Llama-3-8B-shaped
 model with random bf16 weights (HF ``transformers``) runs through a fixed step pattern of
 idle, sustained prefill, decode, duty-cycled prefill and a mid-power prefill, while a
 background thread samples NVML at ``--sample-hz``.
@@ -11,7 +11,7 @@ mode, and never resets the GPU; the shared accelerator machines forbid it (DESIG
 
 Usage (on a GPU machine; ``$OUT`` is where the file goes)::
 
-    PYTHONUNBUFFERED=1 python scripts/record_h100_steps.py --out $OUT/h100_steps.json.gz
+    PYTHONUNBUFFERED=1 llm-cluster record-h100-steps --out $OUT/h100_steps.json.gz
 
 Output: JSON (gzipped if the name ends in ``.gz``) with ``static`` (GPU name, driver, power
 limits, thermal thresholds, date, the exact command), ``columns``, ``samples`` (one row per
@@ -21,7 +21,6 @@ iteration, i.e. throughput).
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import shlex
@@ -33,6 +32,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from llm_cluster_gym.scripts.usage import UsageError
 
 COLUMNS = [
     "t",
@@ -52,8 +53,8 @@ class RecordingError(RuntimeError):
 
 
 @dataclass
-class Args:
-    """Command-line arguments of the recorder."""
+class RecordStepsArgs:
+    """Record a GPU's power and temperature under a scripted LLM load (read-only NVML; needs a GPU)."""
 
     out: Path = Path("h100_steps.json.gz")
     """Output file; ``.gz`` suffix means gzip-compressed JSON."""
@@ -64,26 +65,10 @@ class Args:
     time_scale: float = 1.0
     """Multiplies every phase duration (1.0 = the full ~6 minute pattern)."""
 
-
-def parse_args(argv: list[str] | None = None) -> Args:
-    """Turn the command line into :class:`Args`.
-
-    Args:
-        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
-
-    Returns:
-        The parsed arguments.
-    """
-    d = Args()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=d.out, help="output .json or .json.gz")
-    p.add_argument("--gpu-index", type=int, default=d.gpu_index, help="GPU index")
-    p.add_argument("--sample-hz", type=float, default=d.sample_hz, help="NVML sample rate")
-    p.add_argument("--time-scale", type=float, default=d.time_scale, help="phase length factor")
-    ns = p.parse_args(argv)
-    return Args(
-        out=ns.out, gpu_index=ns.gpu_index, sample_hz=ns.sample_hz, time_scale=ns.time_scale
-    )
+    def __post_init__(self) -> None:
+        if not (self.sample_hz > 0 and self.time_scale > 0):
+            raise UsageError(f"--sample-hz and --time-scale must be > 0, got {self.sample_hz} and "
+                             f"{self.time_scale}")
 
 
 def _import_nvml() -> Any:
@@ -258,11 +243,12 @@ TOKENS_PER_ITER = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(args: RecordStepsArgs, command: str = "llm-cluster record-h100-steps") -> int:
     """Run the step pattern, sample NVML, write the recording.
 
     Args:
-        argv: Command-line arguments (``None``: ``sys.argv``).
+        args: The options.
+        command: The command line (the recording keeps ``sys.argv`` as run).
 
     Returns:
         Process exit code (0 on success).
@@ -270,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     Raises:
         RecordingError: No NVML, no CUDA device or a missing package.
     """
-    args = parse_args(argv)
     nvml = _import_nvml()
     handle = nvml.nvmlDeviceGetHandleByIndex(args.gpu_index)
     try:
@@ -345,11 +330,3 @@ def main(argv: list[str] | None = None) -> int:
         rate = len(sampler.samples) / span if span > 0 else 0.0
         print(f"wrote {args.out}: {len(sampler.samples)} samples, {rate:.1f} Hz", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RecordingError as err:
-        print(f"record_h100_steps: {err}", file=sys.stderr)
-        sys.exit(2)

@@ -1,53 +1,52 @@
-"""Evaluation sweep on Ray: (policy or checkpoint) x scenario x seed x fault drill.
+"""`llm-cluster sweep`: evaluation sweep on Ray, (policy or checkpoint) x scenario x seed x fault drill.
 
 Usage::
 
-    python -m scripts.sweep --task energy --policies static,dynamo,ckpt:checkpoints/energy
-        --scenarios small --seeds 0,1,2 --drills scenario,load_spike [--address auto]
+    llm-cluster sweep --task energy --policies static dynamo ckpt:checkpoints/energy
+        --scenarios small --seeds 0 1 2 --drills scenario load_spike [--address auto]
 
-Each cell is one episode measured like one controller/seed of `python -m scripts.compare`
+Each cell is one episode measured like one controller/seed of `llm-cluster compare`
 (`agents.sweep.run_cell`); cells run as Ray tasks on a local Ray (default) or on an existing
 cluster (`--address`). The output folder gets `sweep.md` (one table, means over seeds, failed
 cells by name), `cells.csv`, `sweep.json` and the per-episode reports of the single-run
-evaluation. Policies: controller names (`static`, `dynamo`, `tapas`, `shield:unaware`, ...) or
-`ckpt:<dir>` / `shield:ckpt:<dir>` for trained checkpoints. Drills: scenario (the file's own
-faults), none, cooling_failure, power_failure, load_spike.
+evaluation. Policies are policy specs (`controllers.policy_spec`): controller names (`static`,
+`dynamo`, `tapas`, `shield:unaware`, ...) or `ckpt:<dir>` / `shield:ckpt:<dir>` for trained
+checkpoints. Drills: scenario (the file's own faults), none, cooling_failure, power_failure,
+load_spike.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from llm_cluster_gym.scripts.simulate import dataclass_parser  # noqa: E402
+from llm_cluster_gym.controllers.policy_spec import parse_policy_spec
+from llm_cluster_gym.scripts.compare import default_policies
+from llm_cluster_gym.scripts.usage import UsageError
 
 
 @dataclass
 class SweepArgs:
-    """Arguments of `python -m scripts.sweep`."""
+    """Run an evaluation grid (policy x scenario x seed x fault drill) as Ray tasks."""
 
-    task: str = "energy"
+    task: Literal["energy", "thermal", "combined"] = "energy"
     """Env task: energy, thermal or combined."""
-    policies: str | None = None
-    """Comma-separated policies (default: static,dynamo,oracle for energy; unaware,tapas,shield:unaware
-    otherwise); `ckpt:<dir>` for a checkpoint."""
-    scenarios: str = "small"
-    """Comma-separated scenario names or YAML paths."""
-    seeds: str = "0,1,2"
-    """Comma-separated episode seeds."""
-    drills: str = "scenario"
-    """Comma-separated fault drills: scenario, none, cooling_failure, power_failure, load_spike."""
-    serving: str = "request"
+    policies: list[str] | None = None
+    """Policy specs (static, shield:dynamo, ckpt:<dir>, shield:ckpt:<dir>, ...); default: static dynamo
+    oracle for the energy task, unaware tapas shield:unaware otherwise."""
+    scenarios: list[str] = field(default_factory=lambda: ["small"])
+    """Scenario names or YAML paths."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Episode seeds."""
+    drills: list[Literal["scenario", "none", "cooling_failure", "power_failure", "load_spike"]] = field(
+        default_factory=lambda: ["scenario"])
+    """Fault drills: scenario (the file's own faults), none, cooling_failure, power_failure, load_spike."""
+    serving: Literal["request", "aggregate"] = "request"
     """Serving model: request (evaluation) or aggregate (fast)."""
     warmup: int = 12
     """Intervals left out at the start of each episode."""
-    window: str | None = None
+    window: Literal["train", "validation", "test"] | None = None
     """Trace window: train, validation or test (default: the scenario's own)."""
     address: str | None = None
     """Existing Ray cluster (auto, <head-ip>:6379 or ray://<head-ip>:10001); default: a local Ray."""
@@ -59,7 +58,7 @@ class SweepArgs:
     """Extra attempts of a failed cell."""
     out: str | None = None
     """Output folder (default: reports/sweep-<task>)."""
-    reports: str = "first-seed"
+    reports: Literal["all", "first-seed", "none"] = "first-seed"
     """Episode reports: all, first-seed or none."""
     ship_code: bool = False
     """Upload this repository to the cluster as the job's working directory."""
@@ -68,42 +67,52 @@ class SweepArgs:
     no_progress: bool = False
     """Hide the progress bar."""
 
+    def __post_init__(self) -> None:
+        for name in self.policies or []:
+            parse_policy_spec(name)
+        for name in ("policies", "scenarios", "seeds", "drills"):
+            value = getattr(self, name)
+            if value is not None and not value:
+                raise UsageError(f"--{name} needs at least one value")
+        if self.warmup < 0 or self.retries < 0:
+            raise UsageError(f"--warmup and --retries must be >= 0, got {self.warmup} and {self.retries}")
+        for name in ("num_cpus", "max_in_flight"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
-def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one option per `SweepArgs` field, help from its docstring."""
-    return dataclass_parser(
-        SweepArgs, "python -m scripts.sweep", __doc__.split("\n")[0],
-        {"warmup": int, "num_cpus": int, "max_in_flight": int, "retries": int},
-        {"task": ("energy", "thermal", "combined"), "serving": ("request", "aggregate"),
-         "window": ("train", "validation", "test"), "reports": ("all", "first-seed", "none")})
+    def policy_specs(self) -> list[str]:
+        """The policy specs to run (the task's defaults when none were given)."""
+        return list(self.policies) if self.policies else default_policies(self.task)
 
 
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+def run(args: SweepArgs, command: str = "llm-cluster sweep") -> int:
+    """Run the sweep; print the table, failures and where the reports are. Exit 1 if a cell failed.
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the sweep; print the table, failures and where the reports are. Exit 1 if a cell failed."""
+    Raises:
+        SweepError: A malformed grid or a checkpoint lacking files (before Ray starts).
+        ScenarioError: An unknown scenario (before Ray starts).
+        RayMissingError: Ray is not installed.
+    """
     from llm_cluster_gym.agents.sweep import (
-        SweepError,
         SweepSpec,
+        checkpoint_dir,
         expand_grid,
         format_table,
         init_ray,
+        read_checkpoint_files,
         run_sweep,
         write_sweep,
     )
+    from llm_cluster_gym.envs.sim.scenario import load_scenario
 
-    parser = build_parser()
-    args = SweepArgs(**vars(parser.parse_args(argv)))
-    policies = _split(args.policies) if args.policies else (
-        ["static", "dynamo", "oracle"] if args.task == "energy" else ["unaware", "tapas", "shield:unaware"])
-    try:
-        spec = SweepSpec(task=args.task, serving=args.serving, warmup=args.warmup, window=args.window)
-        seeds = [int(s) for s in _split(args.seeds)]
-        cells = expand_grid(policies, _split(args.scenarios), seeds, _split(args.drills))
-    except (SweepError, ValueError) as exc:
-        parser.error(str(exc))
+    policies = args.policy_specs()
+    spec = SweepSpec(task=args.task, serving=args.serving, warmup=args.warmup, window=args.window)
+    cells = expand_grid(policies, args.scenarios, args.seeds, args.drills)
+    for scenario in dict.fromkeys(args.scenarios):
+        load_scenario(scenario)
+    for ckpt in dict.fromkeys(d for d in map(checkpoint_dir, policies) if d is not None):
+        read_checkpoint_files(ckpt)
     ray = init_ray(args.address, args.num_cpus, include_dashboard=False if args.no_dashboard else None,
                    ship_code=args.ship_code)
     ctx = ray.get_runtime_context()
@@ -112,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     sweep = run_sweep(cells, spec, retries=args.retries, max_in_flight=args.max_in_flight,
                       progress=not args.no_progress)
     out = Path(args.out or f"reports/sweep-{args.task}")
-    command = "python -m scripts.sweep " + " ".join(argv if argv is not None else sys.argv[1:])
     path = write_sweep(sweep, out, reports=args.reports, command=command)
     print(f"\n# {args.task}, {args.serving} serving, first {args.warmup} intervals left out; "
           f"{len(sweep.results)}/{len(cells)} cells in {sweep.wall_s:.1f} s\n")
@@ -121,7 +129,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {f.cell.name} ({f.attempts} attempts): {f.error}")
     print(f"\ntable and reports: {path}")
     return 1 if sweep.failures else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

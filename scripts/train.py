@@ -1,9 +1,9 @@
-"""Train an agent for one task and write its checkpoint directory.
+"""`llm-cluster train`: train an agent for one task and write its checkpoint directory.
 
 Usage::
 
-    python -m scripts.train --task energy --steps 200000 --seed 0 --out checkpoints/energy
-    python -m scripts.train --task energy --steps 400000 --out checkpoints/energy --resume
+    llm-cluster train --task energy --steps 200000 --seed 0 --out checkpoints/energy
+    llm-cluster train --task energy --steps 400000 --out checkpoints/energy --resume
 
 Hyperparameters come from agents/hyperparams.yaml (`--hyperparams` for another file). The run
 directory gets the shipped checkpoint (best on the validation window: model.zip,
@@ -13,26 +13,19 @@ vecnormalize.pkl, metadata.json), `last/` (resumable) and `tb/` (TensorBoard log
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from llm_cluster_gym.scripts.simulate import dataclass_parser  # noqa: E402
-
-TASK_NAMES = ("energy", "thermal", "combined")
+from llm_cluster_gym.scripts.usage import UsageError
 
 
 @dataclass
 class TrainArgs:
-    """Arguments of `python -m scripts.train`."""
+    """Train a PPO/MaskablePPO agent on a cluster task and write its checkpoint."""
 
-    task: str = "energy"
+    task: Literal["energy", "thermal", "combined"] = "energy"
     """Task: energy (PPO), thermal or combined (MaskablePPO, VM placement is masked)."""
     steps: int | None = None
     """Total environment steps (default: the task's `steps` in the hyperparameter file)."""
@@ -53,26 +46,23 @@ class TrainArgs:
     no_tensorboard: bool = False
     """Do not write TensorBoard logs."""
 
-
-def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one option per `TrainArgs` field, help from its docstring."""
-    return dataclass_parser(
-        TrainArgs, "python -m scripts.train", "Train a PPO/MaskablePPO agent on a cluster task.",
-        {"task": str, "steps": int, "seed": int, "out": str, "n_envs": int, "hyperparams": str},
-        {"task": TASK_NAMES})
+    def __post_init__(self) -> None:
+        for name in ("steps", "n_envs"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line, train, and print where the checkpoint went and how it did."""
-    from llm_cluster_gym.agents.config import HYPERPARAMS_PATH, HyperparamsError, load_task_config
+def run(args: TrainArgs, command: str = "llm-cluster train") -> int:
+    """Train, and print where the checkpoint went and how it did.
+
+    Raises:
+        HyperparamsError: The hyperparameter file is missing or malformed (before training).
+    """
+    from llm_cluster_gym.agents.config import HYPERPARAMS_PATH, load_task_config
     from llm_cluster_gym.agents.train import train
 
-    parser = build_parser()
-    args = TrainArgs(**vars(parser.parse_args(argv)))
-    try:
-        cfg = load_task_config(args.task, args.hyperparams or HYPERPARAMS_PATH)
-    except HyperparamsError as exc:
-        parser.error(str(exc))
+    cfg = load_task_config(args.task, args.hyperparams or HYPERPARAMS_PATH)
     out = Path(args.out or f"checkpoints/{args.task}")
     result = train(cfg, out, seed=args.seed, steps=args.steps, n_envs=args.n_envs, resume=args.resume,
                    progress=not args.no_progress, tensorboard=not args.no_tensorboard,
@@ -84,7 +74,3 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: ev[k] for k in ("energy_ratio_vs_static", "reward_gain_vs_static",
                                               "beats_static_reward")}, indent=None))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

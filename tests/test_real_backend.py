@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
+import math
 import signal
 import time
 from pathlib import Path
@@ -47,7 +47,8 @@ from llm_cluster_gym.envs.real.worker import (
     WorkerError,
 )
 from llm_cluster_gym.envs.sim.thermal import ThermalParams
-from llm_cluster_gym.scripts.calibrate import non_negative_seconds, parse_batch_steps, parse_budget
+from llm_cluster_gym.scripts.calibrate import CalibrateRecordArgs, parse_batch_steps, parse_budget
+from llm_cluster_gym.scripts.usage import UsageError
 
 DATA = Path(__file__).resolve().parents[1] / "envs" / "data"
 PROFILE = DATA / "real" / "h100_llama3-8b_profile.json.gz"
@@ -474,11 +475,13 @@ def test_served_fit_needs_a_step_log(tmp_path):
         fit_to_served_run(fit_profile(PROFILE), bad)
 
 
-@pytest.mark.parametrize("text", ["10:64", "0:64,0:8", "0:0", "0-64", ""])
-def test_calibrate_rejects_malformed_batch_schedules(text):
-    with pytest.raises(argparse.ArgumentTypeError, match="batch-steps"):
-        parse_batch_steps(text)
-    assert parse_batch_steps("0:64,60:8") == ((0.0, 64), (60.0, 8))
+@pytest.mark.parametrize("items", [["10:64"], ["0:64", "0:8"], ["0:0"], ["0-64"], [], ["0:64,60:8"]])
+def test_calibrate_rejects_malformed_batch_schedules(items):
+    with pytest.raises(UsageError, match="batch-steps"):
+        parse_batch_steps(items)
+    with pytest.raises(UsageError, match="batch-steps"):
+        CalibrateRecordArgs(batch_steps=items)
+    assert parse_batch_steps(["0:64", "60:8"]) == ((0.0, 64), (60.0, 8))
 
 
 def _real_worker_thermal() -> ThermalParams:
@@ -538,18 +541,18 @@ def test_replay_from_measured_history_tracks_the_first_minute_better(path):
     assert first_minute_rmse(True) < first_minute_rmse(False)
 
 
-@pytest.mark.parametrize("text", ["-1", "nan", "inf", "soon"])
-def test_calibrate_rejects_bad_lead_seconds(text):
-    with pytest.raises(argparse.ArgumentTypeError):
-        non_negative_seconds(text)
-    assert non_negative_seconds("20") == 20.0
+@pytest.mark.parametrize("lead_s", [-1.0, math.nan, math.inf])
+def test_calibrate_rejects_bad_lead_seconds(lead_s):
+    with pytest.raises(UsageError, match="--lead-s"):
+        CalibrateRecordArgs(lead_s=lead_s)
+    assert CalibrateRecordArgs(lead_s=20.0).lead_s == 20.0
 
 
 @pytest.mark.parametrize("text", ["60:60", "60:60:250:1", "a:b:c", "60:0:250", "60:60:-5"])
 def test_calibrate_rejects_malformed_budget_drills(text):
-    with pytest.raises(argparse.ArgumentTypeError, match="--budget"):
-        parse_budget(text)
-    assert parse_budget("60:60:250,130:5:300") == ((60.0, 60.0, 250.0), (130.0, 5.0, 300.0))
+    with pytest.raises(UsageError, match="--budget"):
+        parse_budget([text])
+    assert parse_budget(["60:60:250", "130:5:300"]) == ((60.0, 60.0, 250.0), (130.0, 5.0, 300.0))
 
 
 @pytest.mark.parametrize("path", OTHER_GPU_RUNS)

@@ -14,7 +14,7 @@ from llm_cluster_gym.envs.rollout import run_episode
 from llm_cluster_gym.envs.sim.cluster import SimCluster
 from llm_cluster_gym.envs.sim.report import format_table, row_power_series, write_report
 from llm_cluster_gym.envs.sim.scenario import FaultSpec, load_scenario
-from llm_cluster_gym.scripts.simulate import build_parser, main
+from llm_cluster_gym.scripts.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNGS = ("row_power.png", "temperature.png", "latency.png", "energy.png")
@@ -181,7 +181,7 @@ def test_max_intervals_stops_early() -> None:
 
 def test_write_report_files(faults: EpisodeResult, tmp_path) -> None:
     out = tmp_path / "rep"
-    path = write_report(faults, out, "faults test", command="python -m scripts.simulate --seed 1")
+    path = write_report(faults, out, "faults test", command="llm-cluster simulate --seed 1")
     assert path == out / "report.md"
     for name in PNGS:
         data = (out / name).read_bytes()
@@ -218,8 +218,8 @@ def test_format_table_marks_missing_values() -> None:
 
 def test_cli_end_to_end(tmp_path, capsys) -> None:
     out = tmp_path / "cli"
-    rc = main(["--scenario", "small", "--seed", "2", "--serving", "aggregate", "--duration-s", "30",
-               "--out", str(out), "--no-progress"])
+    rc = main(["simulate", "--scenario", "small", "--seed", "2", "--serving", "aggregate",
+               "--duration-s", "30", "--out", str(out), "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
     for key in ("energy_kwh", "carbon_kg", "cost_usd", "slo_attainment", "max_gpu_temp_c"):
@@ -232,13 +232,13 @@ def test_cli_end_to_end(tmp_path, capsys) -> None:
 
 
 def test_cli_rejects_unknown_scenario(capsys) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["--scenario", "no_such_scenario", "--no-progress"])
-    assert exc.value.code == 2
-    assert "no_such_scenario" in capsys.readouterr().err
+    assert main(["simulate", "--scenario", "no_such_scenario", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_scenario" in err and len(err.strip().splitlines()) == 1
 
 
-def test_cli_help_comes_from_field_docstrings() -> None:
-    text = " ".join(build_parser().format_help().split())
+def test_cli_help_comes_from_field_docstrings(capsys) -> None:
+    assert main(["simulate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.replace("│", " ").split())
     assert "per-request continuous batching" in text
     assert "Hide the progress bar" in text

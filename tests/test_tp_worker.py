@@ -2,8 +2,8 @@
 
 What is checked: a TP2/TP4 model computes what the TP1 model of the same seed computes (the
 serving passes, logits compared), continuous batching under TP2 through the worker-process
-interface RealCluster uses, clean start/stop, the dry-run and tiny modes of profile_tp.py and
-measure_reconfig.py, and compare_profiles.py on a synthetic table.
+interface RealCluster uses, clean start/stop, the dry-run and tiny modes of `llm-cluster profile-tp`
+and `llm-cluster measure-reconfig`, and `llm-cluster compare-profiles` on a synthetic table.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from llm_cluster_gym.envs.real.tp_worker import (
 )
 from llm_cluster_gym.envs.real.worker import Request, WorkerConfig, WorkerError
 from llm_cluster_gym.envs.sim.profiles import DEFAULT_PROFILE_DIR, ProfileLibrary, load_profile
-from llm_cluster_gym.scripts import compare_profiles, measure_reconfig, profile_tp
+from llm_cluster_gym.scripts import compare_profiles, profile_tp
+from llm_cluster_gym.scripts.cli import main as cli_main
 
 TINY = WorkerConfig(model="tiny-tp", device="cpu", max_slots=4, max_ctx=64, cuda_graphs=False)
 
@@ -121,7 +122,7 @@ def test_tp2_worker_continuous_batching_and_clean_stop():
 # ------------------------------------------------------------------ scripts
 def test_profile_tp_dry_run_prints_the_plan(tmp_path, capsys):
     out = tmp_path / "t.json"
-    assert profile_tp.main(["--dry-run", "--out", str(out)]) == 0
+    assert cli_main(["profile-tp", "--dry-run", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "RUN   llama2-70b tp=8" in text and "RUN    llama3-8b tp=1" in text
     assert "SKIP  llama2-70b tp=1" in text  # 128.5 GiB of weights do not fit one GPU
@@ -130,7 +131,7 @@ def test_profile_tp_dry_run_prints_the_plan(tmp_path, capsys):
 
 def test_profile_tp_tiny_writes_a_table(tmp_path):
     out = tmp_path / "tiny.json"
-    assert profile_tp.main(["--tiny", "--out", str(out)]) == 0
+    assert cli_main(["profile-tp", "--tiny", "--out", str(out)]) == 0
     table = json.loads(out.read_text())
     assert table["schema"] == profile_tp.SCHEMA
     assert [e["tp"] for e in table["entries"]] == [1, 2]
@@ -144,10 +145,10 @@ def test_profile_tp_tiny_writes_a_table(tmp_path):
 
 
 def test_measure_reconfig_tiny_and_dry_run(tmp_path, capsys):
-    assert measure_reconfig.main(["--dry-run"]) == 0
+    assert cli_main(["measure-reconfig", "--dry-run"]) == 0
     assert "TP4 on GPUs 0..3 -> TP8 on GPUs 0..7" in capsys.readouterr().out
     out = tmp_path / "r.json"
-    assert measure_reconfig.main(["--tiny", "--out", str(out)]) == 0
+    assert cli_main(["measure-reconfig", "--tiny", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     (rep,) = res["repeats"]
     assert rep["downtime_s"] == pytest.approx(rep["stop_s"] + rep["start_s"]
@@ -187,7 +188,7 @@ def test_compare_profiles_prints_differences_and_refits(tmp_path, capsys):
     lib = ProfileLibrary.load(pdir)
     table = tmp_path / "table.json"
     table.write_text(json.dumps(_synthetic_table(lib)))
-    assert compare_profiles.main([str(table), "--profile-dir", str(pdir)]) == 0
+    assert cli_main(["compare-profiles", str(table), "--profile-dir", str(pdir)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     s70 = summary[0]
     assert s70["profile"] == "llama2-70b/h100/tp4"
@@ -196,7 +197,7 @@ def test_compare_profiles_prints_differences_and_refits(tmp_path, capsys):
     assert s70["refit"] == ["prefill_time"]
     assert not (pdir / "llama3-8b_h100_tp2.json").exists()  # no --write: nothing written
 
-    assert compare_profiles.main([str(table), "--profile-dir", str(pdir), "--write"]) == 0
+    assert cli_main(["compare-profiles", str(table), "--profile-dir", str(pdir), "--write"]) == 0
     new = load_profile(pdir / "llama2-70b_h100_tp4.json")
     old = lib.get("llama2-70b", "h100", 4)
     tok = np.array([256, 1024, 2048, 4000])
@@ -216,5 +217,5 @@ def test_compare_profiles_prints_differences_and_refits(tmp_path, capsys):
 def test_compare_profiles_rejects_a_bad_table(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"schema": "other", "entries": []}))
-    assert compare_profiles.main([str(bad)]) == 2
+    assert cli_main(["compare-profiles", str(bad)]) == 2
     assert "field 'schema'" in capsys.readouterr().err
