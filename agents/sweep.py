@@ -367,9 +367,15 @@ def run_sweep(cells: Sequence[Cell], spec: SweepSpec, *, retries: int = 1,
 
     Returns:
         The results in grid order and the failures; never raises for a failing cell.
+
+    Raises:
+        SweepError: An empty grid.
+        PolicySpecError: A cell's policy is not a valid spec (before Ray starts).
     """
     if not cells:
         raise SweepError("sweep: the grid is empty")
+    for c in cells:
+        parse_policy_spec(c.policy)
     ray = init_ray() if not _ray_ready() else require_ray()
     from tqdm.auto import tqdm
 

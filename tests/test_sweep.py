@@ -16,6 +16,7 @@ from llm_cluster_gym.agents.sweep import (
     run_sweep,
     write_sweep,
 )
+from llm_cluster_gym.controllers.policy_spec import PolicySpecError
 from llm_cluster_gym.scripts.compare import run_compare
 
 SPEC = SweepSpec(task="energy", serving="aggregate", warmup=4)
@@ -79,14 +80,22 @@ def test_sweep_equals_cells_one_by_one(ray_local, tmp_path):
 
 
 def test_failed_cell_is_named_retried_once_and_others_finish(ray_local):
-    cells = [Cell("no_such_policy", "small", 0), Cell("static", "small", 0)]
+    # 'tapas' is a valid spec but needs row actions: the cell fails in its worker (energy task).
+    cells = [Cell("tapas", "small", 0), Cell("static", "small", 0)]
     sweep = run_sweep(cells, SPEC, progress=False, log=lambda msg: None)
     assert [r.cell for r in sweep.results] == [cells[1]]
     (failure,) = sweep.failures
     assert failure.cell == cells[0] and failure.attempts == 2
-    assert "no_such_policy" in failure.error and "ValueError" in failure.error
-    assert any("retrying" in e and "no_such_policy" in e for e in sweep.events)
+    assert "tapas" in failure.error and "ValueError" in failure.error
+    assert any("retrying" in e and "tapas" in e for e in sweep.events)
     assert any("FAILED" in e for e in sweep.events)
+
+
+def test_malformed_policy_specs_are_refused_before_any_cell_runs():
+    with pytest.raises(PolicySpecError, match="no_such_policy"):
+        expand_grid(["static", "no_such_policy"], ["small"], [0])
+    with pytest.raises(PolicySpecError, match="checkpoint:x"):
+        run_sweep([Cell("static", "small", 0), Cell("checkpoint:x", "small", 0)], SPEC, progress=False)
 
 
 def test_search_space_file_and_trial_config(tmp_path):
