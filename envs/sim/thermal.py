@@ -336,3 +336,25 @@ def step_inlet_temperature(
         raise ThermalError(f"step_inlet_temperature: dt_s must be finite and >= 0, got {dt_s!r}")
     ss = inlet_steady_state_c(load_w, capacity_w, outside_c, params)
     return ss + (np.asarray(inlet_c, dtype=float) - ss) * math.exp(-dt_s / params.tau_inlet_s)
+
+
+class OutsideAir:
+    """Outside air temperature: a daily sine, coldest at midnight (memoized for the last time asked).
+
+    Args:
+        mean_c: Daily mean (C).
+        amplitude_c: Half the daily swing (C).
+    """
+
+    def __init__(self, mean_c: float, amplitude_c: float) -> None:
+        self.mean_c, self.amplitude_c = mean_c, amplitude_c
+        self._memo = (math.nan, 0.0)
+
+    def temp_c(self, t_s: float) -> float:
+        """Temperature at ``t_s`` seconds after midnight of day 0 (telemetry asks, then the tick)."""
+        last_t, last_c = self._memo
+        if t_s == last_t:
+            return last_c
+        c = self.mean_c + self.amplitude_c * np.sin(2 * np.pi * (t_s / 86400.0 - 0.25))
+        self._memo = (t_s, c)
+        return c

@@ -1,0 +1,166 @@
+"""Clocks and speeds of the simulated instances at one tick, and the GPU load they produce.
+
+The controller's row settings (clock cap, quantization, routing weight) and the instance layout
+set each slot's clock, speedup and quality loss (:class:`SlotSettings`, cached by
+:class:`SlotSettingsCache` until either changes); the hardware controllers' ceilings
+(``envs/sim/throttle.py``) lower the clocks a tick actually runs at (:func:`effective_clocks`);
+:func:`slot_model` turns those clocks into the prefill and decode times the serving model uses,
+and :func:`gpu_load` spreads each instance's phase mix over its GPUs for the power model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from llm_cluster_gym.envs.sim import power as pw
+from llm_cluster_gym.envs.sim.instances import InstanceTable
+from llm_cluster_gym.envs.sim.layout import SlotTables
+from llm_cluster_gym.envs.sim.profiles import decode_iter_time_s, prefill_time_s
+from llm_cluster_gym.envs.sim.scenario import ServingSpec
+from llm_cluster_gym.envs.sim.serving import TickLoad
+from llm_cluster_gym.envs.sim.serving_request import SlotModel
+from llm_cluster_gym.envs.sim.throttle import RowPowerCapping, ThermalSlowdown, read_only
+
+
+@dataclass(frozen=True)
+class SlotSettings:
+    """Per-slot and per-GPU quantities that change only with the layout or the row settings.
+
+    Attributes:
+        f_set_mhz: Slot clock: the pool's frequency under the row's clock cap.
+        f_pre_mhz: Slot prefill clock (also within the GPU power limit) with no ceiling in force.
+        gpu_freq_mhz: Each GPU's set clock (the maximum where no instance runs).
+        gpu_prefill_freq_mhz: Each GPU's prefill clock with no ceiling in force.
+        speed: Per-slot quantized speedup, or None when no slot runs quantized.
+        qloss: Per-slot quality loss of quantized serving.
+        power_factor: Per-GPU dynamic power factor (1.0 when nothing is quantized).
+        route_weight: Per-slot routing weight of the slot's row.
+    """
+
+    f_set_mhz: np.ndarray
+    f_pre_mhz: np.ndarray
+    gpu_freq_mhz: np.ndarray
+    gpu_prefill_freq_mhz: np.ndarray
+    speed: np.ndarray | None
+    qloss: np.ndarray
+    power_factor: np.ndarray | float
+    route_weight: np.ndarray
+
+
+def quantization(slots: SlotTables, inst: InstanceTable, row_quantized: np.ndarray,
+                 sv: ServingSpec) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | float]:
+    """Per-slot speedup (None: no slot quantized), quality loss, and per-GPU power factor."""
+    if not (slots.any_quantized or np.count_nonzero(row_quantized)):
+        return None, np.zeros(inst.n_slots), 1.0
+    quant = (row_quantized[slots.row] & inst.active) | inst.quantized
+    speed = np.where(quant, sv.quantized_speedup, 1.0)
+    qloss = np.where(quant, sv.quantized_quality_loss, 0.0)
+    power_factor = np.where(slots.gpu_has & quant[slots.gpu_o], sv.quantized_power_factor, 1.0)
+    return speed, qloss, power_factor
+
+
+def slot_settings(slots: SlotTables, inst: InstanceTable, row_freq_cap_mhz: np.ndarray,
+                  row_quantized: np.ndarray, row_route_weight: np.ndarray, sv: ServingSpec,
+                  max_mhz: float) -> SlotSettings:
+    """Clocks, quantization and routing weight per slot (and GPU) from the current settings."""
+    has, o = slots.gpu_has, slots.gpu_o
+    # Set clock: the pool's frequency under the row's clock cap (action).
+    f_set = np.minimum(slots.freq_mhz, row_freq_cap_mhz[slots.row])
+    f_pre = np.minimum(f_set, slots.prefill_limit_mhz)
+    speed, qloss, power_factor = quantization(slots, inst, row_quantized, sv)
+    return SlotSettings(
+        f_set_mhz=f_set,
+        f_pre_mhz=f_pre,
+        gpu_freq_mhz=read_only(np.where(has, f_set[o], max_mhz)),
+        gpu_prefill_freq_mhz=read_only(np.where(has, np.minimum(f_pre[o], f_set[o]), max_mhz)),
+        speed=speed,
+        qloss=qloss,
+        power_factor=power_factor,
+        route_weight=row_route_weight[slots.row],
+    )
+
+
+class SlotSettingsCache:
+    """The slot settings of the current layout and row settings, recomputed only on a change.
+
+    The row settings are compared by value: a controller that repeats its decision every
+    interval costs one comparison per tick, not the per-slot recomputation.
+    """
+
+    def __init__(self, sv: ServingSpec, max_mhz: float) -> None:
+        self.sv, self.max_mhz = sv, max_mhz
+        self._key: tuple | None = None
+        self._value: SlotSettings | None = None
+
+    def get(self, slots: SlotTables, inst: InstanceTable, row_freq_cap_mhz: np.ndarray,
+            row_quantized: np.ndarray, row_route_weight: np.ndarray) -> SlotSettings:
+        """The settings for this layout (``slots``, compared by identity) and row settings."""
+        key = (slots, row_freq_cap_mhz.tobytes(), row_quantized.tobytes(),
+               row_route_weight.tobytes())
+        if key != self._key:
+            self._value = slot_settings(slots, inst, row_freq_cap_mhz, row_quantized,
+                                        row_route_weight, self.sv, self.max_mhz)
+            self._key = key
+        return self._value
+
+
+def effective_clocks(st: SlotSettings, slots: SlotTables, inst: InstanceTable,
+                     slowdown: ThermalSlowdown, capping: RowPowerCapping, gpu_row: np.ndarray,
+                     max_mhz: float) -> tuple[np.ndarray, ...]:
+    """Per-slot effective and prefill clocks, per-GPU prefill clock and clock ceiling.
+
+    The effective clock is the set clock under the power-capping and thermal-slowdown
+    ceilings of the slot's GPUs; prefill also stays within the GPU power limit.
+    """
+    if not (slowdown.any_throttled or capping.any_capped):
+        # No clock ceiling anywhere (the common case): skip the per-GPU reduction.
+        return st.f_set_mhz, st.f_pre_mhz, st.gpu_prefill_freq_mhz, slowdown.no_ceiling_mhz
+    o = slots.gpu_o
+    gpu_ceiling = np.minimum(slowdown.ceiling_mhz, capping.ceiling_mhz[gpu_row])
+    slot_ceiling = np.full(inst.n_slots, max_mhz)
+    valid = slots.owner >= 0
+    np.minimum.at(slot_ceiling, slots.owner[valid], gpu_ceiling[inst.slot_gpu[valid]])
+    f_eff = np.minimum(st.f_set_mhz, slot_ceiling)
+    f_pre = np.minimum(f_eff, slots.prefill_limit_mhz)
+    gpu_prefill_mhz = np.where(slots.gpu_has, np.minimum(f_pre[o], st.f_set_mhz[o]), max_mhz)
+    return f_eff, f_pre, gpu_prefill_mhz, gpu_ceiling
+
+
+def slot_model(slots: SlotTables, f_pre: np.ndarray, f_eff: np.ndarray,
+               speed: np.ndarray | None) -> SlotModel:
+    """Prefill and decode timing of the slots at this tick's clocks (and quantized speedup)."""
+    sp = slots.prof
+
+    def prefill(tok: np.ndarray, i: np.ndarray) -> np.ndarray:
+        return prefill_time_s(tok, f_pre[i], sp.prefill_p0_s[i], sp.prefill_p1_s_per_token[i],
+                              sp.prefill_p2_s_per_token2[i], sp.prefill_phi[i], sp.max_freq_mhz[i])
+
+    def decode(b: np.ndarray, c: np.ndarray, i: np.ndarray) -> np.ndarray:
+        return decode_iter_time_s(b, c, f_eff[i], sp.decode_d0_s[i], sp.decode_d1_s_per_seq[i],
+                                  sp.decode_d2_s_per_seq_token[i], sp.decode_phi[i],
+                                  sp.max_freq_mhz[i])
+
+    if speed is None:  # no slot runs quantized: every speedup is 1
+        return SlotModel(prefill, decode, slots.kv_tokens)
+    return SlotModel(lambda tok, i: prefill(tok, i) / speed[i],
+                     lambda b, c, i: decode(b, c, i) / speed[i], slots.kv_tokens)
+
+
+def gpu_load(load: TickLoad, st: SlotSettings, slots: SlotTables, gpu_prefill_mhz: np.ndarray,
+             vm_power_w: np.ndarray, dt: float) -> pw.GpuLoad:
+    """Each GPU's phase mix and clocks over the tick, from the instance it belongs to.
+
+    ``vm_power_w`` is each GPU's VM draw at full clock (0 on SaaS GPUs).
+    """
+    o, has_f = slots.gpu_o, slots.gpu_has_f
+    return pw.GpuLoad(
+        prefill_frac=load.prefill_busy_s[o] * has_f / dt,
+        decode_frac=load.decode_busy_s[o] * has_f / dt,
+        prefill_tokens=load.prefill_tokens[o] * has_f,
+        decode_batch=load.decode_batch[o] * has_f,
+        freq_mhz=st.gpu_freq_mhz,
+        prefill_freq_mhz=gpu_prefill_mhz,
+        power_factor=st.power_factor,
+        vm_power_w=vm_power_w,
+    )
