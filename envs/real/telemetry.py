@@ -144,10 +144,6 @@ class GpuDevice(abc.ABC):
         """One sample as a float array in :data:`COLUMNS` order (``t_s`` = Unix time)."""
 
     # Privileged operations (only real devices implement them).
-    def locked_sm_clocks_mhz(self) -> tuple[float, float] | None:
-        """Currently locked SM clock range, or None when unlocked/unknown."""
-        return None
-
     def set_locked_sm_clocks_mhz(self, min_mhz: float, max_mhz: float) -> None:
         """Lock the SM clock range (privileged)."""
         raise NotImplementedError(f"{type(self).__name__} cannot lock clocks")
@@ -235,7 +231,6 @@ class NvmlGpuDevice(GpuDevice):
         self._reasons = (getattr(self._n, "nvmlDeviceGetCurrentClocksEventReasons", None)
                          or self._n.nvmlDeviceGetCurrentClocksThrottleReasons)
         self._static: GpuStatic | None = None
-        self._locked: tuple[float, float] | None = None
 
     def static(self) -> GpuStatic:
         """Static facts, read once from NVML."""
@@ -295,20 +290,14 @@ class NvmlGpuDevice(GpuDevice):
         )
         return np.array([np.nan if v is None else float(v) for v in vals])
 
-    # Privileged calls: used only through envs.real.actuators.
-    def locked_sm_clocks_mhz(self) -> tuple[float, float] | None:
-        """The range this process locked (NVML cannot read back a lock)."""
-        return self._locked
-
+    # Privileged calls: used only through envs.real.actuators (which remembers what it locked).
     def set_locked_sm_clocks_mhz(self, min_mhz: float, max_mhz: float) -> None:
         """Lock the SM clock range (needs root; changes the GPU for every user)."""
         self._n.nvmlDeviceSetGpuLockedClocks(self._h, int(min_mhz), int(max_mhz))
-        self._locked = (float(min_mhz), float(max_mhz))
 
     def reset_locked_sm_clocks(self) -> None:
         """Undo a clock lock."""
         self._n.nvmlDeviceResetGpuLockedClocks(self._h)
-        self._locked = None
 
     def power_limit_mw(self) -> int:
         """Current enforced power limit (mW)."""

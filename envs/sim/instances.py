@@ -48,10 +48,6 @@ class InstanceTable:
             ready_at_s=np.zeros(n),
         )
 
-    def capacity_instances(self, tp: int) -> int:
-        """How many instances of TP `tp` fit on the SaaS servers."""
-        return self.n_slots // tp
-
     def slot_owner(self) -> np.ndarray:
         """For every slot (GPU), the first slot of the instance that owns it, or -1."""
         owner = np.full(self.n_slots, -1, dtype=np.int64)

@@ -51,10 +51,6 @@ class Topology:
         """Sum a per-server quantity over each aisle."""
         return np.bincount(self.server_aisle, weights=per_server, minlength=self.n_aisles)
 
-    def server_sum(self, per_gpu: np.ndarray) -> np.ndarray:
-        """Sum a per-GPU quantity over each server."""
-        return per_gpu.reshape(self.n_servers, self.gpus_per_server).sum(axis=1)
-
 
 def build_topology(scenario: Scenario) -> Topology:
     """Lay out rows, racks, servers and GPUs; mark SaaS servers spread evenly across rows."""
