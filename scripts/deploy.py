@@ -187,7 +187,7 @@ def build(a: DeployArgs) -> tuple[Any, Any]:
 
 def _save_recording(a: DeployArgs, env: Any, loop: Any) -> None:
     provenance: dict[str, Any] = {
-        "command": "python scripts/deploy.py " + " ".join(_argv),
+        "command": shlex.join(["llm-cluster", "deploy", *_argv]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
         import torch

@@ -118,9 +118,10 @@ ENERGY_ONLY = {"energy": 1.0, "slo": 0.0, "thermal": 0.0, "power": 0.0, "quality
 # the energy task's full reward, 6k steps are too few to separate from random reliably, so the
 # energy check trains on its energy term alone (a clear optimum: fewer servers, lower clocks)
 # and must beat both a random and a one-update policy (4,096 steps beat the one-update policy by
-# only 1.4% with stable-baselines3 2.9 / gymnasium 1.4, under the 2% margin; 8,192 steps pass); the thermal check keeps the task's full
-# reward with 12k steps and must beat random by 5% (its one-update MaskablePPO policy is
-# already a fixed legal action of about the same reward, so that comparison carries no signal).
+# only 1.4% with stable-baselines3 2.9 / gymnasium 1.4, under the 2% margin; 8,192 steps pass);
+# the thermal check keeps the task's full reward with 12k steps and must beat random by 5% (its
+# one-update MaskablePPO policy is already a fixed legal action of about the same reward, so that
+# comparison carries no signal).
 LEARNING = {
     "energy": {"steps": 8192, "reward_weights": ENERGY_ONLY, "vs_untrained": True, "margin": 0.02},
     "thermal": {"steps": 12288, "reward_weights": None, "vs_untrained": False, "margin": 0.05},

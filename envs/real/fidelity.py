@@ -4,7 +4,7 @@ Inputs are two recordings made on the H100 (``envs/data/real``):
 
 * the profile (``scripts/profile_gpu.py``): prefill/decode timing sweeps and sustained
   phases with energy-counter power and temperature;
-* the fidelity run (``scripts/calibrate.py record``): an Azure trace window served by the
+* the fidelity run (``llm-cluster calibrate record``): an Azure trace window served by the
   real worker through ``RealCluster`` with a scripted drill (batch cap 64 -> 8 -> 64).
 
 :func:`fit_profile` turns the profile into a simulator profile (the schema of
@@ -173,7 +173,7 @@ def fit_profile(profile_path: str | Path) -> dict[str, Any]:
             "used_for": "prefill_phi, decode_phi, power_freq_exponent (clocks were not varied: "
                         "the shared H100 forbids setting them), model_shape, hardware",
         }],
-        "built_by": "python scripts/calibrate.py fit --write (envs/real/fidelity.py)",
+        "built_by": "llm-cluster calibrate fit --write (envs/real/fidelity.py)",
         "built_on": datetime.now(timezone.utc).date().isoformat(),
         "engine": st.get("model", "envs/real/worker.py") + "; one prompt per prefill pass, "
                   "static KV cache 64 slots x 4096 tokens",
@@ -231,7 +231,7 @@ def served_steps(rec: TelemetryRecording) -> dict[str, np.ndarray]:
     cols = ex.get("step_columns")
     if not rows or not cols:
         raise FidelityError(f"{rec.path}: field 'step_log' is missing or empty (record the run "
-                            "again with scripts/calibrate.py record)")
+                            "again with llm-cluster calibrate record)")
     arr = np.asarray(rows, dtype=float)
     if arr.ndim != 2 or arr.shape[1] != len(cols) or not np.all(np.isfinite(arr)):
         raise FidelityError(f"{rec.path}: field 'step_log' must be finite rows of {len(cols)} values")
@@ -891,7 +891,7 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
         thermal_doc = {
             "description": "Two-node H100 thermal model fitted to the real-worker profile run",
             "source": thermal.source,
-            "command": "python scripts/calibrate.py fit --write",
+            "command": "llm-cluster calibrate fit --write",
             "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "params": th["params"],
             "thresholds": {"slowdown_temp_c": thermal.slowdown_temp_c,

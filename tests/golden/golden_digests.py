@@ -104,7 +104,11 @@ def fixed_digest(scenario_name: str, serving: str, seed: int = 0) -> str:
 
 
 def all_digests() -> dict[str, str]:
-    """Every digest, keyed `env:<id>`, `controller:<task>:<scenario>:<name>` or `fixed:<scenario>:<serving>`."""
+    """Every digest, keyed by what was rolled out.
+
+    Keys: `env:<id>`, `controller:<task>:<scenario>:<name>` or `fixed:<scenario>:<serving>`.
+    The values are SHA-256 digests (see `_Digest`).
+    """
     import llm_cluster_gym
 
     out = {f"env:{env_id}": env_digest(env_id) for env_id in llm_cluster_gym.TASK_IDS}
