@@ -9,9 +9,13 @@ baselines, trained agents and the shield interchangeable in evaluation and deplo
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from llm_cluster_gym.controllers.context import ControllerContext
+    from llm_cluster_gym.envs.backend import ClusterAction
 
 
 @runtime_checkable
@@ -27,3 +31,27 @@ class Controller(Protocol):
     def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
         """Choose the next action; `action_mask` is the env's `action_masks()` where it has one."""
         ...
+
+
+class RuleBasedController:
+    """Base of the rule-based controllers: they decide a `ClusterAction`, the codec encodes it.
+
+    Subclasses implement `decide`; `act` is the same for all of them, so the flat vector is built
+    in one place only (the env's `ActionCodec`).
+    """
+
+    name = "rule-based"
+
+    def __init__(self, ctx: ControllerContext) -> None:
+        self.ctx = ctx
+
+    def reset(self) -> None:
+        """Forget episode state (nothing by default)."""
+
+    def decide(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> ClusterAction:
+        """The next interval's decision as a `ClusterAction`."""
+        raise NotImplementedError
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+        """`decide`, as the env's action vector."""
+        return self.ctx.codec.encode_action(self.decide(observation, action_mask))

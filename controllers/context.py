@@ -191,6 +191,19 @@ class ControllerContext:
             row_quantized=None if quantized is None else np.asarray(quantized).astype(bool),
             vm_server=vm_server)
 
+    def uncapped_action(self, pools: tuple[PoolConfig, ...] | None,
+                        action_mask: np.ndarray | None) -> ClusterAction:
+        """`pools` with power- and heat-unaware rows.
+
+        Every row at full routing weight, no clock ceiling, no quantization; the waiting VM on
+        the lowest-numbered legal server (first fit).
+        """
+        r = self.layout.n_rows
+        legal = np.flatnonzero(self.legal_servers(action_mask))
+        return self.action(pools, route_level=np.full(r, len(_ROUTE_WEIGHTS) - 1),
+                           cap_idx=np.full(r, len(self.layout.freq_choices_mhz) - 1),
+                           quantized=np.zeros(r), vm_server=int(legal[0]) if len(legal) else None)
+
     def legal_servers(self, action_mask: np.ndarray | None) -> np.ndarray:
         """Servers the pending VM may go to, as the codec reads them from the action mask.
 

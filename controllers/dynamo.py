@@ -20,13 +20,14 @@ Predictions come from the profile tables through `controllers.perfmodel.predict_
 from __future__ import annotations
 
 import numpy as np
+from llm_cluster_gym.controllers.base import RuleBasedController
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.forecast import LoadForecaster
 from llm_cluster_gym.controllers.perfmodel import predict_pool
 from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
 
 
-class DynamoController:
+class DynamoController(RuleBasedController):
     """Energy manager over the pools of the action (energy and combined tasks).
 
     Args:
@@ -45,7 +46,7 @@ class DynamoController:
                  rate_source=None) -> None:
         if not ctx.codec.has_pools:
             raise ValueError(f"DynamoController needs a task with pool actions, got {ctx.task!r}")
-        self.ctx = ctx
+        super().__init__(ctx)
         self.slo_margin, self.peak_headroom, self.min_saving = slo_margin, peak_headroom, min_saving
         self.rate_source = rate_source
         lay = ctx.layout
@@ -168,14 +169,4 @@ class DynamoController:
     def decide(self, observation: np.ndarray, action_mask: np.ndarray | None = None
                ) -> ClusterAction:
         """Pools from the energy manager; rows (combined task) at full weight and uncapped."""
-        from llm_cluster_gym.controllers.static import first_fit
-
-        ctx = self.ctx
-        pools = self.next_pools(observation)
-        r = ctx.layout.n_rows
-        return ctx.action(pools, route_level=np.full(r, 3), cap_idx=np.full(r, len(self.freqs) - 1),
-                          quantized=np.zeros(r), vm_server=first_fit(ctx.legal_servers(action_mask)))
-
-    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
-        """`decide`, as the env's action vector."""
-        return self.ctx.codec.encode_action(self.decide(observation, action_mask))
+        return self.ctx.uncapped_action(self.next_pools(observation), action_mask)

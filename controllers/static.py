@@ -9,6 +9,7 @@ clock ceiling, no quantization, and VMs are placed first-fit.
 from __future__ import annotations
 
 import numpy as np
+from llm_cluster_gym.controllers.base import RuleBasedController
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.envs.backend import ClusterAction
 
@@ -32,19 +33,13 @@ def split_levels(weights: np.ndarray, levels: int) -> np.ndarray:
     return out + floor
 
 
-def first_fit(legal: np.ndarray) -> int | None:
-    """Lowest-numbered legal server, or None."""
-    idx = np.flatnonzero(legal)
-    return int(idx[0]) if len(idx) else None
-
-
-class StaticController:
+class StaticController(RuleBasedController):
     """Peak-provisioned, maximum-frequency TP-8 configuration that never changes."""
 
     name = "static"
 
     def __init__(self, ctx: ControllerContext) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         lay = ctx.layout
         tp = max(lay.tp_choices)
         prof = ctx.profiles[tp]
@@ -58,18 +53,7 @@ class StaticController:
         self.pools = ctx.codec.pool_configs(self.levels, [tp] * n, [lay.freq_choices_mhz[-1]] * n,
                                             [max(lay.batch_choices)] * n)
 
-    def reset(self) -> None:
-        """Nothing to forget."""
-
     def decide(self, observation: np.ndarray, action_mask: np.ndarray | None = None
                ) -> ClusterAction:
         """The fixed configuration; a waiting VM goes to the first legal server."""
-        r = self.ctx.layout.n_rows
-        return self.ctx.action(self.pools, route_level=np.full(r, 3),
-                               cap_idx=np.full(r, len(self.ctx.layout.freq_choices_mhz) - 1),
-                               quantized=np.zeros(r),
-                               vm_server=first_fit(self.ctx.legal_servers(action_mask)))
-
-    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
-        """`decide`, as the env's action vector."""
-        return self.ctx.codec.encode_action(self.decide(observation, action_mask))
+        return self.ctx.uncapped_action(self.pools, action_mask)

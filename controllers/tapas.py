@@ -21,11 +21,12 @@ From the observation only:
 from __future__ import annotations
 
 import numpy as np
+from llm_cluster_gym.controllers.base import RuleBasedController
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.envs.backend import ClusterAction
 
 
-class TapasController:
+class TapasController(RuleBasedController):
     """Thermal/power-aware policy over the row and placement blocks (thermal, combined).
 
     Args:
@@ -44,7 +45,7 @@ class TapasController:
                  pool_controller=None) -> None:
         if not ctx.codec.has_rows:
             raise ValueError(f"TapasController needs a task with row actions, got {ctx.task!r}")
-        self.ctx = ctx
+        super().__init__(ctx)
         self.power_high, self.power_low, self.temp_margin_c = power_high, power_low, temp_margin_c
         self.pool_controller = pool_controller
         lay = ctx.layout
@@ -153,7 +154,3 @@ class TapasController:
                      if self.pool_controller is not None else ctx.initial_pools)
         return ctx.action(pools, route_level=route_level, cap_idx=self.cap_idx,
                           quantized=self.quant, vm_server=place)
-
-    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
-        """`decide`, as the env's action vector."""
-        return self.ctx.codec.encode_action(self.decide(observation, action_mask))
