@@ -15,6 +15,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from llm_cluster_gym.agents.config import WINDOWS
+from llm_cluster_gym.envs.backend import slo_attainment
 from llm_cluster_gym.envs.episode import EpisodeResult
 from llm_cluster_gym.envs.rollout import run_episode as run_env_episode
 
@@ -25,8 +26,10 @@ import llm_cluster_gym  # noqa: F401  (registers the LLMCluster ids)
 class EpisodeStats:
     """Totals of one episode (units in names), what training's model selection reads.
 
-    ``slo_attainment`` counts dropped requests as misses: 1 - (violations + drops) / (finished
-    + drops), so that shedding load never looks like meeting the SLO.
+    ``slo_attainment`` counts every arrival, as the episode summary does
+    (`envs.backend.slo_attainment`): dropped requests and the requests still in flight after the
+    last interval are misses, so that shedding or stalling load never looks like meeting the
+    SLO; NaN when the episode had no request at all.
     """
 
     seed: int
@@ -50,8 +53,9 @@ class EpisodeStats:
             return sum(m[key].tolist(), 0.0)
 
         finished, dropped = total("finished"), total("dropped")
-        served = finished + dropped
-        attain = 1.0 - (total("slo_violations") + dropped) / served if served > 0 else 1.0
+        unserved = max(float(m["in_flight"][-1]), 0.0) if result.n_intervals else 0.0
+        attain = slo_attainment(finished, total("slo_violations"), dropped, unserved=unserved,
+                                arrived=total("arrived"))
         peak_w = max_c = 0.0
         for w, c in zip(m["peak_row_power_w"].tolist(), m["max_gpu_temp_c"].tolist(), strict=True):
             peak_w, max_c = max(peak_w, w), max(max_c, c)

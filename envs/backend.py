@@ -7,6 +7,7 @@ Every quantity carries its unit in its name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
@@ -165,16 +166,50 @@ class ServiceMetrics:
 
     @property
     def slo_attainment(self) -> float:
-        """Fraction of finished requests that met both TTFT and TBT SLOs (1.0 when none)."""
-        if self.finished == 0:
-            return 1.0
-        return 1.0 - self.slo_violations / self.finished
+        """SLO attainment of this interval (`slo_attainment`): met / (finished + dropped).
+
+        The requests counted are those the interval resolved: finished (within both SLOs or
+        not) or dropped. An interval that resolved none reads 1.0: no request failed in it
+        (its arrivals still waiting are counted when they finish, are dropped, or the episode
+        ends), and the value feeds the observation and the reward, which need a finite number.
+        """
+        a = slo_attainment(self.finished, self.slo_violations, self.dropped)
+        return 1.0 if math.isnan(a) else a
 
     def as_dict(self) -> dict[str, float]:
         """Scalar fields as plain floats (for `info` and reports)."""
         out = {name: float(getattr(self, name)) for name in _scalar_metric_names()}
         out["slo_attainment"] = self.slo_attainment
         return out
+
+
+def slo_attainment(finished: float, violations: float, dropped: float, unserved: float = 0.0,
+                   arrived: float = 0.0) -> float:
+    """Fraction of the requests judged that finished within both the TTFT and the TBT SLO.
+
+    Every request counts; a request that is not served within its SLOs is a violation,
+    whatever the reason:
+
+    * per control interval (`ServiceMetrics.slo_attainment`, the observation, the reward), a
+      request is judged in the interval it leaves the system: finished (met or violated) or
+      dropped (refused by admission control, or still waiting `drop_after_s` after arrival);
+    * over an episode (`EpisodeResult.summary`, evaluation totals, the live loop's summary),
+      the requests still in flight at its end (``unserved``) are violations too, so that the
+      requests judged are every arrival (``arrived``).
+
+    Attainment is (finished - violations) / judged, with judged = max(finished + dropped +
+    unserved, arrived): the two agree when no request was in flight at the start (requests
+    are conserved; the fluid model to rounding), and a span that starts with requests in
+    flight (a cut warm-up) counts those too. Hence attainment <= finished / judged (the served
+    fraction) always; serving nothing gives 0, not 1.
+
+    Returns:
+        The attainment in [0, 1], or NaN when no request was judged.
+    """
+    judged = max(finished + dropped + unserved, arrived)
+    if judged <= 0:
+        return math.nan
+    return (finished - violations) / judged
 
 
 @lru_cache(maxsize=1)

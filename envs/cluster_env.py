@@ -71,7 +71,9 @@ class ClusterEnv(gym.Env):
     ## Rewards
     Minus the weighted sum of the terms in `envs.reward.RewardWeights` (energy as a fraction of
     peak, SLO miss fraction, thermal events, power events, quality loss). Every term is in
-    `info` as `cost_<term>` and `reward_<term>`.
+    `info` as `cost_<term>` and `reward_<term>`. The SLO miss fraction counts every request:
+    dropped requests are misses, and in the last interval so are the requests still in flight
+    (`envs.backend.slo_attainment`).
 
     ## Starting State
     The scenario's initial configuration, temperatures at the idle steady state, a workload
@@ -187,9 +189,10 @@ class ClusterEnv(gym.Env):
         m = self.backend.advance()
         self._tel = self.backend.telemetry()
         self._metrics = m
-        reward, terms = compute_reward(m, self.reward_weights, self.energy_ref_j)
-        obs = self._observe()
         truncated = bool(self.backend.done)
+        reward, terms = compute_reward(m, self.reward_weights, self.energy_ref_j,
+                                       episode_end=truncated)
+        obs = self._observe()
         info = self._info(m, terms)
         info["placement_masked"] = float(masked)
         return obs, float(reward), False, truncated, info

@@ -21,7 +21,13 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from llm_cluster_gym.envs.backend import BackendDescription, ServiceMetrics, Telemetry, TickHistory
+from llm_cluster_gym.envs.backend import (
+    BackendDescription,
+    ServiceMetrics,
+    Telemetry,
+    TickHistory,
+    slo_attainment,
+)
 from llm_cluster_gym.envs.latency import histogram_percentile
 
 
@@ -62,7 +68,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("tbt_p50_s", "TBT P50", "s", "TBT P50 s"),
     Metric("tbt_p99_s", "TBT P99", "s", "TBT P99 s"),
     Metric("tbt_p99_worst_interval_s", "TBT P99 of the worst interval", "s", "worst TBT P99 s"),
-    Metric("slo_attainment", "SLO attainment (finished requests)", "fraction", "SLO att."),
+    Metric("slo_attainment", "SLO attainment (all arrivals)", "fraction", "SLO att."),
     Metric("thermal_throttle_events", "thermal throttling events (GPU onsets)", "count",
            "thermal ev."),
     Metric("power_throttle_events", "power capping events (row onsets)", "count", "power ev."),
@@ -165,8 +171,11 @@ class EpisodeResult:
         """The headline table as plain floats (see `SUMMARY_FIELDS` for labels and units).
 
         Energy, carbon, GPU-hours, tokens, requests and throttling events are sums over the
-        intervals. SLO attainment is over all finished requests (1 - violations / finished, the
-        finished-weighted mean of the interval attainments).
+        intervals. SLO attainment counts every arrival (`envs.backend.slo_attainment`): the
+        requests that finished within both SLOs over every request of the episode, where
+        dropped requests and the requests still in flight after the last interval are
+        violations; NaN when there was no request at all. It is never above the served fraction
+        (``requests_finished / requests_arrived``), and serving nothing gives 0.
 
         Latency: percentiles do not combine over intervals, counts do. ``*_p50_s`` and
         ``*_p99_s`` are the episode's percentiles over every finished request, read from the
@@ -179,7 +188,8 @@ class EpisodeResult:
 
         Returns:
             Mapping from the keys of `SUMMARY_FIELDS` to values; ``energy_per_token_j`` is NaN
-            when no token was generated, latencies are NaN when no request finished.
+            when no token was generated, latencies are NaN when no request finished,
+            ``slo_attainment`` is NaN when there was no request at all.
 
         Raises:
             ReportError: No interval was recorded.
@@ -192,6 +202,8 @@ class EpisodeResult:
         energy_j = float(m["energy_j"].sum())
         tokens = float(m["tokens_generated"].sum())
         n_finished = float(finished.sum())
+        n_arrived = float(m["arrived"].sum())
+        n_dropped = float(m["dropped"].sum())
         gpu_hours = float(m["gpu_hours"].sum())
 
         def worst(key: str) -> float:
@@ -219,16 +231,17 @@ class EpisodeResult:
             "tbt_p50_s": percentile(self.tbt_hist, 50.0, "tbt_p50_s"),
             "tbt_p99_s": percentile(self.tbt_hist, 99.0, "tbt_p99_s"),
             "tbt_p99_worst_interval_s": worst("tbt_p99_s"),
-            "slo_attainment": (1.0 - float(m["slo_violations"].sum()) / n_finished
-                               if n_finished > 0 else 1.0),
+            "slo_attainment": slo_attainment(
+                n_finished, float(m["slo_violations"].sum()), n_dropped,
+                unserved=max(float(m["in_flight"][-1]), 0.0), arrived=n_arrived),
             "thermal_throttle_events": float(m["thermal_throttle_events"].sum()),
             "power_throttle_events": float(m["power_throttle_events"].sum()),
             "peak_row_power_kw": float(m["peak_row_power_w"].max()) / 1000.0,
             "max_gpu_temp_c": float(m["max_gpu_temp_c"].max()),
             "tokens_generated": tokens,
-            "requests_arrived": float(m["arrived"].sum()),
+            "requests_arrived": n_arrived,
             "requests_finished": n_finished,
-            "requests_dropped": float(m["dropped"].sum()),
+            "requests_dropped": n_dropped,
         }
 
 

@@ -63,7 +63,8 @@ def observation_spec(layout: ClusterLayout) -> ObservationSpec:
     add("fault.power", "1 if a power-feed failure is active")
     add("fault.load_spike", "1 if a load spike is active")
     add("vm.pending_power", "waiting VM's GPU power / GPU power limit (0 if none)")
-    add("slo.attainment", "fraction of last interval's requests within SLO")
+    add("slo.attainment", "fraction of last interval's finished or dropped requests that finished "
+        "within SLO (1 if none)")
     add("slo.ttft_p99", "TTFT P99 / largest TTFT SLO")
     add("slo.tbt_p99", "TBT P99 / largest TBT SLO")
     add("gpu.throttled", "fraction of GPUs thermally throttled")

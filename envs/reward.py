@@ -14,7 +14,11 @@ class RewardWeights:
 
     Terms, each per control interval:
         energy: cluster energy over the energy of every GPU at its 700 W limit (fraction of peak).
-        slo: fraction of finished or dropped requests that missed an SLO or were dropped.
+        slo: fraction of the requests judged in the interval that missed an SLO: 1 - its SLO
+            attainment (`envs.backend.slo_attainment`). The requests judged are those that
+            finished or were dropped in the interval; in the episode's last interval the
+            requests still in flight count too, as violations. An interval that judged none
+            costs 0.
         thermal: thermal-throttling events (a GPU crossing its slowdown temperature).
         power: power-throttling events (a row entering power capping).
         quality: mean quality loss per finished request (quantized serving).
@@ -49,12 +53,22 @@ def _weights_dict(weights: RewardWeights) -> dict[str, float]:
     return weights.as_dict()
 
 
-def reward_terms(m: ServiceMetrics, energy_ref_j: float) -> dict[str, float]:
-    """Normalized cost terms of one interval (all >= 0)."""
-    served = m.finished + m.dropped
+def reward_terms(m: ServiceMetrics, energy_ref_j: float, episode_end: bool = False
+                 ) -> dict[str, float]:
+    """Normalized cost terms of one interval (all >= 0).
+
+    Args:
+        m: The interval's service metrics.
+        energy_ref_j: Energy of every GPU at its power limit over the interval (J).
+        episode_end: True for the episode's last interval: its requests still in flight are
+            SLO violations (as in the episode's attainment), so that a policy gains nothing by
+            leaving requests unserved when the episode ends.
+    """
+    unserved = m.in_flight if episode_end else 0.0
+    judged = m.finished + m.dropped + unserved
     return {
         "energy": m.energy_j / energy_ref_j,
-        "slo": (m.slo_violations + m.dropped) / served if served > 0 else 0.0,
+        "slo": (m.slo_violations + m.dropped + unserved) / judged if judged > 0 else 0.0,
         "thermal": float(m.thermal_throttle_events),
         "power": float(m.power_throttle_events),
         "quality": m.quality_loss / m.finished if m.finished > 0 else 0.0,
@@ -62,10 +76,13 @@ def reward_terms(m: ServiceMetrics, energy_ref_j: float) -> dict[str, float]:
 
 
 def compute_reward(
-    m: ServiceMetrics, weights: RewardWeights, energy_ref_j: float
+    m: ServiceMetrics, weights: RewardWeights, energy_ref_j: float, episode_end: bool = False
 ) -> tuple[float, dict[str, float]]:
-    """Reward and its terms (`cost_<term>` unweighted, `reward_<term>` weighted and signed)."""
-    terms = reward_terms(m, energy_ref_j)
+    """Reward and its terms (`cost_<term>` unweighted, `reward_<term>` weighted and signed).
+
+    ``episode_end`` marks the episode's last interval (see `reward_terms`).
+    """
+    terms = reward_terms(m, energy_ref_j, episode_end)
     w = _weights_dict(weights)
     out: dict[str, float] = {}
     total = 0.0

@@ -379,6 +379,31 @@ def test_real_cluster_protocol_metrics_and_budget_events():
     assert c.log.intervals[-1]["budget_w"] == 150.0
 
 
+def test_real_cluster_counts_every_arrival_for_slo_attainment():
+    """arrived = finished + dropped + in flight per episode; serving nothing attains 0."""
+    from llm_cluster_gym.envs.episode import EpisodeRecorder
+
+    c = _cluster()
+    for seed, admit in ((0, 0.0), (1, 1.0)):  # the second episode starts after the first's
+        c.reset(seed=seed)
+        c.apply(ClusterAction(admit_fraction=admit))
+        rec = EpisodeRecorder(c.describe(), seed, "held")
+        ms = []
+        while not c.done:
+            ms.append(c.advance())
+            rec.record(ms[-1], c.telemetry())
+        arrived = np.cumsum([m.arrived for m in ms])
+        out = np.cumsum([m.finished + m.dropped for m in ms])
+        assert arrived.tolist() == (out + np.array([m.in_flight for m in ms])).tolist()
+        s = rec.result().summary()
+        assert s["requests_arrived"] == len(c.trace) > 0
+        if admit == 0.0:
+            assert s["requests_dropped"] == s["requests_arrived"] and s["slo_attainment"] == 0.0
+        else:
+            assert 0.0 <= s["slo_attainment"] <= s["requests_finished"] / s["requests_arrived"]
+    c.close()
+
+
 def test_engine_step_log_and_interval_counters_agree():
     worker = WorkerConfig(model="tiny", device="cpu", max_slots=8, max_ctx=64, record_steps=True)
     cfg = RealClusterConfig(worker=worker, duration_s=2.0, control_interval_s=1.0, rate_rps=10.0,

@@ -207,7 +207,9 @@ class LoopSummary:
 
 TOTAL_KEYS = ("energy_j", "arrived", "finished", "dropped", "slo_violations",
               "power_throttle_events", "thermal_throttle_events")
-"""Interval metrics summed into `LoopSummary.totals` (and the stop record's ``totals``)."""
+"""Interval metrics summed into `LoopSummary.totals` (and the stop record's ``totals``); the
+totals also give the episode's ``slo_attainment`` (every arrival counted, the requests still in
+flight at the stop as misses: `envs.episode.EpisodeResult.summary`)."""
 
 
 class LiveLoop:
@@ -439,8 +441,9 @@ class LiveLoop:
             summary.episode = self._recorder.result(self.guard.tick_history(),
                                                     time.perf_counter() - self._t_start)
             if summary.episode.n_intervals:
-                episode_summary = {k: (v if math.isfinite(v) else None)
-                                   for k, v in summary.episode.summary().items()}
+                full = summary.episode.summary()
+                summary.totals["slo_attainment"] = full["slo_attainment"]
+                episode_summary = {k: (v if math.isfinite(v) else None) for k, v in full.items()}
         self.log.write({"event": "stop", "wall_time_s": time.time(),
                         "reason": summary.stop_reason, "steps": summary.steps,
                         "backend_closed": closed,

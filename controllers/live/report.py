@@ -3,7 +3,10 @@
 Reads a recording written by ``scripts/deploy.py --record`` (telemetry samples with the
 hardware energy counter, RealCluster's per-interval metrics and the budget schedule) and
 measures, on 1 s windows of counter-based power, when the node first went under the new
-budget after the drop and how much of the drill it stayed there.
+budget after the drop and how much of the drill it stayed there. SLO attainment, of a window
+and of each interval, is the per-interval rule of `envs.backend.slo_attainment` (requests
+finished within SLO over those finished or dropped in the window), recomputed from the
+recorded counts so that recordings of any version read the same.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from llm_cluster_gym.envs.backend import slo_attainment
 from llm_cluster_gym.envs.real.fidelity import power_windows
 from llm_cluster_gym.envs.real.telemetry import TelemetryRecording, load_recording
 
@@ -83,11 +87,12 @@ def analyse(path: str | Path | TelemetryRecording) -> tuple[DrillResult, dict[st
     t_iv = np.array([r["t_rel_s"] for r in iv])
 
     def attain(sel: np.ndarray) -> tuple[float, float]:
+        """SLO attainment (drops are misses; NaN if nothing finished or dropped) and drop rate."""
         fin = sum(iv[i]["finished"] for i in np.flatnonzero(sel))
         bad = sum(iv[i]["slo_violations"] for i in np.flatnonzero(sel))
         arr = sum(iv[i]["arrived"] for i in np.flatnonzero(sel))
         drop = sum(iv[i]["dropped"] for i in np.flatnonzero(sel))
-        return (1.0 - bad / fin if fin else float("nan")), (drop / arr if arr else float("nan"))
+        return slo_attainment(fin, bad, drop), (drop / arr if arr else float("nan"))
 
     a_before, _ = attain((t_iv >= start - 30.0) & (t_iv < start))
     a_drill, drop_drill = attain((t_iv >= start) & (t_iv < start + dur))
@@ -104,7 +109,8 @@ def analyse(path: str | Path | TelemetryRecording) -> tuple[DrillResult, dict[st
     series = {"t_s": rel, "power_w": power, "budget_w": budget_series,
               "interval_t_s": t_iv,
               "admit_fraction": np.array([r.get("admit_fraction", np.nan) for r in iv]),
-              "slo_attainment": np.array([r.get("slo_attainment", np.nan) for r in iv])}
+              "slo_attainment": np.array([slo_attainment(r["finished"], r["slo_violations"],
+                                                         r["dropped"]) for r in iv])}
     return res, series
 
 

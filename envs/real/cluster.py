@@ -21,6 +21,14 @@ unless the caller enables it (and must stay disabled on shared machines).
 What is not measured: the aisle inlet air temperature (``assumed_inlet_c`` is a modelling
 assumption reported as the inlet), server overhead power beyond the GPUs (row power here is
 the sum of GPU power), and outside temperature.
+
+Request accounting is per episode, as the simulator's: every trace arrival is counted in
+``arrived``; a request refused by admission control, refused or dropped by a worker (waiting
+past ``drop_after_s``) or lost with a killed worker is ``dropped``; ``in_flight`` is this
+episode's admitted requests not yet finished or dropped (completions of an earlier episode's
+requests, still in a worker at the reset, are left out), so that arrived = finished + dropped
++ in flight after every interval and the episode's SLO attainment
+(`envs.backend.slo_attainment`) can count the requests left unserved at its end.
 """
 
 from __future__ import annotations
@@ -219,6 +227,8 @@ class RealCluster:
         self._trace: Trace | None = None
         self._pos = 0
         self._next_id = 0
+        self._first_id = 0
+        self._unresolved = 0
         self._admit = 1.0
         self._max_batch = cfg.initial_max_batch
         self._freq_mhz = max_clock
@@ -268,6 +278,8 @@ class RealCluster:
             time.sleep(0.01)
         self._prev_stats = [w.poll().stats for w in self.workers]
         self._outstanding = np.zeros(len(self.workers))
+        self._first_id = self._next_id  # requests of earlier episodes are not this one's
+        self._unresolved = 0
         self._t0 = time.time()
         self.elapsed_s = 0.0
         self.log = RunLog(t0_s=self._t0)
@@ -364,6 +376,7 @@ class RealCluster:
             self._next_id += 1
         for w, b in zip(self.workers, batches, strict=True):
             w.submit(b)
+        self._unresolved += int(keep.sum())
         dropped = int((~keep).sum())
         for k in np.flatnonzero(~keep):
             i = lo + int(k)
@@ -401,7 +414,8 @@ class RealCluster:
     def _metrics(self, reports: list[WorkerReport], t0: float, t1: float, arrived: int,
                  dropped_admission: int) -> ServiceMetrics:
         cfg = self.config
-        done = [c for r in reports for c in r.completed]
+        done = [c for r in reports for c in r.completed if c.req_id >= self._first_id]
+        self._unresolved -= len(done)
         for k, r in enumerate(reports):
             self._outstanding[k] = r.waiting + r.running
         fin = [c for c in done if not c.dropped]
@@ -457,7 +471,7 @@ class RealCluster:
             arrived=arrived,
             finished=len(fin),
             dropped=dropped,
-            in_flight=int(waiting + running),
+            in_flight=self._unresolved,
             tokens_generated=tokens,
             energy_j=gpu_energy,
             gpu_energy_j=gpu_energy,

@@ -42,6 +42,7 @@ class AggregateServing:
         self.buf = np.zeros(p)
         self.buf_in = np.zeros(p)
         self.buf_out = np.zeros(p)
+        self.buf_age_s = np.zeros(p)
         self.rate_rps = np.zeros(n)
 
     @property
@@ -68,6 +69,7 @@ class AggregateServing:
         safe = np.maximum(new, 1e-12)
         self.buf_in = (self.buf_in * self.buf + tot_in) / safe
         self.buf_out = (self.buf_out * self.buf + tot_out) / safe
+        self.buf_age_s = self.buf_age_s * self.buf / safe  # new arrivals have age 0
         self.buf = new
 
     def requeue(self, stopped_slots: np.ndarray) -> None:
@@ -84,6 +86,7 @@ class AggregateServing:
             tot = self.buf[p] + n
             self.buf_in[p] = (self.buf_in[p] * self.buf[p] + inp * n) / tot
             self.buf_out[p] = (self.buf_out[p] * self.buf[p] + out * n) / tot
+            self.buf_age_s[p] = (self.buf_age_s[p] * self.buf[p] + self.q_age_s[i] * self.q[i]) / tot
             self.buf[p] = tot
         self.q[stopped_slots] = 0.0
         self.run[stopped_slots] = 0.0
@@ -132,7 +135,29 @@ class AggregateServing:
         self.q_age_s = self.q_age_s * q / safe  # new arrivals have age 0
         self.q = tot
         self.buf = np.zeros(self.n_pools)
+        self.buf_age_s = np.zeros(self.n_pools)
         self.rate_rps = 0.8 * self.rate_rps + 0.2 * share / dt_s
+
+    def _drop_stale_buffer(self, dt_s: float, acc: ServiceAccumulator) -> None:
+        """Age the router buffer held while no instance serves, and drop its oldest requests.
+
+        The buffer is held only while no instance is live at all. Its requests arrived
+        about evenly since the oldest one, 2 x their mean age ago: the part older than
+        drop_after_s is dropped, and the rest (ages spread over drop_after_s) keeps a mean
+        age of half of it. So an unserved request is dropped `drop_after_s` after arrival, as
+        in the request-level model, instead of waiting forever.
+        """
+        held = self.buf > 0
+        self.buf_age_s = np.where(held, self.buf_age_s + dt_s, 0.0)
+        span = 2.0 * self.buf_age_s
+        stale = held & (span > self.drop_after_s)
+        if not np.count_nonzero(stale):
+            return
+        excess = np.where(stale, self.buf * (1.0 - self.drop_after_s / np.maximum(span, 1e-12)),
+                          0.0)
+        acc.dropped += float(excess.sum())
+        self.buf = self.buf - excess
+        self.buf_age_s = np.where(stale, 0.5 * self.drop_after_s, self.buf_age_s)
 
     def _drop_stale(self, acc: ServiceAccumulator) -> None:
         """Drop requests older than drop_after_s, in FIFO order.
@@ -156,6 +181,8 @@ class AggregateServing:
         t1 = t0_s + dt_s
         load = TickLoad(np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n))
         self._route(dt_s, inst, serving, route_weight)
+        if np.count_nonzero(self.buf):  # no live instance took the router's buffer
+            self._drop_stale_buffer(dt_s, acc)
         self._drop_stale(acc)
         idx = (serving & ((self.q > 1e-9) | (self.run > 1e-9))).nonzero()[0]
         if len(idx) == 0:
