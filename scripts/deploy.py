@@ -9,7 +9,9 @@ Examples::
         --power-budget-w 550 --budget-drill 60,60,300 --record drill.json.gz
 
 Prometheus metrics are served on http://127.0.0.1:9108/metrics (``--metrics-port -1``
-turns them off); every decision goes to a JSON-lines log. SIGTERM or Ctrl-C stops the loop:
+turns them off; rows, aisles and pools, ``--metrics-per-gpu`` adds one series per GPU; the
+dashboard and alert rules are ``controllers/live/grafana_dashboard.json`` and ``alerts.yaml``);
+every decision goes to a JSON-lines log. SIGTERM or Ctrl-C stops the loop:
 no further action is applied, GPU settings are restored and the log is flushed.
 """
 
@@ -84,6 +86,10 @@ class DeployArgs:
     """Prometheus port on --metrics-addr (-1: off, 0: any free port)."""
     metrics_addr: str = "127.0.0.1"
     """Prometheus bind address (localhost by default)."""
+    metrics_per_gpu: bool = False
+    """Also export one series per GPU (llmgym_gpu_*); by default rows, aisles and pools only."""
+    slo_target: float = 0.95
+    """SLO attainment target exported for the alert rules (llmgym_slo_attainment_target_ratio)."""
     record: str | None = None
     """Local node: write telemetry, intervals, controls and decisions here (.json.gz)."""
     plot: str | None = None
@@ -104,6 +110,8 @@ class DeployArgs:
                 ok = False
             if not ok:
                 raise UsageError(f"--budget-drill {d!r}: want start_s,duration_s,budget_w")
+        if not 0.0 <= self.slo_target <= 1.0:
+            raise UsageError(f"--slo-target must be in [0, 1], got {self.slo_target}")
         if not self.gpus:
             raise UsageError("--gpus needs at least one GPU index")
         if self.metrics_port < -1:
@@ -177,7 +185,8 @@ def build(a: DeployArgs) -> tuple[Any, Any]:
     for sh in (policy, fallback):
         if hasattr(sh, "power_margin"):
             sh.power_margin, sh.temp_margin_c = a.power_margin, a.temp_margin_c
-    exporter = None if a.metrics_port < 0 else MetricsExporter(a.metrics_port, a.metrics_addr)
+    exporter = None if a.metrics_port < 0 else MetricsExporter(
+        a.metrics_port, a.metrics_addr, per_gpu=a.metrics_per_gpu, slo_target=a.slo_target)
     loop = LiveLoop(env, policy, fallback,
                     governor=None if a.no_governor else PowerGovernor(margin=a.governor_margin),
                     log=DecisionLog(a.log), exporter=exporter, speed=speed,

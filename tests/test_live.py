@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -66,10 +67,12 @@ def test_sim_loop_logs_every_decision_and_exports_metrics(tmp_path):
     assert all(r["latency_ms"]["decision"] >= r["latency_ms"]["policy"] >= 0 for r in dec)
     assert all(len(r["action"]) == len(loop.env.action_space.nvec) for r in dec)
     text = generate_latest(ex.registry).decode()
-    for name in ("llmgym_gpu_power_watts", "llmgym_row_power_watts", "llmgym_gpu_temperature",
+    for name in ("llmgym_row_gpu_power_watts", "llmgym_row_power_watts",
+                 "llmgym_row_gpu_temperature_max_celsius", "llmgym_pool_queued_requests",
                  "llmgym_slo_attainment_ratio", "llmgym_decisions_total 25.0",
                  "llmgym_power_throttle_events_total", "llmgym_decision_latency_seconds_bucket"):
         assert name in text
+    assert "llmgym_gpu_power_watts" not in text  # per-GPU series only on request
     # The exported row power is the telemetry the last decision saw.
     got = ex.registry.get_sample_value("llmgym_row_power_watts", {"row": "0"})
     assert got == pytest.approx(dec[-1]["row_power_w"][0], rel=1e-5)
@@ -286,11 +289,71 @@ def test_dashboard_plots_only_exported_metrics():
     env = guarded_env(ClusterEnv(task="energy", scenario="small", serving_model="aggregate"))
     pol, fb = build_policy("static", env)
     LiveLoop(env, pol, fb, governor=PowerGovernor(), exporter=ex).run(seed=0, max_steps=2)
-    ex.overrides.labels("row_power")  # labelled series appear once used
-    ex.worker_events.labels("restarted")
     text = generate_latest(ex.registry).decode()
     missing = [n for n in names if n not in text]
-    assert len(names) >= 15 and not missing
+    assert len(names) >= 20 and not missing
+    # The alert rules too (tests/test_prometheus.py evaluates both on a real server).
+    import yaml
+
+    rules = yaml.safe_load((ROOT / "controllers" / "live" / "alerts.yaml").read_text())
+    alert_names = {n for g in rules["groups"] for r in g["rules"]
+                   for n in re.findall(r"llmgym_[a-z_]+", r["expr"])}
+    assert not [n for n in alert_names if n not in text]
+
+
+def test_exporter_cardinality_is_bounded_by_rows_and_pools():
+    """Default: no series grows with the GPUs (medium: 1,024 GPUs); per-GPU series on request."""
+    from llm_cluster_gym.controllers.live.exporter import MetricsExporter
+
+    env = guarded_env(ClusterEnv(task="thermal", scenario="medium", serving_model="aggregate"))
+    lay = env.unwrapped.layout
+    sizes = {}
+    for per_gpu in (False, True):
+        ex = MetricsExporter(port=None, per_gpu=per_gpu)
+        pol, fb = build_policy("static", env)
+        LiveLoop(env, pol, fb, exporter=ex).run(seed=0, max_steps=2)
+        series = [line for line in ex.publish().decode().splitlines()
+                  if line and not line.startswith("#")]
+        sizes[per_gpu] = len(series)
+        gpu_series = [line for line in series if line.startswith("llmgym_gpu_")
+                      and "slowdown" not in line]
+        assert len(gpu_series) == (4 * lay.n_gpus if per_gpu else 0)
+        env = guarded_env(ClusterEnv(task="thermal", scenario="medium", serving_model="aggregate"))
+    assert lay.n_gpus == 1024 and sizes[False] < 400 < 4 * lay.n_gpus < sizes[True]
+    # Row aggregates agree with the telemetry they summarize.
+    ex = MetricsExporter(port=None)
+    ex.bind(lay, 89.0)
+    tel = env.unwrapped.backend.reset(seed=0)
+    ex.observe_telemetry(tel)
+    rows = np.repeat(lay.server_row, lay.gpus_per_server)
+    for r in range(lay.n_rows):
+        got = ex.registry.get_sample_value("llmgym_row_gpu_temperature_max_celsius", {"row": str(r)})
+        assert got == pytest.approx(float(tel.gpu_temp_c[rows == r].max()))
+        got = ex.registry.get_sample_value("llmgym_row_gpu_power_watts", {"row": str(r)})
+        assert got == pytest.approx(float(tel.gpu_power_w[rows == r].sum()))
+        assert ex.registry.get_sample_value("llmgym_row_gpus", {"row": str(r)}) == (rows == r).sum()
+
+
+def test_metrics_endpoint_serves_the_last_published_snapshot():
+    """The endpoint is a process of its own serving whole renderings (scrapes never render)."""
+    ex = MetricsExporter(port=0)
+    try:
+        url = f"http://127.0.0.1:{ex.port}/metrics"
+        ex.decisions.inc(3)
+        first = urllib.request.urlopen(url, timeout=5).read().decode()
+        assert "llmgym_decisions_total 0.0" in first  # not published yet
+        body = ex.publish()
+        deadline = time.time() + 5
+        while urllib.request.urlopen(url, timeout=5).read() != body and time.time() < deadline:
+            time.sleep(0.02)
+        assert urllib.request.urlopen(url, timeout=5).read() == body
+        assert b"llmgym_decisions_total 3.0" in body
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(f"http://127.0.0.1:{ex.port}/other", timeout=5)
+        server = ex._server
+    finally:
+        ex.close()
+    assert server.poll() is not None  # the endpoint's process ended with the exporter
 
 
 def test_drill_analysis_of_the_committed_h100_recording():

@@ -33,7 +33,9 @@ def test_wheel_installs_one_top_level_package_with_its_data(wheel, tmp_path):
     top = {n.split("/")[0] for n in names}
     assert top == {"llm_cluster_gym", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
     for needed in ("llm_cluster_gym/envs/scenarios/small.yaml", "llm_cluster_gym/agents/hyperparams.yaml",
-                   "llm_cluster_gym/controllers/live/grafana_dashboard.json"):
+                   "llm_cluster_gym/controllers/live/grafana_dashboard.json",
+                   "llm_cluster_gym/controllers/live/alerts.yaml",
+                   "llm_cluster_gym/controllers/live/metrics_server.py"):
         assert needed in names
     assert any(n.startswith("llm_cluster_gym/envs/data/traces/") for n in names)
     assert not any(n.startswith(("llm_cluster_gym/tests/", "llm_cluster_gym/bench/")) for n in names)

@@ -320,8 +320,10 @@ class LiveLoop:
     def _run(self, summary: LoopSummary, seed: int | None, max_steps: int | None) -> None:
         env, be, lay = self.env, self.guard, self.env.unwrapped.layout
         self._t_start = time.perf_counter()
-        self._recorder = EpisodeRecorder(be.describe(), seed,
-                                         getattr(self.policy, "name", "policy"))
+        description = be.describe()
+        self._recorder = EpisodeRecorder(description, seed, getattr(self.policy, "name", "policy"))
+        if self.exporter is not None:
+            self.exporter.bind(lay, description.slowdown_temp_c)
         obs, _ = env.reset(seed=seed)
         self.policy.reset()
         self.fallback.reset()
@@ -336,8 +338,6 @@ class LiveLoop:
             read_at = time.perf_counter()
             tel = be.telemetry()
             stale = be.stale
-            if self.exporter is not None:
-                self.exporter.observe_telemetry(tel)
             t0 = time.perf_counter()
             action, err = self._act(obs, env.unwrapped.action_masks(), step)
             t_policy = time.perf_counter() - t0
@@ -405,29 +405,12 @@ class LiveLoop:
             "interval": metrics, "worker_events": events,
         }
         self.log.write(rec)
-        ex = self.exporter
-        if ex is not None:
-            ex.decisions.inc()
-            ex.latency.observe(latency)
-            ex.policy_latency.observe(t_policy)
-            for i, v in enumerate(action):
-                ex.action.labels(str(i)).set(float(v))
-            for name, p in zip(env.layout.pool_names, env.pools, strict=True):
-                ex.pool_freq.labels(name).set(p.freq_mhz)
-                ex.pool_batch.labels(name).set(p.max_batch)
-                ex.pool_inst.labels(name).set(p.n_instances)
-            if gov is not None:
-                ex.admit.set(gov.admit_fraction)
-            for r in override:
-                ex.overrides.labels(r).inc()
-            if err is not None:
-                ex.policy_errors.inc()
-            if stale:
-                ex.telemetry_errors.inc()
-            for ev in events:
-                ex.worker_events.labels(ev["kind"]).inc()
-            if m is not None:
-                ex.observe_metrics(m)
+        if self.exporter is not None:  # the action is applied: exporting costs no latency
+            self.exporter.observe_decision(
+                telemetry=tel, action=action, pool_names=env.layout.pool_names, pools=env.pools,
+                admit_fraction=None if gov is None else gov.admit_fraction, override=override,
+                policy_error=err is not None, telemetry_stale=stale, worker_events=events,
+                latency_s=latency, policy_latency_s=t_policy, metrics=m)
 
     def _finish(self, summary: LoopSummary) -> None:
         closed: bool | str = True
