@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 HYPERPARAMS_PATH = Path(__file__).resolve().parent / "hyperparams.yaml"
@@ -42,6 +43,10 @@ WINDOWS = {"train": TRAIN_WINDOW_S, "validation": VALIDATION_WINDOW_S, "test": T
 
 class HyperparamsError(ValueError):
     """The hyperparameter file is malformed; the message names the file, field and value."""
+
+
+class TrainingPlanError(ValueError):
+    """Training options that cannot run (the message names the option and the value)."""
 
 
 def windows_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
@@ -85,7 +90,7 @@ class TaskConfig:
         algo: "PPO" (stable-baselines3) or "MaskablePPO" (sb3-contrib; needed with placement).
         env_id: Registered training id (aggregate serving model).
         eval_id: Registered evaluation id of the same task (request-level serving model).
-        steps: Default number of environment steps.
+        steps: Environment steps of the first stage (aggregate env) of the default run.
         n_envs: Parallel training environments (SubprocVecEnv when > 1).
         eval_freq: Evaluate on the validation window every this many environment steps.
         eval_episodes: Episodes (seeds) per periodic evaluation.
@@ -94,7 +99,8 @@ class TaskConfig:
         finetune_steps: Steps of a second stage on the request-level env (`finetune_env_id`,
             train window) after `steps` on the aggregate env: the fluid model underestimates the
             SLO cost of reconfiguration downtime, so a short stage on the request-level model
-            corrects the policy (sim-to-sim gap). 0: no second stage.
+            corrects the policy (sim-to-sim gap). 0: no second stage. A run asked for another
+            total keeps this share of it (`training_plan`).
         finetune_env_id: Env id of the second stage (default: `eval_id`).
         algo_params: PPO hyperparameters.
         normalize: VecNormalize settings.
@@ -120,6 +126,90 @@ class TaskConfig:
         out = dataclasses.asdict(self)
         out["algo_params"]["net_arch"] = list(self.algo_params.net_arch)
         return out
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The environment steps a training run asks for, per stage.
+
+    Attributes:
+        steps: Total steps asked, over both stages.
+        finetune_steps: Of them, the steps of the second stage (request-level env); 0: none.
+        n_envs: Parallel training envs.
+        rollout_steps: Steps of one PPO rollout (``n_steps x n_envs``). PPO collects whole
+            rollouts, so each stage runs its steps rounded up to whole rollouts.
+    """
+
+    steps: int
+    finetune_steps: int
+    n_envs: int
+    rollout_steps: int
+
+    @property
+    def first_steps(self) -> int:
+        """Steps asked of the first stage (aggregate env)."""
+        return self.steps - self.finetune_steps
+
+    def whole_rollouts(self, steps: int) -> int:
+        """`steps` rounded up to whole rollouts (what PPO runs for them)."""
+        return -(-steps // self.rollout_steps) * self.rollout_steps
+
+    @property
+    def expected_steps(self) -> int:
+        """Steps a fresh run will take: each stage rounded up to whole rollouts."""
+        return self.whole_rollouts(self.first_steps) + self.whole_rollouts(self.finetune_steps)
+
+    def describe(self) -> str:
+        """One line: the steps asked per stage and what will run."""
+        return (f"{self.steps:,} steps asked: {self.first_steps:,} on the aggregate env, "
+                f"{self.finetune_steps:,} fine-tuning on the request-level env; "
+                f"{self.expected_steps:,} will run (whole rollouts of {self.rollout_steps:,} = "
+                f"n_steps x {self.n_envs} envs)")
+
+
+def training_plan(cfg: TaskConfig, steps: int | None = None, finetune_steps: int | None = None,
+                  n_envs: int | None = None) -> TrainingPlan:
+    """The steps of each stage of a run of `steps` in total.
+
+    Args:
+        cfg: The task configuration (its `steps` and `finetune_steps` are the two stages of the
+            default run).
+        steps: Total steps over both stages (default: ``cfg.steps + cfg.finetune_steps``).
+        finetune_steps: Of them, the steps of the fine-tuning stage (request-level env). Default:
+            ``cfg.finetune_steps`` when `steps` is not given; otherwise the configuration's share
+            of `steps` (``finetune_steps / (steps + finetune_steps)``), rounded down to whole
+            rollouts, so that the stage split adds no rounding (a run shorter than two rollouts
+            may have no fine-tuning stage).
+        n_envs: Parallel envs (default ``cfg.n_envs``).
+
+    Raises:
+        TrainingPlanError: `steps` or `n_envs` not a positive integer, `finetune_steps` not an
+            integer in ``[0, steps]``.
+    """
+
+    def integer(value: Any, option: str, low: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+            want = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise TrainingPlanError(f"{option} must be {want}, got {value!r}")
+        return int(value)
+
+    n = integer(cfg.n_envs if n_envs is None else n_envs, "n_envs (--n-envs)", 1)
+    rollout = cfg.algo_params.n_steps * n
+    if steps is None:
+        total = cfg.steps + cfg.finetune_steps
+        tune = cfg.finetune_steps if finetune_steps is None else finetune_steps
+    else:
+        total = integer(steps, "steps (--steps)", 1)
+        if finetune_steps is None:
+            share = cfg.finetune_steps / (cfg.steps + cfg.finetune_steps)
+            tune = int(total * share // rollout) * rollout
+        else:
+            tune = finetune_steps
+    tune = integer(tune, "finetune_steps (--finetune-steps)", 0)
+    if tune > total:
+        raise TrainingPlanError(f"finetune_steps (--finetune-steps) must be at most the total steps "
+                                f"(--steps, {total:,}), got {tune:,}")
+    return TrainingPlan(steps=total, finetune_steps=tune, n_envs=n, rollout_steps=rollout)
 
 
 ALGOS = ("PPO", "MaskablePPO")

@@ -13,6 +13,9 @@ One call, `train(...)`, does the whole run:
 * optionally (`finetune_steps`), a second stage on the request-level env (train window), with
   the same VecNormalize statistics carried over: the aggregate model underestimates the SLO cost
   of reconfiguration downtime, which the request-level model captures;
+* `steps` is the total over both stages (`agents.config.training_plan` splits it); PPO collects
+  whole rollouts (``n_steps x n_envs`` steps), so each stage runs its steps rounded up to whole
+  rollouts, and the metadata records the steps asked and the steps run, per stage;
 * at the end, the shipped policy against the static baseline on the held-out *test* window; the
   result goes into metadata.json.
 
@@ -42,7 +45,7 @@ from llm_cluster_gym.agents.checkpoint import (
     package_versions,
     save_checkpoint,
 )
-from llm_cluster_gym.agents.config import WINDOWS, TaskConfig
+from llm_cluster_gym.agents.config import WINDOWS, TaskConfig, training_plan
 from llm_cluster_gym.agents.evaluate import compare_with_static, make_env, run_episodes, summarize
 from llm_cluster_gym.agents.policy import TrainedPolicy
 from llm_cluster_gym.envs.sim.scenario import load_scenario
@@ -203,6 +206,7 @@ def train(
     tensorboard: bool = True,
     evaluate: bool = True,
     torch_threads: int = 1,
+    finetune_steps: int | None = None,
 ) -> TrainResult:
     """Train one agent and write its checkpoints.
 
@@ -210,8 +214,8 @@ def train(
         cfg: Task configuration (`agents.config.load_task_config`).
         out: Run directory; the shipped (best-on-validation) checkpoint is written there.
         seed: The one seed of the run.
-        steps: Environment steps of the first (aggregate) stage (default `cfg.steps`); with
-            `resume`, the total to reach. `cfg.finetune_steps` more follow on the request-level env.
+        steps: Total environment steps over both stages (default ``cfg.steps +
+            cfg.finetune_steps``); with `resume`, the total to reach.
         n_envs: Parallel envs (default `cfg.n_envs`).
         resume: Continue from `<out>/last/` (model, optimizer, VecNormalize statistics, step count).
         progress: Show a tqdm progress bar.
@@ -219,25 +223,36 @@ def train(
         evaluate: Run the periodic validation and the final test comparison (off in quick tests;
             then `<out>/` receives the last model).
         torch_threads: torch CPU threads (1 keeps runs reproducible and leaves a core to the envs).
+        finetune_steps: Of `steps`, the steps of the fine-tuning stage on the request-level env
+            (default: the configuration's share, `agents.config.training_plan`).
 
     Returns:
         The run's result; `model` is the model at the end of training (not necessarily the best).
+
+    Raises:
+        TrainingPlanError: Steps or envs not positive, fine-tuning steps outside [0, steps]
+            (before any work).
     """
     out = Path(out)
-    stage1 = int(steps if steps is not None else cfg.steps)
-    total = stage1 + cfg.finetune_steps
+    plan = training_plan(cfg, steps, finetune_steps, n_envs)
+    stage1, finetune = plan.first_steps, plan.finetune_steps
     finetune_id = cfg.finetune_env_id or cfg.eval_id
-    n_envs = int(n_envs if n_envs is not None else cfg.n_envs)
+    n_envs = plan.n_envs
     torch.set_num_threads(torch_threads)
-    resumed_in_stage2 = False
+    prev: dict[str, Any] | None = None
+    # Where the first stage ended (in environment steps): None while it runs.
+    stage1_end: int | None = 0 if stage1 == 0 else None
     if resume:
-        resumed_in_stage2 = int(load_metadata(out / "last")["steps"]) >= stage1 and cfg.finetune_steps > 0
-    venv = make_vec_env(cfg, n_envs, seed, finetune_id if resumed_in_stage2 else None)
+        prev = load_metadata(out / "last")
+        if finetune > 0 and int(prev["steps"]) >= stage1:
+            stages = prev.get("stages") or []
+            stage1_end = int(stages[0].get("steps_run", stage1)) if stages else stage1
+    in_stage2 = stage1_end is not None and finetune > 0
+    venv = make_vec_env(cfg, n_envs, seed, finetune_id if in_stage2 else None)
     prior_wall_s, best_reward = 0.0, -np.inf
     tb_dir = str(out / "tb") if tensorboard else None
-    if resume:
+    if prev is not None:
         last = out / "last"
-        prev = load_metadata(last)
         if prev["task"] != cfg.task or prev["algo"] != cfg.algo:
             raise ValueError(
                 f"{last}: cannot resume a {prev['algo']}/{prev['task']} run as {cfg.algo}/{cfg.task}")
@@ -264,15 +279,19 @@ def train(
     scenario = load_scenario(gym.spec(cfg.env_id).kwargs["scenario"])
 
     def metadata(m: Any) -> dict[str, Any]:
+        ran = int(m.num_timesteps)
+        ran1 = ran if stage1_end is None else stage1_end
+        stages = [{"env_id": cfg.env_id, "window": "train", "steps_asked": stage1, "steps_run": ran1}]
+        if finetune:
+            stages.append({"env_id": finetune_id, "window": "train", "steps_asked": finetune,
+                           "steps_run": ran - ran1})
         return {
             "task": cfg.task, "algo": cfg.algo, "env_id": cfg.env_id, "eval_id": cfg.eval_id,
             "scenario": signature["scenario"], "trace": scenario.workload.trace,
             "trace_windows_s": {k: list(v) for k, v in WINDOWS.items()},
             "episode_duration_s": scenario.duration_s,
-            "seed": seed, "steps": int(m.num_timesteps), "n_envs": n_envs,
-            "stages": [{"env_id": cfg.env_id, "window": "train", "steps": stage1}]
-            + ([{"env_id": finetune_id, "window": "train", "steps": cfg.finetune_steps}]
-               if cfg.finetune_steps else []),
+            "seed": seed, "steps": ran, "steps_asked": plan.steps, "n_envs": int(venv.num_envs),
+            "rollout_steps": cfg.algo_params.n_steps * int(venv.num_envs), "stages": stages,
             "train_wall_s": prior_wall_s + time.perf_counter() - t0,
             "git_commit": git_commit(), "versions": package_versions(),
             "observation_names": signature["observation_names"], "action_nvec": signature["action_nvec"],
@@ -283,15 +302,22 @@ def train(
     cb = CheckpointAndEval(out, cfg, metadata, best_reward, cfg.eval_freq if evaluate else 0,
                            cfg.checkpoint_freq)
     callbacks: list[BaseCallback] = [cb]
+    if stage1_end is None:  # what the progress bar expects: whole rollouts per stage
+        total = (start_steps + plan.whole_rollouts(max(0, stage1 - start_steps))
+                 + plan.whole_rollouts(finetune))
+    else:
+        total = start_steps + plan.whole_rollouts(max(0, stage1_end + finetune - start_steps))
     if progress:
         callbacks.append(ProgressBar(total, start_steps))
-    remaining = max(0, stage1 - start_steps)
+    remaining = 0 if stage1_end is not None else max(0, stage1 - start_steps)
     if remaining:
         model.learn(total_timesteps=remaining, callback=CallbackList(callbacks), tb_log_name=cfg.task,
                     reset_num_timesteps=not resume)
-    remaining = max(0, total - max(stage1, int(model.num_timesteps)))
+    if stage1_end is None:
+        stage1_end = int(model.num_timesteps)
+    remaining = max(0, stage1_end + finetune - int(model.num_timesteps)) if finetune else 0
     if remaining:
-        if not resumed_in_stage2:  # switch to the request-level envs, keeping the statistics
+        if not in_stage2:  # switch to the request-level envs, keeping the statistics
             stats = venv
             venv = VecNormalize(make_vec_env(cfg, n_envs, seed + 10_000, finetune_id),
                                 norm_obs=stats.norm_obs, norm_reward=stats.norm_reward,

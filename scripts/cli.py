@@ -93,6 +93,7 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("llm_cluster_gym.envs.sim.thermal", "ThermalError"),
     ("llm_cluster_gym.agents.checkpoint", "CheckpointError"),
     ("llm_cluster_gym.agents.config", "HyperparamsError"),
+    ("llm_cluster_gym.agents.config", "TrainingPlanError"),
     ("llm_cluster_gym.agents.tune", "TuneSpaceError"),
     ("llm_cluster_gym.agents.sweep", "SweepError"),
     ("llm_cluster_gym.agents.sweep", "RayMissingError"),

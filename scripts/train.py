@@ -4,6 +4,13 @@ Usage::
 
     llm-cluster train --task energy --steps 200000 --seed 0 --out checkpoints/energy
     llm-cluster train --task energy --steps 400000 --out checkpoints/energy --resume
+    llm-cluster train --task energy --steps 100000 --finetune-steps 20000 --out runs/e
+
+`--steps` is the total over both stages: the first on the aggregate env, then
+`--finetune-steps` of them on the request-level env (default: the hyperparameter file's share).
+PPO collects whole rollouts (n_steps x n_envs steps), so each stage runs its steps rounded up
+to whole rollouts; the plan is printed before training and metadata.json records the steps
+asked and the steps run, per stage.
 
 Hyperparameters come from agents/hyperparams.yaml (`--hyperparams` for another file). The run
 directory gets the shipped checkpoint (best on the validation window: model.zip,
@@ -28,7 +35,12 @@ class TrainArgs:
     task: Literal["energy", "thermal", "combined"] = "energy"
     """Task: energy (PPO), thermal or combined (MaskablePPO, VM placement is masked)."""
     steps: int | None = None
-    """Total environment steps (default: the task's `steps` in the hyperparameter file)."""
+    """Total environment steps over both stages (default: the hyperparameter file's steps +
+    finetune_steps). Each stage runs its steps rounded up to whole PPO rollouts."""
+    finetune_steps: int | None = None
+    """Of --steps, the steps of the fine-tuning stage on the request-level env (0: none).
+    Default: the file's finetune_steps without --steps, else the file's share of --steps in
+    whole rollouts."""
     seed: int = 0
     """The run's one seed (torch, action sampling, env i gets seed + i)."""
     out: str | None = None
@@ -51,6 +63,12 @@ class TrainArgs:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if self.finetune_steps is not None:
+            if self.finetune_steps < 0:
+                raise UsageError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
+            if self.steps is not None and self.finetune_steps > self.steps:
+                raise UsageError(f"--finetune-steps ({self.finetune_steps}) must be at most "
+                                 f"--steps ({self.steps}): --steps is the total of both stages")
 
 
 def run(args: TrainArgs, command: str = "llm-cluster train") -> int:
@@ -58,15 +76,19 @@ def run(args: TrainArgs, command: str = "llm-cluster train") -> int:
 
     Raises:
         HyperparamsError: The hyperparameter file is missing or malformed (before training).
+        TrainingPlanError: The steps asked cannot be split into the file's stages (before training).
     """
-    from llm_cluster_gym.agents.config import HYPERPARAMS_PATH, load_task_config
-    from llm_cluster_gym.agents.train import train
+    from llm_cluster_gym.agents.config import HYPERPARAMS_PATH, load_task_config, training_plan
 
     cfg = load_task_config(args.task, args.hyperparams or HYPERPARAMS_PATH)
+    plan = training_plan(cfg, args.steps, args.finetune_steps, args.n_envs)
     out = Path(args.out or f"checkpoints/{args.task}")
-    result = train(cfg, out, seed=args.seed, steps=args.steps, n_envs=args.n_envs, resume=args.resume,
-                   progress=not args.no_progress, tensorboard=not args.no_tensorboard,
-                   evaluate=not args.no_eval)
+    print(f"{cfg.task}: {plan.describe()}", flush=True)
+    from llm_cluster_gym.agents.train import train
+
+    result = train(cfg, out, seed=args.seed, steps=plan.steps, finetune_steps=plan.finetune_steps,
+                   n_envs=plan.n_envs, resume=args.resume, progress=not args.no_progress,
+                   tensorboard=not args.no_tensorboard, evaluate=not args.no_eval)
     print(f"trained {cfg.algo} on {cfg.env_id}: {result.num_timesteps} steps in {result.wall_s:.0f} s")
     print(f"checkpoint: {out}")
     ev = result.metadata.get("evaluation")

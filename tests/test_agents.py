@@ -18,7 +18,14 @@ from llm_cluster_gym.agents.checkpoint import (
     CheckpointError,
     load_checkpoint,
 )
-from llm_cluster_gym.agents.config import WINDOWS, HyperparamsError, load_task_config, windows_overlap
+from llm_cluster_gym.agents.config import (
+    WINDOWS,
+    HyperparamsError,
+    TrainingPlanError,
+    load_task_config,
+    training_plan,
+    windows_overlap,
+)
 from llm_cluster_gym.agents.evaluate import compare_with_static, make_env, run_episode
 from llm_cluster_gym.agents.policy import TrainedPolicy
 from llm_cluster_gym.agents.train import train
@@ -39,8 +46,9 @@ def _tiny(task: str, finetune_steps: int = 0, **changes):
 
 
 def _quick_train(task: str, out: Path, steps: int, seed: int = 0, finetune_steps: int = 0, **kw):
+    """`steps` in total, `finetune_steps` of them on the request-level env."""
     return train(_tiny(task, finetune_steps, **kw.pop("algo", {})), out, seed=seed, steps=steps, n_envs=1,
-                 progress=False, tensorboard=False, evaluate=False, **kw)
+                 progress=False, tensorboard=False, evaluate=False, finetune_steps=finetune_steps, **kw)
 
 
 def _params(model) -> np.ndarray:
@@ -176,11 +184,70 @@ def test_resume_continues_step_count(tmp_path):
 
 
 def test_two_stage_training_switches_to_request_level(tmp_path):
-    res = _quick_train("energy", tmp_path, steps=256, seed=2, finetune_steps=256)
-    assert res.num_timesteps == 512
+    res = _quick_train("energy", tmp_path, steps=512, seed=2, finetune_steps=256)
+    assert res.num_timesteps == 512  # --steps is the total of both stages
     assert res.model.get_env().get_attr("backend")[0].serving_model == "request"
     meta = json.loads((tmp_path / METADATA_FILE).read_text())
     assert [st["env_id"] for st in meta["stages"]] == ["LLMCluster/Energy-small-v0", "LLMCluster/Energy-v0"]
+    assert [(st["steps_asked"], st["steps_run"]) for st in meta["stages"]] == [(256, 256), (256, 256)]
+    assert meta["steps"] == meta["steps_asked"] == 512 and meta["n_envs"] == 1
+
+
+# ---------------------------------------------------------------- training options
+def test_training_plan_total_is_what_was_asked():
+    cfg = load_task_config("energy")  # 300,000 + 300,000 fine-tuning, rollouts of 512 x 2
+    plan = training_plan(cfg)
+    assert (plan.steps, plan.finetune_steps) == (600_000, 300_000)
+    # --steps alone: the file's share of it, in whole rollouts (64 is less than one: no stage 2).
+    assert (training_plan(cfg, 64).steps, training_plan(cfg, 64).finetune_steps) == (64, 0)
+    assert training_plan(cfg, 64).expected_steps == 1024  # one whole rollout
+    plan = training_plan(cfg, 10_240)
+    assert plan.finetune_steps == 5 * 1024 and plan.expected_steps == 10_240
+    plan = training_plan(cfg, 1000, finetune_steps=1000, n_envs=1)
+    assert (plan.first_steps, plan.rollout_steps, plan.expected_steps) == (0, 512, 1024)
+    for kwargs, match in (({"steps": -5}, "--steps.*-5"), ({"steps": 0}, "--steps.*0"),
+                          ({"n_envs": 0}, "--n-envs.*0"), ({"finetune_steps": -1}, "--finetune-steps"),
+                          ({"steps": 10, "finetune_steps": 11}, "at most the total"),
+                          ({"finetune_steps": 700_000}, "at most the total.*600,000"),
+                          ({"steps": 1.5}, "--steps")):
+        with pytest.raises(TrainingPlanError, match=match):
+            training_plan(cfg, **kwargs)
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--steps", "-5"], "--steps"), (["--steps", "0"], "--steps"), (["--n-envs", "0"], "--n-envs"),
+    (["--finetune-steps", "-1"], "--finetune-steps"),
+    (["--steps", "100", "--finetune-steps", "200"], "--finetune-steps"),
+    (["--finetune-steps", "999999999"], "--finetune-steps"),
+])
+def test_train_refuses_bad_options_before_any_work(tmp_path, argv, option):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    exe = Path(sys.executable).with_name("llm-cluster")
+    proc = subprocess.run([str(exe), "train", *argv, "--out", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and option in lines[0] and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_train_cli_runs_the_total_asked_and_records_it(tmp_path, capsys):
+    from llm_cluster_gym.scripts.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--steps", "64", "--n-envs", "1", "--out", str(out), "--no-eval",
+               "--no-progress", "--no-tensorboard"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "64 steps asked" in printed and "512 will run" in printed
+    meta = json.loads((out / METADATA_FILE).read_text())
+    # It trained 300,064 steps before (the fine-tuning stage was always added).
+    assert meta["steps"] == 512 and meta["steps_asked"] == 64 and meta["n_envs"] == 1
+    assert meta["stages"] == [{"env_id": "LLMCluster/Energy-small-v0", "window": "train",
+                               "steps_asked": 64, "steps_run": 512}]
 
 
 # ---------------------------------------------------------------- checkpoints
