@@ -10,8 +10,11 @@ Layout of a checkpoint directory:
 | | git commit, package versions, spaces, evaluation results, SHA-256 of the files above) |
 
 Loading validates before it trusts: the files exist, their SHA-256 matches the metadata (a
-truncated or replaced file is caught before unpickling), the metadata has every required field,
-and, when an environment is given, its task, scenario, observation names and action space match.
+truncated or replaced file is caught before unpickling), a policy trained on normalized
+observations lists its statistics file (without it the policy would run on raw observations),
+the metadata has every required field, and, when an environment is given, its task, scenario,
+observation names and action space match. Resuming training (`agents.train`) verifies the files
+the same way (`verify_files`).
 Every failure raises `CheckpointError` naming the directory, the file or field, and the values.
 The statistics file is a pickle: load checkpoints only from sources you trust.
 """
@@ -180,6 +183,46 @@ def load_metadata(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
+def normalizes_observations(meta: dict[str, Any]) -> bool:
+    """Whether the metadata says the policy was trained on normalized observations.
+
+    That is ``hyperparams.normalize.norm_obs`` (what `agents.train` records); a checkpoint
+    without it (written by hand) is taken as not normalized.
+    """
+    hp = meta.get("hyperparams")
+    norm = hp.get("normalize") if isinstance(hp, dict) else None
+    return isinstance(norm, dict) and bool(norm.get("norm_obs", False))
+
+
+def verify_files(directory: str | Path, meta: dict[str, Any]) -> None:
+    """Check the checkpoint's files against its metadata before anything is unpickled.
+
+    Every file in ``files_sha256`` must exist with that SHA-256, and a policy trained on
+    normalized observations must list its statistics file (`VECNORM_FILE`): one that is
+    missing, or present but unlisted (so unverified), is refused.
+
+    Raises:
+        CheckpointError: Naming the file and what is wrong with it.
+    """
+    d = Path(directory)
+    if normalizes_observations(meta) and VECNORM_FILE not in meta["files_sha256"]:
+        path = d / VECNORM_FILE
+        state = "present but unverified" if path.exists() else "missing"
+        raise CheckpointError(
+            f"{path}: the metadata says observations are normalized ('hyperparams.normalize.norm_obs' "
+            f"is true) but 'files_sha256' does not list this statistics file ({state}); the policy "
+            "cannot run without it")
+    for name, digest in meta["files_sha256"].items():
+        path = d / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: file listed in metadata 'files_sha256' is missing")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise CheckpointError(
+                f"{path}: SHA-256 {actual[:12]}... differs from metadata 'files_sha256' {digest[:12]}... "
+                "(file truncated, corrupted or replaced)")
+
+
 def check_compatible(meta: dict[str, Any], env: Any, where: str | Path = "checkpoint",
                      same_scenario: bool = True) -> None:
     """Raise CheckpointError if the checkpoint was not trained for this environment's task/spaces.
@@ -217,21 +260,14 @@ def load_checkpoint(directory: str | Path, env: Any = None, same_scenario: bool 
             `check_compatible`).
 
     Raises:
-        CheckpointError: Missing or corrupt file, bad metadata, or a mismatch with `env`.
+        CheckpointError: Missing or corrupt file, normalization statistics missing from a policy
+            trained on normalized observations, bad metadata, or a mismatch with `env`.
     """
     d = Path(directory)
     meta = load_metadata(d)
     if env is not None:
         check_compatible(meta, env, d / METADATA_FILE, same_scenario=same_scenario)
-    for name, digest in meta["files_sha256"].items():
-        path = d / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: file listed in metadata 'files_sha256' is missing")
-        actual = sha256_file(path)
-        if actual != digest:
-            raise CheckpointError(
-                f"{path}: SHA-256 {actual[:12]}... differs from metadata 'files_sha256' {digest[:12]}... "
-                "(file truncated, corrupted or replaced)")
+    verify_files(d, meta)
     if meta["algo"] == "MaskablePPO":
         from sb3_contrib import MaskablePPO as algo_cls
     else:

@@ -39,11 +39,13 @@ import torch
 from llm_cluster_gym.agents.checkpoint import (
     MODEL_FILE,
     VECNORM_FILE,
+    CheckpointError,
     env_signature,
     git_commit,
     load_metadata,
     package_versions,
     save_checkpoint,
+    verify_files,
 )
 from llm_cluster_gym.agents.config import WINDOWS, TaskConfig, training_plan
 from llm_cluster_gym.agents.evaluate import compare_with_static, make_env, run_episodes, summarize
@@ -217,7 +219,8 @@ def train(
         steps: Total environment steps over both stages (default ``cfg.steps +
             cfg.finetune_steps``); with `resume`, the total to reach.
         n_envs: Parallel envs (default `cfg.n_envs`).
-        resume: Continue from `<out>/last/` (model, optimizer, VecNormalize statistics, step count).
+        resume: Continue from `<out>/last/` (model, optimizer, VecNormalize statistics, step count),
+            after checking its files against their SHA-256 as loading a checkpoint does.
         progress: Show a tqdm progress bar.
         tensorboard: Write TensorBoard logs under `<out>/tb`.
         evaluate: Run the periodic validation and the final test comparison (off in quick tests;
@@ -232,6 +235,8 @@ def train(
     Raises:
         TrainingPlanError: Steps or envs not positive, fine-tuning steps outside [0, steps]
             (before any work).
+        CheckpointError: With `resume`: `<out>/last/` is missing, corrupt, lacks its statistics
+            or belongs to another task or algorithm (before any work).
     """
     out = Path(out)
     plan = training_plan(cfg, steps, finetune_steps, n_envs)
@@ -243,7 +248,15 @@ def train(
     # Where the first stage ended (in environment steps): None while it runs.
     stage1_end: int | None = 0 if stage1 == 0 else None
     if resume:
-        prev = load_metadata(out / "last")
+        last = out / "last"
+        prev = load_metadata(last)
+        if prev["task"] != cfg.task or prev["algo"] != cfg.algo:
+            raise CheckpointError(
+                f"{last}: cannot resume a {prev['algo']}/{prev['task']} run as {cfg.algo}/{cfg.task}")
+        verify_files(last, prev)  # as loading does: nothing unverified is unpickled
+        if VECNORM_FILE not in prev["files_sha256"]:
+            raise CheckpointError(f"{last / VECNORM_FILE}: cannot resume without the training "
+                                  "envs' statistics (not listed in 'files_sha256')")
         if finetune > 0 and int(prev["steps"]) >= stage1:
             stages = prev.get("stages") or []
             stage1_end = int(stages[0].get("steps_run", stage1)) if stages else stage1
@@ -253,9 +266,6 @@ def train(
     tb_dir = str(out / "tb") if tensorboard else None
     if prev is not None:
         last = out / "last"
-        if prev["task"] != cfg.task or prev["algo"] != cfg.algo:
-            raise ValueError(
-                f"{last}: cannot resume a {prev['algo']}/{prev['task']} run as {cfg.algo}/{cfg.task}")
         venv = VecNormalize.load(str(last / VECNORM_FILE), venv)
         venv.training = True
         algo_cls = _algo_class(cfg.algo)

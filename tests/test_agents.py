@@ -318,6 +318,56 @@ def test_edited_or_broken_metadata_is_reported(energy_run, tmp_path):
         load_checkpoint(d2)
 
 
+def test_normalized_checkpoint_without_its_statistics_is_refused(energy_run, tmp_path):
+    """The metadata says observations are normalized: no running on raw observations."""
+    d = _copy(energy_run, tmp_path / "ck")
+    meta = json.loads((d / METADATA_FILE).read_text())
+    assert meta["hyperparams"]["normalize"]["norm_obs"] is True
+    del meta["files_sha256"][VECNORM_FILE]
+    (d / METADATA_FILE).write_text(json.dumps(meta))
+    # Present but unlisted: unverified, refused before unpickling.
+    with pytest.raises(CheckpointError, match=r"vecnormalize\.pkl: .*normalized.*present but unverified"):
+        load_checkpoint(d)
+    # Missing from both the folder and the checksum list.
+    (d / VECNORM_FILE).unlink()
+    with pytest.raises(CheckpointError, match=r"vecnormalize\.pkl: .*norm_obs.*missing"):
+        load_checkpoint(d)
+    with pytest.raises(CheckpointError, match=r"vecnormalize\.pkl"):
+        TrainedPolicy.from_checkpoint(d, make_env("LLMCluster/Energy-v0", "test"))
+    # A policy trained without observation normalization needs no statistics.
+    meta["hyperparams"]["normalize"]["norm_obs"] = False
+    (d / METADATA_FILE).write_text(json.dumps(meta))
+    assert load_checkpoint(d).vecnormalize is None
+
+
+@pytest.mark.parametrize("task", ["energy", "thermal"])
+def test_shipped_checkpoints_load(task):
+    root = Path(__file__).resolve().parents[1] / "checkpoints" / task
+    cfg = load_task_config(task)
+    ck = load_checkpoint(root, make_env(cfg.eval_id, "test"))
+    assert ck.vecnormalize is not None and ck.metadata["task"] == task
+
+
+def test_resume_verifies_checksums_before_training(tmp_path):
+    from llm_cluster_gym.scripts.cli import main
+
+    _quick_train("energy", tmp_path, steps=256, seed=4)
+    last = tmp_path / "last"
+    data = (last / MODEL_FILE).read_bytes()
+    (last / MODEL_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"last/model\.zip: SHA-256 .* truncated"):
+        _quick_train("energy", tmp_path, steps=512, seed=4, resume=True)
+    (last / MODEL_FILE).write_bytes(data)
+    meta = json.loads((last / METADATA_FILE).read_text())
+    del meta["files_sha256"][VECNORM_FILE]
+    (last / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"last/vecnormalize\.pkl"):
+        _quick_train("energy", tmp_path, steps=512, seed=4, resume=True)
+    # Through the command: one line, exit 2.
+    assert main(["train", "--steps", "512", "--n-envs", "1", "--out", str(tmp_path), "--resume",
+                 "--no-eval", "--no-progress", "--no-tensorboard"]) == 2
+
+
 def test_wrong_env_is_refused(energy_run):
     with pytest.raises(CheckpointError, match="field 'task' is 'energy'"):
         TrainedPolicy.from_checkpoint(energy_run, make_env("LLMCluster/Thermal-v0", "test"))
