@@ -306,12 +306,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
              quiet: bool = False) -> Any:
     """Start or join Ray the way a user expects, and return the `ray` module.
 
-    A local start (no address) is a new one-machine cluster: Ray enables token authentication
-    by default (a token in ``~/.ray/auth_token`` unless ``RAY_AUTH_TOKEN`` or
-    ``RAY_AUTH_TOKEN_PATH`` says otherwise; ``RAY_AUTH_MODE=disabled`` opts out) and starts the
-    dashboard on 127.0.0.1 when its dependencies (``ray[default]``) are installed. With an
-    address (``auto``, ``<head-ip>:6379`` or ``ray://<head-ip>:10001``) it joins that cluster,
-    whose token must be available here the same way.
+    A local start (no address) is a new one-machine cluster on 127.0.0.1 (`agents.ray_setup`:
+    Ray would take the host's network address and listen on every interface): Ray enables token
+    authentication by default (a token in ``~/.ray/auth_token``, created readable by its owner
+    only, unless ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH`` says otherwise;
+    ``RAY_AUTH_MODE=disabled`` opts out) and starts the dashboard on 127.0.0.1 when its
+    dependencies (``ray[default]``) are installed. With an address (``auto``,
+    ``<head-ip>:6379`` or ``ray://<head-ip>:10001``) it joins that cluster, whose token must be
+    available here the same way (a token file of this user's is made private first).
 
     Args:
         address: Existing cluster to join, or None for a local one.
@@ -329,11 +331,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         root = Path(__file__).resolve().parent.parent
         kwargs["runtime_env"] = {"working_dir": str(root), "excludes": [
             ".git", ".venv", "reports", "checkpoints/*/tb", "checkpoints/*/last", "**/__pycache__"]}
+    from llm_cluster_gym.agents.ray_setup import loopback_only, private_token_file
+
+    private_token_file(create=address is None)
     if address is None:
         kwargs.update(num_cpus=num_cpus, include_dashboard=include_dashboard)
+        with loopback_only():  # "local": never a cluster named by RAY_ADDRESS or a past `ray start`
+            ray.init(address="local", **kwargs)
     else:
-        kwargs["address"] = address
-    ray.init(**kwargs)
+        ray.init(address=address, **kwargs)
     return ray
 
 

@@ -12,15 +12,18 @@ import pytest
 def ray_local():
     """One local Ray for the whole pytest run (its start-up takes several seconds).
 
-    Two CPUs (the test machine has two cores), no dashboard, worker logs not forwarded. Token
-    authentication stays on as in any local Ray: a token made for this run only is passed in
-    the environment, so the user's ``~/.ray/auth_token`` is neither read nor written.
+    Started the project's way (`agents.sweep.init_ray`: on 127.0.0.1, not the host's network
+    address). Two CPUs (the test machine has two cores), no dashboard, worker logs not
+    forwarded. Token authentication stays on as in any local Ray: a token made for this run only
+    is passed in the environment, so the user's ``~/.ray/auth_token`` is neither read nor written.
     """
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     os.environ["RAY_AUTH_MODE"] = "token"  # read when ray is first imported
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    pytest.importorskip("ray")
+    from llm_cluster_gym.agents.sweep import init_ray
+
+    ray = init_ray(num_cpus=2, include_dashboard=False, quiet=True)
     yield ray
     ray.shutdown()
     for k, v in saved.items():
