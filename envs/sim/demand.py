@@ -9,9 +9,8 @@ from llm_cluster_gym.envs.sim.workload import (
     LengthPools,
     Trace,
     add_spike,
-    builtin_trace,
     diurnal_trace,
-    load_trace,
+    resolve_trace,
     scale_to_rate,
 )
 
@@ -38,7 +37,7 @@ def episode_trace(
 ) -> Trace:
     """The arrivals of one episode: the scenario's trace at its target rate, shaped and spiked."""
     w = scenario.workload
-    base = builtin_trace(w.trace) if "/" not in w.trace and "." not in w.trace else load_trace(w.trace)
+    base = resolve_trace(w.trace)
     if w.start_s > 0 or w.window_s is not None:
         window_s = base.duration_s - w.start_s if w.window_s is None else w.window_s
         base = base.window(w.start_s, window_s)

@@ -41,11 +41,10 @@ def describe_sim(cluster: SimCluster) -> BackendDescription:
 def trace_pool_stats(trace_name: str, pool_set: str) -> PoolStats:
     """Pool statistics of a whole source trace split into the named pool set (cached)."""
     from llm_cluster_gym.envs.sim.demand import pools_for
-    from llm_cluster_gym.envs.sim.workload import builtin_trace, load_trace
+    from llm_cluster_gym.envs.sim.workload import resolve_trace
 
     pools = pools_for(pool_set)
-    name = trace_name
-    trace = builtin_trace(name) if "/" not in name and "." not in name else load_trace(name)
+    trace = resolve_trace(trace_name)
     pid = pools.assign(trace.input_tokens, trace.output_tokens)
     n = pools.n_pools
     frac, mean_in, p90_in, mean_out = (np.zeros(n) for _ in range(4))

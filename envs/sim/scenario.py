@@ -1,32 +1,163 @@
 """Declarative scenarios: the datacenter, its workload, SLOs and faults, read from YAML files.
 
-A scenario file is the one place a user describes an experiment. Loading is strict: an unknown
-key, a negative capacity or an inconsistent topology raises `ScenarioError` naming the file, the
-field and the value, so a typo never silently falls back to a default.
+A scenario file is the one place a user describes an experiment. The dataclasses below are the
+file format's schema: every field carries its unit, its allowed range and a one-line meaning
+(`spec`), and `docs/SCENARIOS.md` is generated from them (`scenario_reference`; a test keeps
+it up to date). Loading is strict and happens in three steps, each raising `ScenarioError`
+that names the file, the field path (`faults[1].magnitude`) and the value:
+
+1. `_build`: YAML mappings to dataclasses; unknown or duplicate keys and wrong types refused.
+2. `validate`: every field's range (finite numbers only), then the cross-field rules
+   (`CROSS_FIELD_RULES`), e.g. a control interval that is a whole number of ticks.
+3. `resolve`: what a run will need is found now, not mid-run: the trace file (exists and
+   parses), the length-pool set, the model's profile for every TP degree, and the limits the
+   profile sets (clock range, GPU power range) (`RESOLVE_RULES`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import re
+import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from llm_cluster_gym.envs.sim.profiles import ProfileError, ProfileLibrary
+from llm_cluster_gym.envs.sim.workload import Trace, TraceError, is_builtin_name, resolve_trace
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+REFERENCE_DOC = "docs/SCENARIOS.md"
+"""Where the generated format reference lives, relative to the repository root."""
+
+FAULT_KINDS = ("cooling_failure", "power_failure", "load_spike")
+
+MAX_OVERSUBSCRIPTION = 3.0
+"""Upper bound of power and cooling oversubscription (see `_oversubscription_doc`)."""
+
+MAX_EFFECTIVE_COOLING_OVERSUBSCRIPTION = 12.0
+"""Upper bound of cooling oversubscription / cooling-failure magnitude (an aisle's nameplate
+heat over what its cooling removes while a failure is on)."""
+
+MAX_GPUS = 1_048_576
+"""Largest datacenter the simulator accepts (its per-GPU arrays must fit in memory)."""
+
+MAX_EPISODE_REQUESTS = 50_000_000
+MAX_EPISODE_VMS = 10_000_000
+MAX_EPISODE_RANDOM_FAULTS = 100_000
+"""Most requests, VM arrivals and random faults one episode may expect (drawn at reset)."""
 
 
 class ScenarioError(ValueError):
     """A scenario file is malformed; the message names the file, field and value."""
 
 
+# --------------------------------------------------------------------------------------------
+# Field specifications: the schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """Unit, range and meaning of one scenario field (for lists: of each element).
+
+    Attributes:
+        doc: One-line meaning (the documentation's "meaning" column).
+        unit: Unit of the value ("" when it has none).
+        ge, gt, le, lt: Bounds (inclusive `ge`/`le`, exclusive `gt`/`lt`); None: unbounded.
+        choices: Allowed values of a string (or a function returning them, resolved lazily).
+        pattern: Regular expression a string must match in full.
+        pattern_doc: How `pattern` reads in the documentation and in errors.
+        min_items: Fewest elements of a list.
+        increasing: A list's elements must be strictly increasing.
+        distinct: A list's elements must be distinct.
+        loader_only: Set by the loader; a file may not set it.
+    """
+
+    doc: str
+    unit: str = ""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
+    pattern: str | None = None
+    pattern_doc: str = ""
+    min_items: int = 0
+    increasing: bool = False
+    distinct: bool = False
+    loader_only: bool = False
+
+    def allowed(self) -> tuple[str, ...] | None:
+        """The allowed strings, if the field has a fixed set."""
+        return self.choices() if callable(self.choices) else self.choices
+
+    def bounds_text(self) -> str:
+        """The numeric bounds as the documentation writes them, e.g. `(0, 1]`, `>= 1` ("" if none)."""
+        low = ("[", self.ge) if self.ge is not None else ("(", self.gt) if self.gt is not None else None
+        high = ("]", self.le) if self.le is not None else (")", self.lt) if self.lt is not None else None
+        if low and high:
+            return f"{low[0]}{_num(low[1])}, {_num(high[1])}{high[0]}"
+        if low:
+            return f"{'>=' if low[0] == '[' else '>'} {_num(low[1])}"
+        if high:
+            return f"{'<=' if high[0] == ']' else '<'} {_num(high[1])}"
+        return ""
+
+    def range_text(self) -> str:
+        """The allowed values as the documentation's "range" column writes them."""
+        text = self.bounds_text()
+        allowed = self.allowed()
+        if allowed is not None:
+            text = "one of " + ", ".join(f"`{c}`" for c in allowed)
+        if self.pattern_doc:
+            text = self.pattern_doc
+        extras = []
+        if self.min_items:
+            extras.append(f"at least {self.min_items} item{'s' if self.min_items > 1 else ''}")
+        if self.increasing:
+            extras.append("strictly increasing")
+        elif self.distinct:
+            extras.append("distinct")
+        return "; ".join(x for x in [text, *extras] if x) or "any"
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if float(x).is_integer() and abs(x) >= 10_000 else f"{x:g}"
+
+
+def spec(default: Any = dataclasses.MISSING, *, doc: str, default_factory: Any = dataclasses.MISSING,
+         **rule: Any) -> Any:
+    """A dataclass field carrying its `FieldSpec` (unit, range, meaning) in its metadata."""
+    return field(default=default, default_factory=default_factory,
+                 metadata={"spec": FieldSpec(doc=doc, **rule)})
+
+
+def field_spec(f: dataclasses.Field) -> FieldSpec:
+    """The `FieldSpec` of a scenario dataclass field."""
+    return f.metadata["spec"]
+
+
+def _pool_set_names() -> tuple[str, ...]:
+    from llm_cluster_gym.envs.sim.demand import POOL_SETS
+
+    return tuple(POOL_SETS)
+
+
+# --------------------------------------------------------------------------------------------
+# The scenario dataclasses
+# --------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class ServerSpec:
-    """A DGX-H100-class server: GPUs and the power of everything that is not a GPU.
+    """A GPU server: its GPUs and the power of everything that is not a GPU.
 
     Defaults: NVIDIA DGX H100 datasheet (8x H100 SXM, 10.2 kW max system power; also
     splitwise-sim `configs/hardware_repo/skus/dgx-h100.yaml`, tdp 10200). The non-GPU share at full
@@ -34,10 +165,13 @@ class ServerSpec:
     `envs/data/README.md`).
     """
 
-    gpus: int = 8
-    max_power_w: float = 10200.0
-    gpu_tdp_w: float = 700.0
-    overhead_idle_w: float = 2000.0
+    gpus: int = spec(8, doc="GPUs per server.", ge=1, le=72)
+    max_power_w: float = spec(10200.0, unit="W", gt=0,
+                              doc="Nameplate power of a whole server (GPUs at TDP plus everything else).")
+    gpu_tdp_w: float = spec(700.0, unit="W", gt=0, le=2000,
+                            doc="Nameplate power of one GPU; at least the profile's GPU power limit.")
+    overhead_idle_w: float = spec(2000.0, unit="W", ge=0,
+                                  doc="Non-GPU power (CPUs, fans, NICs, PSU losses) while the GPUs idle.")
 
 
 @dataclass(frozen=True)
@@ -48,10 +182,17 @@ class CoolingSpec:
     inside ASHRAE's recommended 18-27 C inlet envelope; the other three are assumptions).
     """
 
-    supply_temp_c: float = 24.0
-    outside_temp_coeff: float = 0.1
-    overload_c_per_frac: float = 20.0
-    tau_inlet_s: float = 300.0
+    supply_temp_c: float = spec(
+        24.0, unit="C", ge=0, le=80,
+        doc="Cold-aisle supply air setpoint. ASHRAE allows 5-45 C; hotter values are stress tests "
+            "(the GPUs slow down near 89 C).")
+    outside_temp_coeff: float = spec(0.1, unit="C/C", ge=0, le=1,
+                                     doc="Inlet rise per degree of outside air above the setpoint.")
+    overload_c_per_frac: float = spec(
+        20.0, unit="C", ge=0, le=100,
+        doc="Inlet rise per unit of heat load above the aisle's cooling capacity (1 = 2x capacity).")
+    tau_inlet_s: float = spec(300.0, unit="s", gt=0, le=86400,
+                              doc="Time constant of the aisle inlet temperature.")
 
 
 @dataclass(frozen=True)
@@ -63,35 +204,43 @@ class DatacenterSpec:
     Oversubscription = nameplate (every server at max power) / provisioned limit.
     """
 
-    rows: int = 1
-    racks_per_row: int = 1
-    servers_per_rack: int = 4
-    rows_per_aisle: int = 1
-    server: ServerSpec = field(default_factory=ServerSpec)
-    power_oversubscription: float = 1.0
-    cooling_oversubscription: float = 1.0
-    cooling: CoolingSpec = field(default_factory=CoolingSpec)
-    outside_temp_mean_c: float = 20.0
-    outside_temp_amplitude_c: float = 5.0
-    saas_fraction: float = 1.0
+    rows: int = spec(1, doc="Rows (power domains).", ge=1)
+    racks_per_row: int = spec(1, doc="Racks per row.", ge=1)
+    servers_per_rack: int = spec(4, doc="Servers per rack.", ge=1)
+    rows_per_aisle: int = spec(1, ge=1, doc="Adjacent rows one aisle (cooling domain) cools; at most `rows`.")
+    server: ServerSpec = spec(default_factory=ServerSpec, doc="The server model (all servers alike).")
+    power_oversubscription: float = spec(
+        1.0, unit="x", ge=0.01, le=MAX_OVERSUBSCRIPTION,
+        doc="Servers' nameplate power / each row's provisioned power limit.")
+    cooling_oversubscription: float = spec(
+        1.0, unit="x", ge=0.01, le=MAX_OVERSUBSCRIPTION,
+        doc="Servers' nameplate heat / each aisle's cooling capacity.")
+    cooling: CoolingSpec = spec(default_factory=CoolingSpec, doc="Aisle cooling model.")
+    outside_temp_mean_c: float = spec(20.0, unit="C", ge=-60, le=60, doc="Mean outside air temperature.")
+    outside_temp_amplitude_c: float = spec(5.0, unit="C", ge=0, le=40,
+                                           doc="Amplitude of the daily outside temperature swing.")
+    saas_fraction: float = spec(
+        1.0, ge=0, le=1,
+        doc="Fraction of servers serving the LLM (the rest host IaaS VMs); at least one server.")
 
 
 @dataclass(frozen=True)
 class SpikeSpec:
     """A burst of extra load: multiplier x the local arrival rate for a window."""
 
-    start_s: float
-    duration_s: float
-    multiplier: float
+    start_s: float = spec(unit="s", ge=0, doc="Start, from the episode start; before the episode ends.")
+    duration_s: float = spec(unit="s", gt=0, doc="Length (clipped at the episode's end).")
+    multiplier: float = spec(unit="x", ge=1, le=100, doc="Arrival rate multiplier inside the window.")
 
 
 @dataclass(frozen=True)
 class DiurnalSpec:
     """A sinusoidal daily pattern imposed on the load (period shortened for simulation)."""
 
-    peak_to_mean: float = 1.5
-    period_s: float = 3600.0
-    phase_s: float = 0.0
+    peak_to_mean: float = spec(1.5, unit="x", ge=1, le=2,
+                               doc="Peak over mean arrival rate (2 makes the trough zero).")
+    period_s: float = spec(3600.0, unit="s", ge=1, doc="Period of the sinusoid.")
+    phase_s: float = spec(0.0, unit="s", doc="Time of the peak, from the episode start.")
 
 
 @dataclass(frozen=True)
@@ -103,94 +252,140 @@ class WorkloadSpec:
     held-out evaluation use disjoint windows (see `agents.windows`).
     """
 
-    trace: str = "azure_conv_2023"
-    rps_per_gpu: float = 0.5
-    start_s: float = 0.0
-    window_s: float | None = None
-    diurnal: DiurnalSpec | None = None
-    spikes: tuple[SpikeSpec, ...] = ()
-    pools: str = "default"
+    trace: str = spec(
+        "azure_conv_2023",
+        doc="A shipped trace (`azure_conv_2023`, `azure_code_2023`) or a CSV file path (relative: "
+            "to the scenario file's folder, then the current directory); read at load.")
+    rps_per_gpu: float = spec(0.5, unit="req/s per GPU", ge=0, le=100,
+                              doc="Mean arrival rate per SaaS GPU (the trace is rescaled to it).")
+    start_s: float = spec(0.0, unit="s", ge=0,
+                          doc="Start of the source-trace window; before the trace's end.")
+    window_s: float | None = spec(None, unit="s", gt=0,
+                                  doc="Length of the source-trace window (null or past the end: to the "
+                                      "trace's end).")
+    diurnal: DiurnalSpec | None = spec(None, doc="Sinusoidal load instead of the trace's own arrival times.")
+    spikes: tuple[SpikeSpec, ...] = spec((), doc="Load spikes.")
+    pools: str = spec("default", choices=_pool_set_names,
+                      doc="Length-pool set: how requests split into pools (`serving.pools` has one "
+                          "entry per pool).")
 
 
 @dataclass(frozen=True)
 class PoolSpec:
     """Initial serving configuration and SLO of one request-length pool."""
 
-    n_instances: int
-    tp: int
-    freq_mhz: float
-    max_batch: int
-    slo_ttft_s: float
-    slo_tbt_s: float
+    n_instances: int = spec(ge=0, doc="Model instances serving the pool at the start.")
+    tp: int = spec(ge=1, doc="Tensor-parallel degree of each instance; one of `serving.tp_choices`.")
+    freq_mhz: float = spec(unit="MHz", gt=0,
+                           doc="GPU clock of the pool's instances; one of `serving.freq_choices_mhz`.")
+    max_batch: int = spec(ge=1, doc="Batch cap of each instance; one of `serving.batch_choices`.")
+    slo_ttft_s: float = spec(unit="s", gt=0, doc="Time-to-first-token SLO.")
+    slo_tbt_s: float = spec(unit="s", gt=0, doc="Time-between-tokens SLO.")
 
 
 @dataclass(frozen=True)
 class ServingSpec:
     """The SaaS service: one model family on one GPU type, split into length pools."""
 
-    model: str = "llama2-70b"
-    gpu: str = "h100"
-    pools: tuple[PoolSpec, ...] = ()
-    tp_choices: tuple[int, ...] = (2, 4, 8)
-    freq_choices_mhz: tuple[float, ...] = (800.0, 1200.0, 1600.0, 1980.0)
-    batch_choices: tuple[int, ...] = (8, 16, 32, 64)
-    max_prefill_tokens: int = 8192
-    drop_after_s: float = 120.0
-    quantized_speedup: float = 1.0
-    quantized_power_factor: float = 1.0
-    quantized_quality_loss: float = 0.0
+    model: str = spec("llama2-70b", doc="Served model; a profile must exist for each TP choice.")
+    gpu: str = spec("h100", doc="GPU type of the profiles.")
+    pools: tuple[PoolSpec, ...] = spec((), min_items=1,
+                                       doc="One entry per pool of `workload.pools`, in its order.")
+    tp_choices: tuple[int, ...] = spec(
+        (2, 4, 8), ge=1, min_items=1, increasing=True,
+        doc="TP degrees a controller may choose; each divides `datacenter.server.gpus`.")
+    freq_choices_mhz: tuple[float, ...] = spec(
+        (800.0, 1200.0, 1600.0, 1980.0), unit="MHz", gt=0, min_items=1, increasing=True,
+        doc="GPU clocks a controller may choose; inside the profile's clock range.")
+    batch_choices: tuple[int, ...] = spec((8, 16, 32, 64), ge=1, min_items=1, increasing=True,
+                                          doc="Batch caps a controller may choose.")
+    max_prefill_tokens: int = spec(8192, unit="tokens", ge=1, doc="Most prompt tokens in one prefill pass.")
+    drop_after_s: float = spec(120.0, unit="s", gt=0,
+                               doc="A request without its first token after this long is dropped.")
+    quantized_speedup: float = spec(1.0, unit="x", ge=1, le=10,
+                                    doc="Throughput gain of a quantized instance.")
+    quantized_power_factor: float = spec(1.0, unit="x", gt=0, le=2,
+                                         doc="Busy power of a quantized instance / unquantized.")
+    quantized_quality_loss: float = spec(0.0, ge=0, le=1,
+                                         doc="Quality lost by serving quantized (fraction).")
 
 
 @dataclass(frozen=True)
 class VmSpec:
     """Opaque IaaS GPU VMs (whole servers) arriving for placement."""
 
-    arrivals_per_hour: float = 0.0
-    lifetime_s: float = 3600.0
-    gpu_power_w: tuple[float, ...] = (450.0,)
-    initial_fraction: float = 0.0
+    arrivals_per_hour: float = spec(0.0, unit="1/h", ge=0,
+                                    doc="Mean VM arrivals (Poisson); > 0 needs IaaS servers.")
+    lifetime_s: float = spec(3600.0, unit="s", gt=0, doc="Mean VM lifetime (exponential).")
+    gpu_power_w: tuple[float, ...] = spec(
+        (450.0,), unit="W", gt=0, min_items=1,
+        doc="Per-GPU power levels a VM draws (one drawn per VM); between the profile's idle power "
+            "and GPU power limit.")
+    initial_fraction: float = spec(0.0, ge=0, le=1,
+                                   doc="Fraction of IaaS servers hosting a VM at the start.")
 
 
 @dataclass(frozen=True)
 class FaultSpec:
-    """A scheduled fault. `magnitude` is the capacity/limit fraction kept, or the load multiplier."""
+    """A scheduled fault. `magnitude` is the capacity/limit fraction kept, or the load multiplier.
 
-    kind: str
-    start_s: float
-    duration_s: float
-    magnitude: float
-    target: int = 0
+    A fault starts inside the episode; one lasting past the episode's end is still on when the
+    episode ends (it is not an error).
+    """
+
+    kind: str = spec(choices=FAULT_KINDS, doc="What fails.")
+    start_s: float = spec(unit="s", ge=0, doc="Start, from the episode start; before the episode ends.")
+    duration_s: float = spec(unit="s", gt=0, doc="Length (it may last past the episode's end).")
+    magnitude: float = spec(
+        unit="fraction or x", gt=0,
+        doc="cooling/power failure: fraction of the aisle's cooling capacity or the row's power "
+            "limit kept, in (0, 1]; load_spike: arrival rate multiplier, in [1, 100].")
+    target: int = spec(0, ge=0,
+                       doc="Aisle (cooling_failure) or row (power_failure) index; ignored by load_spike.")
 
 
 @dataclass(frozen=True)
 class RandomFaultSpec:
-    """Faults drawn at random from the episode's generator."""
+    """Faults drawn at random from the episode's generator (start uniform over the episode)."""
 
-    per_hour: float = 0.0
-    kinds: tuple[str, ...] = ("cooling_failure", "power_failure", "load_spike")
-    duration_s: float = 300.0
-    magnitude: float = 0.6
+    per_hour: float = spec(0.0, unit="1/h", ge=0, doc="Mean faults per hour (Poisson).")
+    kinds: tuple[str, ...] = spec(FAULT_KINDS, choices=FAULT_KINDS, distinct=True,
+                                  doc="Kinds drawn from (uniformly); not empty when `per_hour` > 0.")
+    duration_s: float = spec(300.0, unit="s", gt=0, doc="Length of each fault.")
+    magnitude: float = spec(0.6, gt=0, le=1,
+                            doc="Capacity or limit fraction a failure keeps; a spike multiplies the "
+                                "load by 1 + magnitude.")
+
+
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 
 
 @dataclass(frozen=True)
 class Scenario:
     """One experiment: datacenter, workload, service, faults and accounting."""
 
-    name: str
-    description: str = ""
-    duration_s: float = 600.0
-    tick_s: float = 0.5
-    control_interval_s: float = 5.0
-    datacenter: DatacenterSpec = field(default_factory=DatacenterSpec)
-    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
-    serving: ServingSpec = field(default_factory=ServingSpec)
-    vms: VmSpec = field(default_factory=VmSpec)
-    faults: tuple[FaultSpec, ...] = ()
-    random_faults: RandomFaultSpec = field(default_factory=RandomFaultSpec)
-    carbon_g_per_kwh: tuple[float, ...] = (390.0,)
-    carbon_step_s: float = 3600.0
-    gpu_hour_usd: float = 0.0
-    source: str = ""
+    name: str = spec(pattern=NAME_PATTERN,
+                     pattern_doc="1-64 of `A-Z a-z 0-9 _ . -`, starting with a letter or digit",
+                     doc="Scenario name; it names the default report folder, so no path characters.")
+    description: str = spec("", doc="Free text.")
+    duration_s: float = spec(600.0, unit="s", gt=0, le=2_592_000,
+                             doc="Episode length; a whole number of control intervals (30 days at most).")
+    tick_s: float = spec(0.5, unit="s", ge=0.01, le=60,
+                         doc="Simulation step of the request-level model.")
+    control_interval_s: float = spec(5.0, unit="s", gt=0, le=3600,
+                                     doc="Time between controller decisions; a whole number of ticks.")
+    datacenter: DatacenterSpec = spec(default_factory=DatacenterSpec, doc="Topology and provisioning.")
+    workload: WorkloadSpec = spec(default_factory=WorkloadSpec, doc="Arriving requests.")
+    serving: ServingSpec = spec(default_factory=ServingSpec, doc="The LLM service.")
+    vms: VmSpec = spec(default_factory=VmSpec, doc="IaaS VMs.")
+    faults: tuple[FaultSpec, ...] = spec((), doc="Scheduled faults.")
+    random_faults: RandomFaultSpec = spec(default_factory=RandomFaultSpec, doc="Random faults.")
+    carbon_g_per_kwh: tuple[float, ...] = spec(
+        (390.0,), unit="g/kWh", ge=0, le=2000, min_items=1,
+        doc="Grid carbon intensity series, one value per `carbon_step_s`, repeated.")
+    carbon_step_s: float = spec(3600.0, unit="s", ge=1, doc="Time each carbon value holds.")
+    gpu_hour_usd: float = spec(0.0, unit="USD", ge=0, le=1000, doc="Price of one GPU-hour (0: unknown).")
+    source: str = spec("", loader_only=True, doc="The file the scenario was read from.")
 
     @property
     def n_servers(self) -> int:
@@ -209,27 +404,90 @@ class Scenario:
         d = self.datacenter
         return math.ceil(d.rows / d.rows_per_aisle)
 
+    @property
+    def n_saas_servers(self) -> int:
+        """Servers serving the LLM (the topology rounds `saas_fraction` the same way)."""
+        return round(self.n_servers * self.datacenter.saas_fraction)
+
     def with_overrides(self, **changes: Any) -> Scenario:
-        """A copy with top-level fields replaced (validated again)."""
-        new = dataclasses.replace(self, **changes)
-        validate(new, self.source or self.name)
-        return new
+        """A copy with top-level fields replaced, validated and resolved again.
+
+        A shorter `duration_s` keeps the prefix of the episode: the scheduled faults and load
+        spikes this scenario inherits that start at or after the new end are left out (they
+        would never be on). Faults or a workload passed in `changes` are checked as given.
+        """
+        end = changes.get("duration_s")
+        if isinstance(end, numbers.Real) and not isinstance(end, bool):
+            if "faults" not in changes:
+                changes["faults"] = tuple(f for f in self.faults if f.start_s < end)
+            if "workload" not in changes and self.workload.spikes:
+                changes["workload"] = dataclasses.replace(
+                    self.workload, spikes=tuple(sp for sp in self.workload.spikes if sp.start_s < end))
+        try:
+            new = dataclasses.replace(self, **changes)
+        except TypeError as exc:
+            raise ScenarioError(f"{self.source or self.name}: {exc}") from None
+        where = self.source or self.name
+        validate(new, where)
+        beside = self.source if self.source and Path(self.source).is_file() else None
+        return resolve(new, where, scenario_file=beside)
+
+
+SECTIONS: tuple[tuple[str, type], ...] = (
+    ("", Scenario),
+    ("datacenter", DatacenterSpec),
+    ("datacenter.server", ServerSpec),
+    ("datacenter.cooling", CoolingSpec),
+    ("workload", WorkloadSpec),
+    ("workload.diurnal", DiurnalSpec),
+    ("workload.spikes[]", SpikeSpec),
+    ("serving", ServingSpec),
+    ("serving.pools[]", PoolSpec),
+    ("vms", VmSpec),
+    ("faults[]", FaultSpec),
+    ("random_faults", RandomFaultSpec),
+)
+"""Every section of a scenario file: its path and dataclass (the documentation's tables)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Step 1: YAML to dataclasses
+# --------------------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _fail(where: str, path: str, value: Any, why: str) -> ScenarioError:
+    """A `ScenarioError` naming the file, the field path and the value."""
+    return ScenarioError(f"{where}: field '{path}' = {value!r}: {why}")
 
 
 def _build(cls: type, data: Any, where: str, path: str) -> Any:
     """Turn nested dicts into the dataclass `cls`, refusing unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     if not isinstance(data, dict):
-        raise ScenarioError(f"{where}: field '{path or cls.__name__}' must be a mapping, got {data!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
+        raise _fail(where, path or cls.__name__, data, "must be a mapping of fields")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
-        if key not in known:
+        f = fields.get(key)
+        if f is None or field_spec(f).loader_only:
+            known = sorted(k for k, g in fields.items() if not field_spec(g).loader_only)
             raise ScenarioError(
-                f"{where}: unknown key '{_join(path, key)}' (value {data[key]!r}); "
-                f"known keys: {sorted(known)}"
-            )
+                f"{where}: unknown key '{_join(path, key)}' (value {data[key]!r}); known keys: {known}")
     kwargs = {}
-    for f in dataclasses.fields(cls):
+    for f in fields.values():
         if f.name in data:
             kwargs[f.name] = _convert(hints[f.name], data[f.name], where, _join(path, f.name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -241,7 +499,12 @@ def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+"""`1e3`: a number YAML 1.1 (PyYAML) reads as a string."""
+
+
 def _convert(tp: Any, value: Any, where: str, path: str) -> Any:
+    """`value` from YAML as the type `tp` (numbers, strings, tuples, nested dataclasses)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -252,132 +515,461 @@ def _convert(tp: Any, value: Any, where: str, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where, path)
     if origin is tuple:
+        if value is None:
+            raise _fail(where, path, value, "must be a list (write [] for none)")
         if not isinstance(value, list | tuple):
             value = [value]
         return tuple(_convert(args[0], v, where, f"{path}[{i}]") for i, v in enumerate(value))
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ScenarioError(f"{where}: field '{path}' must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ScenarioError(f"{where}: field '{path}' must be finite, got {value!r}")
+    if tp is float and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
         return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ScenarioError(f"{where}: field '{path}' must be an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ScenarioError(f"{where}: field '{path}' must be true or false, got {value!r}")
-        return value
-    if tp is str:
+    _check_type(tp, value, where, path)
+    return float(value) if tp is float else value
+
+
+def _check_type(tp: Any, value: Any, where: str, path: str) -> None:
+    """Refuse a value that is not of the scalar type `tp` (float: a finite number)."""
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise _fail(where, path, value, "must be a number")
+        if not math.isfinite(value):
+            raise _fail(where, path, value, "must be a finite number")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise _fail(where, path, value, "must be an integer")
+    elif tp is str:
         if not isinstance(value, str):
-            raise ScenarioError(f"{where}: field '{path}' must be a string, got {value!r}")
-        return value
-    return value
+            raise _fail(where, path, value, "must be a string")
+    elif tp is bool:
+        if not isinstance(value, bool):
+            raise _fail(where, path, value, "must be true or false")
 
 
-def _positive(where: str, path: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ScenarioError(f"{where}: field '{path}' must be {bound}, got {value!r}")
+# --------------------------------------------------------------------------------------------
+# Step 2: field ranges and cross-field rules
+# --------------------------------------------------------------------------------------------
 
 
-def validate(s: Scenario, where: str) -> None:
-    """Check ranges and the consistency of the topology, pools and faults."""
-    for name in ("duration_s", "tick_s", "control_interval_s"):
-        _positive(where, name, getattr(s, name))
-    ratio = s.control_interval_s / s.tick_s
-    if abs(ratio - round(ratio)) > 1e-9:
-        raise ScenarioError(
-            f"{where}: field 'control_interval_s' ({s.control_interval_s}) must be a whole "
-            f"multiple of tick_s ({s.tick_s})"
-        )
+def _check_fields(obj: Any, where: str, path: str) -> None:
+    """Check every field of the dataclass `obj` (recursively) against its type and `FieldSpec`."""
+    cls = type(obj)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(obj):
+        _check_value(hints[f.name], field_spec(f), getattr(obj, f.name), where, _join(path, f.name))
+
+
+def _check_value(tp: Any, rule: FieldSpec, value: Any, where: str, path: str) -> None:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        tp = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, tp):
+            raise _fail(where, path, value, f"must be a {tp.__name__} mapping")
+        _check_fields(value, where, path)
+        return
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            raise _fail(where, path, value, "must be a list")
+        if len(value) < rule.min_items:
+            raise _fail(where, path, list(value), f"must list at least {rule.min_items} item(s)")
+        for i, v in enumerate(value):
+            _check_value(args[0], rule, v, where, f"{path}[{i}]")
+        if rule.increasing and any(b <= a for a, b in zip(value, value[1:], strict=False)):
+            raise _fail(where, path, list(value), "must be strictly increasing")
+        if rule.distinct and len(set(value)) != len(value):
+            raise _fail(where, path, list(value), "must not repeat a value")
+        return
+    _check_type(tp, value, where, path)
+    _check_range(rule, value, where, path)
+
+
+def _check_range(rule: FieldSpec, value: Any, where: str, path: str) -> None:
+    """Refuse a scalar outside the field's bounds, choices or pattern."""
+    if isinstance(value, str):
+        allowed = rule.allowed()
+        if allowed is not None and value not in allowed:
+            raise _fail(where, path, value, f"must be one of {list(allowed)}")
+        if rule.pattern is not None and not re.fullmatch(rule.pattern, value):
+            raise _fail(where, path, value, f"must be {rule.pattern_doc}")
+        return
+    if ((rule.ge is not None and value < rule.ge) or (rule.gt is not None and value <= rule.gt)
+            or (rule.le is not None and value > rule.le) or (rule.lt is not None and value >= rule.lt)):
+        unit = f" {rule.unit}" if rule.unit and rule.unit != "x" else ""
+        text = rule.bounds_text()
+        raise _fail(where, path, value, f"must be {'in ' if text[0] in '[(' else ''}{text}{unit}")
+
+
+CROSS_FIELD_RULES: list[Callable[[Scenario, str], None]] = []
+"""Consistency rules between fields, checked after the field ranges; each docstring's first
+line is its entry in the documentation."""
+
+
+def _cross_field(rule: Callable[[Scenario, str], None]) -> Callable[[Scenario, str], None]:
+    CROSS_FIELD_RULES.append(rule)
+    return rule
+
+
+def _whole_multiple(a: float, b: float) -> bool:
+    ratio = a / b
+    return round(ratio) >= 1 and abs(ratio - round(ratio)) <= 1e-9 * max(1.0, ratio)
+
+
+@_cross_field
+def _interval_is_whole_ticks(s: Scenario, where: str) -> None:
+    """`control_interval_s` is a whole number (>= 1) of `tick_s`."""
+    if not _whole_multiple(s.control_interval_s, s.tick_s):
+        raise _fail(where, "control_interval_s", s.control_interval_s,
+                    f"must be a whole multiple of tick_s ({s.tick_s})")
+
+
+@_cross_field
+def _duration_is_whole_intervals(s: Scenario, where: str) -> None:
+    """`duration_s` is a whole number (>= 1) of control intervals (an episode is never extended)."""
+    if not _whole_multiple(s.duration_s, s.control_interval_s):
+        raise _fail(where, "duration_s", s.duration_s,
+                    f"must be a whole multiple (>= 1) of control_interval_s ({s.control_interval_s})")
+
+
+@_cross_field
+def _aisles_fit_rows(s: Scenario, where: str) -> None:
+    """`datacenter.rows_per_aisle` is at most `datacenter.rows`."""
     d = s.datacenter
-    for name in ("rows", "racks_per_row", "servers_per_rack", "rows_per_aisle"):
-        _positive(where, f"datacenter.{name}", getattr(d, name))
     if d.rows_per_aisle > d.rows:
-        raise ScenarioError(
-            f"{where}: field 'datacenter.rows_per_aisle' ({d.rows_per_aisle}) exceeds "
-            f"datacenter.rows ({d.rows})"
-        )
-    for name in ("gpus", "max_power_w", "gpu_tdp_w", "overhead_idle_w"):
-        _positive(where, f"datacenter.server.{name}", getattr(d.server, name))
-    if d.server.gpus * d.server.gpu_tdp_w >= d.server.max_power_w:
-        raise ScenarioError(
-            f"{where}: field 'datacenter.server.max_power_w' ({d.server.max_power_w}) must exceed "
-            f"gpus x gpu_tdp_w ({d.server.gpus * d.server.gpu_tdp_w})"
-        )
-    for name in ("power_oversubscription", "cooling_oversubscription"):
-        _positive(where, f"datacenter.{name}", getattr(d, name))
-    if not 0.0 <= d.saas_fraction <= 1.0:
-        raise ScenarioError(
-            f"{where}: field 'datacenter.saas_fraction' must be in [0, 1], got {d.saas_fraction}"
-        )
-    _positive(where, "datacenter.cooling.tau_inlet_s", d.cooling.tau_inlet_s)
-    w = s.workload
-    _positive(where, "workload.rps_per_gpu", w.rps_per_gpu, allow_zero=True)
-    _positive(where, "workload.start_s", w.start_s, allow_zero=True)
-    if w.window_s is not None:
-        _positive(where, "workload.window_s", w.window_s)
-    for i, sp in enumerate(w.spikes):
-        _positive(where, f"workload.spikes[{i}].duration_s", sp.duration_s)
-        _positive(where, f"workload.spikes[{i}].multiplier", sp.multiplier)
+        raise _fail(where, "datacenter.rows_per_aisle", d.rows_per_aisle,
+                    f"exceeds datacenter.rows ({d.rows})")
+
+
+@_cross_field
+def _datacenter_fits_memory(s: Scenario, where: str) -> None:
+    """The datacenter has at most 1,048,576 GPUs (rows x racks x servers x GPUs)."""
+    if s.n_gpus > MAX_GPUS:
+        raise _fail(where, "datacenter.rows", s.datacenter.rows,
+                    f"the datacenter would have {s.n_gpus:,} GPUs; at most {MAX_GPUS:,} fit in memory")
+
+
+@_cross_field
+def _episode_fits_memory(s: Scenario, where: str) -> None:
+    """An episode draws at most 50 million requests, 10 million VMs and 100,000 random faults (expected)."""
+    saas_gpus = s.n_saas_servers * s.datacenter.server.gpus
+    hours = s.duration_s / 3600.0
+    for path, value, expected, limit, what in (
+        ("workload.rps_per_gpu", s.workload.rps_per_gpu,
+         s.workload.rps_per_gpu * saas_gpus * s.duration_s, MAX_EPISODE_REQUESTS, "requests"),
+        ("vms.arrivals_per_hour", s.vms.arrivals_per_hour, s.vms.arrivals_per_hour * hours,
+         MAX_EPISODE_VMS, "VM arrivals"),
+        ("random_faults.per_hour", s.random_faults.per_hour, s.random_faults.per_hour * hours,
+         MAX_EPISODE_RANDOM_FAULTS, "random faults"),
+    ):
+        if expected > limit:
+            raise _fail(where, path, value,
+                        f"an episode of {s.duration_s:g} s would hold {expected:,.0f} {what}; at most "
+                        f"{limit:,} are simulated (the whole episode is drawn in memory at reset)")
+
+
+@_cross_field
+def _server_power_adds_up(s: Scenario, where: str) -> None:
+    """`max_power_w` exceeds `gpus x gpu_tdp_w`, and `overhead_idle_w` is at most the difference."""
+    sv = s.datacenter.server
+    gpus_w = sv.gpus * sv.gpu_tdp_w
+    if gpus_w >= sv.max_power_w:
+        raise _fail(where, "datacenter.server.max_power_w", sv.max_power_w,
+                    f"must exceed gpus x gpu_tdp_w ({gpus_w:g} W)")
+    if sv.overhead_idle_w > sv.max_power_w - gpus_w:
+        raise _fail(where, "datacenter.server.overhead_idle_w", sv.overhead_idle_w,
+                    f"exceeds the non-GPU power at full load, max_power_w - gpus x gpu_tdp_w "
+                    f"({sv.max_power_w - gpus_w:g} W)")
+
+
+@_cross_field
+def _some_saas_server(s: Scenario, where: str) -> None:
+    """At least one server serves the LLM: round(servers x `saas_fraction`) >= 1."""
+    if s.n_saas_servers < 1:
+        raise _fail(where, "datacenter.saas_fraction", s.datacenter.saas_fraction,
+                    f"leaves no SaaS server among {s.n_servers}")
+
+
+@_cross_field
+def _vms_have_hosts(s: Scenario, where: str) -> None:
+    """VMs (`vms.arrivals_per_hour` or `vms.initial_fraction` > 0) need IaaS servers (`saas_fraction` < 1)."""
+    if s.n_servers - s.n_saas_servers > 0:
+        return
+    for name in ("arrivals_per_hour", "initial_fraction"):
+        value = getattr(s.vms, name)
+        if value > 0:
+            raise _fail(where, f"vms.{name}", value,
+                        f"but no server hosts VMs (datacenter.saas_fraction {s.datacenter.saas_fraction})")
+
+
+@_cross_field
+def _tp_fits_servers(s: Scenario, where: str) -> None:
+    """Every TP degree in `serving.tp_choices` divides `datacenter.server.gpus`."""
+    gpus = s.datacenter.server.gpus
+    for i, tp in enumerate(s.serving.tp_choices):
+        if gpus % tp:
+            raise _fail(where, f"serving.tp_choices[{i}]", tp,
+                        f"does not divide the {gpus} GPUs of a server")
+
+
+@_cross_field
+def _pools_are_choices(s: Scenario, where: str) -> None:
+    """Each pool's `tp`, `freq_mhz` and `max_batch` is one of the choices a controller has."""
     sv = s.serving
-    if not sv.pools:
-        raise ScenarioError(f"{where}: field 'serving.pools' must list at least one pool")
-    saas_gpus = round(s.n_servers * d.saas_fraction) * d.server.gpus
-    used = 0
     for i, p in enumerate(sv.pools):
-        _positive(where, f"serving.pools[{i}].n_instances", p.n_instances, allow_zero=True)
-        if p.tp not in sv.tp_choices:
-            raise ScenarioError(
-                f"{where}: field 'serving.pools[{i}].tp' is {p.tp}, not one of "
-                f"serving.tp_choices {sv.tp_choices}"
-            )
-        if d.server.gpus % p.tp:
-            raise ScenarioError(
-                f"{where}: field 'serving.pools[{i}].tp' ({p.tp}) does not divide the "
-                f"{d.server.gpus} GPUs of a server"
-            )
-        for name in ("freq_mhz", "max_batch", "slo_ttft_s", "slo_tbt_s"):
-            _positive(where, f"serving.pools[{i}].{name}", getattr(p, name))
-        used += p.n_instances * p.tp
+        for name, choices_name in (("tp", "tp_choices"), ("freq_mhz", "freq_choices_mhz"),
+                                   ("max_batch", "batch_choices")):
+            value, choices = getattr(p, name), getattr(sv, choices_name)
+            if not any(math.isclose(value, c, rel_tol=1e-9) for c in choices):
+                raise _fail(where, f"serving.pools[{i}].{name}", value,
+                            f"not one of serving.{choices_name} {list(choices)}")
+
+
+@_cross_field
+def _pools_fit_saas_gpus(s: Scenario, where: str) -> None:
+    """The pools' instances fit the SaaS GPUs: sum of n_instances x tp <= SaaS servers x GPUs."""
+    saas_gpus = s.n_saas_servers * s.datacenter.server.gpus
+    used = sum(p.n_instances * p.tp for p in s.serving.pools)
     if used > saas_gpus:
         raise ScenarioError(
             f"{where}: field 'serving.pools' asks for {used} GPUs but the SaaS part of the "
-            f"datacenter has {saas_gpus} (servers x saas_fraction x gpus)"
-        )
-    for name in ("tp_choices", "freq_choices_mhz", "batch_choices"):
-        values = getattr(sv, name)
-        if not values or any(v <= 0 for v in values):
-            raise ScenarioError(f"{where}: field 'serving.{name}' must be positive, got {values}")
-    _positive(where, "serving.max_prefill_tokens", sv.max_prefill_tokens)
-    _positive(where, "serving.drop_after_s", sv.drop_after_s)
-    _positive(where, "vms.arrivals_per_hour", s.vms.arrivals_per_hour, allow_zero=True)
-    _positive(where, "vms.lifetime_s", s.vms.lifetime_s)
-    kinds = ("cooling_failure", "power_failure", "load_spike")
-    for i, fs in enumerate(s.faults):
-        if fs.kind not in kinds:
-            raise ScenarioError(f"{where}: field 'faults[{i}].kind' is {fs.kind!r}, not one of {kinds}")
-        _positive(where, f"faults[{i}].duration_s", fs.duration_s)
-        _positive(where, f"faults[{i}].magnitude", fs.magnitude)
-        limit = s.n_aisles if fs.kind == "cooling_failure" else d.rows
-        if fs.kind != "load_spike" and not 0 <= fs.target < limit:
-            raise ScenarioError(
-                f"{where}: field 'faults[{i}].target' is {fs.target}; this datacenter has "
-                f"{limit} {'aisles' if fs.kind == 'cooling_failure' else 'rows'}"
-            )
-    for k in s.random_faults.kinds:
-        if k not in kinds:
-            raise ScenarioError(f"{where}: field 'random_faults.kinds' has {k!r}, not one of {kinds}")
-    if not s.carbon_g_per_kwh or any(c < 0 for c in s.carbon_g_per_kwh):
-        raise ScenarioError(
-            f"{where}: field 'carbon_g_per_kwh' must be non-negative, got {s.carbon_g_per_kwh}"
-        )
+            f"datacenter has {saas_gpus} (servers x saas_fraction x gpus)")
+
+
+def _fault_magnitude_why(kind: str, magnitude: float, cooling_oversubscription: float) -> str | None:
+    """Why a fault's magnitude is out of range for its kind, or None."""
+    if kind == "load_spike":
+        return None if 1.0 <= magnitude <= 100.0 else "a load_spike multiplies the load: must be in [1, 100]"
+    if not 0.0 < magnitude <= 1.0:
+        return f"a {kind} keeps this fraction of capacity: must be in (0, 1]"
+    if kind == "cooling_failure":
+        effective = cooling_oversubscription / magnitude
+        if effective > MAX_EFFECTIVE_COOLING_OVERSUBSCRIPTION * (1 + 1e-12):
+            return (f"with cooling_oversubscription {cooling_oversubscription:g} the aisle would be "
+                    f"{effective:.3g}x oversubscribed during the failure; at most "
+                    f"{MAX_EFFECTIVE_COOLING_OVERSUBSCRIPTION:g}x (cooling_oversubscription / magnitude) "
+                    f"is modelled")
+    return None
+
+
+@_cross_field
+def _faults_fit(s: Scenario, where: str) -> None:
+    """Each fault starts inside the episode; its magnitude fits its kind; its target exists."""
+    over = s.datacenter.cooling_oversubscription
+    for i, f in enumerate(s.faults):
+        if f.start_s >= s.duration_s:
+            raise _fail(where, f"faults[{i}].start_s", f.start_s,
+                        f"starts after the episode ends (duration_s {s.duration_s:g})")
+        why = _fault_magnitude_why(f.kind, f.magnitude, over)
+        if why:
+            raise _fail(where, f"faults[{i}].magnitude", f.magnitude, why)
+        if f.kind != "load_spike":
+            cooling = f.kind == "cooling_failure"
+            limit, what = (s.n_aisles, "aisles") if cooling else (s.datacenter.rows, "rows")
+            if f.target >= limit:
+                raise _fail(where, f"faults[{i}].target", f.target, f"this datacenter has {limit} {what}")
+
+
+@_cross_field
+def _random_faults_fit(s: Scenario, where: str) -> None:
+    """Random faults: some kind to draw when `per_hour` > 0; a cooling failure's magnitude as above."""
+    rf = s.random_faults
+    if rf.per_hour > 0 and not rf.kinds:
+        raise _fail(where, "random_faults.kinds", list(rf.kinds), "must name a kind when per_hour > 0")
+    if rf.per_hour > 0 and "cooling_failure" in rf.kinds:
+        why = _fault_magnitude_why("cooling_failure", rf.magnitude, s.datacenter.cooling_oversubscription)
+        if why:
+            raise _fail(where, "random_faults.magnitude", rf.magnitude, why)
+
+
+@_cross_field
+def _spikes_fit(s: Scenario, where: str) -> None:
+    """Each `workload.spikes` entry starts inside the episode."""
+    for i, sp in enumerate(s.workload.spikes):
+        if sp.start_s >= s.duration_s:
+            raise _fail(where, f"workload.spikes[{i}].start_s", sp.start_s,
+                        f"starts after the episode ends (duration_s {s.duration_s:g})")
+
+
+def validate(s: Scenario, where: str) -> None:
+    """Check every field's type and range, then the cross-field rules (no file is read).
+
+    Raises:
+        ScenarioError: Naming `where`, the field path and the value.
+    """
+    if not isinstance(s, Scenario):
+        raise ScenarioError(f"{where}: expected a Scenario, got {type(s).__name__}")
+    _check_fields(s, where, "")
+    for rule in CROSS_FIELD_RULES:
+        rule(s, where)
+
+
+# --------------------------------------------------------------------------------------------
+# Step 3: resolve what a run needs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """What `resolve` found: the trace and the profiles' common limits."""
+
+    trace: Trace
+    min_freq_mhz: float
+    max_freq_mhz: float
+    idle_power_w: float
+    gpu_power_limit_w: float
+
+
+RESOLVE_RULES: list[Callable[[Scenario, str, _Resolved], None]] = []
+"""Rules that need the trace and the profiles; each docstring's first line is documented."""
+
+
+_ResolveRule = Callable[[Scenario, str, _Resolved], None]
+
+
+def _resolve_rule(rule: _ResolveRule) -> _ResolveRule:
+    RESOLVE_RULES.append(rule)
+    return rule
+
+
+def trace_path(ref: str, scenario_file: str | Path | None = None) -> Path | None:
+    """The file `workload.trace` names, or None for a shipped trace name.
+
+    A name without `/` and `.` is a shipped trace. A relative path is looked up next to the
+    scenario file first, then in the current directory.
+    """
+    if is_builtin_name(ref):
+        return None
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and scenario_file is not None:
+        beside = Path(scenario_file).parent / path
+        if beside.exists():
+            return beside.resolve()
+    return path.resolve()
+
+
+@_resolve_rule
+def _window_in_trace(s: Scenario, where: str, r: _Resolved) -> None:
+    """`workload.start_s` lies before the trace's end and the window holds a request.
+
+    A window reaching past the trace's end is clipped to it.
+    """
+    w = s.workload
+    if w.start_s >= r.trace.duration_s:
+        raise _fail(where, "workload.start_s", w.start_s,
+                    f"is past the end of trace {w.trace!r} ({r.trace.duration_s:.1f} s)")
+    if w.rps_per_gpu > 0 and w.window_s is not None and not len(r.trace.window(w.start_s, w.window_s)):
+        raise _fail(where, "workload.window_s", w.window_s,
+                    f"the window from start_s {w.start_s:g} holds no request of trace {w.trace!r}")
+
+
+@_resolve_rule
+def _pool_count(s: Scenario, where: str, r: _Resolved) -> None:
+    """`serving.pools` lists one entry per pool of the `workload.pools` set."""
+    from llm_cluster_gym.envs.sim.demand import POOL_SETS
+
+    names = POOL_SETS[s.workload.pools].names
+    if len(s.serving.pools) != len(names):
+        raise _fail(where, "serving.pools", f"{len(s.serving.pools)} pools",
+                    f"workload.pools {s.workload.pools!r} has {len(names)} pools {list(names)}")
+
+
+@_resolve_rule
+def _clocks_in_range(s: Scenario, where: str, r: _Resolved) -> None:
+    """Every clock (`serving.freq_choices_mhz`, the pools' `freq_mhz`) lies in the profile's clock range."""
+    lo, hi = r.min_freq_mhz, r.max_freq_mhz
+    why = f"outside the GPU's clock range [{lo:g}, {hi:g}] MHz (profile {s.serving.model}/{s.serving.gpu})"
+    for i, f in enumerate(s.serving.freq_choices_mhz):
+        if not lo <= f <= hi:
+            raise _fail(where, f"serving.freq_choices_mhz[{i}]", f, why)
+    for i, p in enumerate(s.serving.pools):
+        if not lo <= p.freq_mhz <= hi:
+            raise _fail(where, f"serving.pools[{i}].freq_mhz", p.freq_mhz, why)
+
+
+@_resolve_rule
+def _vm_power_in_range(s: Scenario, where: str, r: _Resolved) -> None:
+    """Every `vms.gpu_power_w` lies between the profile's idle GPU power and its GPU power limit."""
+    lo, hi = r.idle_power_w, r.gpu_power_limit_w
+    for i, w in enumerate(s.vms.gpu_power_w):
+        if not lo <= w <= hi:
+            raise _fail(where, f"vms.gpu_power_w[{i}]", w,
+                        f"a GPU draws between {lo:g} W (idle) and {hi:g} W (its power limit)")
+
+
+@_resolve_rule
+def _tdp_covers_gpu(s: Scenario, where: str, r: _Resolved) -> None:
+    """`datacenter.server.gpu_tdp_w` is at least the profile's GPU power limit."""
+    tdp = s.datacenter.server.gpu_tdp_w
+    if tdp < r.gpu_power_limit_w:
+        raise _fail(where, "datacenter.server.gpu_tdp_w", tdp,
+                    f"below the GPU power limit of the profile ({r.gpu_power_limit_w:g} W)")
+
+
+def resolve(s: Scenario, where: str, scenario_file: str | Path | None = None) -> Scenario:
+    """Find what a run will need, now: the trace, the pool set and the profiles.
+
+    Args:
+        s: A validated scenario.
+        where: The file (or name) errors name.
+        scenario_file: The scenario file, for a trace path relative to it.
+
+    Returns:
+        The scenario with a trace file path made absolute (shipped names stay names).
+
+    Raises:
+        ScenarioError: An unreadable or malformed trace, an unknown pool set, a missing
+            profile, or a value outside what the profile allows.
+    """
+    w = s.workload
+    path = trace_path(w.trace, scenario_file)
+    if path is not None and str(path) != w.trace:
+        s = dataclasses.replace(s, workload=dataclasses.replace(w, trace=str(path)))
+    try:
+        trace = resolve_trace(s.workload.trace)
+    except TraceError as exc:
+        raise _fail(where, "workload.trace", w.trace, str(exc)) from None
+    sv = s.serving
+    library = ProfileLibrary.load()
+    profiles = []
+    if not library.tps(sv.model, sv.gpu):
+        if sv.model not in library.models():
+            raise _fail(where, "serving.model", sv.model,
+                        f"no profile of this model; profiled: {library.models()}")
+        raise _fail(where, "serving.gpu", sv.gpu,
+                    f"no profile of {sv.model} on this GPU; profiled: {library.gpus(sv.model)}")
+    for i, tp in enumerate(sv.tp_choices):
+        try:
+            profiles.append(library.get(sv.model, sv.gpu, tp))
+        except ProfileError:
+            raise _fail(where, f"serving.tp_choices[{i}]", tp,
+                        f"no profile of {sv.model} on {sv.gpu} at this TP degree; profiled: "
+                        f"{library.tps(sv.model, sv.gpu)}") from None
+    found = _Resolved(
+        trace=trace,
+        min_freq_mhz=max(p.min_freq_mhz for p in profiles),
+        max_freq_mhz=min(p.max_freq_mhz for p in profiles),
+        idle_power_w=max(p.idle_power_w for p in profiles),
+        gpu_power_limit_w=min(p.gpu_power_limit_w for p in profiles),
+    )
+    for rule in RESOLVE_RULES:
+        rule(s, where, found)
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
 
 
 def load_scenario(name_or_path: str | Path) -> Scenario:
-    """Load a shipped scenario by name (`small`, `medium`, ...) or a YAML file by path."""
+    """Load a shipped scenario by name (`small`, `medium`, ...) or a YAML file by path.
+
+    Raises:
+        ScenarioError: Unknown name, unreadable file, invalid YAML, or any field that breaks
+            the schema (`docs/SCENARIOS.md`); the message names the file, field and value.
+    """
     path = Path(name_or_path)
     if not path.suffix:
         path = SCENARIO_DIR / f"{name_or_path}.yaml"
@@ -386,19 +978,199 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
             raise ScenarioError(f"unknown scenario {name_or_path!r}; shipped: {shipped}")
     where = str(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (safe)
     except OSError as exc:
-        raise ScenarioError(f"{where}: cannot read scenario file ({exc})") from exc
+        raise ScenarioError(f"{where}: cannot read scenario file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"{where}: not a UTF-8 text file (byte {exc.start}); a scenario is YAML"
+                            ) from None
     except yaml.YAMLError as exc:
-        raise ScenarioError(f"{where}: not valid YAML ({exc})") from exc
+        raise ScenarioError(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict) or "name" not in data:
         raise ScenarioError(f"{where}: a scenario file is a mapping with at least a 'name' key")
     scenario = _build(Scenario, data, where, "")
     scenario = dataclasses.replace(scenario, source=where)
     validate(scenario, where)
-    return scenario
+    return resolve(scenario, where, scenario_file=path)
 
 
 def shipped_scenarios() -> list[str]:
     """Names of the scenarios that ship with the package."""
     return sorted(p.stem for p in SCENARIO_DIR.glob("*.yaml"))
+
+
+# --------------------------------------------------------------------------------------------
+# The format's documentation, generated from the schema
+# --------------------------------------------------------------------------------------------
+
+
+def _type_text(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = next(a for a in args if a is not type(None))
+        return f"{_type_text(inner)} or null"
+    if origin is tuple:
+        inner = args[0]
+        return "list of mappings" if dataclasses.is_dataclass(inner) else f"list of {_type_text(inner)}s"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return {float: "number", int: "integer", str: "string", bool: "boolean"}[tp]
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default_factory is not dataclasses.MISSING:
+        return "see its section"
+    if f.default is dataclasses.MISSING:
+        return "required"
+    v = f.default
+    if v is None:
+        return "null"
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_default_scalar(x) for x in v) + "]"
+    return _default_scalar(v)
+
+
+def _default_scalar(v: Any) -> str:
+    if isinstance(v, str):
+        return f'"{v}"' if v else '""'
+    if isinstance(v, float):
+        return _num(v)
+    return str(v)
+
+
+def _first_paragraph(doc: str | None) -> str:
+    text = (doc or "").strip().split("\n\n")[0]
+    return " ".join(text.split())
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+_INTRO = """\
+# Scenario files
+
+<!-- Generated by llm_cluster_gym.envs.sim.scenario.scenario_reference(); do not edit by hand.
+     Regenerate with: python -m llm_cluster_gym.envs.sim.scenario docs/SCENARIOS.md -->
+
+A scenario file is a YAML mapping that describes one experiment: the datacenter, the requests
+that arrive, the LLM service, IaaS VMs, faults and accounting. `llm-cluster simulate --scenario
+<name or file>` and every other command that takes `--scenario` read it with
+`load_scenario`; the shipped ones are in `envs/scenarios/`. This page is generated from the
+dataclasses in `envs/sim/scenario.py`, which are the schema, and a test fails when it is out
+of date.
+
+Loading is strict. Every problem is a `ScenarioError` whose one line names the file, the field
+path and the value, e.g.
+
+    mine.yaml: field 'faults[1].magnitude' = 5.0: a cooling_failure keeps this fraction of
+    capacity: must be in (0, 1]
+
+and the command line turns it into exit status 2 with that line and no traceback. Refused:
+unknown keys, a key given twice, wrong types (a number where a list is expected is read as a
+one-element list), NaN or infinite numbers, values outside the ranges below, the cross-field
+rules broken, and anything the run would need that cannot be found. Numbers may be written
+`1e3`. Where the table gives no unit, the value is a count or a fraction.
+"""
+
+_CHOICES = """\
+## Decisions
+
+- **Oversubscription is bounded at 3x** (power and cooling; below 1 a domain is provisioned for
+  more than its nameplate, down to 0.01). Operators run rows and aisles at
+  1.2-2x (the range the TAPAS paper studies); a value far above that is a typo, and the
+  simulator's linear aisle-overload model (`overload_c_per_frac`) is not meant for it: at 100x
+  the GPUs read hundreds of degrees. For the same reason a cooling failure may not leave an
+  aisle more than 12x oversubscribed (`cooling_oversubscription / magnitude`): in
+  `small_faults` at 1 request/s per GPU with every IaaS server hosting a 690 W VM, the thermal
+  slowdown still holds the hottest GPU near 104 C at 12x; at 20x it reaches about 155 C. Such
+  values are refused rather than warned about: a warning scrolls past, a wrong temperature
+  ends up in a report.
+- **Faults and spikes must start inside the episode** (`0 <= start_s < duration_s`): one that
+  starts later would never happen, which is always a mistake in a file. A fault that lasts past
+  the end is allowed: it is still on when the episode ends. `Scenario.with_overrides(duration_s=...)`
+  (what `llm-cluster simulate --duration-s` does) runs a prefix of the episode, so it leaves out
+  the inherited faults and spikes that start after the new end.
+- **The episode is a whole number of control intervals**, and the control interval a whole
+  number of ticks: nothing is silently rounded or extended.
+- **A failure keeps a fraction in (0, 1] of capacity**; 0 (no cooling at all, no power at all)
+  is not modelled: servers would be off, not slow. A load spike multiplies the load by [1, 100].
+- **The initial configuration is one a controller could choose**: each pool's TP degree, clock
+  and batch cap are among the `serving` choices, and the clocks lie in the GPU's clock range
+  read from the profile (they are not clamped).
+- **The name is a safe file name**: it names the report folder (`reports/sim-<name>`), so it
+  cannot contain `/`, `\\` or start with `.`.
+- **A trace window past the trace's end is clipped to it** (the held-out test window is "to the
+  end"); a window that starts after the end is refused.
+"""
+
+_TRACES = """\
+## Trace files
+
+`workload.trace` names a shipped trace or a CSV file, read when the scenario loads (and cached
+per file version, so each episode reuses it). Accepted formats, found from the header (extra
+columns are ignored):
+
+| format | arrival column | input tokens | output tokens |
+|---|---|---|---|
+| Azure 2023 / 2024 | `TIMESTAMP` (ISO: naive, `+HH:MM`, `Z`) | `ContextTokens` | `GeneratedTokens` |
+| Vidur | `arrived_at` (seconds, >= 0) | `num_prefill_tokens` | `num_decode_tokens` |
+
+Arrival times must be sorted; token counts are whole numbers >= 1; NaN, infinite, negative and
+non-numeric values are refused; blank lines are skipped. A bad trace is a `TraceError` (exit 2)
+naming the file, the line, the column and the value, e.g.
+
+    traces/mine.csv: field 'ContextTokens' (column 2), row 2 (line 3): value '-3': must be >= 1
+
+A file that is not UTF-8 text (a binary file given by mistake) is refused with the line of the
+first undecodable byte.
+"""
+
+
+def scenario_reference() -> str:
+    """The format's documentation (`docs/SCENARIOS.md`), generated from the schema."""
+    out = [_INTRO]
+    for path, cls in SECTIONS:
+        title = path or "top level"
+        out.append(f"## `{title}`\n" if path else "## Top level\n")
+        out.append(_first_paragraph(cls.__doc__) + "\n")
+        out.append("| field | type | unit | range | default | meaning |")
+        out.append("|---|---|---|---|---|---|")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            rule = field_spec(f)
+            if rule.loader_only:
+                continue
+            tp = hints[f.name]
+            is_section = dataclasses.is_dataclass(tp) or (
+                typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0])
+            ) or any(dataclasses.is_dataclass(a) for a in typing.get_args(tp))
+            rng = "see its section" if is_section else rule.range_text()
+            out.append("| " + " | ".join(_cell(x) for x in (
+                f"`{f.name}`", _type_text(tp), rule.unit or "", rng, _default_text(f), rule.doc)) + " |")
+        out.append("")
+    out.append("## Cross-field rules\n")
+    out.append("Checked after every field is in range:\n")
+    out += [f"- {_first_paragraph(r.__doc__)}" for r in CROSS_FIELD_RULES]
+    out.append("")
+    out.append("## Resolved at load\n")
+    out.append("Everything a run needs is found when the scenario loads, not mid-run: the trace\n"
+               "(`workload.trace` exists and parses), the pool set (`workload.pools`), and a profile\n"
+               "of `serving.model` on `serving.gpu` for every TP degree in `serving.tp_choices`\n"
+               "(`envs/data/profiles/`). Then:\n")
+    out += [f"- {_first_paragraph(r.__doc__)}" for r in RESOLVE_RULES]
+    out.append("")
+    out.append(_CHOICES)
+    out.append(_TRACES)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_scenario_reference(path: str | Path) -> Path:
+    """Write `scenario_reference()` to `path` (the repository keeps it at `docs/SCENARIOS.md`)."""
+    path = Path(path)
+    path.write_text(scenario_reference(), encoding="utf-8")
+    return path
+
+
+if __name__ == "__main__":  # python -m llm_cluster_gym.envs.sim.scenario docs/SCENARIOS.md
+    print(write_scenario_reference(sys.argv[1] if len(sys.argv) > 1 else REFERENCE_DOC))

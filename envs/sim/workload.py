@@ -41,8 +41,10 @@ __all__ = [
     "arrivals_per_tick",
     "builtin_trace",
     "diurnal_trace",
+    "is_builtin_name",
     "load_trace",
     "merge",
+    "resolve_trace",
     "scale_to_rate",
 ]
 
@@ -71,9 +73,38 @@ class TraceError(ValueError):
     """
 
 
-def _row_error(path: Path, field: str, row: int, value: object, why: str) -> TraceError:
-    """Build a :class:`TraceError` naming file, field, row and value."""
-    return TraceError(f"{path}: field {field!r}, row {row}: value {value!r}: {why}")
+def _row_error(path: Path, field: str, row: int, value: object, why: str,
+               line: int | None = None, column: int | None = None) -> TraceError:
+    """Build a :class:`TraceError` naming file, field (and column), row (and line) and value."""
+    col = f" (column {column})" if column is not None else ""
+    ln = f" (line {line})" if line is not None else ""
+    return TraceError(f"{path}: field {field!r}{col}, row {row}{ln}: value {value!r}: {why}")
+
+
+class _Lines:
+    """Where a data row sits in the file: the header is line 1, blank lines are skipped.
+
+    Only the blank lines' numbers are kept, so the map costs nothing on a clean file; it is
+    read on error paths only.
+    """
+
+    def __init__(self, path: Path, header: list[str]) -> None:
+        self.path, self.header = path, header
+        self.blank: list[int] = []
+
+    def line(self, row: int) -> int:
+        """The file line of data row ``row`` (1-based)."""
+        line = row + 1
+        for b in self.blank:  # ascending
+            if b > line:
+                break
+            line += 1
+        return line
+
+    def error(self, field: str, row: int, value: object, why: str) -> TraceError:
+        """A :class:`TraceError` for ``field`` of data row ``row``."""
+        column = self.header.index(field) + 1 if field in self.header else None
+        return _row_error(self.path, field, row, value, why, line=self.line(row), column=column)
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -191,31 +222,31 @@ def _first_bad(values: np.ndarray, convert) -> int:
     return -1
 
 
-def _parse_tokens(col: np.ndarray, path: Path, field: str, row0: int, min_value: int) -> np.ndarray:
+def _parse_tokens(col: np.ndarray, where: _Lines, field: str, row0: int, min_value: int) -> np.ndarray:
     """Parse a bytes column of token counts; reject non-numbers, non-integers, < min_value."""
     try:
         x = col.astype(np.float64)
     except ValueError:
         i = _first_bad(col, lambda v: float(v))
-        raise _row_error(
-            path, field, row0 + i, col[i].decode(errors="replace"), "not a number"
-        ) from None
+        raise where.error(field, row0 + i, col[i].decode(errors="replace"), "not a number") from None
     bad = ~np.isfinite(x) | (x != np.round(x)) | (x < min_value) | (x > _INT32_MAX)
     if bad.any():
         i = int(np.argmax(bad))
         v = x[i]
         why = (
-            "not an integer"
-            if not np.isfinite(v) or v != round(v)
+            "not a finite number"
+            if not np.isfinite(v)
+            else "not an integer"
+            if v != round(v)
             else f"must be >= {min_value}"
             if v < min_value
             else "too large for int32"
         )
-        raise _row_error(path, field, row0 + i, col[i].decode(errors="replace"), why)
+        raise where.error(field, row0 + i, col[i].decode(errors="replace"), why)
     return x.astype(np.int32)
 
 
-def _parse_timestamps_ns(col: np.ndarray, path: Path, field: str, row0: int) -> np.ndarray:
+def _parse_timestamps_ns(col: np.ndarray, where: _Lines, field: str, row0: int) -> np.ndarray:
     """Parse a bytes column of ISO timestamps to int64 ns since the epoch, in UTC.
 
     Accepts naive timestamps (2023 trace: ``2023-11-16 18:17:03.9799600``) and tz-aware ones
@@ -250,40 +281,120 @@ def _parse_timestamps_ns(col: np.ndarray, path: Path, field: str, row0: int) -> 
         b[rows[has_off, None], cols] = 0
     has_z = (length > 0) & (at(length - 1) == ord("Z"))
     b[rows[has_z], length[has_z] - 1] = 0
+    # numpy also reads "5" as the year 0005: require a calendar date, YYYY-MM-DD...
+    dated = (length >= 10) & (at(np.full(n, 4)) == ord("-")) & (at(np.full(n, 7)) == ord("-"))
+    if not dated.all():
+        i = int(np.argmin(dated))
+        raise where.error(field, row0 + i, col[i].decode(errors="replace"),
+                          "not an ISO timestamp (YYYY-MM-DD hh:mm:ss)")
     stripped = b.view(f"S{width}").reshape(n)
     try:
         t = stripped.astype("datetime64[ns]")
     except ValueError:
         i = _first_bad(stripped, lambda v: np.datetime64(v.decode(), "ns"))
-        raise _row_error(
-            path, field, row0 + i, col[i].decode(errors="replace"), "unparsable timestamp"
+        raise where.error(
+            field, row0 + i, col[i].decode(errors="replace"), "unparsable timestamp"
         ) from None
     nat = np.isnat(t)
     if nat.any():
         i = int(np.argmax(nat))
-        raise _row_error(
-            path, field, row0 + i, col[i].decode(errors="replace"), "missing timestamp"
-        )
+        raise where.error(field, row0 + i, col[i].decode(errors="replace"), "missing timestamp")
     # local = UTC + offset  =>  UTC = local - offset
     return t.astype(np.int64) - offset_min * 60_000_000_000
 
 
-def _parse_seconds(col: np.ndarray, path: Path, field: str, row0: int) -> np.ndarray:
+def _parse_seconds(col: np.ndarray, where: _Lines, field: str, row0: int) -> np.ndarray:
     """Parse a bytes column of arrival seconds (Vidur's ``arrived_at``)."""
     try:
         x = col.astype(np.float64)
     except ValueError:
         i = _first_bad(col, lambda v: float(v))
-        raise _row_error(
-            path, field, row0 + i, col[i].decode(errors="replace"), "not a number"
-        ) from None
+        raise where.error(field, row0 + i, col[i].decode(errors="replace"), "not a number") from None
     bad = ~np.isfinite(x) | (x < 0)
     if bad.any():
         i = int(np.argmax(bad))
-        raise _row_error(
-            path, field, row0 + i, col[i].decode(errors="replace"), "must be finite and >= 0"
-        )
+        raise where.error(field, row0 + i, col[i].decode(errors="replace"), "must be finite and >= 0")
     return x
+
+
+def _read_columns(
+    path: Path,
+) -> tuple[str, tuple[str, ...], _Lines, list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Parse a trace file's three columns chunk by chunk: (kind, fields, lines, times, ins, outs)."""
+    with path.open("r", encoding="utf-8-sig") as f:  # universal newlines; drop a BOM
+        header_line = f.readline()
+        if "\x00" in header_line:
+            raise TraceError(f"{path}: line 1: holds NUL bytes; a trace is a CSV text file")
+        header = [h.strip().strip('"') for h in header_line.strip().split(",")]
+        if not header_line.strip():
+            raise TraceError(f"{path}: empty file (no header row)")
+        if "arrived_at" in header:
+            fields, kind = _VIDUR_COLUMNS, "vidur"
+        else:
+            fields, kind = _AZURE_COLUMNS, "azure"
+        for field in fields:
+            if field not in header:
+                shown = repr(header) if len(repr(header)) <= 200 else repr(header)[:200] + "..."
+                raise TraceError(
+                    f"{path}: field {field!r} missing from header {shown} "
+                    f"(expected columns {list(fields)})"
+                )
+        usecols = [header.index(field) for field in fields]
+        where = _Lines(path, header)
+        times: list[np.ndarray] = []
+        ins: list[np.ndarray] = []
+        outs: list[np.ndarray] = []
+        row0, line0 = 1, 1  # next data row; lines read so far (the header)
+        while True:
+            lines = list(itertools.islice(f, _CHUNK_ROWS))
+            if not lines:
+                break
+            blank = [i for i, ln in enumerate(lines) if not ln.strip()]
+            if blank:
+                where.blank.extend(line0 + 1 + i for i in blank)
+                skip = set(blank)
+                data = [ln for i, ln in enumerate(lines) if i not in skip]
+            else:
+                data = lines
+            line0 += len(lines)
+            if not data:
+                continue
+            try:
+                cells = np.loadtxt(
+                    data, delimiter=",", dtype=bytes, usecols=usecols, ndmin=2, comments=None
+                )
+            except ValueError as e:
+                need = max(usecols) + 1
+                short = next((i for i, ln in enumerate(data) if ln.count(",") + 1 < need), None)
+                if short is not None:
+                    row = row0 + short
+                    raise TraceError(
+                        f"{path}: row {row} (line {where.line(row)}): "
+                        f"{data[short].count(',') + 1} comma-separated values, the header's "
+                        f"columns {list(fields)} need {need}"
+                    ) from None
+                raise TraceError(
+                    f"{path}: malformed CSV in rows {row0}..{row0 + len(data) - 1}: {e}"
+                ) from None
+            if kind == "vidur":
+                times.append(_parse_seconds(cells[:, 0], where, fields[0], row0))
+            else:
+                times.append(_parse_timestamps_ns(cells[:, 0], where, fields[0], row0))
+            ins.append(_parse_tokens(cells[:, 1], where, fields[1], row0, 1))
+            outs.append(_parse_tokens(cells[:, 2], where, fields[2], row0, 1))
+            row0 += len(cells)
+    return kind, fields, where, times, ins, outs
+
+
+def _undecodable(path: Path) -> tuple[int, int]:
+    """(line, byte value) of the first byte of ``path`` that is not UTF-8 (error path only)."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return n, raw[e.start]
+    return 1, 0
 
 
 def load_trace(path: str | Path, name: str | None = None) -> Trace:
@@ -316,50 +427,24 @@ def load_trace(path: str | Path, name: str | None = None) -> Trace:
         The trace.
 
     Raises:
-        TraceError: Missing file or column, empty file, unparsable or unsorted timestamps,
-            token counts that are not positive integers (output tokens of 0 included); the
-            message names the file, field, data row (1-based) and value.
+        TraceError: Missing file or column, empty file, a file that is not UTF-8 text (a
+            binary file), a row with too few values, unparsable or unsorted timestamps,
+            token counts that are not positive integers (output tokens of 0, NaN and
+            infinities included), negative or non-finite Vidur arrival times; the message
+            names the file, field (and column), data row (1-based, blank lines skipped), its
+            line in the file, and the value.
     """
     path = Path(path)
     if not path.is_file():
         raise TraceError(f"{path}: no such trace file")
-    with path.open("r", encoding="utf-8-sig") as f:  # universal newlines; drop a BOM
-        header_line = f.readline()
-        header = [h.strip().strip('"') for h in header_line.strip().split(",")]
-        if not header_line.strip():
-            raise TraceError(f"{path}: empty file (no header row)")
-        if "arrived_at" in header:
-            fields, kind = _VIDUR_COLUMNS, "vidur"
-        else:
-            fields, kind = _AZURE_COLUMNS, "azure"
-        for field in fields:
-            if field not in header:
-                raise TraceError(
-                    f"{path}: field {field!r} missing from header {header!r} "
-                    f"(expected columns {list(fields)})"
-                )
-        usecols = [header.index(field) for field in fields]
-        times: list[np.ndarray] = []
-        ins: list[np.ndarray] = []
-        outs: list[np.ndarray] = []
-        row0 = 1
-        while True:
-            lines = [ln for ln in itertools.islice(f, _CHUNK_ROWS)]
-            if not lines:
-                break
-            try:
-                cells = np.loadtxt(
-                    lines, delimiter=",", dtype=bytes, usecols=usecols, ndmin=2, comments=None
-                )
-            except ValueError as e:
-                raise TraceError(f"{path}: malformed CSV in rows {row0}..: {e}") from e
-            if kind == "vidur":
-                times.append(_parse_seconds(cells[:, 0], path, fields[0], row0))
-            else:
-                times.append(_parse_timestamps_ns(cells[:, 0], path, fields[0], row0))
-            ins.append(_parse_tokens(cells[:, 1], path, fields[1], row0, 1))
-            outs.append(_parse_tokens(cells[:, 2], path, fields[2], row0, 1))
-            row0 += len(cells)
+    try:
+        kind, fields, where, times, ins, outs = _read_columns(path)
+    except UnicodeDecodeError:
+        line, byte = _undecodable(path)
+        raise TraceError(
+            f"{path}: line {line}: byte 0x{byte:02x} is not UTF-8 text; a trace is a CSV file "
+            f"(is this a binary file?)"
+        ) from None
     if not times or sum(len(t) for t in times) == 0:
         raise TraceError(f"{path}: empty file (header but no data rows)")
     t = np.concatenate(times)
@@ -367,7 +452,7 @@ def load_trace(path: str | Path, name: str | None = None) -> Trace:
     if back.size:
         i = int(back[0]) + 1
         value = str(np.datetime64(int(t[i]), "ns")) if kind == "azure" else repr(float(t[i]))
-        raise _row_error(path, fields[0], i + 1, value, "timestamps are not sorted ascending")
+        raise where.error(fields[0], i + 1, value, "timestamps are not sorted ascending")
     if kind == "azure":
         origin_ns = (t[0] // 1_000_000_000) * 1_000_000_000
         arrival_s = (t - origin_ns).astype(np.float64) * 1e-9
@@ -399,6 +484,38 @@ def builtin_trace(name: str) -> Trace:
     if name not in BUILTIN_TRACES:
         raise TraceError(f"unknown builtin trace {name!r}; choose one of {sorted(BUILTIN_TRACES)}")
     return load_trace(TRACES_DIR / BUILTIN_TRACES[name], name=name)
+
+
+def is_builtin_name(ref: str) -> bool:
+    """Whether a scenario's ``workload.trace`` is a shipped trace's name (no ``/``, no ``.``)."""
+    return "/" not in ref and "." not in ref
+
+
+def resolve_trace(ref: str) -> Trace:
+    """The trace a scenario names: a shipped trace by name, or a CSV file by path.
+
+    A file is parsed once per version (path, modification time, size) and cached, so that
+    loading a scenario checks its trace and every episode reuses the parse.
+
+    Raises:
+        TraceError: Unknown shipped name, missing file, or a malformed file (see :func:`load_trace`).
+    """
+    if is_builtin_name(ref):
+        return builtin_trace(ref)
+    path = Path(ref).expanduser()
+    try:
+        st = path.stat()
+    except OSError:
+        raise TraceError(f"{path}: no such trace file") from None
+    if not path.is_file():
+        raise TraceError(f"{path}: not a file")
+    return _file_trace(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _file_trace(path: str, mtime_ns: int, size: int) -> Trace:
+    """`load_trace`, cached per file version (the key's mtime and size)."""
+    return load_trace(path)
 
 
 # --------------------------------------------------------------------------------------------
