@@ -12,6 +12,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from gymnasium.error import ResetNeeded
 from llm_cluster_gym.envs.actions import TASKS, ActionCodec
 from llm_cluster_gym.envs.backend import ClusterBackend, ClusterLayout, PoolConfig, ServiceMetrics, Telemetry
 from llm_cluster_gym.envs.observation import OBS_CLIP, ObservationBuilder, observation_spec
@@ -26,6 +27,8 @@ INFO_METRICS = (
     "reconfigurations", "peak_row_power_w", "max_gpu_temp_c", "carbon_g", "gpu_hours",
 )
 FAULT_NAMES = ("cooling_failure", "power_failure", "load_spike")
+RESET_OPTIONS = ("backend_seed",)
+"""Keys `ClusterEnv.reset` accepts in ``options`` (any other key is refused)."""
 
 
 class ClusterEnv(gym.Env):
@@ -81,6 +84,9 @@ class ClusterEnv(gym.Env):
 
     ## Episode End
     Never terminated; truncated when the scenario's duration (the trace window) is simulated.
+    Stepping a truncated episode (or before the first `reset`) raises
+    `gymnasium.error.ResetNeeded`: call `reset()` first (stable-baselines3's vector envs do).
+    `reset(options=...)` accepts only ``backend_seed`` (`RESET_OPTIONS`).
 
     ## Arguments
     `task` ("energy" | "thermal" | "combined"), `scenario` (name or path), `serving_model`
@@ -150,6 +156,7 @@ class ClusterEnv(gym.Env):
         self._reset_settings()
         self._tel: Telemetry | None = None
         self._metrics: ServiceMetrics | None = None
+        self._truncated = False
 
     def _reset_settings(self) -> None:
         lay = self.layout
@@ -164,24 +171,47 @@ class ClusterEnv(gym.Env):
 
         ``options={"backend_seed": n}`` seeds the backend with `n` itself instead (what a run
         seeded at the backend, such as `llm-cluster simulate`, reproduces).
+
+        Raises:
+            ValueError: An option other than ``backend_seed`` (`RESET_OPTIONS`), or a
+                ``backend_seed`` that is not an integer >= 0.
         """
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(RESET_OPTIONS))
+        if unknown:
+            raise ValueError(f"ClusterEnv.reset: unknown option(s) {unknown}; known: {list(RESET_OPTIONS)}")
+        backend_seed = options.get("backend_seed")
+        if backend_seed is not None and (isinstance(backend_seed, bool) or not isinstance(
+                backend_seed, int | np.integer) or backend_seed < 0):
+            raise ValueError(f"ClusterEnv.reset: option 'backend_seed' must be an integer >= 0, "
+                             f"got {backend_seed!r}")
         super().reset(seed=seed)
-        backend_seed = int(self.np_random.integers(2**31 - 1))
-        if options and options.get("backend_seed") is not None:
-            backend_seed = int(options["backend_seed"])
+        drawn = int(self.np_random.integers(2**31 - 1))
+        backend_seed = drawn if backend_seed is None else int(backend_seed)
         self._tel = self.backend.reset(seed=backend_seed)
         self._metrics = None
         self._reset_settings()
         self._obs.reset()
         self._step_count = 0
+        self._truncated = False
         obs = self._observe()
         info = self._info(None, {f"{k}_{t}": 0.0 for t in TERMS for k in ("cost", "reward")})
         info["placement_masked"] = 0.0
         return obs, info
 
     def step(self, action):
-        """Apply the action for one control interval (None: hold every setting, apply nothing)."""
-        assert self._tel is not None, "call reset() before step()"
+        """Apply the action for one control interval (None: hold every setting, apply nothing).
+
+        Raises:
+            gymnasium.error.ResetNeeded: Before the first `reset`, or after the episode was
+                truncated (the backend has simulated its whole duration).
+            InvalidActionError: An action outside the action space.
+        """
+        if self._tel is None:
+            raise ResetNeeded("ClusterEnv.step: call reset() before step()")
+        if self._truncated:
+            raise ResetNeeded(f"ClusterEnv.step: the episode was truncated after {self._step_count} "
+                              "steps (its whole duration); call reset() to start another")
         masked = False
         if action is not None:
             masked = self._apply(action)
@@ -190,6 +220,7 @@ class ClusterEnv(gym.Env):
         self._tel = self.backend.telemetry()
         self._metrics = m
         truncated = bool(self.backend.done)
+        self._truncated = truncated
         reward, terms = compute_reward(m, self.reward_weights, self.energy_ref_j,
                                        episode_end=truncated)
         obs = self._observe()

@@ -188,3 +188,56 @@ def test_subproc_vec_env():
         assert rewards.shape == (2,) and "energy_j" in infos[0]
     finally:
         venv.close()
+
+
+# ---------------------------------------------------------------- strictness (issue 16)
+def _short_env(duration_s: float = 15.0) -> ClusterEnv:
+    from llm_cluster_gym.envs.sim.cluster import SimCluster
+    from llm_cluster_gym.envs.sim.scenario import load_scenario
+
+    scenario = load_scenario("small").with_overrides(duration_s=duration_s)
+    return ClusterEnv(task="energy", backend=SimCluster(scenario, serving_model="aggregate"))
+
+
+def test_step_after_truncation_or_before_reset_raises():
+    from gymnasium.error import ResetNeeded
+
+    env = _short_env()
+    with pytest.raises(ResetNeeded, match=r"reset\(\) before step"):
+        env.step(None)
+    env.reset(seed=0)
+    truncated = [env.step(None)[3] for _ in range(3)]
+    assert truncated == [False, False, True]
+    t_end = env.last_telemetry.time_s
+    with pytest.raises(ResetNeeded, match="truncated after 3 steps"):
+        env.step(None)
+    assert env.last_telemetry.time_s == t_end  # nothing was simulated
+    env.reset(seed=1)
+    assert env.step(None)[3] is False
+
+
+def test_reset_refuses_unknown_options():
+    env = _short_env()
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['backend_sed'\].*backend_seed"):
+        env.reset(seed=0, options={"backend_sed": 3})
+    for bad in (-1, 1.5, "3", True):
+        with pytest.raises(ValueError, match="'backend_seed' must be an integer >= 0"):
+            env.reset(options={"backend_seed": bad})
+    env.reset(seed=0, options={})
+    a = env.reset(seed=0, options={"backend_seed": 5})[0]
+    b = env.reset(seed=9, options={"backend_seed": 5})[0]
+    np.testing.assert_array_equal(a, b)  # the backend seed alone sets the episode
+    env.reset(seed=0, options={"backend_seed": None})  # None: drawn from the env's generator
+
+
+def test_vec_env_resets_itself_across_episode_ends():
+    from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    venv = DummyVecEnv([lambda: Monitor(_short_env())])
+    venv.seed(0)
+    venv.reset()
+    dones = [bool(venv.step(np.zeros((1, len(venv.action_space.nvec)), dtype=np.int64))[2][0])
+             for _ in range(7)]
+    assert dones == [False, False, True, False, False, True, False]
+    venv.close()
