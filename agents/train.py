@@ -4,7 +4,7 @@ One call, `train(...)`, does the whole run:
 
 * vectorized training envs on the *train* trace window (SubprocVecEnv for n_envs > 1, DummyVecEnv
   for 1), wrapped in VecNormalize (observation and reward normalization);
-* TensorBoard logs under `<out>/tb`, a tqdm progress bar;
+* TensorBoard logs under `<out>/tb` (the scalars: `agents.train_logging`), a tqdm progress bar;
 * every `eval_freq` steps, an evaluation of the current policy on the request-level variant of
   the task (the `eval_id`) on the *validation* trace window; the best one is kept as the shipped
   checkpoint in `<out>/` (model.zip, vecnormalize.pkl, metadata.json);
@@ -50,6 +50,7 @@ from llm_cluster_gym.agents.checkpoint import (
 from llm_cluster_gym.agents.config import WINDOWS, TaskConfig, training_plan
 from llm_cluster_gym.agents.evaluate import compare_with_static, make_env, run_episodes, summarize
 from llm_cluster_gym.agents.policy import TrainedPolicy
+from llm_cluster_gym.agents.train_logging import EpisodeScalars, log_evaluation
 from llm_cluster_gym.envs.sim.scenario import load_scenario
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.monitor import Monitor
@@ -144,6 +145,7 @@ class CheckpointAndEval(BaseCallback):
     def _on_training_end(self) -> None:
         if self.eval_env is not None:
             self.evaluate()
+            self.logger.dump(self.model.num_timesteps)  # after SB3's last dump of this stage
             self.eval_env.close()
         self.save_last()
 
@@ -311,7 +313,7 @@ def train(
 
     cb = CheckpointAndEval(out, cfg, metadata, best_reward, cfg.eval_freq if evaluate else 0,
                            cfg.checkpoint_freq)
-    callbacks: list[BaseCallback] = [cb]
+    callbacks: list[BaseCallback] = [cb, EpisodeScalars()]
     if stage1_end is None:  # what the progress bar expects: whole rollouts per stage
         total = (start_steps + plan.whole_rollouts(max(0, stage1 - start_steps))
                  + plan.whole_rollouts(finetune))
@@ -335,7 +337,8 @@ def train(
             venv.obs_rms, venv.ret_rms = stats.obs_rms, stats.ret_rms
             stats.close()
             model.set_env(venv)
-        callbacks = [cb] + ([ProgressBar(total, int(model.num_timesteps))] if progress else [])
+        callbacks = [cb, EpisodeScalars()] + ([ProgressBar(total, int(model.num_timesteps))]
+                                              if progress else [])
         model.learn(total_timesteps=remaining, callback=CallbackList(callbacks),
                     tb_log_name=f"{cfg.task}_finetune", reset_num_timesteps=False)
     wall_s = prior_wall_s + time.perf_counter() - t0
@@ -344,6 +347,8 @@ def train(
         save_checkpoint(out, model, venv, meta)
     else:
         meta = finalize(out, cfg)
+        if tensorboard:
+            log_evaluation(model, meta["evaluation"])
     venv.close()
     return TrainResult(out=out, model=model, num_timesteps=int(model.num_timesteps), wall_s=wall_s,
                        metadata=meta)
