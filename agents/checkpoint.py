@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import subprocess
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,13 @@ def save_checkpoint(directory: str | Path, model: Any, vecnormalize: Any,
                     metadata: dict[str, Any]) -> Path:
     """Write model, VecNormalize statistics and metadata (with the files' SHA-256) to a directory.
 
+    Crash-safe: the model and the statistics are first written under temporary names beside
+    their targets (the previous checkpoint stays whole and loadable meanwhile); then the old
+    metadata is removed, the new files are renamed into place, and the metadata is written last
+    through a temporary file. A save that dies therefore leaves either the previous checkpoint,
+    or files without ``metadata.json``, which `load_metadata` refuses: never a half checkpoint
+    that looks complete.
+
     Args:
         directory: Checkpoint directory (created; existing files are replaced).
         model: An SB3 model with `.save(path)`.
@@ -125,21 +134,32 @@ def save_checkpoint(directory: str | Path, model: Any, vecnormalize: Any,
     Returns:
         The directory.
     """
+    from llm_cluster_gym.envs.outputs import write_file_atomic
+
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    model.save(d / MODEL_FILE)
-    files = {MODEL_FILE: sha256_file(d / MODEL_FILE)}
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staged = {MODEL_FILE: d / f".incomplete-{tag}-{MODEL_FILE}"}
     if vecnormalize is not None:
-        vecnormalize.save(str(d / VECNORM_FILE))
-        files[VECNORM_FILE] = sha256_file(d / VECNORM_FILE)
-    elif (d / VECNORM_FILE).exists():
-        (d / VECNORM_FILE).unlink()
-    meta = dict(metadata)
-    meta["format_version"] = FORMAT_VERSION
-    meta["files_sha256"] = files
-    tmp = d / (METADATA_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n")
-    tmp.replace(d / METADATA_FILE)
+        staged[VECNORM_FILE] = d / f".incomplete-{tag}-{VECNORM_FILE}"
+    try:
+        model.save(staged[MODEL_FILE])
+        if vecnormalize is not None:
+            vecnormalize.save(str(staged[VECNORM_FILE]))
+        files = {name: sha256_file(path) for name, path in staged.items()}
+        meta = dict(metadata)
+        meta["format_version"] = FORMAT_VERSION
+        meta["files_sha256"] = files
+        text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n"
+        (d / METADATA_FILE).unlink(missing_ok=True)  # from here until the end: no checkpoint
+        for name, path in staged.items():
+            os.replace(path, d / name)
+        if vecnormalize is None:
+            (d / VECNORM_FILE).unlink(missing_ok=True)
+        write_file_atomic(d / METADATA_FILE, text.encode())
+    finally:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
     return d
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from llm_cluster_gym.agents.config import WINDOWS
 from llm_cluster_gym.envs.episode import COMPARISON_COLUMNS, EpisodeResult
+from llm_cluster_gym.envs.outputs import safe_name, staged_folder
 from llm_cluster_gym.envs.rollout import run_measured
 from llm_cluster_gym.envs.sim.scenario import Scenario, load_scenario
 
@@ -243,7 +244,14 @@ def _png(fig: Any, plt: Any) -> bytes:
 
 
 def write_evaluation(evals: Sequence[TaskEvaluation], out_dir: Path, command: str = "") -> Path:
-    """Write `report.md` and the PNGs (all rendered in memory first, then written)."""
+    """Write `report.md`, `summary.json` and the PNGs into `out_dir`, all at once.
+
+    Everything is rendered in memory first, then written through `envs.outputs.staged_folder`:
+    the folder appears complete, replacing the previous run's, or not at all.
+
+    Raises:
+        OutputFolderError: `out_dir` is a file or holds files no run wrote.
+    """
     import json
 
     files: dict[str, bytes] = {}
@@ -265,7 +273,7 @@ def write_evaluation(evals: Sequence[TaskEvaluation], out_dir: Path, command: st
         md += [f"The shield stepped in on {shield.stat('shield_overrides')[0]:.1f} of {n_int} "
                f"intervals per episode on average.", ""]
         for key, png in _plots(ev).items():
-            name = f"{ev.plan.task}_{ev.plan.scenario}_{key}.png"
+            name = safe_name(f"{ev.plan.task}_{ev.plan.scenario}_{key}") + ".png"
             files[name] = png
             md += [f"![{ev.plan.task} {key}]({name})", ""]
         summary[f"{ev.plan.task}/{ev.plan.scenario}"] = {
@@ -275,9 +283,7 @@ def write_evaluation(evals: Sequence[TaskEvaluation], out_dir: Path, command: st
         }
     files["report.md"] = "\n".join(md).encode()
     files["summary.json"] = json.dumps(summary, indent=1, default=float).encode()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(out_dir / name)
-    return out_dir / "report.md"
+    with staged_folder(out_dir, command) as stage:
+        for name, data in files.items():
+            (stage / name).write_bytes(data)
+    return Path(out_dir) / "report.md"

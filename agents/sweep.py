@@ -43,6 +43,7 @@ import numpy as np
 from llm_cluster_gym.controllers.policy_spec import make_policy as make_spec_policy
 from llm_cluster_gym.controllers.policy_spec import parse_policy_spec
 from llm_cluster_gym.envs.episode import COMPARISON_COLUMNS, EpisodeResult
+from llm_cluster_gym.envs.outputs import staged_folder
 from llm_cluster_gym.envs.rollout import run_measured
 from llm_cluster_gym.envs.sim.report import write_report
 from llm_cluster_gym.envs.sim.scenario import FaultSpec, Scenario, load_scenario
@@ -377,11 +378,14 @@ def run_sweep(cells: Sequence[Cell], spec: SweepSpec, *, retries: int = 1,
     Raises:
         SweepError: An empty grid.
         PolicySpecError: A cell's policy is not a valid spec (before Ray starts).
+        ScenarioError: A cell's scenario is unknown or its drill does not fit it (before Ray starts).
     """
     if not cells:
         raise SweepError("sweep: the grid is empty")
     for c in cells:
         parse_policy_spec(c.policy)
+    for scenario, drill in dict.fromkeys((c.scenario, c.drill) for c in cells):
+        drill_scenario(scenario, drill, spec.window)  # unknown scenario or unfit drill: before Ray
     ray = init_ray() if not _ray_ready() else require_ray()
     from tqdm.auto import tqdm
 
@@ -470,7 +474,8 @@ def write_sweep(sweep: SweepResult, out: str | Path, reports: str = "first-seed"
     Files: ``sweep.md`` (table, failures, settings), ``cells.csv`` (one row per finished cell,
     every summary figure), ``sweep.json`` (the same plus failures), and per cell
     ``reports/<slug>/`` with `envs.sim.report.write_report`'s report, the single-run
-    evaluation's format.
+    evaluation's format. The folder is written all at once (`envs.outputs.staged_folder`): it
+    appears complete, replacing the previous sweep's, or not at all.
 
     Args:
         sweep: The result.
@@ -481,14 +486,22 @@ def write_sweep(sweep: SweepResult, out: str | Path, reports: str = "first-seed"
 
     Returns:
         Path of ``sweep.md``.
+
+    Raises:
+        OutputFolderError: `out` is a file or holds files no run wrote.
     """
+    if reports not in ("all", "first-seed", "none"):
+        raise SweepError(f"sweep: field 'reports' is {reports!r}, not one of ('all', 'first-seed', 'none')")
+    with staged_folder(out, command) as stage:
+        _write_sweep_files(sweep, stage, reports, command)
+    return Path(out) / "sweep.md"
+
+
+def _write_sweep_files(sweep: SweepResult, out: Path, reports: str, command: str) -> None:
+    """The files of `write_sweep`, into the (staging) folder `out`."""
     import csv
     import json
 
-    if reports not in ("all", "first-seed", "none"):
-        raise SweepError(f"sweep: field 'reports' is {reports!r}, not one of ('all', 'first-seed', 'none')")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     keys = list(sweep.results[0].summary) if sweep.results else [k for k, _ in COLUMNS]
     with open(out / "cells.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -530,6 +543,4 @@ def write_sweep(sweep: SweepResult, out: str | Path, reports: str = "first-seed"
                          command=command)
             lines.append(f"- [{c.name}](reports/{c.slug}/report.md)")
         lines.append("")
-    path = out / "sweep.md"
-    path.write_text("\n".join(lines))
-    return path
+    (out / "sweep.md").write_text("\n".join(lines))

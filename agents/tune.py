@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
+import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,37 +292,60 @@ def _plain(config: dict[str, Any]) -> dict[str, Any]:
 def _write_outputs(out: Path, ckpt: Any, cfg: TaskConfig, params: dict[str, Any], best_reward: float,
                    trials: list[dict[str, Any]], settings: TuneSettings, seed: int, n_envs: int,
                    hyperparams: str | Path, space_path: str | Path) -> None:
-    """Best checkpoint (+ last/), tuned hyperparameter file and trial table into `out`."""
-    from llm_cluster_gym.agents.checkpoint import METADATA_FILE, MODEL_FILE, VECNORM_FILE
+    """Best checkpoint (+ last/), tuned hyperparameter file and trial table into `out`.
 
-    with tempfile.TemporaryDirectory(prefix="tune-best-") as tmp:
-        src = Path(ckpt.to_directory(tmp))
-        for name in (MODEL_FILE, VECNORM_FILE):
-            shutil.copy2(src / name, out / name)
-        if (out / "last").exists():
-            shutil.rmtree(out / "last")
-        shutil.copytree(src / "last", out / "last")
-        meta = json.loads((src / METADATA_FILE).read_text())
-    tcfg = trial_config(cfg, params, n_envs)
-    meta["tune"] = {"best_params": params, "best_validation_reward": best_reward,
-                    "metric": f"mean episode reward, validation window, seeds {list(settings.eval_seeds)}",
-                    "space_file": str(space_path), "settings": dataclasses.asdict(settings),
-                    "n_trials": len(trials), "seed": seed}
-    meta["hyperparams"] = tcfg.as_dict()
-    (out / METADATA_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-    data = yaml.safe_load(Path(hyperparams).read_text())
-    entry = data[cfg.task]
-    algo = dict(entry.get("algo_params") or {})
-    algo.update(dataclasses.asdict(tcfg.algo_params))
-    algo["net_arch"] = list(tcfg.algo_params.net_arch)
-    entry["algo_params"] = algo
-    header = (f"# Written by agents.tune: task {cfg.task!r} algo_params = the best of {len(trials)} Ray Tune "
-              f"trials\n# (ASHA; space {space_path}; validation reward {best_reward:.4g}); other "
-              f"entries copied from\n# {hyperparams}.\n")
-    (out / "hyperparams.yaml").write_text(header + yaml.safe_dump(data, sort_keys=False))
-    keys = sorted({k for t in trials for k in t})
-    with open(out / "tune_trials.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
+    Everything is prepared first (files copied under temporary names beside their targets, the
+    texts in memory); then the old ``metadata.json`` is removed, the files are renamed into
+    place, and the new metadata is written last, so a crash never leaves a checkpoint that looks
+    complete but mixes two runs (`agents.checkpoint.save_checkpoint` does the same).
+    """
+    from llm_cluster_gym.agents.checkpoint import METADATA_FILE, MODEL_FILE, VECNORM_FILE
+    from llm_cluster_gym.envs.outputs import swap_folder, write_file_atomic
+
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staged: dict[Path, Path] = {}  # staging path -> final path
+    last_stage = out / f".last.incomplete-{tag}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="tune-best-") as tmp:
+            src = Path(ckpt.to_directory(tmp))
+            for name in (MODEL_FILE, VECNORM_FILE):
+                staged[out / f".incomplete-{tag}-{name}"] = out / name
+                shutil.copy2(src / name, out / f".incomplete-{tag}-{name}")
+            shutil.copytree(src / "last", last_stage)
+            meta = json.loads((src / METADATA_FILE).read_text())
+        tcfg = trial_config(cfg, params, n_envs)
+        seeds = list(settings.eval_seeds)
+        meta["tune"] = {"best_params": params, "best_validation_reward": best_reward,
+                        "metric": f"mean episode reward, validation window, seeds {seeds}",
+                        "space_file": str(space_path), "settings": dataclasses.asdict(settings),
+                        "n_trials": len(trials), "seed": seed}
+        meta["hyperparams"] = tcfg.as_dict()
+        data = yaml.safe_load(Path(hyperparams).read_text())
+        entry = data[cfg.task]
+        algo = dict(entry.get("algo_params") or {})
+        algo.update(dataclasses.asdict(tcfg.algo_params))
+        algo["net_arch"] = list(tcfg.algo_params.net_arch)
+        entry["algo_params"] = algo
+        header = (f"# Written by agents.tune: task {cfg.task!r} algo_params = the best of {len(trials)} Ray "
+                  f"Tune trials\n# (ASHA; space {space_path}; validation reward {best_reward:.4g}); other "
+                  f"entries copied from\n# {hyperparams}.\n")
+        tuned_text = header + yaml.safe_dump(data, sort_keys=False)
+        keys = sorted({k for t in trials for k in t})
+        table = io.StringIO(newline="")
+        w = csv.DictWriter(table, fieldnames=keys)
         w.writeheader()
         for t in trials:
             w.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in t.items()})
+        meta_text = json.dumps(meta, indent=1, sort_keys=True, default=str)
+        # Commit: from the removal of the old metadata until the new one, `out` holds no checkpoint.
+        (out / METADATA_FILE).unlink(missing_ok=True)
+        for path, final in staged.items():
+            os.replace(path, final)
+        swap_folder(last_stage, out / "last")
+        write_file_atomic(out / "hyperparams.yaml", tuned_text.encode())
+        write_file_atomic(out / "tune_trials.csv", table.getvalue().encode())
+        write_file_atomic(out / METADATA_FILE, meta_text.encode())
+    finally:
+        for path in staged:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(last_stage, ignore_errors=True)

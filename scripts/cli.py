@@ -86,6 +86,7 @@ COMMANDS: tuple[Command, ...] = (
 USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("builtins", "FileNotFoundError"),
     ("llm_cluster_gym.scripts.usage", "UsageError"),
+    ("llm_cluster_gym.envs.outputs", "OutputFolderError"),
     ("llm_cluster_gym.controllers.policy_spec", "PolicySpecError"),
     ("llm_cluster_gym.envs.sim.scenario", "ScenarioError"),
     ("llm_cluster_gym.envs.sim.workload", "TraceError"),

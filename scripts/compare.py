@@ -13,11 +13,14 @@ are left out of the figures. The table gives means over seeds of energy, energy 
 SLO attainment, TTFT/TBT P99, thermal and power throttling events, peak row power, max GPU
 temperature and shield overrides. Then the ratios the issue asks for: DynamoLLM-style energy
 over static (with both attainments), TAPAS-style throttling events over unaware. Plots per
-controller (first seed) come from `envs.sim.report.write_report`.
+controller (first seed) come from `envs.sim.report.write_report`, into a folder written all at
+once (`envs.outputs.staged_folder`). Scenario, policies and checkpoints are checked before the
+first episode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +29,11 @@ from typing import Literal
 import numpy as np
 from llm_cluster_gym.controllers.policy_spec import make_policy, parse_policy_spec
 from llm_cluster_gym.envs.episode import COMPARISON_COLUMNS
+from llm_cluster_gym.envs.outputs import check_output_folder, safe_name, staged_folder
 from llm_cluster_gym.envs.rollout import run_measured
 from llm_cluster_gym.envs.sim.report import write_report
 from llm_cluster_gym.envs.sim.scenario import load_scenario
-from llm_cluster_gym.scripts.usage import UsageError
+from llm_cluster_gym.scripts.usage import UsageError, check_seeds
 
 COLUMNS = COMPARISON_COLUMNS
 """(summary key, column label) of the table: `envs.episode`'s comparison columns."""
@@ -67,36 +71,90 @@ class CompareArgs:
     def __post_init__(self) -> None:
         for name in self.controllers or []:
             parse_policy_spec(name)
-        if not self.seeds:
-            raise UsageError("--seeds needs at least one seed")
+        check_seeds("--seeds", self.seeds)
         if self.controllers is not None and not self.controllers:
             raise UsageError("--controllers needs at least one policy")
         if self.warmup < 0:
             raise UsageError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.out is not None:
+            check_output_folder(self.out)
 
     def policies(self) -> list[str]:
         """The policy specs to run (the task's defaults when none were given)."""
         return list(self.controllers) if self.controllers else default_policies(self.task)
 
 
+def report_folders(policies: list[str]) -> dict[str, str]:
+    """The subfolder of each policy's report: its spec as one safe path component, made unique."""
+    out: dict[str, str] = {}
+    for name in policies:
+        base = folder = safe_name(name.replace(":", "_"))
+        k = 2
+        while folder in out.values():
+            folder, k = f"{base}-{k}", k + 1
+        out[name] = folder
+    return out
+
+
 def run_compare(task: str, scenario: str, serving: str, controllers: list[str],
                 seeds: list[int], warmup: int, out: Path | None,
                 command: str = "llm-cluster compare") -> dict[str, dict[str, float]]:
-    """Run every controller (policy spec) on every seed; mean summary per controller (plots if `out`)."""
-    table: dict[str, dict[str, float]] = {}
-    for name in controllers:
-        rows = []
-        for k, seed in enumerate(seeds):
-            measured, summary = run_measured(
-                task, scenario, serving, lambda env, n=name, s=seed: make_policy(n, env, seed=s),
-                seed, warmup)
-            rows.append(summary)
-            if out is not None and k == 0:
-                write_report(measured, out / name.replace(":", "_").replace("/", "_"),
-                             f"{name} on {scenario} ({task}, seed {seed})",
-                             command=command)
-        table[name] = {key: float(np.nanmean([r[key] for r in rows])) for key in rows[0]}
+    """Run every controller (policy spec) on every seed; mean summary per controller.
+
+    With `out`, the first seed's report of each controller goes to ``out/<controller>/``; the
+    folder is written all at once (`envs.outputs.staged_folder`): a run that fails leaves the
+    previous folder as it was, and a finished one replaces it whole.
+    """
+    with staged_folder(out, command) if out is not None else contextlib.nullcontext() as stage:
+        table: dict[str, dict[str, float]] = {}
+        folders = report_folders(controllers)
+        for name in controllers:
+            rows = []
+            for k, seed in enumerate(seeds):
+                measured, summary = run_measured(
+                    task, scenario, serving, lambda env, n=name, s=seed: make_policy(n, env, seed=s),
+                    seed, warmup)
+                rows.append(summary)
+                if stage is not None and k == 0:
+                    write_report(measured, stage / folders[name],
+                                 f"{name} on {scenario} ({task}, seed {seed})", command=command)
+            table[name] = {key: float(np.nanmean([r[key] for r in rows])) for key in rows[0]}
     return table
+
+
+def default_out(task: str, scenario_name: str) -> Path:
+    """``reports/compare-<task>-<scenario>`` (the scenario's name as one safe path component)."""
+    return Path("reports") / f"compare-{task}-{safe_name(scenario_name)}"
+
+
+def check_checkpoints(policies: list[str], task: str, scenarios: list[str]) -> None:
+    """Every checkpoint a policy spec names exists, reads, and was trained for `task` and `scenarios`.
+
+    The checks the checkpoint loader makes when the episode starts, made before any episode.
+
+    Args:
+        policies: Policy specs (controller names are skipped).
+        task: The env task.
+        scenarios: Names (not paths) of the scenarios the policies will run on.
+
+    Raises:
+        CheckpointError: A checkpoint is missing or its metadata unreadable.
+        UsageError: A checkpoint of another task or scenario.
+    """
+    for name in policies:
+        directory = parse_policy_spec(name).checkpoint
+        if directory is None:
+            continue
+        from llm_cluster_gym.agents.checkpoint import load_metadata
+
+        meta = load_metadata(directory)
+        if meta["task"] != task:
+            raise UsageError(f"policy {name!r}: the checkpoint was trained for task {meta['task']!r}, "
+                             f"not {task!r}")
+        other = [s for s in scenarios if s != meta["scenario"]]
+        if other:
+            raise UsageError(f"policy {name!r}: the checkpoint was trained on scenario "
+                             f"{meta['scenario']!r}, not {other[0]!r}")
 
 
 def format_compare(table: dict[str, dict[str, float]]) -> str:
@@ -136,10 +194,13 @@ def run(args: CompareArgs, command: str = "llm-cluster compare") -> int:
 
     Raises:
         ScenarioError: Unknown scenario (before anything runs).
+        CheckpointError: A checkpoint policy's folder is missing or unreadable (before anything runs).
+        OutputFolderError: The output folder cannot be replaced (before anything runs).
     """
     names = args.policies()
-    load_scenario(args.scenario)
-    out = None if args.no_plots else Path(args.out or f"reports/compare-{args.task}-{args.scenario}")
+    scenario = load_scenario(args.scenario)
+    check_checkpoints(names, args.task, [scenario.name])
+    out = None if args.no_plots else check_output_folder(args.out or default_out(args.task, scenario.name))
     table = run_compare(args.task, args.scenario, args.serving, names, args.seeds, args.warmup, out,
                         command=command)
     print(f"# {args.task} on {args.scenario} ({args.serving} serving), seeds {args.seeds}, "

@@ -11,8 +11,13 @@ Examples::
 Prometheus metrics are served on http://127.0.0.1:9108/metrics (``--metrics-port -1``
 turns them off; rows, aisles and pools, ``--metrics-per-gpu`` adds one series per GPU; the
 dashboard and alert rules are ``controllers/live/grafana_dashboard.json`` and ``alerts.yaml``);
-every decision goes to a JSON-lines log. SIGTERM or Ctrl-C stops the loop:
-no further action is applied, GPU settings are restored and the log is flushed.
+every decision goes to a JSON-lines log, started afresh by every run and
+closed by a ``stop`` record saying why the run ended (a log without one is from a run that was
+killed outright). SIGTERM or Ctrl-C stops the loop: no further action is applied, GPU settings
+are restored and the log is flushed. The recording and the plot are written whole at the end
+(`envs.outputs.staged_file`). Options are checked before anything starts: ``--interval-s``
+must be >= 0 (0 = as fast as possible on the simulator), and a drill scheduled after the
+run's last decision is refused.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Literal
 
 from llm_cluster_gym.controllers.policy_spec import parse_policy_spec
-from llm_cluster_gym.scripts.usage import UsageError
+from llm_cluster_gym.scripts.usage import UsageError, check_number, check_seed
 
 
 @dataclass
@@ -42,8 +48,8 @@ class DeployArgs:
     no_shield: bool = False
     """Run the policy without the safety shield."""
     interval_s: float | None = None
-    """Wall seconds per control interval (sim: pacing, 0 = as fast as possible; local node:
-    the control interval). Default: the scenario's interval in real time / 5 s."""
+    """Wall seconds per control interval, >= 0 (sim: pacing, 0 = as fast as possible; local
+    node: the control interval, > 0). Default: the scenario's interval in real time / 5 s."""
     max_steps: int | None = None
     """Stop after this many decisions (default: the episode's end)."""
     seed: int = 0
@@ -81,7 +87,7 @@ class DeployArgs:
     replay: str | None = None
     """Local node: replay this telemetry recording instead of reading NVML (dry runs)."""
     log: str = "runs/live/decisions.jsonl"
-    """Decision log (JSON lines)."""
+    """Decision log (JSON lines, written as the run goes; replaces the previous run's log)."""
     metrics_port: int = 9108
     """Prometheus port on --metrics-addr (-1: off, 0: any free port)."""
     metrics_addr: str = "127.0.0.1"
@@ -100,16 +106,36 @@ class DeployArgs:
         from llm_cluster_gym.controllers.live.loop import Drill
 
         parse_policy_spec(self.policy)
+        local = self.scenario == "local"
         for d in self.drill:
-            Drill.parse(d)
+            drill = Drill.parse(d)
+            if drill.kind == "worker_kill" and not local:
+                raise UsageError(f"--drill {d!r}: worker_kill needs the GPU node (--scenario local)")
+            if drill.kind == "worker_kill" and drill.worker >= len(self.gpus):
+                raise UsageError(f"--drill {d!r}: worker {drill.worker} does not exist "
+                                 f"(--gpus gives {len(self.gpus)})")
         for d in self.budget_drill:
             parts = d.split(",")
             try:
-                ok = len(parts) == 3 and all(float(x) >= 0 for x in parts)
+                ok = len(parts) == 3 and all(math.isfinite(float(x)) and float(x) >= 0 for x in parts)
             except ValueError:
                 ok = False
             if not ok:
-                raise UsageError(f"--budget-drill {d!r}: want start_s,duration_s,budget_w")
+                raise UsageError(f"--budget-drill {d!r}: want start_s,duration_s,budget_w "
+                                 "(finite numbers >= 0)")
+        check_seed("--seed", self.seed)
+        # 0 s per interval paces nothing (as fast as possible); the GPU node needs a real interval.
+        check_number("--interval-s", self.interval_s, **({"above": 0} if local else {"at_least": 0}))
+        check_number("--power-margin", self.power_margin, above=0, at_most=1)
+        check_number("--temp-margin-c", self.temp_margin_c, at_least=0)
+        check_number("--governor-margin", self.governor_margin, above=0, at_most=1)
+        check_number("--power-budget-w", self.power_budget_w, above=0)
+        check_number("--trace-start-s", self.trace_start_s, at_least=0)
+        check_number("--duration-s", self.duration_s, above=0)
+        check_number("--rate-rps", self.rate_rps, above=0)
+        for option, path in (("--log", self.log), ("--record", self.record), ("--plot", self.plot)):
+            if path is not None and Path(path).is_dir():
+                raise UsageError(f"{option} {path!r} is a folder; give a file name")
         if not 0.0 <= self.slo_target <= 1.0:
             raise UsageError(f"--slo-target must be in [0, 1], got {self.slo_target}")
         if not self.gpus:
@@ -194,7 +220,24 @@ def build(a: DeployArgs) -> tuple[Any, Any]:
     return env, loop
 
 
-def _save_recording(a: DeployArgs, env: Any, loop: Any) -> None:
+def decisions_planned(a: DeployArgs) -> tuple[int, str]:
+    """How many decisions the run makes at most, and what bounds it (for the drill check)."""
+    if a.scenario == "local":
+        interval = a.interval_s or 5.0
+        n = math.ceil(a.duration_s / interval - 1e-9)  # RealCluster's episode length
+        why = f"--duration-s {a.duration_s:g} at {interval:g} s per interval"
+    else:
+        from llm_cluster_gym.envs.sim.scenario import load_scenario
+
+        sc = load_scenario(a.scenario)
+        n = math.ceil(sc.duration_s / sc.control_interval_s)  # SimCluster's episode length
+        why = f"scenario {sc.name!r} has {n} intervals"
+    if a.max_steps is not None and a.max_steps < n:
+        n, why = a.max_steps, f"--max-steps {a.max_steps}"
+    return n, why
+
+
+def _save_recording(a: DeployArgs, env: Any, loop: Any, path: Path) -> None:
     provenance: dict[str, Any] = {
         "command": shlex.join(["llm-cluster", "deploy", *_argv]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -205,7 +248,7 @@ def _save_recording(a: DeployArgs, env: Any, loop: Any) -> None:
     except ImportError:
         pass
     run = {"policy": a.policy, "shield": not a.no_shield, "governor": not a.no_governor}
-    loop.node.save_recording(a.record, provenance, run, decisions=loop.log.records)
+    loop.node.save_recording(path, provenance, run, decisions=loop.log.records)
 
 
 _argv: list[str] = []
@@ -216,13 +259,16 @@ def run(a: DeployArgs, command: str = "llm-cluster deploy") -> int:
 
     Raises:
         ScenarioError: Unknown scenario (before anything starts).
+        LiveLoopError: A drill starts after the last decision (before anything starts).
         PolicySpecError: The policy cannot be built for this env.
     """
-    _argv[:] = shlex.split(command)[2:]
-    if a.scenario != "local":
-        from llm_cluster_gym.envs.sim.scenario import load_scenario
+    from llm_cluster_gym.controllers.live.loop import Drill, check_drills
+    from llm_cluster_gym.envs.outputs import staged_file
 
-        load_scenario(a.scenario)
+    _argv[:] = shlex.split(command)[2:]
+    n, why = decisions_planned(a)  # loads the scenario: an unknown one stops here
+    check_drills([Drill.parse(d) for d in a.drill], n, why)
+    Path(a.log).unlink(missing_ok=True)  # a new run starts a new log
     env, loop = build(a)
     if loop.exporter is not None:
         print(f"metrics on http://{a.metrics_addr}:{loop.exporter.port}/metrics", flush=True)
@@ -234,14 +280,16 @@ def run(a: DeployArgs, command: str = "llm-cluster deploy") -> int:
                            "telemetry_errors": summary.telemetry_errors,
                            "worker_events": len(summary.worker_events), **summary.totals}
     if a.scenario == "local" and a.record:
-        _save_recording(a, env, loop)
+        with staged_file(a.record) as tmp:  # appears complete, or the previous one stays
+            _save_recording(a, env, loop, tmp)
         if a.budget_drill:
             from llm_cluster_gym.controllers.live.report import analyse, plot
 
             res, series = analyse(a.record)
             out["drill"] = res.as_dict()
             if a.plot:
-                plot(res, series, a.plot, title=f"Budget drill, {a.policy} (shield) + governor")
+                with staged_file(a.plot) as tmp:
+                    plot(res, series, tmp, title=f"Budget drill, {a.policy} (shield) + governor")
     from llm_cluster_gym.controllers.live.exporter import _jsonable
 
     print(json.dumps(_jsonable(out)))

@@ -3,7 +3,8 @@
 `llm-cluster evaluate` runs the default plans of `agents.evaluation.DEFAULT_PLANS` (energy
 agent vs static, DynamoLLM-style and the oracle on `small`; thermal agent vs unaware and
 TAPAS-style on `small_tapas_high` and `small_faults`) on the held-out test window, prints the
-tables and writes `reports/evaluation/report.md` with plots. `llm-cluster main` (the main job,
+tables and writes `reports/evaluation/report.md` with plots (the folder appears complete, or
+the previous one stays: `envs.outputs.staged_folder`). `llm-cluster main` (the main job,
 `./run-main.sh`) is the same command.
 """
 
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 from llm_cluster_gym.agents.evaluation import DEFAULT_PLANS, evaluate_task, format_table, write_evaluation
-from llm_cluster_gym.scripts.usage import UsageError
+from llm_cluster_gym.envs.outputs import check_output_folder
+from llm_cluster_gym.scripts.usage import UsageError, check_seeds
 
 TASKS = tuple(sorted({p.task for p in DEFAULT_PLANS}))
 """Tasks with a shipped checkpoint and an evaluation plan."""
@@ -45,10 +47,10 @@ class EvaluateArgs:
             raise UsageError(f"--tasks: unknown task(s) {unknown}; evaluable: {list(TASKS)}")
         if not self.tasks:
             raise UsageError("--tasks needs at least one task")
-        if not self.seeds:
-            raise UsageError("--seeds needs at least one seed")
+        check_seeds("--seeds", self.seeds)
         if self.warmup < 0:
             raise UsageError(f"--warmup must be >= 0, got {self.warmup}")
+        check_output_folder(self.out)
 
 
 @dataclass

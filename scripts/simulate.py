@@ -7,7 +7,8 @@ Usage::
 
 Prints the headline table (energy, energy per token, carbon, GPU-hour cost, TTFT/TBT, SLO
 attainment, throttling events, peak row power, max GPU temperature) and writes ``report.md``,
-``summary.json`` and plots into the output folder (see `envs.sim.report`).
+``summary.json`` and plots into the output folder (see `envs.sim.report`), all at once: the
+folder appears complete or not at all, replacing the previous run's (`envs.outputs`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from llm_cluster_gym.envs.outputs import check_output_folder, safe_name, staged_folder
 from llm_cluster_gym.envs.rollout import run_episode
 from llm_cluster_gym.envs.sim.report import format_table, write_report
 from llm_cluster_gym.envs.sim.scenario import load_scenario
-from llm_cluster_gym.scripts.usage import UsageError
+from llm_cluster_gym.scripts.usage import check_number, check_seed
 
 
 @dataclass
@@ -40,8 +42,15 @@ class SimulateArgs:
     """Hide the progress bar."""
 
     def __post_init__(self) -> None:
-        if self.duration_s is not None and not self.duration_s > 0:
-            raise UsageError(f"--duration-s must be > 0, got {self.duration_s}")
+        check_seed("--seed", self.seed)
+        check_number("--duration-s", self.duration_s, above=0)
+        if self.out is not None:
+            check_output_folder(self.out)
+
+
+def default_out(scenario_name: str) -> Path:
+    """``reports/sim-<scenario>``, the name made one safe path component (stays under reports/)."""
+    return Path("reports") / f"sim-{safe_name(scenario_name)}"
 
 
 def run(args: SimulateArgs, command: str = "llm-cluster simulate") -> int:
@@ -49,6 +58,8 @@ def run(args: SimulateArgs, command: str = "llm-cluster simulate") -> int:
 
     Raises:
         ScenarioError: Unknown scenario or a bad override (before anything runs).
+        OutputFolderError: The output folder is a file or holds files no run wrote (before
+            anything runs).
     """
     from llm_cluster_gym.envs.cluster_env import ClusterEnv
     from llm_cluster_gym.envs.sim.cluster import SimCluster
@@ -56,12 +67,14 @@ def run(args: SimulateArgs, command: str = "llm-cluster simulate") -> int:
     scenario = load_scenario(args.scenario)
     if args.duration_s is not None:
         scenario = scenario.with_overrides(duration_s=args.duration_s)
-    out = Path(args.out) if args.out is not None else Path("reports") / f"sim-{scenario.name}"
+    out = check_output_folder(args.out if args.out is not None else default_out(scenario.name))
     env = ClusterEnv(task="energy", backend=SimCluster(scenario, serving_model=args.serving,
                                                         record_ticks=True))
     result = run_episode(env, None, args.seed, progress=not args.no_progress, seed_backend=True)
     title = f"Simulation of '{scenario.name}' ({args.serving} serving, seed {args.seed})"
-    report = write_report(result, out, title, command=command)
+    with staged_folder(out, command) as stage:
+        write_report(result, stage, title, command=command)
+    report = out / "report.md"
     print(f"# {title}\n")
     print(format_table(result.summary()))
     print(f"\nreport: {report}")

@@ -9,21 +9,22 @@ Each cell is one episode measured like one controller/seed of `llm-cluster compa
 (`agents.sweep.run_cell`); cells run as Ray tasks on a local Ray (default) or on an existing
 cluster (`--address`). The output folder gets `sweep.md` (one table, means over seeds, failed
 cells by name), `cells.csv`, `sweep.json` and the per-episode reports of the single-run
-evaluation. Policies are policy specs (`controllers.policy_spec`): controller names (`static`,
-`dynamo`, `tapas`, `shield:unaware`, ...) or `ckpt:<dir>` / `shield:ckpt:<dir>` for trained
-checkpoints. Drills: scenario (the file's own faults), none, cooling_failure, power_failure,
-load_spike.
+evaluation, written all at once when the sweep ends (`envs.outputs.staged_folder`); the
+options, scenarios, drills, checkpoints and the output folder are checked before Ray starts.
+Policies are policy specs (`controllers.policy_spec`): controller names (`static`, `dynamo`,
+`tapas`, `shield:unaware`, ...) or `ckpt:<dir>` / `shield:ckpt:<dir>` for trained checkpoints.
+Drills: scenario (the file's own faults), none, cooling_failure, power_failure, load_spike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from llm_cluster_gym.controllers.policy_spec import parse_policy_spec
-from llm_cluster_gym.scripts.compare import default_policies
-from llm_cluster_gym.scripts.usage import UsageError
+from llm_cluster_gym.envs.outputs import check_output_folder
+from llm_cluster_gym.scripts.compare import check_checkpoints, default_policies
+from llm_cluster_gym.scripts.usage import UsageError, check_seeds
 
 
 @dataclass
@@ -74,6 +75,9 @@ class SweepArgs:
             value = getattr(self, name)
             if value is not None and not value:
                 raise UsageError(f"--{name} needs at least one value")
+        check_seeds("--seeds", self.seeds)
+        if self.out is not None:
+            check_output_folder(self.out)
         if self.warmup < 0 or self.retries < 0:
             raise UsageError(f"--warmup and --retries must be >= 0, got {self.warmup} and {self.retries}")
         for name in ("num_cpus", "max_in_flight"):
@@ -91,12 +95,14 @@ def run(args: SweepArgs, command: str = "llm-cluster sweep") -> int:
 
     Raises:
         SweepError: A malformed grid or a checkpoint lacking files (before Ray starts).
-        ScenarioError: An unknown scenario (before Ray starts).
+        ScenarioError: An unknown scenario, or a drill that does not fit one (before Ray starts).
+        OutputFolderError: The output folder cannot be replaced (before Ray starts).
         RayMissingError: Ray is not installed.
     """
     from llm_cluster_gym.agents.sweep import (
         SweepSpec,
         checkpoint_dir,
+        drill_scenario,
         expand_grid,
         format_table,
         init_ray,
@@ -109,10 +115,13 @@ def run(args: SweepArgs, command: str = "llm-cluster sweep") -> int:
     policies = args.policy_specs()
     spec = SweepSpec(task=args.task, serving=args.serving, warmup=args.warmup, window=args.window)
     cells = expand_grid(policies, args.scenarios, args.seeds, args.drills)
-    for scenario in dict.fromkeys(args.scenarios):
-        load_scenario(scenario)
+    names = [load_scenario(scenario).name for scenario in dict.fromkeys(args.scenarios)]
+    for scenario, drill in dict.fromkeys((c.scenario, c.drill) for c in cells):
+        drill_scenario(scenario, drill, args.window)
     for ckpt in dict.fromkeys(d for d in map(checkpoint_dir, policies) if d is not None):
         read_checkpoint_files(ckpt)
+    check_checkpoints(policies, args.task, names)
+    out = check_output_folder(args.out or f"reports/sweep-{args.task}")
     ray = init_ray(args.address, args.num_cpus, include_dashboard=False if args.no_dashboard else None,
                    ship_code=args.ship_code)
     ctx = ray.get_runtime_context()
@@ -120,7 +129,6 @@ def run(args: SweepArgs, command: str = "llm-cluster sweep") -> int:
           f"{len(ray.nodes())} node(s), gcs {ctx.gcs_address}; {len(cells)} cells")
     sweep = run_sweep(cells, spec, retries=args.retries, max_in_flight=args.max_in_flight,
                       progress=not args.no_progress)
-    out = Path(args.out or f"reports/sweep-{args.task}")
     path = write_sweep(sweep, out, reports=args.reports, command=command)
     print(f"\n# {args.task}, {args.serving} serving, first {args.warmup} intervals left out; "
           f"{len(sweep.results)}/{len(cells)} cells in {sweep.wall_s:.1f} s\n")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from llm_cluster_gym.scripts.usage import UsageError
+from llm_cluster_gym.scripts.usage import UsageError, check_seed
 
 
 @dataclass
@@ -59,6 +59,7 @@ class TrainArgs:
     """Do not write TensorBoard logs."""
 
     def __post_init__(self) -> None:
+        check_seed("--seed", self.seed)
         for name in ("steps", "n_envs"):
             value = getattr(self, name)
             if value is not None and value <= 0:

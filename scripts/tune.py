@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from llm_cluster_gym.scripts.usage import UsageError
+from llm_cluster_gym.scripts.usage import UsageError, check_seed
 
 
 @dataclass
@@ -54,6 +54,9 @@ class TuneArgs:
     """Do not start the Ray dashboard (local Ray only)."""
 
     def __post_init__(self) -> None:
+        check_seed("--seed", self.seed)
+        if self.out is not None and Path(self.out).exists() and not Path(self.out).is_dir():
+            raise UsageError(f"--out {self.out!r} is a file, not a folder")
         for name in ("num_samples", "trial_steps", "n_envs", "max_concurrent", "num_cpus"):
             value = getattr(self, name)
             if value is not None and value <= 0:

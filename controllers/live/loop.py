@@ -99,6 +99,31 @@ class Drill:
                                 "step >= 0, steps >= 1")
         return d
 
+    def __str__(self) -> str:
+        """The drill as `parse` reads it (``telemetry_loss@5+3``)."""
+        worker = f":{self.worker}" if self.kind == "worker_kill" else ""
+        return f"{self.kind}@{self.step}{f'+{self.steps}' if self.steps != 1 else ''}{worker}"
+
+
+def check_drills(drills: Sequence[Drill], decisions: int | None, why: str = "") -> None:
+    """Refuse a drill that starts after the last decision of the run (it would never fire).
+
+    Args:
+        drills: The scheduled drills.
+        decisions: Decisions the run will make (None: unknown, nothing to check).
+        why: What bounds the run, for the message (``"the episode's 24 intervals"``).
+
+    Raises:
+        LiveLoopError: Naming the drill, its step and the last step.
+    """
+    if decisions is None:
+        return
+    for d in drills:
+        if d.step >= decisions:
+            raise LiveLoopError(
+                f"drill '{d}' starts at step {d.step}, after the last step {decisions - 1} "
+                f"({decisions} decisions{': ' + why if why else ''}); it would never fire")
+
 
 class GuardedBackend:
     """A ClusterBackend proxy: one telemetry snapshot per interval, failures contained.
@@ -299,6 +324,9 @@ class LiveLoop:
 
         The backend is closed at the end (restoring GPU settings on the real node) and the log
         flushed, also on an exception.
+
+        Raises:
+            LiveLoopError: A drill starts after the run's last decision (`check_drills`).
         """
         old: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
@@ -306,6 +334,10 @@ class LiveLoop:
                 old[sig] = signal.signal(sig, self._on_signal)
         summary = LoopSummary()
         try:
+            total = self.guard.describe().episode_intervals
+            if max_steps is not None:
+                total = max_steps if total is None else min(total, max_steps)
+            check_drills(self.drills, total)
             self._run(summary, seed, max_steps)
         except BaseException as exc:
             self.request_stop(f"error: {type(exc).__name__}: {exc}")

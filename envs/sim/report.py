@@ -3,7 +3,8 @@
 `write_report` turns an `envs.episode.EpisodeResult` (recorded by the runner of
 `envs.rollout` or by the live loop) into ``report.md``, ``summary.json`` and PNG plots, writing
 nothing until everything has been computed, and each file through a temporary name renamed
-into place. The table's figures and labels are `EpisodeResult.summary` and
+into place (`envs.outputs.write_file_atomic`; the commands write the whole folder at once with
+`envs.outputs.staged_folder`). The table's figures and labels are `EpisodeResult.summary` and
 `envs.episode.SUMMARY_FIELDS`. With a per-tick history (a simulator built with
 ``record_ticks``) the row power plot shows the mean and peak within each interval instead of a
 single end-of-interval reading.
@@ -15,13 +16,12 @@ import datetime as dt
 import io
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from llm_cluster_gym.envs.episode import SUMMARY_FIELDS, EpisodeResult, ReportError
+from llm_cluster_gym.envs.outputs import write_file_atomic
 
 __all__ = ["PLOT_FILES", "ReportError", "format_table", "row_power_series", "write_report"]
 
@@ -241,19 +241,6 @@ def _json_safe(summary: dict[str, float]) -> dict[str, float | None]:
     return {k: (v if math.isfinite(v) else None) for k, v in summary.items()}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder, then rename over `path`."""
-    # open(..., "xb") honours the umask (mkstemp would make the file private).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_report(
     result: EpisodeResult, out_dir: Path | str, title: str, command: str = ""
 ) -> Path:
@@ -330,8 +317,8 @@ def write_report(
     ]
     out_dir.mkdir(parents=True, exist_ok=True)
     for key, data in pngs.items():
-        _write_atomic(out_dir / PLOT_FILES[key], data)
-    _write_atomic(out_dir / "summary.json", summary_json.encode())
+        write_file_atomic(out_dir / PLOT_FILES[key], data)
+    write_file_atomic(out_dir / "summary.json", summary_json.encode())
     report = out_dir / "report.md"
-    _write_atomic(report, "\n".join(md).encode())
+    write_file_atomic(report, "\n".join(md).encode())
     return report
