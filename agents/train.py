@@ -377,6 +377,7 @@ def finalize(out: Path, cfg: TaskConfig, seeds: tuple[int, ...] = TEST_SEEDS) ->
     import json
 
     from llm_cluster_gym.agents.checkpoint import METADATA_FILE, sha256_file
+    from llm_cluster_gym.envs.outputs import write_file_atomic
 
     policy = TrainedPolicy.from_checkpoint(out)
     result = compare_with_static(policy, lambda: make_env(cfg.eval_id, "test", cfg.reward_weights), seeds)
@@ -390,5 +391,5 @@ def finalize(out: Path, cfg: TaskConfig, seeds: tuple[int, ...] = TEST_SEEDS) ->
     # Re-check the files are the ones the metadata describes before rewriting it.
     for name, digest in meta["files_sha256"].items():
         assert sha256_file(out / name) == digest, f"{out / name} changed during finalize"
-    (out / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_file_atomic(out / METADATA_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     return meta
