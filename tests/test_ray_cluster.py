@@ -158,6 +158,17 @@ def test_unknown_names_fail_before_ray_starts(tmp_path):
         assert what in out.stderr and "Traceback" not in out.stderr
         assert "Ray:" not in out.stdout and not (tmp_path / "out").exists()
         assert time.monotonic() - t < 30
+    # The library refuses the same names before starting Ray (a fresh process: no Ray yet).
+    code = ("import ray\n"
+            "from llm_cluster_gym.agents.sweep import Cell, SweepSpec, run_sweep\n"
+            "for cell in (Cell('static', 'no_such_scenario', 0), Cell('no_such_policy', 'small', 0)):\n"
+            "    try:\n"
+            "        run_sweep([cell], SweepSpec(serving='aggregate'), progress=False)\n"
+            "    except Exception as exc:\n"
+            "        print(type(exc).__name__, ray.is_initialized())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split("\n")[:2] == ["ScenarioError False", "PolicySpecError False"], (
+        out.stdout + out.stderr)
 
 
 class Node:
