@@ -75,22 +75,31 @@ def _read_exact(stream: Any, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
+def _read_frame(stream: Any) -> bytes | None:
+    """One rendering (4-byte big-endian length, then the bytes), or None at the end."""
+    head = _read_exact(stream, 4)
+    return None if head is None else _read_exact(stream, struct.unpack("!I", head)[0])
+
+
 def serve(fd: int, stream: Any) -> None:
-    """Serve on socket ``fd`` the renderings read from ``stream`` until it ends."""
+    """Serve on socket ``fd`` the renderings read from ``stream`` until it ends.
+
+    The first rendering is read before the first request is answered (requests wait in the
+    socket's backlog), so that no scrape ever gets an empty page.
+    """
     if hasattr(os, "nice"):
         os.nice(NICE)  # under CPU contention the control loop comes first
     server = SnapshotServer(socket.socket(fileno=fd))
+    body = _read_frame(stream)
+    if body is None:
+        server.server_close()
+        return
+    server.body = body
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
                               daemon=True)
     thread.start()
     try:
-        while True:
-            head = _read_exact(stream, 4)
-            if head is None:
-                break
-            body = _read_exact(stream, struct.unpack("!I", head)[0])
-            if body is None:
-                break
+        while (body := _read_frame(stream)) is not None:
             server.body = body
     finally:
         server.shutdown()
