@@ -6,7 +6,9 @@ writes every rendering of its registry to the script's stdin, each as a 4-byte b
 and the bytes. The script answers ``GET /metrics`` (and ``/``) with the last rendering received.
 Scrapes are thus handled without the control loop's interpreter lock: however often and however
 much Prometheus scrapes, the loop's only cost is one pipe write per decision. The script exits
-when its stdin closes (the exporter closed, or the controller died).
+when its stdin closes (the exporter closed, or the controller died); it ignores SIGINT and
+SIGTERM, which a terminal or a service manager sends to the whole process group, so that it
+outlives the loop's own orderly stop.
 
 Standard library only, so that it starts in a few tens of milliseconds.
 """
@@ -14,6 +16,7 @@ Standard library only, so that it starts in a few tens of milliseconds.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import sys
@@ -89,6 +92,8 @@ def serve(fd: int, stream: Any) -> None:
     """
     if hasattr(os, "nice"):
         os.nice(NICE)  # under CPU contention the control loop comes first
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C reaches the whole process group:
+        signal.signal(sig, signal.SIG_IGN)  # this process ends with its input, after the loop
     server = SnapshotServer(socket.socket(fileno=fd))
     body = _read_frame(stream)
     if body is None:
