@@ -88,6 +88,7 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("llm_cluster_gym.scripts.usage", "UsageError"),
     ("llm_cluster_gym.envs.outputs", "OutputFolderError"),
     ("llm_cluster_gym.controllers.policy_spec", "PolicySpecError"),
+    ("llm_cluster_gym.controllers.live.exporter", "MetricsPortError"),
     ("llm_cluster_gym.envs.sim.scenario", "ScenarioError"),
     ("llm_cluster_gym.envs.sim.workload", "TraceError"),
     ("llm_cluster_gym.envs.sim.profiles", "ProfileError"),

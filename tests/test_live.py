@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -334,7 +335,7 @@ def test_exporter_cardinality_is_bounded_by_rows_and_pools():
         assert ex.registry.get_sample_value("llmgym_row_gpus", {"row": str(r)}) == (rows == r).sum()
 
 
-def test_metrics_endpoint_serves_the_last_published_snapshot():
+def test_metrics_endpoint_serves_the_last_published_snapshot(tmp_path):
     """The endpoint is a process of its own serving whole renderings (scrapes never render)."""
     ex = MetricsExporter(port=0)
     try:
@@ -354,6 +355,18 @@ def test_metrics_endpoint_serves_the_last_published_snapshot():
     finally:
         ex.close()
     assert server.poll() is not None  # the endpoint's process ended with the exporter
+    # A port in use is the user's error: deploy exits 2 with one line, before any decision.
+    from llm_cluster_gym.controllers.live.exporter import MetricsPortError
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        with pytest.raises(MetricsPortError, match=f"127.0.0.1:{port} .Address already in use"):
+            MetricsExporter(port=port)
+        out = subprocess.run([sys.executable, "-m", "llm_cluster_gym", "deploy", "--metrics-port",
+                              str(port), "--log", str(tmp_path / "d.jsonl")],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "d.jsonl").exists() or not (tmp_path / "d.jsonl").read_text()
 
 
 def test_drill_analysis_of_the_committed_h100_recording():

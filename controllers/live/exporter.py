@@ -52,6 +52,10 @@ DEFAULT_SLO_TARGET = 0.95
 """SLO attainment below which the ``LLMGymSLOAttainmentLow`` alert fires (deploy --slo-target)."""
 
 
+class MetricsPortError(OSError):
+    """The metrics endpoint cannot listen where asked (port in use, address not on this host)."""
+
+
 class MetricsExporter:
     """Prometheus gauges and counters for one loop (own registry, optional HTTP endpoint).
 
@@ -61,7 +65,8 @@ class MetricsExporter:
 
     Args:
         port: Port of the HTTP endpoint (None: no server, the registry is still filled; 0:
-            any free port, see :attr:`port`).
+            any free port, see :attr:`port`). A port that cannot be bound raises
+            :class:`MetricsPortError`.
         addr: Address to bind (localhost by default: the endpoint is not for the network).
         per_gpu: Also export one series per GPU (``llmgym_gpu_*``); off by default, as their
             number grows with the cluster (1,024 GPUs x 4 series on ``medium``).
@@ -331,7 +336,12 @@ def _start_server(addr: str, port: int) -> tuple[subprocess.Popen[bytes], int]:
     stdin, so that scrapes never take the control loop's interpreter lock.
     """
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    sock = socket.create_server((addr, port), family=family, backlog=64)
+    try:
+        sock = socket.create_server((addr, port), family=family, backlog=64)
+    except OSError as exc:
+        raise MetricsPortError(f"metrics endpoint: cannot listen on {addr}:{port} "
+                               f"({os.strerror(exc.errno) if exc.errno else exc}); "
+                               "choose another port (0: any free one)") from None
     try:
         script = Path(__file__).with_name("metrics_server.py")
         proc = subprocess.Popen([sys.executable, "-I", str(script), str(sock.fileno())],
