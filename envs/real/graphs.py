@@ -90,6 +90,23 @@ class GraphedPasses:
             out = run()
         return graph, out
 
+    def release(self) -> int:
+        """Destroy every captured graph; returns how many (later passes capture again).
+
+        A graph that holds NCCL collectives keeps its communicator in use, and
+        ``destroy_process_group`` then waits for it forever (pytorch/pytorch#115388), so a
+        tensor-parallel rank releases its graphs before it leaves the group.
+        """
+        graphs = [g for g, _ in (*self._graphs.values(), *self._pre_graphs.values())]
+        self._graphs.clear()
+        self._pre_graphs.clear()
+        if graphs:
+            self.sync()
+            for g in graphs:
+                g.reset()
+            self.sync()
+        return len(graphs)
+
     # ------------------------------------------------------------------ prefill
     def prefill(self, tokens: Any, slot: int) -> Any:
         """Run one prompt through the model into KV slot ``slot``; returns the next token id.

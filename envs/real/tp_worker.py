@@ -28,6 +28,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -55,6 +56,7 @@ from llm_cluster_gym.envs.real.worker import (
 
 __all__ = [
     "TP_SHAPES",
+    "RankGroup",
     "TPInferenceEngine",
     "TPShardError",
     "TPWorkerConfig",
@@ -316,68 +318,187 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _rank_engine(tcfg: TPWorkerConfig, rank: int, port: int) -> tuple[TPInferenceEngine, dict]:
-    """Join the group and build this rank's engine; returns it and its start-up timings."""
+_STOPPED_KEY = "llm_cluster_gym/tp_stopped/"
+# How long the leader waits for the followers to report that their group is gone.
+_STOP_WAIT_S = 30.0
+
+
+@dataclass
+class RankGroup:
+    """One rank's membership of the TP process group, and the rendezvous store it was made with.
+
+    Rank 0 hosts the store (a ``TCPStore`` server). Every rank's NCCL group keeps polling that
+    store (its heartbeat monitor) until the rank destroys the group, so the server must outlive
+    the group of every other rank: otherwise the followers log c10d ``TCPStore`` "recvValue
+    failed" warnings (seen on two H200s) at shutdown. :meth:`close` keeps that order: each rank
+    destroys its group; a follower then tells rank 0 so through the store; rank 0 waits for all
+    of them before it drops the store.
+    """
+
+    rank: int
+    tp: int
+    store: Any = None
+
+    @classmethod
+    def join(cls, backend: str, rank: int, tp: int, port: int, device: str | None,
+             timeout_s: float) -> RankGroup:
+        """Join (``tp`` > 1) the default process group of ``tp`` ranks over 127.0.0.1:``port``.
+
+        Rank 0 hosts the store. NVLink multicast stays off (``NCCL_NVLS_ENABLE=0``).
+
+        Args:
+            backend: ``"nccl"`` or ``"gloo"``.
+            rank: This rank.
+            tp: Number of ranks.
+            port: Rendezvous port.
+            device: This rank's CUDA device under NCCL (binds the communicator), else None.
+            timeout_s: Rendezvous and collective timeout.
+        """
+        import torch
+        import torch.distributed as dist
+
+        os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast stays off on the lent machines
+        rg = cls(rank, tp)
+        if tp > 1:
+            kw: dict[str, Any] = {}
+            if backend == "nccl" and device is not None:
+                kw["device_id"] = torch.device(device)
+            timeout = timedelta(seconds=timeout_s)
+            rg.store = dist.TCPStore("127.0.0.1", port, tp, is_master=rank == 0, timeout=timeout)
+            dist.init_process_group(backend, store=rg.store, rank=rank, world_size=tp,
+                                    timeout=timeout, **kw)
+        return rg
+
+    def close(self, orderly: bool = True) -> dict[str, Any]:
+        """Destroy the group on this rank, then the shutdown handshake (idempotent).
+
+        Args:
+            orderly: The leader sent its stop command (the followers are leaving too), so rank 0
+                waits for them; False on an error path (a follower may be stuck in a collective).
+
+        Returns:
+            ``destroy_s`` (this rank's ``destroy_process_group``) and, on rank 0 of an orderly
+            stop, ``followers_reported`` (every follower destroyed its group before rank 0
+            dropped the store) and ``wait_s``. Empty when already closed.
+        """
+        import threading
+
+        import torch.distributed as dist
+
+        out: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        if dist.is_initialized():
+            # Bounded: a rank that cannot leave its group still reports its stop.
+            th = threading.Thread(target=dist.destroy_process_group, daemon=True)
+            th.start()
+            th.join(_STOP_WAIT_S)
+            out["destroy_s"] = time.perf_counter() - t0
+            if th.is_alive():
+                out["destroy_timed_out"] = True
+                print(f"tp_worker rank {self.rank}: destroy_process_group did not return in "
+                      f"{_STOP_WAIT_S} s", file=sys.stderr, flush=True)
+        store, self.store = self.store, None
+        if store is None:
+            return out
+        if self.rank != 0:
+            try:
+                store.set(f"{_STOPPED_KEY}{self.rank}", "1")
+            except Exception as exc:  # noqa: BLE001 - the leader is gone: say so, once
+                print(f"tp_worker rank {self.rank}: rank 0 closed the store before this rank "
+                      f"reported its stop ({type(exc).__name__})", file=sys.stderr, flush=True)
+        elif orderly and self.tp > 1:
+            t1 = time.perf_counter()
+            try:
+                store.wait([f"{_STOPPED_KEY}{r}" for r in range(1, self.tp)],
+                           timedelta(seconds=_STOP_WAIT_S))
+                out["followers_reported"] = True
+            except Exception as exc:  # noqa: BLE001 - a follower died: stop anyway
+                out["followers_reported"] = False
+                print(f"tp_worker rank 0: followers did not report their stop in {_STOP_WAIT_S} s "
+                      f"({type(exc).__name__})", file=sys.stderr, flush=True)
+            out["wait_s"] = time.perf_counter() - t1
+        del store
+        return out
+
+
+def _rank_engine(tcfg: TPWorkerConfig, rank: int, port: int,
+                 group_out: list[RankGroup]) -> tuple[TPInferenceEngine, dict]:
+    """Join the group and build this rank's engine; returns it and its start-up timings.
+
+    The rank's :class:`RankGroup` is appended to ``group_out`` as soon as the group exists, so
+    the caller can close it even when building the engine fails.
+    """
     import torch
     import torch.distributed as dist
 
     t0 = time.perf_counter()
-    os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast stays off on the lent machines
     dev = tcfg.rank_devices()[rank]
     if dev.startswith("cuda"):
         torch.cuda.set_device(torch.device(dev))
     else:
         torch.set_num_threads(max(1, tcfg.cpu_threads))
-    group = None
-    if tcfg.tp > 1:
-        kw: dict[str, Any] = {}
-        if tcfg.dist_backend() == "nccl":
-            kw["device_id"] = torch.device(dev)
-        dist.init_process_group(tcfg.dist_backend(), init_method=f"tcp://127.0.0.1:{port}",
-                                rank=rank, world_size=tcfg.tp,
-                                timeout=timedelta(seconds=tcfg.collective_timeout_s), **kw)
-        group = dist.group.WORLD
+    rg = RankGroup.join(tcfg.dist_backend(), rank, tcfg.tp, port,
+                        dev if dev.startswith("cuda") else None, tcfg.collective_timeout_s)
+    group_out.append(rg)
+    group = dist.group.WORLD if tcfg.tp > 1 else None
     t1 = time.perf_counter()
     eng = TPInferenceEngine(replace(tcfg.worker, device=dev), rank=rank, tp=tcfg.tp, group=group)
     return eng, {"dist_init_s": t1 - t0, "build_s": eng.build_s}
 
 
-def _teardown() -> None:
-    import torch.distributed as dist
+def _teardown(groups: list[RankGroup], eng: TPInferenceEngine | None = None) -> dict[str, Any]:
+    """Release the followers (leader), then close this rank's group in order (see RankGroup).
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    Returns:
+        What :meth:`RankGroup.close` reports (empty on a second call).
+    """
+    orderly = eng is not None
+    out: dict[str, Any] = {}
+    if eng is not None and eng.is_leader:
+        try:
+            eng.shutdown()
+        except Exception:  # noqa: BLE001 - a broken group: close without the handshake
+            orderly = False
+    if eng is not None and eng.tp > 1:
+        # Graphs holding NCCL collectives must go before the communicator (see GraphedPasses).
+        out["graphs_released"] = eng.runner.release()
+    for g in groups:
+        out.update(g.close(orderly=orderly))
+    return out
 
 
 def _follower_main(tcfg: TPWorkerConfig, rank: int, port: int) -> None:  # pragma: no cover
-    eng, _ = _rank_engine(tcfg, rank, port)
+    groups: list[RankGroup] = []
+    eng = None
     try:
+        eng, _ = _rank_engine(tcfg, rank, port, groups)
         eng.serve_commands()
     finally:
-        _teardown()
+        _teardown(groups, eng)
 
 
 def _leader_main(conn: Any, tcfg: TPWorkerConfig, port: int) -> None:  # pragma: no cover
+    groups: list[RankGroup] = []
+    eng = None
     try:
-        eng, info = _rank_engine(tcfg, 0, port)
+        eng, info = _rank_engine(tcfg, 0, port, groups)
         t0 = time.perf_counter()
         info["graphs_captured"] = eng.warmup()
         eng.sync()
         info["warmup_s"] = time.perf_counter() - t0
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        _teardown()
+        _teardown(groups)
         return
     conn.send(("ready", info))
-    def stop() -> None:
-        eng.shutdown()
-        _teardown()
+
+    def stop() -> dict[str, Any]:
+        return _teardown(groups, eng)
 
     try:
         serve_pipe(eng, conn, on_stop=stop)
     finally:
-        eng.shutdown()
-        _teardown()
+        _teardown(groups, eng)
 
 
 def _mp_context(tcfg: TPWorkerConfig) -> Any:
@@ -421,6 +542,7 @@ class TPWorkerProcess(PipeWorkerClient):
 
     def __init__(self, config: TPWorkerConfig) -> None:
         t0 = time.perf_counter()
+        self.stop_info: dict[str, Any] = {}
         config.validate()
         self.config = config
         port = config.master_port or _free_port()
@@ -445,16 +567,25 @@ class TPWorkerProcess(PipeWorkerClient):
         return self._leader.is_alive() and all(p.is_alive() for p in self._followers)
 
     def close(self, timeout_s: float = 60.0) -> float:
-        """Stop every rank; returns the seconds it took."""
+        """Stop every rank; returns the seconds it took.
+
+        Afterwards ``stop_info`` holds the leader's shutdown report (``destroy_s``,
+        ``followers_reported``, ``wait_s``: see ``RankGroup.close``) and every rank's
+        ``exitcodes``.
+        """
         t0 = time.perf_counter()
         if self._leader.is_alive():
             try:
                 self._conn.send(("stop", None))
                 if self._conn.poll(timeout_s):
-                    self._conn.recv()
+                    kind, payload = self._conn.recv()
+                    if kind == "stopped" and payload:
+                        self.stop_info.update(payload)
             except (BrokenPipeError, EOFError, OSError):
                 pass
-        _stop_procs([self._leader, *self._followers], timeout_s)
+        procs = [self._leader, *self._followers]
+        _stop_procs(procs, timeout_s)
+        self.stop_info["exitcodes"] = [p.exitcode for p in procs]
         return time.perf_counter() - t0
 
 
@@ -483,9 +614,10 @@ def build_tp_workers(worker: WorkerConfig, gpus: Sequence[int], tp: int,
 
 def _run_leader(q: Any, tcfg: TPWorkerConfig, port: int, fn: Callable[..., Any],
                 args: tuple) -> None:  # pragma: no cover - child process
+    groups: list[RankGroup] = []
     eng = None
     try:
-        eng, info = _rank_engine(tcfg, 0, port)
+        eng, info = _rank_engine(tcfg, 0, port, groups)
         if tcfg.worker.cuda_graphs is not False:
             t0 = time.perf_counter()
             info["graphs_captured"] = eng.warmup()
@@ -494,9 +626,7 @@ def _run_leader(q: Any, tcfg: TPWorkerConfig, port: int, fn: Callable[..., Any],
     except BaseException as exc:  # report anything, including KeyboardInterrupt
         q.put(("error", f"{type(exc).__name__}: {exc}"))
     finally:
-        if eng is not None:
-            eng.shutdown()
-        _teardown()
+        _teardown(groups, eng)
 
 
 def run_tp(tcfg: TPWorkerConfig, fn: Callable[..., Any], *args: Any,

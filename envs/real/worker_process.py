@@ -69,7 +69,8 @@ def serve_pipe(engine: Any, conn: Any, on_stop: Any) -> None:
     """Serve the driver's pipe until "stop": submit, control, poll; step while busy.
 
     Shared by the single-GPU worker process and the tensor-parallel leader; `on_stop` runs
-    before the "stopped" answer (the TP leader shuts its followers down there).
+    before the "stopped" answer (the TP leader shuts its followers down there) and what it
+    returns is that answer's payload.
     """
     done: list[Completed] = []
     while True:
@@ -87,8 +88,7 @@ def serve_pipe(engine: Any, conn: Any, on_stop: Any) -> None:
                                                   len(engine.waiting), len(engine.running))))
                 done = []
             elif kind == "stop":
-                on_stop()
-                conn.send(("stopped", None))
+                conn.send(("stopped", on_stop()))
                 return
         if engine.busy:
             done.extend(engine.step())
