@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +29,7 @@ from llm_cluster_gym.envs.real.tp_worker import (
 )
 from llm_cluster_gym.envs.real.worker import Request, WorkerConfig, WorkerError
 from llm_cluster_gym.envs.sim.profiles import DEFAULT_PROFILE_DIR, ProfileLibrary, load_profile
-from llm_cluster_gym.scripts import compare_profiles, profile_tp
+from llm_cluster_gym.scripts import compare_profiles, profile_tp, tp_campaign
 from llm_cluster_gym.scripts.cli import main as cli_main
 
 TINY = WorkerConfig(model="tiny-tp", device="cpu", max_slots=4, max_ctx=64, cuda_graphs=False)
@@ -109,6 +112,7 @@ def test_tp2_worker_continuous_batching_and_clean_stop():
     finally:
         stop_s = w.close()
     assert not w.alive and stop_s < 15
+    assert w.stop_info["followers_reported"] and w.stop_info["exitcodes"] == [0, 0]
     assert sorted(c.req_id for c in done) == list(range(6))
     assert all(not c.dropped and c.ttft_s > 0 and c.tbt_s > 0 for c in done)
     assert [c.output_tokens for c in sorted(done, key=lambda c: c.req_id)] == outs
@@ -117,6 +121,44 @@ def test_tp2_worker_continuous_batching_and_clean_stop():
     assert st.decode_tokens == sum(o - 1 for o in outs)  # the first token comes from prefill
     # Batch cap 2: at most 2 sequences per decode iteration.
     assert st.decode_iters >= math.ceil(st.decode_tokens / 2)
+
+
+_SHUTDOWN_SCRIPT = """
+import json, sys, time
+from llm_cluster_gym.envs.real.tp_worker import TPWorkerConfig, TPWorkerProcess
+from llm_cluster_gym.envs.real.worker import Request, WorkerConfig
+
+if __name__ == "__main__":
+    wc = WorkerConfig(model="tiny-tp", device="cpu", max_slots=2, max_ctx=32, cuda_graphs=False)
+    w = TPWorkerProcess(TPWorkerConfig(worker=wc, tp=2, backend="gloo",
+                                       start_method="forkserver"))
+    t0 = time.time()
+    w.submit([Request(0, t0, 4, 3)])
+    done = []
+    while not done and time.time() - t0 < 30:
+        time.sleep(0.02)
+        done = w.poll().completed
+    w.close()
+    print(json.dumps({"done": len(done), **w.stop_info}))
+"""
+
+
+def test_tp2_gloo_group_shuts_down_in_order_without_store_warnings(tmp_path):
+    """Every rank destroys its group before rank 0 drops the TCPStore it hosts.
+
+    On two H200s the follower logged c10d "TCPStore ... recvValue failed" warnings when rank 0
+    exited first; the ranks' own stderr (children of a fresh interpreter) must hold no such line.
+    """
+    script = tmp_path / "tp_shutdown.py"
+    script.write_text(_SHUTDOWN_SCRIPT)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=180)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["done"] == 1
+    assert info["followers_reported"] is True and info["exitcodes"] == [0, 0]
+    for bad in ("TCPStore", "recvValue", "c10d", "Traceback", "tp_worker rank"):
+        assert bad not in res.stderr, res.stderr
 
 
 # ------------------------------------------------------------------ scripts
@@ -142,6 +184,43 @@ def test_profile_tp_tiny_writes_a_table(tmp_path):
         assert [p["kind"] for p in e["power"]["phases"]] == ["idle", "prefill", "decode"]
     assert table["provenance"]["mode"] == "tiny-cpu-gloo"
     assert compare_profiles.load_table(out)["entries"]
+
+
+H200_DIR = Path(__file__).resolve().parents[1] / "envs" / "data" / "real" / "h200"
+
+
+def test_tp_campaign_tables_from_the_h200_results(tmp_path):
+    calls = [H200_DIR / "call1_results.json", H200_DIR / "call2_results.json"]
+    table = tp_campaign.write_tables(calls, tmp_path)
+    assert [(e["model"], e["tp"], e["gpu"]) for e in table["entries"]] == [
+        ("llama3-8b", 1, "h200"), ("llama3-8b", 2, "h200"), ("llama2-70b", 2, "h200")]
+    assert [(s["model"], s["tp"]) for s in table["skipped"]] == [("llama2-70b", 1)]
+    assert compare_profiles.load_table(tmp_path / "tp_profile.json")["entries"]
+    rows = {p.name: p.read_text().splitlines() for p in tmp_path.glob("*.csv")}
+    assert len(rows["prefill.csv"]) == 1 + 3 * 6 and len(rows["decode.csv"]) == 1 + 3 * 21
+    assert len(rows["power.csv"]) == 1 + 3 * 6
+    recon = [dict(zip(rows["reconfig.csv"][0].split(","), r.split(","), strict=True))
+             for r in rows["reconfig.csv"][1:]]
+    links = [r for r in recon if r["from_tp"]]
+    assert [(r["model"], r["from_tp"], r["to_tp"], r["valid"]) for r in links] == [
+        ("llama3-8b", "1", "2", "True"), ("llama3-8b", "2", "1", "False"),
+        ("llama3-8b", "2", "1", "True"), ("llama2-70b", "2", "2", "True"),
+        ("llama3-8b", "1", "2", "True")]
+    for r in links:
+        parts = float(r["stop_s"]) + float(r["start_s"]) + float(r["first_token_s"])
+        assert float(r["downtime_s"]) == pytest.approx(parts, rel=1e-4)
+    # The committed tables are the ones these results give.
+    for name, lines in rows.items():
+        assert (H200_DIR / name).read_text().splitlines() == lines, name
+
+
+def test_tp_campaign_task_names_are_checked():
+    est, _ = tp_campaign.plan_task("reconfig:llama2-70b:2,2")
+    assert est == 2 * tp_campaign.START_EST_S["llama2-70b"] + 30.0
+    with pytest.raises(ValueError, match="unknown shape"):
+        tp_campaign.plan_task("profile:llama9:1")
+    with pytest.raises(ValueError, match="unknown kind"):
+        tp_campaign.plan_task("warp:llama3-8b:1")
 
 
 def test_measure_reconfig_tiny_and_dry_run(tmp_path, capsys):
