@@ -88,6 +88,7 @@ def _is_canonical(codec: ActionCodec, v: np.ndarray, legal: np.ndarray) -> bool:
 
 @PROPERTY
 @given(layouts_and_vectors(synthetic=False))
+@pytest.mark.slow
 def test_encode_inverts_decode_on_shipped_layouts(case):
     codec, v, legal = case
     action, _ = codec.decode(v, legal)
@@ -103,6 +104,7 @@ def test_encode_inverts_decode_on_shipped_layouts(case):
 
 @PROPERTY
 @given(layouts_and_vectors(synthetic=True))
+@pytest.mark.slow
 def test_encode_inverts_decode_where_servers_get_remainders(case):
     codec, v, legal = case
     action, _ = codec.decode(v, legal)
@@ -148,6 +150,7 @@ def test_remainders_go_to_the_largest_fractions_and_splits_list_what_decode_give
 @PROPERTY
 @given(scenario=st.sampled_from(SCENARIOS), n_saas=st.integers(1, 40), n_pools=st.integers(1, 4),
        seed=st.integers(0, 2**31 - 1))
+@pytest.mark.slow
 def test_share_levels_for_inverts_servers_per_pool(scenario, n_saas, n_pools, seed):
     codec = _codec(scenario, "energy", n_saas=n_saas, n_pools=n_pools)
     levels = np.random.default_rng(seed).integers(0, codec.share_levels + 1, size=n_pools)

@@ -137,6 +137,7 @@ LEARNING = {
 
 
 @pytest.mark.parametrize("task", ["energy", "thermal"])
+@pytest.mark.slow
 def test_short_training_beats_random_policy(task, tmp_path):
     spec = LEARNING[task]
     fast = {"learning_rate": 3e-3, "gamma": 0.9, "ent_coef": 0.0}
@@ -165,6 +166,7 @@ def test_short_training_beats_random_policy(task, tmp_path):
     assert trained_r > bar, (trained_r, rand_r, bar)
 
 
+@pytest.mark.slow
 def test_same_seed_same_parameters_different_seed_differs(tmp_path):
     a = _quick_train("energy", tmp_path / "a", steps=512, seed=7).model
     b = _quick_train("energy", tmp_path / "b", steps=512, seed=7).model
@@ -173,6 +175,7 @@ def test_same_seed_same_parameters_different_seed_differs(tmp_path):
     assert not np.array_equal(_params(a), _params(c))
 
 
+@pytest.mark.slow
 def test_resume_continues_step_count(tmp_path):
     _quick_train("energy", tmp_path, steps=512, seed=1)
     assert json.loads((tmp_path / "last" / METADATA_FILE).read_text())["steps"] == 512
@@ -183,6 +186,7 @@ def test_resume_continues_step_count(tmp_path):
     assert meta["train_wall_s"] > 0
 
 
+@pytest.mark.slow
 def test_two_stage_training_switches_to_request_level(tmp_path):
     res = _quick_train("energy", tmp_path, steps=512, seed=2, finetune_steps=256)
     assert res.num_timesteps == 512  # --steps is the total of both stages
@@ -220,6 +224,7 @@ def test_training_plan_total_is_what_was_asked():
     (["--steps", "100", "--finetune-steps", "200"], "--finetune-steps"),
     (["--finetune-steps", "999999999"], "--finetune-steps"),
 ])
+@pytest.mark.slow
 def test_train_refuses_bad_options_before_any_work(tmp_path, argv, option):
     import subprocess
     import sys
@@ -234,6 +239,7 @@ def test_train_refuses_bad_options_before_any_work(tmp_path, argv, option):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_train_cli_runs_the_total_asked_and_records_it(tmp_path, capsys):
     from llm_cluster_gym.scripts.cli import main
 
@@ -251,6 +257,7 @@ def test_train_cli_runs_the_total_asked_and_records_it(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- checkpoints
+@pytest.mark.slow
 def test_checkpoint_round_trip_and_metadata(energy_run):
     meta = json.loads((energy_run / METADATA_FILE).read_text())
     for key in ("task", "eval_id", "scenario", "trace", "trace_windows_s", "seed", "steps",
@@ -348,6 +355,7 @@ def test_shipped_checkpoints_load(task):
     assert ck.vecnormalize is not None and ck.metadata["task"] == task
 
 
+@pytest.mark.slow
 def test_resume_verifies_checksums_before_training(tmp_path):
     from llm_cluster_gym.scripts.cli import main
 

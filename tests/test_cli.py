@@ -49,6 +49,7 @@ def test_help_lists_every_subcommand_on_one_line():
             "profile-tp", "calibrate", "measure-reconfig", "fit-thermal", "build-profiles"} <= set(NAMES)
 
 
+@pytest.mark.slow
 def test_python_dash_m_is_the_same_command():
     res = subprocess.run([sys.executable, "-m", "llm_cluster_gym", "--help"], capture_output=True,
                          text=True, cwd=ROOT, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
@@ -123,6 +124,7 @@ def test_sweep_drill_choices_are_the_sweep_drills():
     ["compare", "--seeds", "0,1,2"],                      # lists are written one way: --seeds 0 1 2
     ["evaluate", "--checkpoint-dir", "no/such/dir"],      # bad input file, found before any run
 ])
+@pytest.mark.slow
 def test_user_errors_exit_2_with_one_line(argv, tmp_path):
     res = run_cli(*argv, cwd=tmp_path)
     assert res.returncode == 2, res
@@ -189,6 +191,7 @@ def test_policy_spec_rejects(text):
 
 
 # ------------------------------------------------------------------ a real run
+@pytest.mark.slow
 def test_simulate_runs_and_writes_its_report(tmp_path):
     out = tmp_path / "sim"
     res = run_cli("simulate", "--scenario", "small", "--duration-s", "30", "--out", str(out),

@@ -80,6 +80,7 @@ def test_forecaster_follows_a_ramp():
     assert f.peak(3)[0] >= 2.0 + 0.5 * 19
 
 
+@pytest.mark.slow
 def test_dynamo_saves_energy_against_static_at_the_same_slo():
     scenario = load_scenario("small").with_overrides(duration_s=300.0)
     static = _episode("energy", scenario, "static")
@@ -88,6 +89,7 @@ def test_dynamo_saves_energy_against_static_at_the_same_slo():
     assert dynamo["slo_attainment"] >= static["slo_attainment"] - 0.002
 
 
+@pytest.mark.slow
 def test_oracle_uses_less_energy_than_static():
     scenario = load_scenario("small").with_overrides(duration_s=150.0)
     static = _episode("energy", scenario, "static")
@@ -95,6 +97,7 @@ def test_oracle_uses_less_energy_than_static():
     assert oracle["energy_kwh"] < 0.85 * static["energy_kwh"]
 
 
+@pytest.mark.slow
 def test_tapas_cuts_throttling_against_unaware_at_high_oversubscription():
     events = {"unaware": 0.0, "tapas": 0.0}
     for seed in (0, 1, 2):
@@ -107,6 +110,7 @@ def test_tapas_cuts_throttling_against_unaware_at_high_oversubscription():
     assert events["tapas"] <= 0.5 * events["unaware"]
 
 
+@pytest.mark.slow
 def test_tapas_places_vms_on_legal_servers_with_headroom():
     env = ClusterEnv(task="thermal", scenario="small_tapas_high", serving_model="request")
     ctx = ControllerContext.from_env(env)

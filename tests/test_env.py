@@ -174,6 +174,7 @@ def test_render_modes():
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 2
 
 
+@pytest.mark.slow
 def test_subproc_vec_env():
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import SubprocVecEnv

@@ -22,6 +22,7 @@ def test_windowed_scenario_draws_from_the_held_out_window():
     assert train.workload.start_s + train.workload.window_s <= sc.workload.start_s
 
 
+@pytest.mark.slow
 def test_evaluation_runs_agent_shielded_agent_and_baselines_and_writes_report(tmp_path):
     plan = TaskPlan("thermal", ROOT / "checkpoints/thermal", "small_tapas_high", ("unaware",),
                     "unaware")

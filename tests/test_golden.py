@@ -35,6 +35,7 @@ def test_env_rollout_is_bit_identical(key):
 
 
 @pytest.mark.parametrize("key", CONTROLLER_KEYS)
+@pytest.mark.slow
 def test_controller_rollout_is_bit_identical(key):
     _, task, scenario, name = key.split(":", 3)
     assert golden_digests.controller_digest(task, scenario, name) == EXPECTED[key]

@@ -184,6 +184,7 @@ def replay_cluster(duration_s: float = 2.0, drills=(), factory=None) -> RealClus
                        workers=[w])
 
 
+@pytest.mark.slow
 def test_real_backend_replay_budget_drill_worker_kill(tmp_path):
     cl = replay_cluster(2.0, drills=((0.5, 1.0, 300.0),))
     env = guarded_env(ClusterEnv(task="energy", backend=cl))
@@ -211,6 +212,7 @@ def test_real_backend_replay_budget_drill_worker_kill(tmp_path):
     assert recs[-1]["backend_closed"] is True and recs[-1]["gpu_settings_changed"] == 0
 
 
+@pytest.mark.slow
 def test_supervised_process_worker_restarts_and_finishes_requests():
     w = SupervisedWorker(lambda: WorkerProcess(TINY, start_timeout_s=60), name="p0")
     try:
@@ -249,6 +251,7 @@ def test_given_up_worker_reports_drops():
     assert not w.alive
 
 
+@pytest.mark.slow
 def test_sigterm_stops_flushes_and_serves_metrics(tmp_path):
     log = tmp_path / "d.jsonl"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -302,6 +305,7 @@ def test_dashboard_plots_only_exported_metrics():
     assert not [n for n in alert_names if n not in text]
 
 
+@pytest.mark.slow
 def test_exporter_cardinality_is_bounded_by_rows_and_pools():
     """Default: no series grows with the GPUs (medium: 1,024 GPUs); per-GPU series on request."""
     from llm_cluster_gym.controllers.live.exporter import MetricsExporter
@@ -335,6 +339,7 @@ def test_exporter_cardinality_is_bounded_by_rows_and_pools():
         assert ex.registry.get_sample_value("llmgym_row_gpus", {"row": str(r)}) == (rows == r).sum()
 
 
+@pytest.mark.slow
 def test_metrics_endpoint_serves_the_last_published_snapshot(tmp_path):
     """The endpoint is a process of its own serving whole renderings (scrapes never render)."""
     ex = MetricsExporter(port=0)

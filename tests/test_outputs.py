@@ -309,6 +309,7 @@ def test_compare_that_dies_mid_run_leaves_the_old_folder_and_names_it_by_scenari
     (["deploy", "--drill", "policy_error@999", "--max-steps", "5"], ["policy_error@999", "last step 4"]),
     (["simulate", "--out", "afile"], ["--out", "afile", "is a file"]),
 ])
+@pytest.mark.slow
 def test_bad_options_exit_2_through_the_console_script(argv, words, tmp_path):
     (tmp_path / "afile").write_text("x")
     assert_user_error(run_cli(*argv, cwd=tmp_path), *words)

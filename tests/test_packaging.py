@@ -80,6 +80,7 @@ def test_make_by_module_qualified_id_needs_no_prior_import(tmp_path):
     assert heavy == "False False"  # the environment never imports torch or SB3
 
 
+@pytest.mark.slow
 def test_every_id_has_max_episode_steps_equal_to_its_episode():
     import gymnasium
 

@@ -133,6 +133,7 @@ def samples(result: list[dict], label: str | None = None) -> dict[str, dict[floa
             for r in result}
 
 
+@pytest.mark.slow
 def test_dashboard_and_alerts_on_a_real_prometheus(tmp_path):
     metrics_port = free_port()
     prom = Prometheus(tmp_path, metrics_port)

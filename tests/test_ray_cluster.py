@@ -117,6 +117,7 @@ def alive(pid: int) -> bool:
 
 
 @linux_only
+@pytest.mark.slow
 def test_local_ray_listens_on_loopback_only(ray_local):
     gcs = ray_local.get_runtime_context().gcs_address
     assert gcs.startswith("127.0.0.1:"), gcs
@@ -146,6 +147,7 @@ def test_token_file_is_created_private_and_tightened(tmp_path, monkeypatch):
     assert private_token_file(create=True) is None
 
 
+@pytest.mark.slow
 def test_unknown_names_fail_before_ray_starts(tmp_path):
     """A wrong scenario or policy name costs no Ray start (exit 2, one line, in a few seconds)."""
     for bad, what in ((["--scenarios", "no_such_scenario"], "no_such_scenario"),

@@ -355,6 +355,7 @@ def _cluster(**kw) -> RealCluster:
     return RealCluster(cfg, devices=[ReplayGpuDevice(STEPS, start_offset_s=29.0)])
 
 
+@pytest.mark.slow
 def test_real_cluster_protocol_metrics_and_budget_events():
     c = _cluster(budget_drills=((1.0, 1.0, 150.0),))
     assert isinstance(c, ClusterBackend)
@@ -379,6 +380,7 @@ def test_real_cluster_protocol_metrics_and_budget_events():
     assert c.log.intervals[-1]["budget_w"] == 150.0
 
 
+@pytest.mark.slow
 def test_real_cluster_counts_every_arrival_for_slo_attainment():
     """arrived = finished + dropped + in flight per episode; serving nothing attains 0."""
     from llm_cluster_gym.envs.episode import EpisodeRecorder
@@ -404,6 +406,7 @@ def test_real_cluster_counts_every_arrival_for_slo_attainment():
     c.close()
 
 
+@pytest.mark.slow
 def test_engine_step_log_and_interval_counters_agree():
     worker = WorkerConfig(model="tiny", device="cpu", max_slots=8, max_ctx=64, record_steps=True)
     cfg = RealClusterConfig(worker=worker, duration_s=2.0, control_interval_s=1.0, rate_rps=10.0,
@@ -430,6 +433,7 @@ def test_engine_step_log_and_interval_counters_agree():
     assert busy == pytest.approx(float(np.sum(col["t_end_s"] - col["t_start_s"])), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_real_cluster_admission_and_batch_cap_actions():
     c = _cluster()
     c.reset(seed=0)
@@ -472,6 +476,7 @@ def test_thermal_fit_on_h100_profile_recording():
     assert params.tau_die_s < params.tau_sink_s
 
 
+@pytest.mark.slow
 def test_served_fit_explains_the_held_out_run_better_than_isolated_sweeps():
     """Fitted to one served trace window, the simulator reproduces another window's run."""
     sweep_doc = fit_profile(PROFILE)
@@ -552,6 +557,7 @@ def test_thermal_state_from_history_matches_the_model_run_over_it(path):
 
 
 @pytest.mark.parametrize("path", [RUN, CALIBRATION_RUN])
+@pytest.mark.slow
 def test_replay_from_measured_history_tracks_the_first_minute_better(path):
     """Started from the measured history, the simulator's GPU temperature follows the real
     one more closely in the first minute than when started from a steady state."""
@@ -592,6 +598,7 @@ def test_fit_carries_over_to_other_h100s(path):
     assert c["power_mape"] < 0.10
 
 
+@pytest.mark.slow
 def test_fidelity_picture_is_written_whole(tmp_path):
     from llm_cluster_gym.envs.real.fidelity_plot import write_comparison_png
 
@@ -603,6 +610,7 @@ def test_fidelity_picture_is_written_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["fidelity.png"]  # no temporary left
 
 
+@pytest.mark.slow
 def test_served_fit_pools_several_calibration_runs():
     """Two calibration windows (two lent H100s) pool into one fit: every step of both counts."""
     second = DATA / "real" / "h100_calibration_run_window1560.json.gz"

@@ -187,6 +187,7 @@ def test_max_intervals_stops_early() -> None:
     assert r.n_intervals == 3
 
 
+@pytest.mark.slow
 def test_write_report_files(faults: EpisodeResult, tmp_path) -> None:
     out = tmp_path / "rep"
     path = write_report(faults, out, "faults test", command="llm-cluster simulate --seed 1")
@@ -224,6 +225,7 @@ def test_format_table_marks_missing_values() -> None:
     assert "| 1.5 | kWh |" in table and "n/a" in table
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path, capsys) -> None:
     out = tmp_path / "cli"
     rc = main(["simulate", "--scenario", "small", "--seed", "2", "--serving", "aggregate",

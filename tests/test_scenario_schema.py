@@ -467,6 +467,7 @@ def mutations(draw):
 @settings(max_examples=80, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(case=mutations())
+@pytest.mark.slow
 def test_mutated_scenarios_run_with_invariants_or_name_a_field(tmp_path_factory, case):
     name, path, spec, tp, value, out_of_range = case
     file = write(tmp_path_factory.mktemp("mut"), set_path(base_data(name), path, value))
@@ -499,6 +500,7 @@ def _cli() -> str:
     (lambda d, tmp: ((tmp / "w.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00"),
                      set_path(d, "workload.trace", "w.csv"))[1], "workload.trace"),
 ], ids=["cooling-failure-magnitude-5", "binary-trace"])
+@pytest.mark.slow
 def test_cli_exits_2_with_one_line_naming_the_field(tmp_path, mutate, field):
     path = write(tmp_path, mutate(base_data("small_faults"), tmp_path))
     res = subprocess.run([_cli(), "simulate", "--scenario", str(path), "--out", str(tmp_path / "out")],

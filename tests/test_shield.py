@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llm_cluster_gym.controllers.context import ControllerContext
@@ -94,6 +95,7 @@ def _run(scenario, inner_kind: str, seed: int):
     inner_kind=st.sampled_from(["random", "unaware"]),
     seed=st.integers(0, 10_000),
 )
+@pytest.mark.slow
 def test_shield_promise_under_random_policies_and_faults(kind, start_s, severity, target,
                                                          inner_kind, seed):
     magnitude = {"cooling_failure": 0.25 + 0.35 * severity,
@@ -116,6 +118,7 @@ def test_shield_promise_under_random_policies_and_faults(kind, start_s, severity
     assert any(r.startswith("emergency:") for r in shield.reason_counts)
 
 
+@pytest.mark.slow
 def test_unshielded_baseline_breaks_what_the_shield_keeps():
     """The same cooling failure without the shield overheats GPUs (the test above can fail)."""
     scenario = _scenario("cooling_failure", 20.0, 0.25, 0).with_overrides(duration_s=300.0)

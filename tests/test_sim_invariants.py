@@ -154,6 +154,7 @@ def test_same_seed_same_episode_different_seed_different_episode(serving_model):
     drop_after_s=st.floats(2.0, 60.0),
     oversubscription=st.floats(1.0, 2.5),
 )
+@pytest.mark.slow
 def test_invariants_hold_for_random_variations(serving_model, seed, rps_per_gpu, freq_mhz,
                                                max_batch, admit_fraction, drop_after_s,
                                                oversubscription):

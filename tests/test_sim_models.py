@@ -381,6 +381,7 @@ def _small_faults_power_failure_run(seed: int = 0):
     return events, capped_gpu_s, row_w, limit_w, window, before
 
 
+@pytest.mark.slow
 def test_power_failure_in_small_faults_caps_the_row_on_average():
     events, capped_gpu_s, row_w, limit_w, window, before = _small_faults_power_failure_run()
     limit = limit_w[window][0]
@@ -394,6 +395,7 @@ def test_power_failure_in_small_faults_caps_the_row_on_average():
     reason="row capping sets next tick's clock from this tick's load (and its 2 s average), so "
            "bursty serving load overshoots: small_faults seed 0, row 1 over its limit in 23% "
            "of ticks, by up to +21%")
+@pytest.mark.slow
 def test_power_failure_in_small_faults_holds_every_tick_under_the_limit():
     _, _, row_w, limit_w, window, _ = _small_faults_power_failure_run()
     assert (row_w[window] <= limit_w[window] * 1.001).all()
@@ -425,6 +427,7 @@ def _episode_totals(s: Scenario, serving_model: str, seed: int) -> tuple[float, 
                    "attainment 0.973 vs 0.996 request-level (seed 0), 2.3 points")),
     ],
 )
+@pytest.mark.slow
 def test_aggregate_model_tracks_request_level_energy_and_slo(freq_mhz):
     """Same scenario and seed: energy within 5 %, SLO attainment within 2 points."""
     s = load_scenario("small")

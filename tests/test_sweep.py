@@ -53,6 +53,7 @@ def test_drills_replace_faults():
     assert set(DRILLS) >= {"none", "cooling_failure", "power_failure", "load_spike"}
 
 
+@pytest.mark.slow
 def test_sweep_equals_cells_one_by_one(ray_local, tmp_path):
     cells = expand_grid(["static", "dynamo"], ["small"], [0, 1], ["scenario", "load_spike"])
     if (CHECKPOINT / "model.zip").exists():  # a trained policy, its files shipped to the worker

@@ -79,6 +79,7 @@ def test_random_weights_do_not_depend_on_tp():
 
 
 # ------------------------------------------------------------------ numerics and serving
+@pytest.mark.slow
 def test_tp2_and_tp4_compute_what_tp1_computes():
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7]]
     ref = reference_logits(_tcfg(1), prompts, decode_steps=3)
@@ -95,6 +96,7 @@ def test_tp2_and_tp4_compute_what_tp1_computes():
             np.testing.assert_array_equal(ta, tb)
 
 
+@pytest.mark.slow
 def test_tp2_worker_continuous_batching_and_clean_stop():
     w = TPWorkerProcess(_tcfg(2))
     try:
@@ -143,6 +145,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_tp2_gloo_group_shuts_down_in_order_without_store_warnings(tmp_path):
     """Every rank destroys its group before rank 0 drops the TCPStore it hosts.
 
@@ -171,6 +174,7 @@ def test_profile_tp_dry_run_prints_the_plan(tmp_path, capsys):
     assert "never set" in text and not out.exists()
 
 
+@pytest.mark.slow
 def test_profile_tp_tiny_writes_a_table(tmp_path):
     out = tmp_path / "tiny.json"
     assert cli_main(["profile-tp", "--tiny", "--out", str(out)]) == 0
@@ -223,6 +227,7 @@ def test_tp_campaign_task_names_are_checked():
         tp_campaign.plan_task("warp:llama3-8b:1")
 
 
+@pytest.mark.slow
 def test_measure_reconfig_tiny_and_dry_run(tmp_path, capsys):
     assert cli_main(["measure-reconfig", "--dry-run"]) == 0
     assert "TP4 on GPUs 0..3 -> TP8 on GPUs 0..7" in capsys.readouterr().out

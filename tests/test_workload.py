@@ -331,6 +331,7 @@ def test_pools_reject_bad_edges():
         LengthPools(input_edges=(100,), output_edges=(10,), names=("a", "b"))
 
 
+@pytest.mark.slow
 def test_arrivals_per_tick_counts_and_means():
     tr = scale_to_rate(builtin_trace("azure_conv_2023"), 20.0, np.random.default_rng(5), 900.0)
     tick_s, n_ticks = 2.0, 300
