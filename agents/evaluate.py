@@ -14,12 +14,12 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+
+import llm_cluster_gym  # noqa: F401  (registers the LLMCluster ids)
 from llm_cluster_gym.agents.config import WINDOWS
 from llm_cluster_gym.envs.backend import slo_attainment
 from llm_cluster_gym.envs.episode import EpisodeResult
 from llm_cluster_gym.envs.rollout import run_episode as run_env_episode
-
-import llm_cluster_gym  # noqa: F401  (registers the LLMCluster ids)
 
 
 @dataclass(frozen=True)

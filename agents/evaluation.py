@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from llm_cluster_gym.agents.config import WINDOWS
 from llm_cluster_gym.envs.episode import COMPARISON_COLUMNS, EpisodeResult
 from llm_cluster_gym.envs.outputs import safe_name, staged_folder

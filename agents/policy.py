@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from llm_cluster_gym.agents.checkpoint import Checkpoint, load_checkpoint
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from llm_cluster_gym.controllers.policy_spec import make_policy as make_spec_policy
 from llm_cluster_gym.controllers.policy_spec import parse_policy_spec
 from llm_cluster_gym.envs.episode import COMPARISON_COLUMNS, EpisodeResult

@@ -36,6 +36,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
+
+import llm_cluster_gym  # noqa: F401  (registers the LLMCluster ids)
 from llm_cluster_gym.agents.checkpoint import (
     MODEL_FILE,
     VECNORM_FILE,
@@ -52,11 +57,6 @@ from llm_cluster_gym.agents.evaluate import compare_with_static, make_env, run_e
 from llm_cluster_gym.agents.policy import TrainedPolicy
 from llm_cluster_gym.agents.train_logging import EpisodeScalars, log_evaluation
 from llm_cluster_gym.envs.sim.scenario import load_scenario
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-from stable_baselines3.common.monitor import Monitor
-from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
-
-import llm_cluster_gym  # noqa: F401  (registers the LLMCluster ids)
 
 VALIDATION_SEEDS = (1000, 1001, 1002, 1003, 1004)
 """Episode seeds of the periodic evaluation (validation window)."""

@@ -26,9 +26,10 @@ import math
 from typing import Any
 
 import numpy as np
+from stable_baselines3.common.callbacks import BaseCallback
+
 from llm_cluster_gym.envs.backend import slo_attainment
 from llm_cluster_gym.envs.reward import TERMS
-from stable_baselines3.common.callbacks import BaseCallback
 
 EVALUATION_FIGURES = ("reward", "energy_j", "slo_attainment", "thermal_throttle_events",
                       "power_throttle_events")

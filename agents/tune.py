@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from llm_cluster_gym.agents.config import HYPERPARAMS_PATH, AlgoParams, TaskConfig
 
 TUNE_SPACE_PATH = Path(__file__).resolve().parent / "tune_space.yaml"
@@ -171,11 +172,12 @@ def trial_config(cfg: TaskConfig, params: dict[str, Any], n_envs: int) -> TaskCo
 def _trainable(params: dict[str, Any], cfg: TaskConfig, settings: TuneSettings, seed: int,
                n_envs: int) -> None:
     """One Tune trial: train in chunks, report the validation reward with the run as checkpoint."""
+    from ray import tune
+
     from llm_cluster_gym.agents.checkpoint import load_metadata
     from llm_cluster_gym.agents.evaluate import make_env, run_episodes, summarize
     from llm_cluster_gym.agents.policy import TrainedPolicy
     from llm_cluster_gym.agents.train import train
-    from ray import tune
 
     run_dir = Path(tune.get_context().get_trial_dir()) / "run"
     tcfg = trial_config(cfg, params, n_envs)

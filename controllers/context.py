@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from llm_cluster_gym.envs.actions import ROUTE_WEIGHT_LEVELS
 from llm_cluster_gym.envs.backend import (
     ClusterAction,

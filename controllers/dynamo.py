@@ -20,6 +20,7 @@ Predictions come from the profile tables through `controllers.perfmodel.predict_
 from __future__ import annotations
 
 import numpy as np
+
 from llm_cluster_gym.controllers.base import RuleBasedController
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.forecast import LoadForecaster

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.dynamo import DynamoController
 

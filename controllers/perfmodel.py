@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from llm_cluster_gym.envs.sim.profiles import Profile
 
 WAIT_SAFETY = 3.0

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
+
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.perfmodel import worst_gpu_power_w
 from llm_cluster_gym.envs.actions import ROUTE_WEIGHT_LEVELS

@@ -21,6 +21,7 @@ From the observation only:
 from __future__ import annotations
 
 import numpy as np
+
 from llm_cluster_gym.controllers.base import RuleBasedController
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.envs.backend import ClusterAction

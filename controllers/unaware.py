@@ -9,6 +9,7 @@ server whatever the power or cooling headroom there.
 from __future__ import annotations
 
 import numpy as np
+
 from llm_cluster_gym.controllers.base import RuleBasedController
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.envs.backend import ClusterAction

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from gymnasium import spaces
+
 from llm_cluster_gym.envs.backend import ClusterAction, ClusterLayout, PoolConfig
 
 ROUTE_WEIGHT_LEVELS = (0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0)

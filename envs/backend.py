@@ -14,6 +14,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
 from llm_cluster_gym.envs.latency import empty_histogram
 
 if TYPE_CHECKING:

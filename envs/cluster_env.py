@@ -13,6 +13,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 from gymnasium.error import ResetNeeded
+
 from llm_cluster_gym.envs.actions import TASKS, ActionCodec
 from llm_cluster_gym.envs.backend import ClusterBackend, ClusterLayout, PoolConfig, ServiceMetrics, Telemetry
 from llm_cluster_gym.envs.observation import OBS_CLIP, ObservationBuilder, observation_spec

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from llm_cluster_gym.envs.backend import (
     BackendDescription,
     ServiceMetrics,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from llm_cluster_gym.envs.backend import ClusterLayout, PoolConfig, ServiceMetrics, Telemetry
 
 OBS_CLIP = 10.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from llm_cluster_gym.envs.backend import ClusterLayout, ServiceMetrics, Telemetry
 
 _CELL = 12

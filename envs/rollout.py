@@ -13,8 +13,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from llm_cluster_gym.envs.episode import EpisodeRecorder, EpisodeResult, ReportError, skip_warmup
 from tqdm import tqdm
+
+from llm_cluster_gym.envs.episode import EpisodeRecorder, EpisodeResult, ReportError, skip_warmup
 
 __all__ = ["EpisodeResult", "run_episode", "run_measured", "skip_warmup"]
 

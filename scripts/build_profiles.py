@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from llm_cluster_gym.envs.sim.fitting import nonneg_rel_lstsq, relative_error_stats, saturation_fit
 from llm_cluster_gym.envs.sim.profiles import (
     DEFAULT_PROFILE_DIR,

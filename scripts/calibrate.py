@@ -41,6 +41,7 @@ from typing import Annotated, Union
 
 import numpy as np
 import tyro
+
 from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
 from llm_cluster_gym.envs.real.telemetry import save_recording
 from llm_cluster_gym.envs.real.worker import STEP_LOG_COLUMNS, WorkerConfig
@@ -121,6 +122,7 @@ def record(out: Path, trace: str, start_s: float, duration_s: float, rate_rps: f
         WorkerError: No CUDA device for the worker.
     """
     import torch
+
     from llm_cluster_gym.envs.real.cluster import RealCluster, RealClusterConfig
 
     cfg = RealClusterConfig(

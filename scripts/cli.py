@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Union
 
 import tyro
+
 from llm_cluster_gym.scripts import (
     build_profiles,
     calibrate,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
 from llm_cluster_gym.controllers.policy_spec import make_policy, parse_policy_spec
 from llm_cluster_gym.envs.episode import COMPARISON_COLUMNS
 from llm_cluster_gym.envs.outputs import check_output_folder, safe_name, staged_folder

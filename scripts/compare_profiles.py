@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import tyro
+
 from llm_cluster_gym.envs.sim.profiles import (
     DEFAULT_PROFILE_DIR,
     Profile,

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from llm_cluster_gym.envs.sim.thermal import (
     DATA_DIR,
     GpuThermalState,

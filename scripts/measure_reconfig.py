@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from llm_cluster_gym.envs.real.tp_worker import TP_SHAPES, TPWorkerConfig, TPWorkerError, TPWorkerProcess
 from llm_cluster_gym.envs.real.worker import Request, WorkerConfig
 from llm_cluster_gym.scripts.usage import UsageError

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from llm_cluster_gym.envs.real.telemetry import (
     GpuUnavailableError,
     NvmlGpuDevice,

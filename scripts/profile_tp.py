@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from llm_cluster_gym.envs.real.tp_worker import (
     TP_SHAPES,
     TPShardError,

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from llm_cluster_gym.envs.actions import TASKS, ActionCodec, InvalidActionError
 from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
 from llm_cluster_gym.envs.cluster_env import ClusterEnv

@@ -11,6 +11,8 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+
+import llm_cluster_gym  # noqa: F401
 from llm_cluster_gym.agents.checkpoint import (
     METADATA_FILE,
     MODEL_FILE,
@@ -33,8 +35,6 @@ from llm_cluster_gym.controllers.base import Controller
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.static import StaticController
 from llm_cluster_gym.controllers.unaware import UnawareController
-
-import llm_cluster_gym  # noqa: F401
 
 
 def _tiny(task: str, finetune_steps: int = 0, **changes):

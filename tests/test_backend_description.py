@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.live.loop import GuardedBackend, guarded_env
 from llm_cluster_gym.controllers.oracle import OracleController

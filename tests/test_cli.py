@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import get_args, get_type_hints
 
 import pytest
+
 from llm_cluster_gym.agents.sweep import DRILLS
 from llm_cluster_gym.controllers.policy_spec import PolicySpec, PolicySpecError, parse_policy_spec
 from llm_cluster_gym.envs.sim.scenario import ScenarioError

@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+
 from llm_cluster_gym.controllers.base import Controller
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.dynamo import DynamoController

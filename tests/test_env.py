@@ -5,11 +5,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
-from llm_cluster_gym.envs.actions import InvalidActionError
-from llm_cluster_gym.envs.cluster_env import ClusterEnv
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import llm_cluster_gym
+from llm_cluster_gym.envs.actions import InvalidActionError
+from llm_cluster_gym.envs.cluster_env import ClusterEnv
 
 IDS = list(llm_cluster_gym.TASK_IDS)
 TRAIN_IDS = [i for i in IDS if "-small-" in i]

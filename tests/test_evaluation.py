@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from llm_cluster_gym.agents.config import WINDOWS
 from llm_cluster_gym.agents.evaluation import (
     AGENT,

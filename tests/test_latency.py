@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from llm_cluster_gym.envs.latency import (
     LATENCY_EDGES_S,
     N_LATENCY_BINS,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from llm_cluster_gym.controllers.live import (
     DecisionLog,
     Drill,

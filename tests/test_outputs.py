@@ -17,6 +17,7 @@ from pathlib import Path
 import matplotlib.figure
 import pytest
 import yaml
+
 from llm_cluster_gym.envs.outputs import (
     MANIFEST,
     OutputFolderError,
@@ -246,8 +247,9 @@ def test_sweep_and_evaluation_writers_are_all_or_nothing(episode, tmp_path, monk
 def test_a_checkpoint_save_that_dies_never_looks_complete(tmp_path, monkeypatch):
     import gymnasium as gym
     import torch
-    from llm_cluster_gym.agents.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    from llm_cluster_gym.agents.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
     shipped = load_checkpoint(CHECKPOINT)
     venv = DummyVecEnv([lambda: gym.make(shipped.metadata["env_id"], disable_env_checker=True)])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from llm_cluster_gym.envs.sim.profiles import (
     DEFAULT_PROFILE_DIR,
     Profile,

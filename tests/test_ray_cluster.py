@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from llm_cluster_gym.agents.ray_setup import private_token_file
 from llm_cluster_gym.agents.sweep import SweepSpec, expand_grid, run_sweep
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from llm_cluster_gym.envs.backend import ClusterAction, ClusterBackend, PoolConfig
 from llm_cluster_gym.envs.real.actuators import ActuatorError, GpuActuators
 from llm_cluster_gym.envs.real.cluster import RealCluster, RealClusterConfig, RealClusterError

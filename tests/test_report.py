@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from llm_cluster_gym.envs.backend import PoolConfig
 from llm_cluster_gym.envs.cluster_env import ClusterEnv
 from llm_cluster_gym.envs.episode import SUMMARY_FIELDS, EpisodeResult, ReportError

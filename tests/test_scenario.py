@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from llm_cluster_gym.envs.sim.scenario import ScenarioError, load_scenario, shipped_scenarios
 from llm_cluster_gym.envs.sim.topology import build_topology
 

@@ -16,6 +16,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+
 from llm_cluster_gym.envs.backend import ClusterBackend
 
 PACKAGES = ("llm_cluster_gym", "llm_cluster_gym.envs", "llm_cluster_gym.agents",

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.registry import RandomController
 from llm_cluster_gym.controllers.shield import Shield

@@ -16,6 +16,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+
 from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
 from llm_cluster_gym.envs.sim.cluster import CAP_TARGET_FRACTION, SimCluster
 from llm_cluster_gym.envs.sim.profiles import ProfileLibrary

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from llm_cluster_gym.agents.evaluate import EpisodeStats
 from llm_cluster_gym.envs.backend import ClusterAction, slo_attainment
 from llm_cluster_gym.envs.cluster_env import ClusterEnv

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+
 from llm_cluster_gym.agents.sweep import (
     DRILLS,
     Cell,

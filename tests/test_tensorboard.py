@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+
 from llm_cluster_gym.agents.config import load_task_config
 from llm_cluster_gym.agents.train import train
 from llm_cluster_gym.agents.train_logging import TENSORBOARD_SCALARS

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from llm_cluster_gym.envs.sim.thermal import (
     DEFAULT_FIT_PATH,
     AisleCoolingParams,

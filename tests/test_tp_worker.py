@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from llm_cluster_gym.envs.real.tp_layers import ShardSpec, TPShardError
 from llm_cluster_gym.envs.real.tp_worker import (
     TP_SHAPES,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from llm_cluster_gym.envs.sim.workload import (
     BUILTIN_TRACES,
     DEFAULT_POOLS,

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+
 from llm_cluster_gym.controllers.live.exporter import DecisionLog, MetricsExporter
 from llm_cluster_gym.controllers.live.governor import GovernorDecision, PowerGovernor
 from llm_cluster_gym.envs.backend import (

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from llm_cluster_gym.envs.backend import slo_attainment
 from llm_cluster_gym.envs.real.fidelity import power_windows
 from llm_cluster_gym.envs.real.telemetry import TelemetryRecording, load_recording

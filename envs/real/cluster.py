@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
 from llm_cluster_gym.envs.backend import (
     BackendDescription,
     ClusterAction,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from llm_cluster_gym.envs.real import step_timing
 from llm_cluster_gym.envs.real.graphs import GraphedPasses
 from llm_cluster_gym.envs.real.llama import LlamaPasses

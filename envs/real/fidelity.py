@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
 from llm_cluster_gym.envs.real.telemetry import TelemetryRecording, load_recording
 from llm_cluster_gym.envs.sim.fitting import nonneg_rel_lstsq, relative_error_stats, saturation_fit

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
 from llm_cluster_gym.envs.real.llama import LlamaPasses
 from llm_cluster_gym.envs.real.worker_config import WorkerConfig
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from llm_cluster_gym.envs.real.worker_config import ModelShape, WorkerConfig, WorkerError
 
 

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from llm_cluster_gym.envs.real.worker_config import WorkerError
 
 if TYPE_CHECKING:

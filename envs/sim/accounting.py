@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from llm_cluster_gym.envs.backend import ServiceMetrics
 from llm_cluster_gym.envs.sim.scenario import Scenario
 from llm_cluster_gym.envs.sim.serving import ServiceAccumulator

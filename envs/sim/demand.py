@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from llm_cluster_gym.envs.sim.scenario import Scenario
 from llm_cluster_gym.envs.sim.workload import (
     DEFAULT_POOLS,

@@ -12,6 +12,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from llm_cluster_gym.envs.backend import BackendDescription, PoolStats, ServerPowerSpec, TickHistory
 
 if TYPE_CHECKING:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from llm_cluster_gym.envs.sim.scenario import FaultSpec, Scenario
 
 

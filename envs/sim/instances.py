@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from llm_cluster_gym.envs.backend import PoolConfig
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from llm_cluster_gym.envs.backend import ClusterLayout, PoolConfig
 from llm_cluster_gym.envs.sim import power as pw
 from llm_cluster_gym.envs.sim.instances import InstanceTable

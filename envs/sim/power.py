@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from llm_cluster_gym.envs.sim.profiles import phase_power_w
 from llm_cluster_gym.envs.sim.scenario import ServerSpec
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from llm_cluster_gym.envs.episode import SUMMARY_FIELDS, EpisodeResult, ReportError
 from llm_cluster_gym.envs.outputs import write_file_atomic
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from llm_cluster_gym.envs.sim.profiles import ProfileError, ProfileLibrary
 from llm_cluster_gym.envs.sim.workload import Trace, TraceError, is_builtin_name, resolve_trace
 

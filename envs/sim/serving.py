@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from llm_cluster_gym.envs.latency import empty_histogram, latency_histogram
 
 

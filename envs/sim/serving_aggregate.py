@@ -12,6 +12,7 @@ profile models with the request-level model; only the bookkeeping of requests di
 from __future__ import annotations
 
 import numpy as np
+
 from llm_cluster_gym.envs.sim.instances import InstanceTable
 from llm_cluster_gym.envs.sim.serving import ServiceAccumulator, TickLoad
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from llm_cluster_gym.envs.sim.instances import InstanceTable
 from llm_cluster_gym.envs.sim.routing import integer_split, water_fill
 from llm_cluster_gym.envs.sim.serving import ServiceAccumulator, TickLoad

@@ -7,6 +7,7 @@ read-only with the record instead of copied (a write through the record raises).
 from __future__ import annotations
 
 import numpy as np
+
 from llm_cluster_gym.envs.backend import Telemetry
 from llm_cluster_gym.envs.sim.faults import FaultSchedule
 from llm_cluster_gym.envs.sim.thermal import OutsideAir

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from llm_cluster_gym.envs.sim import power as pw
 from llm_cluster_gym.envs.sim.scenario import ServerSpec
 from llm_cluster_gym.envs.sim.thermal import ThermalParams

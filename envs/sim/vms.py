@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from llm_cluster_gym.envs.sim.scenario import VmSpec
 
 
