@@ -34,6 +34,7 @@ from llm_cluster_gym.scripts import (
     evaluate,
     fit_thermal,
     measure_reconfig,
+    predict,
     profile_gpu,
     profile_tp,
     record_h100_steps,
@@ -81,6 +82,8 @@ COMMANDS: tuple[Command, ...] = (
             "Compare measured TP tables with the profiles"),
     Command("record-h100-steps", record_h100_steps.RecordStepsArgs, record_h100_steps.run,
             "Record GPU power/temperature under a load"),
+    Command("predict", predict.PredictArgs, predict.run,
+            "Steady-state vLLM throughput, latency, power from a model config"),
 )
 """Every subcommand, in the order ``llm-cluster --help`` lists them (summaries fit one line)."""
 
