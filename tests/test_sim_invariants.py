@@ -80,7 +80,7 @@ def assert_in_range(metrics: list[ServiceMetrics], tel: list[Telemetry], c: SimC
         assert m.tokens_generated >= 0 and m.energy_j > 0
         assert m.arrivals_per_pool.sum() == m.arrived
     for t in tel[1:]:
-        assert (t.gpu_power_w >= c.gpu_model.idle_power_w - 1e-9).all()
+        assert (t.gpu_power_w >= c.gpu_model.idle_no_context_w - 1e-9).all()
         assert (t.gpu_power_w <= c.gpu_model.gpu_power_limit_w + 1e-9).all()
         assert (t.gpu_freq_mhz >= c.gpu_model.min_freq_mhz - 1e-9).all()
         assert (t.gpu_freq_mhz <= c.gpu_model.max_freq_mhz + 1e-9).all()

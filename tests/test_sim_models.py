@@ -70,7 +70,9 @@ def test_vm_load_step_follows_analytic_two_node_curve(thermal):
                                duration_s=300.0),
                    auto_place_vms=False)
     t0 = c.reset(seed=0)
-    idle_w = c.gpu_model.idle_power_w
+    # GPUs holding a model instance idle with a CUDA context; the others (IaaS) without one.
+    gm = c.gpu_model
+    idle_w = np.where(c.slots.gpu_has, gm.idle_power_w, gm.idle_no_context_w)
     iaas = np.flatnonzero(~c.topo.server_is_saas)
     vm_gpu = np.isin(c.topo.gpu_server, iaas[:1])
     inlet_c = t0.aisle_inlet_c[c.topo.gpu_aisle]
@@ -93,9 +95,21 @@ def test_vm_load_step_follows_analytic_two_node_curve(thermal):
         np.testing.assert_allclose(tel.gpu_temp_c[vm_gpu], want[vm_gpu], rtol=0, atol=1e-9)
         np.testing.assert_allclose(tel.gpu_temp_c[~vm_gpu], idle_temp_c[~vm_gpu], atol=1e-9)
         np.testing.assert_allclose(tel.gpu_power_w[vm_gpu], vm_w)
+        np.testing.assert_allclose(tel.gpu_power_w[~vm_gpu], idle_w[~vm_gpu])
     # Long after the step: the steady state inlet + (R_die + R_sink) * P.
     np.testing.assert_allclose(tel.gpu_temp_c[vm_gpu],
                                inlet_c[vm_gpu] + thermal.r_total_c_per_w * vm_w, atol=1e-3)
+
+
+def test_gpus_without_an_instance_idle_without_a_cuda_context():
+    """Idle GPUs draw 71-73 W with no process and about 122 W holding a model (H100, measured)."""
+    c = SimCluster(vm_scenario(initial_fraction=0.0))
+    tel = c.reset(seed=0)
+    has = c.slots.gpu_has
+    assert has.any() and (~has).any()
+    np.testing.assert_allclose(tel.gpu_power_w[~has], 72.0)
+    assert (tel.gpu_power_w[has] >= c.gpu_model.idle_power_w - 1e-9).all()
+    assert 115.0 <= c.gpu_model.idle_power_w <= 130.0
 
 
 def test_reset_telemetry_reports_the_settled_state():

@@ -164,4 +164,5 @@ def gpu_load(load: TickLoad, st: SlotSettings, slots: SlotTables, gpu_prefill_mh
         prefill_freq_mhz=gpu_prefill_mhz,
         power_factor=st.power_factor,
         vm_power_w=vm_power_w,
+        phase_power=slots.gpu_phase_power,
     )

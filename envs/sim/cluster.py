@@ -190,7 +190,7 @@ class SimCluster:
         self.reconfigurations = 0
         self.inst.reconfigure(pools, now_s=0.0, load_time_s={})
         self._refresh_slots()
-        self._gpu_power_w = np.full(n_gpu, self.gpu_model.idle_power_w)
+        self._gpu_power_w = self.slots.gpu_phase_power.idle_w.copy()
         self._gpu_temp_c = self.inlet_c[topo.gpu_aisle].copy()
         self._row_power_w = np.zeros(topo.n_rows)
         self._aisle_heat_w = np.zeros(topo.n_aisles)
@@ -281,12 +281,13 @@ class SimCluster:
     def _refresh_slots(self) -> None:
         """Recompute the per-slot tables after a layout change (invalidates the slot settings)."""
         self.slots = slot_tables(self.inst, self.topo, self._tp_index, self._tp_arrays,
-                                 self.gpu_model.max_freq_mhz, self.mean_input_tokens)
+                                 self.gpu_model.max_freq_mhz, self.mean_input_tokens,
+                                 self.gpu_model.idle_no_context_w)
 
     def _settle_idle(self) -> None:
         """Start temperatures at the idle steady state (a datacenter that was running)."""
         gm, th, topo = self.gpu_model, self.thermal, self.topo
-        idle = np.full(topo.n_gpus, gm.idle_power_w)
+        idle = self.slots.gpu_phase_power.idle_w.copy()
         idle += np.maximum(np.repeat(self.vms.gpu_power_w, topo.gpus_per_server) - idle, 0.0)
         self.thermal_state.x_die_c[:] = th.r_die_c_per_w * idle
         self.thermal_state.x_sink_c[:] = th.r_sink_c_per_w * idle
@@ -340,7 +341,8 @@ class SimCluster:
         # Controllers for the next tick: row power capping, GPU thermal slowdown.
         stats.power_events += capping.update(dyn, gl, row_w, self._row_limit_w,
                                              slowdown.ceiling_mhz)
-        stats.thermal_events += slowdown.update(temp, max_temp_c, gpu_w, gpu_ceiling, self.inlet_c)
+        stats.thermal_events += slowdown.update(temp, max_temp_c, gpu_w, gpu_ceiling, self.inlet_c,
+                                               gl.phase_power.idle_w)
         # Accounting.
         stats.add_tick(srv_w, gpu_w, row_w, max_temp_c, dt, carbon_g_per_kwh(s, t0),
                        slots.instance_gpus, slowdown, capping, topo.gpu_row)

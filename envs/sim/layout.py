@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llm_cluster_gym.envs.backend import ClusterLayout, PoolConfig
+from llm_cluster_gym.envs.perf.hardware import load_gpus
 from llm_cluster_gym.envs.sim import power as pw
 from llm_cluster_gym.envs.sim.instances import InstanceTable
 from llm_cluster_gym.envs.sim.profiles import Profile, ProfileArrays, freq_at_power_limit_mhz
@@ -25,14 +26,23 @@ from llm_cluster_gym.envs.sim.topology import Topology
 from llm_cluster_gym.envs.sim.workload import LengthPools
 
 
+def idle_no_context_w(ref: Profile) -> float:
+    """Idle power of a GPU of ``ref``'s type that holds no process (``envs/data/gpus.json``).
+
+    A GPU type the specification file does not list keeps the profile's idle power (no lower
+    figure is known for it).
+    """
+    gpus = load_gpus()
+    if ref.gpu in gpus:
+        return min(gpus[ref.gpu].idle_power_w, ref.idle_power_w)
+    return ref.idle_power_w
+
+
 def gpu_power_model(ref: Profile) -> pw.GpuPowerModel:
-    """The GPU power coefficients of a profile (the same for every GPU of the cluster)."""
+    """What every GPU of the cluster shares (clocks, limit, idle powers), from a profile."""
     return pw.GpuPowerModel(
         idle_power_w=ref.idle_power_w,
-        prefill_max_power_w=ref.prefill_max_power_w,
-        prefill_k_tokens=ref.prefill_k_tokens,
-        decode_max_power_w=ref.decode_max_power_w,
-        decode_k_batch=ref.decode_k_batch,
+        idle_no_context_w=idle_no_context_w(ref),
         power_freq_exponent=ref.power_freq_exponent,
         gpu_power_limit_w=ref.gpu_power_limit_w,
         min_freq_mhz=ref.min_freq_mhz,
@@ -161,6 +171,8 @@ class SlotTables:
         instance_gpus: GPUs held by active instances.
         prefill_limit_mhz: Clock at which a prefill of the episode's mean prompt fits the GPU
             power limit (it depends only on the slot's profile).
+        gpu_phase_power: Each GPU's phase-power coefficients (its instance's profile; idle
+            without a CUDA context where no instance holds it).
     """
 
     prof: ProfileArrays
@@ -174,11 +186,24 @@ class SlotTables:
     any_quantized: bool
     instance_gpus: float
     prefill_limit_mhz: np.ndarray
+    gpu_phase_power: pw.GpuPhasePower
+
+
+def gpu_phase_power(sp: ProfileArrays, gpu_has: np.ndarray, gpu_o: np.ndarray,
+                    idle_no_context_w: float) -> pw.GpuPhasePower:
+    """Per-GPU phase-power coefficients: the owning instance's profile, or bare idle."""
+    return pw.GpuPhasePower(
+        idle_w=read_only(np.where(gpu_has, sp.idle_power_w[gpu_o], idle_no_context_w)),
+        prefill_max_w=read_only(sp.prefill_max_power_w[gpu_o]),
+        prefill_k_tokens=read_only(sp.prefill_k_tokens[gpu_o]),
+        decode_max_w=read_only(sp.decode_max_power_w[gpu_o]),
+        decode_k_batch=read_only(sp.decode_k_batch[gpu_o]),
+    )
 
 
 def slot_tables(inst: InstanceTable, topo: Topology, tp_index: dict[int, int],
                 tp_arrays: ProfileArrays, max_freq_mhz: float,
-                mean_input_tokens: float) -> SlotTables:
+                mean_input_tokens: float, idle_no_context_w: float) -> SlotTables:
     """The per-slot coefficient arrays and the GPU -> instance map of ``inst``'s layout."""
     tp_idx = np.array([tp_index.get(int(t), 0) for t in inst.tp])
     sp = tp_arrays.take(tp_idx)
@@ -186,13 +211,14 @@ def slot_tables(inst: InstanceTable, topo: Topology, tp_index: dict[int, int],
     gpu_owner = np.full(topo.n_gpus, -1, dtype=np.int64)
     gpu_owner[inst.slot_gpu] = owner
     gpu_has = gpu_owner >= 0
+    gpu_o = np.where(gpu_has, gpu_owner, 0)
     return SlotTables(
         prof=sp,
         owner=owner,
         row=topo.gpu_row[inst.slot_gpu],
         gpu_has=gpu_has,
         gpu_has_f=gpu_has.astype(float),
-        gpu_o=np.where(gpu_has, gpu_owner, 0),
+        gpu_o=gpu_o,
         freq_mhz=np.where(inst.active, inst.freq_mhz, max_freq_mhz),
         kv_tokens=sp.kv_capacity_tokens.astype(float),
         any_quantized=bool(inst.quantized.any()),
@@ -201,4 +227,5 @@ def slot_tables(inst: InstanceTable, topo: Topology, tp_index: dict[int, int],
             mean_input_tokens, sp.gpu_power_limit_w, sp.idle_power_w,
             sp.prefill_max_power_w, sp.prefill_k_tokens, sp.power_freq_exponent,
             sp.min_freq_mhz, sp.max_freq_mhz),
+        gpu_phase_power=gpu_phase_power(sp, gpu_has, gpu_o, idle_no_context_w),
     )

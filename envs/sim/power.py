@@ -1,10 +1,15 @@
 """GPU and server power from the serving state, and row-level power capping.
 
 A GPU's power over a tick is the time-weighted mix of its prefill, decode and idle power from
-the profile tables at its effective clock. Power capping is what a row's capping controller
-does: when the row draws more than its limit, the clocks of every GPU in the row are forced
-down to the highest common ceiling at which the row fits, from the next tick on. Each capping
-episode (uncapped -> capped) is one power-throttling event.
+the profile of the instance it belongs to (its model and TP degree: a GPU of a TP 8 instance
+draws differently from one of a TP 2 instance at the same batch) at its effective clock. A GPU
+that holds no instance idles without a CUDA context, lower than one holding a loaded model
+(71-73 W against about 122 W on an H100, measured for this project: ``envs/data/gpus.json``).
+
+Power capping is what a row's capping controller does: when the row draws more than its limit,
+the clocks of every GPU in the row are forced down to the highest common ceiling at which the
+row fits, from the next tick on. Each capping episode (uncapped -> capped) is one
+power-throttling event.
 """
 
 from __future__ import annotations
@@ -18,6 +23,24 @@ from llm_cluster_gym.envs.sim.scenario import ServerSpec
 
 
 @dataclass(frozen=True)
+class GpuPhasePower:
+    """Per-GPU phase-power coefficients, from the profile of the instance each GPU belongs to.
+
+    Attributes:
+        idle_w: Idle power (with a CUDA context where an instance holds the GPU, without one
+            where none does).
+        prefill_max_w, prefill_k_tokens: Saturating prefill power curve (``phase_power_w``).
+        decode_max_w, decode_k_batch: Saturating decode power curve.
+    """
+
+    idle_w: np.ndarray
+    prefill_max_w: np.ndarray
+    prefill_k_tokens: np.ndarray
+    decode_max_w: np.ndarray
+    decode_k_batch: np.ndarray
+
+
+@dataclass(frozen=True)
 class GpuLoad:
     """Per-GPU phase mix over one tick, gathered from the instance each GPU belongs to.
 
@@ -28,6 +51,7 @@ class GpuLoad:
         prefill_freq_mhz: Clock during prefill (already within the GPU's own power limit).
         power_factor: Multiplier on dynamic power (quantized variants draw less).
         vm_power_w: For IaaS GPUs, the VM's draw at full clock (0 for SaaS GPUs).
+        phase_power: Each GPU's phase-power coefficients (its instance's profile).
     """
 
     prefill_frac: np.ndarray
@@ -38,17 +62,20 @@ class GpuLoad:
     prefill_freq_mhz: np.ndarray
     power_factor: np.ndarray
     vm_power_w: np.ndarray
+    phase_power: GpuPhasePower
 
 
 @dataclass(frozen=True)
 class GpuPowerModel:
-    """The power coefficients of the GPU type (from its profile; same for every GPU)."""
+    """What every GPU of the cluster shares: the GPU type's clocks, limit and idle powers.
+
+    The phase-power curves differ per instance (model, TP degree) and travel with the load
+    (`GpuLoad.phase_power`). ``idle_power_w`` is the idle power with a CUDA context (a GPU
+    holding a loaded model), ``idle_no_context_w`` without one.
+    """
 
     idle_power_w: float
-    prefill_max_power_w: float
-    prefill_k_tokens: float
-    decode_max_power_w: float
-    decode_k_batch: float
+    idle_no_context_w: float
     power_freq_exponent: float
     gpu_power_limit_w: float
     min_freq_mhz: float
@@ -60,11 +87,12 @@ class GpuPowerModel:
         Dynamic power scales as (f / f_max)**gamma, so these three terms give the GPU's power at
         any clock ceiling without re-evaluating the profile (`power_under_ceiling_w`).
         """
-        idle, f_max = self.idle_power_w, self.max_freq_mhz
-        p_pre = phase_power_w(load.prefill_tokens, f_max, idle, self.prefill_max_power_w,
-                              self.prefill_k_tokens, self.power_freq_exponent, f_max)
-        p_dec = phase_power_w(load.decode_batch, f_max, idle, self.decode_max_power_w,
-                              self.decode_k_batch, self.power_freq_exponent, f_max)
+        f_max, c = self.max_freq_mhz, load.phase_power
+        idle = c.idle_w
+        p_pre = phase_power_w(load.prefill_tokens, f_max, idle, c.prefill_max_w,
+                              c.prefill_k_tokens, self.power_freq_exponent, f_max)
+        p_dec = phase_power_w(load.decode_batch, f_max, idle, c.decode_max_w,
+                              c.decode_k_batch, self.power_freq_exponent, f_max)
         pre = load.prefill_frac * (p_pre - idle) * load.power_factor
         dec = load.decode_frac * (p_dec - idle) * load.power_factor
         vm = np.maximum(load.vm_power_w - idle, 0.0)
@@ -76,7 +104,7 @@ class GpuPowerModel:
         pre, dec, vm = dyn
         inv, g = 1.0 / self.max_freq_mhz, self.power_freq_exponent
         c = np.minimum(ceiling_mhz, self.max_freq_mhz)
-        p = (self.idle_power_w
+        p = (load.phase_power.idle_w
              + pre * (np.minimum(load.prefill_freq_mhz, c) * inv) ** g
              + dec * (np.minimum(load.freq_mhz, c) * inv) ** g
              + vm * (c * inv) ** g)

@@ -131,7 +131,7 @@ class ThermalSlowdown:
         self.any_throttled = False
 
     def update(self, temp: np.ndarray, max_temp_c: float, gpu_w: np.ndarray,
-               gpu_ceiling: np.ndarray, inlet_c: np.ndarray) -> int:
+               gpu_ceiling: np.ndarray, inlet_c: np.ndarray, idle_w: np.ndarray) -> int:
         """Set the GPU ceilings for the next tick; returns the GPUs newly throttled.
 
         Args:
@@ -140,6 +140,8 @@ class ThermalSlowdown:
             gpu_w: Each GPU's power this tick.
             gpu_ceiling: Each GPU's clock ceiling this tick (capping and slowdown).
             inlet_c: Each aisle's inlet temperature at the end of this tick.
+            idle_w: Each GPU's idle power (with or without a CUDA context), the part of its
+                power the clock does not move.
         """
         slowdown_c = self.thermal.slowdown_temp_c
         if not (self.any_throttled or max_temp_c > slowdown_c):
@@ -150,20 +152,21 @@ class ThermalSlowdown:
         self.throttled = (self.throttled | hot) & ~release
         self.any_throttled = bool(np.count_nonzero(self.throttled))
         if self.any_throttled:
-            self._update_ceiling(gpu_w, gpu_ceiling, inlet_c)
+            self._update_ceiling(gpu_w, gpu_ceiling, inlet_c, idle_w)
         else:
             self.ceiling_mhz = self.no_ceiling_mhz
         return events
 
-    def _update_ceiling(self, gpu_w: np.ndarray, ceiling: np.ndarray, inlet_c: np.ndarray) -> None:
+    def _update_ceiling(self, gpu_w: np.ndarray, ceiling: np.ndarray, inlet_c: np.ndarray,
+                        idle_w: np.ndarray) -> None:
         """Clock at which each throttled GPU's steady state sits just below the slowdown point."""
         th, gm = self.thermal, self.gpu_model
         r_total = th.r_die_c_per_w + th.r_sink_c_per_w
         inlet = inlet_c[self.gpu_aisle]
         target_w = (th.slowdown_temp_c - THERMAL_RELEASE_C - inlet) / r_total
-        dyn = np.maximum(gpu_w - gm.idle_power_w, 1e-6)
+        dyn = np.maximum(gpu_w - idle_w, 1e-6)
         f_now = np.minimum(ceiling, gm.max_freq_mhz)
-        ratio = np.clip((target_w - gm.idle_power_w) / dyn, 0.0, None)
+        ratio = np.clip((target_w - idle_w) / dyn, 0.0, None)
         f = f_now * ratio ** (1.0 / gm.power_freq_exponent)
         f = np.clip(f, gm.min_freq_mhz, gm.max_freq_mhz)
         self.ceiling_mhz = np.where(self.throttled, np.minimum(f, f_now), gm.max_freq_mhz)
