@@ -1,9 +1,12 @@
 """Performance and power profiles of one LLM instance (model, GPU, tensor-parallel degree).
 
 The simulator runs thousands of instances with different models and TP degrees in one numpy
-pass, so a profile is a handful of fitted coefficients, not a lookup table. The coefficients
-and the measured grids they were fitted to live in ``envs/data/profiles/*.json`` (written by
-``scripts/build_profiles.py``; every number there names its source).
+pass, so a profile is a handful of fitted coefficients, not a lookup table. They come from
+two places: the shape-based performance model (`llm_cluster_gym.envs.perf`), fitted per
+(model shape, GPU, TP degree) by `shape_profiles.derive_profile`, and older JSON tables with
+the measured grids they were fitted to (``envs/data/profiles/*.json``, written by
+``scripts/build_profiles.py``; every number there names its source), kept as calibration data.
+`ProfileLibrary` serves both.
 
 Runtime model, with ``freq_scale = max_freq_mhz / freq_mhz``:
 
@@ -33,9 +36,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -301,8 +305,16 @@ class Profile(_ProfileMath):
     n_kv_heads: int
     head_dim: int
     source: str
+    fit_error: Mapping[str, Mapping[str, float]] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({}), compare=False
+    )
+    """Fit error of the coefficients against what they were fitted to, by quantity (derived
+    profiles: percent, ``median_abs_pct``, ``max_abs_pct``, ``n``; see `shape_profiles`). Empty
+    for the JSON tables (their errors are in the files). Not numeric: `ProfileArrays` omits it."""
+
 
 _STR_FIELDS = ("model", "gpu", "source")
+_NON_NUMERIC = (*_STR_FIELDS, "fit_error")
 _INT_FIELDS = (
     "tp",
     "kv_capacity_tokens",
@@ -312,7 +324,7 @@ _INT_FIELDS = (
     "n_kv_heads",
     "head_dim",
 )
-_NUM_FIELDS = tuple(f.name for f in dataclasses.fields(Profile) if f.name not in _STR_FIELDS)
+_NUM_FIELDS = tuple(f.name for f in dataclasses.fields(Profile) if f.name not in _NON_NUMERIC)
 
 
 @dataclass(frozen=True)
@@ -355,11 +367,15 @@ class ProfileArrays(_ProfileMath):
 
     @classmethod
     def stack(cls, profiles: Sequence[Profile]) -> ProfileArrays:
-        """Stack profiles (repeats allowed: one per instance) into arrays."""
+        """Stack profiles (repeats allowed: one per instance) into arrays.
+
+        Only the fields of this class are stacked: non-numeric ones such as ``Profile.fit_error``
+        stay with the profiles.
+        """
         if len(profiles) == 0:
             raise ProfileError("ProfileArrays.stack: got no profiles")
         cols: dict[str, np.ndarray] = {}
-        for f in dataclasses.fields(Profile):
+        for f in dataclasses.fields(cls):
             values = [getattr(p, f.name) for p in profiles]
             if f.name in _STR_FIELDS:
                 cols[f.name] = np.asarray(values, dtype=object)
@@ -508,7 +524,13 @@ def load_profile(path: Path) -> Profile:
 
 
 class ProfileLibrary:
-    """All profiles in a directory, keyed by (model, gpu, tp)."""
+    """Profiles keyed by (model, gpu, tp): the given ones (JSON tables), else derived ones.
+
+    A key held by the library (a JSON profile of ``envs/data/profiles``) is returned as it is;
+    any other key whose model is a shipped model shape (``envs/data/models``) and whose GPU is
+    known (``envs/data/gpus.json``) gets the profile derived from the shape-based performance
+    model (`shape_profiles.derive_profile`, cached).
+    """
 
     def __init__(self, profiles: Sequence[Profile]) -> None:
         self._profiles: dict[tuple[str, str, int], Profile] = {}
@@ -530,30 +552,63 @@ class ProfileLibrary:
         return cls([load_profile(f) for f in files])
 
     def get(self, model: str, gpu: str, tp: int) -> Profile:
-        """The profile for (model, gpu, tp); ProfileError listing what exists if absent."""
-        try:
-            return self._profiles[(model, gpu, int(tp))]
-        except KeyError:
-            have = ", ".join(f"{m}/{g}/tp{t}" for m, g, t in sorted(self._profiles))
+        """The profile for (model, gpu, tp): the held one, else the derived one.
+
+        Raises:
+            ProfileError: Unknown model (listing the profiled models and the shipped shapes),
+                unknown GPU (listing the known ones), or a TP degree that is not held or does not
+                fit (naming model, GPU and TP).
+        """
+        from llm_cluster_gym.envs.sim import shape_profiles
+
+        key = (model, gpu, int(tp))
+        if key in self._profiles:
+            return self._profiles[key]
+        if shape_profiles.is_shape_model(model):
+            return shape_profiles.derive_profile(model, gpu, int(tp))
+        held = sorted({m for m, _, _ in self._profiles})
+        if model not in held:
             raise ProfileError(
-                f"no profile for model={model!r} gpu={gpu!r} tp={tp!r}; available: {have}"
-            ) from None
+                f"unknown model {model!r}: no profile and not a shipped model shape; profiled: "
+                f"{', '.join(held) or 'none'}; shapes: {', '.join(shape_profiles.shipped_models())}"
+            )
+        have = ", ".join(f"{m}/{g}/tp{t}" for m, g, t in sorted(self._profiles))
+        raise ProfileError(
+            f"no profile for model={model!r} gpu={gpu!r} tp={tp!r}; available: {have}"
+        )
 
     def tps(self, model: str, gpu: str) -> list[int]:
-        """TP degrees available for (model, gpu), ascending."""
-        return sorted(t for m, g, t in self._profiles if m == model and g == gpu)
+        """TP degrees available for (model, gpu), ascending.
+
+        The held ones and, for a shipped shape on a known GPU, those of 1, 2, 4, 8 whose weights
+        fit; empty for an unknown model or GPU.
+        """
+        from llm_cluster_gym.envs.sim import shape_profiles
+
+        out = {t for m, g, t in self._profiles if m == model and g == gpu}
+        if shape_profiles.is_shape_model(model) and gpu in shape_profiles.gpu_keys():
+            out.update(shape_profiles.fitting_tps(model, gpu))
+        return sorted(out)
 
     def models(self) -> list[str]:
-        """Model names with at least one profile."""
-        return sorted({m for m, _, _ in self._profiles})
+        """Model names with at least one held profile, and the shipped model shapes."""
+        from llm_cluster_gym.envs.sim import shape_profiles
+
+        return sorted({m for m, _, _ in self._profiles} | set(shape_profiles.shipped_models()))
 
     def gpus(self, model: str) -> list[str]:
-        """GPU types with a profile for ``model``."""
-        return sorted({g for m, g, _ in self._profiles if m == model})
+        """GPU types with a held profile for ``model`` or, for a shape, at least one fitting TP degree."""
+        from llm_cluster_gym.envs.sim import shape_profiles
+
+        out = {g for m, g, _ in self._profiles if m == model}
+        if shape_profiles.is_shape_model(model):
+            out.update(g for g in shape_profiles.gpu_keys() if shape_profiles.fitting_tps(model, g))
+        return sorted(out)
 
     def profiles(self) -> list[Profile]:
-        """All profiles, sorted by (model, gpu, tp)."""
+        """The held profiles (not the derived ones), sorted by (model, gpu, tp)."""
         return [self._profiles[k] for k in sorted(self._profiles)]
 
     def __len__(self) -> int:
+        """Number of held profiles."""
         return len(self._profiles)
