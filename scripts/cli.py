@@ -38,6 +38,7 @@ from llm_cluster_gym.scripts import (
     profile_gpu,
     profile_tp,
     record_h100_steps,
+    sim_profile,
     simulate,
     sweep,
     train,
@@ -84,6 +85,8 @@ COMMANDS: tuple[Command, ...] = (
             "Record GPU power/temperature under a load"),
     Command("predict", predict.PredictArgs, predict.run,
             "Steady-state vLLM throughput, latency, power from a model config"),
+    Command("sim-profile", sim_profile.SimProfileArgs, sim_profile.run,
+            "Simulator profile of a model, GPU and TP, with its fit errors"),
 )
 """Every subcommand, in the order ``llm-cluster --help`` lists them (summaries fit one line)."""
 
