@@ -22,14 +22,14 @@ CONFIGS = [(m, g, tp) for m in MODELS for g in GPUS for tp in sp.fitting_tps(m, 
 # Bounds on the surrogate's |relative error| against envs/perf on its grids, percent (median, max).
 # What the fits reach (all CONFIGS): prefill time 7.0 / 14.6, dense decode time 2.2 / 12.9, MoE
 # decode time 18.6 / 42.5 (d0 + d1 B + d2 B C cannot follow expert loading), prefill power
-# 14.8 / 31.5, decode power 14.0 / 32.5 (idle + (max - idle) B/(B + k) cannot rise at once from
-# idle to the first sequence's power and keep rising to batch 512), prefill time with the power
-# limit applied on both sides 8.3 / 15.2.
+# 11.9 / 31.5 (B200's fitted attention efficiency), decode power 4.2 / 21.2 (with the busy term;
+# the batch alone cannot hold the context's memory traffic), prefill time with the power limit
+# applied on both sides 8.3 / 15.2.
 BOUNDS = {
     "prefill_time": (8.0, 16.0),
     "decode_time": (3.0, 15.0),
-    "prefill_power": (15.0, 35.0),
-    "decode_power": (15.0, 35.0),
+    "prefill_power": (13.0, 33.0),
+    "decode_power": (5.0, 23.0),
     "prefill_time_capped": (9.0, 16.0),
 }
 MOE_DECODE_TIME = (20.0, 45.0)

@@ -198,6 +198,8 @@ def gpu_phase_power(sp: ProfileArrays, gpu_has: np.ndarray, gpu_o: np.ndarray,
         prefill_k_tokens=read_only(sp.prefill_k_tokens[gpu_o]),
         decode_max_w=read_only(sp.decode_max_power_w[gpu_o]),
         decode_k_batch=read_only(sp.decode_k_batch[gpu_o]),
+        prefill_busy_w=read_only(sp.prefill_busy_power_w[gpu_o]),
+        decode_busy_w=read_only(sp.decode_busy_power_w[gpu_o]),
     )
 
 
@@ -226,6 +228,6 @@ def slot_tables(inst: InstanceTable, topo: Topology, tp_index: dict[int, int],
         prefill_limit_mhz=freq_at_power_limit_mhz(
             mean_input_tokens, sp.gpu_power_limit_w, sp.idle_power_w,
             sp.prefill_max_power_w, sp.prefill_k_tokens, sp.power_freq_exponent,
-            sp.min_freq_mhz, sp.max_freq_mhz),
+            sp.min_freq_mhz, sp.max_freq_mhz, sp.prefill_busy_power_w),
         gpu_phase_power=gpu_phase_power(sp, gpu_has, gpu_o, idle_no_context_w),
     )

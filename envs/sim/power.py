@@ -29,8 +29,9 @@ class GpuPhasePower:
     Attributes:
         idle_w: Idle power (with a CUDA context where an instance holds the GPU, without one
             where none does).
-        prefill_max_w, prefill_k_tokens: Saturating prefill power curve (``phase_power_w``).
-        decode_max_w, decode_k_batch: Saturating decode power curve.
+        prefill_max_w, prefill_k_tokens, prefill_busy_w: Prefill power curve
+            (``phase_power_w``).
+        decode_max_w, decode_k_batch, decode_busy_w: Decode power curve.
     """
 
     idle_w: np.ndarray
@@ -38,6 +39,8 @@ class GpuPhasePower:
     prefill_k_tokens: np.ndarray
     decode_max_w: np.ndarray
     decode_k_batch: np.ndarray
+    prefill_busy_w: np.ndarray
+    decode_busy_w: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -90,9 +93,9 @@ class GpuPowerModel:
         f_max, c = self.max_freq_mhz, load.phase_power
         idle = c.idle_w
         p_pre = phase_power_w(load.prefill_tokens, f_max, idle, c.prefill_max_w,
-                              c.prefill_k_tokens, self.power_freq_exponent, f_max)
+                              c.prefill_k_tokens, self.power_freq_exponent, f_max, c.prefill_busy_w)
         p_dec = phase_power_w(load.decode_batch, f_max, idle, c.decode_max_w,
-                              c.decode_k_batch, self.power_freq_exponent, f_max)
+                              c.decode_k_batch, self.power_freq_exponent, f_max, c.decode_busy_w)
         pre = load.prefill_frac * (p_pre - idle) * load.power_factor
         dec = load.decode_frac * (p_dec - idle) * load.power_factor
         vm = np.maximum(load.vm_power_w - idle, 0.0)

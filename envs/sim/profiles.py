@@ -141,6 +141,7 @@ def phase_power_w(
     k_load: Any,
     freq_exponent: Any,
     max_freq_mhz: Any,
+    busy_power_w: Any = 0.0,
 ) -> np.ndarray:
     """Power per GPU in one phase, not capped by the GPU power limit.
 
@@ -152,14 +153,23 @@ def phase_power_w(
         k_load: Load at which half of the dynamic power is reached.
         freq_exponent: gamma in (f/f_max)**gamma.
         max_freq_mhz: Maximum SM clock.
+        busy_power_w: Power above idle as soon as any work runs (kernels resident, clocks and
+            memory active), before the load-dependent part; 0 gives the plain saturating curve.
 
     Returns:
         Array of watts per GPU.
     """
     x = np.asarray(load, dtype=np.float64)
     f_rel = np.asarray(freq_mhz, dtype=np.float64) / max_freq_mhz
+    return idle_power_w + _dynamic_w(x, idle_power_w, max_power_w, k_load, busy_power_w) * (
+        f_rel**freq_exponent)
+
+
+def _dynamic_w(x: np.ndarray, idle_power_w: Any, max_power_w: Any, k_load: Any,
+               busy_power_w: Any) -> np.ndarray:
+    """Power above idle at the maximum clock: ``busy`` once loaded, rising to ``max`` - idle."""
     util = x / (x + k_load)
-    return idle_power_w + (max_power_w - idle_power_w) * util * f_rel**freq_exponent
+    return np.where(x > 0.0, busy_power_w, 0.0) + (max_power_w - idle_power_w - busy_power_w) * util
 
 
 def freq_at_power_limit_mhz(
@@ -171,6 +181,7 @@ def freq_at_power_limit_mhz(
     freq_exponent: Any,
     min_freq_mhz: Any,
     max_freq_mhz: Any,
+    busy_power_w: Any = 0.0,
 ) -> np.ndarray:
     """Highest clock at which :func:`phase_power_w` stays within ``limit_w``.
 
@@ -182,7 +193,8 @@ def freq_at_power_limit_mhz(
         Array of MHz.
     """
     x = np.asarray(load, dtype=np.float64)
-    dyn_w = (np.asarray(max_power_w, dtype=np.float64) - idle_power_w) * (x / (x + k_load))
+    dyn_w = _dynamic_w(x, idle_power_w, np.asarray(max_power_w, dtype=np.float64), k_load,
+                       busy_power_w)
     headroom_w = np.asarray(limit_w, dtype=np.float64) - idle_power_w
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(dyn_w > 0.0, np.maximum(headroom_w, 0.0) / dyn_w, np.inf)
@@ -241,6 +253,7 @@ class _ProfileMath:
             self.prefill_k_tokens,
             self.power_freq_exponent,
             self.max_freq_mhz,
+            self.prefill_busy_power_w,
         )
 
     def decode_power_w(self, batch: Any, freq_mhz: Any) -> np.ndarray:
@@ -253,6 +266,7 @@ class _ProfileMath:
             self.decode_k_batch,
             self.power_freq_exponent,
             self.max_freq_mhz,
+            self.decode_busy_power_w,
         )
 
     def prefill_freq_at_limit_mhz(self, tokens: Any, limit_w: Any | None = None) -> np.ndarray:
@@ -266,6 +280,7 @@ class _ProfileMath:
             self.power_freq_exponent,
             self.min_freq_mhz,
             self.max_freq_mhz,
+            self.prefill_busy_power_w,
         )
 
 
@@ -305,6 +320,11 @@ class Profile(_ProfileMath):
     n_kv_heads: int
     head_dim: int
     source: str
+    prefill_busy_power_w: float = 0.0
+    """Prefill power above idle as soon as a pass runs (see `phase_power_w`); 0 in the JSON
+    tables, whose curves rise from idle."""
+    decode_busy_power_w: float = 0.0
+    """Decode power above idle as soon as an iteration runs (see `phase_power_w`)."""
     fit_error: Mapping[str, Mapping[str, float]] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}), compare=False
     )
@@ -364,6 +384,8 @@ class ProfileArrays(_ProfileMath):
     n_kv_heads: np.ndarray
     head_dim: np.ndarray
     source: np.ndarray
+    prefill_busy_power_w: np.ndarray
+    decode_busy_power_w: np.ndarray
 
     @classmethod
     def stack(cls, profiles: Sequence[Profile]) -> ProfileArrays:
@@ -410,6 +432,7 @@ REQUIRED_GRIDS: dict[str, tuple[str, ...]] = {
 }
 REQUIRED_FIT_ERRORS = ("prefill_time", "decode_time", "prefill_power", "decode_power")
 _PHI_FIELDS = ("prefill_phi", "decode_phi")
+_OPTIONAL_COEFFS = ("prefill_busy_power_w", "decode_busy_power_w")
 
 
 def _require(obj: dict[str, Any], key: str, where: str, path: Path) -> Any:
@@ -487,6 +510,8 @@ def profile_from_dict(data: dict[str, Any], path: Path) -> Profile:
     for name in _NUM_FIELDS:
         if name == "tp":
             continue
+        if name in _OPTIONAL_COEFFS and name not in coeffs:
+            continue  # the dataclass default
         if name in ("n_params", "n_layers", "d_model", "n_kv_heads", "head_dim"):
             field, value = f"model_shape.{name}", _require(shape, name, "model_shape.", path)
         else:

@@ -15,11 +15,13 @@ GPU (calibrated on ML.ENERGY v3). `derive_profile` fits the first to the second:
   non-negative, least squares of the relative error (`fitting.nonneg_rel_lstsq`);
 * **phi** (compute-bound fraction, time x ``phi fmax/f + 1 - phi``): the value in [0, 1] with
   the least squared relative error of the surrogate's times at the lower clocks;
-* **power** ``idle + (max - idle) x/(x + k)`` at the maximum clock, ``x`` the prefill tokens or
-  the decode batch: for each ``k`` on a log grid the amplitude by least squares of the relative
-  error, the best ``k`` kept; ``idle`` is the GPU's idle power with a CUDA context (the
-  calibration's fitted ``idle_w`` where it fitted one, else ``gpus.json``); the clock exponent
-  is perf's `GAMMA`;
+* **power** ``idle + busy + (max - idle - busy) x/(x + k)`` at the maximum clock (``x > 0``), ``x``
+  the prefill tokens or the decode batch: for each ``k`` on a log grid ``busy`` and the amplitude
+  by non-negative least squares of the relative error, the best ``k`` kept (``busy``: the power a
+  GPU draws above idle as soon as kernels run, which perf's ``p_busy_w`` term and the H100
+  measurements show: 122 W idle, 300-400 W at batch 1); ``idle`` is the GPU's idle power with a
+  CUDA context (the calibration's fitted ``idle_w`` where it fitted one, else ``gpus.json``);
+  the clock exponent is perf's `GAMMA`;
 * **KV capacity** from `scheduler.kv_layout` at vLLM's default ``gpu_memory_utilization`` 0.9;
   a configuration whose weights do not fit raises `ProfileError`;
 * **load time** (reconfiguration downtime) from the law in ``envs/data/perf/reconfig.json``,
@@ -287,15 +289,36 @@ def _err(pred: np.ndarray, ref: np.ndarray) -> Mapping[str, float]:
     })
 
 
-def _saturation_fit_rel(load: np.ndarray, power_w: np.ndarray, idle_w: float) -> tuple[float, float]:
-    """(max_w, k) of ``idle + (max - idle) x/(x + k)`` with the least squared relative error."""
-    g = load[None, :] / (load[None, :] + _K_GRID[:, None])  # (k, points)
-    w = 1.0 / power_w**2
-    y = power_w - idle_w
-    amp = np.maximum((g * y * w).sum(axis=1) / (g * g * w).sum(axis=1), 0.0)
-    sse = (((amp[:, None] * g - y) ** 2) * w).sum(axis=1)
-    i = int(np.argmin(sse))
-    return idle_w + float(amp[i]), float(_K_GRID[i])
+def _nnls2(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative least squares with two unknowns (the unconstrained optimum, else an edge)."""
+    cands = [np.linalg.lstsq(a, y, rcond=None)[0]]
+    for j in range(2):
+        col = a[:, j]
+        x = np.zeros(2)
+        x[j] = max(float(col @ y) / float(col @ col), 0.0)
+        cands.append(x)
+    feasible = [c for c in cands if (c >= 0.0).all()]
+    return min(feasible, key=lambda c: float(((a @ c - y) ** 2).sum()))
+
+
+def _saturation_fit_rel(load: np.ndarray, power_w: np.ndarray, idle_w: float) -> tuple[float, float, float]:
+    """(max_w, k, busy_w) of ``idle + busy + (max - idle - busy) x/(x + k)`` (loads > 0).
+
+    For each ``k`` of a log grid, ``busy`` and the amplitude ``max - idle - busy`` are the
+    non-negative least-squares solution of the relative error; the best ``k`` is kept.
+    """
+    w = 1.0 / power_w
+    y = (power_w - idle_w) * w
+    best = (np.inf, 0.0, 0.0, float(_K_GRID[0]))
+    for k in _K_GRID:
+        g = load / (load + k)
+        a = np.stack([w, g * w], axis=1)
+        sol = _nnls2(a, y)
+        sse = float(((a @ sol - y) ** 2).sum())
+        if sse < best[0]:
+            best = (sse, float(sol[0]), float(sol[1]), float(k))
+    _, busy, amp, k = best
+    return idle_w + busy + amp, k, busy
 
 
 def _fit_phi(base_s: np.ndarray, ratios: np.ndarray, ref_s: np.ndarray) -> float:
@@ -402,7 +425,7 @@ def derive_profile(model: str, gpu: str, tp: int) -> Profile:
     s_pre = np.repeat(ratios, tok.size)
     pre_low_t = np.concatenate([r.step_s for r in pre_low])
     phi_p = _fit_phi(np.tile(pre_base, ratios.size), s_pre, pre_low_t)
-    pmax, pk = _saturation_fit_rel(tok, pre.power_w, idle)
+    pmax, pk, pbusy = _saturation_fit_rel(tok, pre.power_w, idle)
 
     # decode: B sequences of mean context C, the KV cache holding them
     b, c = _decode_grid(kv_tokens)
@@ -413,7 +436,7 @@ def derive_profile(model: str, gpu: str, tp: int) -> Profile:
     s_dec = np.repeat(ratios, b.size)
     dec_low_t = np.concatenate([r.step_s for r in dec_low])
     phi_d = _fit_phi(np.tile(dec_base, ratios.size), s_dec, dec_low_t)
-    dmax, dk = _saturation_fit_rel(b, dec.power_w, idle)
+    dmax, dk, dbusy = _saturation_fit_rel(b, dec.power_w, idle)
 
     # errors of the surrogate (the simulator's own functions) against perf
     def surr_pre_t(f: np.ndarray, t: np.ndarray = tok) -> np.ndarray:
@@ -422,24 +445,24 @@ def derive_profile(model: str, gpu: str, tp: int) -> Profile:
     def surr_dec_t(f: np.ndarray, bb: np.ndarray = b, cc: np.ndarray = c) -> np.ndarray:
         return decode_iter_time_s(bb, cc, f, d[0], d[1], d[2], phi_d, fmax)
 
-    def surr_pw(x: np.ndarray, f: np.ndarray, mx: float, k: float) -> np.ndarray:
-        return phase_power_w(x, f, idle, mx, k, GAMMA, fmax)
+    def surr_pw(x: np.ndarray, f: np.ndarray, mx: float, k: float, busy: float) -> np.ndarray:
+        return phase_power_w(x, f, idle, mx, k, GAMMA, fmax, busy)
 
     tok_l, b_l, c_l = np.tile(tok, ratios.size), np.tile(b, ratios.size), np.tile(c, ratios.size)
-    f_pre_cap = freq_at_power_limit_mhz(tok, limit, idle, pmax, pk, GAMMA, fmin, fmax)
-    f_dec_cap = freq_at_power_limit_mhz(b, limit, idle, dmax, dk, GAMMA, fmin, fmax)
+    f_pre_cap = freq_at_power_limit_mhz(tok, limit, idle, pmax, pk, GAMMA, fmin, fmax, pbusy)
+    f_dec_cap = freq_at_power_limit_mhz(b, limit, idle, dmax, dk, GAMMA, fmin, fmax, dbusy)
     errors = {
         "prefill_time": _err(surr_pre_t(fmax), pre.step_s),
         "decode_time": _err(surr_dec_t(fmax), dec.step_s),
-        "prefill_power": _err(surr_pw(tok, fmax, pmax, pk), pre.power_w),
-        "decode_power": _err(surr_pw(b, fmax, dmax, dk), dec.power_w),
+        "prefill_power": _err(surr_pw(tok, fmax, pmax, pk, pbusy), pre.power_w),
+        "decode_power": _err(surr_pw(b, fmax, dmax, dk, dbusy), dec.power_w),
         "prefill_time_low_clock": _err(surr_pre_t(s_pre * fmax, tok_l), pre_low_t),
         "decode_time_low_clock": _err(surr_dec_t(s_dec * fmax, b_l, c_l), dec_low_t),
         "prefill_power_low_clock": _err(
-            surr_pw(tok_l, s_pre * fmax, pmax, pk), np.concatenate([r.power_w for r in pre_low])
+            surr_pw(tok_l, s_pre * fmax, pmax, pk, pbusy), np.concatenate([r.power_w for r in pre_low])
         ),
         "decode_power_low_clock": _err(
-            surr_pw(b_l, s_dec * fmax, dmax, dk), np.concatenate([r.power_w for r in dec_low])
+            surr_pw(b_l, s_dec * fmax, dmax, dk, dbusy), np.concatenate([r.power_w for r in dec_low])
         ),
         "prefill_time_capped": _err(
             surr_pre_t(f_pre_cap), prefill_step(model, gpu, tp, tok, capped=True).step_s
@@ -492,5 +515,37 @@ def derive_profile(model: str, gpu: str, tp: int) -> Profile:
         n_kv_heads=int(shape.n_kv_heads),
         head_dim=int(shape.head_dim),
         source=source,
+        prefill_busy_power_w=pbusy,
+        decode_busy_power_w=dbusy,
         fit_error=MappingProxyType(errors),
     )
+
+
+_TABLE_COLUMNS = (
+    ("prefill_time", "prefill time"),
+    ("decode_time", "decode time"),
+    ("prefill_power", "prefill power"),
+    ("decode_power", "decode power"),
+    ("prefill_time_capped", "prefill time, capped"),
+    ("prefill_time_low_clock", "prefill time, lower clocks"),
+    ("decode_time_low_clock", "decode time, lower clocks"),
+)
+
+
+def fit_error_table(models: tuple[str, ...] = ("llama-3.1-8b-instruct", "llama-3.1-70b-instruct",
+                                               "qwen3-30b-a3b")) -> str:
+    """Markdown table of every derived profile's fit errors (median / max |rel. error|, %)."""
+    head = ["model", "GPU", "TP", *(title for _, title in _TABLE_COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model in models:
+        for gpu in ("h100", "h200", "b200"):
+            for tp in fitting_tps(model, gpu):
+                fe = derive_profile(model, gpu, tp).fit_error
+                cells = [f"{fe[k]['median_abs_pct']:.1f} / {fe[k]['max_abs_pct']:.1f}"
+                         for k, _ in _TABLE_COLUMNS]
+                lines.append("| " + " | ".join([model, gpu.upper(), str(tp), *cells]) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(fit_error_table())
