@@ -31,6 +31,7 @@ from llm_cluster_gym.scripts import (
     compare,
     compare_profiles,
     deploy,
+    derive_slos,
     evaluate,
     fit_thermal,
     measure_reconfig,
@@ -87,6 +88,8 @@ COMMANDS: tuple[Command, ...] = (
             "Steady-state vLLM throughput, latency, power from a model config"),
     Command("sim-profile", sim_profile.SimProfileArgs, sim_profile.run,
             "Simulator profile of a model, GPU and TP, with its fit errors"),
+    Command("derive-slos", derive_slos.DeriveSlosArgs, derive_slos.run,
+            "A scenario's latency SLOs derived from the physics"),
 )
 """Every subcommand, in the order ``llm-cluster --help`` lists them (summaries fit one line)."""
 
