@@ -212,7 +212,7 @@ def _records(n: int, **cols: np.ndarray) -> np.ndarray:
     return rec
 
 
-def _prefill_records(shape: ModelShape, tokens: np.ndarray) -> np.ndarray:
+def prefill_records(shape: ModelShape, tokens: np.ndarray) -> np.ndarray:
     """One prompt of ``tokens`` tokens from an empty cache per step (its first token sampled)."""
     t = np.asarray(tokens, dtype=float)
     win = float(shape.window) if shape.n_attn_window else 0.0
@@ -227,7 +227,7 @@ def _prefill_records(shape: ModelShape, tokens: np.ndarray) -> np.ndarray:
     )
 
 
-def _decode_records(shape: ModelShape, batch: np.ndarray, ctx: np.ndarray) -> np.ndarray:
+def decode_records(shape: ModelShape, batch: np.ndarray, ctx: np.ndarray) -> np.ndarray:
     """``batch`` sequences of ``ctx`` tokens of context each decoding one token per step."""
     b = np.asarray(batch, dtype=float)
     c = np.asarray(ctx, dtype=float)
@@ -258,7 +258,7 @@ def prefill_step(
         clock_ratio: SM clock as a fraction of the maximum.
         capped: Apply the GPU's power limit (pull the clock down); default: uncapped power.
     """
-    return _run(model, gpu, tp, _prefill_records(_shape(model), np.atleast_1d(tokens)), clock_ratio, capped)
+    return _run(model, gpu, tp, prefill_records(_shape(model), np.atleast_1d(tokens)), clock_ratio, capped)
 
 
 def decode_step(
@@ -272,7 +272,7 @@ def decode_step(
 ) -> StepResult:
     """Time and per-GPU power (perf's step model) of decode steps of ``batch`` sequences of ``ctx_tokens``."""
     b, c = np.broadcast_arrays(np.atleast_1d(np.asarray(batch, float)), np.asarray(ctx_tokens, float))
-    return _run(model, gpu, tp, _decode_records(_shape(model), b, c), clock_ratio, capped)
+    return _run(model, gpu, tp, decode_records(_shape(model), b, c), clock_ratio, capped)
 
 
 # ---------------------------------------------------------------------------------------------
