@@ -130,6 +130,12 @@ class Telemetry:
 class ServiceMetrics:
     """Service-level results of one control interval (counts are per interval).
 
+    Energy three ways: ``gpu_energy_j`` the GPUs alone, ``energy_j`` what the backend measures
+    of its servers (the simulator: whole servers, the IT energy; the real node: its GPUs), and
+    ``facility_energy_j`` the facility's (IT energy x PUE; NaN where the backend has no facility
+    model, as on the real node). ``carbon_g`` is operational carbon: the simulator's facility
+    energy times the grid intensity of each tick; the real node's GPU energy times a constant.
+
     ``ttft_hist`` and ``tbt_hist`` count the interval's finished requests per latency bin
     (`envs.latency`), so that episode percentiles can be computed from intervals.
     """
@@ -162,6 +168,7 @@ class ServiceMetrics:
     max_gpu_temp_c: float
     carbon_g: float
     gpu_hours: float
+    facility_energy_j: float
     ttft_hist: np.ndarray = field(default_factory=empty_histogram)
     tbt_hist: np.ndarray = field(default_factory=empty_histogram)
 

@@ -26,6 +26,7 @@ INFO_METRICS = (
     "slo_tbt_violations", "slo_violations", "slo_attainment", "thermal_throttle_events",
     "power_throttle_events", "thermal_throttled_gpu_s", "power_capped_gpu_s", "quality_loss",
     "reconfigurations", "peak_row_power_w", "max_gpu_temp_c", "carbon_g", "gpu_hours",
+    "facility_energy_j",
 )
 FAULT_NAMES = ("cooling_failure", "power_failure", "load_spike")
 RESET_OPTIONS = ("backend_seed",)

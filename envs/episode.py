@@ -59,8 +59,10 @@ class Metric:
 METRICS: tuple[Metric, ...] = (
     Metric("duration_s", "simulated time", "s", "time s"),
     Metric("energy_kwh", "energy (servers, incl. overhead)", "kWh", "energy kWh"),
+    Metric("gpu_energy_kwh", "energy (GPUs only)", "kWh", "GPU kWh"),
+    Metric("facility_energy_kwh", "energy (facility: servers x PUE)", "kWh", "facility kWh"),
     Metric("energy_per_token_j", "energy per output token", "J", "J/token"),
-    Metric("carbon_kg", "operational carbon", "kg CO2", "carbon kg"),
+    Metric("carbon_kg", "operational carbon (facility energy x grid intensity)", "kg CO2", "carbon kg"),
     Metric("gpu_hours", "GPU-hours (serving instances)", "GPU h", "GPU h"),
     Metric("cost_usd", "GPU-hour cost", "USD", "cost USD"),
     Metric("ttft_p50_s", "TTFT P50", "s", "TTFT P50 s"),
@@ -222,6 +224,8 @@ class EpisodeResult:
         return {
             "duration_s": float(self.n_intervals * self.interval_s),
             "energy_kwh": energy_j / 3.6e6,
+            "gpu_energy_kwh": float(m["gpu_energy_j"].sum()) / 3.6e6,
+            "facility_energy_kwh": float(m["facility_energy_j"].sum()) / 3.6e6,
             "energy_per_token_j": energy_j / tokens if tokens > 0 else math.nan,
             "carbon_kg": float(m["carbon_g"].sum()) / 1000.0,
             "gpu_hours": gpu_hours,

@@ -72,8 +72,11 @@ def test_summary_matches_interval_metrics(name: str, request: pytest.FixtureRequ
     assert s["energy_kwh"] > 0
     assert s["energy_per_token_j"] == pytest.approx(m["energy_j"].sum() / m["tokens_generated"].sum())
     assert s["carbon_kg"] == pytest.approx(m["carbon_g"].sum() / 1e3)
-    # The scenario gives 390 g/kWh: operational carbon is energy x intensity.
-    assert s["carbon_kg"] == pytest.approx(s["energy_kwh"] * 0.390, rel=1e-9)
+    # The scenario gives 390 g/kWh and the default PUE 1.12: operational carbon is the facility's
+    # energy (servers x PUE) x intensity.
+    assert s["facility_energy_kwh"] == pytest.approx(s["energy_kwh"] * 1.12, rel=1e-9)
+    assert 0 < s["gpu_energy_kwh"] < s["energy_kwh"]
+    assert s["carbon_kg"] == pytest.approx(s["facility_energy_kwh"] * 0.390, rel=1e-9)
     assert s["cost_usd"] == pytest.approx(s["gpu_hours"] * 12.29)
     assert s["gpu_hours"] == pytest.approx(m["gpu_hours"].sum())
     fin = m["finished"]

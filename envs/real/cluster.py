@@ -493,6 +493,7 @@ class RealCluster:
             max_gpu_temp_c=max(temps) if temps else float("nan"),
             carbon_g=gpu_energy / 3.6e6 * cfg.carbon_g_per_kwh,
             gpu_hours=n_gpu * (t1 - t0) / 3600.0,
+            facility_energy_j=math.nan,  # one node: no facility (cooling, power delivery) is modelled
             ttft_hist=latency_histogram(ttft),
             tbt_hist=latency_histogram(tbt),
         )

@@ -3,6 +3,13 @@
 :class:`IntervalStats` sums each tick's energy, carbon, GPU-hours, throttling and peaks;
 :func:`service_metrics` assembles them with the serving model's request accounting
 (`ServiceAccumulator`) into the `ServiceMetrics` record `ClusterBackend.advance` returns.
+
+Energy is counted three ways: the GPUs alone, the servers (GPUs plus every other part of the
+server: the IT energy) and the facility (the IT energy times the scenario's PUE: cooling and power
+delivery). Operational carbon is the facility energy times the grid's intensity at each tick
+(`carbon_g_per_kwh`): the grid supplies the whole facility. With a constant PUE, a policy's carbon
+saving is the same whether it is counted on facility or IT energy; it differs from its energy
+saving only when the intensity varies in time (`carbon:` a grid region).
 """
 
 from __future__ import annotations
@@ -12,23 +19,36 @@ from dataclasses import dataclass
 import numpy as np
 
 from llm_cluster_gym.envs.backend import ServiceMetrics
+from llm_cluster_gym.envs.sim.carbon import region_g_per_kwh
 from llm_cluster_gym.envs.sim.scenario import Scenario
 from llm_cluster_gym.envs.sim.serving import ServiceAccumulator
 from llm_cluster_gym.envs.sim.throttle import RowPowerCapping, ThermalSlowdown
 
 
 def carbon_g_per_kwh(s: Scenario, t_s: float) -> float:
-    """Grid carbon intensity at time ``t_s`` (the scenario's series, repeated)."""
+    """Grid carbon intensity at episode time ``t_s`` (g/kWh).
+
+    With `s.carbon` (a grid region): the region's hourly intensity at `start + workload.start_s +
+    t_s`, stepwise (`envs.sim.carbon`). Otherwise the scenario's series, one value per
+    `carbon_step_s`, repeated.
+    """
+    if s.carbon is not None:
+        return region_g_per_kwh(s.carbon.region, s.carbon.start, s.workload.start_s + t_s)
     series = s.carbon_g_per_kwh
     return series[int(t_s // s.carbon_step_s) % len(series)]
 
 
 @dataclass
 class IntervalStats:
-    """Hardware totals of one control interval, summed tick by tick."""
+    """Hardware totals of one control interval, summed tick by tick.
 
+    ``pue`` (the scenario's `datacenter.pue`) turns the servers' energy into the facility's.
+    """
+
+    pue: float = 1.0
     energy_j: float = 0.0
     gpu_energy_j: float = 0.0
+    facility_energy_j: float = 0.0
     carbon_g: float = 0.0
     gpu_hours: float = 0.0
     thermal_events: int = 0
@@ -43,13 +63,16 @@ class IntervalStats:
                  slowdown: ThermalSlowdown, capping: RowPowerCapping, gpu_row: np.ndarray) -> None:
         """Add one tick's energy, carbon, GPU-hours, peaks and throttled GPU-seconds.
 
-        The throttling counted is the one in force for the next tick (the controllers have
-        already been updated), as the simulator always counted it.
+        Carbon is the tick's facility energy times the grid intensity at the tick's start. The
+        throttling counted is the one in force for the next tick (the controllers have already
+        been updated), as the simulator always counted it.
         """
         energy = float(srv_w.sum()) * dt
+        facility = energy * self.pue
         self.energy_j += energy
         self.gpu_energy_j += float(gpu_w.sum()) * dt
-        self.carbon_g += energy / 3.6e6 * carbon_g_per_kwh
+        self.facility_energy_j += facility
+        self.carbon_g += facility / 3.6e6 * carbon_g_per_kwh
         self.gpu_hours += instance_gpus * dt / 3600.0
         if slowdown.any_throttled:
             self.thermal_gpu_s += float(np.count_nonzero(slowdown.throttled)) * dt
@@ -73,6 +96,7 @@ def service_metrics(acc: ServiceAccumulator, st: IntervalStats, interval_s: floa
         tokens_generated=acc.tokens,
         energy_j=st.energy_j,
         gpu_energy_j=st.gpu_energy_j,
+        facility_energy_j=st.facility_energy_j,
         ttft_p50_s=t50,
         ttft_p99_s=t99,
         tbt_p50_s=b50,

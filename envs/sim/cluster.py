@@ -221,7 +221,7 @@ class SimCluster:
     def advance(self) -> ServiceMetrics:
         """Simulate one control interval."""
         acc = ServiceAccumulator(self.pools.n_pools)
-        stats = IntervalStats()
+        stats = IntervalStats(pue=self.scenario.datacenter.pue)
         dt = self.tick_s
         for _ in range(self.ticks_per_interval):
             self._tick(self.time_s, dt, acc, stats)

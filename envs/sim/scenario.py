@@ -17,6 +17,7 @@ that names the file, the field path (`faults[1].magnitude`) and the value:
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import numbers
 import re
@@ -30,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from llm_cluster_gym.envs.sim.carbon import GRID_REGIONS, GridDataError, hourly_carbon, parse_start
 from llm_cluster_gym.envs.sim.profiles import ProfileError, ProfileLibrary
 from llm_cluster_gym.envs.sim.workload import Trace, TraceError, is_builtin_name, resolve_trace
 
@@ -48,6 +50,15 @@ heat over what its cooling removes while a failure is on)."""
 
 MAX_GPUS = 1_048_576
 """Largest datacenter the simulator accepts (its per-GPU arrays must fit in memory)."""
+
+DEFAULT_PUE = 1.12
+"""Facility / IT energy: Microsoft's design PUE of its newest datacenter generation (N. Walsh, "How
+Microsoft measures datacenter water and energy use to improve Azure Cloud sustainability", Azure blog,
+22 April 2022). A design figure (best case); the industry's average was 1.55 in 2022 (Uptime
+Institute Global Data Center Survey 2022)."""
+
+START_PATTERN = r"\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2})?)?"
+"""`carbon.start`: a date, or a date and time, in UTC without offset."""
 
 MAX_EPISODE_REQUESTS = 50_000_000
 MAX_EPISODE_VMS = 10_000_000
@@ -223,6 +234,10 @@ class DatacenterSpec:
     saas_fraction: float = spec(
         1.0, ge=0, le=1,
         doc="Fraction of servers serving the LLM (the rest host IaaS VMs); at least one server.")
+    pue: float = spec(
+        DEFAULT_PUE, unit="x", ge=1, le=3,
+        doc="Power usage effectiveness: facility energy (servers plus cooling and power delivery) / "
+            "server energy. Default 1.12: Microsoft's design PUE of its newest datacenters (2022).")
 
 
 @dataclass(frozen=True)
@@ -358,6 +373,24 @@ class RandomFaultSpec:
                                 "load by 1 + magnitude.")
 
 
+@dataclass(frozen=True)
+class CarbonSpec:
+    """A US grid region's hourly 2022 intensity, stepwise; episode time t is `start + workload.start_s + t`.
+
+    It replaces the series `carbon_g_per_kwh` (the data: `envs/data/grid/`). Stepwise, as the
+    hourly data is (no interpolation inside an hour): a tick takes the value of the hour its start
+    falls in. `start` is the grid time of the source trace's time 0, so a later trace window (a
+    held-out day) meets the grid hours of that window.
+    """
+
+    region: str = spec(choices=GRID_REGIONS,
+                       doc="Grid region (EIA balancing authority): BPAT Pacific Northwest, CISO California, "
+                           "ERCO Texas, MISO Midwest, NYIS New York, PJM Mid-Atlantic.")
+    start: str = spec(pattern=START_PATTERN,
+                      pattern_doc="`YYYY-MM-DD` or `YYYY-MM-DDTHH:MM[:SS]`, UTC, no offset",
+                      doc="UTC date and time of the source trace's time 0; the whole episode lies in 2022.")
+
+
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 
 
@@ -383,8 +416,10 @@ class Scenario:
     random_faults: RandomFaultSpec = spec(default_factory=RandomFaultSpec, doc="Random faults.")
     carbon_g_per_kwh: tuple[float, ...] = spec(
         (390.0,), unit="g/kWh", ge=0, le=2000, min_items=1,
-        doc="Grid carbon intensity series, one value per `carbon_step_s`, repeated.")
+        doc="Grid carbon intensity series, one value per `carbon_step_s`, repeated (when `carbon` is null).")
     carbon_step_s: float = spec(3600.0, unit="s", ge=1, doc="Time each carbon value holds.")
+    carbon: CarbonSpec | None = spec(
+        None, doc="A grid region's hourly 2022 intensity instead of the series `carbon_g_per_kwh`.")
     gpu_hour_usd: float = spec(0.0, unit="USD", ge=0, le=1000, doc="Price of one GPU-hour (0: unknown).")
     source: str = spec("", loader_only=True, doc="The file the scenario was read from.")
 
@@ -447,6 +482,7 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("vms", VmSpec),
     ("faults[]", FaultSpec),
     ("random_faults", RandomFaultSpec),
+    ("carbon", CarbonSpec),
 )
 """Every section of a scenario file: its path and dataclass (the documentation's tables)."""
 
@@ -487,11 +523,11 @@ def _build(cls: type, data: Any, where: str, path: str) -> Any:
             known = sorted(k for k, g in fields.items() if not field_spec(g).loader_only)
             raise ScenarioError(
                 f"{where}: unknown key '{_join(path, key)}' (value {data[key]!r}); known keys: {known}")
-    kwargs = {}
-    for f in fields.values():
-        if f.name in data:
-            kwargs[f.name] = _convert(hints[f.name], data[f.name], where, _join(path, f.name))
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+    kwargs = {f.name: _convert(hints[f.name], data[f.name], where, _join(path, f.name))
+              for f in fields.values() if f.name in data}
+    for f in fields.values():  # after the given values: a wrong value is named before a missing one
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in data:
             raise ScenarioError(f"{where}: missing required field '{_join(path, f.name)}'")
     return cls(**kwargs)
 
@@ -523,6 +559,8 @@ def _convert(tp: Any, value: Any, where: str, path: str) -> Any:
         return tuple(_convert(args[0], v, where, f"{path}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
         return float(value)
+    if tp is str and isinstance(value, datetime.date):  # YAML reads 2022-06-01 as a date
+        return value.isoformat()
     _check_type(tp, value, where, path)
     return float(value) if tp is float else value
 
@@ -793,6 +831,31 @@ def _spikes_fit(s: Scenario, where: str) -> None:
                         f"starts after the episode ends (duration_s {s.duration_s:g})")
 
 
+@_cross_field
+def _carbon_start_is_a_date(s: Scenario, where: str) -> None:
+    """`carbon.start` is a real date and time (2022-02-30 is not)."""
+    if s.carbon is None:
+        return
+    try:
+        parse_start(s.carbon.start)
+    except ValueError as exc:
+        raise _fail(where, "carbon.start", s.carbon.start, f"not a date and time ({exc})") from None
+
+
+@_cross_field
+def _one_carbon_source(s: Scenario, where: str) -> None:
+    """With `carbon` (a grid region), `carbon_g_per_kwh` and `carbon_step_s` keep their defaults."""
+    if s.carbon is None:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(Scenario)}
+    for name in ("carbon_g_per_kwh", "carbon_step_s"):
+        value = getattr(s, name)
+        if value != defaults[name]:
+            raise _fail(where, name, list(value) if isinstance(value, tuple) else value,
+                        f"is ignored when carbon names a grid region ({s.carbon.region}): give one or "
+                        "the other")
+
+
 def validate(s: Scenario, where: str) -> None:
     """Check every field's type and range, then the cross-field rules (no file is read).
 
@@ -906,6 +969,24 @@ def _tdp_covers_gpu(s: Scenario, where: str, r: _Resolved) -> None:
     if tdp < r.gpu_power_limit_w:
         raise _fail(where, "datacenter.server.gpu_tdp_w", tdp,
                     f"below the GPU power limit of the profile ({r.gpu_power_limit_w:g} W)")
+
+
+@_resolve_rule
+def _carbon_hours_in_table(s: Scenario, where: str, r: _Resolved) -> None:
+    """The episode's grid hours (`duration_s` from `carbon.start + workload.start_s`) are in the table."""
+    if s.carbon is None:
+        return
+    try:
+        table = hourly_carbon()
+    except GridDataError as exc:
+        raise _fail(where, "carbon.region", s.carbon.region, str(exc)) from None
+    begin = parse_start(s.carbon.start) + datetime.timedelta(seconds=s.workload.start_s)
+    end = begin + datetime.timedelta(seconds=s.duration_s)
+    if begin < table.first_hour_utc or end > table.end_utc:
+        span = "" if s.workload.start_s == 0 else f" + workload.start_s {s.workload.start_s:g} s"
+        raise _fail(where, "carbon.start", s.carbon.start,
+                    f"the episode ({s.duration_s:g} s from start{span}) must lie inside the hourly "
+                    f"data, {table.first_hour_utc:%Y-%m-%dT%H:%M} to {table.end_utc:%Y-%m-%dT%H:%M} UTC")
 
 
 def resolve(s: Scenario, where: str, scenario_file: str | Path | None = None) -> Scenario:
@@ -1101,6 +1182,16 @@ _CHOICES = """\
   read from the profile (they are not clamped).
 - **The name is a safe file name**: it names the report folder (`reports/sim-<name>`), so it
   cannot contain `/`, `\\` or start with `.`.
+- **Carbon is counted on the facility's energy**: each tick's server (IT) energy times
+  `datacenter.pue` (cooling and power delivery) times the grid intensity at the tick's start. The
+  grid supplies the whole facility. The aisle cooling model computes inlet temperatures, not the
+  power of the cooling plant, so the overhead is a published PUE: 1.12 by default, Microsoft's
+  design PUE of its newest datacenters (Azure blog, April 2022); the industry's 2022 average was
+  1.55 (Uptime Institute survey). With a constant PUE, carbon and energy savings differ only when
+  the intensity changes during the episode (`carbon` names a grid region).
+- **Grid intensity is hourly and stepwise** (`carbon`): the 2022 hourly data is each hour's mean,
+  so the whole hour gets it; a smooth curve between hours would invent a shape the data lacks.
+  An episode must lie inside 2022 (it does not wrap around to January).
 - **A trace window past the trace's end is clipped to it** (the held-out test window is "to the
   end"); a window that starts after the end is refused.
 """
