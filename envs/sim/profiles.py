@@ -39,7 +39,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -326,7 +325,7 @@ class Profile(_ProfileMath):
     decode_busy_power_w: float = 0.0
     """Decode power above idle as soon as an iteration runs (see `phase_power_w`)."""
     fit_error: Mapping[str, Mapping[str, float]] = dataclasses.field(
-        default_factory=lambda: MappingProxyType({}), compare=False
+        default_factory=dict, compare=False
     )
     """Fit error of the coefficients against what they were fitted to, by quantity (derived
     profiles: percent, ``median_abs_pct``, ``max_abs_pct``, ``n``; see `shape_profiles`). Empty

@@ -45,7 +45,6 @@ from collections.abc import Mapping
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from types import MappingProxyType
 
 import numpy as np
 
@@ -282,7 +281,7 @@ def decode_step(
 
 def _err(pred: np.ndarray, ref: np.ndarray) -> Mapping[str, float]:
     rel = np.abs(np.asarray(pred, float) / np.asarray(ref, float) - 1.0) * 100.0
-    return MappingProxyType({
+    return dict({
         "median_abs_pct": round(float(np.median(rel)), 3),
         "max_abs_pct": round(float(rel.max()), 3),
         "n": int(rel.size),
@@ -517,7 +516,7 @@ def derive_profile(model: str, gpu: str, tp: int) -> Profile:
         source=source,
         prefill_busy_power_w=pbusy,
         decode_busy_power_w=dbusy,
-        fit_error=MappingProxyType(errors),
+        fit_error=errors,
     )
 
 
