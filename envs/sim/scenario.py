@@ -33,7 +33,13 @@ import yaml
 
 from llm_cluster_gym.envs.sim.carbon import GRID_REGIONS, GridDataError, hourly_carbon, parse_start
 from llm_cluster_gym.envs.sim.profiles import ProfileError, ProfileLibrary
-from llm_cluster_gym.envs.sim.workload import Trace, TraceError, is_builtin_name, resolve_trace
+from llm_cluster_gym.envs.sim.workload import (
+    Trace,
+    TraceError,
+    is_builtin_name,
+    is_week_trace,
+    resolve_trace,
+)
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 REFERENCE_DOC = "docs/SCENARIOS.md"
@@ -265,20 +271,29 @@ class WorkloadSpec:
 
     `start_s` and `window_s` select the stretch of the source trace an episode draws from,
     `[start_s, start_s + window_s)` (`window_s` None: to the trace's end). Training and
-    held-out evaluation use disjoint windows (see `agents.windows`).
+    held-out evaluation use disjoint windows (see `agents.windows`). A 2024 week trace
+    (`azure_code_2024_week`, `azure_conv_2024_week`) is generated per episode from the week's
+    digitized rate (`envs/sim/week_trace.py`): the episode is the week's stretch from
+    `start_s` (seconds from the week's start; the week repeats), or from a random point of
+    the window when `window_s` exceeds the episode.
     """
 
     trace: str = spec(
         "azure_conv_2023",
-        doc="A shipped trace (`azure_conv_2023`, `azure_code_2023`) or a CSV file path (relative: "
-            "to the scenario file's folder, then the current directory); read at load.")
+        doc="A shipped trace (`azure_conv_2023`, `azure_code_2023`), a 2024 week "
+            "(`azure_conv_2024_week`, `azure_code_2024_week`: generated, see `envs/data/traces/README.md`) "
+            "or a CSV file path (Azure 2023/2024 or Vidur format; relative: to the scenario file's folder, "
+            "then the current directory); read at load.")
     rps_per_gpu: float = spec(0.5, unit="req/s per GPU", ge=0, le=100,
-                              doc="Mean arrival rate per SaaS GPU (the trace is rescaled to it).")
+                              doc="Mean arrival rate per SaaS GPU (the trace is rescaled to it; for a 2024 "
+                                  "week, the mean over the whole week, so a weekday stays busier than a "
+                                  "weekend day).")
     start_s: float = spec(0.0, unit="s", ge=0,
-                          doc="Start of the source-trace window; before the trace's end.")
+                          doc="Start of the source-trace window; before the trace's end (a 2024 week: "
+                              "seconds from its first midnight, UTC, below 604800).")
     window_s: float | None = spec(None, unit="s", gt=0,
                                   doc="Length of the source-trace window (null or past the end: to the "
-                                      "trace's end).")
+                                      "trace's end; a 2024 week: at least `duration_s`).")
     diurnal: DiurnalSpec | None = spec(None, doc="Sinusoidal load instead of the trace's own arrival times.")
     spikes: tuple[SpikeSpec, ...] = spec((), doc="Load spikes.")
     pools: str = spec("default", choices=_pool_set_names,
@@ -926,6 +941,20 @@ def _window_in_trace(s: Scenario, where: str, r: _Resolved) -> None:
     if w.rps_per_gpu > 0 and w.window_s is not None and not len(r.trace.window(w.start_s, w.window_s)):
         raise _fail(where, "workload.window_s", w.window_s,
                     f"the window from start_s {w.start_s:g} holds no request of trace {w.trace!r}")
+
+
+@_resolve_rule
+def _week_window_holds_the_episode(s: Scenario, where: str, r: _Resolved) -> None:
+    """With a 2024 week trace, `workload.window_s` (if given) is at least `duration_s`.
+
+    The episode is the week's stretch from a point of the window; it never runs past the
+    window's end (training and held-out windows stay apart).
+    """
+    w = s.workload
+    if is_week_trace(w.trace) and w.window_s is not None and w.window_s < s.duration_s:
+        raise _fail(where, "workload.window_s", w.window_s,
+                    f"shorter than the episode (duration_s {s.duration_s:g}); a week trace's episode "
+                    f"lies inside its window")
 
 
 @_resolve_rule

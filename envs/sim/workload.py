@@ -5,7 +5,8 @@ length and a generated (output) length. This module
 
 * loads traces in the Azure LLM inference formats (2023 Splitwise sample, 2024 DynamoLLM
   week-long trace) and in Vidur's processed format (:func:`load_trace`), and ships the two
-  2023 traces (:func:`builtin_trace`);
+  2023 traces (:func:`builtin_trace`); the two 2024 weeks are generated from their digitized
+  rate (:data:`WEEK_TRACES`, ``envs/sim/week_trace.py``);
 * replays a real trace at another mean rate while keeping its burstiness and its joint length
   distribution (:func:`scale_to_rate`);
 * makes synthetic diurnal load (:func:`diurnal_trace`) and load spikes (:func:`add_spike`);
@@ -34,6 +35,7 @@ import numpy as np
 __all__ = [
     "DEFAULT_POOLS",
     "BUILTIN_TRACES",
+    "WEEK_TRACES",
     "LengthPools",
     "Trace",
     "TraceError",
@@ -42,6 +44,7 @@ __all__ = [
     "builtin_trace",
     "diurnal_trace",
     "is_builtin_name",
+    "is_week_trace",
     "load_trace",
     "merge",
     "resolve_trace",
@@ -56,6 +59,13 @@ BUILTIN_TRACES: dict[str, str] = {
     "azure_conv_2023": "AzureLLMInferenceTrace_conv.csv",
 }
 """Names accepted by :func:`builtin_trace` and the file each one reads."""
+
+WEEK_TRACES: dict[str, str] = {
+    "azure_code_2024_week": "code",
+    "azure_conv_2024_week": "conv",
+}
+"""Week-long traces generated from the digitized 2024 week (``envs/sim/week_trace.py``): name
+and service. A scenario names them like a shipped trace."""
 
 # Column names of the accepted formats. Azure 2023 and 2024 use the same three columns.
 _AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -148,7 +158,7 @@ class Trace:
         if not (math.isfinite(duration_s) and duration_s > 0):
             raise TraceError(f"Trace {self.name!r}: duration_s={self.duration_s!r} must be > 0")
         if n:
-            if not np.all(np.isfinite(arrival_s)) or np.any(np.diff(arrival_s) < 0):
+            if not np.all(np.isfinite(arrival_s)) or np.any(arrival_s[1:] < arrival_s[:-1]):
                 raise TraceError(f"Trace {self.name!r}: arrival_s must be finite and sorted")
             if arrival_s[0] < 0 or arrival_s[-1] >= duration_s:
                 raise TraceError(
@@ -482,7 +492,8 @@ def builtin_trace(name: str) -> Trace:
         TraceError: Unknown name.
     """
     if name not in BUILTIN_TRACES:
-        raise TraceError(f"unknown builtin trace {name!r}; choose one of {sorted(BUILTIN_TRACES)}")
+        known = sorted(BUILTIN_TRACES) + sorted(WEEK_TRACES)
+        raise TraceError(f"unknown builtin trace {name!r}; choose one of {known}")
     return load_trace(TRACES_DIR / BUILTIN_TRACES[name], name=name)
 
 
@@ -491,15 +502,28 @@ def is_builtin_name(ref: str) -> bool:
     return "/" not in ref and "." not in ref
 
 
-def resolve_trace(ref: str) -> Trace:
-    """The trace a scenario names: a shipped trace by name, or a CSV file by path.
+def is_week_trace(ref: str) -> bool:
+    """Whether ``ref`` names a generated 2024 week trace (:data:`WEEK_TRACES`)."""
+    return ref in WEEK_TRACES
 
-    A file is parsed once per version (path, modification time, size) and cached, so that
-    loading a scenario checks its trace and every episode reuses the parse.
+
+def resolve_trace(ref: str) -> Trace:
+    """The trace a scenario names: a shipped trace by name, a 2024 week by name, or a CSV file.
+
+    A file is parsed once per version (path, modification time, size) and cached in memory,
+    and files of 1 MiB or more also on disk (``trace_cache``: the user's cache folder), so
+    that loading a scenario checks its trace, every episode reuses the parse and the next
+    process reads the columns back instead of parsing the CSV. A week name resolves to
+    ``week_trace.reference_trace``: the whole week at 1 req/s, seed 0 (episodes draw their
+    own arrivals through ``demand.episode_trace``).
 
     Raises:
         TraceError: Unknown shipped name, missing file, or a malformed file (see :func:`load_trace`).
     """
+    if is_week_trace(ref):
+        from llm_cluster_gym.envs.sim.week_trace import reference_trace
+
+        return reference_trace(ref)
     if is_builtin_name(ref):
         return builtin_trace(ref)
     path = Path(ref).expanduser()
@@ -514,8 +538,10 @@ def resolve_trace(ref: str) -> Trace:
 
 @functools.lru_cache(maxsize=4)
 def _file_trace(path: str, mtime_ns: int, size: int) -> Trace:
-    """`load_trace`, cached per file version (the key's mtime and size)."""
-    return load_trace(path)
+    """`load_trace`, cached per file version (the key's mtime and size) here and on disk."""
+    from llm_cluster_gym.envs.sim.trace_cache import cached_load
+
+    return cached_load(Path(path))
 
 
 # --------------------------------------------------------------------------------------------
