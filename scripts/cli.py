@@ -33,6 +33,7 @@ from llm_cluster_gym.scripts import (
     deploy,
     derive_slos,
     evaluate,
+    fetch_traces,
     fit_thermal,
     measure_reconfig,
     predict,
@@ -90,6 +91,8 @@ COMMANDS: tuple[Command, ...] = (
             "Simulator profile of a model, GPU and TP, with its fit errors"),
     Command("derive-slos", derive_slos.DeriveSlosArgs, derive_slos.run,
             "A scenario's latency SLOs derived from the physics"),
+    Command("fetch-traces", fetch_traces.FetchTracesArgs, fetch_traces.run,
+            "Download the 2024 week-long Azure traces (resumable)"),
 )
 """Every subcommand, in the order ``llm-cluster --help`` lists them (summaries fit one line)."""
 
@@ -119,6 +122,7 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("llm_cluster_gym.envs.real.fidelity", "FidelityError"),
     ("llm_cluster_gym.scripts.compare_profiles", "CompareError"),
     ("llm_cluster_gym.scripts.record_h100_steps", "RecordingError"),
+    ("llm_cluster_gym.scripts.fetch_traces", "FetchError"),
 )
 """(module, class) of every exception that means bad input or a missing device, not a bug.
 

@@ -1,7 +1,7 @@
 """A columnar on-disk cache of parsed trace files, so that a CSV is parsed once per version.
 
 Parsing the 2024 week-long CSVs takes tens of seconds (27.3M rows for the conversation week);
-reading their three columns back from an uncompressed ``.npz`` takes well under a second.
+reading their three columns back from an uncompressed ``.npz`` (437 MB) took 1.4 s here.
 Entries live in the user's cache folder (``$XDG_CACHE_HOME/llm-cluster-gym/traces``, else
 ``~/.cache/llm-cluster-gym/traces``), never inside the package. An entry is keyed by the
 file's resolved path, size and modification time (ns): a changed file gets a new entry and
