@@ -158,7 +158,10 @@ def download(url: str, part: Path, *, timeout_s: float, progress: bool) -> None:
         total = resp.headers.get("Content-Length")
         total = int(total) if total is not None and total.isdigit() else None
         m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range") or "")
-        if have and resp.status == 206 and m and int(m.group(1)) == have:
+        if resp.status == 206:
+            if not (have and m and int(m.group(1)) == have):
+                raise FetchError(f"{url}: the server sent bytes {m.group(1) if m else '?'}- instead of "
+                                 f"{have}- (delete {part} to start over)")
             mode = "ab"
             total = int(m.group(3)) if m.group(3) != "*" else None
         else:  # the server sent the whole file: start over

@@ -31,9 +31,9 @@ def week_csv(rows: int, seed: int = 0) -> bytes:
 
 
 class Server:
-    """A local HTTP server with byte ranges (or without, `ranges=False`), logging each request's Range."""
+    """A local HTTP server with byte ranges (none: ranges=False; wrong ones: "wrong"), logging each Range."""
 
-    def __init__(self, files: dict[str, bytes], ranges: bool = True) -> None:
+    def __init__(self, files: dict[str, bytes], ranges: bool | str = True) -> None:
         self.files, self.ranges, self.requests = files, ranges, []
         outer = self
 
@@ -47,6 +47,7 @@ class Server:
                 asked = self.headers.get("Range")
                 if asked and outer.ranges:
                     start = int(asked.removeprefix("bytes=").split("-")[0])
+                    start -= 10 if outer.ranges == "wrong" else 0  # a server answering another range
                     if start >= len(body):
                         self.send_response(416)
                         self.send_header("Content-Range", f"bytes */{len(body)}")
@@ -142,6 +143,19 @@ def test_a_partial_download_is_resumed(tmp_path, cache, body, ranges):
     finally:
         srv.close()
     assert (dest / CONV).read_bytes() == body
+
+
+def test_a_server_answering_another_range_is_refused(tmp_path, cache, body, capsys):
+    srv = Server({CONV: body}, ranges="wrong")
+    try:
+        dest = tmp_path / "traces"
+        dest.mkdir()
+        (dest / (CONV + ".part")).write_bytes(body[:1000])
+        assert fetch(srv, dest, "--no-convert") == 2
+    finally:
+        srv.close()
+    assert "instead of 1000-" in one_error_line(capsys)
+    assert (dest / (CONV + ".part")).read_bytes() == body[:1000] and not (dest / CONV).exists()
 
 
 def test_checksum_mismatch_exits_2_with_one_line(tmp_path, cache, server, body, capsys):
