@@ -47,7 +47,11 @@ def integer_split(share: np.ndarray, n: int) -> np.ndarray:
     rest = n - int(base.sum())
     if rest > 0:
         frac = share - base
-        base[np.argsort(-frac, kind="stable")[:rest]] += 1
+        pos = np.flatnonzero(frac > 0)
+        if rest <= len(pos):  # the largest remainders are all positive: sort only those
+            base[pos[np.argsort(-frac[pos], kind="stable")[:rest]]] += 1
+        else:
+            base[np.argsort(-frac, kind="stable")[:rest]] += 1
     elif rest < 0:
         base[np.argsort(-base, kind="stable")[: -rest]] -= 1
     return base
