@@ -277,7 +277,7 @@ def test_power_capping_under_serving_load_counts_transitions():
 
 def test_tp_change_pays_profile_load_time_and_conserves_requests():
     base = load_scenario("small")
-    s = base.with_overrides(duration_s=60.0, control_interval_s=TICK_S)
+    s = base.with_overrides(duration_s=120.0, control_interval_s=TICK_S)  # past the 72 s load
     c = SimCluster(s)
     c.reset(seed=0)
     load_time_s = ProfileLibrary.load().get(s.serving.model, s.serving.gpu, 2).load_time_s

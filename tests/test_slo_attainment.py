@@ -169,7 +169,7 @@ def test_last_reward_charges_requests_still_in_flight(serving_model):
 @given(serving_model=st.sampled_from(SERVING_MODELS), seed=st.integers(0, 2**31 - 1),
        n_instances=st.integers(0, 2), rps_per_gpu=st.floats(0.05, 2.0),
        drop_after_s=st.floats(2.0, 60.0), admit_fraction=st.floats(0.0, 1.0),
-       max_batch=st.sampled_from([8, 64]))
+       max_batch=st.sampled_from([32, 256]))
 @pytest.mark.slow
 def test_episode_attainment_is_never_above_the_served_fraction(
         serving_model, seed, n_instances, rps_per_gpu, drop_after_s, admit_fraction, max_batch):
