@@ -486,7 +486,8 @@ def test_routing_weights_of_zero_everywhere_still_serve(serving_model):
 
 
 def test_prefill_burst_spanning_ticks_draws_prefill_power_every_tick():
-    """A backlog admitted at once is prefilled over several ticks, each at prefill power."""
+    """A backlog admitted at once is prefilled in steps of the token budget over several ticks,
+    each at prefill power (of a full step's tokens), while the prompts already done decode."""
     from llm_cluster_gym.envs.sim.instances import InstanceTable
     from llm_cluster_gym.envs.sim.serving import ServiceAccumulator
     from llm_cluster_gym.envs.sim.serving_request import RequestLevelServing, SlotModel
@@ -494,16 +495,27 @@ def test_prefill_burst_spanning_ticks_draws_prefill_power_every_tick():
     inst = InstanceTable.empty(np.array([0]), gpus_per_server=1)
     inst.active[0], inst.pool[0], inst.max_batch[0] = True, 0, 64
     serving = RequestLevelServing(n_slots=1, n_pools=1, max_prefill_tokens=8192, drop_after_s=60.0)
-    prompts = np.arange(20) * 10 + 1000  # mean 1095 tokens
+    prompts = np.arange(20) * 10 + 1000  # 21,900 tokens in all
     serving.add_arrivals(np.zeros(20), prompts, np.full(20, 50), np.zeros(20, dtype=np.int64))
-    model = SlotModel(prefill_time_s=lambda tok, slot: np.full(len(tok), 0.1),
-                      decode_iter_time_s=lambda b, c, slot: np.full(len(b), 0.02),
+    p0, p1, iter_s = 0.02, 1e-4, 0.02
+    model = SlotModel(prefill_time_s=lambda tok, slot: p0 + p1 * tok,
+                      decode_iter_time_s=lambda b, c, slot: np.full(len(b), iter_s),
                       kv_capacity_tokens=np.array([1e6]))
     loads = [serving.tick(0.25 * k, 0.25, inst, np.array([True]), model, np.ones(1), np.ones(1),
                           np.ones(1), np.zeros(1), ServiceAccumulator(1)) for k in range(10)]
     busy = [float(ld.prefill_busy_s[0]) for ld in loads]
     tokens = [float(ld.prefill_tokens[0]) for ld in loads]
-    assert busy[:8] == pytest.approx([0.25] * 8)  # 20 x 0.1 s of prefill fill 8 ticks
-    assert tokens[:8] == pytest.approx([1095.0] * 8)
-    assert busy[8] == pytest.approx(0.0, abs=1e-9) and tokens[8] == 0.0  # then only decode
-    assert float(loads[8].decode_batch[0]) == 20
+    # The chain takes 21,900 x (o / m + p1) = 2.24 s: ticks 0-8. A busy chain's steps carry
+    # m = 8192 - (decoding requests) tokens, of which p1 x m is marginal prefill time.
+    share = p1 / (p1 + iter_s / 8180)
+    for k in range(1, 8):
+        assert busy[k] == pytest.approx(0.25 * share, rel=1e-4)
+        assert loads[k].decode_busy_s[0] > 0  # the prompts already done keep decoding
+    # Full steps (the budget less the decoding requests), not one 1,095-token pass per prompt;
+    # the chain's last ticks carry what is left of it.
+    assert all(8192 - 20 <= t < 8192 for t in tokens[1:6])
+    assert 8192 > tokens[6] > tokens[7] > tokens[8] > 1095
+    assert busy[0] == pytest.approx(0.25)  # pure prefill passes: nothing decodes yet
+    assert sum(busy) == pytest.approx(21_900 * p1 + p0, rel=0.01)
+    assert busy[9] == 0.0 and tokens[9] == 0.0  # then only decode
+    assert float(loads[9].decode_batch[0]) == pytest.approx(20)

@@ -13,11 +13,16 @@ from llm_cluster_gym.envs.latency import empty_histogram, latency_histogram
 class TickLoad:
     """How busy each instance slot was during one tick (drives GPU power).
 
+    Prefill is chunked into the decode steps (vLLM V1), so a mixed step's time is split: its
+    prompt tokens' marginal time is prefill, its decode iteration is decode. The two busy times
+    never add up to more than the tick.
+
     Attributes:
-        prefill_busy_s: Seconds of the tick spent in prefill passes.
-        prefill_tokens: Mean prompt tokens per prefill pass (sets prefill power draw).
+        prefill_busy_s: Seconds of the tick spent on prompt tokens: their marginal time in mixed
+            steps, plus the whole pass (fixed cost included) of pure prefill steps.
+        prefill_tokens: Mean prompt tokens per prefill-carrying step (sets prefill power draw).
         decode_busy_s: Seconds of the tick spent in decode iterations.
-        decode_batch: Mean decode batch during those iterations.
+        decode_batch: Mean decode batch during those iterations (tokens per step).
         tokens_generated: Output tokens produced in the tick (all slots).
     """
 

@@ -1,17 +1,51 @@
-"""Request-level serving: continuous batching with per-request TTFT and TBT.
+"""Request-level serving: vLLM V1's default scheduler, vectorized, with per-request TTFT and TBT.
 
-Every live request is a row in a struct of numpy arrays; each tick routes new arrivals, admits
-waiting requests into batches (FIFO, bounded by the batch cap and KV-cache memory), runs their
-prefill passes one after another, then spends the rest of the tick in decode iterations whose
-duration comes from the profile tables. Nothing in the hot path loops over requests in Python.
+Every live request is a row in a struct of numpy arrays. Each tick routes new arrivals, admits
+waiting requests, and runs every instance's engine steps for the tick; nothing in the hot path
+loops over requests in Python. The semantics follow vLLM V1's default scheduler (the reference
+is `llm_cluster_gym.envs.perf.scheduler`, a step-exact model of it):
 
-Timing conventions: a request's TTFT is from its arrival to the end of its prefill (its first
-token); its TBT is the wall time between its first and last token divided by the tokens in
-between, so prefill stalls of its instance show up in its TBT, as they do on a real server.
+* Chunked prefill under a token budget (``max_prefill_tokens``, vLLM's
+  ``max_num_batched_tokens``): every engine step carries one token of each decoding request
+  plus chunks of the prompts being prefilled, in admission order, up to the budget. Decoding
+  never stops for a prompt: a mixed step takes the decode iteration time (its fixed cost
+  already pays the weight reads) plus the marginal time of its prompt tokens (the profile's
+  prefill formula less its fixed cost: the p1 and p2 terms).
+  A step with nothing decoding is a pure prefill pass and pays the pass's fixed cost p0 once
+  for up to ``budget`` prompt tokens, not once per prompt.
+* Paged KV cache: admission needs only the prompt's KV plus one block (16 tokens); the KV of a
+  running request grows with its generated tokens. When an instance's KV exceeds its capacity
+  at the end of a tick, its most recently admitted running requests are preempted until the
+  rest fit (vLLM V1 preempts by recompute): they go back to the instance's waiting queue,
+  ahead of new requests, and when admitted again recompute their prompt plus the tokens
+  generated so far. A preempted request keeps the first-token time its client saw.
+* Admission is FIFO per instance under the batch cap (``max_batch``: vLLM's ``max_num_seqs``,
+  prefilling and decoding requests both count) and the KV rule above.
+
+Inside a tick each instance's prefill work is a FIFO chain (Lindley recursion, vectorized with a
+grouped running maximum): a prompt's service is its share of step overheads (``o * tokens /
+m``, with ``o`` the step's fixed cost: the decode iteration on an instance with requests
+decoding, p0 on one without; and ``m`` the prompt tokens a step carries: the budget less the
+decoding requests) plus its marginal time; its first token comes when the step holding its
+last chunk ends (``o * (1 - tokens / m)`` after its fluid completion when it fits one step).
+So p0 is paid per step, amortized over the tokens of the step, with at least one whole pass
+for the first prompt an idle instance takes. Decoding requests take one token per step; the
+steps of a tick stretch by the marginal prefill time mixed into them.
+
+Simplifications, at the tick's granularity (0.5 s by default): a tick's admissions happen at
+its start (a prompt arriving later joins its instance's chain half a step after it arrives);
+a tick's step fixed cost is the instance's decode iteration of the previous tick; a tick's
+decode iteration uses every request that decodes in it; KV is checked for preemption at the
+end of the tick (it can exceed the memory by one tick's growth in between).
+
+Timing conventions: a request's TTFT is from its arrival to its first token; its TBT is the
+wall time between its first and last token divided by the tokens in between, so prefill work
+mixed into its steps and the stalls of preemption show up in its TBT, as they do on a server.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,24 +54,44 @@ from llm_cluster_gym.envs.sim.instances import InstanceTable
 from llm_cluster_gym.envs.sim.routing import integer_split, water_fill
 from llm_cluster_gym.envs.sim.serving import ServiceAccumulator, TickLoad
 
+BLOCK_TOKENS = 16
+"""vLLM's default KV-cache block size (tokens): admission reserves the prompt plus one block,
+and each running request holds one block beyond its context (its partly filled last block)."""
+
+_PREEMPTED_KEY_OFFSET = 2.0**52
+"""Waiting order: preempted requests (key = admission order - this, negative and exact for any
+admission count below 2**52) before new ones (key = arrival time)."""
+
 _FIELDS = {
     "arrival_s": np.float64,
     "input_tokens": np.int64,
     "output_tokens": np.int64,
     "pool": np.int64,
     "slot": np.int64,
-    "first_token_s": np.float64,
-    "done_tokens": np.float64,
-    "decode_wall_s": np.float64,
+    "first_token_s": np.float64,  # NaN until the client has its first token
+    "done_tokens": np.float64,  # output tokens generated so far (kept across preemptions)
+    "prefill_left": np.float64,  # tokens to compute before the next token (0: decoding)
+    "admit_seq": np.float64,  # admission order while running; -1 while waiting
+    "queue_key": np.float64,  # waiting order within an instance
+    "wait_since_s": np.float64,  # arrival, or the preemption that sent it back to waiting
 }
 
 
 @dataclass
 class SlotModel:
-    """Per-slot timing inputs for one tick, gathered by the cluster from the profile tables."""
+    """Per-slot timing inputs for one tick, gathered by the cluster from the profile tables.
 
-    prefill_time_s: object  # callable(tokens, slot_idx) -> seconds per request prefill
-    decode_iter_time_s: object  # callable(batch, ctx, slot_idx) -> seconds per iteration
+    Attributes:
+        prefill_time_s: ``(tokens, slot_idx) -> s``, a prefill pass over ``tokens`` prompt
+            tokens (the profile's formula, fixed cost p0 included). The fixed cost of a step
+            is ``prefill_time_s(0)``; what a chunk of one prompt, from ``c`` to ``c + k``
+            computed tokens, adds to a step is ``prefill_time_s(c + k) - prefill_time_s(c)``.
+        decode_iter_time_s: ``(batch, mean_ctx, slot_idx) -> s``, one decode iteration.
+        kv_capacity_tokens: Each slot's KV-cache capacity, tokens.
+    """
+
+    prefill_time_s: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    decode_iter_time_s: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
     kv_capacity_tokens: np.ndarray
 
 
@@ -53,18 +107,27 @@ class RequestLevelServing:
 
     def reset(self) -> None:
         """Forget every request and backlog."""
+        n = self.n_slots
         self.req = {k: np.zeros(0, dtype=t) for k, t in _FIELDS.items()}
-        self.busy_until_s = np.zeros(self.n_slots)
-        self.burst_prompt_tokens = np.zeros(self.n_slots)
+        self.iter_s = np.zeros(n)  # each slot's decode iteration in its last tick
+        self._kv_used = np.zeros(n)  # KV tokens held by each slot's running requests
+        self._n_running = np.zeros(n)  # running (prefilling or decoding) requests per slot
+        self._next_seq = 0.0
+        self._preemptions = 0
 
     @property
     def in_flight(self) -> int:
         """Requests arrived and neither finished nor dropped."""
         return len(self.req["arrival_s"])
 
+    @property
+    def preemptions(self) -> int:
+        """Running requests preempted (KV cache full) since the last reset."""
+        return self._preemptions
+
     def per_pool_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """Waiting and running request counts per pool."""
-        running = np.isfinite(self.req["first_token_s"])
+        running = self.req["admit_seq"] >= 0
         pool = self.req["pool"]
         waiting = np.bincount(pool[~running], minlength=self.n_pools)
         run = np.bincount(pool[running], minlength=self.n_pools)
@@ -74,14 +137,19 @@ class RequestLevelServing:
         """Send the requests of stopped instances back to the router; their progress is lost."""
         if not stopped_slots.any() or self.in_flight == 0:
             return
-        slot = self.req["slot"]
+        r = self.req
+        slot = r["slot"]
         hit = (slot >= 0) & stopped_slots[np.maximum(slot, 0)]
-        self.req["slot"][hit] = -1
-        self.req["first_token_s"][hit] = np.nan
-        self.req["done_tokens"][hit] = 0.0
-        self.req["decode_wall_s"][hit] = 0.0
-        self.busy_until_s[stopped_slots] = 0.0
-        self.burst_prompt_tokens[stopped_slots] = 0.0
+        r["slot"][hit] = -1
+        r["first_token_s"][hit] = np.nan
+        r["done_tokens"][hit] = 0.0
+        r["prefill_left"][hit] = 0.0
+        r["admit_seq"][hit] = -1.0
+        r["queue_key"][hit] = r["arrival_s"][hit]
+        r["wait_since_s"][hit] = r["arrival_s"][hit]
+        self.iter_s[stopped_slots] = 0.0
+        self._kv_used[stopped_slots] = 0.0
+        self._n_running[stopped_slots] = 0.0
 
     def add_arrivals(
         self, arrival_s: np.ndarray, input_tokens: np.ndarray, output_tokens: np.ndarray,
@@ -99,34 +167,42 @@ class RequestLevelServing:
             "slot": np.full(n, -1),
             "first_token_s": np.full(n, np.nan),
             "done_tokens": np.zeros(n),
-            "decode_wall_s": np.zeros(n),
+            "prefill_left": np.zeros(n),
+            "admit_seq": np.full(n, -1.0),
+            "queue_key": arrival_s,
+            "wait_since_s": arrival_s,
         }
         for k, t in _FIELDS.items():
             self.req[k] = np.concatenate([self.req[k], np.asarray(new[k], dtype=t)])
 
     def _route(self, serving: np.ndarray, inst: InstanceTable, route_weight: np.ndarray) -> None:
         slot = self.req["slot"]
-        unrouted = np.flatnonzero(slot < 0)
+        routed = slot >= 0
+        unrouted = np.flatnonzero(~routed)
         if len(unrouted) == 0 or not serving.any():
             return
-        outstanding = np.bincount(slot[slot >= 0], minlength=self.n_slots).astype(float)
+        outstanding = np.bincount(slot[routed], minlength=self.n_slots).astype(float)
         weight = np.where(serving, route_weight * inst.max_batch, 0.0)
         pools = self.req["pool"][unrouted]
-        capacity = np.where(serving, inst.max_batch, 0).astype(float)
         for p in np.unique(pools):
             members = unrouted[pools == p]
-            cand = _first_nonempty(
-                weight * (inst.pool == p),  # the pool's instances, by routing preference
-                weight,  # no instance serves this pool: any preferred live instance takes it
-                capacity * (inst.pool == p),  # every preferred row is empty: weights yield
-                capacity,
-            )
+            in_pool = inst.pool == p
+            cand = weight * in_pool  # the pool's instances, by routing preference
+            if not (cand > 0).any():
+                cand = weight  # no instance serves this pool: any preferred live instance takes it
+                if not (cand > 0).any():  # every preferred row is empty: weights yield
+                    capacity = np.where(serving, inst.max_batch, 0).astype(float)
+                    cand = capacity * in_pool
+                    if not (cand > 0).any():
+                        cand = capacity
             share = water_fill(outstanding, cand, float(len(members)))
             counts = integer_split(share, len(members))
-            target = np.repeat(np.arange(self.n_slots), counts)
+            took = np.flatnonzero(counts)
+            counts = counts[took]
+            target = np.repeat(took, counts)
             # Round-robin order across instances, so consecutive arrivals spread out.
             slot[members] = target[np.argsort(_interleave_key(counts), kind="stable")]
-            outstanding += counts
+            outstanding[took] += counts
 
     def tick(
         self,
@@ -142,7 +218,6 @@ class RequestLevelServing:
         acc: ServiceAccumulator,
     ) -> TickLoad:
         """Advance all requests by one tick and return how busy each slot was."""
-        t1 = t0_s + dt_s
         n = self.n_slots
         load = TickLoad(np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n))
         self._drop_stale(t0_s, acc)
@@ -150,119 +225,257 @@ class RequestLevelServing:
             return load
         self._route(serving, inst, route_weight)
         r = self.req
-        slot = r["slot"]
-        routed = slot >= 0
-        live_slot = np.where(routed, slot, 0)
-        on_serving = routed & serving[live_slot]
-        running = np.isfinite(r["first_token_s"])
-        # ---- admission: FIFO per instance under batch cap and KV memory -----------------
-        waiting = np.flatnonzero(on_serving & ~running & (r["arrival_s"] < t1))
+        waiting = np.flatnonzero((r["admit_seq"] < 0) & (r["slot"] >= 0))
         if len(waiting):
-            self._admit(waiting, t0_s, inst, model, running, load)
-            running = np.isfinite(r["first_token_s"])
-        prefill_end = np.clip(self.busy_until_s, t0_s, t1)
-        load.prefill_busy_s = np.where(serving, prefill_end - t0_s, 0.0)
-        # A burst of prefill passes can outlast the tick that admitted it; its later ticks
-        # draw the power of the same prompts (not idle power).
-        load.prefill_tokens = np.where(load.prefill_busy_s > 1e-9, self.burst_prompt_tokens, 0.0)
-        # ---- decode: the rest of the tick, in iterations of profile-table length ----------
-        eligible = np.flatnonzero(running & on_serving & (r["first_token_s"] < t1))
-        if len(eligible):
-            self._decode(eligible, t0_s, t1, prefill_end, model, load, slo_ttft_s, slo_tbt_s,
-                         quality_loss_per_slot, acc)
+            self._admit(waiting, inst, serving, model)
+        # Running requests are always on serving slots: routing picks only those, and a stopped
+        # instance's requests are requeued.
+        left = r["prefill_left"]
+        pf = np.flatnonzero(left > 0)
+        dec = np.flatnonzero((left == 0) & (r["admit_seq"] >= 0))
+        if len(pf) or len(dec):
+            self._serve(pf, dec, t0_s, dt_s, model, load, slo_ttft_s, slo_tbt_s,
+                        quality_loss_per_slot, acc)
+            if (self._kv_used > model.kv_capacity_tokens).any():
+                self._preempt(t0_s + dt_s, model)
         return load
 
-    def _admit(self, waiting, t0_s, inst, model, running, load) -> None:
+    # ------------------------------------------------------------------ admission
+    def _admit(self, waiting, inst, serving, model) -> None:
+        """FIFO per instance (preempted first) under the batch cap and the prompt's KV."""
         r = self.req
-        slot = r["slot"]
-        s = slot[waiting]
-        order = np.lexsort((r["arrival_s"][waiting], s))
+        s = r["slot"][waiting]
+        live = serving[s]
+        if not live.all():
+            waiting, s = waiting[live], s[live]
+        if len(waiting) == 0:
+            return
+        order = np.lexsort((r["queue_key"][waiting], s))
         w = waiting[order]
         s = s[order]
         starts, group_len = _runs(s)
-        group_start = np.repeat(starts, group_len)
-        rank = np.arange(len(s)) - group_start
-        run_idx = np.flatnonzero(running & (slot >= 0))
-        run_slot = slot[run_idx]
-        n_running = np.bincount(run_slot, minlength=self.n_slots)
-        kv_used = np.bincount(
-            run_slot,
-            weights=r["input_tokens"][run_idx] + r["output_tokens"][run_idx],
-            minlength=self.n_slots,
-        )
-        need = (r["input_tokens"][w] + r["output_tokens"][w]).astype(float)
+        rank = np.arange(len(s)) - np.repeat(starts, group_len)
+        need = _held_kv(r, w)
         cum_need = np.cumsum(need)
         cum_need -= np.repeat(cum_need[starts] - need[starts], group_len)
-        free_batch = inst.max_batch[s] - n_running[s]
-        free_kv = model.kv_capacity_tokens[s] - kv_used[s]
-        admit = (rank < free_batch) & (cum_need <= free_kv)
-        # A request larger than a whole instance's KV memory can never be admitted; it waits
-        # until `drop_after_s` and is counted as dropped.
-        if not admit.any():
+        free_batch = inst.max_batch[s] - self._n_running[s]
+        free_kv = model.kv_capacity_tokens[s] - self._kv_used[s]
+        # Both conditions hold on a prefix of each instance's queue (head-of-line blocking, as
+        # in vLLM). A request whose prompt alone exceeds an instance's KV memory is never
+        # admitted; it waits until `drop_after_s` and is counted as dropped.
+        ok = (rank < free_batch) & (cum_need <= free_kv)
+        if not ok.any():
             return
-        a = w[admit]
-        a_slot = s[admit]
-        tau = model.prefill_time_s(r["input_tokens"][a].astype(float), a_slot)
-        cum_tau = np.cumsum(tau)
-        a_starts, lens = _runs(a_slot)
-        cum_tau -= np.repeat(cum_tau[a_starts] - tau[a_starts], lens)
-        begin = np.maximum(self.busy_until_s[a_slot], t0_s)
-        ready = begin + cum_tau
-        r["first_token_s"][a] = np.maximum(ready, r["arrival_s"][a] + tau)
-        r["done_tokens"][a] = 1.0
-        last = a_starts + lens - 1
-        self.busy_until_s[a_slot[last]] = ready[last]
-        tok = np.bincount(a_slot, weights=r["input_tokens"][a], minlength=self.n_slots)
-        cnt = np.bincount(a_slot, minlength=self.n_slots)
-        self.burst_prompt_tokens = np.where(cnt > 0, tok / np.maximum(cnt, 1),
-                                            self.burst_prompt_tokens)
-        load.tokens_generated += float(len(a))
+        a = w[ok]
+        r["admit_seq"][a] = self._next_seq + np.arange(len(a))
+        self._next_seq += len(a)
+        r["prefill_left"][a] = r["input_tokens"][a] + r["done_tokens"][a]
 
-    def _decode(self, eligible, t0_s, t1, prefill_end, model, load, slo_ttft_s, slo_tbt_s,
-                quality_loss_per_slot, acc) -> None:
+    # ------------------------------------------------------------------ engine steps
+    def _serve(self, pf, dec, t0_s, dt_s, model, load, slo_ttft_s, slo_tbt_s,
+               quality_loss_per_slot, acc) -> None:
+        """Run the tick's engine steps: prefill chains mixed into decode iterations.
+
+        Leaves each slot's running count and KV use at the end of the tick in
+        ``_n_running`` and ``_kv_used``.
+        """
         r = self.req
-        s = r["slot"][eligible]
-        ctx = r["input_tokens"][eligible] + r["done_tokens"][eligible]
-        batch = np.bincount(s, minlength=self.n_slots).astype(float)
-        ctx_mean = np.bincount(s, weights=ctx, minlength=self.n_slots) / np.maximum(batch, 1.0)
-        active = batch > 0
-        idx = np.flatnonzero(active)
-        iter_s = np.zeros(self.n_slots)
-        iter_s[idx] = model.decode_iter_time_s(batch[idx], ctx_mean[idx], idx)
-        window_start = prefill_end
-        window = t1 - window_start
-        n_iter = np.where(active, window / np.maximum(iter_s, 1e-9), 0.0)
-        # Wall time counts from the tick start (or the first token if later): a request that
-        # already had its first token waited through this tick's prefill passes, as on a server.
-        remaining = r["output_tokens"][eligible] - r["done_tokens"][eligible]
-        gen = np.minimum(remaining, n_iter[s])
-        finish = remaining <= n_iter[s] + 1e-9
-        start_wall = np.maximum(r["first_token_s"][eligible], t0_s)
-        end_wall = np.where(finish, window_start[s] + remaining * iter_s[s], t1)
-        r["decode_wall_s"][eligible] += np.maximum(end_wall - start_wall, 0.0)
-        r["done_tokens"][eligible] += gen
-        busy = np.zeros(self.n_slots)
-        np.maximum.at(busy, s, np.minimum(remaining * iter_s[s], window[s]))
-        load.decode_busy_s = busy
-        load.decode_batch = batch
+        n = self.n_slots
+        t1 = t0_s + dt_s
+        dec_slot = r["slot"][dec]
+        n_dec = np.bincount(dec_slot, minlength=n)  # decoding at the tick start
+        if len(pf):
+            new, new_start, new_after, work, kv_pf, n_pf = self._prefill(pf, n_dec, t0_s, dt_s,
+                                                                         model, load)
+            e_idx = np.concatenate([dec, new])
+            start = np.concatenate([np.full(len(dec), t0_s), new_start])
+            after = np.concatenate([work[dec_slot], new_after])
+            s = r["slot"][e_idx]
+        else:
+            e_idx, start, after, s = dec, t0_s, 0.0, dec_slot
+            kv_pf = n_pf = 0.0
+        if len(e_idx) == 0:
+            self._kv_used, self._n_running = kv_pf, n_pf
+            return
+        # ---- decode: one token per step for every decoding request -------------------------
+        done_tok = r["done_tokens"][e_idx]
+        ctx = r["input_tokens"][e_idx] + done_tok
+        batch = np.bincount(s, minlength=n).astype(float)
+        ctx_sum = np.bincount(s, weights=ctx, minlength=n)
+        idx = np.flatnonzero(batch)
+        iter_s = np.zeros(n)
+        iter_s[idx] = model.decode_iter_time_s(batch[idx], ctx_sum[idx] / batch[idx], idx)
+        self.iter_s = iter_s
+        it = np.maximum(iter_s[s], 1e-9)
+        # Steps a request takes part in: its time in the tick less the marginal prefill work
+        # mixed into the steps after it started decoding.
+        steps = np.maximum(t1 - start - after, 0.0) / it
+        remaining = r["output_tokens"][e_idx] - done_tok
+        gen = np.minimum(remaining, steps)
+        finish = remaining <= steps + 1e-9
+        r["done_tokens"][e_idx] = done_tok + gen
+        # Decode steps run while any request decodes: as many as its longest run took.
+        busy = np.zeros(n)
+        np.maximum.at(busy, s, gen * it)
+        gen_slot = np.bincount(s, weights=gen, minlength=n)
+        load.decode_busy_s = np.minimum(busy, dt_s - load.prefill_busy_s)
+        # Mean batch over those steps: tokens per step.
+        load.decode_batch = np.where(busy > 0, gen_slot * iter_s / np.maximum(busy, 1e-12), 0.0)
         load.tokens_generated += float(gen.sum())
+        # KV at the end of the tick: every running request's context plus one block.
+        kv = ctx_sum + gen_slot + BLOCK_TOKENS * batch + kv_pf
+        n_run = batch + n_pf
         if finish.any():
-            done = eligible[finish]
+            done = e_idx[finish]
+            fs = s[finish]
+            kv -= np.bincount(fs, weights=(ctx + gen)[finish] + BLOCK_TOKENS, minlength=n)
+            n_run -= np.bincount(fs, minlength=n)
+            st = start if np.ndim(start) == 0 else start[finish]
+            rem, stp = remaining[finish], steps[finish]
+            end = st + np.where(rem > 0, rem * (t1 - st) / np.maximum(stp, 1e-12), 0.0)
             out = r["output_tokens"][done]
-            ttft = r["first_token_s"][done] - r["arrival_s"][done]
-            tbt = np.where(out > 1, r["decode_wall_s"][done] / np.maximum(out - 1, 1), 0.0)
+            first = r["first_token_s"][done]
+            ttft = first - r["arrival_s"][done]
+            tbt = np.where(out > 1, (end - first) / np.maximum(out - 1, 1), 0.0)
             pool = r["pool"][done]
             acc.record_finished(
                 ttft, tbt, slo_ttft_s[pool], slo_tbt_s[pool],
-                quality_loss=quality_loss_per_slot[r["slot"][done]],
+                quality_loss=quality_loss_per_slot[fs],
             )
             self._remove(done)
+        self._kv_used, self._n_running = kv, n_run
+
+    def _prefill(self, pf, n_dec, t0_s, dt_s, model, load):
+        """Advance each instance's FIFO prefill chain through the tick.
+
+        Returns:
+            The requests whose last chunk completed (they sampled a token), when they start
+            decoding, the marginal prefill seconds mixed into their instance's steps after
+            that, the marginal prefill seconds of every slot in the tick, and per slot the KV
+            and count of the requests still prefilling.
+        """
+        r = self.req
+        n = self.n_slots
+        t1 = t0_s + dt_s
+        ps = r["slot"][pf]
+        # Chain order: by slot, then admission order (one sort on a combined exact key).
+        order = np.argsort(ps * 4294967296.0 + r["admit_seq"][pf])
+        pf, ps = pf[order], ps[order]
+        starts, lens = _runs(ps)
+        u = ps[starts]  # slots with prompts to prefill
+        total = r["input_tokens"][pf] + r["done_tokens"][pf]  # prompt (+ tokens to recompute)
+        x = r["prefill_left"][pf]
+        # One evaluation of the prefill formula: each prompt's remaining chunk costs
+        # T(total) - T(computed) (its marginal time), and T(0) is a pure pass's fixed cost.
+        k, g = len(pf), len(u)
+        t = model.prefill_time_s(np.concatenate([total, total - x, np.zeros(g)]),
+                                 np.concatenate([ps, ps, u]))
+        w = t[:k] - t[k:2 * k]
+        p0_u = t[2 * k:]
+        # Each step's fixed cost: the decode iteration where requests decode (mixed steps), the
+        # prefill pass's p0 where nothing does (pure prefill steps).
+        o_u = self.iter_s[u]
+        mixed_u = (n_dec[u] > 0) & (o_u > 0)
+        all_mixed = bool(mixed_u.all())
+        if not all_mixed:
+            pure_u = ~mixed_u
+            o_u = np.where(mixed_u, o_u, p0_u)
+        m_u = np.maximum(self.max_prefill_tokens - n_dec[u], 1.0)
+        o = np.repeat(o_u, lens)
+        m = np.repeat(m_u, lens)
+        # A prompt arriving mid-tick joins the next step (half a step later on average).
+        arrival = r["arrival_s"][pf]
+        half = 0.5 * o if all_mixed else 0.5 * o * np.repeat(mixed_u, lens)
+        start = np.where(arrival > t0_s, arrival + half, t0_s)
+        svc = o * x / m + w
+        cs = np.cumsum(svc)
+        incl = cs - np.repeat(cs[starts] - svc[starts], lens)  # grouped inclusive cumsum
+        # Lindley: c_k = max(c_{k-1}, start_k) + svc_k = S_k + max_{j<=k}(start_j - S_{j-1}).
+        key = (start - t0_s) - (incl - svc)
+        span = float(key.max() - key.min()) + 1.0
+        lift = np.repeat(np.arange(len(starts)) * span, lens)
+        fin = t0_s + incl + (np.maximum.accumulate(key + lift) - lift)
+        begin = fin - svc
+        complete = fin <= t1
+        prev_done = np.empty(len(pf), dtype=bool)
+        prev_done[0] = True
+        prev_done[1:] = complete[:-1]
+        prev_done[starts] = True
+        frac = complete.astype(float)
+        part = np.flatnonzero(~complete & prev_done & (begin < t1))
+        frac[part] = (t1 - begin[part]) / np.maximum(svc[part], 1e-12)
+        prog = x * frac
+        work = w * frac
+        # ---- per slot: marginal work, prompt tokens per prefill-carrying step, pure passes
+        work_slot = np.bincount(ps, weights=work, minlength=n)
+        tokens = np.bincount(ps, weights=prog, minlength=n)
+        # A chain busy period (it begins where the chain was idle when its prompt came, or at
+        # the head of the tick's chain) packs its prompts into steps of up to m tokens; a step
+        # can straddle ticks, so a resumed head counts whole.
+        burst = np.empty(len(pf), dtype=bool)
+        burst[1:] = start[1:] >= fin[:-1]
+        burst[starts] = True
+        period = np.cumsum(burst) - 1
+        chunk = np.minimum(np.bincount(period, weights=total), m[burst])
+        load.prefill_tokens = (np.bincount(ps, weights=prog * chunk[period], minlength=n)
+                               / np.maximum(tokens, 1e-12))
+        busy = work_slot
+        if not all_mixed:  # pure passes until an idle instance's first prompt completes
+            first = starts[pure_u]
+            passes = np.maximum(prog[first] / m_u[pure_u], 1.0)
+            busy = busy.copy()
+            busy[u[pure_u]] += p0_u[pure_u] * passes
+        load.prefill_busy_s = np.minimum(busy, dt_s)
+        # ---- state: chunks computed, first tokens sampled -----------------------------------
+        r["prefill_left"][pf] = np.where(complete, 0.0, x - prog)
+        still = ~complete
+        kv_pf = np.bincount(ps[still], weights=total[still] + BLOCK_TOKENS, minlength=n)
+        n_pf = np.bincount(ps[still], minlength=n).astype(float)
+        comp = pf[complete]
+        if len(comp) == 0:
+            return comp, np.zeros(0), np.zeros(0), work_slot, kv_pf, n_pf
+        # The step holding a prompt's last chunk ends after the rest of that step's overhead.
+        ready = (fin + o * np.maximum(1.0 - x / m, 0.0))[complete]
+        first_tok = r["first_token_s"][comp]
+        r["first_token_s"][comp] = np.where(np.isnan(first_tok), ready, first_tok)
+        r["done_tokens"][comp] += 1.0
+        load.tokens_generated += float(len(comp))
+        cw = np.cumsum(work)
+        work_incl = cw - np.repeat(cw[starts] - work[starts], lens)
+        after = (work_slot[ps] - work_incl)[complete]
+        return comp, ready, after, work_slot, kv_pf, n_pf
+
+    # ------------------------------------------------------------------ KV cache
+    def _preempt(self, now_s: float, model: SlotModel) -> None:
+        """Preempt the newest running requests of every instance whose KV outgrew its memory."""
+        r = self.req
+        n = self.n_slots
+        over = self._kv_used - model.kv_capacity_tokens
+        seq = r["admit_seq"]
+        slot = r["slot"]
+        run = np.flatnonzero((seq >= 0) & (over[np.maximum(slot, 0)] > 0))
+        c, cs = run, slot[run]
+        ch = _held_kv(r, c)
+        order = np.lexsort((-seq[c], cs))  # newest first within each instance
+        c, cs, ch = c[order], cs[order], ch[order]
+        starts, lens = _runs(cs)
+        cum = np.cumsum(ch)
+        freed_before = cum - ch - np.repeat(cum[starts] - ch[starts], lens)
+        hit = freed_before < over[cs]
+        out = c[hit]
+        self._kv_used = self._kv_used - np.bincount(cs[hit], weights=ch[hit], minlength=n)
+        self._n_running = self._n_running - np.bincount(cs[hit], minlength=n)
+        r["queue_key"][out] = seq[out] - _PREEMPTED_KEY_OFFSET
+        r["admit_seq"][out] = -1.0
+        r["prefill_left"][out] = 0.0
+        r["wait_since_s"][out] = now_s
+        self._preemptions += len(out)
 
     def _drop_stale(self, now_s: float, acc: ServiceAccumulator) -> None:
         r = self.req
         if self.in_flight == 0:
             return
-        stale = ~np.isfinite(r["first_token_s"]) & (now_s - r["arrival_s"] > self.drop_after_s)
+        stale = (r["wait_since_s"] < now_s - self.drop_after_s) & (r["admit_seq"] < 0)
         if stale.any():
             acc.dropped += int(stale.sum())
             self._remove(np.flatnonzero(stale))
@@ -274,21 +487,21 @@ class RequestLevelServing:
             self.req[k] = self.req[k][keep]
 
 
+def _held_kv(r: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
+    """KV tokens a running request holds (or needs to be admitted): context plus one block."""
+    return r["input_tokens"][idx] + r["done_tokens"][idx] + float(BLOCK_TOKENS)
+
+
 def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Start index and length of each run of equal adjacent keys (keys non-empty)."""
     change = np.empty(len(keys), dtype=bool)
     change[0] = True
     np.not_equal(keys[1:], keys[:-1], out=change[1:])
     starts = np.flatnonzero(change)
-    return starts, np.diff(starts, append=len(keys))
-
-
-def _first_nonempty(*weights: np.ndarray) -> np.ndarray:
-    """The first weight vector with a positive entry (routing falls back in this order)."""
-    for w in weights:
-        if (w > 0).any():
-            return w
-    return weights[-1]
+    lens = np.empty_like(starts)
+    np.subtract(starts[1:], starts[:-1], out=lens[:-1])
+    lens[-1] = len(keys) - starts[-1]
+    return starts, lens
 
 
 def _interleave_key(counts: np.ndarray) -> np.ndarray:

@@ -1,0 +1,227 @@
+"""The request-level serving model follows vLLM V1's default scheduler: chunked prefill mixed
+into decode steps under a token budget, paged KV allocated as tokens are generated, recompute
+preemption.
+
+Each test drives `RequestLevelServing` on a hand-made instance table with constant step
+times, so the expected times and token counts are computed by hand from the chain rule of
+`serving_request`: a prompt of ``x`` tokens costs ``o * x / m + p1 * x`` of chain time (``o``
+the step's fixed cost: the decode iteration, or p0 where nothing decodes; ``m`` the prompt
+tokens a step carries: the budget less the decoding requests), and a decoding request takes one
+token per step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llm_cluster_gym.envs.sim.instances import InstanceTable
+from llm_cluster_gym.envs.sim.serving import ServiceAccumulator
+from llm_cluster_gym.envs.sim.serving_request import (
+    BLOCK_TOKENS,
+    RequestLevelServing,
+    SlotModel,
+)
+
+P0_S = 0.02  # fixed cost of a prefill pass
+P1_S = 1e-4  # prefill seconds per prompt token
+ITER_S = 0.02  # one decode iteration, whatever the batch
+BUDGET = 8192  # tokens per step (vLLM's max_num_batched_tokens)
+
+
+def instance(max_batch: int = 64) -> InstanceTable:
+    """One instance on one GPU, in pool 0."""
+    inst = InstanceTable.empty(np.array([0]), gpus_per_server=1)
+    inst.active[0], inst.pool[0], inst.max_batch[0] = True, 0, max_batch
+    return inst
+
+
+def model(kv_tokens: float = 1e9) -> SlotModel:
+    """Constant step times: p0 + p1 x tokens per pass, a fixed decode iteration."""
+    return SlotModel(
+        prefill_time_s=lambda tok, i: P0_S + P1_S * np.asarray(tok, dtype=float),
+        decode_iter_time_s=lambda b, c, i: np.full(len(b), ITER_S),
+        kv_capacity_tokens=np.array([float(kv_tokens)]),
+    )
+
+
+class Engine:
+    """A request-level serving model on `instance()`, ticked by hand."""
+
+    def __init__(self, max_batch: int = 64, kv_tokens: float = 1e9, drop_after_s: float = 60.0,
+                 dt_s: float = 0.5):
+        self.inst = instance(max_batch)
+        self.model = model(kv_tokens)
+        self.serving = RequestLevelServing(1, 1, BUDGET, drop_after_s)
+        self.acc = ServiceAccumulator(1)
+        self.dt_s = dt_s
+        self.t_s = 0.0
+        self.loads = []
+
+    def add(self, n: int, prompt: int, output: int, at_s: float | None = None) -> None:
+        at = self.t_s if at_s is None else at_s
+        self.serving.add_arrivals(np.full(n, at), np.full(n, prompt), np.full(n, output),
+                                  np.zeros(n, dtype=np.int64))
+
+    def tick(self):
+        load = self.serving.tick(self.t_s, self.dt_s, self.inst, np.array([True]), self.model,
+                                 np.ones(1), np.array([1e9]), np.array([1e9]), np.zeros(1),
+                                 self.acc)
+        assert load.prefill_busy_s[0] + load.decode_busy_s[0] <= self.dt_s + 1e-12
+        self.loads.append(load)
+        self.t_s += self.dt_s
+        return load
+
+    def ttft_s(self) -> np.ndarray:
+        return np.concatenate(self.acc.ttft_s) if self.acc.ttft_s else np.zeros(0)
+
+    def kv_held(self) -> float:
+        r = self.serving.req
+        run = r["admit_seq"] >= 0
+        return float((r["input_tokens"][run] + r["done_tokens"][run] + BLOCK_TOKENS).sum())
+
+
+def test_decode_continues_while_a_long_prompt_is_prefilled():
+    """4 requests decode; a 40,000-token prompt arrives. It is prefilled in chunks of the budget
+    less 4 tokens, one chunk per step, and every step also gives each decoding request a token:
+    between t = 1 s and 5 s the chain is always busy, so 4 s / (o + m p1) steps run."""
+    e = Engine()
+    e.add(4, prompt=100, output=1000, at_s=0.0)
+    e.tick()
+    e.tick()
+    before = e.serving.req["done_tokens"][:4].copy()
+    e.add(1, prompt=40_000, output=1000, at_s=1.0)
+    for _ in range(8):  # t = 1 .. 5 s
+        load = e.tick()
+        assert load.prefill_busy_s[0] > 0.45 and load.decode_busy_s[0] > 0
+    m = BUDGET - 4
+    step_s = ITER_S + m * P1_S
+    steps = 4.0 / step_s
+    np.testing.assert_allclose(e.serving.req["done_tokens"][:4] - before, steps, rtol=1e-9)
+    np.testing.assert_allclose(e.serving.req["prefill_left"][4], 40_000 - steps * m, rtol=1e-9)
+    # Serially (the old model) the decoding requests would have stopped for the whole prompt.
+    while e.serving.req["prefill_left"][4] > 0:
+        e.tick()
+    # Its first token: after ceil(40,000 / m) = 5 steps of o plus its marginal time, within a
+    # step (the chain is fluid: a step's fixed cost is shared by the tokens it carries).
+    first = e.serving.req["first_token_s"][4]
+    assert abs(first - (1.0 + 5 * ITER_S + 40_000 * P1_S)) < ITER_S
+
+
+def test_fixed_cost_is_paid_per_step_not_per_prompt():
+    """20 prompts of 200 tokens on an idle instance share one pass: the last first token comes
+    after about p0 + 20 x 200 x p1, not 20 x (p0 + 200 p1)."""
+    n, x = 20, 200
+    e = Engine()
+    e.add(n, prompt=x, output=5, at_s=0.0)
+    load = e.tick()
+    first = e.serving.req["first_token_s"]
+    chain = n * x * (P0_S / BUDGET + P1_S)  # fluid chain time with p0 the step cost
+    assert first.max() == pytest.approx(chain + P0_S * (1 - x / BUDGET), rel=1e-9)
+    assert first.max() < P0_S + n * x * P1_S + P0_S * n * x / BUDGET + 1e-12
+    assert first.max() < 0.6 * n * (P0_S + x * P1_S)
+    # Power: the prompts' marginal time plus one pure pass's fixed cost, at the pass's tokens.
+    assert load.prefill_busy_s[0] == pytest.approx(n * x * P1_S + P0_S, rel=1e-9)
+    assert load.prefill_tokens[0] == pytest.approx(n * x)
+
+
+def test_admission_needs_the_prompt_only_and_an_outgrown_request_is_preempted():
+    """KV 1,000 tokens; a 600-token prompt with 800 output tokens (1,400 in all) is admitted,
+    decodes until its context and a block no longer fit, is preempted, can never come back
+    (its prompt and generated tokens exceed the memory) and is dropped `drop_after_s` later."""
+    e = Engine(kv_tokens=1000.0, drop_after_s=5.0)
+    e.add(1, prompt=600, output=800, at_s=0.0)
+    e.tick()
+    r = e.serving.req
+    assert r["admit_seq"][0] >= 0 and np.isfinite(r["first_token_s"][0])
+    ticks = 0
+    while e.serving.preemptions == 0:
+        e.tick()
+        ticks += 1
+        assert ticks < 20
+    r = e.serving.req
+    assert r["admit_seq"][0] < 0  # back to waiting
+    assert r["done_tokens"][0] > 1000 - 600 - BLOCK_TOKENS  # it outgrew the memory
+    assert e.kv_held() == 0.0
+    preempted_at = e.t_s
+    while e.serving.in_flight:
+        e.tick()
+        assert e.serving.preemptions == 1
+    assert e.acc.dropped == 1 and e.acc.finished == 0
+    # Dropped by the first tick that starts more than 5 s after the preemption.
+    assert e.t_s - preempted_at == pytest.approx(5.5 + e.dt_s)
+
+
+def test_preemption_frees_kv_and_the_request_finishes_later_with_its_first_ttft():
+    """KV 1,000 tokens; A (600 + 300) and B (200 + 300) fit together at admission (616 + 216).
+    As they grow, B (the newest) is preempted; A finishes; B is admitted again, recomputes its
+    prompt and the tokens it had generated, and finishes with the TTFT its client saw first."""
+    e = Engine(kv_tokens=1000.0)
+    e.serving.add_arrivals(np.zeros(2), np.array([600, 200]), np.array([300, 300]),
+                           np.zeros(2, dtype=np.int64))
+    e.tick()
+    r = e.serving.req
+    assert (r["admit_seq"] >= 0).all()
+    first_b = float(r["first_token_s"][1])
+    # Both prefilled in one pure pass: B's chain ends after both prompts.
+    assert first_b == pytest.approx(800 * (P0_S / BUDGET + P1_S) + P0_S * (1 - 200 / BUDGET))
+    while e.serving.preemptions == 0:
+        e.tick()
+        assert e.kv_held() <= 1000.0
+    r = e.serving.req
+    assert r["admit_seq"][1] < 0 and r["admit_seq"][0] >= 0  # B preempted, A runs on
+    gen_at_preemption = float(r["done_tokens"][1])
+    assert r["first_token_s"][1] == first_b
+    readmitted = None
+    while e.serving.in_flight:
+        b_waiting = e.serving.in_flight == 1 and e.serving.req["admit_seq"][0] < 0
+        load = e.tick()
+        assert e.kv_held() <= 1000.0
+        if b_waiting and e.serving.req["admit_seq"][0] >= 0:
+            readmitted = load
+    assert e.acc.finished == 2 and e.serving.preemptions == 1
+    # B came back on an idle instance: one pure pass over its prompt and generated tokens.
+    assert readmitted is not None
+    assert readmitted.prefill_busy_s[0] == pytest.approx(P1_S * (200 + gen_at_preemption) + P0_S)
+    ttft = np.concatenate(e.acc.ttft_s)
+    assert ttft[-1] == pytest.approx(first_b)  # B finished last, with its first TTFT
+
+
+def test_a_batch_of_512_runs():
+    """600 requests on an instance with max_batch 512: 512 run at once, the rest wait; all
+    finish, every output token is generated."""
+    e = Engine(max_batch=512)
+    e.add(600, prompt=100, output=50, at_s=0.0)
+    e.tick()
+    waiting, running = e.serving.per_pool_counts()
+    assert running[0] == 512 and waiting[0] == 88
+    tokens = sum(ld.tokens_generated for ld in e.loads)
+    for _ in range(100):
+        if not e.serving.in_flight:
+            break
+        tokens += e.tick().tokens_generated
+    assert e.acc.finished == 600
+    assert tokens == pytest.approx(600 * 50)
+    assert max(float(ld.decode_batch[0]) for ld in e.loads) > 500
+
+
+def _preempting_run() -> tuple[list, ServiceAccumulator]:
+    e = Engine(kv_tokens=3000.0, dt_s=0.25)
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        n = int(rng.integers(0, 4))
+        e.serving.add_arrivals(e.t_s + rng.random(n) * e.dt_s, rng.integers(50, 900, n),
+                               rng.integers(5, 400, n), np.zeros(n, dtype=np.int64))
+        e.tick()
+    return e.loads, e.acc, e.serving.preemptions
+
+
+def test_same_inputs_same_results_with_preemption():
+    loads_a, acc_a, pre_a = _preempting_run()
+    loads_b, acc_b, pre_b = _preempting_run()
+    assert pre_a == pre_b > 0
+    np.testing.assert_array_equal(np.concatenate(acc_a.ttft_s), np.concatenate(acc_b.ttft_s))
+    np.testing.assert_array_equal(np.concatenate(acc_a.tbt_s), np.concatenate(acc_b.tbt_s))
+    for x, y in zip(loads_a, loads_b, strict=True):
+        for f in ("prefill_busy_s", "prefill_tokens", "decode_busy_s", "decode_batch"):
+            np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
