@@ -1,13 +1,12 @@
-"""The request-level serving model follows vLLM V1's default scheduler: chunked prefill mixed
-into decode steps under a token budget, paged KV allocated as tokens are generated, recompute
-preemption.
+"""The serving models follow vLLM V1's default scheduler: chunked prefill mixed into decode
+steps under a token budget, paged KV allocated as tokens are generated, recompute preemption.
 
-Each test drives `RequestLevelServing` on a hand-made instance table with constant step
-times, so the expected times and token counts are computed by hand from the chain rule of
-`serving_request`: a prompt of ``x`` tokens costs ``o * x / m + p1 * x`` of chain time (``o``
-the step's fixed cost: the decode iteration, or p0 where nothing decodes; ``m`` the prompt
-tokens a step carries: the budget less the decoding requests), and a decoding request takes one
-token per step.
+Each test drives `RequestLevelServing` (or `AggregateServing`) on a hand-made instance table
+with constant step times, so the expected times and token counts are computed by hand from the
+chain rule of `serving_request`: a prompt of ``x`` tokens costs ``o * x / m + p1 * x`` of chain
+time (``o`` the step's fixed cost: the decode iteration, or p0 where nothing decodes; ``m`` the
+prompt tokens a step carries: the budget less the decoding requests), and a decoding request
+takes one token per step.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import pytest
 
 from llm_cluster_gym.envs.sim.instances import InstanceTable
 from llm_cluster_gym.envs.sim.serving import ServiceAccumulator
+from llm_cluster_gym.envs.sim.serving_aggregate import AggregateServing
 from llm_cluster_gym.envs.sim.serving_request import (
     BLOCK_TOKENS,
     RequestLevelServing,
@@ -225,3 +225,44 @@ def test_same_inputs_same_results_with_preemption():
     for x, y in zip(loads_a, loads_b, strict=True):
         for f in ("prefill_busy_s", "prefill_tokens", "decode_busy_s", "decode_batch"):
             np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
+
+
+# ---------------------------------------------------------------------------- aggregate model
+
+
+def _aggregate_ticks(kv_tokens: float, n: float, prompt: float, output: float, ticks: int,
+                     dt_s: float = 5.0):
+    agg = AggregateServing(1, 1, BUDGET, drop_after_s=600.0)
+    inst, m, acc = instance(512), model(kv_tokens), ServiceAccumulator(1)
+    loads, held = [], []
+    for k in range(ticks):
+        agg.add_arrivals(np.full(int(n), k * dt_s), np.full(int(n), prompt),
+                         np.full(int(n), output), np.zeros(int(n), dtype=np.int64))
+        ld = agg.tick(k * dt_s, dt_s, inst, np.array([True]), m, np.ones(1), np.array([1e9]),
+                      np.array([1e9]), np.zeros(1), acc)
+        assert ld.prefill_busy_s[0] + ld.decode_busy_s[0] <= dt_s + 1e-9
+        loads.append(ld)
+        held.append(float(agg.run[0] * (agg.run_ctx[0] + BLOCK_TOKENS)))
+    return agg, loads, held, acc
+
+
+def test_aggregate_decodes_during_chunked_prefill_and_pays_p0_per_step():
+    """The fluid model's first tick on an idle instance: 10 prompts of 1,000 tokens take their
+    marginal time plus one pure pass (not 10 x p0), and decoding fills the rest of the tick."""
+    agg, loads, _, _ = _aggregate_ticks(1e9, n=10, prompt=1000, output=200, ticks=3)
+    assert loads[0].prefill_busy_s[0] == pytest.approx(10 * 1000 * P1_S + P0_S, rel=1e-9)
+    assert loads[0].decode_busy_s[0] == pytest.approx(5.0 - loads[0].prefill_busy_s[0])
+    # Later ticks: mixed steps, prefill takes only its marginal share of the chain.
+    s = ITER_S * 1000 / (BUDGET - agg.run[0]) + 1000 * P1_S
+    assert loads[2].prefill_busy_s[0] < 10 * s + 1e-9
+    assert loads[2].decode_busy_s[0] > 0
+
+
+def test_aggregate_admits_on_the_prompt_and_preempts_what_outgrows_the_kv():
+    """Requests of 500 + 2,000 tokens on 20,000 KV tokens: the fluid model admits on the prompt
+    (more than 20,000 / 2,500 run at once at first), the running requests' KV is held within
+    the memory at every tick's end, and what outgrows it is preempted."""
+    agg, loads, held, _ = _aggregate_ticks(20_000.0, n=20, prompt=500, output=2000, ticks=20)
+    assert agg.preemptions > 0
+    assert max(held) <= 20_000.0 + 1e-6
+    assert max(float(ld.decode_batch[0]) for ld in loads) > 20_000 / 2500

@@ -431,17 +431,7 @@ def _episode_totals(s: Scenario, serving_model: str, seed: int) -> tuple[float, 
     return energy_j, 1.0 - violations / max(finished, 1.0)
 
 
-@pytest.mark.parametrize(
-    "freq_mhz",
-    [
-        None,
-        1200.0,
-        pytest.param(800.0, marks=pytest.mark.xfail(
-            strict=True,
-            reason="aggregate TTFT model is pessimistic near saturation: small @800 MHz, "
-                   "attainment 0.973 vs 0.996 request-level (seed 0), 2.3 points")),
-    ],
-)
+@pytest.mark.parametrize("freq_mhz", [None, 1200.0, 800.0])
 @pytest.mark.slow
 def test_aggregate_model_tracks_request_level_energy_and_slo(freq_mhz):
     """Same scenario and seed: energy within 5 %, SLO attainment within 2 points."""

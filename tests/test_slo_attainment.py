@@ -65,7 +65,10 @@ def assert_attainment_bounded(r: EpisodeResult) -> float:
     assert a <= s["requests_finished"] / s["requests_arrived"]
     judged = s["requests_finished"] + s["requests_dropped"] + r.metrics["in_flight"][-1]
     assert a <= s["requests_finished"] / judged
-    assert EpisodeStats.from_result(r).slo_attainment == a
+    # The same definition; the totals are summed in another order (Python's sum interval by
+    # interval against numpy's pairwise sum), which may differ in the last bit with the fluid
+    # model's fractional counts.
+    assert EpisodeStats.from_result(r).slo_attainment == pytest.approx(a, rel=1e-12, abs=1e-15)
     return a
 
 

@@ -1,12 +1,27 @@
 """Aggregate (fluid) serving for fast training: per-instance counts, no per-request state.
 
-Each instance slot keeps the number of waiting and running requests and their mean lengths.
-Per tick, arrivals are routed by the same water-filling rule as the request-level model,
-admitted under the batch cap and KV memory, prefilled one after another and decoded in
-iterations of profile-table length; completions follow Little's law. TTFT of an admitted
-cohort is spread uniformly over its sequential prefills, so SLO attainment degrades smoothly
-as queues grow, as it does in the request-level model. It shares the power, thermal and
-profile models with the request-level model; only the bookkeeping of requests differs.
+The same physics as the request-level model (`serving_request`: vLLM V1's default scheduler),
+in fluid form. Each instance slot keeps the number of waiting and running requests and their
+mean lengths. Per tick:
+
+* arrivals are routed by the same water-filling rule as the request-level model;
+* admission under the batch cap and the prompt's KV (prompt plus one block) against the KV the
+  running requests hold now;
+* chunked prefill: the admitted prompts form a chain in which each costs its share of the step
+  overheads (``o * tokens / m``: ``o`` the decode iteration, or the pass's p0 on an instance
+  with nothing decoding; ``m`` the prompt tokens a step carries) plus its marginal time; decode
+  continues throughout, its steps stretched by the marginal prefill time; a chain longer than
+  the tick carries over;
+* paged KV: the running requests' KV grows with their tokens; what exceeds the memory at the
+  end of the tick is preempted (the newest requests: their prompt and about one token each)
+  and goes back to the head of the queue, to be recomputed when admitted again;
+* completions follow Little's law; the finishing cohort carries the TTFT of this tick's
+  admitted cohort: a deterministic part (queue age, carried chain, half a step, its own service
+  and step) plus an M/D/1 queueing wait spread exponentially (sequential when the chain is
+  overloaded), so SLO attainment degrades smoothly as queues grow, as in the request-level model.
+
+It shares the power, thermal and profile models with the request-level model; only the
+bookkeeping of requests differs.
 """
 
 from __future__ import annotations
@@ -15,6 +30,7 @@ import numpy as np
 
 from llm_cluster_gym.envs.sim.instances import InstanceTable
 from llm_cluster_gym.envs.sim.serving import ServiceAccumulator, TickLoad
+from llm_cluster_gym.envs.sim.serving_request import BLOCK_TOKENS
 
 
 class AggregateServing:
@@ -45,11 +61,18 @@ class AggregateServing:
         self.buf_out = np.zeros(p)
         self.buf_age_s = np.zeros(p)
         self.rate_rps = np.zeros(n)
+        self.routed = np.zeros(n)  # requests routed to each slot in the current tick
+        self._preemptions = 0.0
 
     @property
     def in_flight(self) -> float:
         """Requests arrived and neither finished nor dropped."""
         return float(self.q.sum() + self.run.sum() + self.buf.sum())
+
+    @property
+    def preemptions(self) -> float:
+        """Running requests preempted (KV cache full) since the last reset (fluid count)."""
+        return self._preemptions
 
     def per_pool_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """Waiting and running request counts per pool."""
@@ -81,8 +104,10 @@ class AggregateServing:
             n = self.q[i] + self.run[i]
             if n <= 0:
                 continue
+            # A running request's prompt: its mean context less its mean output (with the
+            # fluid's memoryless completions, survivors have generated about that much).
             inp = (self.q[i] * self.q_in[i] + self.run[i] * np.maximum(
-                self.run_ctx[i] - self.run_out[i] / 2, 1.0)) / n
+                self.run_ctx[i] - self.run_out[i], 1.0)) / n
             out = (self.q[i] * self.q_out[i] + self.run[i] * self.run_out[i]) / n
             tot = self.buf[p] + n
             self.buf_in[p] = (self.buf_in[p] * self.buf[p] + inp * n) / tot
@@ -100,6 +125,7 @@ class AggregateServing:
         split is what join-shortest-queue converges to; a pool with no live instance spills
         over all live instances, as in the request-level router.
         """
+        self.routed = np.zeros(self.n_slots)
         weight = np.where(serving, route_weight * inst.max_batch, 0.0)
         any_weight = np.count_nonzero(weight) > 0
         if not any_weight:  # every preferred row is empty: routing weights yield
@@ -135,6 +161,7 @@ class AggregateServing:
         self.q_out = (self.q_out * q + out_sum) / safe
         self.q_age_s = self.q_age_s * q / safe  # new arrivals have age 0
         self.q = tot
+        self.routed = share
         self.buf = np.zeros(self.n_pools)
         self.buf_age_s = np.zeros(self.n_pools)
         self.rate_rps = 0.8 * self.rate_rps + 0.2 * share / dt_s
@@ -192,53 +219,85 @@ class AggregateServing:
         q, run = self.q[idx], self.run[idx]
         q_in, q_out = self.q_in[idx], self.q_out[idx]
         run_ctx, run_out = self.run_ctx[idx], self.run_out[idx]
-        # ---- admission -------------------------------------------------------------------
-        kv_free = model.kv_capacity_tokens[idx] - run * (run_ctx + run_out / 2)
-        per_req_kv = np.maximum(q_in + q_out, 1.0)
-        room = np.maximum(np.minimum(inst.max_batch[idx] - run, kv_free / per_req_kv), 0.0)
+        cap = model.kv_capacity_tokens[idx]
+        # ---- admission: batch cap, and the prompt's KV against what running requests hold --
+        need = q_in + BLOCK_TOKENS
+        kv_free = cap - run * (run_ctx + BLOCK_TOKENS)
+        room = np.maximum(np.minimum(inst.max_batch[idx] - run, kv_free / need), 0.0)
         adm = np.minimum(q, np.floor(room + 1e-9))
-        adm = np.where((run < 0.5) & (q > 0) & (adm < 1), np.minimum(q, 1.0), adm)
+        adm = np.where((run < 0.5) & (q > 0) & (adm < 1) & (need <= cap), np.minimum(q, 1.0), adm)
         admitted = adm > 0
-        tau = np.where(admitted, model.prefill_time_s(np.maximum(q_in, 1.0), idx), 0.0)
+        # ---- chunked prefill: the admitted prompts' chain, mixed into decode steps ----------
+        last_iter = self.last_iter_s[idx]
+        mixed = (run > 0) & (last_iter > 0)  # requests decode: steps are mixed
+        # The prefill formula T: a pass's fixed cost T(0), a prompt's marginal time T(x) - T(0).
+        t = model.prefill_time_s(np.concatenate([np.maximum(q_in, 1.0), np.zeros(len(idx))]),
+                                 np.concatenate([idx, idx]))
+        p0 = t[len(idx):]
+        w = t[:len(idx)] - p0
+        all_mixed = bool(mixed.all())
+        o = last_iter if all_mixed else np.where(mixed, last_iter, p0)  # fixed cost of a step
+        m = np.maximum(self.max_prefill_tokens - run, 1.0)  # prompt tokens a step carries
+        s = o * q_in / m + w  # chain service of one prompt
         backlog = np.maximum(self.busy_until_s[idx] - t0_s, 0.0)
-        busy_end = t0_s + backlog + adm * tau
+        busy_end = t0_s + backlog + adm * s
         self.busy_until_s[idx] = busy_end
-        prefill_end = np.minimum(busy_end, t1)
-        load.prefill_busy_s[idx] = prefill_end - t0_s
-        load.prefill_tokens[idx] = np.where(admitted, q_in, 0.0)
-        # TTFT of the admitted cohort. Arrivals spread over the tick queue for the prefill
-        # server like an M/D/1 queue (mean wait rho*tau / 2(1-rho)) plus half a decode
-        # iteration (prefill starts at an iteration boundary); requests carried over from an
-        # earlier tick add their queue age and the carried prefill backlog.
+        chain_busy = np.minimum(busy_end, t1) - t0_s
+        work = chain_busy * w / np.maximum(s, 1e-12)  # marginal prefill seconds in the tick
+        # An instance with nothing decoding runs pure prefill passes (p0 each) until its first
+        # prompt completes; after that its steps are mixed.
+        pure = 0.0 if all_mixed else np.where(~mixed & admitted, p0 * np.maximum(1.0, q_in / m), 0.0)
+        pre_busy = np.minimum(work + pure, dt_s)
+        load.prefill_busy_s[idx] = pre_busy
+        rho = adm * s / dt_s
+        # Prompt tokens per prefill-carrying step: a chain busy period carries the prompts that
+        # queue in it (1 / (1 - rho) on average), up to a step's budget.
+        chunk = np.where(rho < 0.95, np.minimum(m, q_in / np.maximum(1.0 - rho, 0.05)), m)
+        load.prefill_tokens[idx] = np.where(chain_busy > 0, chunk, 0.0)
+        # TTFT of the admitted cohort: queue age, the carried chain, half a step (a prompt
+        # joins the next step), its own service and the rest of its last step; plus an M/D/1
+        # wait (rho s / 2(1 - rho)) as the exponential part.
         age = self.q_age_s[idx]
-        rho = adm * tau / dt_s
-        # The running batch's iteration time, as of the end of the last tick.
-        iter_now = np.where(run > 0, self.last_iter_s[idx], 0.0)
-        base = tau + backlog + age
-        wait = np.where(rho < 0.95, rho * tau / (2 * np.maximum(1 - rho, 0.05)), 0.0) + iter_now / 2
+        quantum = o * np.maximum(1.0 - q_in / m, 0.0)
+        base = age + backlog + s + quantum + (0.5 * o if all_mixed else np.where(mixed, 0.5 * o, 0.0))
+        wait = np.where(rho < 0.95, rho * s / (2 * np.maximum(1 - rho, 0.05)), 0.0)
         overloaded = rho >= 0.95
         any_overloaded = np.count_nonzero(overloaded) > 0
-        # An overloaded prefill server works through its cohort one request after another.
+        # An overloaded chain works through its cohort one prompt after another.
         span = (np.where(overloaded, np.maximum(busy_end - t1, 0.0) + 0.5 * dt_s, 0.0)
                 if any_overloaded else None)
         # ---- decode ----------------------------------------------------------------------
         new_run = run + adm
-        has_run = new_run > 0
         inv_run = np.maximum(new_run, 1e-12)
-        ctx = np.where(has_run, (run * run_ctx + adm * q_in) / inv_run, 0.0)
-        out = np.where(has_run, (run * run_out + adm * q_out) / inv_run, 0.0)
-        window = t1 - prefill_end
-        iter_s = model.decode_iter_time_s(np.maximum(new_run, 1.0), np.maximum(ctx, 1.0), idx)
-        n_iter = window / np.maximum(iter_s, 1e-9)
+        ctx = (run * run_ctx + adm * (q_in + 1.0)) / inv_run  # 0 where nothing runs
+        out = (run * run_out + adm * q_out) / inv_run
+        window = np.maximum(dt_s - pre_busy, 0.0)
+        # Admitted requests decode from their first token: arrivals of this tick come half a
+        # tick late on average, and every admitted prompt waits for its chain.
+        fresh = self.routed[idx] / np.maximum(q, 1e-12)  # <= 1: q includes them
+        share = np.maximum(1.0 - 0.5 * fresh - (base - age + wait) / dt_s, 0.0)
+        batch = np.maximum(run + adm * share, 1.0)  # decoding at a time, on average
+        iter_s = model.decode_iter_time_s(batch, np.maximum(ctx, 1.0), idx)
+        n_iter = window / np.maximum(iter_s, 1e-9)  # steps of a request decoding all tick
+        n_new = n_iter * share
         per_req_tokens = np.maximum(out - 1.0, 0.0)
-        frac_done = np.where(per_req_tokens > 0,
-                             np.minimum(n_iter / np.maximum(per_req_tokens, 1e-9), 1.0), 1.0)
-        finished = new_run * frac_done
-        tokens = np.minimum(new_run * n_iter, new_run * per_req_tokens)
-        load.decode_busy_s[idx] = np.where(has_run, np.minimum(window, per_req_tokens * iter_s), 0.0)
-        load.decode_batch[idx] = new_run
-        load.tokens_generated = float(tokens.sum() + adm.sum())
-        # TBT: per-token interval including the prefill stalls of this tick.
+        dec_tokens = np.minimum(run * n_iter + adm * n_new, new_run * per_req_tokens)
+        finished = np.where(per_req_tokens > 0,
+                            np.minimum(dec_tokens / np.maximum(per_req_tokens, 1e-9), new_run),
+                            new_run)
+        # Decode steps run while any request decodes. With N decoding on average (tokens per
+        # step of the whole window), requests are taken to overlap only when they must: steps
+        # run min(N, 1) of the window, at a batch of tokens per step that ran. (Independent
+        # arrivals would give 1 - exp(-N), M/G/inf; the router spreads arrivals evenly over
+        # instances, and the request-level model's decode time lies between the two, closer
+        # to this one on `small`.)
+        n_mean = dec_tokens / np.maximum(n_iter, 1e-12)
+        dec_busy = window * np.minimum(n_mean, 1.0)
+        load.decode_busy_s[idx] = dec_busy
+        load.decode_batch[idx] = np.where(dec_busy > 0, n_mean * window / np.maximum(dec_busy, 1e-12),
+                                          0.0)
+        load.tokens_generated = float(dec_tokens.sum() + adm.sum())
+        # TBT: per-token interval, decode steps stretched by the prefill work mixed into them.
         tbt = iter_s * dt_s / np.maximum(window, iter_s)
         # ---- SLO accounting for the finishing cohort (it carries the TTFT of its admission)
         if finished.sum() > 0:
@@ -255,17 +314,43 @@ class AggregateServing:
                 ttft_mean = base + wait
             self._record(acc, finished, ttft_ok, tbt, ttft_mean, slo_t, slo_tbt_s[pool],
                          quality_loss_per_slot[idx])
-        # ---- state update ----------------------------------------------------------------
+        # ---- state update: survivors' context, then KV preemption -------------------------
         left = q - adm
+        run_end = new_run - finished
+        alive = run_end > 1e-9
+        # Completions are memoryless in the fluid (a share of the running requests finishes
+        # every tick, as with exponential output lengths), so finishers leave with the mean
+        # context and the survivors' mean grows by the tokens generated per request.
+        ctx_end = np.where(alive, ctx + dec_tokens / inv_run, 0.0)
+        # Paged KV: what outgrew the memory is preempted, newest first (about a queued prompt
+        # and one token each); those requests go back to the head of the queue, to be
+        # recomputed.
+        excess = run_end * (ctx_end + BLOCK_TOKENS) - cap
+        if (excess > 0).any():
+            ctx_new = q_in + 1.0
+            pre = np.where(alive & (excess > 0),
+                           np.minimum(np.maximum(excess, 0.0) / (ctx_new + BLOCK_TOKENS), run_end),
+                           0.0)
+            self._preemptions += float(pre.sum())
+            kept = run_end - pre
+            ctx_end = np.where(kept > 1e-9, (run_end * ctx_end - pre * ctx_new)
+                               / np.maximum(kept, 1e-12), 0.0)
+            tot = left + pre
+            safe = np.maximum(tot, 1e-12)
+            self.q_in[idx] = np.where(tot > 0, (left * q_in + pre * ctx_new) / safe, q_in)
+            self.q_out[idx] = np.where(tot > 0, (left * q_out + pre * out) / safe, q_out)
+            age = age * left / safe  # preempted requests wait from now
+            left = tot
+            run_end = kept
         self.q[idx] = left
         self.q_age_s[idx] = np.where(left > 1e-9, age + dt_s, 0.0)
         rest = self.q > 0  # queues this tick did not serve grow older
         rest[idx] = False
         if np.count_nonzero(rest):
             self.q_age_s[rest] += dt_s
-        self.run[idx] = new_run - finished
-        running = frac_done < 1
-        self.run_ctx[idx] = np.where(running, ctx + n_iter, 0.0)
+        self.run[idx] = run_end
+        running = run_end > 1e-9
+        self.run_ctx[idx] = np.where(running, ctx_end, 0.0)
         self.run_out[idx] = np.where(running, out, 0.0)
         self.last_iter_s[idx] = iter_s
         return load
