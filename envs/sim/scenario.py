@@ -330,7 +330,10 @@ class ServingSpec:
         doc="GPU clocks a controller may choose; inside the profile's clock range.")
     batch_choices: tuple[int, ...] = spec((8, 16, 32, 64), ge=1, min_items=1, increasing=True,
                                           doc="Batch caps a controller may choose.")
-    max_prefill_tokens: int = spec(8192, unit="tokens", ge=1, doc="Most prompt tokens in one prefill pass.")
+    max_prefill_tokens: int = spec(
+        8192, unit="tokens", ge=1,
+        doc="Token budget of one engine step (vLLM's max_num_batched_tokens): one token per "
+            "decoding request plus prompt chunks.")
     drop_after_s: float = spec(120.0, unit="s", gt=0,
                                doc="A request without its first token after this long is dropped.")
     quantized_speedup: float = spec(1.0, unit="x", ge=1, le=10,
