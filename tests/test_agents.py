@@ -33,8 +33,8 @@ from llm_cluster_gym.agents.policy import TrainedPolicy
 from llm_cluster_gym.agents.train import train
 from llm_cluster_gym.controllers.base import Controller
 from llm_cluster_gym.controllers.context import ControllerContext
+from llm_cluster_gym.controllers.dynamo import DynamoController
 from llm_cluster_gym.controllers.static import StaticController
-from llm_cluster_gym.controllers.unaware import UnawareController
 
 
 def _tiny(task: str, finetune_steps: int = 0, **changes):
@@ -397,8 +397,9 @@ def test_agents_are_judged_against_the_reports_static_baseline():
     res = compare_with_static(static, factory, seeds=[0])
     assert res["static_baseline"] == "llm_cluster_gym.controllers.static.StaticController"
     assert res["energy_ratio_vs_static"] == 1.0 and res["reward_gain_vs_static"] == 0.0
-    # Another policy is told apart from it.
-    other = compare_with_static(UnawareController(ControllerContext.from_env(env)), factory, [0])
+    # Another policy is told apart from it (the unaware one keeps the scenario's initial
+    # layout, which is the static provisioning: DynamoLLM's manager changes it).
+    other = compare_with_static(DynamoController(ControllerContext.from_env(env)), factory, [0])
     assert other["energy_ratio_vs_static"] != 1.0
 
 

@@ -48,7 +48,7 @@ def test_inconsistent_topology(tmp_path):
     p.write_text(text.replace("rows_per_aisle: 1", "rows_per_aisle: 5"))
     with pytest.raises(ScenarioError, match="rows_per_aisle"):
         load_scenario(p)
-    p.write_text(text.replace("n_instances: 4, tp: 4", "n_instances: 40, tp: 4"))
+    p.write_text(text.replace("n_instances: 2, tp: 8", "n_instances: 20, tp: 8"))
     with pytest.raises(ScenarioError, match="asks for 176 GPUs"):
         load_scenario(p)
 

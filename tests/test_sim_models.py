@@ -53,7 +53,7 @@ def vm_scenario(
         cooling=dataclasses.replace(d.cooling, supply_temp_c=supply_temp_c))
     w = dataclasses.replace(base.workload, rps_per_gpu=0.0, diurnal=None)
     sv = dataclasses.replace(
-        base.serving, pools=(dataclasses.replace(base.serving.pools[0], n_instances=4),))
+        base.serving, pools=(dataclasses.replace(base.serving.pools[0], n_instances=4, tp=4),))
     vms = dataclasses.replace(base.vms, arrivals_per_hour=arrivals_per_hour, lifetime_s=1e12,
                               gpu_power_w=(vm_power_w,), initial_fraction=initial_fraction)
     return base.with_overrides(datacenter=d, workload=w, serving=sv, vms=vms, faults=faults,
