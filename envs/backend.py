@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 
 FAULT_KINDS = ("cooling_failure", "power_failure", "load_spike")
 
+SERVER_POWER_STATES = ("off", "waking", "idle", "serving")
+"""A server's power states; `Telemetry.server_power_state` holds indices into this tuple.
+
+off: powered down (standby draw only); waking: booting (idle draw, nothing runs yet); idle:
+powered with nothing on it; serving: hosts an instance (serving or loading) or a VM."""
+
 
 @dataclass(frozen=True)
 class PoolConfig:
@@ -124,6 +130,14 @@ class Telemetry:
     active_faults: tuple[str, ...] = ()
     pending_vm_power_w: float = 0.0
     legal_vm_servers: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    server_power_state: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int8))
+
+    def server_state_counts(self) -> dict[str, int]:
+        """Servers in each power state (`SERVER_POWER_STATES`); empty where the backend has none."""
+        if not self.server_power_state.size:
+            return {}
+        n = np.bincount(self.server_power_state, minlength=len(SERVER_POWER_STATES))
+        return {name: int(n[i]) for i, name in enumerate(SERVER_POWER_STATES)}
 
 
 @dataclass(frozen=True)
@@ -138,6 +152,11 @@ class ServiceMetrics:
 
     ``ttft_hist`` and ``tbt_hist`` count the interval's finished requests per latency bin
     (`envs.latency`), so that episode percentiles can be computed from intervals.
+
+    ``gpu_hours`` are the GPU-hours the service pays for: on the simulator, the GPUs of its
+    powered SaaS servers (serving, idle or waking; a server that is off is released);
+    ``servers_powered`` is the mean number of powered servers (SaaS and IaaS) over the interval
+    (NaN where the backend does not know).
     """
 
     interval_s: float
@@ -171,6 +190,7 @@ class ServiceMetrics:
     facility_energy_j: float
     ttft_hist: np.ndarray = field(default_factory=empty_histogram)
     tbt_hist: np.ndarray = field(default_factory=empty_histogram)
+    servers_powered: float = math.nan
 
     @property
     def slo_attainment(self) -> float:
@@ -238,12 +258,18 @@ class ServerPowerSpec:
         max_power_w: Server nameplate power (DGX H100 datasheet: 10.2 kW).
         gpu_tdp_w: GPU TDP (700 W for H100 SXM).
         overhead_idle_w: Non-GPU power at idle GPUs (modelling assumption of the scenario).
+        standby_w: Power of a server that is off (BMC and PSU standby).
+        wake_latency_s: Power-on to usable of a server that is off (its instances then load).
+        idle_to_off_s: Idle time after which a server powers off; None: servers never power off.
     """
 
     gpus: int
     max_power_w: float
     gpu_tdp_w: float
     overhead_idle_w: float
+    standby_w: float = 0.0
+    wake_latency_s: float = 0.0
+    idle_to_off_s: float | None = None
 
     def server_power_w(self, gpu_sum_w: np.ndarray | float, idle_gpu_w: float) -> np.ndarray:
         """Server power for a total GPU power (same linear overhead as the simulator's)."""

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm_cluster_gym.envs.backend import ClusterAction, ServiceMetrics, Telemetry
+from llm_cluster_gym.envs.backend import SERVER_POWER_STATES, ClusterAction, ServiceMetrics, Telemetry
 from llm_cluster_gym.envs.sim.cluster import SimCluster
 from llm_cluster_gym.envs.sim.scenario import Scenario, load_scenario
 
@@ -80,7 +80,11 @@ def assert_in_range(metrics: list[ServiceMetrics], tel: list[Telemetry], c: SimC
         assert m.tokens_generated >= 0 and m.energy_j > 0
         assert m.arrivals_per_pool.sum() == m.arrived
     for t in tel[1:]:
-        assert (t.gpu_power_w >= c.gpu_model.idle_no_context_w - 1e-9).all()
+        # The GPUs of a powered server draw at least their bare idle power; those of one that is
+        # off draw nothing.
+        off = np.repeat(t.server_power_state == SERVER_POWER_STATES.index("off"), c.topo.gpus_per_server)
+        assert (t.gpu_power_w[~off] >= c.gpu_model.idle_no_context_w - 1e-9).all()
+        assert (t.gpu_power_w[off] == 0.0).all()
         assert (t.gpu_power_w <= c.gpu_model.gpu_power_limit_w + 1e-9).all()
         assert (t.gpu_freq_mhz >= c.gpu_model.min_freq_mhz - 1e-9).all()
         assert (t.gpu_freq_mhz <= c.gpu_model.max_freq_mhz + 1e-9).all()

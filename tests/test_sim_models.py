@@ -44,13 +44,14 @@ def vm_scenario(
 
     The control interval equals the tick, so telemetry after each `advance()` is per tick.
     Cooling is not oversubscribed and the outside air (15-25 C) stays below the supply
-    setpoint, so the aisle inlet stays exactly at `supply_temp_c`.
+    setpoint, so the aisle inlet stays exactly at `supply_temp_c`. Servers never power off
+    (`idle_to_off_s` null): an empty server idles (`tests/test_server_power.py` covers off).
     """
     base = load_scenario("small_tapas")
     d = base.datacenter
     d = dataclasses.replace(
         d, rows=2, rows_per_aisle=2, power_oversubscription=1.0, cooling_oversubscription=1.0,
-        cooling=dataclasses.replace(d.cooling, supply_temp_c=supply_temp_c))
+        cooling=dataclasses.replace(d.cooling, supply_temp_c=supply_temp_c), idle_to_off_s=None)
     w = dataclasses.replace(base.workload, rps_per_gpu=0.0, diurnal=None)
     sv = dataclasses.replace(
         base.serving, pools=(dataclasses.replace(base.serving.pools[0], n_instances=4, tp=4),))

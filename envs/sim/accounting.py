@@ -10,6 +10,10 @@ delivery). Operational carbon is the facility energy times the grid's intensity 
 (`carbon_g_per_kwh`): the grid supplies the whole facility. With a constant PUE, a policy's carbon
 saving is the same whether it is counted on facility or IT energy; it differs from its energy
 saving only when the intensity varies in time (`carbon:` a grid region).
+
+GPU-hours count the GPUs the service pays for: those of its powered SaaS servers (serving, idle or
+waking), whether or not an instance holds them; a server that is off is released. Servers that
+never power off (`datacenter.idle_to_off_s` null) are paid for all the time.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class IntervalStats:
     facility_energy_j: float = 0.0
     carbon_g: float = 0.0
     gpu_hours: float = 0.0
+    powered_server_s: float = 0.0
     thermal_events: int = 0
     power_events: int = 0
     thermal_gpu_s: float = 0.0
@@ -59,10 +64,13 @@ class IntervalStats:
     max_temp_c: float = 0.0
 
     def add_tick(self, srv_w: np.ndarray, gpu_w: np.ndarray, row_w: np.ndarray,
-                 max_temp_c: float, dt: float, carbon_g_per_kwh: float, instance_gpus: float,
-                 slowdown: ThermalSlowdown, capping: RowPowerCapping, gpu_row: np.ndarray) -> None:
+                 max_temp_c: float, dt: float, carbon_g_per_kwh: float, paid_gpus: float,
+                 powered_servers: float, slowdown: ThermalSlowdown, capping: RowPowerCapping,
+                 gpu_row: np.ndarray) -> None:
         """Add one tick's energy, carbon, GPU-hours, peaks and throttled GPU-seconds.
 
+        ``paid_gpus`` are the GPUs of the powered SaaS servers (what GPU-hours count),
+        ``powered_servers`` every powered server's count.
         Carbon is the tick's facility energy times the grid intensity at the tick's start. The
         throttling counted is the one in force for the next tick (the controllers have already
         been updated), as the simulator always counted it.
@@ -73,7 +81,8 @@ class IntervalStats:
         self.gpu_energy_j += float(gpu_w.sum()) * dt
         self.facility_energy_j += facility
         self.carbon_g += facility / 3.6e6 * carbon_g_per_kwh
-        self.gpu_hours += instance_gpus * dt / 3600.0
+        self.gpu_hours += paid_gpus * dt / 3600.0
+        self.powered_server_s += powered_servers * dt
         if slowdown.any_throttled:
             self.thermal_gpu_s += float(np.count_nonzero(slowdown.throttled)) * dt
         if capping.any_capped:
@@ -119,4 +128,5 @@ def service_metrics(acc: ServiceAccumulator, st: IntervalStats, interval_s: floa
         gpu_hours=st.gpu_hours,
         ttft_hist=ttft_hist,
         tbt_hist=tbt_hist,
+        servers_powered=st.powered_server_s / interval_s,
     )

@@ -1,13 +1,15 @@
 """SimCluster: the simulated datacenter behind the ClusterBackend protocol.
 
-Each control interval runs a whole number of ticks. A tick: faults and VMs change, requests
-arrive and are served (request-level or aggregate model), GPU power follows the serving state
-at each GPU's effective clock, servers add their overhead, rows and aisles sum it, aisle inlet
-and GPU temperatures move, and the row power-capping and GPU thermal-slowdown controllers set
-the clock ceilings for the next tick.
+Each control interval runs a whole number of ticks. A tick: faults and VMs change, servers move
+between power states (off, waking, idle, serving), requests arrive and are served
+(request-level or aggregate model), GPU power follows the serving state at each GPU's effective
+clock, servers add their overhead (a server that is off draws its standby power alone), rows and
+aisles sum it, aisle inlet and GPU temperatures move, and the row power-capping and GPU
+thermal-slowdown controllers set the clock ceilings for the next tick.
 
 `SimCluster` runs that tick and the protocol methods; the pieces live in modules of their own:
 ``layout`` (what the cluster is built of, what a controller may set, per-slot tables),
+``server_power`` (server power states and their timers),
 ``clocks`` (slot clocks, speeds and the GPU load of a tick), ``throttle`` (row power capping,
 thermal slowdown), ``accounting`` (interval totals and `ServiceMetrics`), ``sim_telemetry``
 (the `Telemetry` record) and ``description`` (`describe`, `tick_history`).
@@ -15,7 +17,7 @@ thermal slowdown), ``accounting`` (interval totals and `ServiceMetrics`), ``sim_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -49,6 +51,7 @@ from llm_cluster_gym.envs.sim.layout import (
 )
 from llm_cluster_gym.envs.sim.profiles import ProfileArrays, ProfileLibrary
 from llm_cluster_gym.envs.sim.scenario import Scenario, load_scenario
+from llm_cluster_gym.envs.sim.server_power import WAKING, ServerPowerStates
 from llm_cluster_gym.envs.sim.serving import ServiceAccumulator, TickLoad
 from llm_cluster_gym.envs.sim.serving_aggregate import AggregateServing
 from llm_cluster_gym.envs.sim.serving_request import RequestLevelServing
@@ -66,6 +69,7 @@ from llm_cluster_gym.envs.sim.throttle import (
     THERMAL_RELEASE_C,
     RowPowerCapping,
     ThermalSlowdown,
+    read_only,
 )
 from llm_cluster_gym.envs.sim.topology import build_topology
 from llm_cluster_gym.envs.sim.vms import VmPool
@@ -145,6 +149,11 @@ class SimCluster:
         self._row_checker = RowSettingChecker(self.topo.n_rows, gm.min_freq_mhz, gm.max_freq_mhz)
         self._settings_cache = SlotSettingsCache(sv, gm.max_freq_mhz)
         self._validated_pools: tuple[PoolConfig, ...] | None = None
+        self.power = ServerPowerStates(self.topo.n_servers, s.datacenter.server.wake_latency_s,
+                                       s.datacenter.idle_to_off_s)
+        self._is_saas = self.topo.server_is_saas
+        self._down_cache: tuple[object, int, pw.GpuPhasePower] | None = None
+        self._paid_cache: tuple[int, float, float] = (-1, 0.0, 0.0)
         self._rng = np.random.default_rng(0)
         self.reset(seed=None)
 
@@ -190,6 +199,7 @@ class SimCluster:
         self.reconfigurations = 0
         self.inst.reconfigure(pools, now_s=0.0, load_time_s={})
         self._refresh_slots()
+        self.power.reset(self._saas_occupied | self.vms.occupied())
         self._gpu_power_w = self.slots.gpu_phase_power.idle_w.copy()
         self._gpu_temp_c = self.inlet_c[topo.gpu_aisle].copy()
         self._row_power_w = np.zeros(topo.n_rows)
@@ -244,7 +254,8 @@ class SimCluster:
             time_s=self.time_s, topo=self.topo, faults=self.faults, vms=self.vms,
             slowdown=self.slowdown, capping=self.capping, gpu_power_w=self._gpu_power_w,
             gpu_temp_c=self._gpu_temp_c, row_power_w=self._row_power_w, inlet_c=self.inlet_c,
-            aisle_heat_w=self._aisle_heat_w, outside=self.outside)
+            aisle_heat_w=self._aisle_heat_w, outside=self.outside,
+            server_power_state=self.power.state)
 
     @property
     def done(self) -> bool:
@@ -273,29 +284,75 @@ class SimCluster:
             return
         self.pool_configs = tuple(pools)
         load_time = {tp: prof.load_time_s for tp, prof in self.tp_profiles.items()}
-        stopped = self.inst.reconfigure(pools, self.time_s, load_time)
-        self.reconfigurations = int((self.inst.active & (self.inst.ready_at_s > self.time_s)).sum())
-        self.serving.requeue(stopped)
+        now = self.time_s
+        stopped = self.inst.reconfigure(pools, now, load_time)
         self._refresh_slots()
+        # Servers the new layout needs wake now; their instances load once they are up.
+        self.power.wake(self._saas_occupied, now)
+        if self.power.any_down:
+            self.inst.defer_start(self.power.up_at_s(now)[self.topo.saas_servers], now, load_time)
+        self.reconfigurations = int((self.inst.active & (self.inst.ready_at_s > now)).sum())
+        self.serving.requeue(stopped)
 
     def _refresh_slots(self) -> None:
         """Recompute the per-slot tables after a layout change (invalidates the slot settings)."""
         self.slots = slot_tables(self.inst, self.topo, self._tp_index, self._tp_arrays,
                                  self.gpu_model.max_freq_mhz, self.mean_input_tokens,
                                  self.gpu_model.idle_no_context_w)
+        occupied = np.zeros(self.topo.n_servers, dtype=bool)
+        occupied[self.topo.saas_servers[self.inst.occupied_servers()]] = True
+        self._saas_occupied = occupied
+
+    # ------------------------------------------------------------------ server power states
+    def _phase_power(self) -> pw.GpuPhasePower:
+        """Per-GPU phase power under the power states: nothing where off, bare idle while booting.
+
+        With every server powered it is the layout's own (`SlotTables.gpu_phase_power`).
+        """
+        base = self.slots.gpu_phase_power
+        if not self.power.any_down:
+            return base
+        key = (self.slots, self.power.version)
+        if self._down_cache is not None and self._down_cache[:2] == key:
+            return self._down_cache[2]
+        g = self.topo.gpus_per_server
+        idle = base.idle_w.copy()
+        idle[np.repeat(self.power.waking, g)] = self.gpu_model.idle_no_context_w
+        idle[np.repeat(self.power.off, g)] = 0.0
+        pp = replace(base, idle_w=read_only(idle))
+        self._down_cache = (*key, pp)
+        return pp
+
+    def _vm_gpu_power_w(self) -> np.ndarray:
+        """Each GPU's VM draw at full clock (a VM on a server still booting draws nothing yet)."""
+        vm_w = self.vms.gpu_power_w
+        if self.power.any_down:
+            vm_w = np.where(self.power.state <= WAKING, 0.0, vm_w)  # off or waking
+        return vm_w.repeat(self.topo.gpus_per_server)
+
+    def _paid(self) -> tuple[float, float]:
+        """(GPUs of powered SaaS servers, powered servers): what the GPU-hour cost counts."""
+        version, gpus, servers = self._paid_cache
+        if version != self.power.version:
+            powered = self.power.powered()
+            gpus = float(np.count_nonzero(powered & self._is_saas) * self.topo.gpus_per_server)
+            servers = float(np.count_nonzero(powered))
+            self._paid_cache = (self.power.version, gpus, servers)
+        return gpus, servers
 
     def _settle_idle(self) -> None:
         """Start temperatures at the idle steady state (a datacenter that was running)."""
         gm, th, topo = self.gpu_model, self.thermal, self.topo
-        idle = self.slots.gpu_phase_power.idle_w.copy()
-        idle += np.maximum(np.repeat(self.vms.gpu_power_w, topo.gpus_per_server) - idle, 0.0)
+        idle = self._phase_power().idle_w.copy()
+        idle += np.maximum(self._vm_gpu_power_w() - idle, 0.0)
         self.thermal_state.x_die_c[:] = th.r_die_c_per_w * idle
         self.thermal_state.x_sink_c[:] = th.r_sink_c_per_w * idle
         self._gpu_temp_c = self.inlet_c[topo.gpu_aisle] + (th.r_die_c_per_w +
                                                            th.r_sink_c_per_w) * idle
         # The first telemetry reports the power of that state too (VMs included), not zeros.
         self._gpu_power_w = idle
-        srv_w = pw.server_power_w(idle, self.scenario.datacenter.server, gm.idle_power_w)
+        srv_w = pw.server_power_w(idle, self.scenario.datacenter.server, gm.idle_power_w,
+                                  self.power.off if self.power.any_down else None)
         self._row_power_w = topo.row_sum(srv_w)
         self._aisle_heat_w = topo.aisle_sum(srv_w)
 
@@ -307,6 +364,7 @@ class SimCluster:
         self._row_limit_w = topo.row_limit_w * row_f
         self._aisle_cap_w = topo.aisle_capacity_w * aisle_f
         self.vms.advance(t0, dt)
+        self.power.update(t0, self._saas_occupied | self.vms.occupied())
         # Arrivals in [t0, t0 + dt), admission control.
         lo = self._trace_pos
         hi = int(self.trace.arrival_s.searchsorted(t0 + dt, side="left"))
@@ -324,11 +382,12 @@ class SimCluster:
                                            self.slo_ttft_s, self.slo_tbt_s, st.qloss, acc)
         acc.tokens += load.tokens_generated
         # GPU power at this tick's ceilings.
-        gl = gpu_load(load, st, slots, gpu_prefill_mhz,
-                      self.vms.gpu_power_w.repeat(topo.gpus_per_server), dt)
+        gl = gpu_load(load, st, slots, gpu_prefill_mhz, self._vm_gpu_power_w(), dt)
+        if self.power.any_down:
+            gl = replace(gl, phase_power=self._phase_power(), server_off=self.power.off)
         dyn = gm.dynamic_at_max_clock_w(gl)
         gpu_w = gm.power_under_ceiling_w(dyn, gl, gpu_ceiling)
-        srv_w = pw.server_power_w(gpu_w, s.datacenter.server, gm.idle_power_w)
+        srv_w = pw.server_power_w(gpu_w, s.datacenter.server, gm.idle_power_w, gl.server_off)
         row_w = topo.row_sum(srv_w)
         aisle_w = topo.aisle_sum(srv_w)
         # Heat and temperature.
@@ -344,8 +403,9 @@ class SimCluster:
         stats.thermal_events += slowdown.update(temp, max_temp_c, gpu_w, gpu_ceiling, self.inlet_c,
                                                gl.phase_power.idle_w)
         # Accounting.
+        paid_gpus, powered_servers = self._paid()
         stats.add_tick(srv_w, gpu_w, row_w, max_temp_c, dt, carbon_g_per_kwh(s, t0),
-                       slots.instance_gpus, slowdown, capping, topo.gpu_row)
+                       paid_gpus, powered_servers, slowdown, capping, topo.gpu_row)
         self._gpu_power_w, self._gpu_temp_c = gpu_w, temp
         self._row_power_w, self._aisle_heat_w = row_w, aisle_w
         if self.record_ticks:

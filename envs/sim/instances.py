@@ -4,6 +4,13 @@ Instances live in fixed slots, one per SaaS GPU; an instance of TP degree t occu
 slots of one server and is represented by its first slot. Reconfiguring rebuilds the layout from
 per-pool configurations and keeps every instance whose GPUs, TP and model variant are unchanged;
 the others pay the model-load downtime from the profile tables.
+
+Placement packs: the pools are laid out one after the other from the first SaaS server, each on
+as few servers as its instances need, so a smaller configuration empties whole servers at the
+end of the list (they can power off) and a larger one fills them again in the order they were
+emptied: the servers it takes first are those that stopped serving last, the ones most likely
+still powered. An instance placed on a server that is booting loads its model once the server is
+up (`defer_start`).
 """
 
 from __future__ import annotations
@@ -14,6 +21,41 @@ from dataclasses import dataclass
 import numpy as np
 
 from llm_cluster_gym.envs.backend import PoolConfig
+
+
+def packed_first_slots(pools: Sequence[PoolConfig], gpus_per_server: int,
+                       n_servers: int) -> list[np.ndarray]:
+    """First slot of every instance of each pool, packed onto as few servers as possible.
+
+    A cursor walks the servers in order: each pool's instances follow the previous pool's on
+    the same server while a whole instance (``tp`` GPUs) still fits there, then fill the next
+    servers. Instances that do not fit in the table are left out (counts are clipped). A pool
+    whose instances fill whole servers from a server boundary lands exactly where the
+    server-per-pool layout put it.
+    """
+    g = gpus_per_server
+    server, offset = 0, 0
+    out = []
+    for cfg in pools:
+        tp, n = cfg.tp, max(int(cfg.n_instances), 0)
+        per_server = g // tp
+        if n and offset + tp > g:  # no room left for one instance here: next server
+            server, offset = server + 1, 0
+        here = min(n, (g - offset) // tp) if n else 0
+        first = [server * g + offset + np.arange(here) * tp]
+        offset += here * tp
+        rest = n - here
+        if rest:
+            server, offset = server + 1, 0
+            i = np.arange(rest)
+            first.append((server + i // per_server) * g + (i % per_server) * tp)
+            server += rest // per_server
+            offset = (rest % per_server) * tp
+        if offset >= g:
+            server, offset = server + 1, 0
+        slots = np.concatenate(first).astype(np.int64)
+        out.append(slots[slots // g < n_servers])
+    return out
 
 
 @dataclass
@@ -81,22 +123,14 @@ class InstanceTable:
         new_quant = np.zeros(self.n_slots, dtype=bool)
         new_freq = np.zeros(self.n_slots)
         new_batch = np.zeros(self.n_slots, dtype=np.int64)
-        server = 0
-        for p, cfg in enumerate(pools):
-            per_server = g // cfg.tp
-            need_servers = -(-cfg.n_instances // per_server)
-            need_servers = min(need_servers, n_servers - server)
-            n = min(cfg.n_instances, need_servers * per_server)
-            if n <= 0:
-                continue
-            first = server * g + np.arange(n) * cfg.tp
+        for p, (cfg, first) in enumerate(zip(pools, packed_first_slots(pools, g, n_servers),
+                                             strict=True)):
             new_active[first] = True
             new_pool[first] = p
             new_tp[first] = cfg.tp
             new_quant[first] = cfg.quantized
             new_freq[first] = cfg.freq_mhz
             new_batch[first] = cfg.max_batch
-            server += need_servers
         kept = new_active & self.active & (new_tp == self.tp) & (new_quant == self.quantized)
         stopped = self.active & ~kept
         started = new_active & ~kept
@@ -108,6 +142,29 @@ class InstanceTable:
         self.quantized, self.freq_mhz, self.max_batch = new_quant, new_freq, new_batch
         self.ready_at_s = ready
         return stopped
+
+    def occupied_servers(self) -> np.ndarray:
+        """Per server of the table (in its SaaS-server order): some instance is on it."""
+        g = self.gpus_per_server
+        return np.bincount(np.flatnonzero(self.active) // g, minlength=self.n_slots // g) > 0
+
+    def defer_start(self, server_up_at_s: np.ndarray, now_s: float,
+                    load_time_s: Mapping[int, float]) -> None:
+        """Instances on servers still booting load their model once the server is up.
+
+        Args:
+            server_up_at_s: Per server of the table, when it can run something (its boot end;
+                ``now_s`` or earlier for a powered server).
+            now_s: Current simulated time.
+            load_time_s: Model-load downtime of an instance, by TP degree.
+        """
+        first = np.flatnonzero(self.active)
+        up = server_up_at_s[first // self.gpus_per_server]
+        booting = up > now_s
+        if booting.any():
+            sel = first[booting]
+            load = np.array([load_time_s.get(int(t), 0.0) for t in self.tp[sel]])
+            self.ready_at_s[sel] = np.maximum(self.ready_at_s[sel], up[booting] + load)
 
     def serving(self, now_s: float) -> np.ndarray:
         """Mask of first slots whose instance is up (active and not loading)."""

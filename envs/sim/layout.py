@@ -168,7 +168,6 @@ class SlotTables:
         freq_mhz: Each slot's pool clock (the maximum where no instance runs).
         kv_tokens: Each slot's KV-cache capacity in tokens.
         any_quantized: Some instance runs a quantized model.
-        instance_gpus: GPUs held by active instances.
         prefill_limit_mhz: Clock at which a prefill of the episode's mean prompt fits the GPU
             power limit (it depends only on the slot's profile).
         gpu_phase_power: Each GPU's phase-power coefficients (its instance's profile; idle
@@ -184,7 +183,6 @@ class SlotTables:
     freq_mhz: np.ndarray
     kv_tokens: np.ndarray
     any_quantized: bool
-    instance_gpus: float
     prefill_limit_mhz: np.ndarray
     gpu_phase_power: pw.GpuPhasePower
 
@@ -224,7 +222,6 @@ def slot_tables(inst: InstanceTable, topo: Topology, tp_index: dict[int, int],
         freq_mhz=np.where(inst.active, inst.freq_mhz, max_freq_mhz),
         kv_tokens=sp.kv_capacity_tokens.astype(float),
         any_quantized=bool(inst.quantized.any()),
-        instance_gpus=float(inst.tp[inst.active].sum()),
         prefill_limit_mhz=freq_at_power_limit_mhz(
             mean_input_tokens, sp.gpu_power_limit_w, sp.idle_power_w,
             sp.prefill_max_power_w, sp.prefill_k_tokens, sp.power_freq_exponent,

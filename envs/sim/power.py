@@ -5,6 +5,8 @@ the profile of the instance it belongs to (its model and TP degree: a GPU of a T
 draws differently from one of a TP 2 instance at the same batch) at its effective clock. A GPU
 that holds no instance idles without a CUDA context, lower than one holding a loaded model
 (71-73 W against about 122 W on an H100, measured for this project: ``envs/data/gpus.json``).
+The GPUs of a server that is off draw nothing and the server its standby power; those of a
+booting server idle without a context (``envs/sim/server_power.py``).
 
 Power capping is what a row's capping controller does: when the row draws more than its limit,
 the clocks of every GPU in the row are forced down to the highest common ceiling at which the
@@ -55,6 +57,7 @@ class GpuLoad:
         power_factor: Multiplier on dynamic power (quantized variants draw less).
         vm_power_w: For IaaS GPUs, the VM's draw at full clock (0 for SaaS GPUs).
         phase_power: Each GPU's phase-power coefficients (its instance's profile).
+        server_off: Per server, powered off (None: every server is powered).
     """
 
     prefill_frac: np.ndarray
@@ -66,6 +69,7 @@ class GpuLoad:
     power_factor: np.ndarray
     vm_power_w: np.ndarray
     phase_power: GpuPhasePower
+    server_off: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -118,18 +122,23 @@ class GpuPowerModel:
         return self.power_under_ceiling_w(self.dynamic_at_max_clock_w(load), load, ceiling_mhz)
 
 
-def server_power_w(gpu_power_w: np.ndarray, spec: ServerSpec, idle_gpu_w: float) -> np.ndarray:
+def server_power_w(gpu_power_w: np.ndarray, spec: ServerSpec, idle_gpu_w: float,
+                   server_off: np.ndarray | None = None) -> np.ndarray:
     """Server power: its GPUs plus CPUs, fans, NICs and PSU losses that follow GPU load.
 
     The non-GPU part rises linearly from `overhead_idle_w` (GPUs idle) to
-    `max_power_w - gpus * gpu_tdp_w` (GPUs at TDP).
+    `max_power_w - gpus * gpu_tdp_w` (GPUs at TDP). A server that is off (``server_off``) draws
+    its `standby_w` alone.
     """
     per_server = gpu_power_w.reshape(-1, spec.gpus)
     gpu_w = per_server.sum(axis=1)
     load = np.clip((gpu_w - spec.gpus * idle_gpu_w) / (spec.gpus * (spec.gpu_tdp_w - idle_gpu_w)),
                    0.0, 1.0)
     overhead_max_w = spec.max_power_w - spec.gpus * spec.gpu_tdp_w
-    return gpu_w + spec.overhead_idle_w + (overhead_max_w - spec.overhead_idle_w) * load
+    srv_w = gpu_w + spec.overhead_idle_w + (overhead_max_w - spec.overhead_idle_w) * load
+    if server_off is not None:
+        srv_w = np.where(server_off, spec.standby_w, srv_w)
+    return srv_w
 
 
 def row_cap_ceiling_mhz(
@@ -162,7 +171,7 @@ def row_cap_ceiling_mhz(
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
         p = model.power_under_ceiling_w(dyn, load, np.minimum(other_ceiling_mhz, mid[gpu_row]))
-        srv = server_power_w(p, server_spec, model.idle_power_w)
+        srv = server_power_w(p, server_spec, model.idle_power_w, load.server_off)
         row_w = np.bincount(server_row, weights=srv, minlength=n_rows)
         fits = row_w <= target
         lo = np.where(fits, mid, lo)

@@ -175,12 +175,13 @@ def _pool_set_names() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """A GPU server: its GPUs and the power of everything that is not a GPU.
+    """A GPU server: its GPUs, the power of everything that is not a GPU, and its power states.
 
     Defaults: NVIDIA DGX H100 datasheet (8x H100 SXM, 10.2 kW max system power; also
     splitwise-sim `configs/hardware_repo/skus/dgx-h100.yaml`, tdp 10200). The non-GPU share at full
-    load is 10,200 - 8 x 700 = 4,600 W; its idle level is a modelling assumption (see
-    `envs/data/README.md`).
+    load is 10,200 - 8 x 700 = 4,600 W. No published measurement of a DGX H100's idle, standby or
+    boot figures was found, so `overhead_idle_w`, `standby_w` and `wake_latency_s` are marked
+    assumptions, with the nearest published anchors (`envs/data/server_power/README.md`).
     """
 
     gpus: int = spec(8, doc="GPUs per server.", ge=1, le=72)
@@ -188,8 +189,20 @@ class ServerSpec:
                               doc="Nameplate power of a whole server (GPUs at TDP plus everything else).")
     gpu_tdp_w: float = spec(700.0, unit="W", gt=0, le=2000,
                             doc="Nameplate power of one GPU; at least the profile's GPU power limit.")
-    overhead_idle_w: float = spec(2000.0, unit="W", ge=0,
-                                  doc="Non-GPU power (CPUs, fans, NICs, PSU losses) while the GPUs idle.")
+    overhead_idle_w: float = spec(
+        2000.0, unit="W", ge=0,
+        doc="Non-GPU power (CPUs, fans, NICs, PSU losses) while the GPUs idle. Default: an assumption (no "
+            "published DGX H100 idle measurement found; envs/data/server_power/README.md).")
+    standby_w: float = spec(
+        50.0, unit="W", ge=0,
+        doc="Power of a server that is off (BMC and PSU standby rails); at most `overhead_idle_w`. Default: "
+            "an assumption (no published DGX figure found).")
+    wake_latency_s: float = spec(
+        200.0, unit="s", ge=0, le=3600,
+        doc="Power-on to usable (firmware, OS, drivers) of a server that is off; its instances then load "
+            "their model. It draws its idle power meanwhile. Default: the 200 s setup time Gandhi et al. "
+            "(CMU, Intel Labs) measured on a rack server; for a DGX an assumption, likely a lower bound "
+            "(envs/data/server_power/README.md).")
 
 
 @dataclass(frozen=True)
@@ -240,6 +253,12 @@ class DatacenterSpec:
     saas_fraction: float = spec(
         1.0, ge=0, le=1,
         doc="Fraction of servers serving the LLM (the rest host IaaS VMs); at least one server.")
+    idle_to_off_s: float | None = spec(
+        200.0, unit="s", ge=0, le=86400,
+        doc="A server with no instance (serving or loading) and no VM for this long powers off (it then "
+            "draws `server.standby_w`; waking it takes `server.wake_latency_s`); null: servers never power "
+            "off. Default 200 s = the default wake latency: the break-even (ski-rental) rule, idle no longer "
+            "than a wake costs (envs/data/server_power/README.md).")
     pue: float = spec(
         DEFAULT_PUE, unit="x", ge=1, le=3,
         doc="Power usage effectiveness: facility energy (servers plus cooling and power delivery) / "
@@ -738,6 +757,16 @@ def _server_power_adds_up(s: Scenario, where: str) -> None:
         raise _fail(where, "datacenter.server.overhead_idle_w", sv.overhead_idle_w,
                     f"exceeds the non-GPU power at full load, max_power_w - gpus x gpu_tdp_w "
                     f"({sv.max_power_w - gpus_w:g} W)")
+
+
+@_cross_field
+def _standby_below_idle(s: Scenario, where: str) -> None:
+    """`server.standby_w` (a server that is off) is at most `server.overhead_idle_w` (one that idles)."""
+    sv = s.datacenter.server
+    if sv.standby_w > sv.overhead_idle_w:
+        raise _fail(where, "datacenter.server.standby_w", sv.standby_w,
+                    f"exceeds overhead_idle_w ({sv.overhead_idle_w:g} W): a server that is off draws "
+                    f"less than one that idles")
 
 
 @_cross_field

@@ -11,7 +11,7 @@ import numpy as np
 from llm_cluster_gym.envs.backend import Telemetry
 from llm_cluster_gym.envs.sim.faults import FaultSchedule
 from llm_cluster_gym.envs.sim.thermal import OutsideAir
-from llm_cluster_gym.envs.sim.throttle import RowPowerCapping, ThermalSlowdown
+from llm_cluster_gym.envs.sim.throttle import RowPowerCapping, ThermalSlowdown, read_only
 from llm_cluster_gym.envs.sim.topology import Topology
 from llm_cluster_gym.envs.sim.vms import VmPool
 
@@ -20,11 +20,12 @@ def assemble_telemetry(*, time_s: float, topo: Topology, faults: FaultSchedule, 
                        slowdown: ThermalSlowdown, capping: RowPowerCapping,
                        gpu_power_w: np.ndarray, gpu_temp_c: np.ndarray, row_power_w: np.ndarray,
                        inlet_c: np.ndarray, aisle_heat_w: np.ndarray,
-                       outside: OutsideAir) -> Telemetry:
+                       outside: OutsideAir, server_power_state: np.ndarray) -> Telemetry:
     """The telemetry at ``time_s``: the last tick's readings and the limits in force now.
 
     Row limits and aisle capacities are those in force now (for the next tick), consistent
-    with ``active_faults``; the last tick's own limits are in the tick record.
+    with ``active_faults``; the last tick's own limits are in the tick record. Server power
+    states are those of the last tick (a copy: the states move in place).
     """
     legal = vms.legal_servers() if vms.pending else np.zeros(topo.n_servers, dtype=bool)
     row_f, aisle_f = faults.factors(time_s, topo.n_rows, topo.n_aisles)
@@ -46,4 +47,5 @@ def assemble_telemetry(*, time_s: float, topo: Topology, faults: FaultSchedule, 
         active_faults=faults.active_names(time_s),
         pending_vm_power_w=vms.pending_power_w[0] if vms.pending else 0.0,
         legal_vm_servers=legal,
+        server_power_state=read_only(server_power_state.copy()),
     )

@@ -84,7 +84,8 @@ class RowPowerCapping:
         topo, gm, server = self.topo, self.gpu_model, self.server
         if self.any_capped:
             uncapped = gm.power_under_ceiling_w(dyn, gl, thermal_ceiling_mhz)
-            demand_w = topo.row_sum(pw.server_power_w(uncapped, server, gm.idle_power_w))
+            demand_w = topo.row_sum(pw.server_power_w(uncapped, server, gm.idle_power_w,
+                                                      gl.server_off))
         else:  # no row ceiling in force this tick: the demand is what the rows drew
             demand_w = row_w
         alpha = self.alpha
