@@ -30,11 +30,11 @@ SERVING_MODELS = ("request", "aggregate")
 
 def scenario(duration_s: float = 200.0, n_instances: int | None = None, drop_after_s: float = 60.0,
              rps_per_gpu: float | None = None) -> Scenario:
-    """`small` cut to `duration_s`, optionally with every pool at `n_instances` instances."""
+    """`small` cut to `duration_s`, optionally with every pool at `n_instances` TP-4 instances."""
     s = load_scenario("small")
     sv = dataclasses.replace(s.serving, drop_after_s=drop_after_s)
     if n_instances is not None:
-        sv = dataclasses.replace(sv, pools=tuple(dataclasses.replace(p, n_instances=n_instances)
+        sv = dataclasses.replace(sv, pools=tuple(dataclasses.replace(p, n_instances=n_instances, tp=4)
                                                  for p in sv.pools))
     w = s.workload if rps_per_gpu is None else dataclasses.replace(s.workload,
                                                                    rps_per_gpu=rps_per_gpu)
