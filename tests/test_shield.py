@@ -98,11 +98,12 @@ def _run(scenario, inner_kind: str, seed: int):
 )
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason=(
-    "Regression under the issue-17 physics, open: with a random inner policy the shield lets "
-    "two rows' 2 s average exceed their limit for 2 ticks without a limit drop (cooling failure, "
-    "seed 0, tick 257) and 55 requests are dropped; its row-power prediction takes the SaaS "
-    "GPUs' dynamic power from what it has seen, which instances that were loading (65-72 s for "
-    "the 70B shape now) have not shown yet. Same result with servers never powering off."))
+    "Regression under the issue-17 physics, open: with a random inner policy, re-sharded "
+    "instances come back from a ~65 s load (70B shape) to a backlog and every SaaS server of a "
+    "row jumps to prefill at the power limit in one tick (+7.2 kW per row, cooling failure, seed "
+    "0, tick 251); the shield's power bound comes from recently seen power and does not "
+    "anticipate it, so two rows' 2 s average exceeds the limit for 2 ticks before capping, and "
+    "55 requests are dropped. Same result with servers never powering off."))
 def test_shield_promise_under_random_policies_and_faults(kind, start_s, severity, target,
                                                          inner_kind, seed):
     magnitude = {"cooling_failure": 0.25 + 0.35 * severity,
