@@ -244,13 +244,17 @@ def test_shipped_coefficients_cover_every_gpu():
 
 
 @pytest.mark.slow
-def test_calibration_errors_meet_the_bar_in_sample_and_leave_one_model_out():
-    """The bench's figures (bench/fidelity_public.py): every median |error| at most 15% (about 15 min)."""
+def test_shipped_coefficients_reproduce_a_sample_of_the_calibration_runs():
+    """Every 4th ML.ENERGY v3 run (122, both GPUs) predicted with the shipped coefficients:
+    each metric's median |error| within the 15% bar. The full in-sample and leave-one-model-out
+    figures (all 488 runs, a refit per model family: about 15 minutes) are the job of
+    ``bench/fidelity_public.py``, whose last line reports them."""
     from llm_cluster_gym.envs.perf import calibration as cal
 
-    ev = cal.calibrate(cal.load_setups("v3"), loo=True)
-    assert len(ev.runs) >= 480
-    for which in ("in_sample", "loo"):
-        med = ev.median_abs(which)
-        for metric in cal.METRICS:
-            assert med[metric] <= 0.15, (which, metric, med[metric])
+    sample = cal.load_setups("v3")[::4]
+    ev = cal.predict_with(sample, cal.load_coefficients())
+    assert len(ev.runs) >= 115
+    assert {r.gpu_key for r in ev.runs} == {"h100", "b200"}
+    med = ev.median_abs("in_sample")
+    for metric in cal.METRICS:
+        assert med[metric] <= 0.15, (metric, med[metric])
