@@ -433,15 +433,26 @@ class Evaluation:
         return {m: float(np.median(np.abs(err[m][sel]))) for m in (*METRICS, "batch")}
 
 
+def _prepared(
+    setups: list[RunSetup],
+) -> tuple[dict[str, GpuSpec], list[RunSetup], list[RunSetup], dict[str, np.ndarray]]:
+    """GPU specs, prepared supported runs, unsupported runs, and measured metrics per run.
+
+    Shared by `calibrate` and `predict_with`.
+    """
+    gpus = load_gpus()
+    runs = prepare_setups(setups, gpus)
+    unsupported = [s for s in setups if s.unsupported]
+    measured = {m: np.array([r.measured()[m] for r in runs]) for m in (*METRICS, "batch")}
+    return gpus, runs, unsupported, measured
+
+
 def calibrate(
     setups: list[RunSetup], loo: bool = True, iterations: int = 40, progress: Any = None
 ) -> Evaluation:
     """Fit per GPU type, predict every run in sample and (optionally) leave-one-model-out."""
-    gpus = load_gpus()
-    runs = prepare_setups(setups, gpus)
-    unsupported = [s for s in setups if s.unsupported]
+    gpus, runs, unsupported, measured = _prepared(setups)
     n = len(runs)
-    measured = {m: np.array([r.measured()[m] for r in runs]) for m in (*METRICS, "batch")}
     ins = {m: np.full(n, np.nan) for m in (*METRICS, "batch")}
     out = {m: np.full(n, np.nan) for m in (*METRICS, "batch")}
     coeffs: dict[str, Coefficients] = {}
@@ -479,12 +490,8 @@ def calibrate(
 
 def predict_with(setups: list[RunSetup], coeffs: dict[str, Coefficients]) -> Evaluation:
     """Predictions for runs with given coefficients (no fitting; e.g. the v2 runs with v3's fit)."""
-    gpus = load_gpus()
-    runs = prepare_setups(setups, gpus)
-    unsupported = [s for s in setups if s.unsupported]
-    n = len(runs)
-    measured = {m: np.array([r.measured()[m] for r in runs]) for m in (*METRICS, "batch")}
-    pred = {m: np.full(n, np.nan) for m in (*METRICS, "batch")}
+    gpus, runs, unsupported, measured = _prepared(setups)
+    pred = {m: np.full(len(runs), np.nan) for m in (*METRICS, "batch")}
     for key in sorted({r.gpu_key for r in runs}):
         idx = [i for i, r in enumerate(runs) if r.gpu_key == key]
         p = Batch([runs[i] for i in idx], gpus[key]).predict(coeffs[key])
