@@ -257,7 +257,8 @@ class ServerPowerSpec:
         gpus: GPUs per server.
         max_power_w: Server nameplate power (DGX H100 datasheet: 10.2 kW).
         gpu_tdp_w: GPU TDP (700 W for H100 SXM).
-        overhead_idle_w: Non-GPU power at idle GPUs (modelling assumption of the scenario).
+        overhead_idle_w: Non-GPU power at idle GPUs (DGX H100: 1,624 W, measured; see
+            envs/data/server_power/README.md).
         standby_w: Power of a server that is off (BMC and PSU standby).
         wake_latency_s: Power-on to usable of a server that is off (its instances then load).
         idle_to_off_s: Idle time after which a server powers off; None: servers never power off.

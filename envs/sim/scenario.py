@@ -178,10 +178,15 @@ class ServerSpec:
     """A GPU server: its GPUs, the power of everything that is not a GPU, and its power states.
 
     Defaults: NVIDIA DGX H100 datasheet (8x H100 SXM, 10.2 kW max system power; also
-    splitwise-sim `configs/hardware_repo/skus/dgx-h100.yaml`, tdp 10200). The non-GPU share at full
-    load is 10,200 - 8 x 700 = 4,600 W. No published measurement of a DGX H100's idle, standby or
-    boot figures was found, so `overhead_idle_w`, `standby_w` and `wake_latency_s` are marked
-    assumptions, with the nearest published anchors (`envs/data/server_power/README.md`).
+    splitwise-sim `configs/hardware_repo/skus/dgx-h100.yaml`, tdp 10200). `overhead_idle_w` is
+    measured: NVIDIA's MLPerf Inference Power submissions of a DGX H100 (v3.1 and v4.0, closed,
+    `DGX-H100_H100-SXM-80GBx8_TRT_MaxQ`) record the whole system's wall power at about 2,200 W
+    before the benchmark starts, with the GPUs idle and no CUDA context; less 8 x 72 W of bare-idle
+    GPUs (`envs/data/gpus.json`) that leaves 1,624 W. The non-GPU share at full load is the
+    nameplate's, 10,200 - 8 x 700 = 4,600 W; the same measurements (and an 8-GPU H100 node's 8.4 kW
+    maximum while training) put it nearer 2.8 kW, so the model overstates a busy server's power
+    (`envs/data/server_power/README.md`). No published DGX standby power or boot time was found:
+    `standby_w` and `wake_latency_s` stay assumptions, with the nearest published anchors.
     """
 
     gpus: int = spec(8, doc="GPUs per server.", ge=1, le=72)
@@ -190,19 +195,21 @@ class ServerSpec:
     gpu_tdp_w: float = spec(700.0, unit="W", gt=0, le=2000,
                             doc="Nameplate power of one GPU; at least the profile's GPU power limit.")
     overhead_idle_w: float = spec(
-        2000.0, unit="W", ge=0,
-        doc="Non-GPU power (CPUs, fans, NICs, PSU losses) while the GPUs idle. Default: an assumption (no "
-            "published DGX H100 idle measurement found; envs/data/server_power/README.md).")
+        1624.0, unit="W", ge=0,
+        doc="Non-GPU power (CPUs, memory, NVSwitches, NICs, fans, PSU losses) while the GPUs idle. Default: "
+            "measured, a DGX H100's wall power with idle GPUs (about 2,200 W, NVIDIA's MLPerf Inference "
+            "v3.1/v4.0 Power submissions) less 8 x 72 W of bare-idle H100s "
+            "(envs/data/server_power/README.md).")
     standby_w: float = spec(
         50.0, unit="W", ge=0,
         doc="Power of a server that is off (BMC and PSU standby rails); at most `overhead_idle_w`. Default: "
-            "an assumption (no published DGX figure found).")
+            "an assumption (no published DGX figure found; envs/data/server_power/README.md).")
     wake_latency_s: float = spec(
         200.0, unit="s", ge=0, le=3600,
         doc="Power-on to usable (firmware, OS, drivers) of a server that is off; its instances then load "
             "their model. It draws its idle power meanwhile. Default: the 200 s setup time Gandhi et al. "
-            "(CMU, Intel Labs) measured on a rack server; for a DGX an assumption, likely a lower bound "
-            "(envs/data/server_power/README.md).")
+            "(CMU, Intel Labs) measured on a rack server; for a DGX an assumption, likely a lower bound (no "
+            "published DGX H100 boot time found; envs/data/server_power/README.md).")
 
 
 @dataclass(frozen=True)
@@ -257,8 +264,8 @@ class DatacenterSpec:
         200.0, unit="s", ge=0, le=86400,
         doc="A server with no instance (serving or loading) and no VM for this long powers off (it then "
             "draws `server.standby_w`; waking it takes `server.wake_latency_s`); null: servers never power "
-            "off. Default 200 s = the default wake latency: the break-even (ski-rental) rule, idle no longer "
-            "than a wake costs (envs/data/server_power/README.md).")
+            "off. Default 200 s, about the default wake latency: the break-even (ski-rental) rule, idle no "
+            "longer than a wake costs (200 s x 2,200 W / 2,150 W = 205 s; envs/data/server_power/README.md).")
     pue: float = spec(
         DEFAULT_PUE, unit="x", ge=1, le=3,
         doc="Power usage effectiveness: facility energy (servers plus cooling and power delivery) / "
