@@ -35,7 +35,7 @@ class DynamoController(RuleBasedController):
         ctx: Static description of the env.
         slo_margin: Predicted latency must stay below this fraction of the SLO.
         peak_headroom: Multiplier on the forecast peak when sizing instances.
-        min_saving: Fraction of dynamic power a new instance/TP layout must save to be adopted.
+        min_saving: Fraction of the servers' power a new instance/TP layout must save to be adopted.
         rate_source: Optional callable ``(step) -> rate per pool (req/s)`` replacing the
             forecast (the hindsight oracle passes the true future rates).
     """
@@ -71,7 +71,7 @@ class DynamoController(RuleBasedController):
     # ------------------------------------------------------------------ model helpers
     def _freq_table(self, p: int, tp_i: int, servers: np.ndarray, rate: float
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per server count: feasible?, cheapest feasible frequency index, dynamic power (W)."""
+        """Per server count: feasible?, cheapest feasible frequency index, power of its servers (W)."""
         ctx, lay = self.ctx, self.ctx.layout
         tp = int(self.tps[tp_i])
         prof = ctx.profiles[tp]
@@ -83,8 +83,13 @@ class DynamoController(RuleBasedController):
             st.mean_input_all)
         ok = (pred.feasible & (pred.ttft_s <= self.slo_margin * lay.slo_ttft_s[p])
               & (pred.tbt_s <= self.slo_margin * lay.slo_tbt_s[p]))
-        dyn = pred.pool_power_w - n_inst[:, None] * tp * prof.idle_power_w
-        cost = np.where(ok, dyn, np.inf)
+        # The whole power of the servers the pool holds (GPUs, idle ones included, plus the
+        # non-GPU power): a server the pool gives back powers off, so fewer, busier servers
+        # win whenever they meet the SLO (DynamoLLM's scale-in; its GPU-hour saving).
+        gpus = lay.gpus_per_server
+        server_w = ctx.server.server_power_w(gpus * pred.gpu_power_w, prof.idle_power_w)
+        power = np.asarray(servers, dtype=float)[:, None] * server_w
+        cost = np.where(ok, power, np.inf)
         f_idx = np.argmin(cost, axis=1)
         feasible = ok.any(axis=1)
         return feasible, f_idx, cost[np.arange(len(servers)), f_idx]

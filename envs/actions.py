@@ -46,6 +46,10 @@ class InvalidActionError(ValueError):
     """An action outside the space, with NaN or non-integer entries, or not representable."""
 
 
+MAX_SHARE_LEVELS = 32
+"""Most levels of a pool's server share (the action's first pool dimension has K + 1 values)."""
+
+
 def _share_order(levels: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
     """Sort key of the canonical order of share vectors.
 
@@ -71,8 +75,13 @@ class ActionCodec:
 
     @property
     def share_levels(self) -> int:
-        """Levels of the per-pool server share (K)."""
-        return max(1, min(8, self.n_saas_servers))
+        """Levels of the per-pool server share (K): one per server up to `MAX_SHARE_LEVELS`.
+
+        Fine enough that a 128-server cluster moves in steps of four servers (DynamoLLM
+        resizes pools instance by instance); coarse enough that the joint split search of the
+        energy manager stays small (C(K + pools, pools) splits).
+        """
+        return max(1, min(MAX_SHARE_LEVELS, self.n_saas_servers))
 
     @property
     def has_pools(self) -> bool:

@@ -32,6 +32,7 @@ from llm_cluster_gym.scripts import (
     compare_profiles,
     deploy,
     derive_slos,
+    dynamo_week,
     evaluate,
     fetch_traces,
     fit_thermal,
@@ -93,6 +94,8 @@ COMMANDS: tuple[Command, ...] = (
             "A scenario's latency SLOs derived from the physics"),
     Command("fetch-traces", fetch_traces.FetchTracesArgs, fetch_traces.run,
             "Download the 2024 week-long Azure traces (resumable)"),
+    Command("dynamo-week", dynamo_week.WeekArgs, dynamo_week.run,
+            "Energy policies on held-out days of the 2024 week, with CIs"),
 )
 """Every subcommand, in the order ``llm-cluster --help`` lists them (summaries fit one line)."""
 
@@ -104,6 +107,7 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("llm_cluster_gym.controllers.live.exporter", "MetricsPortError"),
     ("llm_cluster_gym.envs.sim.scenario", "ScenarioError"),
     ("llm_cluster_gym.envs.sim.workload", "TraceError"),
+    ("llm_cluster_gym.scripts.dynamo_week", "WeekEvalError"),
     ("llm_cluster_gym.envs.sim.profiles", "ProfileError"),
     ("llm_cluster_gym.envs.sim.thermal", "ThermalError"),
     ("llm_cluster_gym.agents.checkpoint", "CheckpointError"),

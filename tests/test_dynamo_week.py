@@ -1,0 +1,137 @@
+"""The DynamoLLM week evaluation (scripts/dynamo_week.py): protocol, provisioning, statistics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from llm_cluster_gym.controllers.context import ControllerContext
+from llm_cluster_gym.envs.sim.scenario import load_scenario
+from llm_cluster_gym.scripts import dynamo_week as week
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_scenario("dynamo_week")
+
+
+@pytest.fixture(scope="module")
+def provisioner(base):
+    return week.Provisioner(ControllerContext.from_env(week.make_env(base)))
+
+
+def test_day_sets_never_overlap():
+    sets = [set(week.TRAIN_DAYS), set(week.VALIDATION_DAYS), set(week.TEST_DAYS)]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert set().union(*sets) == set(range(7))
+
+
+def test_day_scenario_starts_burn_in_before_midnight_and_wraps_the_week(base):
+    s = week.day_scenario(base, 2, 1800.0)
+    assert s.workload.start_s == 2 * week.DAY_S - 1800.0
+    assert s.duration_s == week.DAY_S + 1800.0
+    sunday = week.day_scenario(base, 0, 1800.0, 3600.0)
+    assert sunday.workload.start_s == week.WEEK_S - 1800.0  # Saturday's last half hour
+    assert sunday.duration_s == 3600.0 + 1800.0
+    with pytest.raises(week.WeekEvalError, match="days: 7"):
+        week.day_scenario(base, 7, 0.0)
+
+
+def test_servers_needed_grows_with_the_rate_and_fails_beyond_the_cluster(provisioner):
+    lay = provisioner.ctx.layout
+    needs = [provisioner.servers_needed(2, 8, lay.max_freq_mhz, r) for r in (0.0, 20.0, 60.0, 120.0)]
+    assert needs[0] == 0
+    assert all(a <= b for a, b in zip(needs, needs[1:]))
+    assert needs[-1] > needs[1]
+    assert provisioner.servers_needed(2, 8, lay.max_freq_mhz, 1e5) is None
+
+
+def test_slower_clock_needs_at_least_as_many_servers(provisioner):
+    lay = provisioner.ctx.layout
+    fast = provisioner.servers_needed(1, 8, lay.max_freq_mhz, 80.0)
+    slow = provisioner.servers_needed(1, 8, min(lay.freq_choices_mhz), 80.0)
+    assert slow is None or slow >= fast
+
+
+def test_executable_split_covers_the_need_and_the_codec_runs_it(provisioner):
+    codec = provisioner.ctx.codec
+    split = provisioner.executable([5, 17, 40])
+    assert np.all(split >= [5, 17, 40])
+    assert any(np.array_equal(split, row) for row in codec.server_splits())
+    assert split.sum() <= codec.n_saas_servers
+    with pytest.raises(week.WeekEvalError, match="provisioning"):
+        provisioner.executable([100, 100, 100])
+
+
+def test_best_fixed_layout_is_sized_for_the_peak_of_the_rates(provisioner, base):
+    rates = np.array([[20.0, 40.0, 60.0], [30.0, 60.0, 90.0], [10.0, 20.0, 30.0]])
+    pools = provisioner.best_fixed_layout(rates, 300.0, base.serving.pools)
+    gpus = provisioner.ctx.layout.gpus_per_server
+    for p, spec in enumerate(pools):
+        servers = spec.n_instances * spec.tp // gpus
+        assert servers >= provisioner.servers_needed(p, spec.tp, spec.freq_mhz, rates[:, p].max())
+        assert spec.slo_ttft_s == base.serving.pools[p].slo_ttft_s
+    # The peak-sized TP8 layout at the maximum clock costs at least as much over these rates.
+    peak = provisioner.peak_layout(rates.max(axis=0), base.serving.pools)
+    energy = sum(provisioner.server_power_w(p, s.tp, s.freq_mhz, s.n_instances * s.tp // gpus,
+                                            rates[:, p]).sum() for p, s in enumerate(pools))
+    energy_peak = sum(provisioner.server_power_w(p, s.tp, s.freq_mhz, s.n_instances * s.tp // gpus,
+                                                 rates[:, p]).sum() for p, s in enumerate(peak))
+    assert energy <= energy_peak * (1 + 1e-9) or any(
+        a.n_instances * a.tp != b.n_instances * b.tp for a, b in zip(pools, peak))
+
+
+def test_single_pool_scenario_has_one_pool_with_a_derived_slo(base):
+    s = week.single_pool_scenario(base)
+    assert s.workload.pools == "single"
+    assert len(s.serving.pools) == 1
+    # One SLO for every request: the P90 prompt of all requests sits between the S and L pools'.
+    slos = [p.slo_ttft_s for p in base.serving.pools]
+    assert min(slos) < s.serving.pools[0].slo_ttft_s < max(slos)
+
+
+def test_mean_ci95_matches_the_t_interval():
+    mean, half = week.mean_ci95([1.0, 2.0, 3.0])
+    assert mean == pytest.approx(2.0)
+    assert half == pytest.approx(4.302652729911275 * 1.0 / np.sqrt(3))
+    one_mean, one_half = week.mean_ci95([5.0])
+    assert one_mean == 5.0 and np.isnan(one_half)
+
+
+def test_evaluate_week_rejects_training_days_and_a_missing_baseline():
+    with pytest.raises(week.WeekEvalError, match="training or validation"):
+        week.evaluate_week(week.WeekArgs(days=(1,)))
+    with pytest.raises(week.WeekEvalError, match="single_pool"):
+        week.evaluate_week(week.WeekArgs(policies=("static",)))
+    with pytest.raises(week.WeekEvalError, match="hours"):
+        week.evaluate_week(week.WeekArgs(hours=0.1))
+
+
+def test_short_day_runs_every_policy_and_pairs_savings(tmp_path):
+    args = week.WeekArgs(days=(2,), seeds=(0,), hours=0.5, burn_in_s=300.0, out=str(tmp_path / "w"),
+                         policies=week.POLICIES)
+    runs, table = week.evaluate_week(args)
+    assert {r.policy for r in runs} == set(week.POLICIES)
+    assert table["single_pool"]["energy_kwh_saving"][0] == 0.0
+    for r in runs:
+        assert r.summary["duration_s"] == pytest.approx(1800.0)
+        assert 0.0 <= r.summary["slo_attainment"] <= 1.0
+        assert np.all(r.servers_powered <= 128)
+    fixed = {r.policy: r for r in runs}
+    # The fixed layouts hold exactly the servers they were sized for (the rest power off).
+    assert fixed["static"].servers_powered.max() == sum(
+        int(part.split()[0]) for part in fixed["static"].layout.split(" | "))
+    path = week.write_report(args, runs, table, tmp_path / "w", "test")
+    data = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert data["headline"]["days"] == 1 and path.exists() and (tmp_path / "w" / "day.png").exists()
+
+
+def test_cli_rejects_a_training_day_with_one_line_and_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "llm_cluster_gym", "dynamo-week", "--days", "3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "days" in proc.stderr
