@@ -55,7 +55,7 @@ class TapasController(RuleBasedController):
         self.floor_idx = min(2, self.n_f - 1)
         # Power a server adds per W of GPU power (GPU + overhead that follows GPU load).
         s = ctx.server
-        self.overhead_per_gpu_w = (s.max_power_w - s.gpus * s.gpu_tdp_w - s.overhead_idle_w) / (
+        self.overhead_per_gpu_w = (s.overhead_full_load_w - s.overhead_idle_w) / (
             s.gpus * (s.gpu_tdp_w - ctx.profiles[lay.tp_choices[0]].idle_power_w))
         self.reset()
 

@@ -262,6 +262,9 @@ class ServerPowerSpec:
         standby_w: Power of a server that is off (BMC and PSU standby).
         wake_latency_s: Power-on to usable of a server that is off (its instances then load).
         idle_to_off_s: Idle time after which a server powers off; None: servers never power off.
+        overhead_max_w: Non-GPU power with the GPUs at TDP (DGX H100: 2,780 W, measured; see
+            envs/data/server_power/README.md); None: the nameplate's remainder,
+            ``max_power_w - gpus * gpu_tdp_w``.
     """
 
     gpus: int
@@ -271,14 +274,21 @@ class ServerPowerSpec:
     standby_w: float = 0.0
     wake_latency_s: float = 0.0
     idle_to_off_s: float | None = None
+    overhead_max_w: float | None = None
+
+    @property
+    def overhead_full_load_w(self) -> float:
+        """Non-GPU power with the GPUs at TDP (`overhead_max_w`, else the nameplate's remainder)."""
+        if self.overhead_max_w is not None:
+            return float(self.overhead_max_w)
+        return self.max_power_w - self.gpus * self.gpu_tdp_w
 
     def server_power_w(self, gpu_sum_w: np.ndarray | float, idle_gpu_w: float) -> np.ndarray:
         """Server power for a total GPU power (same linear overhead as the simulator's)."""
         g = np.asarray(gpu_sum_w, dtype=float)
         load = np.clip((g - self.gpus * idle_gpu_w) / (self.gpus * (self.gpu_tdp_w - idle_gpu_w)),
                        0.0, 1.0)
-        over_max = self.max_power_w - self.gpus * self.gpu_tdp_w
-        return g + self.overhead_idle_w + (over_max - self.overhead_idle_w) * load
+        return g + self.overhead_idle_w + (self.overhead_full_load_w - self.overhead_idle_w) * load
 
 
 @dataclass(frozen=True)

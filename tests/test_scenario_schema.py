@@ -170,6 +170,8 @@ ISSUE_CASES = [
     ("small", "datacenter.server.gpu_tdp_w", 300, "datacenter.server.gpu_tdp_w", "power limit"),
     ("small", "datacenter.server.overhead_idle_w", 5000, "datacenter.server.overhead_idle_w", "full load"),
     ("small", "datacenter.server.max_power_w", 5000, "datacenter.server.max_power_w", "gpus x gpu_tdp_w"),
+    ("small", "datacenter.server.max_power_w", 7000, "datacenter.server.overhead_max_w", "nameplate"),
+    ("small", "datacenter.server.overhead_max_w", 1000, "datacenter.server.overhead_idle_w", "full load"),
     ("small", "datacenter.cooling.supply_temp_c", 120, "datacenter.cooling.supply_temp_c", "[0, 80]"),
     ("small", "vms.arrivals_per_hour", 10, "vms.arrivals_per_hour", "no server hosts VMs"),
     ("small", "random_faults.kinds", ["fire"], "random_faults.kinds[0]", "one of"),

@@ -9,17 +9,20 @@ every server powered: the simulator's arithmetic from before power states existe
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from llm_cluster_gym.envs.backend import SERVER_POWER_STATES, ClusterAction, PoolConfig
+from llm_cluster_gym.envs.backend import SERVER_POWER_STATES, ClusterAction, PoolConfig, ServerPowerSpec
 from llm_cluster_gym.envs.sim import power as pw
 from llm_cluster_gym.envs.sim.cluster import SimCluster
 from llm_cluster_gym.envs.sim.instances import InstanceTable, packed_first_slots
 from llm_cluster_gym.envs.sim.scenario import Scenario, ScenarioError, load_scenario
 from llm_cluster_gym.envs.sim.server_power import IDLE, OFF, SERVING, WAKING, ServerPowerStates
 
+ROOT = Path(__file__).resolve().parents[1]
 SERVING_MODELS = ("request", "aggregate")
 INTERVAL_S = 5.0
 
@@ -231,6 +234,31 @@ def test_description_and_capping_see_the_power_states():
     np.testing.assert_array_equal(some[off], 40.0)
 
 
+def test_server_draws_measured_non_gpu_power_at_idle_and_full_load():
+    """Idle GPUs: gpus x idle + `overhead_idle_w`; GPUs at TDP: gpus x TDP + `overhead_max_w`."""
+    c = SimCluster(small(None))
+    spec = c.scenario.datacenter.server
+    assert (spec.overhead_idle_w, spec.overhead_max_w) == (1624.0, 2780.0)  # DGX H100, measured
+    idle_w = c.gpu_model.idle_power_w
+    g, n = spec.gpus, c.topo.n_servers
+    cases = [(np.full(c.topo.n_gpus, idle_w), g * idle_w + spec.overhead_idle_w),
+             (np.full(c.topo.n_gpus, spec.gpu_tdp_w), g * spec.gpu_tdp_w + spec.overhead_max_w)]
+    srv = c.describe().server
+    assert srv.overhead_max_w == spec.overhead_max_w
+    for gpu_w, want_w in cases:
+        np.testing.assert_allclose(pw.server_power_w(gpu_w, spec, idle_w), np.full(n, want_w))
+        np.testing.assert_allclose(srv.server_power_w(gpu_w[:g].sum(), idle_w), want_w)
+    # Full load stays below the nameplate (10.2 kW): 8 x 700 + 2,780 = 8,380 W.
+    assert g * spec.gpu_tdp_w + spec.overhead_max_w < spec.max_power_w
+
+
+def test_server_power_spec_without_overhead_max_is_the_nameplate_remainder():
+    """`ServerPowerSpec` built without `overhead_max_w` keeps the nameplate's non-GPU share."""
+    srv = ServerPowerSpec(8, 10200.0, 700.0, 1624.0)
+    assert srv.overhead_full_load_w == 10200.0 - 8 * 700.0
+    np.testing.assert_allclose(srv.server_power_w(8 * 700.0, 72.0), 10200.0)
+
+
 # ---------------------------------------------------------------------------- placement
 
 
@@ -314,6 +342,25 @@ def test_state_machine_timers():
 def test_schema_refuses_bad_power_state_fields(server, field):
     with pytest.raises(ScenarioError, match=field.replace(".", r"\.")):
         small(20.0, **server)
+
+
+@pytest.mark.parametrize(("server", "field", "why"), [
+    ({"overhead_max_w": 1000.0}, "overhead_idle_w", "exceeds overhead_max_w (1000 W)"),
+    ({"max_power_w": 7000.0}, "overhead_max_w", "max_power_w - gpus x gpu_tdp_w (1400 W)"),
+    ({"overhead_max_w": 4601.0}, "overhead_max_w", "(4600 W)"),
+])
+def test_schema_refuses_overhead_max_outside_idle_and_nameplate(tmp_path, server, field, why):
+    """`overhead_idle_w <= overhead_max_w <= max_power_w - gpus x gpu_tdp_w`, else one clear line."""
+    data = yaml.safe_load((ROOT / "envs/scenarios/small.yaml").read_text())
+    data["datacenter"]["server"] = {**data["datacenter"].get("server", {}), **server}
+    file = tmp_path / "bad.yaml"
+    file.write_text(yaml.safe_dump(data))
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(file)
+    msg = str(info.value)
+    assert msg.startswith(f"{file}: field 'datacenter.server.{field}' = "), msg
+    assert why in msg and "\n" not in msg, msg
+    assert load_scenario("small_b200").datacenter.server.overhead_max_w == 3580.0
 
 
 def test_schema_refuses_negative_idle_to_off_and_accepts_null():

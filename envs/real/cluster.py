@@ -561,7 +561,9 @@ class RealCluster:
             prof = load_profile(REAL_PROFILE)
             self._description = BackendDescription(
                 layout=lay,
-                server=ServerPowerSpec(n, n * lay.gpu_power_limit_w, lay.gpu_power_limit_w, 0.0),
+                # GPU power only: the node's non-GPU power is not metered (0 W idle and at full load).
+                server=ServerPowerSpec(n, n * lay.gpu_power_limit_w, lay.gpu_power_limit_w, 0.0,
+                                       overhead_max_w=0.0),
                 thermal=ThermalParams.load(),
                 pool_stats=stats,
                 profiles_by_tp={tp: prof for tp in lay.tp_choices},

@@ -588,7 +588,7 @@ def _scenario(duration_s: float, slo_ttft_s: float, slo_tbt_s: float, inlet_c: f
             rows=1, racks_per_row=1, servers_per_rack=1, rows_per_aisle=1,
             # A one-GPU "server": its non-GPU power is irrelevant here (GPU power is compared).
             server=ServerSpec(gpus=1, max_power_w=1400.0, gpu_tdp_w=700.0, overhead_idle_w=1.0,
-                              standby_w=0.0),
+                              overhead_max_w=700.0, standby_w=0.0),
             idle_to_off_s=None,  # the measured GPU was never powered off
             cooling=CoolingSpec(supply_temp_c=inlet_c, outside_temp_coeff=0.0,
                                 overload_c_per_frac=0.0, tau_inlet_s=300.0),

@@ -26,7 +26,8 @@ def describe_sim(cluster: SimCluster) -> BackendDescription:
     return BackendDescription(
         layout=cluster.layout,
         server=ServerPowerSpec(spec.gpus, spec.max_power_w, spec.gpu_tdp_w, spec.overhead_idle_w,
-                               spec.standby_w, spec.wake_latency_s, s.datacenter.idle_to_off_s),
+                               spec.standby_w, spec.wake_latency_s, s.datacenter.idle_to_off_s,
+                               spec.overhead_max_w),
         thermal=cluster.thermal,
         pool_stats=trace_pool_stats(s.workload.trace, s.workload.pools),
         profiles_by_tp=dict(cluster.tp_profiles),

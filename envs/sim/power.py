@@ -126,16 +126,15 @@ def server_power_w(gpu_power_w: np.ndarray, spec: ServerSpec, idle_gpu_w: float,
                    server_off: np.ndarray | None = None) -> np.ndarray:
     """Server power: its GPUs plus CPUs, fans, NICs and PSU losses that follow GPU load.
 
-    The non-GPU part rises linearly from `overhead_idle_w` (GPUs idle) to
-    `max_power_w - gpus * gpu_tdp_w` (GPUs at TDP). A server that is off (``server_off``) draws
-    its `standby_w` alone.
+    The non-GPU part rises linearly from `overhead_idle_w` (GPUs idle) to `overhead_max_w`
+    (GPUs at TDP; measured, below the nameplate's remainder `max_power_w - gpus * gpu_tdp_w`). A
+    server that is off (``server_off``) draws its `standby_w` alone.
     """
     per_server = gpu_power_w.reshape(-1, spec.gpus)
     gpu_w = per_server.sum(axis=1)
     load = np.clip((gpu_w - spec.gpus * idle_gpu_w) / (spec.gpus * (spec.gpu_tdp_w - idle_gpu_w)),
                    0.0, 1.0)
-    overhead_max_w = spec.max_power_w - spec.gpus * spec.gpu_tdp_w
-    srv_w = gpu_w + spec.overhead_idle_w + (overhead_max_w - spec.overhead_idle_w) * load
+    srv_w = gpu_w + spec.overhead_idle_w + (spec.overhead_max_w - spec.overhead_idle_w) * load
     if server_off is not None:
         srv_w = np.where(server_off, spec.standby_w, srv_w)
     return srv_w

@@ -182,10 +182,13 @@ class ServerSpec:
     measured: NVIDIA's MLPerf Inference Power submissions of a DGX H100 (v3.1 and v4.0, closed,
     `DGX-H100_H100-SXM-80GBx8_TRT_MaxQ`) record the whole system's wall power at about 2,200 W
     before the benchmark starts, with the GPUs idle and no CUDA context; less 8 x 72 W of bare-idle
-    GPUs (`envs/data/gpus.json`) that leaves 1,624 W. The non-GPU share at full load is the
-    nameplate's, 10,200 - 8 x 700 = 4,600 W; the same measurements (and an 8-GPU H100 node's 8.4 kW
-    maximum while training) put it nearer 2.8 kW, so the model overstates a busy server's power
-    (`envs/data/server_power/README.md`). No published DGX standby power or boot time was found:
+    GPUs (`envs/data/gpus.json`) that leaves 1,624 W. `overhead_max_w` (non-GPU power with the GPUs
+    at full load) is measured too: the same submissions' Llama-2-70B Offline run at 450 W GPU caps
+    (5,920 W whole system) extrapolated linearly to 700 W GPUs gives 2,780 W, and an 8-GPU H100
+    node's 8.4 kW maximum while training (Latif et al., arXiv:2412.08602) less 8 x 700 W gives
+    2,800 W; the nameplate's remainder, 10,200 - 8 x 700 = 4,600 W, overstates a busy server by
+    1.8 kW (`envs/data/server_power/README.md`). `max_power_w` stays the nameplate rows are
+    provisioned for. No published DGX standby power or boot time was found:
     `standby_w` and `wake_latency_s` stay assumptions, with the nearest published anchors.
     """
 
@@ -200,6 +203,15 @@ class ServerSpec:
             "measured, a DGX H100's wall power with idle GPUs (about 2,200 W, NVIDIA's MLPerf Inference "
             "v3.1/v4.0 Power submissions) less 8 x 72 W of bare-idle H100s "
             "(envs/data/server_power/README.md).")
+    overhead_max_w: float = spec(
+        2780.0, unit="W", ge=0,
+        doc="Non-GPU power with every GPU at `gpu_tdp_w`; the non-GPU power rises linearly with GPU load "
+            "from `overhead_idle_w`. At least `overhead_idle_w`, at most `max_power_w - gpus x gpu_tdp_w` "
+            "(the nameplate's remainder; set it to that for the simulator's behaviour before this field). "
+            "Default: measured for a DGX H100, NVIDIA's MLPerf Inference v4.0 Power llama2-70b Offline run "
+            "(5,920 W whole system at 450 W GPU caps) extrapolated to 700 W GPUs: 2,780 W; Latif et al. "
+            "(arXiv:2412.08602) measured about 8.4 kW for an 8x H100 node at full utilization, 2,800 W "
+            "less the GPUs (envs/data/server_power/README.md).")
     standby_w: float = spec(
         50.0, unit="W", ge=0,
         doc="Power of a server that is off (BMC and PSU standby rails); at most `overhead_idle_w`. Default: "
@@ -754,16 +766,20 @@ def _episode_fits_memory(s: Scenario, where: str) -> None:
 
 @_cross_field
 def _server_power_adds_up(s: Scenario, where: str) -> None:
-    """`max_power_w` exceeds `gpus x gpu_tdp_w`, and `overhead_idle_w` is at most the difference."""
+    """`max_power_w` exceeds `gpus x gpu_tdp_w`; `overhead_idle_w` <= `overhead_max_w` <= the difference."""
     sv = s.datacenter.server
     gpus_w = sv.gpus * sv.gpu_tdp_w
     if gpus_w >= sv.max_power_w:
         raise _fail(where, "datacenter.server.max_power_w", sv.max_power_w,
                     f"must exceed gpus x gpu_tdp_w ({gpus_w:g} W)")
-    if sv.overhead_idle_w > sv.max_power_w - gpus_w:
+    if sv.overhead_max_w > sv.max_power_w - gpus_w:
+        raise _fail(where, "datacenter.server.overhead_max_w", sv.overhead_max_w,
+                    f"exceeds the nameplate's non-GPU share, max_power_w - gpus x gpu_tdp_w "
+                    f"({sv.max_power_w - gpus_w:g} W); set overhead_max_w (non-GPU power at full load) "
+                    f"for this server")
+    if sv.overhead_idle_w > sv.overhead_max_w:
         raise _fail(where, "datacenter.server.overhead_idle_w", sv.overhead_idle_w,
-                    f"exceeds the non-GPU power at full load, max_power_w - gpus x gpu_tdp_w "
-                    f"({sv.max_power_w - gpus_w:g} W)")
+                    f"exceeds overhead_max_w ({sv.overhead_max_w:g} W), the non-GPU power at full load")
 
 
 @_cross_field
