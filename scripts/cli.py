@@ -62,7 +62,8 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("main", evaluate.MainArgs, evaluate.run, "Main job (./run-main.sh): evaluate shipped agents"),
+    Command("main", evaluate.MainArgs, evaluate.run_main,
+            "Main job (./run-main.sh): the week comparison, then the agents"),
     Command("simulate", simulate.SimulateArgs, simulate.run, "Simulate a scenario, write a report"),
     Command("compare", compare.CompareArgs, compare.run, "Compare controllers on a scenario over seeds"),
     Command("evaluate", evaluate.EvaluateArgs, evaluate.run, "Evaluate checkpoints against the baselines"),

@@ -55,14 +55,42 @@ class EvaluateArgs:
 
 @dataclass
 class MainArgs(EvaluateArgs):
-    """The main job (./run-main.sh): evaluate the shipped agents against the baselines.
+    """The main job (./run-main.sh): the DynamoLLM week comparison, then the shipped agents.
 
-    The energy agent (DynamoLLM task) against static, the DynamoLLM-style manager and the
+    First the energy policies on one held-out day of the 2024 conversation week on the
+    1,024-GPU `dynamo_week` scenario (SinglePool, MultiPool static, the best fixed per-pool
+    configuration and the DynamoLLM-style manager; `llm-cluster dynamo-week`, a few minutes on
+    the aggregate model; `bench/dynamo_week.py` runs every test day and two seeds). Then the
+    energy agent (DynamoLLM task) against static, the DynamoLLM-style manager and the
     hindsight oracle, and the thermal agent (TAPAS task, at 1.6x oversubscription) against the
     unaware and TAPAS-style baselines, each inside the safety shield and raw, on held-out trace
     windows, three seeds, request-level model; prints the tables and writes
-    `reports/evaluation/report.md` with its plots. The options are those of `evaluate`.
+    `reports/evaluation/report.md` with its plots. The other options are those of `evaluate`.
     """
+
+    week_day: int = 2
+    """Held-out day of the week comparison (0 = Sunday; a test day: 0, 2 or 5)."""
+    week_out: str = "reports/dynamo-week"
+    """Where the week comparison's report goes."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from llm_cluster_gym.scripts.dynamo_week import TEST_DAYS
+
+        if self.week_day not in TEST_DAYS:
+            raise UsageError(f"--week-day: {self.week_day} is not a held-out test day {list(TEST_DAYS)}")
+        check_output_folder(self.week_out)
+
+
+def run_main(args: MainArgs, command: str = "llm-cluster main") -> int:
+    """The main job: the week comparison on one held-out day, then the agents' evaluation."""
+    from llm_cluster_gym.scripts import dynamo_week
+
+    print(f"## DynamoLLM week: held-out day {dynamo_week.DAY_NAMES[args.week_day]}, seed 0, "
+          "aggregate model (llm-cluster dynamo-week)\n")
+    dynamo_week.run(dynamo_week.WeekArgs(days=(args.week_day,), seeds=(0,), out=args.week_out), command)
+    evaluate_args = EvaluateArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateArgs)})
+    return run(evaluate_args, command)
 
 
 def run(args: EvaluateArgs, command: str = "llm-cluster evaluate") -> int:

@@ -105,9 +105,13 @@ def test_calibrate_has_record_and_fit(capsys):
     assert "record" in out and "fit" in out
 
 
-def test_main_is_evaluate_with_its_defaults():
-    assert dataclasses.asdict(MainArgs()) == dataclasses.asdict(EvaluateArgs())
+def test_main_is_evaluate_with_its_defaults_plus_the_week_day():
+    main_args = dataclasses.asdict(MainArgs())
+    evaluate_part = {k: v for k, v in main_args.items() if not k.startswith("week_")}
+    assert evaluate_part == dataclasses.asdict(EvaluateArgs())
+    assert main_args["week_day"] == 2
     assert cli.main(["main", "--help"]) == 0
+    assert cli.main(["main", "--week-day", "3"]) == 2  # a validation day is not held out
 
 
 def test_sweep_drill_choices_are_the_sweep_drills():

@@ -88,9 +88,11 @@ def test_dynamo_saves_energy_against_static_at_the_same_slo():
     static = _episode("energy", scenario, "static")
     dynamo = _episode("energy", scenario, "dynamo")
     assert dynamo["energy_kwh"] < 0.85 * static["energy_kwh"]
-    # Within half a point (issue-17 physics, 300 s of `small`, seed 0: static 98.4%, the
-    # manager 98.2% at 35% less energy; its re-shards cost about a minute each).
-    assert dynamo["slo_attainment"] >= static["slo_attainment"] - 0.005
+    # Within a point. Issue-17 physics, 300 s of `small`, seed 0: static 98.4%, the manager
+    # 98.2% at 35% less energy while it costed dynamic power only; since it costs its servers'
+    # whole power (issue 18: scale-in), 97.7% at 35% less (request level, seeds 0-2: static
+    # 98.3-98.8%, the manager 97.9-98.4%); its re-shards cost about a minute each.
+    assert dynamo["slo_attainment"] >= static["slo_attainment"] - 0.01
 
 
 @pytest.mark.slow
@@ -146,15 +148,15 @@ def test_registry_rejects_unknown_and_mismatched(energy_env):
 def test_dynamo_predicts_the_servers_the_codec_executes():
     """The DynamoLLM manager's model uses the servers that really run, not floored shares.
 
-    On 12 SaaS servers (K = 8 levels of 1.5 servers) decode hands out remainders.
+    On 48 SaaS servers (K = 32 levels of 1.5 servers) decode hands out remainders.
     """
     sc = load_scenario("small").with_overrides(duration_s=300.0)
-    sc = sc.with_overrides(datacenter=dataclasses.replace(sc.datacenter, servers_per_rack=6))
+    sc = sc.with_overrides(datacenter=dataclasses.replace(sc.datacenter, servers_per_rack=24))
     env = ClusterEnv(task="energy", backend=SimCluster(sc, serving_model="aggregate",
                                                        auto_place_vms=True))
     ctx = ControllerContext.from_env(env)
     codec = ctx.codec
-    assert (codec.n_saas_servers, codec.share_levels) == (12, 8)
+    assert (codec.n_saas_servers, codec.share_levels) == (48, 32)
     c = DynamoController(ctx)
     c.reset()
     obs, _ = env.reset(seed=0)
