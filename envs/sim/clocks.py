@@ -148,6 +148,60 @@ def slot_model(slots: SlotTables, f_pre: np.ndarray, f_eff: np.ndarray,
                      lambda b, c, i: decode(b, c, i) / speed[i], slots.kv_tokens)
 
 
+class SlotModelCache:
+    """`slot_model` with each slot's clock slowdown computed once per layout and clock set.
+
+    The prefill and decode times are the profile formulas of `envs.sim.profiles`, evaluated
+    element by element exactly as `slot_model` does (the same operations in the same order, so
+    the same bits); only the clock slowdown of every slot is computed when the layout or the
+    clocks change (by identity: the settings cache returns the same arrays until then), not on
+    every call. Clocks that are not all positive fall back to `slot_model` (which raises on
+    the slots a call asks for).
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: SlotModel | None = None
+
+    def get(self, slots: SlotTables, f_pre: np.ndarray, f_eff: np.ndarray,
+            speed: np.ndarray | None) -> SlotModel:
+        """The tick's `SlotModel` (the cached one while the four inputs are the same objects)."""
+        key = self._key
+        if (key is not None and key[0] is slots and key[1] is f_pre and key[2] is f_eff
+                and key[3] is speed):
+            return self._value
+        if (f_pre > 0.0).all() and (f_eff > 0.0).all():
+            value = _cached_slot_model(slots, f_pre, f_eff, speed)
+        else:
+            value = slot_model(slots, f_pre, f_eff, speed)
+        self._key, self._value = (slots, f_pre, f_eff, speed), value
+        return value
+
+
+def _cached_slot_model(slots: SlotTables, f_pre: np.ndarray, f_eff: np.ndarray,
+                       speed: np.ndarray | None) -> SlotModel:
+    sp = slots.prof
+    # profiles._slowdown over every slot: phi * (f_max / f) + (1 - phi).
+    sd_pre = sp.prefill_phi * (sp.max_freq_mhz / f_pre) + (1.0 - sp.prefill_phi)
+    sd_dec = sp.decode_phi * (sp.max_freq_mhz / f_eff) + (1.0 - sp.decode_phi)
+    p0, p1, p2 = sp.prefill_p0_s, sp.prefill_p1_s_per_token, sp.prefill_p2_s_per_token2
+    d0, d1, d2 = sp.decode_d0_s, sp.decode_d1_s_per_seq, sp.decode_d2_s_per_seq_token
+
+    def prefill(tok: np.ndarray, i: np.ndarray) -> np.ndarray:
+        t = np.asarray(tok, dtype=np.float64)
+        return (p0[i] + t * (p1[i] + p2[i] * t)) * sd_pre[i]
+
+    def decode(b: np.ndarray, c: np.ndarray, i: np.ndarray) -> np.ndarray:
+        b = np.asarray(b, dtype=np.float64)
+        c = np.asarray(c, dtype=np.float64)
+        return (d0[i] + b * (d1[i] + d2[i] * c)) * sd_dec[i]
+
+    if speed is None:
+        return SlotModel(prefill, decode, slots.kv_tokens)
+    return SlotModel(lambda tok, i: prefill(tok, i) / speed[i],
+                     lambda b, c, i: decode(b, c, i) / speed[i], slots.kv_tokens)
+
+
 def gpu_load(load: TickLoad, st: SlotSettings, slots: SlotTables, gpu_prefill_mhz: np.ndarray,
              vm_power_w: np.ndarray, dt: float) -> pw.GpuLoad:
     """Each GPU's phase mix and clocks over the tick, from the instance it belongs to.

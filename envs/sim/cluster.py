@@ -32,10 +32,10 @@ from llm_cluster_gym.envs.backend import (
 from llm_cluster_gym.envs.sim import power as pw
 from llm_cluster_gym.envs.sim.accounting import IntervalStats, carbon_g_per_kwh, service_metrics
 from llm_cluster_gym.envs.sim.clocks import (
+    SlotModelCache,
     SlotSettingsCache,
     effective_clocks,
     gpu_load,
-    slot_model,
 )
 from llm_cluster_gym.envs.sim.demand import episode_trace, pools_for
 from llm_cluster_gym.envs.sim.description import describe_sim, tick_history
@@ -148,6 +148,7 @@ class SimCluster:
                                   s.datacenter.outside_temp_amplitude_c)
         self._row_checker = RowSettingChecker(self.topo.n_rows, gm.min_freq_mhz, gm.max_freq_mhz)
         self._settings_cache = SlotSettingsCache(sv, gm.max_freq_mhz)
+        self._model_cache = SlotModelCache()
         self._validated_pools: tuple[PoolConfig, ...] | None = None
         self.power = ServerPowerStates(self.topo.n_servers, s.datacenter.server.wake_latency_s,
                                        s.datacenter.idle_to_off_s)
@@ -377,7 +378,7 @@ class SimCluster:
         f_eff, f_pre, gpu_prefill_mhz, gpu_ceiling = effective_clocks(
             st, slots, inst, slowdown, capping, topo.gpu_row, gm.max_freq_mhz)
         serving = inst.serving(t0)
-        model = slot_model(slots, f_pre, f_eff, st.speed)
+        model = self._model_cache.get(slots, f_pre, f_eff, st.speed)
         load: TickLoad = self.serving.tick(t0, dt, inst, serving, model, st.route_weight,
                                            self.slo_ttft_s, self.slo_tbt_s, st.qloss, acc)
         acc.tokens += load.tokens_generated
