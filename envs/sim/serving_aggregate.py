@@ -250,9 +250,11 @@ class AggregateServing:
         pre_busy = np.minimum(work + pure, dt_s)
         load.prefill_busy_s[idx] = pre_busy
         rho = adm * s / dt_s
+        stable = rho < 0.95
+        slack = np.maximum(1.0 - rho, 0.05)
         # Prompt tokens per prefill-carrying step: a chain busy period carries the prompts that
         # queue in it (1 / (1 - rho) on average), up to a step's budget.
-        chunk = np.where(rho < 0.95, np.minimum(m, q_in / np.maximum(1.0 - rho, 0.05)), m)
+        chunk = np.where(stable, np.minimum(m, q_in / slack), m)
         load.prefill_tokens[idx] = np.where(chain_busy > 0, chunk, 0.0)
         # TTFT of the admitted cohort: queue age, the carried chain, half a step (a prompt
         # joins the next step), its own service and the rest of its last step; plus an M/D/1
@@ -260,7 +262,7 @@ class AggregateServing:
         age = self.q_age_s[idx]
         quantum = o * np.maximum(1.0 - q_in / m, 0.0)
         base = age + backlog + s + quantum + (0.5 * o if all_mixed else np.where(mixed, 0.5 * o, 0.0))
-        wait = np.where(rho < 0.95, rho * s / (2 * np.maximum(1 - rho, 0.05)), 0.0)
+        wait = np.where(stable, rho * s / (2 * slack), 0.0)
         overloaded = rho >= 0.95
         any_overloaded = np.count_nonzero(overloaded) > 0
         # An overloaded chain works through its cohort one prompt after another.
@@ -304,10 +306,12 @@ class AggregateServing:
             pool = inst.pool[idx]  # serving slots always have a pool
             slo_t = slo_ttft_s[pool]
             over = slo_t - base
-            ttft_ok = np.where(over > 0, -np.expm1(-(over / np.maximum(wait, 1e-6)).clip(0.0, 50.0)),
-                               0.0)
+            # np.minimum(np.maximum(.)) is ndarray.clip without its Python wrapper (the same
+            # values: only the sign of a zero may differ, and 1 - ttft_ok is all that is used).
+            ttft_ok = np.where(over > 0, -np.expm1(-np.minimum(np.maximum(
+                over / np.maximum(wait, 1e-6), 0.0), 50.0)), 0.0)
             if any_overloaded:
-                ok_seq = (over / np.maximum(span, 1e-9)).clip(0.0, 1.0)
+                ok_seq = np.minimum(np.maximum(over / np.maximum(span, 1e-9), 0.0), 1.0)
                 ttft_ok = np.where(overloaded, ok_seq, ttft_ok)
                 ttft_mean = base + np.where(overloaded, span / 2, wait)
             else:
@@ -361,8 +365,13 @@ class AggregateServing:
         ttft_miss = 1.0 - ttft_ok
         tbt_bad = (tbt > slo_tbt).astype(float)
         # One weighted sum per counter (each row sums exactly as a 1-D sum would).
-        per_req = np.array([np.ones_like(w), ttft_miss, tbt_bad, np.maximum(ttft_miss, tbt_bad), qloss])
-        n_fin, n_ttft, n_tbt, n_bad, qsum = (w * per_req).sum(axis=1).tolist()
+        weighted = np.empty((5, len(w)))
+        weighted[0] = w  # w * 1
+        np.multiply(w, ttft_miss, out=weighted[1])
+        np.multiply(w, tbt_bad, out=weighted[2])
+        np.multiply(w, np.maximum(ttft_miss, tbt_bad), out=weighted[3])
+        np.multiply(w, qloss, out=weighted[4])
+        n_fin, n_ttft, n_tbt, n_bad, qsum = weighted.sum(axis=1).tolist()
         acc.finished += n_fin
         acc.ttft_violations += n_ttft
         acc.tbt_violations += n_tbt
