@@ -42,12 +42,17 @@ def main() -> int:
     policies = tuple(p for p in week.available_policies() if p in args.policies or p == "milp")
     args = dataclasses.replace(args, policies=policies)
     start = time.perf_counter()
-    runs, table = week.evaluate_week(
-        args, None if args.no_progress else (lambda m: print(f"  {m}", file=sys.stderr, flush=True)))
+    log = None if args.no_progress else (lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    runs, table = week.evaluate_week(args, log)
     print(week.format_table(table))
-    path = week.write_report(args, runs, table, Path(args.out), "python bench/dynamo_week.py")
+    checked = week.run_cross_check(args, log)
+    path = week.write_report(args, runs, table, Path(args.out), "python bench/dynamo_week.py", checked)
     print(f"\nreport: {path}; {time.perf_counter() - start:.0f} s")
-    print(json.dumps(week.headline(table, runs)))
+    line = week.headline(table, runs)
+    if checked:
+        line["aggregate_vs_request_energy_err"] = max(abs(c["energy_rel_err"]) for c in checked.values())
+        line["aggregate_vs_request_slo_points"] = max(abs(c["slo_diff_points"]) for c in checked.values())
+    print(json.dumps(line))
     return 0
 
 

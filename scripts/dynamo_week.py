@@ -108,6 +108,9 @@ class WeekArgs:
     """SLO margin of the manager and of every provisioning rule (fraction of the SLO the
     planning model's predicted TTFT and TBT may use); chosen on the validation day, see
     `SLO_MARGIN_SELECTION`."""
+    cross_check_hours: float = 0.0
+    """Also run this many hours of the first test day at request level for each policy and
+    report the aggregate model's own error (0: skip; about 2 minutes per policy and hour)."""
     select_margin: bool = False
     """Select `slo_margin` again on the validation day before evaluating (four more day runs)."""
     out: str = "reports/dynamo-week"
@@ -149,13 +152,12 @@ def single_pool_scenario(s: Scenario) -> Scenario:
 
 
 # ----------------------------------------------------------------------------- environments
-def make_env(s: Scenario) -> Any:
-    """A `ClusterEnv` (energy task) over a fresh aggregate-model `SimCluster` of `s`."""
+def make_env(s: Scenario, serving: str = "aggregate") -> Any:
+    """A `ClusterEnv` (energy task) over a fresh `SimCluster` of `s` (aggregate model by default)."""
     from llm_cluster_gym.envs.cluster_env import ClusterEnv
     from llm_cluster_gym.envs.sim.cluster import SimCluster
 
-    return ClusterEnv(task="energy", backend=SimCluster(s, serving_model="aggregate",
-                                                        auto_place_vms=True))
+    return ClusterEnv(task="energy", backend=SimCluster(s, serving_model=serving, auto_place_vms=True))
 
 
 def window_rates(env: Any, seed: int, start_s: float, duration_s: float,
@@ -291,10 +293,10 @@ class DayRun:
 
 
 def _measure(policy: str, day: int, seed: int, s: Scenario, controller: Callable[[Any], Any] | None,
-             burn_in_s: float, layout: str) -> DayRun:
+             burn_in_s: float, layout: str, serving: str = "aggregate") -> DayRun:
     from llm_cluster_gym.envs.rollout import run_episode, skip_warmup
 
-    env = make_env(s)
+    env = make_env(s, serving)
     start = time.perf_counter()
     result = run_episode(env, None if controller is None else controller(env), seed)
     measured = skip_warmup(result, int(round(burn_in_s / s.control_interval_s)))
@@ -319,14 +321,14 @@ def manager(slo_margin: float) -> Callable[[Any], Any]:
 
 def run_day(policy: str, day: int, seed: int, base: Scenario, burn_in_s: float,
             validation_rates: np.ndarray | None, measured_s: float = DAY_S,
-            slo_margin: float = 0.6) -> DayRun:
+            slo_margin: float = 0.6, serving: str = "aggregate") -> DayRun:
     """Measure `policy` on `day` with `seed` (see the module docstring for the protocol)."""
     from llm_cluster_gym.controllers.context import ControllerContext
 
     s = day_scenario(base, day, burn_in_s, measured_s)
     gpus = s.datacenter.server.gpus
     if policy == "dynamo":
-        return _measure(policy, day, seed, s, manager(slo_margin), burn_in_s, "adaptive")
+        return _measure(policy, day, seed, s, manager(slo_margin), burn_in_s, "adaptive", serving)
     if policy == "single_pool":
         s = single_pool_scenario(s)
     env = make_env(s)
@@ -341,7 +343,7 @@ def run_day(policy: str, day: int, seed: int, base: Scenario, burn_in_s: float,
     else:
         raise WeekEvalError(f"policies: unknown policy {policy!r}; known: {', '.join(POLICIES)}")
     fixed = with_pools(s, pools)
-    return _measure(policy, day, seed, fixed, None, burn_in_s, _describe_layout(pools, gpus))
+    return _measure(policy, day, seed, fixed, None, burn_in_s, _describe_layout(pools, gpus), serving)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -453,6 +455,42 @@ def evaluate_week(args: WeekArgs, log: Callable[[str], None] | None = None) -> t
     return runs, summarize(runs, args.policies)
 
 
+def cross_check(base: Scenario, day: int, hours: float, policies: Sequence[str], slo_margin: float,
+                 burn_in_s: float = 600.0, log: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """The aggregate model against the request-level one on `hours` of `day` (seed 0).
+
+    The week runs on the aggregate (fluid) model; this re-runs a stretch of a test day at
+    request level for each policy and reports both models' energy and SLO attainment, so that
+    the table's figures carry the fluid model's own error. Savings need the baseline's run:
+    the best fixed layout is skipped (it needs the validation day).
+    """
+    out = {}
+    for pol in policies:
+        if pol == "best_fixed":
+            continue
+        row = {}
+        for serving in ("aggregate", "request"):
+            r = run_day(pol, day, 0, base, burn_in_s, None, hours * 3600.0, slo_margin, serving)
+            row[serving] = {"energy_kwh": r.summary["energy_kwh"],
+                            "slo_attainment": r.summary["slo_attainment"], "wall_s": r.wall_s}
+        row["energy_rel_err"] = row["aggregate"]["energy_kwh"] / row["request"]["energy_kwh"] - 1.0
+        row["slo_diff_points"] = 100 * (row["aggregate"]["slo_attainment"] - row["request"]["slo_attainment"])
+        out[pol] = row
+        if log:
+            log(f"cross-check {DAY_NAMES[day]} {hours:g} h {pol}: aggregate/request energy "
+                f"{row['energy_rel_err']:+.1%}, SLO {row['slo_diff_points']:+.2f} points "
+                f"(request-level run {row['request']['wall_s']:.0f} s)")
+    return out
+
+
+def run_cross_check(args: WeekArgs, log: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """`cross_check` as `args` asks for it (nothing when `cross_check_hours` is 0)."""
+    if args.cross_check_hours <= 0:
+        return {}
+    return cross_check(load_scenario(args.scenario), args.days[0], args.cross_check_hours, args.policies,
+                       args.slo_margin, log=log)
+
+
 def plot_day(runs: list[DayRun], path: Path, interval_s: float) -> None:
     """Server power and powered servers over the first evaluated (day, seed), one line per policy."""
     import matplotlib
@@ -487,12 +525,14 @@ def headline(table: dict, runs: list[DayRun]) -> dict[str, float]:
             "days": len({r.day for r in runs})}
 
 
-def write_report(args: WeekArgs, runs: list[DayRun], table: dict, out: Path, command: str) -> Path:
+def write_report(args: WeekArgs, runs: list[DayRun], table: dict, out: Path, command: str,
+                 checked: dict | None = None) -> Path:
     """Write report.md, results.json and day.png into `out`, all at once (`staged_folder`)."""
     from llm_cluster_gym.envs.outputs import staged_folder
 
     interval_s = load_scenario(args.scenario).control_interval_s
     results = {"args": dataclasses.asdict(args), "table": table, "headline": headline(table, runs),
+               "cross_check": checked or {},
                "runs": [{"policy": r.policy, "day": r.day, "seed": r.seed, "layout": r.layout,
                          "wall_s": r.wall_s, "summary": r.summary} for r in runs]}
     days = ", ".join(DAY_NAMES[d] for d in args.days)
@@ -502,6 +542,12 @@ def write_report(args: WeekArgs, runs: list[DayRun], table: dict, out: Path, com
             format_table(table), "", "Layouts (fixed policies):", ""]
     text += [f"- {DAY_NAMES[r.day]} seed {r.seed} {r.policy}: {r.layout}"
              for r in runs if r.layout != "adaptive"]
+    if checked:
+        text += ["", f"Aggregate model against request level ({args.cross_check_hours:g} h of "
+                 f"{DAY_NAMES[args.days[0]]}, seed 0): the fluid model's own error.", "",
+                 "| policy | energy agg./req. - 1 | SLO agg. - req. (points) |", "|---|---|---|"]
+        text += [f"| {p} | {c['energy_rel_err']:+.1%} | {c['slo_diff_points']:+.2f} |"
+                 for p, c in checked.items()]
     text += ["", "![power and powered servers](day.png)", ""]
     with staged_folder(out, command) as stage:
         plot_day(runs, stage / "day.png", interval_s)
@@ -515,6 +561,7 @@ def run(args: WeekArgs, command: str = "llm-cluster dynamo-week") -> int:
     log = None if args.no_progress else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
     runs, table = evaluate_week(args, log)
     print(format_table(table))
-    path = write_report(args, runs, table, Path(args.out), command)
+    checked = run_cross_check(args, log)
+    path = write_report(args, runs, table, Path(args.out), command, checked)
     print(f"\nreport: {path}")
     return 0
