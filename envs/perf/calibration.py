@@ -19,6 +19,7 @@ precisions of one architecture together, refitted without it).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -321,20 +322,26 @@ class Batch:
         }
 
 
-def _to_coeffs(z: np.ndarray, fit_idle: bool) -> Coefficients:
-    vals = {}
-    for (name, lo, hi), zi in zip(_PARAMS, z, strict=False):
-        vals[name] = lo + (hi - lo) / (1.0 + np.exp(-zi))
-    if fit_idle:
-        lo, hi = _IDLE_BOUNDS
-        vals["idle_w"] = lo + (hi - lo) / (1.0 + np.exp(-z[len(_PARAMS)]))
-    return Coefficients(**{k: float(v) for k, v in vals.items()})
+Bounds = tuple[tuple[str, float, float], ...]
+"""Fitted coefficients as (name, lower bound, upper bound): each is searched through a logistic map
+of an unbounded variable, so it stays inside its bounds."""
 
 
-def _to_z(c: Coefficients, fit_idle: bool) -> np.ndarray:
+def _bounds(fit_idle: bool) -> Bounds:
+    return _PARAMS + ((("idle_w", *_IDLE_BOUNDS),) if fit_idle else ())
+
+
+def coefficients_from_z(z: np.ndarray, bounds: Bounds, base: Coefficients | None = None) -> Coefficients:
+    """``base`` (default `Coefficients()`) with the bounded coefficients set from their logits ``z``."""
+    vals = {name: float(lo + (hi - lo) / (1.0 + np.exp(-zi)))
+            for (name, lo, hi), zi in zip(bounds, z, strict=True)}
+    return Coefficients(**{**(base or Coefficients()).to_dict(), **vals})
+
+
+def z_from_coefficients(c: Coefficients, bounds: Bounds) -> np.ndarray:
+    """The logits of ``c``'s bounded coefficients (a coefficient that is None starts mid-range)."""
     z = []
     d = c.to_dict()
-    bounds = list(_PARAMS) + ([("idle_w", *_IDLE_BOUNDS)] if fit_idle else [])
     for name, lo, hi in bounds:
         v = d[name] if d[name] is not None else 0.5 * (lo + hi)
         f = np.clip((v - lo) / (hi - lo), 1e-4, 1 - 1e-4)
@@ -345,6 +352,72 @@ def _to_z(c: Coefficients, fit_idle: bool) -> np.ndarray:
 def _residuals(batch: Batch, c: Coefficients) -> np.ndarray:
     pred = batch.predict(c)
     return np.concatenate([np.log(pred[m] / batch.measured[m]) for m in FIT_METRICS])
+
+
+def fit_coefficients(
+    residuals: Callable[[Coefficients], np.ndarray],
+    bounds: Bounds,
+    start: Coefficients | None = None,
+    iterations: int = 40,
+    tol: float = 1e-6,
+    row_weights: np.ndarray | None = None,
+) -> Coefficients:
+    """Levenberg-Marquardt with Huber weights on log errors, over bounded coefficients.
+
+    The one fitting routine of the shape-based model: the per-GPU fit on the published runs
+    (`fit`) and a node's fit to its own recordings (`envs/real/node_calibration.py`) both use it.
+
+    Args:
+        residuals: Log errors (predicted / measured) of the figures fitted, for given coefficients.
+        bounds: The coefficients fitted, each with its bounds; the others stay as in ``start``.
+        start: Starting coefficients (default: `Coefficients()`).
+        iterations: Maximum LM iterations.
+        tol: Stop when the weighted cost improves by less than this fraction.
+        row_weights: A weight per residual (default: all 1), e.g. to give each group of figures
+            the same total weight.
+    """
+    base = start or Coefficients()
+    z = z_from_coefficients(base, bounds)
+    lam = 0.1
+    r = residuals(coefficients_from_z(z, bounds, base))
+    rw = np.ones_like(r) if row_weights is None else np.asarray(row_weights, dtype=float)
+
+    def weights(res: np.ndarray) -> np.ndarray:
+        a = np.abs(res)
+        return rw * np.where(a <= HUBER_K, 1.0, HUBER_K / np.maximum(a, 1e-12))
+
+    def cost(res: np.ndarray) -> float:
+        a = np.abs(res)
+        return float(np.sum(rw * np.where(a <= HUBER_K, 0.5 * a * a, HUBER_K * (a - 0.5 * HUBER_K))))
+
+    cur = cost(r)
+    for _ in range(iterations):
+        w = weights(r)
+        jac = np.empty((len(r), len(z)))
+        for j in range(len(z)):
+            dz = np.zeros_like(z)
+            dz[j] = FD_STEP  # wide differences: the median ITL moves in small jumps as steps reorder
+            jac[:, j] = (residuals(coefficients_from_z(z + dz, bounds, base)) - r) / FD_STEP
+        jw = jac * w[:, None]
+        a = jac.T @ jw
+        g = jw.T @ r
+        improved = False
+        for _ in range(12):
+            step = np.linalg.solve(a + lam * np.diag(np.diag(a) + 1e-9), -g)
+            step = np.clip(step, -MAX_STEP, MAX_STEP)  # trust region per (logit-scaled) parameter
+            z_new = np.clip(z + step, -9, 9)
+            r_new = residuals(coefficients_from_z(z_new, bounds, base))
+            c_new = cost(r_new)
+            if np.isfinite(c_new) and c_new < cur:
+                improved = True
+                rel = (cur - c_new) / max(cur, 1e-12)
+                z, r, cur = z_new, r_new, c_new
+                lam = max(lam / 3, 1e-6)
+                break
+            lam *= 4
+        if not improved or rel < tol:
+            break
+    return coefficients_from_z(z, bounds, base)
 
 
 def fit(
@@ -363,46 +436,11 @@ def fit(
         iterations: Maximum LM iterations.
         tol: Stop when the weighted cost improves by less than this fraction.
     """
-    z = _to_z(start or Coefficients(), fit_idle)
-    lam = 0.1
-    r = _residuals(batch, _to_coeffs(z, fit_idle))
-
-    def weights(res: np.ndarray) -> np.ndarray:
-        a = np.abs(res)
-        return np.where(a <= HUBER_K, 1.0, HUBER_K / np.maximum(a, 1e-12))
-
-    def cost(res: np.ndarray) -> float:
-        a = np.abs(res)
-        return float(np.sum(np.where(a <= HUBER_K, 0.5 * a * a, HUBER_K * (a - 0.5 * HUBER_K))))
-
-    cur = cost(r)
-    for _ in range(iterations):
-        w = weights(r)
-        jac = np.empty((len(r), len(z)))
-        for j in range(len(z)):
-            dz = np.zeros_like(z)
-            dz[j] = FD_STEP  # wide differences: the median ITL moves in small jumps as steps reorder
-            jac[:, j] = (_residuals(batch, _to_coeffs(z + dz, fit_idle)) - r) / FD_STEP
-        jw = jac * w[:, None]
-        a = jac.T @ jw
-        g = jw.T @ r
-        improved = False
-        for _ in range(12):
-            step = np.linalg.solve(a + lam * np.diag(np.diag(a) + 1e-9), -g)
-            step = np.clip(step, -MAX_STEP, MAX_STEP)  # trust region per (logit-scaled) parameter
-            z_new = np.clip(z + step, -9, 9)
-            r_new = _residuals(batch, _to_coeffs(z_new, fit_idle))
-            c_new = cost(r_new)
-            if np.isfinite(c_new) and c_new < cur:
-                improved = True
-                rel = (cur - c_new) / max(cur, 1e-12)
-                z, r, cur = z_new, r_new, c_new
-                lam = max(lam / 3, 1e-6)
-                break
-            lam *= 4
-        if not improved or rel < tol:
-            break
-    return _to_coeffs(z, fit_idle)
+    bounds = _bounds(fit_idle)
+    # The fitted coefficients start from ``start``; the rest keep `Coefficients()`'s values.
+    given = (start or Coefficients()).to_dict()
+    base = Coefficients(**{**Coefficients().to_dict(), **{n: given[n] for n, _, _ in bounds}})
+    return fit_coefficients(lambda c: _residuals(batch, c), bounds, base, iterations, tol)
 
 
 def fits_idle(gpu: GpuSpec) -> bool:

@@ -75,6 +75,10 @@ class Coefficients:
     """Achieved fraction of the memory bandwidth."""
     e_s: float = 0.5
     """Achieved fraction of the memory bandwidth of the Mamba-2 state update (read and write per decode)."""
+    e_kv: float | None = None
+    """Achieved fraction of the memory bandwidth reading the KV cache in attention; None: ``e_m`` (the
+    public calibration). A node whose engine has its own attention kernels (the real worker's chunked
+    split-K decode attention) fits its own (`envs/real/node_calibration.py`)."""
     tau_layer_s: float = 30e-6
     """GPU time per layer per step not explained by FLOPs or bytes (kernel boundaries, small kernels)."""
     tau_moe_s: float = 30e-6
@@ -284,7 +288,7 @@ def _times(w: StepWork, c: Coefficients, s: np.ndarray | float) -> tuple[np.ndar
     gpu_t = (
         _smax(w.dense_c / (c.e_c * s), w.dense_m / c.e_m)
         + _smax(w.expert_c / (c.e_e * s), w.expert_m / c.e_m)
-        + _smax(w.attn_c / (c.e_a * s), w.attn_m / c.e_m)
+        + _smax(w.attn_c / (c.e_a * s), w.attn_m / (c.e_m if c.e_kv is None else c.e_kv))
         + w.other_m / c.e_m
         + w.state_m / c.e_s
         + fixed / s

@@ -82,6 +82,7 @@ __all__ = [
     "decode_step",
     "derive_profile",
     "fit_reconfig_law",
+    "fit_profile_to_perf",
     "fitting_tps",
     "gpu_keys",
     "is_shape_model",
@@ -237,11 +238,17 @@ def decode_records(shape: ModelShape, batch: np.ndarray, ctx: np.ndarray) -> np.
     )
 
 
-def _run(model: str, gpu: str, tp: int, records: np.ndarray, clock_ratio: float, capped: bool) -> StepResult:
-    shape, spec = _check_names(model, gpu)
-    coeffs = _coefficients()[gpu][0]
+def _step(
+    shape: ModelShape, spec: GpuSpec, tp: int, coeffs: Coefficients, records: np.ndarray,
+    clock_ratio: float = 1.0, capped: bool = False,
+) -> StepResult:
     limit = spec if capped else dataclasses.replace(spec, power_limit_w=float("inf"))
     return step_time_power(step_work(shape, tp, spec, records), limit, coeffs, clock_ratio)
+
+
+def _run(model: str, gpu: str, tp: int, records: np.ndarray, clock_ratio: float, capped: bool) -> StepResult:
+    shape, spec = _check_names(model, gpu)
+    return _step(shape, spec, tp, _coefficients()[gpu][0], records, clock_ratio, capped)
 
 
 def prefill_step(
@@ -384,11 +391,13 @@ def fit_reconfig_law(
 # ---------------------------------------------------------------------------------------------
 
 
-def _decode_grid(kv_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    b, c = np.meshgrid(np.asarray(DECODE_BATCH, float), np.asarray(DECODE_CTX_TOKENS, float))
+def _decode_grid(
+    kv_tokens: int, batch: tuple[int, ...] = DECODE_BATCH, ctx_tokens: tuple[int, ...] = DECODE_CTX_TOKENS
+) -> tuple[np.ndarray, np.ndarray]:
+    b, c = np.meshgrid(np.asarray(batch, float), np.asarray(ctx_tokens, float))
     b, c = b.ravel(), c.ravel()
     keep = b * c <= kv_tokens
-    keep |= (b == 1) & (c == DECODE_CTX_TOKENS[0])  # at least one point
+    keep |= (b == batch[0]) & (c == ctx_tokens[0])  # at least one point
     return b[keep], c[keep]
 
 
@@ -410,28 +419,87 @@ def derive_profile(model: str, gpu: str, tp: int) -> Profile:
     kv = _layout(model, gpu, tp)
     shape, spec = _check_names(model, gpu)
     coeffs, fitted_on = _coefficients()[gpu]
+    coeff_note = (
+        f"envs/data/perf/coefficients.json gpus.{gpu} (fitted on: {fitted_on})"
+        if gpu != "h200"
+        else f"envs/data/perf/coefficients.json gpus.h200, the H100 coefficients (same Hopper SMs and "
+        f"clocks; no public H200 calibration runs; fitted on: {fitted_on}) with the H200's own memory "
+        f"bandwidth and capacity"
+    )
+    source = (
+        f"derived from envs/perf (step_work, step_time_power; power uncapped) by "
+        f"envs/sim/shape_profiles.py; model envs/data/models/{model}.json; {coeff_note}; GPU "
+        f"envs/data/gpus.json {gpu} ({spec.name}); KV cache at gpu_memory_utilization "
+        f"{GPU_MEMORY_UTILIZATION}; load time envs/data/perf/reconfig.json (measured on two H200s"
+        f"{'' if gpu == 'h200' else '; the same law on this GPU is an assumption'})"
+    )
+    return fit_profile_to_perf(
+        shape, spec, tp, coeffs, model=model, kv_tokens=_kv_tokens(kv),
+        load_time_s=reconfig_law().load_time_s(shape, tp), source=source,
+    )
+
+
+def fit_profile_to_perf(
+    shape: ModelShape,
+    spec: GpuSpec,
+    tp: int,
+    coeffs: Coefficients,
+    *,
+    model: str,
+    kv_tokens: int,
+    load_time_s: float,
+    source: str,
+    prefill_tokens: tuple[int, ...] = PREFILL_TOKENS,
+    decode_batch: tuple[int, ...] = DECODE_BATCH,
+    decode_ctx_tokens: tuple[int, ...] = DECODE_CTX_TOKENS,
+) -> Profile:
+    """A simulator `Profile` fitted to perf's step model for any shape, GPU and coefficients.
+
+    `derive_profile` calls it with a shipped shape and the shipped per-GPU coefficients; a real
+    node calls it with its own engine's coefficients and its own grid limits (its slots, context
+    and KV cache: `envs/real/node_calibration.py`). The grids, forms and fits are described in
+    this module's docstring.
+
+    Args:
+        shape: The model's shape.
+        spec: The GPU (its idle power unless ``coeffs.idle_w`` is set, clocks, power limit).
+        tp: GPUs of the instance.
+        coeffs: perf's coefficients for this GPU (or node).
+        model: The profile's model key.
+        kv_tokens: Tokens the instance's KV cache holds (decode grid points beyond it are left out).
+        load_time_s: Reconfiguration downtime.
+        source: Where the profile comes from (kept in the profile).
+        prefill_tokens: Prompt tokens of the prefill grid.
+        decode_batch: Sequences per step of the decode grid.
+        decode_ctx_tokens: Mean contexts of the decode grid.
+    """
     idle = spec.idle_power_with_context_w if coeffs.idle_w is None else float(coeffs.idle_w)
     fmax, fmin, limit = spec.max_sm_clock_mhz, spec.min_sm_clock_mhz, spec.power_limit_w
-    kv_tokens = _kv_tokens(kv)
     ratios = np.asarray([r for r in CLOCK_RATIOS if r * fmax >= fmin], dtype=float)
 
+    def pre_step(t: np.ndarray, ratio: float = 1.0, capped: bool = False) -> StepResult:
+        return _step(shape, spec, tp, coeffs, prefill_records(shape, t), ratio, capped)
+
+    def dec_step(bb: np.ndarray, cc: np.ndarray, ratio: float = 1.0, capped: bool = False) -> StepResult:
+        return _step(shape, spec, tp, coeffs, decode_records(shape, bb, cc), ratio, capped)
+
     # prefill: one prompt of T tokens per pass
-    tok = np.asarray(PREFILL_TOKENS, dtype=float)
-    pre = prefill_step(model, gpu, tp, tok)
+    tok = np.asarray(prefill_tokens, dtype=float)
+    pre = pre_step(tok)
     p = nonneg_rel_lstsq(np.stack([np.ones_like(tok), tok, tok * tok], axis=1), pre.step_s)
     pre_base = p[0] + tok * (p[1] + p[2] * tok)
-    pre_low = [prefill_step(model, gpu, tp, tok, r) for r in ratios]
+    pre_low = [pre_step(tok, r) for r in ratios]
     s_pre = np.repeat(ratios, tok.size)
     pre_low_t = np.concatenate([r.step_s for r in pre_low])
     phi_p = _fit_phi(np.tile(pre_base, ratios.size), s_pre, pre_low_t)
     pmax, pk, pbusy = _saturation_fit_rel(tok, pre.power_w, idle)
 
     # decode: B sequences of mean context C, the KV cache holding them
-    b, c = _decode_grid(kv_tokens)
-    dec = decode_step(model, gpu, tp, b, c)
+    b, c = _decode_grid(kv_tokens, decode_batch, decode_ctx_tokens)
+    dec = dec_step(b, c)
     d = nonneg_rel_lstsq(np.stack([np.ones_like(b), b, b * c], axis=1), dec.step_s)
     dec_base = d[0] + b * (d[1] + d[2] * c)
-    dec_low = [decode_step(model, gpu, tp, b, c, r) for r in ratios]
+    dec_low = [dec_step(b, c, r) for r in ratios]
     s_dec = np.repeat(ratios, b.size)
     dec_low_t = np.concatenate([r.step_s for r in dec_low])
     phi_d = _fit_phi(np.tile(dec_base, ratios.size), s_dec, dec_low_t)
@@ -463,30 +531,12 @@ def derive_profile(model: str, gpu: str, tp: int) -> Profile:
         "decode_power_low_clock": _err(
             surr_pw(b_l, s_dec * fmax, dmax, dk, dbusy), np.concatenate([r.power_w for r in dec_low])
         ),
-        "prefill_time_capped": _err(
-            surr_pre_t(f_pre_cap), prefill_step(model, gpu, tp, tok, capped=True).step_s
-        ),
-        "decode_time_capped": _err(
-            surr_dec_t(f_dec_cap), decode_step(model, gpu, tp, b, c, capped=True).step_s
-        ),
+        "prefill_time_capped": _err(surr_pre_t(f_pre_cap), pre_step(tok, capped=True).step_s),
+        "decode_time_capped": _err(surr_dec_t(f_dec_cap), dec_step(b, c, capped=True).step_s),
     }
-    coeff_note = (
-        f"envs/data/perf/coefficients.json gpus.{gpu} (fitted on: {fitted_on})"
-        if gpu != "h200"
-        else f"envs/data/perf/coefficients.json gpus.h200, the H100 coefficients (same Hopper SMs and "
-        f"clocks; no public H200 calibration runs; fitted on: {fitted_on}) with the H200's own memory "
-        f"bandwidth and capacity"
-    )
-    source = (
-        f"derived from envs/perf (step_work, step_time_power; power uncapped) by "
-        f"envs/sim/shape_profiles.py; model envs/data/models/{model}.json; {coeff_note}; GPU "
-        f"envs/data/gpus.json {gpu} ({spec.name}); KV cache at gpu_memory_utilization "
-        f"{GPU_MEMORY_UTILIZATION}; load time envs/data/perf/reconfig.json (measured on two H200s"
-        f"{'' if gpu == 'h200' else '; the same law on this GPU is an assumption'})"
-    )
     return Profile(
         model=model,
-        gpu=gpu,
+        gpu=spec.key,
         tp=tp,
         prefill_p0_s=float(p[0]),
         prefill_p1_s_per_token=float(p[1]),
@@ -503,8 +553,8 @@ def derive_profile(model: str, gpu: str, tp: int) -> Profile:
         decode_k_batch=dk,
         power_freq_exponent=float(GAMMA),
         gpu_power_limit_w=float(limit),
-        kv_capacity_tokens=kv_tokens,
-        load_time_s=reconfig_law().load_time_s(shape, tp),
+        kv_capacity_tokens=int(kv_tokens),
+        load_time_s=float(load_time_s),
         min_freq_mhz=float(fmin),
         max_freq_mhz=float(fmax),
         weights_gb=shape.total_weight_bytes / 1e9,
