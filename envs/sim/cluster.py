@@ -58,7 +58,6 @@ from llm_cluster_gym.envs.sim.serving_request import RequestLevelServing
 from llm_cluster_gym.envs.sim.sim_telemetry import assemble_telemetry
 from llm_cluster_gym.envs.sim.thermal import (
     GpuThermalState,
-    OutsideAir,
     ThermalParams,
     step_gpu_temperature,
     step_inlet_temperature,
@@ -73,6 +72,7 @@ from llm_cluster_gym.envs.sim.throttle import (
 )
 from llm_cluster_gym.envs.sim.topology import build_topology
 from llm_cluster_gym.envs.sim.vms import VmPool
+from llm_cluster_gym.envs.sim.weather import outside_air
 
 __all__ = ["CAP_TARGET_FRACTION", "CAP_WINDOW_S", "THERMAL_RELEASE_C", "SimCluster", "TickRecord"]
 
@@ -143,9 +143,9 @@ class SimCluster:
                                      self.slo_tbt_s, self.thermal.slowdown_temp_c)
         gm = self.gpu_model
         self.capping = RowPowerCapping(gm, s.datacenter.server, self.topo, self.tick_s)
-        self.slowdown = ThermalSlowdown(gm, self.thermal, self.topo.gpu_aisle)
-        self.outside = OutsideAir(s.datacenter.outside_temp_mean_c,
-                                  s.datacenter.outside_temp_amplitude_c)
+        self.slowdown = ThermalSlowdown(gm, self.thermal, self.topo.gpu_aisle,
+                                        self.topo.gpu_inlet_offset_c)
+        self.outside = outside_air(s)
         self._row_checker = RowSettingChecker(self.topo.n_rows, gm.min_freq_mhz, gm.max_freq_mhz)
         self._settings_cache = SlotSettingsCache(sv, gm.max_freq_mhz)
         self._model_cache = SlotModelCache()
@@ -202,7 +202,7 @@ class SimCluster:
         self._refresh_slots()
         self.power.reset(self._saas_occupied | self.vms.occupied())
         self._gpu_power_w = self.slots.gpu_phase_power.idle_w.copy()
-        self._gpu_temp_c = self.inlet_c[topo.gpu_aisle].copy()
+        self._gpu_temp_c = topo.gpu_inlet_c(self.inlet_c)
         self._row_power_w = np.zeros(topo.n_rows)
         self._aisle_heat_w = np.zeros(topo.n_aisles)
         self._row_limit_w = topo.row_limit_w.copy()
@@ -348,8 +348,8 @@ class SimCluster:
         idle += np.maximum(self._vm_gpu_power_w() - idle, 0.0)
         self.thermal_state.x_die_c[:] = th.r_die_c_per_w * idle
         self.thermal_state.x_sink_c[:] = th.r_sink_c_per_w * idle
-        self._gpu_temp_c = self.inlet_c[topo.gpu_aisle] + (th.r_die_c_per_w +
-                                                           th.r_sink_c_per_w) * idle
+        self._gpu_temp_c = topo.gpu_inlet_c(self.inlet_c) + (th.r_die_c_per_w +
+                                                             th.r_sink_c_per_w) * idle
         # The first telemetry reports the power of that state too (VMs included), not zeros.
         self._gpu_power_w = idle
         srv_w = pw.server_power_w(idle, self.scenario.datacenter.server, gm.idle_power_w,
@@ -395,7 +395,7 @@ class SimCluster:
         outside = self.outside.temp_c(t0)
         self.inlet_c = step_inlet_temperature(self.inlet_c, aisle_w, self._aisle_cap_w, outside,
                                               dt, self.cooling)
-        temp = step_gpu_temperature(self.thermal_state, gpu_w, self.inlet_c[topo.gpu_aisle], dt,
+        temp = step_gpu_temperature(self.thermal_state, gpu_w, topo.gpu_inlet_c(self.inlet_c), dt,
                                     self.thermal)
         max_temp_c = float(temp.max())
         # Controllers for the next tick: row power capping, GPU thermal slowdown.

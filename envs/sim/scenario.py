@@ -33,6 +33,10 @@ import yaml
 
 from llm_cluster_gym.envs.sim.carbon import GRID_REGIONS, GridDataError, hourly_carbon, parse_start
 from llm_cluster_gym.envs.sim.profiles import ProfileError, ProfileLibrary
+from llm_cluster_gym.envs.sim.weather import LOCATIONS as WEATHER_LOCATIONS
+from llm_cluster_gym.envs.sim.weather import START_PATTERN as WEATHER_START_PATTERN
+from llm_cluster_gym.envs.sim.weather import WeatherDataError, location_weather
+from llm_cluster_gym.envs.sim.weather import parse_start as parse_weather_start
 from llm_cluster_gym.envs.sim.workload import (
     Trace,
     TraceError,
@@ -222,6 +226,13 @@ class ServerSpec:
             "their model. It draws its idle power meanwhile. Default: the 200 s setup time Gandhi et al. "
             "(CMU, Intel Labs) measured on a rack server; for a DGX an assumption, likely a lower bound (no "
             "published DGX H100 boot time found; envs/data/server_power/README.md).")
+    gpu_inlet_offsets_c: tuple[float, ...] = spec(
+        (), unit="C", ge=-10, le=30,
+        doc="Air temperature at each GPU of a server above the server's inlet, by GPU position (one value "
+            "per GPU, in GPU order); empty: every GPU at the inlet (the behaviour before this field). GPUs "
+            "downstream in the server's airflow take air the upstream ones heated. No default: no published "
+            "per-position DGX/HGX H100 figure was found; envs/data/thermal/README.md gives the heat-balance "
+            "estimate and an example.")
 
 
 @dataclass(frozen=True)
@@ -241,8 +252,35 @@ class CoolingSpec:
     overload_c_per_frac: float = spec(
         20.0, unit="C", ge=0, le=100,
         doc="Inlet rise per unit of heat load above the aisle's cooling capacity (1 = 2x capacity).")
-    tau_inlet_s: float = spec(300.0, unit="s", gt=0, le=86400,
-                              doc="Time constant of the aisle inlet temperature.")
+    tau_inlet_s: float = spec(
+        300.0, unit="s", gt=0, le=86400,
+        doc="Time constant of the aisle inlet temperature (also its rise after a cooling failure). Khankari "
+            "(ASHRAE Trans. 117(1), 2011) models a room's heating after a cooling loss as such an "
+            "exponential; published rises reach limits within minutes (Schneider Electric WP 179).")
+    rack_inlet_spread_c: float = spec(
+        0.0, unit="C", ge=0, le=20,
+        doc="Inlet rise from the rack nearest the cooling unit (first of its row) to the farthest (last), "
+            "linear along the row: hot-air recirculation grows with distance from the cooling unit. 0: "
+            "every rack at its aisle's inlet (the behaviour before this field). An assumption to set per "
+            "site (no default; envs/data/thermal/README.md).")
+
+
+@dataclass(frozen=True)
+class WeatherSpec:
+    """A site's hourly typical-year outside temperature, interpolated, at `start + workload.start_s + t`.
+
+    It replaces the daily sine (`outside_temp_mean_c`, `outside_temp_amplitude_c`); the data:
+    `envs/data/weather/` (EnergyPlus TMYx files from NOAA ISD records). Hourly values are
+    interpolated linearly (each is an instant's reading). `start` is the local standard time of the
+    source trace's time 0; a typical year has no year, and it wraps from Dec 31 to Jan 1.
+    """
+
+    location: str = spec(choices=tuple(WEATHER_LOCATIONS),
+                         doc="Site: leesburg_va (northern Virginia, beside grid PJM), san_jose_ca (CISO), "
+                             "dallas_tx (ERCO), seattle_wa (BPAT).")
+    start: str = spec(pattern=WEATHER_START_PATTERN,
+                      pattern_doc="`MM-DD` or `MM-DDTHH:MM`, the site's local standard time",
+                      doc="Day (and time) of the typical year at the source trace's time 0; no February 29.")
 
 
 @dataclass(frozen=True)
@@ -266,9 +304,14 @@ class DatacenterSpec:
         1.0, unit="x", ge=0.01, le=MAX_OVERSUBSCRIPTION,
         doc="Servers' nameplate heat / each aisle's cooling capacity.")
     cooling: CoolingSpec = spec(default_factory=CoolingSpec, doc="Aisle cooling model.")
-    outside_temp_mean_c: float = spec(20.0, unit="C", ge=-60, le=60, doc="Mean outside air temperature.")
-    outside_temp_amplitude_c: float = spec(5.0, unit="C", ge=0, le=40,
-                                           doc="Amplitude of the daily outside temperature swing.")
+    outside_temp_mean_c: float = spec(20.0, unit="C", ge=-60, le=60,
+                                      doc="Mean outside air temperature (when `weather` is null).")
+    outside_temp_amplitude_c: float = spec(
+        5.0, unit="C", ge=0, le=40,
+        doc="Amplitude of the daily outside temperature swing (a 24 h sine, coldest at midnight; when "
+            "`weather` is null).")
+    weather: WeatherSpec | None = spec(
+        None, doc="A site's real hourly outside temperature (typical year) instead of the daily sine.")
     saas_fraction: float = spec(
         1.0, ge=0, le=1,
         doc="Fraction of servers serving the LLM (the rest host IaaS VMs); at least one server.")
@@ -530,6 +573,7 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("datacenter", DatacenterSpec),
     ("datacenter.server", ServerSpec),
     ("datacenter.cooling", CoolingSpec),
+    ("datacenter.weather", WeatherSpec),
     ("workload", WorkloadSpec),
     ("workload.diurnal", DiurnalSpec),
     ("workload.spikes[]", SpikeSpec),
@@ -926,6 +970,42 @@ def _one_carbon_source(s: Scenario, where: str) -> None:
                         "the other")
 
 
+@_cross_field
+def _weather_start_is_a_date(s: Scenario, where: str) -> None:
+    """`datacenter.weather.start` is a real day and time of a non-leap year (02-29 and 04-31 are not)."""
+    w = s.datacenter.weather
+    if w is None:
+        return
+    try:
+        parse_weather_start(w.start)
+    except ValueError as exc:
+        raise _fail(where, "datacenter.weather.start", w.start, f"not a day and time ({exc})") from None
+
+
+@_cross_field
+def _one_outside_source(s: Scenario, where: str) -> None:
+    """With `datacenter.weather`, `outside_temp_mean_c` and `outside_temp_amplitude_c` keep their defaults."""
+    d = s.datacenter
+    if d.weather is None:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(DatacenterSpec)}
+    for name in ("outside_temp_mean_c", "outside_temp_amplitude_c"):
+        if getattr(d, name) != defaults[name]:
+            raise _fail(where, f"datacenter.{name}", getattr(d, name),
+                        f"is ignored when datacenter.weather names a site ({d.weather.location}): give one "
+                        "or the other")
+
+
+@_cross_field
+def _gpu_offsets_fit_server(s: Scenario, where: str) -> None:
+    """`datacenter.server.gpu_inlet_offsets_c` is empty or has one value per GPU of the server."""
+    sv = s.datacenter.server
+    n = len(sv.gpu_inlet_offsets_c)
+    if n and n != sv.gpus:
+        raise _fail(where, "datacenter.server.gpu_inlet_offsets_c", list(sv.gpu_inlet_offsets_c),
+                    f"has {n} values; give one per GPU (datacenter.server.gpus = {sv.gpus}) or none")
+
+
 def validate(s: Scenario, where: str) -> None:
     """Check every field's type and range, then the cross-field rules (no file is read).
 
@@ -1071,6 +1151,18 @@ def _carbon_hours_in_table(s: Scenario, where: str, r: _Resolved) -> None:
         raise _fail(where, "carbon.start", s.carbon.start,
                     f"the episode ({s.duration_s:g} s from start{span}) must lie inside the hourly "
                     f"data, {table.first_hour_utc:%Y-%m-%dT%H:%M} to {table.end_utc:%Y-%m-%dT%H:%M} UTC")
+
+
+@_resolve_rule
+def _weather_file_reads(s: Scenario, where: str, r: _Resolved) -> None:
+    """The site's weather file (`datacenter.weather.location`) reads: 8,760 hourly dry-bulb values."""
+    w = s.datacenter.weather
+    if w is None:
+        return
+    try:
+        location_weather(w.location)
+    except WeatherDataError as exc:
+        raise _fail(where, "datacenter.weather.location", w.location, str(exc)) from None
 
 
 def resolve(s: Scenario, where: str, scenario_file: str | Path | None = None) -> Scenario:

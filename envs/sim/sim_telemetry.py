@@ -14,13 +14,14 @@ from llm_cluster_gym.envs.sim.thermal import OutsideAir
 from llm_cluster_gym.envs.sim.throttle import RowPowerCapping, ThermalSlowdown, read_only
 from llm_cluster_gym.envs.sim.topology import Topology
 from llm_cluster_gym.envs.sim.vms import VmPool
+from llm_cluster_gym.envs.sim.weather import WeatherAir
 
 
 def assemble_telemetry(*, time_s: float, topo: Topology, faults: FaultSchedule, vms: VmPool,
                        slowdown: ThermalSlowdown, capping: RowPowerCapping,
                        gpu_power_w: np.ndarray, gpu_temp_c: np.ndarray, row_power_w: np.ndarray,
                        inlet_c: np.ndarray, aisle_heat_w: np.ndarray,
-                       outside: OutsideAir, server_power_state: np.ndarray) -> Telemetry:
+                       outside: OutsideAir | WeatherAir, server_power_state: np.ndarray) -> Telemetry:
     """The telemetry at ``time_s``: the last tick's readings and the limits in force now.
 
     Row limits and aisle capacities are those in force now (for the next tick), consistent

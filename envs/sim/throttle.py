@@ -119,8 +119,10 @@ class ThermalSlowdown:
     """
 
     def __init__(self, gpu_model: pw.GpuPowerModel, thermal: ThermalParams,
-                 gpu_aisle: np.ndarray) -> None:
+                 gpu_aisle: np.ndarray, gpu_inlet_offset_c: np.ndarray | None = None) -> None:
         self.gpu_model, self.thermal, self.gpu_aisle = gpu_model, thermal, gpu_aisle
+        # Each GPU's air above its aisle's inlet (rack and in-server position); None: none.
+        self.gpu_inlet_offset_c = gpu_inlet_offset_c
         self.no_ceiling_mhz = read_only(np.full(gpu_aisle.size, gpu_model.max_freq_mhz))
         self.reset()
 
@@ -164,6 +166,8 @@ class ThermalSlowdown:
         th, gm = self.thermal, self.gpu_model
         r_total = th.r_die_c_per_w + th.r_sink_c_per_w
         inlet = inlet_c[self.gpu_aisle]
+        if self.gpu_inlet_offset_c is not None:
+            inlet = inlet + self.gpu_inlet_offset_c
         target_w = (th.slowdown_temp_c - THERMAL_RELEASE_C - inlet) / r_total
         dyn = np.maximum(gpu_w - idle_w, 1e-6)
         f_now = np.minimum(ceiling, gm.max_freq_mhz)

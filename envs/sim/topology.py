@@ -1,6 +1,10 @@
 """Index arrays that place every GPU in its server, rack, row (power) and aisle (cooling).
 
-Aggregation up the hierarchy is then one `np.bincount` per level, with no Python loops.
+Aggregation up the hierarchy is then one `np.bincount` per level, with no Python loops. The topology
+also holds each GPU's fixed air-temperature offset above its aisle's inlet (`gpu_inlet_offset_c`):
+the rack's place along its row (recirculation grows away from the cooling unit) plus the GPU's place
+in its server's airflow. Both are opt-in scenario fields; with neither, every GPU sees its aisle's
+inlet exactly, as before.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ class Topology:
         gpu_server: Server of each GPU.
         row_limit_w: Provisioned power of each row (nameplate / power oversubscription).
         aisle_capacity_w: Heat-removal capacity of each aisle (nameplate / cooling oversubscription).
+        gpu_inlet_offset_c: Each GPU's air temperature above its aisle's inlet (C): rack position
+            along the row plus GPU position in the server; None when every offset is zero.
     """
 
     n_rows: int
@@ -38,6 +44,7 @@ class Topology:
     row_limit_w: np.ndarray
     aisle_capacity_w: np.ndarray
     saas_servers: np.ndarray
+    gpu_inlet_offset_c: np.ndarray | None = None
 
     @property
     def n_gpus(self) -> int:
@@ -51,6 +58,34 @@ class Topology:
     def aisle_sum(self, per_server: np.ndarray) -> np.ndarray:
         """Sum a per-server quantity over each aisle."""
         return np.bincount(self.server_aisle, weights=per_server, minlength=self.n_aisles)
+
+    def gpu_inlet_c(self, aisle_inlet_c: np.ndarray) -> np.ndarray:
+        """The air temperature at each GPU (C): its aisle's inlet plus its fixed position offset."""
+        inlet = aisle_inlet_c[self.gpu_aisle]
+        if self.gpu_inlet_offset_c is not None:
+            inlet += self.gpu_inlet_offset_c
+        return inlet
+
+
+def gpu_inlet_offsets_c(scenario: Scenario, server_rack: np.ndarray) -> np.ndarray | None:
+    """Each GPU's fixed air-temperature offset above its aisle's inlet (C), or None if all are zero.
+
+    Rack part: `cooling.rack_inlet_spread_c` x (rack's index in its row) / (racks per row - 1), so
+    the first rack of a row (next to the cooling unit) sits at the aisle's inlet and the last at
+    inlet + spread. GPU part: `server.gpu_inlet_offsets_c[k]` for the k-th GPU of every server.
+    """
+    d = scenario.datacenter
+    spread_c, by_gpu = d.cooling.rack_inlet_spread_c, d.server.gpu_inlet_offsets_c
+    if spread_c == 0 and not any(by_gpu):
+        return None
+    g = d.server.gpus
+    rack_in_row = server_rack % d.racks_per_row
+    rack_c = spread_c * rack_in_row / max(d.racks_per_row - 1, 1)
+    offset = np.repeat(rack_c, g)
+    if by_gpu:
+        offset += np.tile(np.asarray(by_gpu, dtype=float), len(server_rack))
+    offset.flags.writeable = False
+    return offset
 
 
 def build_topology(scenario: Scenario) -> Topology:
@@ -89,4 +124,5 @@ def build_topology(scenario: Scenario) -> Topology:
         row_limit_w=row_limit_w,
         aisle_capacity_w=aisle_capacity_w.astype(float),
         saas_servers=saas_servers,
+        gpu_inlet_offset_c=gpu_inlet_offsets_c(scenario, server_rack),
     )
