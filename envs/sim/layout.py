@@ -205,7 +205,12 @@ def slot_tables(inst: InstanceTable, topo: Topology, tp_index: dict[int, int],
                 tp_arrays: ProfileArrays, max_freq_mhz: float,
                 mean_input_tokens: float, idle_no_context_w: float) -> SlotTables:
     """The per-slot coefficient arrays and the GPU -> instance map of ``inst``'s layout."""
-    tp_idx = np.array([tp_index.get(int(t), 0) for t in inst.tp])
+    # tp_index.get(int(t), 0) per slot, vectorized (a layout change of 1,024 slots no longer
+    # pays a Python loop over them).
+    tp = np.asarray(inst.tp).astype(np.int64)
+    tp_idx = np.zeros(len(tp), dtype=np.int64)
+    for t, i in tp_index.items():
+        tp_idx[tp == int(t)] = i
     sp = tp_arrays.take(tp_idx)
     owner = inst.slot_owner()
     gpu_owner = np.full(topo.n_gpus, -1, dtype=np.int64)
