@@ -43,10 +43,10 @@ from llm_cluster_gym.envs.sim.faults import FaultSchedule
 from llm_cluster_gym.envs.sim.instances import InstanceTable
 from llm_cluster_gym.envs.sim.layout import (
     RowSettingChecker,
+    SlotTablesCache,
     aisle_cooling,
     cluster_layout,
     gpu_power_model,
-    slot_tables,
     validate_pools,
 )
 from llm_cluster_gym.envs.sim.profiles import ProfileArrays, ProfileLibrary
@@ -149,6 +149,7 @@ class SimCluster:
         self._row_checker = RowSettingChecker(self.topo.n_rows, gm.min_freq_mhz, gm.max_freq_mhz)
         self._settings_cache = SlotSettingsCache(sv, gm.max_freq_mhz)
         self._model_cache = SlotModelCache()
+        self._tables_cache = SlotTablesCache()
         self._validated_pools: tuple[PoolConfig, ...] | None = None
         self.power = ServerPowerStates(self.topo.n_servers, s.datacenter.server.wake_latency_s,
                                        s.datacenter.idle_to_off_s)
@@ -297,9 +298,9 @@ class SimCluster:
 
     def _refresh_slots(self) -> None:
         """Recompute the per-slot tables after a layout change (invalidates the slot settings)."""
-        self.slots = slot_tables(self.inst, self.topo, self._tp_index, self._tp_arrays,
-                                 self.gpu_model.max_freq_mhz, self.mean_input_tokens,
-                                 self.gpu_model.idle_no_context_w)
+        self.slots = self._tables_cache.get(self.inst, self.topo, self._tp_index, self._tp_arrays,
+                                            self.gpu_model.max_freq_mhz, self.mean_input_tokens,
+                                            self.gpu_model.idle_no_context_w)
         occupied = np.zeros(self.topo.n_servers, dtype=bool)
         occupied[self.topo.saas_servers[self.inst.occupied_servers()]] = True
         self._saas_occupied = occupied

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -233,3 +233,33 @@ def slot_tables(inst: InstanceTable, topo: Topology, tp_index: dict[int, int],
             sp.min_freq_mhz, sp.max_freq_mhz, sp.prefill_busy_power_w),
         gpu_phase_power=gpu_phase_power(sp, gpu_has, gpu_o, idle_no_context_w),
     )
+
+
+class SlotTablesCache:
+    """`slot_tables` of the current layout, reusing the last one's tables when only clocks changed.
+
+    A controller that retunes its pools' clocks every interval (the DynamoLLM manager) changes
+    nothing else of the layout: the same instances (TP, quantization) on the same GPUs, so every
+    per-slot and per-GPU table but the clock (`SlotTables.freq_mhz`) is the same, and is reused
+    instead of gathered again. The result is always a new `SlotTables` (caches keyed on it by
+    identity see a new layout); its values are those `slot_tables` gives.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[np.ndarray, np.ndarray, np.ndarray, float] | None = None
+        self._tables: SlotTables | None = None
+
+    def get(self, inst: InstanceTable, topo: Topology, tp_index: dict[int, int],
+            tp_arrays: ProfileArrays, max_freq_mhz: float, mean_input_tokens: float,
+            idle_no_context_w: float) -> SlotTables:
+        """The tables of ``inst``'s layout (the other arguments are fixed per cluster)."""
+        key = (inst.tp.copy(), inst.active.copy(), inst.quantized.copy(), mean_input_tokens)
+        last, prev = self._key, self._tables
+        if (prev is not None and last[3] == mean_input_tokens and np.array_equal(last[0], key[0])
+                and np.array_equal(last[1], key[1]) and np.array_equal(last[2], key[2])):
+            tables = replace(prev, freq_mhz=np.where(inst.active, inst.freq_mhz, max_freq_mhz))
+        else:
+            tables = slot_tables(inst, topo, tp_index, tp_arrays, max_freq_mhz, mean_input_tokens,
+                                 idle_no_context_w)
+        self._key, self._tables = key, tables
+        return tables
