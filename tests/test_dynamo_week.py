@@ -137,14 +137,14 @@ def test_cli_rejects_a_training_day_with_one_line_and_exit_2():
     assert proc.stderr.strip().count("\n") == 0 and "days" in proc.stderr
 
 
-def test_select_margin_keeps_the_slo_target_and_picks_the_least_energy(base):
-    chosen, tried = week.select_margin(base, 300.0, 1800.0)
-    assert set(tried) == set(week.MARGINS)
-    ok = [m for m, (_, slo) in tried.items() if slo >= week.MARGIN_TARGET_SLO]
+def test_select_manager_keeps_the_slo_target_and_picks_the_least_energy(base):
+    candidates = ((0.4, 1.25), (1.0, 1.0))
+    chosen, tried = week.select_manager(base, 300.0, 1800.0, candidates=candidates)
+    assert set(tried) == set(candidates)
+    ok = [c for c, (_, slo) in tried.items() if slo >= week.MARGIN_TARGET_SLO]
     if ok:
-        assert chosen in ok and tried[chosen][0] == min(tried[m][0] for m in ok)
+        assert chosen in ok and tried[chosen][0] == min(tried[c][0] for c in ok)
     else:
-        assert chosen == min(week.MARGINS)
-    # A looser margin runs fewer servers' worth of energy or the same.
-    energies = [tried[m][0] for m in sorted(tried)]
-    assert energies[-1] <= energies[0] * 1.02
+        assert chosen == (0.4, 1.25)  # the most cautious candidate
+    # The cautious candidate (tight margin, headroom) never uses less energy than the loose one.
+    assert tried[(0.4, 1.25)][0] >= tried[(1.0, 1.0)][0] * 0.98
