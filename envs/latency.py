@@ -43,7 +43,7 @@ def latency_histogram(values_s: np.ndarray, weights: np.ndarray | None = None) -
     v = np.asarray(values_s, dtype=float)
     w = np.ones(v.shape) if weights is None else np.asarray(weights, dtype=float)
     ok = np.isfinite(v)
-    if not ok.all():
+    if np.count_nonzero(ok) != ok.size:
         v, w = v[ok], w[ok]
     # Geometric bins: the index is the scaled log (the simulator calls this every interval).
     pos = (np.log10(np.maximum(v, _FIRST_EDGE_S)) - _LOG_FIRST_EDGE) * BINS_PER_DECADE

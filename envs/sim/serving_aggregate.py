@@ -235,7 +235,7 @@ class AggregateServing:
                                  np.concatenate([idx, idx]))
         p0 = t[len(idx):]
         w = t[:len(idx)] - p0
-        all_mixed = bool(mixed.all())
+        all_mixed = np.count_nonzero(mixed) == len(mixed)  # mixed.all(), cheaper
         o = last_iter if all_mixed else np.where(mixed, last_iter, p0)  # fixed cost of a step
         m = np.maximum(self.max_prefill_tokens - run, 1.0)  # prompt tokens a step carries
         s = o * q_in / m + w  # chain service of one prompt
@@ -330,7 +330,7 @@ class AggregateServing:
         # and one token each); those requests go back to the head of the queue, to be
         # recomputed.
         excess = run_end * (ctx_end + BLOCK_TOKENS) - cap
-        if (excess > 0).any():
+        if np.count_nonzero(excess > 0):
             ctx_new = q_in + 1.0
             pre = np.where(alive & (excess > 0),
                            np.minimum(np.maximum(excess, 0.0) / (ctx_new + BLOCK_TOKENS), run_end),

@@ -297,7 +297,7 @@ def inlet_steady_state_c(
             partial capacity loss).
     """
     cap = np.asarray(capacity_w, dtype=float)
-    if not (cap > 0).all():  # NaN fails too
+    if np.count_nonzero(cap > 0) != cap.size:  # NaN fails too
         raise ThermalError(f"inlet model: capacity_w must be > 0, got {cap[~(cap > 0)]!r}")
     overload_frac = np.maximum(0.0, np.asarray(load_w, dtype=float) - cap) / cap
     warm_outside_c = np.maximum(0.0, np.asarray(outside_c, dtype=float) - params.supply_temp_c)
