@@ -101,6 +101,10 @@ class Coefficients:
     far quicker on small messages than NCCL launched from Python, which the table measured)."""
     p_busy_w: float = 150.0
     """Power while kernels run, beyond idle, before counting compute or memory activity."""
+    p_fixed_w: float | None = None
+    """Power, beyond idle, during the fixed GPU time (``step_s``, ``tau_*``: kernel boundaries, launch
+    gaps, small kernels); None: ``p_busy_w`` (the public calibration). A node whose engine spends much
+    of a step there (the real worker: about half of a batch-1 decode step) fits its own."""
     p_compute_w: float = 500.0
     """Power at 100% of peak FLOP/s (scaled by the achieved fraction)."""
     p_memory_w: float = 150.0
@@ -280,11 +284,16 @@ def _smax(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     )
 
 
-def _times(w: StepWork, c: Coefficients, s: np.ndarray | float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(GPU-busy seconds, step seconds, all-reduce seconds) at clock ratio ``s``."""
-    fixed = (
+def _fixed(w: StepWork, c: Coefficients) -> np.ndarray:
+    """GPU seconds per step not explained by FLOPs or bytes, at the maximum clock."""
+    return (
         c.step_s + c.tau_layer_s * w.n_layers + c.tau_moe_s * w.n_moe + c.tau_seq_s * w.n_sched * w.n_mixers
     )
+
+
+def _times(w: StepWork, c: Coefficients, s: np.ndarray | float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(GPU-busy seconds, step seconds, all-reduce seconds) at clock ratio ``s``."""
+    fixed = _fixed(w, c)
     gpu_t = (
         _smax(w.dense_c / (c.e_c * s), w.dense_m / c.e_m)
         + _smax(w.expert_c / (c.e_e * s), w.expert_m / c.e_m)
@@ -309,6 +318,8 @@ def _power(
     comm_t: np.ndarray,
 ) -> np.ndarray:
     clocked = (c.p_busy_w * (gpu_t - comm_t) + c.p_compute_w * w.compute_s + c.p_quant_w * w.quant_m) / step_t
+    if c.p_fixed_w is not None:  # the fixed GPU time draws its own power (a node's fit)
+        clocked = clocked + (c.p_fixed_w - c.p_busy_w) * (_fixed(w, c) / s) / step_t
     return idle + np.power(s, GAMMA) * clocked + (c.p_memory_w * w.memory_s + c.p_comm_w * comm_t) / step_t
 
 
