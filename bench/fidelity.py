@@ -1,9 +1,12 @@
-"""Sim-to-real fidelity from the committed H100 recordings (CPU only, ~2 s).
+"""Sim-to-real fidelity from the committed H100 recordings (CPU only, about a minute).
 
-Fits the simulator's time and power coefficients to ``envs/data/real/h100_calibration_run.json.gz``
-(one Azure conversation-trace window served by the real worker on an H100) and
-``envs/data/real/h100_llama3-8b_profile.json.gz``, the thermal model to the latter, then replays the
-requests of ``envs/data/real/h100_fidelity_run.json.gz`` (another window, with a batch-cap drill) in
+Fits the node's coefficients of the shape-based model (``envs/perf``: the model the datacenter
+simulator derives its profiles from) to ``envs/data/real/h100_calibration_run.json.gz`` (one Azure
+conversation-trace window served by the real worker on an H100) and the sustained phases of
+``envs/data/real/h100_llama3-8b_profile.json.gz`` with the shape model's calibration routine
+(``envs/real/node_calibration.py``), derives the node's simulator profile from it, fits the
+thermal model to the profile recording, then replays the requests of
+``envs/data/real/h100_fidelity_run.json.gz`` (another window, with a batch-cap drill) in
 ``SimCluster`` and prints power MAPE (1 s windows), temperature RMSE and throughput error (total
 generated tokens).
 Goals of issue 7: power MAPE <= 0.05, temperature RMSE <= 2 C, throughput error <= 0.10.

@@ -8,9 +8,11 @@ budget drops and the batch cap is cut for a while), sampling NVML at 25 Hz from 
 worker is built (the thermal history the replay starts from); write the recording (telemetry,
 every request's TTFT/TBT, per-interval metrics, every scheduler step, the drill) as gzip JSON.
 
-``fit`` (CPU): fit the simulator's time and power coefficients to a served calibration run
-(one trace window, its scheduler steps and 1 s energy) together with the profile recording
-(``llm-cluster profile``: idle power, prefill power shape, sustained decode phases), and
+``fit`` (CPU): fit the node's coefficients of the shape-based model (``envs/perf``, the model the
+datacenter simulator derives its profiles from) to a served calibration run (one trace window, its
+scheduler steps and 1 s energy) together with the profile recording (``llm-cluster profile``: idle
+power, sustained phases), by the shape model's own calibration routine
+(``envs/real/node_calibration.py``), derive the node's simulator profile from it, and fit
 the two-node thermal model to the profile recording; then replay the requests and the
 batch-cap schedule of a second, held-out run (another trace window) in the simulator
 (``SimCluster`` with one GPU) and compare: power MAPE over 1 s windows, temperature RMSE,
@@ -56,6 +58,9 @@ OTHER_GPU_RECS = (DATA_DIR / "h100_other_gpu_window1200.json.gz",
 """Served runs on two other H100s (other lent machines): the test window again, and another
 trace window. How the fit carries over to GPUs it was not fitted on."""
 MEASURED_PROFILE = DATA_DIR / "llama3-8b-real_h100_tp1.json"
+"""The node's simulator profile, derived from ``node_coefficients.json`` (what RealCluster describes)."""
+NODE_COEFFICIENTS = DATA_DIR / "node_coefficients.json"
+"""The node's fitted shape-model coefficients with their provenance."""
 CALIBRATION = DATA_DIR / "calibration.json"
 
 # The scripted drill of the recorded run: (start_s, max_batch) steps and the budget window.
@@ -233,15 +238,16 @@ class CalibrateFitArgs:
     run: Path = FIDELITY_REC
     """Served recording of the test window (compared, not fitted)."""
     calibration_run: list[Path] | None = None
-    """Served recordings of other trace windows that the time and power coefficients are fitted to,
-    pooled (default: h100_calibration_run.json.gz)."""
+    """Served recordings of other trace windows that the node's coefficients are fitted to, pooled
+    (default: h100_calibration_run.json.gz)."""
     sweeps_only: bool = False
     """Fit to the isolated profile sweeps alone (no served calibration run)."""
     other_run: list[Path] | None = None
     """Other served recordings judged with the same fit (default: the committed runs on two other
     H100s)."""
     write: bool = False
-    """Write the fitted profile, thermal fit, calibration.json and fidelity.png to envs/data/real."""
+    """Write node_coefficients.json, the derived profile, thermal fit, calibration.json and fidelity.png
+    to envs/data/real."""
 
 
 @dataclass

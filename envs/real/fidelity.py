@@ -25,7 +25,6 @@ taken from the shipped ``llama3-8b_h100_tp1`` profile.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import math
@@ -38,12 +37,9 @@ import numpy as np
 
 from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
 from llm_cluster_gym.envs.real.telemetry import TelemetryRecording, load_recording
-from llm_cluster_gym.envs.sim.fitting import nonneg_rel_lstsq, relative_error_stats, saturation_fit
 from llm_cluster_gym.envs.sim.profiles import (
-    DEFAULT_PROFILE_DIR,
     Profile,
     ProfileLibrary,
-    freq_at_power_limit_mhz,
     profile_from_dict,
 )
 from llm_cluster_gym.envs.sim.thermal import GpuThermalState, ThermalParams, step_gpu_temperature
@@ -93,397 +89,8 @@ def power_windows(rec: TelemetryRecording, t0_s: float, t1_s: float, window_s: f
 
 
 # ---------------------------------------------------------------------------------------------
-# Profile fit
+# Profile documents
 # ---------------------------------------------------------------------------------------------
-
-
-def _template() -> dict[str, Any]:
-    return json.loads((DEFAULT_PROFILE_DIR / "llama3-8b_h100_tp1.json").read_text())
-
-
-def fit_profile(profile_path: str | Path) -> dict[str, Any]:
-    """Fit simulator coefficients to a ``profile_gpu.py`` recording.
-
-    Returns:
-        A profile document in the schema of ``envs/data/profiles`` (model ``llama3-8b-real``).
-
-    Raises:
-        FidelityError: The recording lacks the ``prefill``, ``decode`` or ``phases`` sections.
-    """
-    rec = load_recording(profile_path)
-    ex = rec.extra
-    for key in ("prefill", "decode", "phases"):
-        if key not in ex:
-            raise FidelityError(f"{rec.path}: field '{key}' is missing (not a profile_gpu.py file)")
-    tpl = _template()
-    co = tpl["coefficients"]
-    max_f = float(rec.static.get("max_sm_clock_mhz") or co["max_freq_mhz"])
-    # Decode ran at the maximum clock throughout (no throttling), so only prefill is normalised.
-    phi_p, gamma = co["prefill_phi"], co["power_freq_exponent"]
-    # Prefill time: sweep points and sustained phases, normalised to the maximum clock.
-    pre = ex["prefill"]
-    phases = ex["phases"]
-    sus = [p for p in phases if p["kind"] == "prefill"]
-    tok = np.array(pre["tokens"] + [p["load"] for p in sus], dtype=float)
-    t_meas = np.array(pre["time_s"] + [p["time_s_per_iter"] for p in sus], dtype=float)
-    f_meas = np.array(pre["sm_clock_mhz"] + [p["sm_clock_mhz_median"] for p in sus], dtype=float)
-    f_meas = np.where(np.isfinite(f_meas), f_meas, max_f)
-    slow = phi_p * max_f / f_meas + 1.0 - phi_p
-    t_fmax = t_meas / slow
-    p_coef = nonneg_rel_lstsq(np.column_stack([np.ones_like(tok), tok, tok**2]), t_fmax)
-    p_pred = np.column_stack([np.ones_like(tok), tok, tok**2]) @ p_coef
-    # Decode time vs batch and context.
-    dec = ex["decode"]
-    # Mixed-length batches (recordings from the chunked-attention worker) enter at their mean
-    # context, the simulator's decode input.
-    mix = ex.get("decode_mixed", {"batch": [], "mean_ctx_tokens": [], "time_s": []})
-    b = np.array(dec["batch"] + mix["batch"], dtype=float)
-    c = np.array(dec["ctx_tokens"] + mix["mean_ctx_tokens"], dtype=float)
-    td = np.array(dec["time_s"] + mix["time_s"], dtype=float)
-    n_mix = len(mix["batch"])
-    xd = np.column_stack([np.ones_like(b), b, b * c])
-    d_coef = nonneg_rel_lstsq(xd, td)
-    # Power.
-    idle = [p["power_w"] for p in phases if p["kind"] == "idle"]
-    idle_w = float(np.median(idle))
-    pp = [p for p in phases if p["kind"] == "prefill"]
-    dp = [p for p in phases if p["kind"] == "decode"]
-    pl = np.array([p["load"] for p in pp], dtype=float)
-    pf = np.array([p["sm_clock_mhz_median"] for p in pp], dtype=float)
-    pw = np.array([p["power_w"] for p in pp], dtype=float)
-    pre_max, pre_k = saturation_fit(pl, (pf / max_f) ** gamma, pw, idle_w)
-    dl = np.array([p["load"] for p in dp], dtype=float)
-    df = np.array([p["sm_clock_mhz_median"] for p in dp], dtype=float)
-    dw = np.array([p["power_w"] for p in dp], dtype=float)
-    dec_max, dec_k = saturation_fit(dl, (df / max_f) ** gamma, dw, idle_w)
-
-    def sat(load: np.ndarray, f: np.ndarray, mx: float, k: float) -> np.ndarray:
-        return idle_w + (mx - idle_w) * load / (load + k) * (f / max_f) ** gamma
-
-    st = rec.static
-    doc = copy.deepcopy(tpl)
-    doc["model"] = MODEL_NAME
-    doc["provenance"] = {
-        "sources": [{
-            "measured_here": (f"{Path(profile_path).name}: {st.get('command')}; {st.get('name')}, "
-                              f"driver {st.get('driver')}, {st.get('date_utc')}, torch "
-                              f"{st.get('torch')}"),
-            "used_for": "every time and power coefficient",
-        }, {
-            "from_profile": "envs/data/profiles/llama3-8b_h100_tp1.json",
-            "used_for": "prefill_phi, decode_phi, power_freq_exponent (clocks were not varied: "
-                        "the shared H100 forbids setting them), model_shape, hardware",
-        }],
-        "built_by": "llm-cluster calibrate fit --write (envs/real/fidelity.py)",
-        "built_on": datetime.now(timezone.utc).date().isoformat(),
-        "engine": st.get("model", "envs/real/worker.py") + "; one prompt per prefill pass, "
-                  "static KV cache 64 slots x 4096 tokens",
-    }
-    co = doc["coefficients"]
-    co.update(
-        prefill_p0_s=float(p_coef[0]), prefill_p1_s_per_token=float(p_coef[1]),
-        prefill_p2_s_per_token2=float(p_coef[2]), decode_d0_s=float(d_coef[0]),
-        decode_d1_s_per_seq=float(d_coef[1]), decode_d2_s_per_seq_token=float(d_coef[2]),
-        idle_power_w=round(idle_w, 2), prefill_max_power_w=round(pre_max, 2),
-        prefill_k_tokens=round(pre_k, 3), decode_max_power_w=round(dec_max, 2),
-        decode_k_batch=round(dec_k, 4), gpu_power_limit_w=float(st.get("power_limit_w") or 700.0),
-        max_freq_mhz=max_f, kv_capacity_tokens=64 * 4096,
-        load_time_s=round(float(next((m["t1"] - m["t0"] for m in ex.get("marks", [])
-                                      if m["phase"] == "build"), co["load_time_s"])), 2),
-    )
-    doc["grids"] = {
-        "prefill": {"tokens": tok.tolist(), "time_s_measured": t_meas.tolist(),
-                    "freq_mhz": f_meas.tolist(), "time_s_at_max_freq": t_fmax.tolist(),
-                    "note": "profile_gpu.py sweep (median of 5) and sustained phases"},
-        "decode": {"batch": b.tolist(), "ctx_tokens": c.tolist(), "time_s": td.tolist()},
-        "prefill_power": {"tokens": pl.tolist(), "freq_mhz": pf.tolist(), "power_w": pw.tolist()},
-        "decode_power": {"batch": dl.tolist(), "power_w": dw.tolist(),
-                         "ctx_tokens": [p.get("ctx_tokens") for p in dp]},
-    }
-    doc["fit_error"] = {
-        "prefill_time": {**relative_error_stats(p_pred, t_fmax),
-                         "target": "grids.prefill.time_s_at_max_freq"},
-        "decode_time": {**relative_error_stats(xd @ d_coef, td), "target": "grids.decode.time_s"},
-        **({"decode_time_mixed_batches": {
-            **relative_error_stats((xd @ d_coef)[-n_mix:], td[-n_mix:]),
-            "target": "grids.decode.time_s (the last n: mixed-length batches at mean context)"}}
-           if n_mix else {}),
-        "prefill_power": {**relative_error_stats(sat(pl, pf, pre_max, pre_k), pw),
-                          "target": "grids.prefill_power.power_w"},
-        "decode_power": {**relative_error_stats(sat(dl, df, dec_max, dec_k), dw),
-                         "target": "grids.decode_power.power_w"},
-    }
-    return doc
-
-
-# ---------------------------------------------------------------------------------------------
-# Served-run fit: the engine as it serves, not as it is timed in isolation
-# ---------------------------------------------------------------------------------------------
-
-
-def served_steps(rec: TelemetryRecording) -> dict[str, np.ndarray]:
-    """The scheduler-step log of a ``calibrate.py record`` recording, one array per column.
-
-    Raises:
-        FidelityError: The recording has no step log (made before it was recorded).
-    """
-    ex = rec.extra
-    rows = ex.get("step_log")
-    cols = ex.get("step_columns")
-    if not rows or not cols:
-        raise FidelityError(f"{rec.path}: field 'step_log' is missing or empty (record the run "
-                            "again with llm-cluster calibrate record)")
-    arr = np.asarray(rows, dtype=float)
-    if arr.ndim != 2 or arr.shape[1] != len(cols) or not np.all(np.isfinite(arr)):
-        raise FidelityError(f"{rec.path}: field 'step_log' must be finite rows of {len(cols)} values")
-    return {name: arr[:, i] for i, name in enumerate(cols)}
-
-
-def _prefill_slowdown(co: dict[str, Any], tokens: np.ndarray) -> np.ndarray:
-    """Prefill time factor the simulator applies at ``tokens`` (clock held to the power limit)."""
-    f = freq_at_power_limit_mhz(tokens, co["gpu_power_limit_w"], co["idle_power_w"],
-                                co["prefill_max_power_w"], co["prefill_k_tokens"],
-                                co["power_freq_exponent"], co["min_freq_mhz"], co["max_freq_mhz"])
-    phi = co["prefill_phi"]
-    return phi * co["max_freq_mhz"] / f + 1.0 - phi
-
-
-def fit_served_times(runs: list[dict[str, np.ndarray]], co: dict[str, Any]) -> dict[str, Any]:
-    """Prefill and decode time coefficients from the steps of served runs (pooled).
-
-    The served engine pays what an isolated timing does not: prompt-length buckets padded up,
-    prompts longer than the largest CUDA-graph bucket run eagerly, and per step the
-    scheduler's host work (admission, retiring sequences, the chunk table). Prefill times are
-    divided by the slowdown the simulator itself applies at the power-limited clock (so the
-    simulator reproduces them); the host time per step (inside steps and between them) is
-    added to the per-iteration constant ``d0``, since every step runs one decode iteration.
-
-    Returns:
-        ``coefficients`` (the six time coefficients), ``fit_error`` (MAPE per step) and
-        ``host_s_per_step``.
-    """
-    steps = {k: np.concatenate([r[k] for r in runs]) for k in runs[0]}
-    pre = steps["prefill_passes"] > 0
-    n, tok = steps["prefill_passes"][pre], steps["prefill_tokens"][pre]
-    xp = np.column_stack([n, tok, tok**2 / n])  # one prompt length per pass: the step's mean
-    yp = steps["prefill_s"][pre]
-    slow = _prefill_slowdown(co, tok / n)
-    p_coef = nonneg_rel_lstsq(xp, yp / slow)
-    dec = steps["decode_batch"] > 0
-    xd = np.column_stack([np.ones(dec.sum()), steps["decode_batch"][dec],
-                          steps["decode_ctx_tokens"][dec]])
-    yd = steps["decode_s"][dec]
-    d_coef = nonneg_rel_lstsq(xd, yd)
-    host_s = 0.0
-    for r in runs:  # gaps between steps are within one run
-        wall = r["t_end_s"] - r["t_start_s"]
-        between = np.diff(r["t_start_s"]) - wall[:-1]
-        host_s += float(np.sum(wall - r["prefill_s"] - r["decode_s"])
-                        + np.sum(between[between < 1.0]))  # longer pauses: no work
-    host_per_step = host_s / len(steps["t_start_s"])
-    return {
-        "coefficients": {
-            "prefill_p0_s": float(p_coef[0]), "prefill_p1_s_per_token": float(p_coef[1]),
-            "prefill_p2_s_per_token2": float(p_coef[2]),
-            "decode_d0_s": float(d_coef[0] + host_per_step), "decode_d1_s_per_seq": float(d_coef[1]),
-            "decode_d2_s_per_seq_token": float(d_coef[2]),
-        },
-        "fit_error": {
-            "served_prefill_time": {**relative_error_stats(xp @ p_coef * slow, yp),
-                                    "target": "step_log prefill_s (steps with prefill passes)"},
-            "served_decode_time": {**relative_error_stats(xd @ d_coef, yd),
-                                   "target": "step_log decode_s (steps with a decode iteration)"},
-        },
-        "host_s_per_step": host_per_step,
-    }
-
-
-def served_vs_isolated(steps: dict[str, np.ndarray], co: dict[str, Any]) -> dict[str, float]:
-    """How much longer the served engine's steps take than the isolated sweeps' fit predicts.
-
-    Medians of measured / predicted time: single prefill passes up to 2048 prompt tokens (the
-    largest CUDA-graph bucket) and above it (eager passes), and decode iterations.
-    """
-    one = steps["prefill_passes"] == 1
-    tok = steps["prefill_tokens"][one]
-    pred = (co["prefill_p0_s"] + co["prefill_p1_s_per_token"] * tok
-            + co["prefill_p2_s_per_token2"] * tok**2) * _prefill_slowdown(co, tok)
-    ratio = steps["prefill_s"][one] / pred
-    dec = steps["decode_batch"] > 0
-    pred_d = (co["decode_d0_s"] + co["decode_d1_s_per_seq"] * steps["decode_batch"][dec]
-              + co["decode_d2_s_per_seq_token"] * steps["decode_ctx_tokens"][dec])
-
-    def median(x: np.ndarray) -> float:
-        return round(float(np.median(x)), 3) if x.size else float("nan")
-
-    return {"prefill_up_to_2048_tokens": median(ratio[tok <= 2048]),
-            "prefill_above_2048_tokens": median(ratio[tok > 2048]),
-            "decode": median(steps["decode_s"][dec] / pred_d)}
-
-
-def _split_into_seconds(start_s: np.ndarray, dur_s: np.ndarray, weight: np.ndarray,
-                        n: int) -> np.ndarray:
-    """Sum of ``dur * weight`` per 1 s bin, splitting intervals that cross a bin edge."""
-    out = np.zeros(n)
-    end_s = start_s + dur_s
-    a, b = np.floor(start_s).astype(int), np.floor(end_s).astype(int)
-    first = np.where(a == b, dur_s, b - start_s)
-    ok = (a >= 0) & (a < n)
-    np.add.at(out, a[ok], (first * weight)[ok])
-    cross = (a != b) & (b >= 0) & (b < n)
-    np.add.at(out, b[cross], ((end_s - b) * weight)[cross])
-    return out
-
-
-def _served_seconds(rec: TelemetryRecording, steps: dict[str, np.ndarray], co: dict[str, Any]
-                    ) -> tuple[np.ndarray, np.ndarray, Any]:
-    """A served run's 1 s power, its prefill term per second, and its decode term for ``k``."""
-    t0 = float(rec.extra["t0_s"])
-    duration = float(rec.static.get("config", {}).get("duration_s", 0.0)) or float(
-        steps["t_end_s"][-1])
-    _, power, _ = power_windows(rec, t0, t0 + duration, 1.0)
-    n = len(power)
-    idle, limit = co["idle_power_w"], co["gpu_power_limit_w"]
-    passes = np.maximum(steps["prefill_passes"], 1.0)
-    x = steps["prefill_tokens"] / passes
-    p_pre = np.minimum(idle + (co["prefill_max_power_w"] - idle) * x / (x + co["prefill_k_tokens"]),
-                       limit)
-    t_dec = steps["t_start_s"] + steps["prefill_s"]
-    f_pre = _split_into_seconds(steps["t_start_s"], steps["prefill_s"], p_pre - idle, n)
-    b = steps["decode_batch"]
-
-    def f_dec(k: float) -> np.ndarray:
-        return _split_into_seconds(t_dec, steps["decode_s"], b / (b + k), n)
-
-    return power, f_pre, f_dec
-
-
-def fit_served_power(runs: list[tuple[TelemetryRecording, dict[str, np.ndarray]]],
-                     co: dict[str, Any], phase_batch: np.ndarray, phase_power_w: np.ndarray
-                     ) -> dict[str, Any]:
-    """Prefill and decode power from served runs' 1 s energy and their step schedules.
-
-    Each second's measured energy is idle power plus, for every step in it, the prefill time
-    at the (power-limited) prefill power and the decode time at ``decode_max_power_w`` and
-    ``decode_k_batch`` (the simulator's saturating form). The prefill curve keeps the
-    profile's shape with a fitted scale; the decode amplitude and scale are linear least
-    squares (relative error) for each half-load ``k`` on a grid. The profile's sustained
-    decode phases join the fit with a weight from a grid, which anchors batches the runs
-    seldom reached; ``k`` and the weight minimize the runs' MAPE plus the phases' MAPE.
-
-    Args:
-        runs: (recording, its step log) of each calibration run; their seconds are pooled.
-        co: The profile's coefficients (idle power, prefill curve shape, power limit).
-        phase_batch: Batch of each sustained decode phase of the profile recording.
-        phase_power_w: Power of each of those phases (W).
-
-    Returns:
-        ``coefficients`` (``prefill_max_power_w``, ``decode_max_power_w``, ``decode_k_batch``)
-        and ``fit_error`` (``served_power_1s`` over the runs, ``decode_power_phases``).
-    """
-    idle = co["idle_power_w"]
-    parts = [_served_seconds(rec, steps, co) for rec, steps in runs]
-    power = np.concatenate([pw_ for pw_, _, _ in parts])
-    f_pre = np.concatenate([fp for _, fp, _ in parts])
-
-    def f_dec(k: float) -> np.ndarray:
-        return np.concatenate([fd(k) for _, _, fd in parts])
-
-    pb, pw = np.asarray(phase_batch, dtype=float), np.asarray(phase_power_w, dtype=float)
-    y = power - idle
-    best: tuple[float, float, float, np.ndarray] | None = None
-    for k in np.logspace(-1, 2, 31):
-        run_x = np.column_stack([f_pre, f_dec(k)])
-        phase_x = np.column_stack([np.zeros_like(pb), pb / (pb + k)])
-        for w in (0.0, 1.0, 3.0, 10.0):
-            xx = np.vstack([run_x / power[:, None], w * phase_x / pw[:, None]])
-            yy = np.concatenate([y / power, w * (pw - idle) / pw])
-            coef, *_ = np.linalg.lstsq(xx, yy, rcond=None)
-            if np.any(coef <= 0):
-                continue
-            score = float(np.mean(np.abs(run_x @ coef - y) / power)
-                          + np.mean(np.abs(phase_x @ coef - (pw - idle)) / pw))
-            if best is None or score < best[0]:
-                best = (score, float(k), w, coef)
-    if best is None:
-        names = ", ".join(str(rec.path) for rec, _ in runs)
-        raise FidelityError(f"{names}: no positive power fit to the served runs")
-    _, k, w, (pre_scale, dec_amp) = best
-    pred = idle + pre_scale * f_pre + dec_amp * f_dec(k)
-    phase_pred = idle + dec_amp * pb / (pb + k)
-    return {
-        "coefficients": {
-            "prefill_max_power_w": round(idle + pre_scale * (co["prefill_max_power_w"] - idle), 2),
-            "decode_max_power_w": round(idle + dec_amp, 2),
-            "decode_k_batch": round(k, 4),
-        },
-        "fit_error": {
-            "served_power_1s": {**relative_error_stats(pred, power),
-                                "target": "1 s energy-counter power of the served runs"},
-            "decode_power_phases": {**relative_error_stats(phase_pred, pw),
-                                    "target": "grids.decode_power.power_w (sustained phases)"},
-        },
-        "prefill_power_scale": round(float(pre_scale), 4),
-        "phase_weight": w,
-    }
-
-
-def fit_to_served_run(doc: dict[str, Any],
-                      run_paths: str | Path | tuple[str | Path, ...] | list[str | Path]
-                      ) -> dict[str, Any]:
-    """Refit a profile document's time and power coefficients to served calibration runs.
-
-    ``doc`` is :func:`fit_profile`'s document; its sustained decode phases
-    (``grids.decode_power``) join the power fit. Several runs (other trace windows) are
-    pooled: their steps in the time fit, their seconds in the power fit.
-
-    Returns:
-        A new document: coefficients from the served runs, the isolated-sweep coefficients
-        and fit errors kept under ``isolated_sweep``, provenance naming every recording.
-    """
-    paths = [run_paths] if isinstance(run_paths, (str, Path)) else list(run_paths)
-    recs = [load_recording(x) for x in paths]
-    steps = [served_steps(rec) for rec in recs]
-    out = copy.deepcopy(doc)
-    co = out["coefficients"]
-    isolated = {k: co[k] for k in ("prefill_p0_s", "prefill_p1_s_per_token",
-                                   "prefill_p2_s_per_token2", "decode_d0_s", "decode_d1_s_per_seq",
-                                   "decode_d2_s_per_seq_token", "prefill_max_power_w",
-                                   "decode_max_power_w", "decode_k_batch")}
-    slower = {Path(x).name: served_vs_isolated(st, co) for x, st in zip(paths, steps, strict=True)}
-    phases = doc["grids"]["decode_power"]
-    power = fit_served_power(list(zip(recs, steps, strict=True)), co, phases["batch"],
-                             phases["power_w"])
-    co.update(power["coefficients"])
-    times = fit_served_times(steps, co)  # the slowdown uses the served power curve
-    co.update(times["coefficients"])
-    out["isolated_sweep"] = {"coefficients": isolated, "fit_error": doc["fit_error"]}
-    out["fit_error"] = {**doc["fit_error"], **times["fit_error"], **power["fit_error"]}
-    out["served_fit"] = {
-        "recordings": [Path(x).name for x in paths],
-        "commands": [rec.static.get("command") for rec in recs],
-        "steps": int(sum(len(st["t_start_s"]) for st in steps)),
-        "host_s_per_step": round(times["host_s_per_step"], 6),
-        "served_over_isolated_time_median": slower,
-        "prefill_power_scale": power["prefill_power_scale"],
-        "phase_weight": power["phase_weight"],
-        "note": "time and power coefficients fitted to the served calibration runs (their "
-                "scheduler steps and 1 s energy), not to the isolated sweeps: see "
-                "envs/real/fidelity.py fit_served_times / fit_served_power; the isolated-sweep "
-                "coefficients are kept under isolated_sweep",
-    }
-    for x, rec in reversed(list(zip(paths, recs, strict=True))):
-        out["provenance"]["sources"].insert(1, {
-            "measured_here": f"{Path(x).name}: {rec.static.get('command')}; "
-                             f"{rec.static.get('name')} {rec.static.get('serial') or ''}".rstrip()
-                             + f", {rec.static.get('date_utc')}",
-            "used_for": "prefill/decode time coefficients (served steps) and prefill/decode "
-                        "power (1 s energy of the served runs, with the profile's sustained "
-                        "decode phases)",
-        })
-    out["provenance"]["sources"][0]["used_for"] = (
-        "idle power, prefill power curve shape, sustained decode phases, isolated sweeps")
-    return out
 
 
 def profile_object(doc: dict[str, Any]) -> Profile:
@@ -815,26 +422,39 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
                           calibration_path: str | Path | tuple[str | Path, ...] | None = None,
                           write_dir: Path | None = None,
                           other_runs: tuple[str | Path, ...] = ()) -> dict[str, Any]:
-    """Fit profile and thermal parameters, replay the run in the simulator, report the gaps.
+    """Fit the node's shape-based model and the thermal model, replay the run, report the gaps.
+
+    The node's profile is the shape-based model (`envs.perf`) for the worker's shape on its GPU,
+    with the node's own coefficients fitted to its recordings by the shape model's calibration
+    routine (`envs.real.node_calibration.fit_node`), turned into the simulator's profile by the
+    derivation every shipped shape goes through (`shape_profiles.fit_profile_to_perf`).
 
     Args:
         profile_path: ``profile_gpu.py`` recording.
         run_path: ``calibrate.py record`` recording of the test window (only the thermal
             model's inlet offset is fitted to it).
-        calibration_path: Another served recording (a different trace window) the time and
-            power coefficients are fitted to, or several (pooled); None: the isolated sweeps
-            alone.
-        write_dir: Where to write the fitted profile and ``calibration.json`` (None: don't).
+        calibration_path: Another served recording (a different trace window) the node's
+            coefficients are fitted to, or several (pooled); None: the isolated sweeps alone.
+        write_dir: Where to write ``node_coefficients.json``, the node's profile,
+            ``calibration.json`` and the picture (None: don't).
         other_runs: More served recordings judged with the same fit (e.g. another GPU), in
             the summary under ``other_runs`` by file name.
 
     Returns:
-        ``{"summary": {...}, "profile": doc, "thermal": {...}, "comparison": {...}}``.
+        ``{"summary": {...}, "profile": doc, "thermal": {...}, "comparison": {...}, "node": fit}``.
     """
-    sweep_doc = fit_profile(profile_path)
-    doc = (sweep_doc if calibration_path is None
-           else fit_to_served_run(sweep_doc, calibration_path))
-    prof = profile_object(doc)
+    from llm_cluster_gym.envs.real.node_calibration import (
+        fit_node,
+        profile_document,
+        write_node_coefficients,
+    )
+
+    cal_paths = ([] if calibration_path is None else [calibration_path]
+                 if isinstance(calibration_path, (str, Path)) else list(calibration_path))
+    node = fit_node(profile_path, tuple(cal_paths))
+    prof = node.profile(MODEL_NAME)
+    doc = profile_document(node, prof, profile_path)
+    sweep_node = fit_node(profile_path) if cal_paths else node
     prec = load_recording(profile_path)
     t = prec.column("t_s")
     _, pw, tt = power_windows(prec, float(t[0]), float(t[-1]), WINDOW_S)
@@ -844,10 +464,7 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
     rmse_run_fitted, _ = thermal_rmse(thermal, rpw, rtt, score_from=first)
     rmse_run_shipped, _ = thermal_rmse(ThermalParams.load(), rpw, rtt, score_from=first)
     comp = compare(run_path, prof, thermal)
-    comp_sweep = (comp if calibration_path is None
-                  else compare(run_path, profile_object(sweep_doc), thermal))
-    cal_paths = ([] if calibration_path is None else [calibration_path]
-                 if isinstance(calibration_path, (str, Path)) else list(calibration_path))
+    comp_sweep = comp if not cal_paths else compare(run_path, sweep_node.profile(MODEL_NAME), thermal)
     comp_in_sample = [compare(x, prof, thermal) for x in cal_paths]
     shipped_prof = replace(ProfileLibrary.load().get("llama3-8b", "h100", 1), model=MODEL_NAME)
     comp_shipped = compare(run_path, shipped_prof, ThermalParams.load())
@@ -882,7 +499,11 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
         "shipped_profile_power_mape": comp_shipped["power_mape"],
         "shipped_profile_temp_rmse_c": comp_shipped["temp_rmse_c"],
         "shipped_profile_throughput_error": comp_shipped["throughput_error"],
-        "profile_fit_error_mape_pct": {k: v["mape_pct"] for k, v in doc["fit_error"].items()},
+        "node_fit_error_mape_pct": {k: v["mape_pct"] for k, v in node.fit_error.items()},
+        "profile_fit_error_mape_pct": {k: doc["fit_error"][k]["mape_pct"]
+                                       for k in ("prefill_time", "decode_time", "prefill_power",
+                                                 "decode_power")},
+        "node_coefficients": {k: v for k, v in node.coefficients.to_dict().items() if v is not None},
         "thermal": th,
     }
     if other_runs:
@@ -890,6 +511,7 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
                                                 if k != "series"} for x in other_runs}
     if write_dir is not None:
         write_dir = Path(write_dir)
+        write_node_coefficients(node, write_dir / "node_coefficients.json")
         (write_dir / f"{MODEL_NAME}_h100_tp1.json").write_text(json.dumps(doc, indent=1) + "\n")
         thermal_doc = {
             "description": "Two-node H100 thermal model fitted to the real-worker profile run",
@@ -914,4 +536,4 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
         fitted_to = ", ".join(Path(x).name for x in cal_paths) or Path(profile_path).name
         write_comparison_png(comp, f"{Path(run_path).name} replayed in the simulator "
                                    f"(fitted to {fitted_to})", write_dir / "fidelity.png")
-    return {"summary": summary, "profile": doc, "thermal": th, "comparison": comp}
+    return {"summary": summary, "profile": doc, "thermal": th, "comparison": comp, "node": node}
