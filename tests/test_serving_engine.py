@@ -11,6 +11,8 @@ takes one token per step.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -49,10 +51,10 @@ class Engine:
     """A request-level serving model on `instance()`, ticked by hand."""
 
     def __init__(self, max_batch: int = 64, kv_tokens: float = 1e9, drop_after_s: float = 60.0,
-                 dt_s: float = 0.5):
+                 dt_s: float = 0.5, prefill_mode: str = "chunked"):
         self.inst = instance(max_batch)
         self.model = model(kv_tokens)
-        self.serving = RequestLevelServing(1, 1, BUDGET, drop_after_s)
+        self.serving = RequestLevelServing(1, 1, BUDGET, drop_after_s, prefill_mode)
         self.acc = ServiceAccumulator(1)
         self.dt_s = dt_s
         self.t_s = 0.0
@@ -266,3 +268,84 @@ def test_aggregate_admits_on_the_prompt_and_preempts_what_outgrows_the_kv():
     assert agg.preemptions > 0
     assert max(held) <= 20_000.0 + 1e-6
     assert max(float(ld.decode_batch[0]) for ld in loads) > 20_000 / 2500
+
+
+# ---------------------------------------------------------------------------------------------
+# Serial prefill (serving.prefill_mode: serial): one prompt per pass, decoding stalled
+# ---------------------------------------------------------------------------------------------
+
+
+def _long_prompt_into_decoding(prefill_mode: str) -> tuple[Engine, np.ndarray, object]:
+    """4 requests decode for 1 s; a 4,000-token prompt arrives at t = 1 s; one more tick."""
+    e = Engine(prefill_mode=prefill_mode)
+    e.add(4, prompt=100, output=1000, at_s=0.0)
+    e.tick()
+    e.tick()
+    before = e.serving.req["done_tokens"][:4].copy()
+    e.add(1, prompt=4000, output=1000, at_s=1.0)
+    load = e.tick()
+    return e, e.serving.req["done_tokens"][:4] - before, load
+
+
+def test_serial_prefill_pass_stalls_decoding():
+    """Serially the 4,000-token prompt runs in one pass of p0 + 4,000 p1 = 0.42 s (its first token
+    when the pass ends); the decoding requests get tokens only in the rest of the 0.5 s tick. With
+    chunked prefill they keep decoding through the prompt's steps (the pass's p0 is not paid)."""
+    e, gained, load = _long_prompt_into_decoding("serial")
+    pass_s = P0_S + 4000 * P1_S
+    assert e.serving.req["first_token_s"][4] == pytest.approx(1.0 + pass_s, rel=1e-12)
+    np.testing.assert_allclose(gained, (0.5 - pass_s) / ITER_S, rtol=1e-9)
+    assert load.prefill_busy_s[0] == pytest.approx(pass_s, rel=1e-12)
+    assert load.prefill_tokens[0] == pytest.approx(4000.0)
+    _, gained_chunked, _ = _long_prompt_into_decoding("chunked")
+    np.testing.assert_allclose(gained_chunked, (0.5 - 4000 * P1_S) / ITER_S, rtol=1e-9)
+    assert (gained_chunked > gained + 0.9).all()
+
+
+def test_serial_prefill_pays_p0_per_prompt():
+    """10 prompts of 200 tokens on an idle instance: one pass each, back to back, so the k-th
+    first token comes at k (p0 + 200 p1) (chunked: they share one step's p0)."""
+    n, x = 10, 200
+    e = Engine(prefill_mode="serial")
+    e.add(n, prompt=x, output=1000, at_s=0.0)
+    load = e.tick()
+    first = np.sort(e.serving.req["first_token_s"])
+    np.testing.assert_allclose(first, np.arange(1, n + 1) * (P0_S + x * P1_S), rtol=1e-12)
+    assert load.prefill_busy_s[0] == pytest.approx(n * (P0_S + x * P1_S), rel=1e-12)
+    c = Engine()
+    c.add(n, prompt=x, output=1000, at_s=0.0)
+    c.tick()
+    assert c.serving.req["first_token_s"].max() < 0.6 * first.max()
+
+
+def test_serial_prefill_runs_a_budget_of_prompts_between_decode_iterations():
+    """With requests decoding and a backlog of prompts, each step runs passes of up to the budget
+    in prompt tokens then one decode iteration: the chain takes each prompt's pass plus its share
+    x / budget of an iteration, and the decoding requests get one token per iteration."""
+    e = Engine(prefill_mode="serial", dt_s=2.0)
+    e.add(2, prompt=100, output=10_000, at_s=0.0)
+    e.tick()
+    before = e.serving.req["done_tokens"][:2].copy()
+    n, x = 8, 2048  # two budgets of prompts
+    e.add(n, prompt=x, output=10_000, at_s=2.0)
+    e.tick()
+    svc = x * ITER_S / BUDGET + P0_S + x * P1_S
+    first = np.sort(e.serving.req["first_token_s"][2:])
+    np.testing.assert_allclose(first, 2.0 + np.arange(n) * svc + P0_S + x * P1_S, rtol=1e-12)
+    passes_s = n * (P0_S + x * P1_S)
+    np.testing.assert_allclose(e.serving.req["done_tokens"][:2] - before, (2.0 - passes_s) / ITER_S,
+                               rtol=1e-9)
+
+
+def test_serial_prefill_needs_the_request_level_model():
+    from llm_cluster_gym.envs.sim.cluster import SimCluster
+    from llm_cluster_gym.envs.sim.scenario import ScenarioError, load_scenario
+
+    base = load_scenario("small")
+    assert base.serving.prefill_mode == "chunked"
+    s = base.with_overrides(serving=dataclasses.replace(base.serving, prefill_mode="serial"))
+    with pytest.raises(ScenarioError, match="prefill_mode.*request-level"):
+        SimCluster(s, serving_model="aggregate")
+    SimCluster(s, serving_model="request")
+    with pytest.raises(ScenarioError, match="prefill_mode"):
+        base.with_overrides(serving=dataclasses.replace(base.serving, prefill_mode="eager"))

@@ -11,7 +11,8 @@ Inputs are two recordings made on the H100 (``envs/data/real``):
 ``envs/data/profiles``): prefill and decode time coefficients, idle/prefill/decode power.
 :func:`fit_thermal` fits the two-node GPU thermal model (``envs/sim/thermal.py``) to the
 profile recording's telemetry. :func:`replay_in_simulator` serves the run's requests, with
-the same batch-cap schedule, in ``SimCluster`` (one GPU, 0.25 s ticks) using those fits, and
+the same batch-cap schedule, in ``SimCluster`` (one GPU, 0.25 s ticks, request-level serving with
+the worker's serial prefill: ``serving.prefill_mode: serial``) using those fits, and
 :func:`compare` prints power MAPE (1 s windows), temperature RMSE and throughput/latency
 errors. The replay's thermal model starts from the GPU's measured history (the telemetry
 recorded before the replay: idle lead and worker warm-up). Only the thermal model's inlet
@@ -206,7 +207,9 @@ def _scenario(duration_s: float, slo_ttft_s: float, slo_tbt_s: float, inlet_c: f
             model=MODEL_NAME, gpu="h100",
             pools=(PoolSpec(1, 1, 1980.0, 64, slo_ttft_s, slo_tbt_s),),
             tp_choices=(1,), freq_choices_mhz=(1980.0,), batch_choices=(8, 64),
-            max_prefill_tokens=max_prefill_tokens, drop_after_s=drop_after_s),
+            max_prefill_tokens=max_prefill_tokens, drop_after_s=drop_after_s,
+            # The worker runs one prompt per pass, decoding stalled (envs/real/engine.py).
+            prefill_mode="serial"),
         source="envs/real/fidelity.py",
     )
     validate(s, "envs/real/fidelity.py")

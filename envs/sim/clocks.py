@@ -17,7 +17,12 @@ import numpy as np
 from llm_cluster_gym.envs.sim import power as pw
 from llm_cluster_gym.envs.sim.instances import InstanceTable
 from llm_cluster_gym.envs.sim.layout import SlotTables
-from llm_cluster_gym.envs.sim.profiles import decode_iter_time_s, prefill_time_s
+from llm_cluster_gym.envs.sim.profiles import (
+    ProfileArrays,
+    decode_iter_time_s,
+    freq_at_power_limit_mhz,
+    prefill_time_s,
+)
 from llm_cluster_gym.envs.sim.scenario import ServingSpec
 from llm_cluster_gym.envs.sim.serving import TickLoad
 from llm_cluster_gym.envs.sim.serving_request import SlotModel
@@ -220,3 +225,47 @@ def gpu_load(load: TickLoad, st: SlotSettings, slots: SlotTables, gpu_prefill_mh
         vm_power_w=vm_power_w,
         phase_power=slots.gpu_phase_power,
     )
+
+
+def serial_slot_model(model: SlotModel, slots: SlotTables, f_eff: np.ndarray,
+                      speed: np.ndarray | None) -> SlotModel:
+    """``model`` with whole prefill passes, each at the clock its own prompt allows.
+
+    For ``serving.prefill_mode: serial`` (one prompt per pass, `serving_request`): a pass of
+    ``tokens`` prompt tokens runs at the slot's effective clock under the clock at which a pass of
+    that length fits the GPU power limit (`profiles.freq_at_power_limit_mhz`), as the real
+    worker's profile recording shows (``envs/data/real/h100_llama3-8b_profile.json.gz``: passes of
+    up to 512 tokens at 1,980 MHz, longer ones pulled down to 1,630-1,920 MHz by the power cap),
+    not at one clock set by the episode's mean prompt. Decode timing is ``model``'s.
+    """
+    sp = slots.prof
+
+    def prefill(tok: np.ndarray, i: np.ndarray) -> np.ndarray:
+        t = np.asarray(tok, dtype=np.float64)
+        f = np.minimum(f_eff[i], _prefill_limit_mhz(t, sp, i))
+        s = prefill_time_s(t, f, sp.prefill_p0_s[i], sp.prefill_p1_s_per_token[i],
+                           sp.prefill_p2_s_per_token2[i], sp.prefill_phi[i], sp.max_freq_mhz[i])
+        return s if speed is None else s / speed[i]
+
+    return SlotModel(prefill, model.decode_iter_time_s, model.kv_capacity_tokens)
+
+
+def serial_prefill_gpu_mhz(load: TickLoad, slots: SlotTables, f_eff: np.ndarray,
+                           f_set: np.ndarray, max_mhz: float) -> np.ndarray:
+    """Each GPU's prefill clock over a tick of serial passes (``serving.prefill_mode: serial``).
+
+    The clock at which a pass of the tick's mean prompt (``load.prefill_tokens``, weighted by
+    pass time) fits the power limit, under the slot's effective and set clocks; the maximum
+    where no instance runs.
+    """
+    o = slots.gpu_o
+    idx = np.arange(len(f_eff))
+    f_pre = np.minimum(f_eff, _prefill_limit_mhz(load.prefill_tokens, slots.prof, idx))
+    return np.where(slots.gpu_has, np.minimum(f_pre[o], f_set[o]), max_mhz)
+
+
+def _prefill_limit_mhz(tokens: np.ndarray, sp: ProfileArrays, i: np.ndarray) -> np.ndarray:
+    return freq_at_power_limit_mhz(
+        tokens, sp.gpu_power_limit_w[i], sp.idle_power_w[i], sp.prefill_max_power_w[i],
+        sp.prefill_k_tokens[i], sp.power_freq_exponent[i], sp.min_freq_mhz[i],
+        sp.max_freq_mhz[i], sp.prefill_busy_power_w[i])

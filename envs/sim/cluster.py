@@ -36,6 +36,8 @@ from llm_cluster_gym.envs.sim.clocks import (
     SlotSettingsCache,
     effective_clocks,
     gpu_load,
+    serial_prefill_gpu_mhz,
+    serial_slot_model,
 )
 from llm_cluster_gym.envs.sim.demand import episode_trace, pools_for
 from llm_cluster_gym.envs.sim.description import describe_sim, tick_history
@@ -50,7 +52,7 @@ from llm_cluster_gym.envs.sim.layout import (
     validate_pools,
 )
 from llm_cluster_gym.envs.sim.profiles import ProfileArrays, ProfileLibrary
-from llm_cluster_gym.envs.sim.scenario import Scenario, load_scenario
+from llm_cluster_gym.envs.sim.scenario import Scenario, ScenarioError, load_scenario
 from llm_cluster_gym.envs.sim.server_power import WAKING, ServerPowerStates
 from llm_cluster_gym.envs.sim.serving import ServiceAccumulator, TickLoad
 from llm_cluster_gym.envs.sim.serving_aggregate import AggregateServing
@@ -114,7 +116,11 @@ class SimCluster:
         s = self.scenario
         if serving_model not in ("request", "aggregate"):
             raise ValueError(f"serving_model must be 'request' or 'aggregate', got {serving_model!r}")
+        if serving_model == "aggregate" and s.serving.prefill_mode == "serial":
+            raise ScenarioError(f"{s.source or s.name}: field 'serving.prefill_mode' = 'serial' needs "
+                                "the request-level serving model (the aggregate one runs chunked only)")
         self.serving_model = serving_model
+        self._serial = s.serving.prefill_mode == "serial"
         self.topo = build_topology(s)
         self.library = profiles or ProfileLibrary.load()
         self.thermal = thermal or ThermalParams.load()
@@ -177,7 +183,8 @@ class SimCluster:
         n_slots = self.inst.n_slots
         if self.serving_model == "request":
             self.serving: RequestLevelServing | AggregateServing = RequestLevelServing(
-                n_slots, self.pools.n_pools, s.serving.max_prefill_tokens, s.serving.drop_after_s)
+                n_slots, self.pools.n_pools, s.serving.max_prefill_tokens, s.serving.drop_after_s,
+                s.serving.prefill_mode)
         else:
             self.serving = AggregateServing(
                 n_slots, self.pools.n_pools, s.serving.max_prefill_tokens, s.serving.drop_after_s)
@@ -380,9 +387,13 @@ class SimCluster:
             st, slots, inst, slowdown, capping, topo.gpu_row, gm.max_freq_mhz)
         serving = inst.serving(t0)
         model = self._model_cache.get(slots, f_pre, f_eff, st.speed)
+        if self._serial:  # whole passes, each at its own prompt's clock
+            model = serial_slot_model(model, slots, f_eff, st.speed)
         load: TickLoad = self.serving.tick(t0, dt, inst, serving, model, st.route_weight,
                                            self.slo_ttft_s, self.slo_tbt_s, st.qloss, acc)
         acc.tokens += load.tokens_generated
+        if self._serial:
+            gpu_prefill_mhz = serial_prefill_gpu_mhz(load, slots, f_eff, st.f_set_mhz, gm.max_freq_mhz)
         # GPU power at this tick's ceilings.
         gl = gpu_load(load, st, slots, gpu_prefill_mhz, self._vm_gpu_power_w(), dt)
         if self.power.any_down:

@@ -50,6 +50,8 @@ REFERENCE_DOC = "docs/SCENARIOS.md"
 """Where the generated format reference lives, relative to the repository root."""
 
 FAULT_KINDS = ("cooling_failure", "power_failure", "load_spike")
+PREFILL_MODES = ("chunked", "serial")
+"""How an engine runs prompts (`serving.prefill_mode`)."""
 
 MAX_OVERSUBSCRIPTION = 3.0
 """Upper bound of power and cooling oversubscription (see `_oversubscription_doc`)."""
@@ -415,6 +417,15 @@ class ServingSpec:
         8192, unit="tokens", ge=1,
         doc="Token budget of one engine step (vLLM's max_num_batched_tokens): one token per "
             "decoding request plus prompt chunks.")
+    prefill_mode: str = spec(
+        "chunked", choices=PREFILL_MODES,
+        doc="How prompts are run. `chunked`: vLLM V1's default, prompt chunks mixed into decode "
+            "steps under `max_prefill_tokens`, one prefill clock per instance set by the episode's "
+            "mean prompt. `serial`: each prompt in its own pass that stalls decoding, passes of up "
+            "to `max_prefill_tokens` prompt tokens then one decode iteration, each pass at the "
+            "clock its own prompt allows under the GPU power limit (HF-style engines and this "
+            "project's real worker, `envs/real/engine.py`). `serial` needs the request-level "
+            "serving model.")
     drop_after_s: float = spec(120.0, unit="s", gt=0,
                                doc="A request without its first token after this long is dropped.")
     quantized_speedup: float = spec(1.0, unit="x", ge=1, le=10,

@@ -38,6 +38,17 @@ a tick's step fixed cost is the instance's decode iteration of the previous tick
 decode iteration uses every request that decodes in it; KV is checked for preemption at the
 end of the tick (it can exceed the memory by one tick's growth in between).
 
+Serial prefill (``serving.prefill_mode: serial``): how HF-style engines and this project's real
+worker (``envs/real/engine.py``) serve. Each scheduler step admits waiting prompts (FIFO, batch cap,
+up to ``max_prefill_tokens`` prompt tokens, at least one), runs each in its own prefill pass (its
+first token comes out of the pass), then one decode iteration for every running request: decoding
+stalls during the passes. The same chain carries it: a prompt's service is its whole pass
+(``prefill_time_s(tokens)``, fixed cost p0 included, at the clock its own prompt allows: the
+cluster's serial `SlotModel`) plus its share ``o * tokens / budget`` of the decode iterations
+between passes (``o``: the decode iteration, 0 with nothing decoding); its first token comes when
+its pass ends, before its step's decode iteration; decoding requests lose the whole pass time.
+A tick's prefill load is its pass time (p0 included) and its mean prompt weighted by pass time.
+
 Timing conventions: a request's TTFT is from its arrival to its first token; its TBT is the
 wall time between its first and last token divided by the tokens in between, so prefill work
 mixed into its steps and the stalls of preemption show up in its TBT, as they do on a server.
@@ -86,6 +97,7 @@ class SlotModel:
             tokens (the profile's formula, fixed cost p0 included). The fixed cost of a step
             is ``prefill_time_s(0)``; what a chunk of one prompt, from ``c`` to ``c + k``
             computed tokens, adds to a step is ``prefill_time_s(c + k) - prefill_time_s(c)``.
+            Serial prefill calls it with whole prompts only (its pass, at that prompt's clock).
         decode_iter_time_s: ``(batch, mean_ctx, slot_idx) -> s``, one decode iteration.
         kv_capacity_tokens: Each slot's KV-cache capacity, tokens.
     """
@@ -98,11 +110,15 @@ class SlotModel:
 class RequestLevelServing:
     """Continuous-batching serving of individual requests across the instance table."""
 
-    def __init__(self, n_slots: int, n_pools: int, max_prefill_tokens: int, drop_after_s: float):
+    def __init__(self, n_slots: int, n_pools: int, max_prefill_tokens: int, drop_after_s: float,
+                 prefill_mode: str = "chunked"):
+        if prefill_mode not in ("chunked", "serial"):
+            raise ValueError(f"prefill_mode must be 'chunked' or 'serial', got {prefill_mode!r}")
         self.n_slots = n_slots
         self.n_pools = n_pools
         self.max_prefill_tokens = max_prefill_tokens
         self.drop_after_s = drop_after_s
+        self.serial = prefill_mode == "serial"
         self.reset()
 
     def reset(self) -> None:
@@ -285,8 +301,8 @@ class RequestLevelServing:
         dec_slot = r["slot"][dec]
         n_dec = np.bincount(dec_slot, minlength=n)  # decoding at the tick start
         if len(pf):
-            new, new_start, new_after, work, kv_pf, n_pf = self._prefill(pf, n_dec, t0_s, dt_s,
-                                                                         model, load)
+            chain = self._prefill_serial if self.serial else self._prefill
+            new, new_start, new_after, work, kv_pf, n_pf = chain(pf, n_dec, t0_s, dt_s, model, load)
             e_idx = np.concatenate([dec, new])
             start = np.concatenate([np.full(len(dec), t0_s), new_start])
             after = np.concatenate([work[dec_slot], new_after])
@@ -436,6 +452,71 @@ class RequestLevelServing:
             return comp, np.zeros(0), np.zeros(0), work_slot, kv_pf, n_pf
         # The step holding a prompt's last chunk ends after the rest of that step's overhead.
         ready = (fin + o * np.maximum(1.0 - x / m, 0.0))[complete]
+        first_tok = r["first_token_s"][comp]
+        r["first_token_s"][comp] = np.where(np.isnan(first_tok), ready, first_tok)
+        r["done_tokens"][comp] += 1.0
+        load.tokens_generated += float(len(comp))
+        cw = np.cumsum(work)
+        work_incl = cw - np.repeat(cw[starts] - work[starts], lens)
+        after = (work_slot[ps] - work_incl)[complete]
+        return comp, ready, after, work_slot, kv_pf, n_pf
+
+    def _prefill_serial(self, pf, n_dec, t0_s, dt_s, model, load):
+        """`_prefill` for serial prefill: one whole pass per prompt, decoding stalled meanwhile.
+
+        Same returns as `_prefill`.
+        """
+        r = self.req
+        n = self.n_slots
+        t1 = t0_s + dt_s
+        ps = r["slot"][pf]
+        order = np.argsort(ps * 4294967296.0 + r["admit_seq"][pf])
+        pf, ps = pf[order], ps[order]
+        starts, lens = _runs(ps)
+        u = ps[starts]
+        total = r["input_tokens"][pf] + r["done_tokens"][pf]  # prompt (+ tokens to recompute)
+        x = r["prefill_left"][pf]
+        # The rest of each prompt's pass (a pass straddling ticks left x of its total tokens).
+        w = model.prefill_time_s(total, ps) * (x / np.maximum(total, 1.0))
+        # Between passes of up to the budget, one decode iteration where requests decode.
+        o_u = np.where(n_dec[u] > 0, self.iter_s[u], 0.0)
+        o = np.repeat(o_u, lens)
+        share = o * np.minimum(x / self.max_prefill_tokens, 1.0)
+        # A prompt arriving mid-tick is admitted at its instance's next step (half an iteration).
+        arrival = r["arrival_s"][pf]
+        start = np.where(arrival > t0_s, arrival + 0.5 * o, t0_s)
+        svc = share + w
+        cs = np.cumsum(svc)
+        incl = cs - np.repeat(cs[starts] - svc[starts], lens)
+        key = (start - t0_s) - (incl - svc)
+        span = float(key.max() - key.min()) + 1.0
+        lift = np.repeat(np.arange(len(starts)) * span, lens)
+        fin = t0_s + incl + (np.maximum.accumulate(key + lift) - lift)
+        begin = fin - svc
+        complete = fin <= t1
+        prev_done = np.empty(len(pf), dtype=bool)
+        prev_done[0] = True
+        prev_done[1:] = complete[:-1]
+        prev_done[starts] = True
+        frac = complete.astype(float)
+        part = np.flatnonzero(~complete & prev_done & (begin < t1))
+        frac[part] = (t1 - begin[part]) / np.maximum(svc[part], 1e-12)
+        prog = x * frac
+        work = w * frac  # pass time run in this tick: decoding stalls for all of it
+        work_slot = np.bincount(ps, weights=work, minlength=n)
+        # Prefill power follows the mean prompt of the tick's passes, weighted by pass time.
+        load.prefill_tokens = (np.bincount(ps, weights=work * total, minlength=n)
+                               / np.maximum(work_slot, 1e-12))
+        load.prefill_busy_s = np.minimum(work_slot, dt_s)
+        r["prefill_left"][pf] = np.where(complete, 0.0, x - prog)
+        still = ~complete
+        kv_pf = np.bincount(ps[still], weights=total[still] + BLOCK_TOKENS, minlength=n)
+        n_pf = np.bincount(ps[still], minlength=n).astype(float)
+        comp = pf[complete]
+        if len(comp) == 0:
+            return comp, np.zeros(0), np.zeros(0), work_slot, kv_pf, n_pf
+        # The first token comes out of the pass, before the step's decode iteration.
+        ready = (begin + w)[complete]
         first_tok = r["first_token_s"][comp]
         r["first_token_s"][comp] = np.where(np.isnan(first_tok), ready, first_tok)
         r["done_tokens"][comp] += 1.0
