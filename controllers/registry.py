@@ -1,7 +1,8 @@
 """Build controllers by name: `make_controller(name, env)` for compare, evaluation, deployment.
 
-Names: ``static``, ``unaware``, ``dynamo``, ``tapas``, ``oracle`` (simulated backend only; it
-reads the future), ``random`` (uniform over the action space, for tests); prefix
+Names: ``static``, ``unaware``, ``dynamo``, ``tapas``, ``oracle`` and ``milp`` (simulated
+backend only; they read the future: ``milp`` replays the offline MILP plan of
+`controllers.milp_plan`), ``random`` (uniform over the action space, for tests); prefix
 ``shield:`` wraps any of them in the safety shield (e.g. ``shield:dynamo``). For the combined
 task ``tapas`` drives the pools with the DynamoLLM manager. The names are policy specs of
 `controllers.policy_spec` (which also names trained checkpoints, ``ckpt:<dir>``).
@@ -15,6 +16,7 @@ import numpy as np
 
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.dynamo import DynamoController
+from llm_cluster_gym.controllers.milp_plan import PlanController
 from llm_cluster_gym.controllers.oracle import OracleController
 from llm_cluster_gym.controllers.policy_spec import PolicySpecError, parse_policy_spec
 from llm_cluster_gym.controllers.shield import Shield
@@ -22,7 +24,7 @@ from llm_cluster_gym.controllers.static import StaticController
 from llm_cluster_gym.controllers.tapas import TapasController
 from llm_cluster_gym.controllers.unaware import UnawareController
 
-CONTROLLERS = ("static", "unaware", "dynamo", "tapas", "oracle", "random")
+CONTROLLERS = ("static", "unaware", "dynamo", "tapas", "oracle", "milp", "random")
 
 
 class RandomController:
@@ -78,6 +80,10 @@ def make_controller(name: str, env: Any, ctx: ControllerContext | None = None,
         if not ctx.codec.has_pools:
             raise ValueError(f"controller 'oracle' needs pool actions; task is {ctx.task!r}")
         return OracleController(ctx, base)
+    if name == "milp":
+        if not ctx.codec.has_pools:
+            raise ValueError(f"controller 'milp' needs pool actions; task is {ctx.task!r}")
+        return PlanController(ctx, base)
     return RandomController(base.action_space.nvec, np.random.default_rng(seed))  # name == "random"
 
 
