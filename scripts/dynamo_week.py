@@ -295,6 +295,8 @@ class DayRun:
     servers_powered: np.ndarray
     layout: str
     wall_s: float
+    bound_kwh: float | None = None
+    """The planning-model optimum of the measured span (milp runs only; see `planning_bound`)."""
 
 
 def _measure(policy: str, day: int, seed: int, s: Scenario, controller: Callable[[Any], Any] | None,
@@ -336,6 +338,14 @@ def run_day(policy: str, day: int, seed: int, base: Scenario, burn_in_s: float,
     if policy == "dynamo":
         return _measure(policy, day, seed, s, manager(slo_margin, peak_headroom), burn_in_s, "adaptive",
                         serving)
+    if policy == "milp":
+        from llm_cluster_gym.controllers.milp_plan import PlanController
+
+        run = _measure(policy, day, seed, s, lambda env: PlanController(
+            ControllerContext.from_env(env), env, period_s=PLAN_WINDOW_S, slo_margin=slo_margin),
+            burn_in_s, "hindsight plan", serving)
+        run.bound_kwh = planning_bound(s, seed, burn_in_s, measured_s)
+        return run
     if policy == "single_pool":
         s = single_pool_scenario(s)
     env = make_env(s)
@@ -348,9 +358,30 @@ def run_day(policy: str, day: int, seed: int, base: Scenario, burn_in_s: float,
             raise WeekEvalError("best_fixed needs the validation day's rates")
         pools = prov.best_fixed_layout(validation_rates, PLAN_WINDOW_S, s.serving.pools)
     else:
-        raise WeekEvalError(f"policies: unknown policy {policy!r}; known: {', '.join(POLICIES)}")
+        raise WeekEvalError(f"policies: unknown policy {policy!r}; known: {', '.join(available_policies())}")
     fixed = with_pools(s, pools)
     return _measure(policy, day, seed, fixed, None, burn_in_s, _describe_layout(pools, gpus), serving)
+
+
+def planning_bound(s: Scenario, seed: int, burn_in_s: float, measured_s: float) -> float:
+    """Server energy (kWh) of the planning-model optimum over the measured span of `s`.
+
+    The relaxed MILP (`controllers/milp_plan.py`) at the SLOs themselves (margin 1.0, the most
+    permissive) on the true mean rates of each 5-minute window: no plan that meets the SLOs in
+    the planning model uses less energy. It is not a bound of the simulator (it ignores model
+    loads, wake latency, queueing transients), so a simulated policy may fall below it.
+    """
+    from llm_cluster_gym.controllers.context import ControllerContext
+    from llm_cluster_gym.controllers.milp_plan import episode_rates, planning_tables, solve_plan
+
+    env = make_env(s)
+    env.reset(seed=seed)
+    ctx = ControllerContext.from_env(env)
+    dt = s.control_interval_s
+    rates = episode_rates(env.unwrapped.backend.describe().arrival_oracle, burn_in_s,
+                          int(round(measured_s / dt)), dt, int(round(PLAN_WINDOW_S / dt)))
+    bound = solve_plan(planning_tables(ctx, 1.0), rates.mean_rps, rates.duration_s, form="relaxed")
+    return bound.bound_server_energy_j / 3.6e6
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -381,6 +412,12 @@ def summarize(runs: list[DayRun], policies: Sequence[str]) -> dict[str, dict[str
         for k in SAVED:
             row[f"{k}_saving"] = mean_ci95([1.0 - r.summary[k] / base[(r.day, r.seed)][k] for r in mine])
         out[pol] = row
+    bounds = {(r.day, r.seed): r.bound_kwh for r in runs if r.bound_kwh is not None}
+    for pol in policies:
+        mine = [r for r in runs if r.policy == pol and (r.day, r.seed) in bounds]
+        if mine:
+            out[pol]["bound_gap"] = mean_ci95([r.summary["energy_kwh"] / bounds[(r.day, r.seed)] - 1.0
+                                               for r in mine])
     return out
 
 
@@ -389,11 +426,13 @@ def format_table(table: dict[str, dict[str, tuple[float, float]]]) -> str:
     cols = [("energy_kwh", "energy kWh"), ("energy_kwh_saving", "energy saved"),
             ("cost_usd_saving", "cost saved"), ("carbon_kg_saving", "carbon saved"),
             ("servers_powered_mean", "powered srv"), ("slo_attainment", "SLO att."),
-            ("ttft_p99_s", "TTFT P99 s"), ("tbt_p99_s", "TBT P99 s")]
+            ("ttft_p99_s", "TTFT P99 s"), ("tbt_p99_s", "TBT P99 s"),
+            ("bound_gap", "over the bound")]
     lines = ["| policy | " + " | ".join(c[1] for c in cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
     for pol, row in table.items():
-        lines.append(f"| {pol} | " + " | ".join(fmt_ci(*row[k]) for k, _ in cols) + " |")
+        lines.append(f"| {pol} | " + " | ".join(fmt_ci(*row[k]) if k in row else "-" for k, _ in cols)
+                     + " |")
     return "\n".join(lines)
 
 
@@ -429,9 +468,10 @@ def evaluate_week(args: WeekArgs, log: Callable[[str], None] | None = None) -> t
     if bad:
         raise WeekEvalError(f"days: {bad} are training or validation days ({TRAIN_DAYS}, "
                             f"{VALIDATION_DAYS}); test days are {TEST_DAYS}")
-    unknown = [p for p in args.policies if p not in POLICIES]
+    known = available_policies()
+    unknown = [p for p in args.policies if p not in known]
     if unknown:
-        raise WeekEvalError(f"policies: unknown {unknown}; known: {', '.join(POLICIES)}")
+        raise WeekEvalError(f"policies: unknown {unknown}; known: {', '.join(known)}")
     if BASELINE not in args.policies:
         raise WeekEvalError(f"policies: {BASELINE!r} (the baseline of the savings) must be included")
     if not 0 < args.slo_margin <= 1:
@@ -475,12 +515,12 @@ def cross_check(base: Scenario, day: int, hours: float, policies: Sequence[str],
 
     The week runs on the aggregate (fluid) model; this re-runs a stretch of a test day at
     request level for each policy and reports both models' energy and SLO attainment, so that
-    the table's figures carry the fluid model's own error. Savings need the baseline's run:
-    the best fixed layout is skipped (it needs the validation day).
+    the table's figures carry the fluid model's own error. The best fixed layout (it needs the
+    validation day) and the hindsight plan are skipped.
     """
     out = {}
     for pol in policies:
-        if pol == "best_fixed":
+        if pol in ("best_fixed", "milp"):
             continue
         row = {}
         for serving in ("aggregate", "request"):
@@ -537,6 +577,7 @@ def headline(table: dict, runs: list[DayRun]) -> dict[str, float]:
         return {}
     return {"energy_saving": row["energy_kwh_saving"][0], "cost_saving": row["cost_usd_saving"][0],
             "carbon_saving": row["carbon_kg_saving"][0], "slo_attainment": row["slo_attainment"][0],
+            **({"bound_gap": row["bound_gap"][0]} if "bound_gap" in row else {}),
             "days": len({r.day for r in runs})}
 
 

@@ -88,7 +88,8 @@ def run_main(args: MainArgs, command: str = "llm-cluster main") -> int:
 
     print(f"## DynamoLLM week: held-out day {dynamo_week.DAY_NAMES[args.week_day]}, seed 0, "
           "aggregate model (llm-cluster dynamo-week)\n")
-    dynamo_week.run(dynamo_week.WeekArgs(days=(args.week_day,), seeds=(0,), out=args.week_out), command)
+    dynamo_week.run(dynamo_week.WeekArgs(days=(args.week_day,), seeds=(0,), out=args.week_out,
+                                         policies=dynamo_week.available_policies()), command)
     evaluate_args = EvaluateArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateArgs)})
     return run(evaluate_args, command)
 
