@@ -153,6 +153,16 @@ class ServiceMetrics:
     ``ttft_hist`` and ``tbt_hist`` count the interval's finished requests per latency bin
     (`envs.latency`), so that episode percentiles can be computed from intervals.
 
+    Harm of throttling, beside the event counts (``*_events``: onsets only): ``thermal_throttled_gpu_s``
+    and ``power_capped_gpu_s`` are the GPU-seconds under thermal slowdown and under row power
+    capping, each split by the GPU's role, ``saas_*`` (a server that serves the LLM) and ``iaas_*``
+    (a server that hosts IaaS VMs); the two parts sum to the total. ``clock_lost_mhz_s`` sums, over
+    GPUs at work (holding an LLM instance or a running VM) and time, the set clock minus the clock
+    the throttling or capping ceiling leaves (MHz x s; zero when nothing is throttled or capped),
+    split the same way (``saas_clock_lost_mhz_s`` + ``iaas_clock_lost_mhz_s``). No throughput
+    counterfactual is reported: the tokens an instance would have generated unthrottled depend on
+    the queue it would then have had (see ``envs/sim/accounting.py``).
+
     ``gpu_hours`` are the GPU-hours the service pays for: on the simulator, the GPUs of its
     powered SaaS servers (serving, idle or waking; a server that is off is released);
     ``servers_powered`` is the mean number of powered servers (SaaS and IaaS) over the interval
@@ -178,6 +188,13 @@ class ServiceMetrics:
     power_throttle_events: int
     thermal_throttled_gpu_s: float
     power_capped_gpu_s: float
+    saas_throttled_gpu_s: float
+    iaas_throttled_gpu_s: float
+    saas_capped_gpu_s: float
+    iaas_capped_gpu_s: float
+    clock_lost_mhz_s: float
+    saas_clock_lost_mhz_s: float
+    iaas_clock_lost_mhz_s: float
     quality_loss: float
     reconfigurations: int
     arrivals_per_pool: np.ndarray

@@ -77,6 +77,22 @@ METRICS: tuple[Metric, ...] = (
     Metric("thermal_throttle_events", "thermal throttling events (GPU onsets)", "count",
            "thermal ev."),
     Metric("power_throttle_events", "power capping events (row onsets)", "count", "power ev."),
+    Metric("thermal_throttled_gpu_s", "GPU time under thermal slowdown", "GPU s", "throttled GPU s"),
+    Metric("saas_throttled_gpu_s", "GPU time under thermal slowdown, SaaS servers", "GPU s",
+           "SaaS throttled GPU s"),
+    Metric("iaas_throttled_gpu_s", "GPU time under thermal slowdown, IaaS servers", "GPU s",
+           "IaaS throttled GPU s"),
+    Metric("power_capped_gpu_s", "GPU time under row power capping", "GPU s", "capped GPU s"),
+    Metric("saas_capped_gpu_s", "GPU time under row power capping, SaaS servers", "GPU s",
+           "SaaS capped GPU s"),
+    Metric("iaas_capped_gpu_s", "GPU time under row power capping, IaaS servers", "GPU s",
+           "IaaS capped GPU s"),
+    Metric("clock_lost_mhz_s", "clock lost to throttling and capping (GPUs at work)", "MHz s",
+           "clock lost MHz s"),
+    Metric("saas_clock_lost_mhz_s", "clock lost to throttling and capping, SaaS GPUs", "MHz s",
+           "SaaS clock lost MHz s"),
+    Metric("iaas_clock_lost_mhz_s", "clock lost to throttling and capping, IaaS GPUs", "MHz s",
+           "IaaS clock lost MHz s"),
     Metric("peak_row_power_kw", "peak row power", "kW", "peak row kW"),
     Metric("max_gpu_temp_c", "max GPU temperature", "C", "max temp C"),
     Metric("tokens_generated", "output tokens generated", "tokens", "tokens"),
@@ -89,6 +105,12 @@ METRICS: tuple[Metric, ...] = (
 """Every headline figure, in the order of the report table."""
 
 METRIC_BY_KEY: dict[str, Metric] = {m.key: m for m in METRICS}
+
+HARM_KEYS: tuple[str, ...] = (
+    "thermal_throttled_gpu_s", "saas_throttled_gpu_s", "iaas_throttled_gpu_s",
+    "power_capped_gpu_s", "saas_capped_gpu_s", "iaas_capped_gpu_s",
+    "clock_lost_mhz_s", "saas_clock_lost_mhz_s", "iaas_clock_lost_mhz_s")
+"""Throttling harm summed over an episode (GPU-seconds, MHz x s), beside the event counts."""
 
 SUMMARY_FIELDS: dict[str, tuple[str, str]] = {m.key: (m.label, m.unit) for m in METRICS
                                               if m.in_summary}
@@ -245,6 +267,7 @@ class EpisodeResult:
                 unserved=max(float(m["in_flight"][-1]), 0.0), arrived=n_arrived),
             "thermal_throttle_events": float(m["thermal_throttle_events"].sum()),
             "power_throttle_events": float(m["power_throttle_events"].sum()),
+            **{k: float(m[k].sum()) if k in m else math.nan for k in HARM_KEYS},
             "peak_row_power_kw": float(m["peak_row_power_w"].max()) / 1000.0,
             "max_gpu_temp_c": float(m["max_gpu_temp_c"].max()),
             "tokens_generated": tokens,

@@ -387,6 +387,14 @@ def test_real_cluster_protocol_metrics_and_budget_events():
     assert tel.row_power_w[0] > 500.0 and tel.gpu_power_capped[0]
     assert ms[-1].peak_row_power_w > 500.0
     assert c.log.intervals[-1]["budget_w"] == 150.0
+    # The node's GPUs all serve the LLM: the harm is all SaaS; clock is lost only to thermal
+    # slowdown, which the replayed recording never shows.
+    for m in ms:
+        assert (m.saas_capped_gpu_s, m.iaas_capped_gpu_s) == (m.power_capped_gpu_s, 0.0)
+        assert (m.saas_throttled_gpu_s, m.iaas_throttled_gpu_s) == (m.thermal_throttled_gpu_s, 0.0)
+        assert m.clock_lost_mhz_s == m.saas_clock_lost_mhz_s and m.iaas_clock_lost_mhz_s == 0.0
+        assert (m.clock_lost_mhz_s > 0) <= (m.thermal_throttled_gpu_s > 0)
+    assert sum(m.power_capped_gpu_s for m in ms) > 0
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 
 from llm_cluster_gym.envs.backend import PoolConfig
 from llm_cluster_gym.envs.cluster_env import ClusterEnv
-from llm_cluster_gym.envs.episode import SUMMARY_FIELDS, EpisodeResult, ReportError
+from llm_cluster_gym.envs.episode import HARM_KEYS, SUMMARY_FIELDS, EpisodeResult, ReportError
 from llm_cluster_gym.envs.latency import LATENCY_EDGES_S, N_LATENCY_BINS
 from llm_cluster_gym.envs.rollout import run_episode
 from llm_cluster_gym.envs.sim.cluster import SimCluster
@@ -111,6 +111,13 @@ def test_summary_matches_interval_metrics(name: str, request: pytest.FixtureRequ
     assert s["ttft_p50_s"] <= s["ttft_p99_s"] and s["tbt_p50_s"] <= s["tbt_p99_s"]
     assert s["power_throttle_events"] == m["power_throttle_events"].sum()
     assert s["thermal_throttle_events"] == m["thermal_throttle_events"].sum()
+    # Harm beside the events: totals of the interval GPU-seconds and MHz x s, SaaS + IaaS parts.
+    for key in HARM_KEYS:
+        assert s[key] == pytest.approx(m[key].sum()) and s[key] >= 0.0
+    for total, part in (("thermal_throttled_gpu_s", "throttled_gpu_s"),
+                        ("power_capped_gpu_s", "capped_gpu_s"), ("clock_lost_mhz_s", "clock_lost_mhz_s")):
+        assert s[f"saas_{part}"] + s[f"iaas_{part}"] == pytest.approx(s[total])
+    assert (s["clock_lost_mhz_s"] > 0) <= (s["power_capped_gpu_s"] + s["thermal_throttled_gpu_s"] > 0)
     # Peaks are over ticks, so they bound the end-of-interval readings.
     assert s["peak_row_power_kw"] * 1e3 >= r.row_power_w.max() - 1e-6
     assert s["max_gpu_temp_c"] >= r.aisle_max_gpu_temp_c.max() - 1e-9

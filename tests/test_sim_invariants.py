@@ -179,3 +179,66 @@ def test_invariants_hold_for_random_variations(serving_model, seed, rps_per_gpu,
     for m in metrics:
         assert (m.power_throttle_events > 0) <= (m.power_capped_gpu_s > 0)
         assert (m.thermal_throttle_events > 0) <= (m.thermal_throttled_gpu_s > 0)
+    assert_harm_split(metrics)
+
+
+def assert_harm_split(metrics: list[ServiceMetrics]) -> None:
+    """SaaS + IaaS parts make each throttling total; clock is lost only where something is held."""
+    for m in metrics:
+        assert m.saas_throttled_gpu_s + m.iaas_throttled_gpu_s == pytest.approx(
+            m.thermal_throttled_gpu_s, rel=1e-12, abs=0.0)
+        assert m.saas_capped_gpu_s + m.iaas_capped_gpu_s == pytest.approx(
+            m.power_capped_gpu_s, rel=1e-12, abs=0.0)
+        assert m.clock_lost_mhz_s == m.saas_clock_lost_mhz_s + m.iaas_clock_lost_mhz_s
+        parts = (m.saas_throttled_gpu_s, m.iaas_throttled_gpu_s, m.saas_capped_gpu_s,
+                 m.iaas_capped_gpu_s, m.saas_clock_lost_mhz_s, m.iaas_clock_lost_mhz_s)
+        assert min(parts) >= 0.0
+        assert (m.clock_lost_mhz_s > 0) <= (m.power_capped_gpu_s + m.thermal_throttled_gpu_s > 0)
+
+
+def test_capping_harm_is_split_by_each_gpus_server_role():
+    """small_tapas_high (1.6x oversubscription) with three servers a row caps mixed rows.
+
+    Rows 2 and 3 hold one SaaS server and two IaaS hosts, rows 0 and 1 the reverse, so the two
+    parts differ (a swapped role would show). The aggregate model runs one tick per interval,
+    so the telemetry after each interval shows exactly the per-GPU flags that interval counted:
+    the SaaS part is the capped GPUs of SaaS servers (by the layout's roles), the IaaS part the
+    rest.
+    """
+    base = load_scenario("small_tapas_high")
+    s = base.with_overrides(datacenter=dataclasses.replace(base.datacenter, servers_per_rack=3))
+    c = SimCluster(s, serving_model="aggregate")
+    assert c.ticks_per_interval == 1
+    layout = c.describe().layout
+    gpu_is_saas = np.repeat(layout.server_is_saas, layout.gpus_per_server)
+    assert gpu_is_saas.any() and not gpu_is_saas.all()
+    metrics, tel = run_episode(c, seed=0)
+    assert_harm_split(metrics)
+    dt = s.control_interval_s
+    for m, t in zip(metrics, tel[1:], strict=True):
+        capped, hot = np.asarray(t.gpu_power_capped), np.asarray(t.gpu_thermal_throttled)
+        assert m.saas_capped_gpu_s == np.count_nonzero(capped & gpu_is_saas) * dt
+        assert m.iaas_capped_gpu_s == np.count_nonzero(capped & ~gpu_is_saas) * dt
+        assert m.saas_throttled_gpu_s == np.count_nonzero(hot & gpu_is_saas) * dt
+        assert m.iaas_throttled_gpu_s == np.count_nonzero(hot & ~gpu_is_saas) * dt
+        # Every capped row here holds a serving SaaS server and a VM host at work under a
+        # ceiling below their set clocks: clock is lost exactly in the capped intervals.
+        held = m.power_capped_gpu_s + m.thermal_throttled_gpu_s > 0
+        assert (m.clock_lost_mhz_s > 0) == held
+        assert (m.saas_clock_lost_mhz_s > 0) == (m.saas_capped_gpu_s + m.saas_throttled_gpu_s > 0)
+    total = sum(m.power_capped_gpu_s for m in metrics)
+    saas, iaas = (sum(getattr(m, k) for m in metrics) for k in ("saas_capped_gpu_s", "iaas_capped_gpu_s"))
+    assert 0 < saas < iaas
+    assert sum(m.saas_capped_gpu_s + m.iaas_capped_gpu_s for m in metrics) == pytest.approx(total)
+    assert sum(m.clock_lost_mhz_s for m in metrics) > 0
+
+
+@pytest.mark.parametrize("serving_model", SERVING_MODELS)
+def test_an_uncapped_run_loses_no_clock(serving_model):
+    """small_tapas (1.3x) over a minute: nothing capped or throttled, so no harm and no clock lost."""
+    c = SimCluster(short("small_tapas", 60.0), serving_model=serving_model)
+    metrics, _ = run_episode(c, seed=0)
+    assert_harm_split(metrics)
+    for m in metrics:
+        assert m.power_capped_gpu_s == m.thermal_throttled_gpu_s == 0.0
+        assert m.clock_lost_mhz_s == m.saas_clock_lost_mhz_s == m.iaas_clock_lost_mhz_s == 0.0

@@ -454,8 +454,9 @@ class RealCluster:
         self._over_budget = state
         gpu_energy = 0.0
         temps: list[float] = []
-        thermal_s = hw_cap_s = 0.0
+        thermal_s = hw_cap_s = clock_lost = 0.0
         tc, mi = column_index("temp_c"), column_index("throttle_mask")
+        fc = column_index("sm_clock_mhz")
         for k in range(n_gpu):
             pw_k = self.sampler.energy_j(t0, t1, k).mean_power_w
             gpu_energy += pw_k * (t1 - t0) if math.isfinite(pw_k) else 0.0
@@ -465,6 +466,16 @@ class RealCluster:
                 mask = np.nan_to_num(w[:, mi]).astype(np.int64)
                 thermal_s += float(((mask & THERMAL_MASK) > 0).mean()) * (t1 - t0)
                 hw_cap_s += float(((mask & POWER_MASK) > 0).mean()) * (t1 - t0)
+                # Clock lost: the requested clock minus the measured one in the samples the
+                # hardware flags as thermally throttled (an idle clock drop is no loss), their
+                # time share times the interval, as for the seconds above. As on the simulator,
+                # a GPU's own power limit (POWER_MASK: hw_power_capped_s in the log) is not
+                # counted, and the virtual row budget moves no clock: nothing is lost to it.
+                held = (mask & THERMAL_MASK) > 0
+                f = w[:, fc]
+                gap = np.where(held & np.isfinite(f), np.maximum(self._freq_mhz - np.nan_to_num(f), 0.0),
+                               0.0)
+                clock_lost += float(gap.mean()) * (t1 - t0)
         waiting = float(sum(r.waiting for r in reports))
         running = float(sum(r.running for r in reports))
         m = ServiceMetrics(
@@ -484,6 +495,14 @@ class RealCluster:
             power_throttle_events=events,
             thermal_throttled_gpu_s=thermal_s,
             power_capped_gpu_s=float(over.sum()) * n_gpu,
+            # Every GPU of the node serves the LLM: all of it is SaaS, none IaaS.
+            saas_throttled_gpu_s=thermal_s,
+            iaas_throttled_gpu_s=0.0,
+            saas_capped_gpu_s=float(over.sum()) * n_gpu,
+            iaas_capped_gpu_s=0.0,
+            clock_lost_mhz_s=clock_lost,
+            saas_clock_lost_mhz_s=clock_lost,
+            iaas_clock_lost_mhz_s=0.0,
             quality_loss=0.0,
             reconfigurations=0,
             arrivals_per_pool=np.array([float(arrived)]),

@@ -11,6 +11,15 @@ delivery). Operational carbon is the facility energy times the grid's intensity 
 saving is the same whether it is counted on facility or IT energy; it differs from its energy
 saving only when the intensity varies in time (`carbon:` a grid region).
 
+Throttling is counted as harm as well as events: GPU-seconds under thermal slowdown and under row
+power capping, and the clock lost to them (MHz x s), each split by the GPU's server role (SaaS: an
+LLM server; IaaS: a VM host). The clock lost is the set clock (the pool's clock under the
+controller's row cap on SaaS GPUs; the maximum under a VM) minus the ceiling, on the GPUs at work
+(holding an instance or running a VM): an idle GPU under a ceiling loses nothing. The tokens lost
+are not reported: what an instance would have generated at its set clock depends on the queue and
+batch it would then have had (a second, unthrottled simulation), which the tick cannot know; the
+SaaS clock lost is the honest proxy.
+
 GPU-hours count the GPUs the service pays for: those of its powered SaaS servers (serving, idle or
 waking), whether or not an instance holds them; a server that is off is released. Servers that
 never power off (`datacenter.idle_to_off_s` null) are paid for all the time.
@@ -60,20 +69,23 @@ class IntervalStats:
     power_events: int = 0
     thermal_gpu_s: float = 0.0
     capped_gpu_s: float = 0.0
+    saas_thermal_gpu_s: float = 0.0
+    iaas_thermal_gpu_s: float = 0.0
+    saas_capped_gpu_s: float = 0.0
+    iaas_capped_gpu_s: float = 0.0
+    saas_clock_lost_mhz_s: float = 0.0
+    iaas_clock_lost_mhz_s: float = 0.0
     peak_row_w: float = 0.0
     max_temp_c: float = 0.0
 
     def add_tick(self, srv_w: np.ndarray, gpu_w: np.ndarray, row_w: np.ndarray,
                  max_temp_c: float, dt: float, carbon_g_per_kwh: float, paid_gpus: float,
-                 powered_servers: float, slowdown: ThermalSlowdown, capping: RowPowerCapping,
-                 gpu_row: np.ndarray) -> None:
-        """Add one tick's energy, carbon, GPU-hours, peaks and throttled GPU-seconds.
+                 powered_servers: float) -> None:
+        """Add one tick's energy, carbon, GPU-hours and peaks.
 
         ``paid_gpus`` are the GPUs of the powered SaaS servers (what GPU-hours count),
         ``powered_servers`` every powered server's count.
-        Carbon is the tick's facility energy times the grid intensity at the tick's start. The
-        throttling counted is the one in force for the next tick (the controllers have already
-        been updated), as the simulator always counted it.
+        Carbon is the tick's facility energy times the grid intensity at the tick's start.
         """
         energy = float(srv_w.sum()) * dt
         facility = energy * self.pue
@@ -83,12 +95,49 @@ class IntervalStats:
         self.carbon_g += facility / 3.6e6 * carbon_g_per_kwh
         self.gpu_hours += paid_gpus * dt / 3600.0
         self.powered_server_s += powered_servers * dt
-        if slowdown.any_throttled:
-            self.thermal_gpu_s += float(np.count_nonzero(slowdown.throttled)) * dt
-        if capping.any_capped:
-            self.capped_gpu_s += float(np.count_nonzero(capping.capped[gpu_row])) * dt
         self.peak_row_w = max(self.peak_row_w, float(row_w.max()))
         self.max_temp_c = max(self.max_temp_c, max_temp_c)
+
+    def add_throttling(self, slowdown: ThermalSlowdown, capping: RowPowerCapping,
+                       gpu_row: np.ndarray, gpu_is_saas: np.ndarray, set_mhz: np.ndarray,
+                       has_instance: np.ndarray, vm_power_w: np.ndarray, dt: float) -> None:
+        """Add one tick's throttled and capped GPU-seconds and clock lost, split SaaS / IaaS.
+
+        The throttling counted is the one in force for the next tick (the controllers have
+        already been updated), as the simulator always counted it; the clock lost is this tick's
+        set clock against those ceilings, so that it is positive only where a GPU is counted
+        throttled or capped.
+
+        Args:
+            slowdown: Thermal slowdown after this tick's update.
+            capping: Row power capping after this tick's update.
+            gpu_row: Row of each GPU.
+            gpu_is_saas: Each GPU's server serves the LLM (else it hosts IaaS VMs).
+            set_mhz: Each GPU's set clock (no ceiling): the pool's clock under the row cap, the
+                maximum elsewhere.
+            has_instance: Each GPU holds an LLM instance.
+            vm_power_w: Each GPU's VM draw (0 where no VM runs).
+            dt: Tick length (s).
+        """
+        if not (slowdown.any_throttled or capping.any_capped):
+            return
+        if slowdown.any_throttled:
+            thr = slowdown.throttled
+            n, n_saas = np.count_nonzero(thr), np.count_nonzero(thr & gpu_is_saas)
+            self.thermal_gpu_s += float(n) * dt
+            self.saas_thermal_gpu_s += float(n_saas) * dt
+            self.iaas_thermal_gpu_s += float(n - n_saas) * dt
+        if capping.any_capped:
+            cap = capping.capped[gpu_row]
+            n, n_saas = np.count_nonzero(cap), np.count_nonzero(cap & gpu_is_saas)
+            self.capped_gpu_s += float(n) * dt
+            self.saas_capped_gpu_s += float(n_saas) * dt
+            self.iaas_capped_gpu_s += float(n - n_saas) * dt
+        ceiling = np.minimum(slowdown.ceiling_mhz, capping.ceiling_mhz[gpu_row])
+        working = has_instance | (vm_power_w > 0.0)
+        lost = np.where(working, np.maximum(set_mhz - ceiling, 0.0), 0.0)
+        self.saas_clock_lost_mhz_s += float(lost[gpu_is_saas].sum()) * dt
+        self.iaas_clock_lost_mhz_s += float(lost[~gpu_is_saas].sum()) * dt
 
 
 def service_metrics(acc: ServiceAccumulator, st: IntervalStats, interval_s: float,
@@ -117,6 +166,13 @@ def service_metrics(acc: ServiceAccumulator, st: IntervalStats, interval_s: floa
         power_throttle_events=st.power_events,
         thermal_throttled_gpu_s=st.thermal_gpu_s,
         power_capped_gpu_s=st.capped_gpu_s,
+        saas_throttled_gpu_s=st.saas_thermal_gpu_s,
+        iaas_throttled_gpu_s=st.iaas_thermal_gpu_s,
+        saas_capped_gpu_s=st.saas_capped_gpu_s,
+        iaas_capped_gpu_s=st.iaas_capped_gpu_s,
+        clock_lost_mhz_s=st.saas_clock_lost_mhz_s + st.iaas_clock_lost_mhz_s,
+        saas_clock_lost_mhz_s=st.saas_clock_lost_mhz_s,
+        iaas_clock_lost_mhz_s=st.iaas_clock_lost_mhz_s,
         quality_loss=acc.quality_loss,
         reconfigurations=reconfigurations,
         arrivals_per_pool=acc.arrivals_per_pool,

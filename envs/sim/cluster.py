@@ -160,6 +160,7 @@ class SimCluster:
         self.power = ServerPowerStates(self.topo.n_servers, s.datacenter.server.wake_latency_s,
                                        s.datacenter.idle_to_off_s)
         self._is_saas = self.topo.server_is_saas
+        self._gpu_is_saas = self.topo.server_is_saas[self.topo.gpu_server]
         self._down_cache: tuple[object, int, pw.GpuPhasePower] | None = None
         self._paid_cache: tuple[int, float, float] = (-1, 0.0, 0.0)
         self._rng = np.random.default_rng(0)
@@ -418,7 +419,9 @@ class SimCluster:
         # Accounting.
         paid_gpus, powered_servers = self._paid()
         stats.add_tick(srv_w, gpu_w, row_w, max_temp_c, dt, carbon_g_per_kwh(s, t0),
-                       paid_gpus, powered_servers, slowdown, capping, topo.gpu_row)
+                       paid_gpus, powered_servers)
+        stats.add_throttling(slowdown, capping, topo.gpu_row, self._gpu_is_saas, gl.freq_mhz,
+                             slots.gpu_has, gl.vm_power_w, dt)
         self._gpu_power_w, self._gpu_temp_c = gpu_w, temp
         self._row_power_w, self._aisle_heat_w = row_w, aisle_w
         if self.record_ticks:
