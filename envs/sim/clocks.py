@@ -168,6 +168,10 @@ class SlotModelCache:
         self._key: tuple | None = None
         self._value: SlotModel | None = None
 
+    def __getstate__(self) -> dict:
+        """Pickle and deep-copy without the cached closures (rebuilt on the next call)."""
+        return {"_key": None, "_value": None}
+
     def get(self, slots: SlotTables, f_pre: np.ndarray, f_eff: np.ndarray,
             speed: np.ndarray | None) -> SlotModel:
         """The tick's `SlotModel` (the cached one while the four inputs are the same objects)."""
