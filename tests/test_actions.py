@@ -130,12 +130,13 @@ def test_noncanonical_vectors_encode_to_their_canonical_twin():
 
 
 def test_remainders_go_to_the_largest_fractions_and_splits_list_what_decode_gives():
-    codec = _codec("medium", "energy", n_saas=12)  # K = 8: a level asks for 1.5 servers
-    assert codec.servers_per_pool([3, 3, 2]).tolist() == [5, 4, 3]  # floors 4, 4, 3 + 1 spare
+    codec = _codec("medium", "energy", n_saas=48)  # K = 32: a level asks for 1.5 servers
+    assert codec.share_levels == 32
+    assert codec.servers_per_pool([11, 11, 10]).tolist() == [17, 16, 15]  # floors 16, 16, 15 + 1 spare
     splits = codec.server_splits()
     assert not splits.flags.writeable
     assert len({tuple(s) for s in splits}) == len(splits)
-    assert [5, 4, 3] in splits.tolist()
+    assert [17, 16, 15] in splits.tolist()
     for split in splits:
         levels = codec.share_levels_for(split)
         assert levels.sum() <= codec.share_levels
