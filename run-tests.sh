@@ -7,4 +7,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 .venv/bin/python -m ruff check llm_cluster_gym envs agents controllers scripts bench tests
-.venv/bin/python -m pytest -q "$@"
+# Two workers (the CI machine has 2 cores); a test file stays on one worker (its module fixtures
+# are built once). Arguments are passed on: ./run-tests.sh tests/test_env.py -n 0 runs serially.
+.venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"

@@ -136,7 +136,15 @@ LEARNING = {
 }
 
 
-@pytest.mark.parametrize("task", ["energy", "thermal"])
+THERMAL_LEARNING_XFAIL = pytest.mark.xfail(
+    strict=False,
+    reason="since the DGX H100's measured non-GPU power (2.78 kW at full load, was the 4.6 kW nameplate "
+           "remainder; issue 18) rows of the thermal env's scenario rarely reach their limits, and 12k steps "
+           "read -20.88 against random's -20.94 (bar +5%: -19.89); issue 20 retrains the agents on the "
+           "datacenter-scale TAPAS scenarios")
+
+
+@pytest.mark.parametrize("task", ["energy", pytest.param("thermal", marks=THERMAL_LEARNING_XFAIL)])
 @pytest.mark.slow
 def test_short_training_beats_random_policy(task, tmp_path):
     spec = LEARNING[task]
