@@ -404,22 +404,7 @@ class RequestLevelServing:
         half = 0.5 * o if all_mixed else 0.5 * o * np.repeat(mixed_u, lens)
         start = np.where(arrival > t0_s, arrival + half, t0_s)
         svc = o * x / m + w
-        cs = np.cumsum(svc)
-        incl = cs - np.repeat(cs[starts] - svc[starts], lens)  # grouped inclusive cumsum
-        # Lindley: c_k = max(c_{k-1}, start_k) + svc_k = S_k + max_{j<=k}(start_j - S_{j-1}).
-        key = (start - t0_s) - (incl - svc)
-        span = float(key.max() - key.min()) + 1.0
-        lift = np.repeat(np.arange(len(starts)) * span, lens)
-        fin = t0_s + incl + (np.maximum.accumulate(key + lift) - lift)
-        begin = fin - svc
-        complete = fin <= t1
-        prev_done = np.empty(len(pf), dtype=bool)
-        prev_done[0] = True
-        prev_done[1:] = complete[:-1]
-        prev_done[starts] = True
-        frac = complete.astype(float)
-        part = np.flatnonzero(~complete & prev_done & (begin < t1))
-        frac[part] = (t1 - begin[part]) / np.maximum(svc[part], 1e-12)
+        fin, begin, complete, frac = _chain_schedule(start, svc, starts, lens, t0_s, t1)
         prog = x * frac
         work = w * frac
         # ---- per slot: marginal work, prompt tokens per prefill-carrying step, pure passes
@@ -443,23 +428,9 @@ class RequestLevelServing:
             busy[u[pure_u]] += p0_u[pure_u] * passes
         load.prefill_busy_s = np.minimum(busy, dt_s)
         # ---- state: chunks computed, first tokens sampled -----------------------------------
-        r["prefill_left"][pf] = np.where(complete, 0.0, x - prog)
-        still = ~complete
-        kv_pf = np.bincount(ps[still], weights=total[still] + BLOCK_TOKENS, minlength=n)
-        n_pf = np.bincount(ps[still], minlength=n).astype(float)
-        comp = pf[complete]
-        if len(comp) == 0:
-            return comp, np.zeros(0), np.zeros(0), work_slot, kv_pf, n_pf
         # The step holding a prompt's last chunk ends after the rest of that step's overhead.
-        ready = (fin + o * np.maximum(1.0 - x / m, 0.0))[complete]
-        first_tok = r["first_token_s"][comp]
-        r["first_token_s"][comp] = np.where(np.isnan(first_tok), ready, first_tok)
-        r["done_tokens"][comp] += 1.0
-        load.tokens_generated += float(len(comp))
-        cw = np.cumsum(work)
-        work_incl = cw - np.repeat(cw[starts] - work[starts], lens)
-        after = (work_slot[ps] - work_incl)[complete]
-        return comp, ready, after, work_slot, kv_pf, n_pf
+        return self._settle_prefill(pf, ps, starts, lens, x, prog, total, complete, work, work_slot,
+                                    lambda: (fin + o * np.maximum(1.0 - x / m, 0.0))[complete], load)
 
     def _prefill_serial(self, pf, n_dec, t0_s, dt_s, model, load):
         """`_prefill` for serial prefill: one whole pass per prompt, decoding stalled meanwhile.
@@ -486,21 +457,7 @@ class RequestLevelServing:
         arrival = r["arrival_s"][pf]
         start = np.where(arrival > t0_s, arrival + 0.5 * o, t0_s)
         svc = share + w
-        cs = np.cumsum(svc)
-        incl = cs - np.repeat(cs[starts] - svc[starts], lens)
-        key = (start - t0_s) - (incl - svc)
-        span = float(key.max() - key.min()) + 1.0
-        lift = np.repeat(np.arange(len(starts)) * span, lens)
-        fin = t0_s + incl + (np.maximum.accumulate(key + lift) - lift)
-        begin = fin - svc
-        complete = fin <= t1
-        prev_done = np.empty(len(pf), dtype=bool)
-        prev_done[0] = True
-        prev_done[1:] = complete[:-1]
-        prev_done[starts] = True
-        frac = complete.astype(float)
-        part = np.flatnonzero(~complete & prev_done & (begin < t1))
-        frac[part] = (t1 - begin[part]) / np.maximum(svc[part], 1e-12)
+        fin, begin, complete, frac = _chain_schedule(start, svc, starts, lens, t0_s, t1)
         prog = x * frac
         work = w * frac  # pass time run in this tick: decoding stalls for all of it
         work_slot = np.bincount(ps, weights=work, minlength=n)
@@ -508,6 +465,20 @@ class RequestLevelServing:
         load.prefill_tokens = (np.bincount(ps, weights=work * total, minlength=n)
                                / np.maximum(work_slot, 1e-12))
         load.prefill_busy_s = np.minimum(work_slot, dt_s)
+        # The first token comes out of the pass, before the step's decode iteration.
+        return self._settle_prefill(pf, ps, starts, lens, x, prog, total, complete, work, work_slot,
+                                    lambda: (begin + w)[complete], load)
+
+    def _settle_prefill(self, pf, ps, starts, lens, x, prog, total, complete, work, work_slot,
+                        ready_of, load):
+        """The state update and returns both prefill modes share (see `_prefill`).
+
+        Prompts left in progress keep their KV reservation; completed ones get their first
+        token at ``ready_of()`` (the completed prompts' ready times, computed only when some
+        completed) and the marginal work left after them on their instance.
+        """
+        r = self.req
+        n = self.n_slots
         r["prefill_left"][pf] = np.where(complete, 0.0, x - prog)
         still = ~complete
         kv_pf = np.bincount(ps[still], weights=total[still] + BLOCK_TOKENS, minlength=n)
@@ -515,8 +486,7 @@ class RequestLevelServing:
         comp = pf[complete]
         if len(comp) == 0:
             return comp, np.zeros(0), np.zeros(0), work_slot, kv_pf, n_pf
-        # The first token comes out of the pass, before the step's decode iteration.
-        ready = (begin + w)[complete]
+        ready = ready_of()
         first_tok = r["first_token_s"][comp]
         r["first_token_s"][comp] = np.where(np.isnan(first_tok), ready, first_tok)
         r["done_tokens"][comp] += 1.0
@@ -571,6 +541,33 @@ class RequestLevelServing:
 def _held_kv(r: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
     """KV tokens a running request holds (or needs to be admitted): context plus one block."""
     return r["input_tokens"][idx] + r["done_tokens"][idx] + float(BLOCK_TOKENS)
+
+
+def _chain_schedule(start: np.ndarray, svc: np.ndarray, starts: np.ndarray, lens: np.ndarray,
+                    t0_s: float, t1: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each instance's prompt chain served in order within the tick, as one vector pass.
+
+    Prompts are grouped by instance (runs `starts`, `lens`); prompt k starts no earlier than
+    `start[k]` and needs `svc[k]`. Returns (finish, begin, complete by `t1`, fraction of each
+    service done by `t1`: the first unfinished prompt of a chain runs partly, later ones not).
+    """
+    cs = np.cumsum(svc)
+    incl = cs - np.repeat(cs[starts] - svc[starts], lens)  # grouped inclusive cumsum
+    # Lindley: c_k = max(c_{k-1}, start_k) + svc_k = S_k + max_{j<=k}(start_j - S_{j-1}).
+    key = (start - t0_s) - (incl - svc)
+    span = float(key.max() - key.min()) + 1.0
+    lift = np.repeat(np.arange(len(starts)) * span, lens)
+    fin = t0_s + incl + (np.maximum.accumulate(key + lift) - lift)
+    begin = fin - svc
+    complete = fin <= t1
+    prev_done = np.empty(len(svc), dtype=bool)
+    prev_done[0] = True
+    prev_done[1:] = complete[:-1]
+    prev_done[starts] = True
+    frac = complete.astype(float)
+    part = np.flatnonzero(~complete & prev_done & (begin < t1))
+    frac[part] = (t1 - begin[part]) / np.maximum(svc[part], 1e-12)
+    return fin, begin, complete, frac
 
 
 def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
