@@ -11,9 +11,34 @@ def test_shipped_scenarios_load(name):
     s = load_scenario(name)
     topo = build_topology(s)
     assert topo.n_gpus == s.n_gpus
+    sv = s.datacenter.server
+    peak_w = (sv.max_power_w if s.datacenter.oversubscription_basis == "nameplate"
+              else sv.gpus * sv.gpu_tdp_w + sv.overhead_max_w)
     assert topo.row_limit_w.sum() * s.datacenter.power_oversubscription == pytest.approx(
-        s.n_servers * s.datacenter.server.max_power_w
-    )
+        s.n_servers * peak_w)
+    assert topo.aisle_capacity_w.sum() * s.datacenter.cooling_oversubscription == pytest.approx(
+        s.n_servers * peak_w)
+
+
+def test_oversubscription_against_measured_peak(tmp_path):
+    """`measured_peak` divides the DGX's measured full-load draw (8 x 700 + 2,780 W), not 10.2 kW."""
+    p = _write(tmp_path, "")
+    text = p.read_text().replace("datacenter:\n", "datacenter:\n  oversubscription_basis: measured_peak\n", 1)
+    p.write_text(text)
+    measured = build_topology(load_scenario(p))
+    nameplate = build_topology(load_scenario("small"))
+    small = load_scenario("small")
+    per_row = small.datacenter.racks_per_row * small.datacenter.servers_per_rack
+    assert measured.row_limit_w[0] == pytest.approx(
+        per_row * 8380.0 / small.datacenter.power_oversubscription)
+    assert measured.row_limit_w[0] / nameplate.row_limit_w[0] == pytest.approx(8380.0 / 10200.0)
+
+
+def test_unknown_oversubscription_basis(tmp_path):
+    p = _write(tmp_path, "")
+    p.write_text(p.read_text().replace("datacenter:\n", "datacenter:\n  oversubscription_basis: rated\n", 1))
+    with pytest.raises(ScenarioError, match=r"bad\.yaml.*oversubscription_basis.*rated"):
+        load_scenario(p)
 
 
 def test_sizes():

@@ -56,6 +56,9 @@ PREFILL_MODES = ("chunked", "serial")
 MAX_OVERSUBSCRIPTION = 3.0
 """Upper bound of power and cooling oversubscription (see `_oversubscription_doc`)."""
 
+OVERSUBSCRIPTION_BASES = ("nameplate", "measured_peak")
+"""What `datacenter.power_oversubscription` and `cooling_oversubscription` are relative to."""
+
 MAX_EFFECTIVE_COOLING_OVERSUBSCRIPTION = 12.0
 """Upper bound of cooling oversubscription / cooling-failure magnitude (an aisle's nameplate
 heat over what its cooling removes while a failure is on)."""
@@ -291,7 +294,11 @@ class DatacenterSpec:
 
     Rows are power domains (a row PDU/UPS limit); aisles are cooling domains: each aisle cools
     `rows_per_aisle` adjacent rows (a cold aisle between facing rows).
-    Oversubscription = nameplate (every server at max power) / provisioned limit.
+    Oversubscription = servers' peak power / provisioned limit, where the peak is the nameplate
+    (`oversubscription_basis: nameplate`, every server at `max_power_w`) or the measured full-load
+    draw (`measured_peak`: `gpus x gpu_tdp_w + overhead_max_w`, 8,380 W for the default DGX H100
+    against its 10,200 W nameplate). TAPAS oversubscribes against measured peaks: a row provisioned
+    for nameplates that no server reaches is not oversubscribed at all.
     """
 
     rows: int = spec(1, doc="Rows (power domains).", ge=1)
@@ -305,6 +312,11 @@ class DatacenterSpec:
     cooling_oversubscription: float = spec(
         1.0, unit="x", ge=0.01, le=MAX_OVERSUBSCRIPTION,
         doc="Servers' nameplate heat / each aisle's cooling capacity.")
+    oversubscription_basis: str = spec(
+        "nameplate", choices=OVERSUBSCRIPTION_BASES,
+        doc="What both oversubscriptions divide: `nameplate` (every server at `server.max_power_w`) or "
+            "`measured_peak` (every server at its measured full-load power, `server.gpus x gpu_tdp_w + "
+            "server.overhead_max_w`). TAPAS sets oversubscription against measured peaks.")
     cooling: CoolingSpec = spec(default_factory=CoolingSpec, doc="Aisle cooling model.")
     outside_temp_mean_c: float = spec(20.0, unit="C", ge=-60, le=60,
                                       doc="Mean outside air temperature (when `weather` is null).")

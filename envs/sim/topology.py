@@ -24,8 +24,8 @@ class Topology:
         server_row, server_aisle, server_rack: Domain index of each server.
         server_is_saas: Server hosts SaaS LLM instances (else it is an IaaS VM host).
         gpu_server: Server of each GPU.
-        row_limit_w: Provisioned power of each row (nameplate / power oversubscription).
-        aisle_capacity_w: Heat-removal capacity of each aisle (nameplate / cooling oversubscription).
+        row_limit_w: Provisioned power of each row (servers' peak / power oversubscription).
+        aisle_capacity_w: Heat-removal capacity of each aisle (servers' peak / cooling oversubscription).
         gpu_inlet_offset_c: Each GPU's air temperature above its aisle's inlet (C): rack position
             along the row plus GPU position in the server; None when every offset is zero.
     """
@@ -88,6 +88,14 @@ def gpu_inlet_offsets_c(scenario: Scenario, server_rack: np.ndarray) -> np.ndarr
     return offset
 
 
+def provisioned_server_peak_w(scenario: Scenario) -> float:
+    """One server's power that the oversubscriptions divide (W): nameplate or measured full load."""
+    d = scenario.datacenter
+    if d.oversubscription_basis == "measured_peak":
+        return d.server.gpus * d.server.gpu_tdp_w + d.server.overhead_max_w
+    return d.server.max_power_w
+
+
 def build_topology(scenario: Scenario) -> Topology:
     """Lay out rows, racks, servers and GPUs; mark SaaS servers spread evenly across rows."""
     d = scenario.datacenter
@@ -105,10 +113,10 @@ def build_topology(scenario: Scenario) -> Topology:
     saas_servers = order[:n_saas]
     g = d.server.gpus
     gpu_server = np.repeat(np.arange(n_servers), g)
-    nameplate_server_w = d.server.max_power_w
-    row_limit_w = np.full(d.rows, servers_per_row * nameplate_server_w / d.power_oversubscription)
+    peak_server_w = provisioned_server_peak_w(scenario)
+    row_limit_w = np.full(d.rows, servers_per_row * peak_server_w / d.power_oversubscription)
     aisle_servers = np.bincount(server_aisle, minlength=n_aisles)
-    aisle_capacity_w = aisle_servers * nameplate_server_w / d.cooling_oversubscription
+    aisle_capacity_w = aisle_servers * peak_server_w / d.cooling_oversubscription
     return Topology(
         n_rows=d.rows,
         n_aisles=n_aisles,
