@@ -14,7 +14,7 @@ Three time scales, as in DynamoLLM:
   (plus the backlog to drain);
 * batch cap: the largest (it costs nothing in energy; the clock does the work).
 
-Predictions come from the profile tables through `controllers.perfmodel.predict_pool`.
+Predictions come from the profile tables through `controllers.perfmodel.predict_pool_slo`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from llm_cluster_gym.controllers.base import RuleBasedController
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.forecast import LoadForecaster
-from llm_cluster_gym.controllers.perfmodel import predict_pool
+from llm_cluster_gym.controllers.perfmodel import predict_pool_slo
 from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
 
 
@@ -75,14 +75,9 @@ class DynamoController(RuleBasedController):
         ctx, lay = self.ctx, self.ctx.layout
         tp = int(self.tps[tp_i])
         prof = ctx.profiles[tp]
-        st = ctx.pool_stats
         n_inst = np.asarray(servers, dtype=float) * (lay.gpus_per_server // tp)
-        pred = predict_pool(
-            prof, rate, n_inst[:, None], self.freqs[None, :], lay.batch_choices[self.batch_idx],
-            st.mean_input_tokens[p], st.p90_input_tokens[p], st.mean_output_tokens[p],
-            st.mean_input_all)
-        ok = (pred.feasible & (pred.ttft_s <= self.slo_margin * lay.slo_ttft_s[p])
-              & (pred.tbt_s <= self.slo_margin * lay.slo_tbt_s[p]))
+        ok, pred = predict_pool_slo(ctx, p, tp, rate, n_inst[:, None], self.freqs[None, :],
+                                    lay.batch_choices[self.batch_idx], self.slo_margin)
         # The whole power of the servers the pool holds (GPUs, idle ones included, plus the
         # non-GPU power): a server the pool gives back powers off, so fewer, busier servers
         # win whenever they meet the SLO (DynamoLLM's scale-in; its GPU-hour saving).

@@ -11,16 +11,22 @@ approximation, good enough to rank configurations and to find the slowest safe c
 * TBT ``= t_iter(c) / (1 - u)``; TTFT ``= t_prefill(P90 input) + M/D/1 wait x safety``;
 * power per GPU ``= idle + u (P_prefill - idle) + (1 - u) min(1, c) (P_decode(c) - idle)``.
 
-Every function is vectorized over candidate arrays (numpy broadcasting).
+Every function is vectorized over candidate arrays (numpy broadcasting). `predict_pool_slo`
+is the one test of a configuration against a pool's SLOs (the manager, the hindsight plan's
+tables and the week's provisioning all use it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llm_cluster_gym.envs.sim.profiles import Profile
+
+if TYPE_CHECKING:
+    from llm_cluster_gym.controllers.context import ControllerContext
 
 WAIT_SAFETY = 3.0
 """Multiplier on the mean M/D/1 prefill wait to approximate its tail (modelling assumption)."""
@@ -97,6 +103,43 @@ def predict_pool(
     gpu_w = idle + u_c * (p_pre - idle) + (1.0 - u_c) * np.minimum(1.0, c) * (p_dec - idle)
     pool_w = n * prof.tp * gpu_w
     return PoolPrediction(ttft, tbt, gpu_w, pool_w, feasible)
+
+
+def predict_pool_slo(
+    ctx: ControllerContext,
+    pool: int,
+    tp: int,
+    rate_rps: np.ndarray | float,
+    n_instances: np.ndarray | int,
+    freq_mhz: np.ndarray | float,
+    max_batch: np.ndarray | int,
+    slo_margin: float,
+) -> tuple[np.ndarray, PoolPrediction]:
+    """Predict pool `pool` of the context at TP `tp`, and test it against its SLOs.
+
+    The pool's length statistics and SLOs come from `ctx`; the array arguments broadcast as in
+    `predict_pool`.
+
+    Args:
+        ctx: Controller context (profiles per TP, pool statistics, SLOs).
+        pool: Pool index.
+        tp: Tensor-parallel degree (a key of ``ctx.profiles``).
+        rate_rps: Arrival rate of the pool (req/s).
+        n_instances: Instances serving it.
+        freq_mhz: SM clock set point.
+        max_batch: Batch cap per instance.
+        slo_margin: Predicted TTFT and TBT must stay within this fraction of the SLOs.
+
+    Returns:
+        (feasible with both latencies within ``slo_margin`` x the SLOs, the prediction).
+    """
+    lay, st = ctx.layout, ctx.pool_stats
+    pred = predict_pool(ctx.profiles[tp], rate_rps, n_instances, freq_mhz, max_batch,
+                        st.mean_input_tokens[pool], st.p90_input_tokens[pool],
+                        st.mean_output_tokens[pool], st.mean_input_all)
+    ok = (pred.feasible & (pred.ttft_s <= slo_margin * lay.slo_ttft_s[pool])
+          & (pred.tbt_s <= slo_margin * lay.slo_tbt_s[pool]))
+    return ok, pred
 
 
 def worst_gpu_power_w(prof: Profile, freq_mhz: np.ndarray | float) -> np.ndarray:

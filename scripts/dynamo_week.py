@@ -38,11 +38,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from llm_cluster_gym.envs.sim.scenario import PoolSpec, Scenario, load_scenario
+
+if TYPE_CHECKING:
+    from llm_cluster_gym.controllers.perfmodel import PoolPrediction
 
 DAY_S = 86_400.0
 WEEK_S = 7 * DAY_S
@@ -192,35 +195,29 @@ class Provisioner:
     ctx: Any
     slo_margin: float = 0.4
 
+    def _predict(self, pool: int, tp: int, freq_mhz: float, servers: np.ndarray | int,
+                 rate_rps: np.ndarray | float) -> tuple[np.ndarray, PoolPrediction]:
+        """(within the margin?, prediction) of `servers` servers at TP `tp`, largest batch cap."""
+        from llm_cluster_gym.controllers.perfmodel import predict_pool_slo
+
+        lay = self.ctx.layout
+        return predict_pool_slo(self.ctx, pool, tp, rate_rps, servers * (lay.gpus_per_server // tp), freq_mhz,
+                                max(lay.batch_choices), self.slo_margin)
+
     def servers_needed(self, pool: int, tp: int, freq_mhz: float, rate_rps: float) -> int | None:
         """Fewest servers serving `rate_rps` within the margin, or None if even all cannot."""
-        from llm_cluster_gym.controllers.perfmodel import predict_pool
-
-        ctx, lay = self.ctx, self.ctx.layout
         if rate_rps <= 0:
             return 0
-        st = ctx.pool_stats
-        servers = np.arange(1, ctx.codec.n_saas_servers + 1)
-        pred = predict_pool(ctx.profiles[tp], rate_rps, servers * (lay.gpus_per_server // tp), freq_mhz,
-                            max(lay.batch_choices), st.mean_input_tokens[pool], st.p90_input_tokens[pool],
-                            st.mean_output_tokens[pool], st.mean_input_all)
-        ok = (pred.feasible & (pred.ttft_s <= self.slo_margin * lay.slo_ttft_s[pool])
-              & (pred.tbt_s <= self.slo_margin * lay.slo_tbt_s[pool]))
+        servers = np.arange(1, self.ctx.codec.n_saas_servers + 1)
+        ok, _ = self._predict(pool, tp, freq_mhz, servers, rate_rps)
         return int(servers[np.argmax(ok)]) if ok.any() else None
 
     def server_power_w(self, pool: int, tp: int, freq_mhz: float, servers: int,
                        rate_rps: np.ndarray) -> np.ndarray:
         """Predicted power (W) of `servers` servers serving each rate of `rate_rps`."""
-        from llm_cluster_gym.controllers.perfmodel import predict_pool
-
-        ctx, lay = self.ctx, self.ctx.layout
-        st = ctx.pool_stats
-        prof = ctx.profiles[tp]
-        pred = predict_pool(prof, np.asarray(rate_rps, dtype=float), servers * (lay.gpus_per_server // tp),
-                            freq_mhz, max(lay.batch_choices), st.mean_input_tokens[pool],
-                            st.p90_input_tokens[pool], st.mean_output_tokens[pool], st.mean_input_all)
-        return servers * ctx.server.server_power_w(lay.gpus_per_server * pred.gpu_power_w,
-                                                   prof.idle_power_w)
+        _, pred = self._predict(pool, tp, freq_mhz, servers, np.asarray(rate_rps, dtype=float))
+        return servers * self.ctx.server.server_power_w(self.ctx.layout.gpus_per_server * pred.gpu_power_w,
+                                                        self.ctx.profiles[tp].idle_power_w)
 
     def executable(self, servers: Sequence[int]) -> np.ndarray:
         """The smallest split the action codec executes that gives each pool at least `servers`.
