@@ -44,6 +44,7 @@ from llm_cluster_gym.scripts import (
     sim_profile,
     simulate,
     sweep,
+    tapas_scale,
     train,
     tune,
 )
@@ -97,6 +98,8 @@ COMMANDS: tuple[Command, ...] = (
             "Download the 2024 week-long Azure traces (resumable)"),
     Command("dynamo-week", dynamo_week.WeekArgs, dynamo_week.run,
             "Energy policies on held-out days of the 2024 week, with CIs"),
+    Command("tapas-scale", tapas_scale.TapasScaleArgs, tapas_scale.run,
+            "TAPAS vs unaware at datacenter scale: harm and capacity, with CIs"),
 )
 """Every subcommand, in the order ``llm-cluster --help`` lists them (summaries fit one line)."""
 
@@ -109,6 +112,7 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("llm_cluster_gym.envs.sim.scenario", "ScenarioError"),
     ("llm_cluster_gym.envs.sim.workload", "TraceError"),
     ("llm_cluster_gym.scripts.dynamo_week", "WeekEvalError"),
+    ("llm_cluster_gym.scripts.tapas_scale", "TapasScaleError"),
     ("llm_cluster_gym.envs.sim.profiles", "ProfileError"),
     ("llm_cluster_gym.envs.sim.thermal", "ThermalError"),
     ("llm_cluster_gym.agents.checkpoint", "CheckpointError"),
