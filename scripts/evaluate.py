@@ -65,13 +65,18 @@ class MainArgs(EvaluateArgs):
     hindsight oracle, and the thermal agent (TAPAS task, at 1.6x oversubscription) against the
     unaware and TAPAS-style baselines, each inside the safety shield and raw, on held-out trace
     windows, three seeds, request-level model; prints the tables and writes
-    `reports/evaluation/report.md` with its plots. The other options are those of `evaluate`.
+    `reports/evaluation/report.md` with its plots. Between the two, the TAPAS-style controller
+    against the unaware baseline on the same day of the 1,024-GPU `tapas_dc` scenario (one seed,
+    no oversubscription sweep; `llm-cluster tapas-scale`, `bench/tapas_scale.py` runs three days,
+    three seeds and the sweep). The other options are those of `evaluate`.
     """
 
     week_day: int = 2
     """Held-out day of the week comparison (0 = Sunday; a test day: 0, 2 or 5)."""
     week_out: str = "reports/dynamo-week"
     """Where the week comparison's report goes."""
+    tapas_out: str = "reports/tapas-scale"
+    """Where the TAPAS-scale comparison's report goes."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,16 +85,20 @@ class MainArgs(EvaluateArgs):
         if self.week_day not in TEST_DAYS:
             raise UsageError(f"--week-day: {self.week_day} is not a held-out test day {list(TEST_DAYS)}")
         check_output_folder(self.week_out)
+        check_output_folder(self.tapas_out)
 
 
 def run_main(args: MainArgs, command: str = "llm-cluster main") -> int:
-    """The main job: the week comparison on one held-out day, then the agents' evaluation."""
-    from llm_cluster_gym.scripts import dynamo_week
+    """The main job: the week comparison and the TAPAS-scale day, then the agents' evaluation."""
+    from llm_cluster_gym.scripts import dynamo_week, tapas_scale
 
-    print(f"## DynamoLLM week: held-out day {dynamo_week.DAY_NAMES[args.week_day]}, seed 0, "
-          "aggregate model (llm-cluster dynamo-week)\n")
+    day = dynamo_week.DAY_NAMES[args.week_day]
+    print(f"## DynamoLLM week: held-out day {day}, seed 0, aggregate model (llm-cluster dynamo-week)\n")
     dynamo_week.run(dynamo_week.WeekArgs(days=(args.week_day,), seeds=(0,), out=args.week_out,
                                          policies=dynamo_week.available_policies()), command)
+    print(f"\n## TAPAS at datacenter scale: {day}, seed 0, tapas_dc (llm-cluster tapas-scale)\n")
+    tapas_scale.run(tapas_scale.TapasScaleArgs(days=(args.week_day,), seeds=(0,), oversubscriptions=(),
+                                               out=args.tapas_out), command)
     evaluate_args = EvaluateArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateArgs)})
     return run(evaluate_args, command)
 

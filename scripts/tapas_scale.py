@@ -190,7 +190,8 @@ def reduction_ci(baseline: np.ndarray, policy: np.ndarray, draws: int = BOOTSTRA
                  seed: int = 0) -> tuple[float, float, float]:
     """``1 - sum(policy) / sum(baseline)`` over paired units, with its 95% bootstrap interval.
 
-    NaN (all three) when the baseline has no harm at all: nothing to reduce.
+    NaN (all three) when the baseline has no harm at all: nothing to reduce; NaN bounds with a
+    single unit (no interval).
     """
     b, p = np.asarray(baseline, dtype=float), np.asarray(policy, dtype=float)
     if b.shape != p.shape or b.ndim != 1:
@@ -198,6 +199,8 @@ def reduction_ci(baseline: np.ndarray, policy: np.ndarray, draws: int = BOOTSTRA
     if b.sum() <= 0:
         return math.nan, math.nan, math.nan
     point = 1.0 - p.sum() / b.sum()
+    if len(b) < 2:
+        return float(point), math.nan, math.nan
     idx = np.random.default_rng(seed).integers(0, len(b), size=(draws, len(b)))
     bs, ps = b[idx].sum(axis=1), p[idx].sum(axis=1)
     ok = bs > 0
@@ -279,8 +282,11 @@ def format_table(results: dict[str, Any]) -> str:
     lines += [f"| {k} | " + " | ".join(fmt_ci(*table[p][k]) for p in table) + " |" for k in keys]
     lines += ["", f"| {CANDIDATE} vs {BASELINE} | reduction | 95% bootstrap interval |", "|---|---|---|"]
     for k, (point, lo, hi) in results["reductions"].items():
-        lines.append(f"| {k} | {point:.1%} | [{lo:.1%}, {hi:.1%}] |" if not math.isnan(point)
-                     else f"| {k} | n/a (the baseline has none) | |")
+        if math.isnan(point):
+            lines.append(f"| {k} | n/a (the baseline has none) | |")
+        else:
+            ci = f"[{lo:.1%}, {hi:.1%}]" if not math.isnan(lo) else "n/a (one unit)"
+            lines.append(f"| {k} | {point:.1%} | {ci} |")
     return "\n".join(lines)
 
 

@@ -28,6 +28,8 @@ def test_reduction_is_a_ratio_of_sums_with_a_bootstrap_interval_around_it():
 
 def test_reduction_undefined_without_baseline_harm_and_needs_paired_units():
     assert all(math.isnan(v) for v in ts.reduction_ci(np.zeros(3), np.ones(3)))
+    point, lo, hi = ts.reduction_ci(np.array([4.0]), np.array([1.0]))
+    assert point == pytest.approx(0.75) and math.isnan(lo) and math.isnan(hi)
     with pytest.raises(ValueError, match="paired"):
         ts.reduction_ci(np.ones(3), np.ones(2))
 
