@@ -448,19 +448,88 @@ class ServingSpec:
                                          doc="Quality lost by serving quantized (fraction).")
 
 
+VM_TYPE_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+"""`vms.types[].name`: the scenario name's characters."""
+
+VM_TYPE_SHARE_TOLERANCE = 1e-6
+"""How far the types' shares may sum from 1 (rounding in a hand-written file)."""
+
+
+@dataclass(frozen=True)
+class VmTypeSpec:
+    """One IaaS VM type (a SKU or workload class) and the per-GPU power pattern its VMs draw (assumed).
+
+    A VM of this type draws, per GPU, ``mean_gpu_w x (1 + diurnal_amplitude x cos(2 pi (h -
+    diurnal_peak_hour) / 24))`` plus its own noise, clipped to [the GPU profile's idle power, its
+    power limit]. ``h`` is the hour of the day on the source trace's clock (episode time plus
+    `workload.start_s`, its time 0 taken as midnight, as the daily outside-air sine takes it). The
+    noise is an Ornstein-Uhlenbeck process per VM (stationary standard deviation `noise_sd_w`,
+    correlation time `noise_tau_s`), started from its stationary law when the VM starts and stepped
+    exactly for any tick length.
+
+    What is an assumption: we have no per-VM-type power telemetry of Azure (or any cloud's) GPU
+    VMs. TAPAS (Stojkovic et al., 2025) places new GPU VMs using historical power and temperature
+    data, kept here per VM type, which is why the simulator has types at all; the shape chosen here
+    (a daily cosine plus mean-reverting noise) and every number a scenario puts in these fields are
+    the scenario author's, not measurements. Hence no defaults beyond zero noise and zero diurnal
+    swing. A placer is shown the P95 of the type's readings so far in the episode
+    (`envs.sim.vms.EXPECTED_POWER_PERCENTILE`), `mean_gpu_w` before any VM of the type has run.
+    """
+
+    name: str = spec(pattern=VM_TYPE_NAME_PATTERN,
+                     pattern_doc="1-64 of `A-Z a-z 0-9 _ . -`, starting with a letter or digit",
+                     doc="Type name; distinct among `vms.types`.")
+    share: float = spec(gt=0, le=1,
+                        doc="Probability that a VM (arriving, or present at the start) is of this type; the "
+                            "types' shares sum to 1.")
+    mean_gpu_w: float = spec(
+        unit="W", gt=0,
+        doc="Mean per-GPU power of the type's VMs, as a tenant declares it or the SKU's figure; the "
+            "expected power a placer sees before any VM of the type has run. Between the profile's idle "
+            "power and GPU power limit.")
+    lifetime_s: float = spec(unit="s", gt=0, doc="Mean lifetime of the type's VMs (exponential).")
+    diurnal_amplitude: float = spec(
+        0.0, ge=0, le=1,
+        doc="Daily swing of the mean, as a fraction of `mean_gpu_w` (a 24 h cosine; 0: none).")
+    diurnal_peak_hour: float = spec(
+        0.0, unit="h", ge=0, lt=24,
+        doc="Hour of the day the daily swing peaks, on the source trace's clock (`workload.start_s` + "
+            "episode time, 0 = midnight).")
+    noise_sd_w: float = spec(
+        0.0, unit="W", ge=0, le=2000,
+        doc="Stationary standard deviation of each VM's own power noise (an Ornstein-Uhlenbeck "
+            "process; 0: none).")
+    noise_tau_s: float | None = spec(
+        None, unit="s", gt=0,
+        doc="Correlation time of the noise (its autocorrelation after t is exp(-t / tau)); needed when "
+            "`noise_sd_w` > 0.")
+
+
 @dataclass(frozen=True)
 class VmSpec:
-    """Opaque IaaS GPU VMs (whole servers) arriving for placement."""
+    """Opaque IaaS GPU VMs (whole servers) arriving for placement.
+
+    Either `types` (per-VM-type power patterns) or the legacy constant levels `gpu_power_w` with one
+    `lifetime_s`: with `types` empty, each level is a constant-power type drawn with equal
+    probability (the behaviour before types).
+    """
 
     arrivals_per_hour: float = spec(0.0, unit="1/h", ge=0,
                                     doc="Mean VM arrivals (Poisson); > 0 needs IaaS servers.")
-    lifetime_s: float = spec(3600.0, unit="s", gt=0, doc="Mean VM lifetime (exponential).")
+    lifetime_s: float = spec(3600.0, unit="s", gt=0,
+                             doc="Mean VM lifetime (exponential) when `types` is empty.")
     gpu_power_w: tuple[float, ...] = spec(
         (450.0,), unit="W", gt=0, min_items=1,
-        doc="Per-GPU power levels a VM draws (one drawn per VM); between the profile's idle power "
-            "and GPU power limit.")
+        doc="Per-GPU power levels a VM draws (one drawn per VM, constant for its lifetime) when `types` is "
+            "empty; between the profile's idle power and GPU power limit.")
     initial_fraction: float = spec(0.0, ge=0, le=1,
                                    doc="Fraction of IaaS servers hosting a VM at the start.")
+    types: tuple[VmTypeSpec, ...] = spec(
+        (), doc="VM types with power that varies over a VM's lifetime; empty: the constant levels "
+                "`gpu_power_w`. An assumption: no per-VM-type power telemetry of cloud GPU VMs is published, "
+                "so the shape (a daily cosine plus mean-reverting noise) and every number are the scenario "
+                "author's. A placer sees the P95 of a type's readings so far in the episode (its "
+                "`mean_gpu_w` before any VM of the type ran), never the waiting VM's own power.")
 
 
 @dataclass(frozen=True)
@@ -603,6 +672,7 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("serving", ServingSpec),
     ("serving.pools[]", PoolSpec),
     ("vms", VmSpec),
+    ("vms.types[]", VmTypeSpec),
     ("faults[]", FaultSpec),
     ("random_faults", RandomFaultSpec),
     ("carbon", CarbonSpec),
@@ -880,6 +950,38 @@ def _vms_have_hosts(s: Scenario, where: str) -> None:
 
 
 @_cross_field
+def _vm_types_fit(s: Scenario, where: str) -> None:
+    """`vms.types`: distinct names, shares summing to 1, `noise_tau_s` wherever `noise_sd_w` > 0.
+
+    With types, `vms.gpu_power_w` and `vms.lifetime_s` keep their defaults (each type has its own).
+    """
+    vt = s.vms.types
+    if not vt:
+        return
+    names = [t.name for t in vt]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise _fail(where, f"vms.types[{i}].name", name, "names another type already; names are distinct")
+    shares = [t.share for t in vt]
+    total = math.fsum(shares)
+    if abs(total - 1.0) > VM_TYPE_SHARE_TOLERANCE:
+        raise _fail(where, "vms.types", shares,
+                    f"the types' shares sum to {total:g}; they must sum to 1 (each is the probability a VM "
+                    f"is of that type)")
+    for i, t in enumerate(vt):
+        if t.noise_sd_w > 0 and t.noise_tau_s is None:
+            raise _fail(where, f"vms.types[{i}].noise_tau_s", None,
+                        f"must be given when noise_sd_w > 0 ({t.noise_sd_w:g} W)")
+    defaults = {f.name: f.default for f in dataclasses.fields(VmSpec)}
+    for name in ("gpu_power_w", "lifetime_s"):
+        value = getattr(s.vms, name)
+        if value != defaults[name]:
+            raise _fail(where, f"vms.{name}", list(value) if isinstance(value, tuple) else value,
+                        "is ignored when vms.types lists types (each type has its own): give one or the "
+                        "other")
+
+
+@_cross_field
 def _tp_fits_servers(s: Scenario, where: str) -> None:
     """Every TP degree in `serving.tp_choices` divides `datacenter.server.gpus`."""
     gpus = s.datacenter.server.gpus
@@ -1141,11 +1243,15 @@ def _clocks_in_range(s: Scenario, where: str, r: _Resolved) -> None:
 
 @_resolve_rule
 def _vm_power_in_range(s: Scenario, where: str, r: _Resolved) -> None:
-    """Every `vms.gpu_power_w` lies between the profile's idle GPU power and its GPU power limit."""
+    """Each `vms.gpu_power_w`, `vms.types[].mean_gpu_w` lies between the profile's idle power and limit."""
     lo, hi = r.idle_power_w, r.gpu_power_limit_w
     for i, w in enumerate(s.vms.gpu_power_w):
         if not lo <= w <= hi:
             raise _fail(where, f"vms.gpu_power_w[{i}]", w,
+                        f"a GPU draws between {lo:g} W (idle) and {hi:g} W (its power limit)")
+    for i, t in enumerate(s.vms.types):
+        if not lo <= t.mean_gpu_w <= hi:
+            raise _fail(where, f"vms.types[{i}].mean_gpu_w", t.mean_gpu_w,
                         f"a GPU draws between {lo:g} W (idle) and {hi:g} W (its power limit)")
 
 
