@@ -100,8 +100,13 @@ class ObsView:
         """Flags (cooling failure, power-feed failure, load spike)."""
         return obs[self.i_faults] > 0.5
 
-    def pending_vm_gpu_w(self, obs: np.ndarray) -> float:
-        """Per-GPU power of the VM waiting for placement (0 when none)."""
+    def pending_vm_expected_gpu_w(self, obs: np.ndarray) -> float:
+        """Expected per-GPU power of the VM waiting for placement (0 when none).
+
+        The P95 of the per-GPU power measured earlier in the episode from running VMs of the
+        waiting VM's type (the type's declared mean before any ran): history, never the
+        waiting VM's own future draw, which no operator can read.
+        """
         return float(obs[self.i_vm]) * self.layout.gpu_power_limit_w
 
 

@@ -5,7 +5,10 @@ limits in force, aisle inlets: what an operator's monitoring shows) and the prop
 and predicts the next interval:
 
 * row power: IaaS servers keep their present draw (VMs cannot be reconfigured; they can only
-  leave within an interval), a newly placed VM adds its server at the VM's GPU power, and each
+  leave within an interval), a newly placed VM adds its server at the VM's expected GPU power
+  (the P95 of its type's readings so far in the episode, its declared mean before any ran: the
+  waiting VM's own future draw is unknown to an operator; a VM whose draw swings above that
+  P95 is row capping's to handle), and each
   SaaS server is bounded at its clock ceiling by ``idle + D * (f / f_max)**gamma`` per GPU,
   with ``D`` = `burst_factor` x the largest mean SaaS dynamic power seen in that row lately
   (rescaled to the maximum clock); the server overhead follows the simulator's linear model;
@@ -209,7 +212,7 @@ class Shield:
             reasons.append("emergency:" + "+".join(kinds))
         f_row = self._row_clocks(action)
         vm_server = action.vm_server
-        vm_w = view.pending_vm_gpu_w(observation)
+        vm_w = view.pending_vm_expected_gpu_w(observation)  # its type's past P95
         row_w, row_t = self._predict(tel, dyn_w, f_row, vm_server, vm_w)
         limit = np.asarray(tel.row_limit_w, dtype=float)
         # Only a risk a lower clock would remove counts: a row at or under the highest clock the
@@ -353,7 +356,7 @@ class Shield:
         ctx, lay, view = self.ctx, self.ctx.layout, self.ctx.view
         legal = ctx.legal_servers(action_mask)
         f_row = self._row_clocks(action)
-        vm_w = view.pending_vm_gpu_w(observation)
+        vm_w = view.pending_vm_expected_gpu_w(observation)  # its type's past P95
         limit = np.asarray(tel.row_limit_w, dtype=float) * self.power_margin
         best, best_slack = None, -np.inf
         proposed = [] if action.vm_server is None else [action.vm_server]

@@ -7,8 +7,10 @@ From the observation only:
   paper's "historical telemetry per workload type": rows mix SaaS and VM load, so their
   observed peaks are what a new VM must fit next to);
 * placement: a waiting VM goes to the legal server whose row and aisle keep the most headroom
-  after adding the VM's power (estimated from its GPU power and the server overhead); ties
-  favour rows with less recent load, which spreads VM types across rows;
+  after adding the VM's power, estimated from its type's history (the P95 of the per-GPU power
+  measured from running VMs of its type so far, its declared mean before any ran; never the
+  VM's own future draw) and the server overhead; ties favour rows with less recent load, which
+  spreads VM types across rows;
 * routing: new requests are steered away from rows with little power or thermal slack (four
   weight levels; the row with the most slack always keeps full weight);
 * reconfiguration on spikes, faults and tight rows, in the order that costs least: first the
@@ -79,11 +81,16 @@ class TapasController(RuleBasedController):
         return frac, view.aisle_max_temp_c(obs), view.aisle_heat_ratio(obs)
 
     def _place(self, obs: np.ndarray, legal: np.ndarray) -> int | None:
+        """The legal server with the most row, aisle and thermal room after adding the waiting VM.
+
+        The VM's per-GPU power is the observation's expected power: the P95 of its type's past
+        readings (per-type history, as TAPAS places), never the VM's own power to come.
+        """
         lay, view = self.ctx.layout, self.ctx.view
         cand = np.flatnonzero(legal)
         if len(cand) == 0:
             return None
-        vm_w = view.pending_vm_gpu_w(obs)
+        vm_w = view.pending_vm_expected_gpu_w(obs)  # per-type history (P95), not the VM's own
         idle = self.ctx.profiles[lay.tp_choices[0]].idle_power_w
         add_w = lay.gpus_per_server * max(vm_w - idle, 0.0) * (1.0 + self.overhead_per_gpu_w)
         limit = np.maximum(view.row_limit_w(obs), 1.0)

@@ -113,7 +113,12 @@ class ClusterLayout:
 
 @dataclass(frozen=True)
 class Telemetry:
-    """What an operator can read off the hardware at the end of an interval."""
+    """What an operator can read off the hardware at the end of an interval.
+
+    `pending_vm_expected_gpu_w` is what an operator knows of the VM waiting for placement: the
+    P95 of the per-GPU power measured earlier in the episode from running VMs of its type (its
+    declared mean before any ran; 0 when none waits), never the waiting VM's own future power.
+    """
 
     time_s: float
     gpu_power_w: np.ndarray
@@ -128,7 +133,7 @@ class Telemetry:
     aisle_capacity_w: np.ndarray
     outside_temp_c: float
     active_faults: tuple[str, ...] = ()
-    pending_vm_power_w: float = 0.0
+    pending_vm_expected_gpu_w: float = 0.0
     legal_vm_servers: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     server_power_state: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int8))
 

@@ -71,7 +71,7 @@ class ClusterEnv(gym.Env):
     | 4 per aisle | inlet temperature, max GPU temperature, heat over capacity, capacity | (C-20)/20; (C-40)/(slowdown C-40); W/W; W over nominal capacity |
     | 2 | time of day | sin, cos of 2 pi t / 1 day |
     | 3 | active faults: cooling, power feed, load spike | 0/1 |
-    | 1 | waiting VM's GPU power | W over GPU power limit |
+    | 1 | waiting VM's expected GPU power (P95 of its type's past readings) | W over GPU power limit |
     | 3 | SLO attainment, TTFT P99, TBT P99 | fraction; s over largest SLO |
     | 1 | thermally throttled GPUs | fraction |
 

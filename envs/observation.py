@@ -63,7 +63,8 @@ def observation_spec(layout: ClusterLayout) -> ObservationSpec:
     add("fault.cooling", "1 if a cooling failure is active")
     add("fault.power", "1 if a power-feed failure is active")
     add("fault.load_spike", "1 if a load spike is active")
-    add("vm.pending_power", "waiting VM's GPU power / GPU power limit (0 if none)")
+    add("vm.pending_power", "waiting VM's expected GPU power (P95 of its type's past readings) / GPU power "
+        "limit (0 if none)")
     add("slo.attainment", "fraction of last interval's finished or dropped requests that finished "
         "within SLO (1 if none)")
     add("slo.ttft_p99", "TTFT P99 / largest TTFT SLO")
@@ -164,7 +165,7 @@ class ObservationBuilder:
         tail[0] = np.sin(phase)
         tail[1] = np.cos(phase)
         tail[2:5] = active_kinds
-        tail[5] = tel.pending_vm_power_w / self.layout.gpu_power_limit_w
+        tail[5] = tel.pending_vm_expected_gpu_w / self.layout.gpu_power_limit_w
         if m is not None:
             tail[6] = m.slo_attainment
             tail[7] = m.ttft_p99_s / self._max_ttft_slo

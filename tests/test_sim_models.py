@@ -81,7 +81,7 @@ def test_vm_load_step_follows_analytic_two_node_curve(thermal):
     np.testing.assert_allclose(t0.gpu_temp_c, idle_temp_c, atol=1e-9)
     for _ in range(4):  # idle ticks: nothing moves, and a VM is now waiting
         c.advance()
-    assert c.telemetry().pending_vm_power_w == vm_w
+    assert c.telemetry().pending_vm_expected_gpu_w == vm_w
     np.testing.assert_allclose(c.telemetry().gpu_temp_c, idle_temp_c, atol=1e-9)
     step_at_s = c.time_s
     c.apply(ClusterAction(vm_server=int(iaas[0])))

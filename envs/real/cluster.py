@@ -550,7 +550,7 @@ class RealCluster:
             aisle_capacity_w=self.layout.aisle_capacity_w.copy(),
             outside_temp_c=self.config.assumed_inlet_c,
             active_faults=("power_failure",) if drill else (),
-            pending_vm_power_w=0.0,
+            pending_vm_expected_gpu_w=0.0,  # no VMs on the real node
             legal_vm_servers=np.zeros(1, dtype=bool),
         )
 

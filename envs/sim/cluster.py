@@ -189,7 +189,10 @@ class SimCluster:
         else:
             self.serving = AggregateServing(
                 n_slots, self.pools.n_pools, s.serving.max_prefill_tokens, s.serving.drop_after_s)
-        self.vms = VmPool(s.vms, np.flatnonzero(~topo.server_is_saas), topo.n_servers)
+        self.vms = VmPool(s.vms, np.flatnonzero(~topo.server_is_saas), topo.n_servers,
+                          gpu_idle_w=self.gpu_model.idle_power_w,
+                          gpu_limit_w=self.gpu_model.gpu_power_limit_w,
+                          clock_offset_s=s.workload.start_s)
         self.vms.reset(rng, s.duration_s)
         n_gpu = topo.n_gpus
         self.thermal_state = GpuThermalState(np.zeros(n_gpu), np.zeros(n_gpu))
@@ -247,6 +250,7 @@ class SimCluster:
             self._tick(self.time_s, dt, acc, stats)
             self.time_s += dt
         self.interval += 1
+        self.vms.observe()  # the VMs' readings of this interval join their types' history
         if self.auto_place_vms:
             while self.vms.pending and (server := self.vms.first_fit()) is not None:
                 self.vms.place(server, self.time_s)

@@ -46,7 +46,7 @@ def assemble_telemetry(*, time_s: float, topo: Topology, faults: FaultSchedule, 
         aisle_capacity_w=topo.aisle_capacity_w * aisle_f,
         outside_temp_c=outside.temp_c(time_s),
         active_faults=faults.active_names(time_s),
-        pending_vm_power_w=vms.pending_power_w[0] if vms.pending else 0.0,
+        pending_vm_expected_gpu_w=vms.pending_expected_gpu_w,
         legal_vm_servers=legal,
         server_power_state=read_only(server_power_state.copy()),
     )
