@@ -22,10 +22,16 @@ Method (numpy only):
   over the two taus with linear least squares at each point, refined twice around the
   best point. The single first-order model gets the same treatment over one tau.
 * Cross-recording: fit on one recording, then on the other refit only its offset.
+* Online transfer (issue 19: at most 2 C RMSE on a recording the fit never saw, the inlet
+  offset estimated online): `online_check` takes the offset from the recording's first
+  ``ONLINE_OFFSET_S`` only, predicts the rest open-loop and scores the rest; reported per
+  recording leave-one-recording-out and for the held-out ``h100_probe.json``
+  (``online_transfer`` in the fit JSON).
 
 Usage::
 
-    llm-cluster fit-thermal
+    llm-cluster fit-thermal                       # fit, write the JSON and the plot
+    llm-cluster fit-thermal --check REC.json.gz   # apply the shipped fit online to a recording
 """
 
 from __future__ import annotations
@@ -42,11 +48,13 @@ import numpy as np
 
 from llm_cluster_gym.envs.sim.thermal import (
     DATA_DIR,
+    DEFAULT_FIT_PATH,
     GpuThermalState,
     ThermalError,
     ThermalParams,
     step_gpu_temperature,
 )
+from llm_cluster_gym.scripts.usage import check_number
 
 RECORDINGS_DIR = DATA_DIR / "recordings"
 WINDOW_S = 0.25
@@ -54,6 +62,11 @@ NVML_POWER_LEAD_S = 0.5  # centre of NVML's ~1 s trailing power average (probe f
 # Recordings with the energy counter (used in the fit) and the one without (held out).
 FIT_RECORDINGS = ("h100_calibration_steps.json.gz", "h100_steps_20261125.json.gz")
 HELD_OUT_RECORDINGS = ("h100_probe.json",)
+ONLINE_OFFSET_S = 60.0
+"""Length of a recording's start from which the online check estimates the inlet offset (s):
+issue 19 asks for the offset "estimated online from its first minute"."""
+GOAL_RMSE_C = 2.0
+"""Issue 19's bar for the online check: at most 2 C RMSE on a recording the fit never saw."""
 
 
 @dataclass
@@ -77,27 +90,73 @@ class Recording:
     raw: dict[str, Any] = field(repr=False)
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` of a value cut to `limit` characters (error messages stay one short line)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _open_json(path: Path) -> dict[str, Any]:
+    """The decoded JSON object of a ``.json`` or ``.json.gz`` file.
+
+    Raises:
+        ThermalError: Missing, unreadable, not (gzipped) JSON, or not a JSON object.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as fh:
-        return json.load(fh)
+    try:
+        with opener(path, "rt") as fh:
+            data = json.load(fh)
+    except FileNotFoundError as exc:
+        raise ThermalError(f"{path}: file not found") from exc
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
+        why = f"{type(exc).__name__}: {_short(str(exc))}"
+        raise ThermalError(f"{path}: not a JSON recording ({why})") from exc
+    if not isinstance(data, dict):
+        raise ThermalError(f"{path}: top level must be a JSON object, got {_short(data)}")
+    return data
+
+
+REQUIRED_COLUMNS = ("t", "power_w", "gpu_temp_c")
+"""Columns every recording needs (time s, NVML power W, GPU temperature C)."""
 
 
 def _columns(raw: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
-    """Samples as named float columns (phase dropped); knows both file layouts."""
+    """Samples as named float columns (phase dropped); knows both file layouts.
+
+    Raises:
+        ThermalError: A missing or malformed field; the message names the file, the field
+            and the value.
+    """
     if "columns" in raw:
         cols = raw["columns"]
+        if not (isinstance(cols, list) and all(isinstance(c, str) for c in cols)):
+            raise ThermalError(f"{path}: field 'columns' must be a list of names, got {_short(cols)}")
+        for need in REQUIRED_COLUMNS:
+            if need not in cols:
+                raise ThermalError(f"{path}: field 'columns' lacks {need!r}, got {_short(cols)}")
     else:  # h100_probe.json: (t, power W, temp C, SM MHz, throttle bitmask)
         cols = ["t", "power_w", "gpu_temp_c", "sm_clock_mhz", "throttle_reasons"]
-    rows = [r for r in raw["samples"] if len(r) == len(cols)]
+    samples = raw.get("samples")
+    if not isinstance(samples, list):
+        raise ThermalError(f"{path}: field 'samples' must be a list of rows, got {_short(samples)}")
+    rows = [r for r in samples if isinstance(r, list) and len(r) == len(cols)]
     if len(rows) < 100:
         raise ThermalError(f"{path}: field 'samples' has only {len(rows)} complete rows")
     out = {}
     for i, c in enumerate(cols):
         if c == "phase":
             out[c] = np.array([r[i] for r in rows], dtype=object)
-        else:
-            out[c] = np.array([np.nan if r[i] is None else r[i] for r in rows], dtype=float)
+            continue
+        vals = [np.nan if r[i] is None else r[i] for r in rows]
+        bad = next((v for v in vals if isinstance(v, bool) or not isinstance(v, (int, float))), None)
+        if bad is not None:
+            raise ThermalError(f"{path}: field 'samples' column {c!r} must hold numbers, got {_short(bad)}")
+        out[c] = np.array(vals, dtype=float)
+    for c in ("t", "gpu_temp_c"):  # power_w is checked where it is used (no energy counter)
+        bad_rows = np.flatnonzero(~np.isfinite(out[c]))
+        if bad_rows.size:
+            raise ThermalError(f"{path}: field 'samples' column {c!r} must be finite, got "
+                               f"{_short(rows[bad_rows[0]][cols.index(c)])} in row {bad_rows[0]}")
     return out
 
 
@@ -141,10 +200,16 @@ def load_recording(path: Path, window_s: float = WINDOW_S) -> Recording:
     if np.any(np.diff(t) <= 0):
         raise ThermalError(f"{path}: field 't' must increase strictly")
     grid = np.arange(0.0, t[-1] - 1.0, window_s)
+    if grid.size < 2:
+        raise ThermalError(f"{path}: field 't' spans only {t[-1]:.3g} s, too short to resample")
     if "energy_mj" in c and np.all(np.isfinite(c["energy_mj"])):
         power = power_from_energy(t, c["energy_mj"], grid)
         src = "energy_counter"
     else:
+        if not np.all(np.isfinite(c["power_w"])):
+            k = int(np.flatnonzero(~np.isfinite(c["power_w"]))[0])
+            raise ThermalError(f"{path}: field 'samples' column 'power_w' must be finite, got None/NaN "
+                               f"in row {k}")
         # NVML reading averages over the last ~1 s: advance it by half that window.
         mids = grid[:-1] + window_s / 2 + NVML_POWER_LEAD_S
         power = np.interp(mids, t, c["power_w"])
@@ -251,6 +316,132 @@ def transfer_rmse(rec: Recording, fit: Fit) -> tuple[float, float]:
     pred0 = predict(rec, fit, 0.0)
     off = float(np.mean(rec.temp_end_c - pred0))
     return float(np.sqrt(np.mean((rec.temp_end_c - pred0 - off) ** 2))), off
+
+
+@dataclass
+class OnlineCheck:
+    """A fit applied to a recording online: offset from its start, scored on the rest.
+
+    Attributes:
+        name: Recording file name.
+        first_s: Length of the start the offset came from (s).
+        inlet_offset_c: The offset estimated from that start (C).
+        rmse_c: RMSE of the open-loop prediction after the start (C).
+        max_abs_err_c: Largest absolute error after the start (C).
+        max_err_at_s: Time of that error from the first sample (window end, s).
+        max_err_phase: Phase running then (from the recording's ``marks``; None without).
+        scored_s: Length of the scored remainder (s).
+        start_power_w: Power the states start in equilibrium with (the first window's, W).
+        first_minute_power_w: (min, max) of 1 s mean power over the start (W): a wide range
+            says the start is not steady, so the offset rests on the model's own prediction.
+        whole_run_offset_rmse_c: RMSE over the same remainder with the offset fitted to the
+            whole run instead (the old `transfer_rmse` way; for comparison only).
+    """
+
+    name: str
+    first_s: float
+    inlet_offset_c: float
+    rmse_c: float
+    max_abs_err_c: float
+    max_err_at_s: float
+    max_err_phase: str | None
+    scored_s: float
+    start_power_w: float
+    first_minute_power_w: tuple[float, float]
+    whole_run_offset_rmse_c: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures as a JSON-ready dict (without the name)."""
+        return {
+            "inlet_offset_c": self.inlet_offset_c,
+            "rmse_c": self.rmse_c,
+            "max_abs_err_c": self.max_abs_err_c,
+            "max_err_at_s": self.max_err_at_s,
+            "max_err_phase": self.max_err_phase,
+            "scored_s": self.scored_s,
+            "start_power_w": self.start_power_w,
+            "first_minute_power_w": list(self.first_minute_power_w),
+            "whole_run_offset_rmse_c": self.whole_run_offset_rmse_c,
+        }
+
+
+def _phase_at(rec: Recording, t_s: float) -> str | None:
+    """Name of the phase of ``rec.raw['marks']`` running at ``t_s`` from the first sample."""
+    t_abs = float(rec.raw["samples"][0][0]) + t_s
+    for m in rec.raw.get("marks", []):
+        if m.get("t0", np.inf) <= t_abs < m.get("t1", -np.inf):
+            return str(m.get("phase"))
+    return None
+
+
+def online_check(
+    rec: Recording, fit: Fit, first_s: float = ONLINE_OFFSET_S, window_s: float = WINDOW_S
+) -> OnlineCheck:
+    """Apply a fit to a recording as a controller would: offset from the start only.
+
+    The unmeasured inlet offset (inlet air plus any sensor offset of this GPU) is estimated
+    from the windows ending within the first `first_s` seconds, the rest of the run is
+    predicted open-loop from the measured power, and the error is scored on that rest only.
+
+    Initial state: the RC states start in equilibrium with the first window's power, as in
+    the fit: the lent machines sat idle before each recording, so the GPU starts at an idle
+    equilibrium. The data bear this out only roughly: the first temperature reading is 1-2 C
+    below the next ones (probably the recording process lifting the GPU from its bare idle,
+    74 W in ``h100_probe.json``'s static reading, to ~120 W with a CUDA context), and the
+    first minute of every committed recording holds a load step (warm-up, prefill). So the offset
+    is not the mean of a steady start: it is the mean of (measured - model) over the first
+    minute, the model being run from that initial state through the first minute's measured
+    power. It uses nothing after `first_s` (the prediction is causal), so it is what a
+    monitor could compute online at ``t = first_s``.
+
+    Args:
+        rec: The recording.
+        fit: The model (taus, R's; its offsets are not used).
+        first_s: Length of the start the offset is estimated from (s).
+        window_s: Window length the recording was resampled to.
+
+    Returns:
+        The figures.
+
+    Raises:
+        ThermalError: `first_s` is not positive, or leaves no window to score.
+    """
+    end_s = rec.t_s + window_s
+    first = end_s <= first_s + 1e-9
+    if not (np.isfinite(first_s) and first.any()):
+        raise ThermalError(f"{rec.name}: online offset window must hold a {window_s} s window, got "
+                           f"{first_s!r} s")
+    if first.all():
+        raise ThermalError(f"{rec.name}: field 't' spans {end_s[-1]:.1f} s, not more than the "
+                           f"{first_s:g} s online offset window")
+    pred0 = predict(rec, fit, 0.0, window_s)
+    offset = float(np.mean(rec.temp_end_c[first] - pred0[first]))
+    err = pred0[~first] + offset - rec.temp_end_c[~first]
+    k = int(np.argmax(np.abs(err)))
+    at_s = float(end_s[~first][k])
+    whole = float(np.mean(rec.temp_end_c - pred0))
+    whole_err = pred0[~first] + whole - rec.temp_end_c[~first]
+    n_per_s = max(1, int(round(1.0 / window_s)))
+    head = rec.power_w[first][: first.sum() // n_per_s * n_per_s].reshape(-1, n_per_s).mean(axis=1)
+    head = head if head.size else rec.power_w[first]
+    return OnlineCheck(
+        name=rec.name,
+        first_s=float(first_s),
+        inlet_offset_c=offset,
+        rmse_c=float(np.sqrt(np.mean(err**2))),
+        max_abs_err_c=float(np.abs(err[k])),
+        max_err_at_s=at_s,
+        max_err_phase=_phase_at(rec, at_s),
+        scored_s=float(end_s[-1] - first_s),
+        start_power_w=float(rec.power_w[0]),
+        first_minute_power_w=(float(head.min()), float(head.max())),
+        whole_run_offset_rmse_c=float(np.sqrt(np.mean(whole_err**2))),
+    )
+
+
+def fit_of_params(params: ThermalParams) -> Fit:
+    """A `Fit` holding a loaded fit file's two-node parameters (for `predict`, `online_check`)."""
+    return Fit((params.tau_die_s, params.tau_sink_s), (params.r_die_c_per_w, params.r_sink_c_per_w), {}, {})
 
 
 def simulate_with_params(
@@ -370,10 +561,97 @@ class FitThermalArgs:
     """Where the fit goes (the JSON `ThermalParams.load` reads)."""
     plot: Path = DATA_DIR / "h100_thermal_fit.png"
     """Where the measured-vs-fitted temperature figure goes (PNG)."""
+    check: Path | None = None
+    """Fit nothing: apply the fit `--fit` to this recording (.json or .json.gz, the layout of
+    envs/data/thermal/recordings) with the inlet offset from its first `--online-offset-s`
+    seconds, and print the RMSE over the rest (last line: JSON)."""
+    fit: Path = DEFAULT_FIT_PATH
+    """The fit `--check` applies (default: the shipped H100 fit)."""
+    online_offset_s: float = ONLINE_OFFSET_S
+    """Length of a recording's start the online inlet offset is estimated from (s)."""
+
+    def __post_init__(self) -> None:
+        check_number("--online-offset-s", self.online_offset_s, at_least=WINDOW_S)
+
+
+def check_recording(path: Path, fit_path: Path = DEFAULT_FIT_PATH,
+                    first_s: float = ONLINE_OFFSET_S) -> dict[str, Any]:
+    """Apply a fit file to one recording online (see `online_check`).
+
+    Args:
+        path: The recording (.json or .json.gz, the layout of ``envs/data/thermal/recordings``).
+        fit_path: The fit file (default: the shipped H100 fit).
+        first_s: Length of the start the inlet offset is estimated from (s).
+
+    Returns:
+        ``recording``, ``fit``, ``online_offset_s``, the `OnlineCheck` figures, ``goal_rmse_c``
+        and ``meets_goal``.
+
+    Raises:
+        ThermalError: A bad recording or fit file (the message names file, field and value).
+    """
+    fit = fit_of_params(ThermalParams.load(fit_path))
+    rec = load_recording(Path(path))
+    if rec.t_s[-1] + WINDOW_S <= first_s:
+        raise ThermalError(f"{path}: field 't' spans {rec.t_s[-1] + WINDOW_S:.1f} s, not more than "
+                           f"the {first_s:g} s online offset window")
+    res = online_check(rec, fit, first_s)
+    return {"recording": str(path), "fit": str(fit_path), "online_offset_s": first_s,
+            **res.as_dict(), "goal_rmse_c": GOAL_RMSE_C, "meets_goal": res.rmse_c <= GOAL_RMSE_C}
+
+
+def _run_check(args: FitThermalArgs) -> int:
+    out = check_recording(args.check, args.fit, args.online_offset_s)
+    print(f"{Path(args.check).name}: online offset {out['inlet_offset_c']:.2f} C from the first "
+          f"{args.online_offset_s:g} s; RMSE {out['rmse_c']:.2f} C, max error {out['max_abs_err_c']:.2f} C "
+          f"over the next {out['scored_s']:.0f} s (goal {GOAL_RMSE_C:g} C)")
+    print(json.dumps(out))
+    return 0
+
+
+def online_transfer(fit_recs: list[Recording], held: list[Recording], solo2: dict[str, Fit],
+                    joint2: Fit, first_s: float = ONLINE_OFFSET_S) -> dict[str, Any]:
+    """The ``online_transfer`` section: every recording tested by a fit that never saw it.
+
+    Each fitted recording is tested with the two-node fit of the other recordings (with two,
+    the other one's own fit: leave one recording out); each held-out recording with the joint
+    fit of all of them. Offsets come from the first `first_s` seconds only (`online_check`).
+    """
+    rows = {}
+    for r in fit_recs + held:
+        others = [x.name for x in fit_recs if x.name != r.name]
+        if r.name not in solo2:  # never fitted: the joint fit of all the others
+            fit = joint2
+        elif len(others) == 1:  # the other recording's own fit (already made)
+            fit = solo2[others[0]]
+        else:
+            fit = fit_model([x for x in fit_recs if x.name != r.name], 2)
+        res = online_check(r, fit, first_s)
+        rows[r.name] = {"fit_on": others, "fit_tau_s": list(fit.taus_s),
+                        "fit_r_c_per_w": list(fit.r_c_per_w), **res.as_dict()}
+    return {
+        "method": (
+            f"Leave one recording out: each recording is predicted by the two-node model fitted to the "
+            f"other recordings (h100_probe.json, never fitted: by the joint fit). The inlet offset is "
+            f"the mean of (measured - model) over windows ending in the first {first_s:g} s; the model "
+            f"starts in equilibrium with the first 0.25 s window's power (the GPU sat idle before) and "
+            f"runs open-loop on the measured power; RMSE and max error are over the rest of the run "
+            f"only. The first minute of each recording holds a load step, so the offset rests on "
+            f"the model's own prediction over it, not on a steady start. whole_run_offset_rmse_c: "
+            f"the same remainder with the offset fitted to the whole run (the old way), for "
+            f"comparison. `llm-cluster fit-thermal --check FILE` does the same with the shipped fit."
+        ),
+        "online_offset_s": first_s,
+        "goal_rmse_c": GOAL_RMSE_C,
+        "goal_source": "issue 19: at most 2 C RMSE on a recording the fit never saw, inlet offset "
+                       "estimated online from its first minute",
+        "recordings": rows,
+        "meets_goal": {n: v["rmse_c"] <= GOAL_RMSE_C for n, v in rows.items()},
+    }
 
 
 def run(args: FitThermalArgs, command: str = "llm-cluster fit-thermal") -> int:
-    """Fit, cross-validate, write the fit JSON and the plot.
+    """Fit, cross-validate, write the fit JSON and the plot (or, with ``--check``, only check).
 
     Args:
         args: The options.
@@ -382,6 +660,8 @@ def run(args: FitThermalArgs, command: str = "llm-cluster fit-thermal") -> int:
     Returns:
         Exit code.
     """
+    if args.check is not None:
+        return _run_check(args)
     fit_recs = [load_recording(RECORDINGS_DIR / n) for n in FIT_RECORDINGS]
     held = [load_recording(RECORDINGS_DIR / n) for n in HELD_OUT_RECORDINGS]
 
@@ -410,6 +690,7 @@ def run(args: FitThermalArgs, command: str = "llm-cluster fit-thermal") -> int:
                           "single_node_rmse_c": rm1, "refit": "offset only"})
     for r in fit_recs:
         per_rec[r.name].pop("_single")
+    online = online_transfer(fit_recs, held, solo2, joint2, args.online_offset_s)
 
     # The shipped joint fit, re-checked through the simulator's own stepper.
     params = ThermalParams(
@@ -501,6 +782,7 @@ def run(args: FitThermalArgs, command: str = "llm-cluster fit-thermal") -> int:
         "joint_fit_evaluation": joint_eval,
         "per_recording_fits": per_rec,
         "cross_recording": cross,
+        "online_transfer": online,
         "recordings": {
             n: {"static": statics[n], "power_source": joint_eval[n]["power_source"],
                 "used_in_fit": joint_eval[n]["used_in_fit"]}
@@ -529,5 +811,8 @@ def run(args: FitThermalArgs, command: str = "llm-cluster fit-thermal") -> int:
     _plot(fit_recs + held, joint2, joint1, offsets2, offsets1, args.plot)
     print(json.dumps({"params": out["params"], "single": out["single_node_params"],
                       "eval": out["joint_fit_evaluation"], "cross": out["cross_recording"],
+                      "online_transfer": {n: {k: v[k] for k in ("fit_on", "inlet_offset_c", "rmse_c",
+                                                                 "max_abs_err_c")}
+                                          for n, v in out["online_transfer"]["recordings"].items()},
                       "idle_w": out["power"]["idle_power_w"]}, indent=1))
     return 0
