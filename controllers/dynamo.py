@@ -14,7 +14,8 @@ Three time scales, as in DynamoLLM:
   (plus the backlog to drain);
 * batch cap: the largest (it costs nothing in energy; the clock does the work).
 
-Predictions come from the profile tables through `controllers.perfmodel.predict_pool_slo`.
+Predictions come from the profile tables through `controllers.perfmodel.PoolModel` (one per pool
+and TP over the clock choices, built once).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from llm_cluster_gym.controllers.base import RuleBasedController
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.forecast import LoadForecaster
-from llm_cluster_gym.controllers.perfmodel import predict_pool_slo
+from llm_cluster_gym.controllers.perfmodel import PoolModel
 from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
 
 
@@ -54,6 +55,8 @@ class DynamoController(RuleBasedController):
         self.tps = np.array(lay.tp_choices)
         self.freqs = np.array(lay.freq_choices_mhz, dtype=float)
         self.batch_idx = int(np.argmax(lay.batch_choices))
+        self.models = {(p, ti): PoolModel(ctx, p, int(tp), self.freqs[None, :])
+                       for p in range(lay.n_pools) for ti, tp in enumerate(self.tps)}
         prior = lay.nominal_rps * ctx.pool_stats.fraction
         self.forecaster = LoadForecaster(prior, window=ctx.reconfig_every)
         self.reset()
@@ -76,8 +79,8 @@ class DynamoController(RuleBasedController):
         tp = int(self.tps[tp_i])
         prof = ctx.profiles[tp]
         n_inst = np.asarray(servers, dtype=float) * (lay.gpus_per_server // tp)
-        ok, pred = predict_pool_slo(ctx, p, tp, rate, n_inst[:, None], self.freqs[None, :],
-                                    lay.batch_choices[self.batch_idx], self.slo_margin)
+        ok, pred = self.models[p, tp_i].within_slo(rate, n_inst[:, None], lay.batch_choices[self.batch_idx],
+                                                   self.slo_margin)
         # The whole power of the servers the pool holds (GPUs, idle ones included, plus the
         # non-GPU power): a server the pool gives back powers off, so fewer, busier servers
         # win whenever they meet the SLO (DynamoLLM's scale-in; its GPU-hour saving).

@@ -19,7 +19,7 @@ predicts, the model the DynamoLLM-style manager decides with. Per pool ``p`` and
 ``c = (tp, clock)`` at the largest batch cap:
 
 * ``cap[p, c]``: the largest per-instance rate at which the predicted TTFT and TBT stay within
-  ``slo_margin`` x the SLOs (`perfmodel.predict_pool_slo`, the manager's own test); a server
+  ``slo_margin`` x the SLOs (`perfmodel.PoolModel.within_slo`, the manager's own test); a server
   holds ``gpus_per_server // tp`` instances;
 * a powered server draws ``S(lam)``: its GPUs at the predicted per-GPU power for a per-instance
   rate ``lam``, plus the non-GPU power of `ServerPowerSpec.server_power_w`; ``S(0)`` (idle GPUs
@@ -70,7 +70,7 @@ import numpy as np
 
 from llm_cluster_gym.controllers.base import RuleBasedController
 from llm_cluster_gym.controllers.context import ControllerContext
-from llm_cluster_gym.controllers.perfmodel import predict_pool_slo
+from llm_cluster_gym.controllers.perfmodel import PoolModel
 from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
 
 if TYPE_CHECKING:
@@ -149,7 +149,7 @@ class PlanningTables:
 def _slo_ok(ctx: ControllerContext, p: int, tp: int, lam: np.ndarray, freq: np.ndarray,
             batch: int, margin: float) -> tuple[np.ndarray, np.ndarray]:
     """(meets the SLOs?, per-GPU power) of one instance at per-instance rates `lam` (broadcast)."""
-    ok, pred = predict_pool_slo(ctx, p, tp, lam, 1, freq, batch, margin)
+    ok, pred = PoolModel(ctx, p, tp, freq).within_slo(lam, 1, batch, margin)
     return ok, pred.gpu_power_w
 
 

@@ -11,7 +11,7 @@ approximation, good enough to rank configurations and to find the slowest safe c
 * TBT ``= t_iter(c) / (1 - u)``; TTFT ``= t_prefill(P90 input) + M/D/1 wait x safety``;
 * power per GPU ``= idle + u (P_prefill - idle) + (1 - u) min(1, c) (P_decode(c) - idle)``.
 
-Every function is vectorized over candidate arrays (numpy broadcasting). `predict_pool_slo`
+Every function is vectorized over candidate arrays (numpy broadcasting). `PoolModel.within_slo`
 is the one test of a configuration against a pool's SLOs (the manager, the hindsight plan's
 tables and the week's provisioning all use it).
 """
@@ -46,6 +46,62 @@ class PoolPrediction:
     feasible: np.ndarray
 
 
+@dataclass(frozen=True)
+class _LoadFreeTerms:
+    """The terms of `predict_pool` that do not depend on the load (rate, instances, batch cap)."""
+
+    prof: Profile
+    freq_mhz: np.ndarray
+    prefill_s: np.ndarray
+    prefill_p90_s: np.ndarray
+    prefill_power_w: np.ndarray
+    decode_slowdown: np.ndarray
+    decode_s_per_seq: float
+    mean_input: float
+    mean_output: float
+
+
+def _load_free_terms(prof: Profile, freq_mhz: np.ndarray | float, mean_input: float, p90_input: float,
+                     mean_output: float, mean_input_all: float) -> _LoadFreeTerms:
+    f = np.asarray(freq_mhz, dtype=float)
+    f_pre = np.minimum(f, prof.prefill_freq_at_limit_mhz(mean_input_all))
+    t_pre = prof.prefill_time_s(mean_input, f_pre)
+    t_pre90 = prof.prefill_time_s(p90_input, f_pre)
+    slow_d = prof.decode_phi * (prof.max_freq_mhz / f) + 1.0 - prof.decode_phi
+    k = prof.decode_d1_s_per_seq + prof.decode_d2_s_per_seq_token * (mean_input + 0.5 * mean_output)
+    p_pre = np.minimum(prof.prefill_power_w(mean_input, f_pre), prof.gpu_power_limit_w)
+    return _LoadFreeTerms(prof, f, t_pre, t_pre90, p_pre, slow_d, k, mean_input, mean_output)
+
+
+def _predict_loaded(terms: _LoadFreeTerms, rate_rps: np.ndarray | float, n_instances: np.ndarray | int,
+                    max_batch: np.ndarray | int) -> PoolPrediction:
+    prof, f, t_pre = terms.prof, terms.freq_mhz, terms.prefill_s
+    k, slow_d = terms.decode_s_per_seq, terms.decode_slowdown
+    rate = np.asarray(rate_rps, dtype=float)
+    n = np.asarray(n_instances, dtype=float)
+    b = np.asarray(max_batch, dtype=float)
+    lam = np.where(n > 0, rate / np.maximum(n, 1.0), np.where(rate > 0, np.inf, 0.0))
+    u = lam * t_pre
+    ok_u = u < MAX_UTIL
+    u_c = np.clip(u, 0.0, MAX_UTIL)
+    a = np.where(np.isfinite(lam), lam, 0.0) * terms.mean_output * slow_d / (1.0 - u_c)
+    ak = a * k
+    ok_d = ak < 0.9
+    c = a * prof.decode_d0_s / np.maximum(1.0 - ak, 0.1)
+    iter_s = (prof.decode_d0_s + c * k) * slow_d
+    tbt = iter_s / (1.0 - u_c)
+    wait = t_pre * u_c / (2.0 * (1.0 - u_c)) * WAIT_SAFETY
+    ttft = terms.prefill_p90_s + wait
+    kv_ok = c * (terms.mean_input + terms.mean_output) <= 0.9 * prof.kv_capacity_tokens
+    feasible = ok_u & ok_d & (c <= 0.9 * b) & kv_ok & np.isfinite(lam)
+    idle = prof.idle_power_w
+    p_pre = terms.prefill_power_w
+    p_dec = np.minimum(prof.decode_power_w(np.maximum(c, 1e-9), f), prof.gpu_power_limit_w)
+    gpu_w = idle + u_c * (p_pre - idle) + (1.0 - u_c) * np.minimum(1.0, c) * (p_dec - idle)
+    pool_w = n * prof.tp * gpu_w
+    return PoolPrediction(ttft, tbt, gpu_w, pool_w, feasible)
+
+
 def predict_pool(
     prof: Profile,
     rate_rps: np.ndarray | float,
@@ -74,72 +130,44 @@ def predict_pool(
     Returns:
         A `PoolPrediction` broadcast over the array arguments.
     """
-    rate = np.asarray(rate_rps, dtype=float)
-    n = np.asarray(n_instances, dtype=float)
-    f = np.asarray(freq_mhz, dtype=float)
-    b = np.asarray(max_batch, dtype=float)
-    f_pre = np.minimum(f, prof.prefill_freq_at_limit_mhz(mean_input_all))
-    t_pre = prof.prefill_time_s(mean_input, f_pre)
-    t_pre90 = prof.prefill_time_s(p90_input, f_pre)
-    lam = np.where(n > 0, rate / np.maximum(n, 1.0), np.where(rate > 0, np.inf, 0.0))
-    u = lam * t_pre
-    ok_u = u < MAX_UTIL
-    u_c = np.clip(u, 0.0, MAX_UTIL)
-    slow_d = prof.decode_phi * (prof.max_freq_mhz / f) + 1.0 - prof.decode_phi
-    k = prof.decode_d1_s_per_seq + prof.decode_d2_s_per_seq_token * (mean_input + 0.5 * mean_output)
-    a = np.where(np.isfinite(lam), lam, 0.0) * mean_output * slow_d / (1.0 - u_c)
-    ak = a * k
-    ok_d = ak < 0.9
-    c = a * prof.decode_d0_s / np.maximum(1.0 - ak, 0.1)
-    iter_s = (prof.decode_d0_s + c * k) * slow_d
-    tbt = iter_s / (1.0 - u_c)
-    wait = t_pre * u_c / (2.0 * (1.0 - u_c)) * WAIT_SAFETY
-    ttft = t_pre90 + wait
-    kv_ok = c * (mean_input + mean_output) <= 0.9 * prof.kv_capacity_tokens
-    feasible = ok_u & ok_d & (c <= 0.9 * b) & kv_ok & np.isfinite(lam)
-    idle = prof.idle_power_w
-    p_pre = np.minimum(prof.prefill_power_w(mean_input, f_pre), prof.gpu_power_limit_w)
-    p_dec = np.minimum(prof.decode_power_w(np.maximum(c, 1e-9), f), prof.gpu_power_limit_w)
-    gpu_w = idle + u_c * (p_pre - idle) + (1.0 - u_c) * np.minimum(1.0, c) * (p_dec - idle)
-    pool_w = n * prof.tp * gpu_w
-    return PoolPrediction(ttft, tbt, gpu_w, pool_w, feasible)
+    terms = _load_free_terms(prof, freq_mhz, mean_input, p90_input, mean_output, mean_input_all)
+    return _predict_loaded(terms, rate_rps, n_instances, max_batch)
 
 
-def predict_pool_slo(
-    ctx: ControllerContext,
-    pool: int,
-    tp: int,
-    rate_rps: np.ndarray | float,
-    n_instances: np.ndarray | int,
-    freq_mhz: np.ndarray | float,
-    max_batch: np.ndarray | int,
-    slo_margin: float,
-) -> tuple[np.ndarray, PoolPrediction]:
-    """Predict pool `pool` of the context at TP `tp`, and test it against its SLOs.
+class PoolModel:
+    """`predict_pool` for one pool of a controller context at one TP over candidate clocks.
 
-    The pool's length statistics and SLOs come from `ctx`; the array arguments broadcast as in
-    `predict_pool`.
+    The clock-dependent terms that do not depend on the load (prefill times and power at the
+    power-capped clock, the decode slowdown) are computed once here, so a controller that asks
+    the same (pool, TP, clocks) at every interval pays only for the load-dependent part.
 
     Args:
         ctx: Controller context (profiles per TP, pool statistics, SLOs).
         pool: Pool index.
         tp: Tensor-parallel degree (a key of ``ctx.profiles``).
-        rate_rps: Arrival rate of the pool (req/s).
-        n_instances: Instances serving it.
-        freq_mhz: SM clock set point.
-        max_batch: Batch cap per instance.
-        slo_margin: Predicted TTFT and TBT must stay within this fraction of the SLOs.
-
-    Returns:
-        (feasible with both latencies within ``slo_margin`` x the SLOs, the prediction).
+        freq_mhz: SM clock set points (an array broadcasts against the load arguments).
     """
-    lay, st = ctx.layout, ctx.pool_stats
-    pred = predict_pool(ctx.profiles[tp], rate_rps, n_instances, freq_mhz, max_batch,
-                        st.mean_input_tokens[pool], st.p90_input_tokens[pool],
-                        st.mean_output_tokens[pool], st.mean_input_all)
-    ok = (pred.feasible & (pred.ttft_s <= slo_margin * lay.slo_ttft_s[pool])
-          & (pred.tbt_s <= slo_margin * lay.slo_tbt_s[pool]))
-    return ok, pred
+
+    def __init__(self, ctx: ControllerContext, pool: int, tp: int, freq_mhz: np.ndarray | float) -> None:
+        st = ctx.pool_stats
+        self._terms = _load_free_terms(ctx.profiles[tp], freq_mhz, st.mean_input_tokens[pool],
+                                       st.p90_input_tokens[pool], st.mean_output_tokens[pool],
+                                       st.mean_input_all)
+        self._slo_ttft_s = ctx.layout.slo_ttft_s[pool]
+        self._slo_tbt_s = ctx.layout.slo_tbt_s[pool]
+
+    def predict(self, rate_rps: np.ndarray | float, n_instances: np.ndarray | int,
+                max_batch: np.ndarray | int) -> PoolPrediction:
+        """The pool's steady state at this load (arrays broadcast as in `predict_pool`)."""
+        return _predict_loaded(self._terms, rate_rps, n_instances, max_batch)
+
+    def within_slo(self, rate_rps: np.ndarray | float, n_instances: np.ndarray | int,
+                   max_batch: np.ndarray | int, slo_margin: float) -> tuple[np.ndarray, PoolPrediction]:
+        """(feasible with TTFT and TBT within ``slo_margin`` x the pool's SLOs, the prediction)."""
+        pred = self.predict(rate_rps, n_instances, max_batch)
+        ok = (pred.feasible & (pred.ttft_s <= slo_margin * self._slo_ttft_s)
+              & (pred.tbt_s <= slo_margin * self._slo_tbt_s))
+        return ok, pred
 
 
 def worst_gpu_power_w(prof: Profile, freq_mhz: np.ndarray | float) -> np.ndarray:

@@ -198,11 +198,11 @@ class Provisioner:
     def _predict(self, pool: int, tp: int, freq_mhz: float, servers: np.ndarray | int,
                  rate_rps: np.ndarray | float) -> tuple[np.ndarray, PoolPrediction]:
         """(within the margin?, prediction) of `servers` servers at TP `tp`, largest batch cap."""
-        from llm_cluster_gym.controllers.perfmodel import predict_pool_slo
+        from llm_cluster_gym.controllers.perfmodel import PoolModel
 
         lay = self.ctx.layout
-        return predict_pool_slo(self.ctx, pool, tp, rate_rps, servers * (lay.gpus_per_server // tp), freq_mhz,
-                                max(lay.batch_choices), self.slo_margin)
+        return PoolModel(self.ctx, pool, tp, freq_mhz).within_slo(
+            rate_rps, servers * (lay.gpus_per_server // tp), max(lay.batch_choices), self.slo_margin)
 
     def servers_needed(self, pool: int, tp: int, freq_mhz: float, rate_rps: float) -> int | None:
         """Fewest servers serving `rate_rps` within the margin, or None if even all cannot."""
