@@ -117,7 +117,8 @@ class WeekArgs:
     """The manager's multiplier on its forecast peak; chosen with `slo_margin`."""
     cross_check_hours: float = 0.0
     """Also run this many hours of the first test day at request level for each policy and
-    report the aggregate model's own error (0: skip; about 2 minutes per policy and hour)."""
+    report the aggregate model's own error (0: skip; else in (0, 24], whole 5-minute windows; about 2
+    minutes per policy and hour)."""
     select_manager: bool = False
     """Select `slo_margin` and `peak_headroom` again on the validation day before evaluating
     (one day run per candidate of `MANAGER_CANDIDATES`)."""
@@ -459,8 +460,12 @@ def select_manager(base: Scenario, burn_in_s: float, measured_s: float = DAY_S,
     return min(candidates, key=lambda c: (c[0], -c[1])), tried
 
 
-def evaluate_week(args: WeekArgs, log: Callable[[str], None] | None = None) -> tuple[list[DayRun], dict]:
-    """Run every policy on every (day, seed) of `args`; return the runs and the summary table."""
+def check_args(args: WeekArgs) -> None:
+    """Reject bad `args` before any work starts.
+
+    Raises:
+        WeekEvalError: A field's value is out of range; the message names the field and the value.
+    """
     bad = sorted(set(args.days) & set(TRAIN_DAYS + VALIDATION_DAYS))
     if bad:
         raise WeekEvalError(f"days: {bad} are training or validation days ({TRAIN_DAYS}, "
@@ -480,6 +485,18 @@ def evaluate_week(args: WeekArgs, log: Callable[[str], None] | None = None) -> t
     if not 0 < args.hours <= 24 or (args.hours * 3600) % PLAN_WINDOW_S:
         raise WeekEvalError(f"hours: {args.hours!r} must be in (0, 24] and a whole number of "
                             f"{PLAN_WINDOW_S:.0f} s windows")
+    negative = [s for s in args.seeds if s < 0]
+    if negative:
+        raise WeekEvalError(f"seeds: {negative[0]!r} must be >= 0")
+    hours = args.cross_check_hours
+    if hours != 0 and (not 0 < hours <= 24 or (hours * 3600) % PLAN_WINDOW_S):
+        raise WeekEvalError(f"cross_check_hours: {hours!r} must be 0 (skip) or in (0, 24] and a whole "
+                            f"number of {PLAN_WINDOW_S:.0f} s windows")
+
+
+def evaluate_week(args: WeekArgs, log: Callable[[str], None] | None = None) -> tuple[list[DayRun], dict]:
+    """Run every policy on every (day, seed) of `args` (checked first); return the runs and the table."""
+    check_args(args)
     measured_s = args.hours * 3600.0
     base = load_scenario(args.scenario)
     if args.select_manager:
@@ -536,8 +553,9 @@ def cross_check(base: Scenario, day: int, hours: float, policies: Sequence[str],
 
 
 def run_cross_check(args: WeekArgs, log: Callable[[str], None] | None = None) -> dict[str, dict]:
-    """`cross_check` as `args` asks for it (nothing when `cross_check_hours` is 0)."""
-    if args.cross_check_hours <= 0:
+    """`cross_check` as `args` asks for it (checked first; nothing when `cross_check_hours` is 0)."""
+    check_args(args)
+    if args.cross_check_hours == 0:
         return {}
     return cross_check(load_scenario(args.scenario), args.days[0], args.cross_check_hours, args.policies,
                        args.slo_margin, args.peak_headroom, log=log)

@@ -113,6 +113,25 @@ def test_evaluate_week_rejects_training_days_and_a_missing_baseline():
         week.evaluate_week(week.WeekArgs(hours=0.1))
 
 
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("seeds", (0, -1), "seeds: -1 must be >= 0"),
+    ("cross_check_hours", -1.0, "cross_check_hours: -1.0 must be 0"),
+    ("cross_check_hours", 0.1, "cross_check_hours: 0.1 must be 0"),
+    ("cross_check_hours", 25.0, "cross_check_hours: 25.0 must be 0"),
+])
+def test_evaluate_week_and_the_cross_check_reject_a_bad_field_naming_it(field, value, message):
+    args = week.WeekArgs(**{field: value})
+    with pytest.raises(week.WeekEvalError, match=message):
+        week.evaluate_week(args)
+    # A negative cross-check length is an error, not a silent skip.
+    with pytest.raises(week.WeekEvalError, match=message):
+        week.run_cross_check(args)
+
+
+def test_cross_check_of_zero_hours_is_skipped():
+    assert week.run_cross_check(week.WeekArgs(cross_check_hours=0.0)) == {}
+
+
 def fixed_energy(runs, policy):
     (run,) = [r for r in runs if r.policy == policy]
     return run.summary["energy_kwh"]
@@ -143,11 +162,16 @@ def test_short_day_runs_every_policy_and_pairs_savings(tmp_path):
     assert data["headline"]["days"] == 1 and path.exists() and (tmp_path / "w" / "day.png").exists()
 
 
-def test_cli_rejects_a_training_day_with_one_line_and_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "llm_cluster_gym", "dynamo-week", "--days", "3"],
+@pytest.mark.parametrize(("flags", "field"), [
+    (["--days", "3"], "days"),
+    (["--seeds", "0", "-1"], "seeds: -1"),
+    (["--cross-check-hours", "-1"], "cross_check_hours: -1.0"),
+])
+def test_cli_rejects_a_bad_field_with_one_line_and_exit_2(flags, field):
+    proc = subprocess.run([sys.executable, "-m", "llm_cluster_gym", "dynamo-week", *flags],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "days" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and field in proc.stderr
 
 
 def test_select_manager_keeps_the_slo_target_and_picks_the_least_energy(base):
