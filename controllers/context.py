@@ -60,6 +60,8 @@ class ObsView:
         self.i_capacity = idx("aisle[{}].capacity", aisles)
         self.i_faults = idx("fault.{}", ("cooling", "power", "load_spike"))
         self.i_vm = self.index["vm.pending_power"]
+        self.i_vms = np.array([self.i_vm] + [self.index[f"vm.pending_power[{i}]"] for i in
+                                              range(1, lay.vm_placements_per_interval)], dtype=np.int64)
         self.i_attain = self.index["slo.attainment"]
         self.i_ttft = self.index["slo.ttft_p99"]
 
@@ -108,6 +110,14 @@ class ObsView:
         waiting VM's own future draw, which no operator can read.
         """
         return float(obs[self.i_vm]) * self.layout.gpu_power_limit_w
+
+    def pending_vms_expected_gpu_w(self, obs: np.ndarray) -> np.ndarray:
+        """Expected per-GPU power of each of the first P waiting VMs, queue order (0 where none).
+
+        P is `layout.vm_placements_per_interval`; entry 0 is `pending_vm_expected_gpu_w`, each
+        the P95 of its own type's past readings.
+        """
+        return obs[self.i_vms].astype(float) * self.layout.gpu_power_limit_w
 
 
 @dataclass(frozen=True)
@@ -177,7 +187,8 @@ class ControllerContext:
 
     def action(self, pools: tuple[PoolConfig, ...] | None = None,
                route_level: np.ndarray | None = None, cap_idx: np.ndarray | None = None,
-               quantized: np.ndarray | None = None, vm_server: int | None = None) -> ClusterAction:
+               quantized: np.ndarray | None = None,
+               vm_servers: tuple[int | None, ...] = ()) -> ClusterAction:
         """A `ClusterAction` for this task; the parts the task has no action for are dropped.
 
         Args:
@@ -185,7 +196,8 @@ class ControllerContext:
             route_level: Per row, the routing weight's index in `ROUTE_WEIGHT_LEVELS`.
             cap_idx: Per row, the SaaS clock ceiling's index in `layout.freq_choices_mhz`.
             quantized: Per row, serve the quantized model (0/1).
-            vm_server: Server for the waiting VM, or None to keep it waiting.
+            vm_servers: Per placement slot (the i-th waiting VM), its server or None to keep
+                it waiting.
         """
         if not self.codec.has_rows:
             return ClusterAction(pools=pools if self.codec.has_pools else None)
@@ -195,24 +207,36 @@ class ControllerContext:
             row_route_weight=None if route_level is None else _ROUTE_WEIGHTS[np.asarray(route_level)],
             row_freq_cap_mhz=None if cap_idx is None else freqs[np.asarray(cap_idx)],
             row_quantized=None if quantized is None else np.asarray(quantized).astype(bool),
-            vm_server=vm_server)
+            vm_servers=tuple(vm_servers))
 
     def uncapped_action(self, pools: tuple[PoolConfig, ...] | None,
                         action_mask: np.ndarray | None) -> ClusterAction:
         """`pools` with power- and heat-unaware rows.
 
-        Every row at full routing weight, no clock ceiling, no quantization; the waiting VM on
-        the lowest-numbered legal server (first fit).
+        Every row at full routing weight, no clock ceiling, no quantization; each waiting VM the
+        mask lets place (one per open slot, queue order) on the lowest-numbered legal server
+        not taken by an earlier slot (first fit).
         """
         r = self.layout.n_rows
-        legal = np.flatnonzero(self.legal_servers(action_mask))
+        servers: list[int | None] = []
+        for legal in self.slot_legal_servers(action_mask):
+            free = np.flatnonzero(legal)
+            free = free[~np.isin(free, [s for s in servers if s is not None])]
+            servers.append(int(free[0]) if len(free) else None)
         return self.action(pools, route_level=np.full(r, len(_ROUTE_WEIGHTS) - 1),
                            cap_idx=np.full(r, len(self.layout.freq_choices_mhz) - 1),
-                           quantized=np.zeros(r), vm_server=int(legal[0]) if len(legal) else None)
+                           quantized=np.zeros(r), vm_servers=tuple(servers))
 
     def legal_servers(self, action_mask: np.ndarray | None) -> np.ndarray:
-        """Servers the pending VM may go to, as the codec reads them from the action mask.
+        """Servers the first waiting VM may go to, as the codec reads them from the action mask.
 
-        None without a mask or for a task without placement.
+        All False without a mask or for a task without placement.
         """
         return self.codec.legal_servers(action_mask)
+
+    def slot_legal_servers(self, action_mask: np.ndarray | None) -> np.ndarray:
+        """Per placement slot (the i-th waiting VM), the servers it may go to: (P, n_servers).
+
+        Read from the action mask by the codec; all False without a mask.
+        """
+        return self.codec.slot_legal_servers(action_mask)

@@ -141,8 +141,11 @@ class Shield:
                           prof.gpu_power_limit_w)
 
     def _predict(self, tel: Telemetry, dyn_w: np.ndarray, f_row_mhz: np.ndarray,
-                 vm_server: int | None, vm_gpu_w: float) -> tuple[np.ndarray, np.ndarray]:
-        """(row power W, hottest predicted GPU temperature per row C) for row clock ceilings."""
+                 placements: tuple[tuple[int, float], ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """(row power W, hottest predicted GPU temperature per row C) for row clock ceilings.
+
+        `placements` are new VMs as (server, expected per-GPU power W), each adding its server.
+        """
         lay, srv, idle = self.ctx.layout, self.ctx.server, self.prof.idle_power_w
         gpu_w = np.asarray(tel.gpu_power_w, dtype=float).reshape(lay.n_servers, -1).sum(axis=1)
         server_w = srv.server_power_w(gpu_w, idle)
@@ -153,18 +156,20 @@ class Shield:
                                                                  idle), server_w)
         per_gpu = np.where(self.saas_server, self._saas_gpu_w(dyn_w[1][lay.server_row], f_srv),
                            per_gpu)
-        if vm_server is not None:
+        new_vm = np.zeros(lay.n_servers, dtype=bool)
+        for vm_server, vm_gpu_w in placements:
             server_w[vm_server] = srv.server_power_w(vm_gpu_w * lay.gpus_per_server, idle)
             per_gpu[vm_server] = vm_gpu_w
+            new_vm[vm_server] = True
         row_w = np.bincount(lay.server_row, weights=server_w, minlength=lay.n_rows)
         inlet = np.asarray(tel.aisle_inlet_c, dtype=float)
         rise_now = (np.asarray(tel.gpu_temp_c, dtype=float) - inlet[self.gpu_aisle]).reshape(
             lay.n_servers, -1).max(axis=1)
         temp = inlet[lay.server_aisle] + INLET_RISE_C + np.maximum(
-            np.where(self.saas_server | (np.arange(lay.n_servers) == vm_server), rise_now, 0.0),
+            np.where(self.saas_server | new_vm, rise_now, 0.0),
             self.r_total * per_gpu)
         # IaaS GPUs already placed cannot be reconfigured: only SaaS and new VMs are checked.
-        checked = self.saas_server | (np.arange(lay.n_servers) == vm_server)
+        checked = self.saas_server | new_vm
         row_temp = np.full(lay.n_rows, -np.inf)
         np.maximum.at(row_temp, lay.server_row[checked], temp[checked])
         return row_w, row_temp
@@ -180,7 +185,7 @@ class Shield:
         out = np.zeros(lay.n_rows, dtype=np.int64)
         feasible = np.zeros(lay.n_rows, dtype=bool)
         for i, f in enumerate(self.freqs):
-            row_w, row_t = self._predict(tel, dyn_w, np.full(lay.n_rows, f), None, 0.0)
+            row_w, row_t = self._predict(tel, dyn_w, np.full(lay.n_rows, f))
             ok = (row_w <= limit) & (row_t <= lay.slowdown_temp_c - self.temp_margin_c)
             out = np.where(ok, i, out)
             feasible |= ok
@@ -197,8 +202,8 @@ class Shield:
         vector = np.asarray(self.inner.act(observation, action_mask), dtype=np.int64)
         fb_vector = (self.fallback.act(observation, action_mask)
                      if self.fallback is not None else None)
-        # Without a mask legality is unknown: the proposed placement is judged as proposed.
-        legal = (ctx.legal_servers(action_mask) if action_mask is not None
+        # Without a mask legality is unknown: the proposed placements are judged as proposed.
+        legal = (ctx.slot_legal_servers(action_mask) if action_mask is not None
                  else np.ones(lay.n_servers, dtype=bool))
         action, _ = ctx.codec.decode(vector, legal)
         fb_action = ctx.codec.decode(fb_vector, legal)[0] if fb_vector is not None else None
@@ -211,9 +216,9 @@ class Shield:
             kinds = np.array(["cooling_failure", "power_failure", "load_spike"])[faults]
             reasons.append("emergency:" + "+".join(kinds))
         f_row = self._row_clocks(action)
-        vm_server = action.vm_server
-        vm_w = view.pending_vm_expected_gpu_w(observation)  # its type's past P95
-        row_w, row_t = self._predict(tel, dyn_w, f_row, vm_server, vm_w)
+        vm_w = view.pending_vms_expected_gpu_w(observation)  # each VM's type's past P95
+        placements = self._placements(action, vm_w)
+        row_w, row_t = self._predict(tel, dyn_w, f_row, placements)
         limit = np.asarray(tel.row_limit_w, dtype=float)
         # Only a risk a lower clock would remove counts: a row at or under the highest clock the
         # prediction allows is as safe as the action can make it, and a row no clock makes safe
@@ -226,12 +231,19 @@ class Shield:
             reasons.append("row_power")
         if (hot_temp & lowerable).any():
             reasons.append("gpu_temp")
-        if vm_server is not None:
+        # Each placement in slot order, on top of the ones before it: does it make its row unsafe?
+        for k, (vm_server, _) in enumerate(placements):
             r = lay.server_row[vm_server]
-            row_w0, row_t0 = self._predict(tel, dyn_w, f_row, None, 0.0)
-            if (hot_power[r] and not row_w0[r] > self.power_margin * limit[r]) or (
-                    hot_temp[r] and not row_t0[r] > lay.slowdown_temp_c - self.temp_margin_c):
+            if k + 1 == len(placements):
+                row_w1, row_t1 = row_w, row_t
+            else:
+                row_w1, row_t1 = self._predict(tel, dyn_w, f_row, placements[:k + 1])
+            row_w0, row_t0 = self._predict(tel, dyn_w, f_row, placements[:k])
+            w_max, t_max = self.power_margin * limit[r], lay.slowdown_temp_c - self.temp_margin_c
+            if (row_w1[r] > w_max and not row_w0[r] > w_max) or (
+                    row_t1[r] > t_max and not row_t0[r] > t_max):
                 reasons.append("placement")
+                break
         if ctx.codec.has_pools and (self._starves_a_pool(action, observation)
                                     or self._shrinks_while_backlogged(action, observation)):
             reasons.append("capacity")
@@ -346,29 +358,45 @@ class Shield:
             if not (weight == ROUTE_WEIGHT_LEVELS[-1]).any():
                 weight[int(np.argmax(safe_idx))] = ROUTE_WEIGHT_LEVELS[-1]
             out = replace(out, row_freq_cap_mhz=cap, row_route_weight=weight)
-            out = replace(out, vm_server=self._safe_placement(out, observation, action_mask, tel,
-                                                              dyn_w))
+            out = replace(out, vm_servers=self._safe_placements(out, observation, action_mask, tel,
+                                                                dyn_w))
         return out
 
-    def _safe_placement(self, action: ClusterAction, observation, action_mask, tel, dyn_w
-                        ) -> int | None:
-        """The proposed placement if safe, else the safest legal server, else None (wait)."""
+    @staticmethod
+    def _placements(action: ClusterAction, vm_w: np.ndarray) -> tuple[tuple[int, float], ...]:
+        """An action's placements as (server, expected per-GPU power W of that slot's VM), slot order."""
+        return tuple((int(s), float(vm_w[i])) for i, s in enumerate(action.vm_servers)
+                     if s is not None and i < len(vm_w))
+
+    def _safe_placements(self, action: ClusterAction, observation, action_mask, tel, dyn_w
+                         ) -> tuple[int | None, ...]:
+        """Per slot, in order: the proposed server if safe, else the first safe legal server, else None.
+
+        Each slot is checked on top of the placements already kept for the slots before it (the
+        same cumulative accounting as the placement check); a slot with no safe server keeps its
+        VM waiting (a masked choice is not executed).
+        """
         ctx, lay, view = self.ctx, self.ctx.layout, self.ctx.view
-        legal = ctx.legal_servers(action_mask)
         f_row = self._row_clocks(action)
-        vm_w = view.pending_vm_expected_gpu_w(observation)  # its type's past P95
+        vm_w = view.pending_vms_expected_gpu_w(observation)  # each VM's type's past P95
         limit = np.asarray(tel.row_limit_w, dtype=float) * self.power_margin
-        best, best_slack = None, -np.inf
-        proposed = [] if action.vm_server is None else [action.vm_server]
-        for s in proposed + [int(s) for s in np.flatnonzero(legal)]:
-            if not legal[s]:
-                continue
-            row_w, row_t = self._predict(tel, dyn_w, f_row, s, vm_w)
-            slack = min(float(np.min(limit - row_w) / limit.max()),
-                        float(np.min(lay.slowdown_temp_c - self.temp_margin_c - row_t)) / 40.0)
-            if slack >= 0:
-                return s
-            if slack > best_slack:
-                best, best_slack = s, slack
-        # No safe server: keep the VM waiting (a masked choice is not executed).
-        return None if best_slack < 0 else best
+        kept: list[tuple[int, float]] = []
+        out: list[int | None] = []
+        proposals = action.vm_servers or (None,) * ctx.codec.placement_slots
+        for slot, (legal, proposed) in enumerate(zip(ctx.slot_legal_servers(action_mask), proposals,
+                                                      strict=False)):
+            taken = {s for s, _ in kept}
+            chosen = None
+            for s in ([] if proposed is None else [proposed]) + [int(s) for s in np.flatnonzero(legal)]:
+                if not legal[s] or s in taken:
+                    continue
+                row_w, row_t = self._predict(tel, dyn_w, f_row, (*kept, (s, float(vm_w[slot]))))
+                slack = min(float(np.min(limit - row_w) / limit.max()),
+                            float(np.min(lay.slowdown_temp_c - self.temp_margin_c - row_t)) / 40.0)
+                if slack >= 0:
+                    chosen = s
+                    break
+            out.append(chosen)
+            if chosen is not None:
+                kept.append((chosen, float(vm_w[slot])))
+        return tuple(out)

@@ -10,7 +10,9 @@ From the observation only:
   after adding the VM's power, estimated from its type's history (the P95 of the per-GPU power
   measured from running VMs of its type so far, its declared mean before any ran; never the
   VM's own future draw) and the server overhead; ties favour rows with less recent load, which
-  spreads VM types across rows;
+  spreads VM types across rows. With several placements per interval the VMs are placed in
+  queue order, each VM's expected power added to the row and aisle it lands on before the next
+  is placed, so one interval's VMs do not pile onto one row;
 * routing: new requests are steered away from rows with little power or thermal slack (four
   weight levels; the row with the most slack always keeps full weight);
 * reconfiguration on spikes, faults and tight rows, in the order that costs least: first the
@@ -80,28 +82,46 @@ class TapasController(RuleBasedController):
         self.aisle_hot = np.maximum(hot, 0.9 * self.aisle_hot + 0.1 * hot)
         return frac, view.aisle_max_temp_c(obs), view.aisle_heat_ratio(obs)
 
-    def _place(self, obs: np.ndarray, legal: np.ndarray) -> int | None:
-        """The legal server with the most row, aisle and thermal room after adding the waiting VM.
+    def _place(self, obs: np.ndarray, slot_legal: np.ndarray) -> tuple[int | None, ...]:
+        """Servers for the waiting VMs, queue order: each where the most room is left after it.
 
-        The VM's per-GPU power is the observation's expected power: the P95 of its type's past
-        readings (per-type history, as TAPAS places), never the VM's own power to come.
+        For each open slot (the i-th waiting VM; `slot_legal` row i, shape (P, n_servers)) the
+        legal server not yet taken with the most row, aisle and thermal room after adding the
+        VM, whose per-GPU power is the observation's expected power for it: the P95 of its
+        type's past readings (per-type history, as TAPAS places), never the VM's own power to
+        come. Each placed VM's power joins its row's and aisle's load before the next VM is
+        placed (the estimate of this interval's headroom the controller keeps itself).
         """
         lay, view = self.ctx.layout, self.ctx.view
-        cand = np.flatnonzero(legal)
-        if len(cand) == 0:
-            return None
-        vm_w = view.pending_vm_expected_gpu_w(obs)  # per-type history (P95), not the VM's own
+        vm_w = view.pending_vms_expected_gpu_w(obs)  # per-type history (P95), not the VMs' own
         idle = self.ctx.profiles[lay.tp_choices[0]].idle_power_w
-        add_w = lay.gpus_per_server * max(vm_w - idle, 0.0) * (1.0 + self.overhead_per_gpu_w)
         limit = np.maximum(view.row_limit_w(obs), 1.0)
-        row = lay.server_row[cand]
-        aisle = lay.server_aisle[cand]
-        row_room = 1.0 - self.row_peak[row] - add_w / limit[row]
         cap = np.maximum(view.aisle_capacity_w(obs), 1.0)
-        aisle_room = 1.0 - view.aisle_heat_ratio(obs)[aisle] - add_w / cap[aisle]
-        temp_room = (lay.slowdown_temp_c - view.aisle_max_temp_c(obs)[aisle]) / 20.0
-        score = np.minimum(np.minimum(row_room, aisle_room), temp_room)
-        return int(cand[np.argmax(score + 1e-3 * (1.0 - self.row_peak[row]))])
+        row_load = self.row_peak
+        aisle_load = view.aisle_heat_ratio(obs)
+        temp_room_all = (lay.slowdown_temp_c - view.aisle_max_temp_c(obs)) / 20.0
+        taken = np.zeros(lay.n_servers, dtype=bool)
+        out: list[int | None] = []
+        for slot, legal in enumerate(slot_legal):
+            cand = np.flatnonzero(legal & ~taken)
+            if len(cand) == 0:
+                out.append(None)
+                continue
+            add_w = lay.gpus_per_server * max(float(vm_w[slot]) - idle, 0.0) * (1.0 + self.overhead_per_gpu_w)
+            row = lay.server_row[cand]
+            aisle = lay.server_aisle[cand]
+            row_room = 1.0 - row_load[row] - add_w / limit[row]
+            aisle_room = 1.0 - aisle_load[aisle] - add_w / cap[aisle]
+            score = np.minimum(np.minimum(row_room, aisle_room), temp_room_all[aisle])
+            best = int(cand[np.argmax(score + 1e-3 * (1.0 - row_load[row]))])
+            out.append(best)
+            taken[best] = True
+            if slot + 1 < len(slot_legal):  # the next VM sees this one's load
+                row_load = row_load.copy()
+                aisle_load = aisle_load.copy()
+                row_load[lay.server_row[best]] += add_w / limit[lay.server_row[best]]
+                aisle_load[lay.server_aisle[best]] += add_w / cap[lay.server_aisle[best]]
+        return tuple(out)
 
     def _routing(self, frac: np.ndarray, temp_c: np.ndarray) -> np.ndarray:
         lay = self.ctx.layout
@@ -155,10 +175,10 @@ class TapasController(RuleBasedController):
         frac, temp_c, _ = self._observe(observation)
         self._reconfigure(observation, frac, temp_c)
         route_level = self._routing(frac, temp_c)
-        place = self._place(observation, ctx.legal_servers(action_mask))
+        place = self._place(observation, ctx.slot_legal_servers(action_mask))
         pools = None
         if ctx.codec.has_pools:
             pools = (self.pool_controller.next_pools(observation)
                      if self.pool_controller is not None else ctx.initial_pools)
         return ctx.action(pools, route_level=route_level, cap_idx=self.cap_idx,
-                          quantized=self.quant, vm_server=place)
+                          quantized=self.quant, vm_servers=place)

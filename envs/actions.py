@@ -7,10 +7,14 @@ MaskablePPO support), made of blocks:
   share of the SaaS servers (0..K of K levels), TP degree, GPU frequency, batch cap.
 * rows (thermal, combined): per row, three choices — routing weight level, SM clock ceiling,
   quantized serving on/off.
-* placement (thermal, combined): one choice — a server for the waiting IaaS VM, or the last
-  index for "no placement" (the only legal choice when no VM waits). Illegal servers are
-  masked by `action_masks()`; a masked choice is never executed (the VM keeps waiting) and
-  the step's `info["placement_masked"]` says so.
+* placement (thermal, combined): P = `layout.vm_placements_per_interval` slots (1 unless the
+  scenario sets `vms.placements_per_interval`), slot i for the i-th waiting VM in queue order:
+  a server, or the last index for "no placement" (the only legal choice of a slot with no VM
+  or no free server left for it: slot i offers the free IaaS servers only while at least i + 1
+  VMs wait and i + 1 servers are free). Illegal servers are masked by `action_masks()`; a
+  masked choice is never executed (the VM keeps waiting), nor is a server an earlier slot of
+  the same action took (a mask cannot say that), and the step's `info["placement_masked"]`
+  counts both.
 
 Only `ActionCodec` knows this layout. Controllers think in `ClusterAction`s: they read a
 vector with `decode`, build or edit the decoded action, and write it back with
@@ -66,7 +70,8 @@ class ActionCodec:
     `decode` reads a vector; `encode_action` writes one (``decode(encode_action(a)) == a`` for
     every action `decode` can return); `servers_per_pool`, `pool_configs`, `server_splits` and
     `pool_servers` relate share levels, server counts and instance counts exactly as `decode`
-    does; `masks` and `legal_servers` write and read the placement part of the action mask.
+    does; `slot_legality` says which servers each placement slot may take, `masks` writes it
+    into the action mask and `legal_servers`/`slot_legal_servers` read it back.
     """
 
     task: str
@@ -93,6 +98,11 @@ class ActionCodec:
         """The task acts on rows and places VMs (TAPAS knobs)."""
         return self.task in ("thermal", "combined")
 
+    @property
+    def placement_slots(self) -> int:
+        """Placement dimensions of the vector (P; 0 for a task without placement)."""
+        return self.layout.vm_placements_per_interval if self.has_rows else 0
+
     def nvec(self) -> np.ndarray:
         """Choices per dimension."""
         cached = self.__dict__.get("_nvec")
@@ -107,7 +117,7 @@ class ActionCodec:
         if self.has_rows:
             for _ in range(lay.n_rows):
                 dims += [len(ROUTE_WEIGHT_LEVELS), len(lay.freq_choices_mhz), 2]
-            dims.append(lay.n_servers + 1)
+            dims += [lay.n_servers + 1] * self.placement_slots
         out = np.array(dims, dtype=np.int64)
         out.flags.writeable = False
         object.__setattr__(self, "_nvec", out)
@@ -140,13 +150,20 @@ class ActionCodec:
         return a
 
     # ------------------------------------------------------------------ vector -> action
-    def decode(self, action: np.ndarray, legal_servers: np.ndarray) -> tuple[ClusterAction, bool]:
-        """Turn an action into a ClusterAction; the flag is True if a masked placement was dropped.
+    def decode(self, action: np.ndarray, legal_servers: np.ndarray) -> tuple[ClusterAction, int]:
+        """Turn an action into a ClusterAction, and count the placement choices not executed.
 
         The pools are the configurations `pool_configs` gives for the block's share levels (the
         task always sets every pool); the rows get the chosen routing weights (all levels 0 read
-        as equal weight 1), clock ceilings and quantized flags; the placement is the chosen
-        server when it is legal, else None (the VM keeps waiting).
+        as equal weight 1), clock ceilings and quantized flags; each placement slot is its chosen
+        server when that is legal for the slot and no earlier slot took it, else None (the VM
+        keeps waiting). The count adds one per masked choice: an illegal server, a server an
+        earlier slot took, or "no placement" where the mask offered servers (0 or 1 with one slot).
+
+        Args:
+            action: The vector.
+            legal_servers: Per slot, the servers it may take, shape (P, n_servers)
+                (`slot_legality`), or one (n_servers,) array that holds for every slot.
         """
         a = self.validate(action)
         lay = self.layout
@@ -156,21 +173,51 @@ class ActionCodec:
             i = 4 * lay.n_pools
             pools = self._pools(a[:i].tobytes(), a[:i])
         if not self.has_rows:
-            return ClusterAction(pools=pools), False
+            return ClusterAction(pools=pools), 0
         block = a[i: i + 3 * lay.n_rows]
         cap, quant, weight = self._rows(block.tobytes(), block)
-        place = int(a[-1])
-        vm_server = None
-        masked = False
-        if place < lay.n_servers:
-            if legal_servers[place]:
-                vm_server = place
-            else:
-                masked = True
-        elif np.count_nonzero(legal_servers):
-            masked = True
+        n_slots = self.placement_slots
+        legal = self._slot_legal(legal_servers)
+        servers: list[int | None] = []
+        masked = 0
+        for slot, place in enumerate(a[len(a) - n_slots:].tolist()):
+            ok = legal[slot]
+            if place < lay.n_servers:
+                if ok[place] and place not in servers:
+                    servers.append(place)
+                    continue
+                masked += 1
+            elif np.count_nonzero(ok):
+                masked += 1
+            servers.append(None)
         return ClusterAction(pools=pools, row_freq_cap_mhz=cap, row_quantized=quant,
-                             row_route_weight=weight, vm_server=vm_server), masked
+                             row_route_weight=weight, vm_servers=tuple(servers)), masked
+
+    def _slot_legal(self, legal_servers: np.ndarray) -> np.ndarray:
+        """Per-slot legality (P, n_servers) from a (P, n) or an (n,) array (the same for every slot)."""
+        legal = np.asarray(legal_servers, dtype=bool)
+        shape = (self.placement_slots, self.layout.n_servers)
+        if legal.ndim == 1:
+            return np.broadcast_to(legal, shape)
+        if legal.shape != shape:
+            raise ValueError(f"legal servers must have shape {shape} or ({shape[1]},), got {legal.shape}")
+        return legal
+
+    def slot_legality(self, free_servers: np.ndarray, n_waiting: int) -> np.ndarray:
+        """Servers each placement slot may take, shape (P, n_servers) (P = 0 without placement).
+
+        Slot i offers the free servers while at least i + 1 VMs wait and at least i + 1 servers
+        are free (so that distinct choices exist for every open slot); later slots offer none,
+        and "no placement" is their only legal choice.
+
+        Args:
+            free_servers: Servers a waiting VM may go to (free IaaS hosts), shape (n_servers,).
+            n_waiting: VMs waiting for placement.
+        """
+        free = np.asarray(free_servers, dtype=bool)
+        out = np.zeros((self.placement_slots, self.layout.n_servers), dtype=bool)
+        out[: min(int(n_waiting), int(np.count_nonzero(free)))] = free
+        return out
 
     def _memoized(self, cache_name: str, key: Any, build: Callable[[], Any]) -> Any:
         """``build()`` cached under ``key`` (policies repeat their choices; bounded size)."""
@@ -364,7 +411,9 @@ class ActionCodec:
         placement is legal (so for every action `decode` returns). Where several vectors decode
         to the same action, the canonical one is written: the first share levels producing the
         pools' server counts (in `server_splits`' order), routing levels as the weights say,
-        and "no placement" (index ``n_servers``) for ``vm_server=None``.
+        and "no placement" (index ``n_servers``) for a slot that is None or beyond
+        ``vm_servers`` (a shorter tuple is padded with None; `decode` always returns one entry
+        per slot).
 
         Raises:
             InvalidActionError: (a ValueError) a field the task's vector cannot express, named
@@ -372,7 +421,8 @@ class ActionCodec:
                 every pool and row of its task), a block the task has no dimensions for, a TP,
                 clock, batch cap, routing weight or server outside its choices, instances
                 that fill no whole number of servers or no share vector produces,
-                ``admit_fraction`` or a per-pool ``quantized``.
+                ``admit_fraction``, a per-pool ``quantized``, more placements than slots or a
+                server two slots share.
         """
         if action.admit_fraction is not None:
             raise InvalidActionError(
@@ -387,9 +437,13 @@ class ActionCodec:
         row_fields = ("row_route_weight", "row_freq_cap_mhz", "row_quantized")
         if self.has_rows:
             parts.append(self._encode_rows(action))
-            parts.append(np.array([self._encode_placement(action.vm_server)], dtype=np.int64))
+            parts.append(self._encode_placements(action.vm_servers))
         else:
-            for name in (*row_fields, "vm_server"):
+            if action.vm_servers:
+                raise InvalidActionError(
+                    f"vm_servers={action.vm_servers!r}: the {self.task} task's vector has no "
+                    "placement dimensions (leave it empty)")
+            for name in row_fields:
                 if getattr(action, name) is not None:
                     raise InvalidActionError(
                         f"{name}={getattr(action, name)!r}: the {self.task} task's vector has no "
@@ -453,43 +507,70 @@ class ActionCodec:
         rows[:, 2] = quant.astype(np.int64)
         return rows.ravel()
 
-    def _encode_placement(self, vm_server: int | None) -> int:
-        n = self.layout.n_servers
-        if vm_server is None:
-            return n
-        if isinstance(vm_server, (bool, np.bool_)) or not isinstance(vm_server, (int, np.integer)) \
-                or not 0 <= vm_server < n:
+    def _encode_placements(self, vm_servers: tuple[int | None, ...]) -> np.ndarray:
+        n, n_slots = self.layout.n_servers, self.placement_slots
+        if len(vm_servers) > n_slots:
             raise InvalidActionError(
-                f"vm_server={_plain(vm_server)!r} is not a server index in [0, {n - 1}] or None")
-        return int(vm_server)
+                f"vm_servers={tuple(_plain(s) for s in vm_servers)!r} has {len(vm_servers)} "
+                f"placements; the vector has {n_slots} slot(s) (vms.placements_per_interval)")
+        out = np.full(n_slots, n, dtype=np.int64)
+        for i, server in enumerate(vm_servers):
+            if server is None:
+                continue
+            if isinstance(server, (bool, np.bool_)) or not isinstance(server, (int, np.integer)) \
+                    or not 0 <= server < n:
+                raise InvalidActionError(
+                    f"vm_servers[{i}]={_plain(server)!r} is not a server index in [0, {n - 1}] or None")
+            if server in out[:i]:
+                raise InvalidActionError(
+                    f"vm_servers[{i}]={_plain(server)!r}: an earlier slot takes that server "
+                    "(decode would drop it)")
+            out[i] = server
+        return out
 
     # ------------------------------------------------------------------ masks
     def masks(self, legal_servers: np.ndarray) -> np.ndarray:
-        """Flat boolean mask over all dimensions' choices (sb3-contrib MultiDiscrete format)."""
+        """Flat boolean mask over all dimensions' choices (sb3-contrib MultiDiscrete format).
+
+        Args:
+            legal_servers: Per placement slot, the servers it may take, shape (P, n_servers)
+                (`slot_legality`), or one (n_servers,) array that holds for every slot. A slot
+                offering no server gets "no placement" as its only choice.
+        """
         all_legal = self.__dict__.get("_all_legal")
         if all_legal is None:
             all_legal = np.ones(int(self.nvec().sum()), dtype=bool)
             object.__setattr__(self, "_all_legal", all_legal)
         mask = all_legal.copy()
         if self.has_rows:
-            mask[self._placement_servers()] = legal_servers
-            mask[-1] = not np.count_nonzero(legal_servers)
+            n = self.layout.n_servers
+            legal = self._slot_legal(legal_servers)
+            block = mask[len(mask) - self.placement_slots * (n + 1):].reshape(-1, n + 1)
+            block[:, :n] = legal
+            block[:, n] = ~legal.any(axis=1)
         return mask
 
     def legal_servers(self, action_mask: np.ndarray | None) -> np.ndarray:
-        """Servers the pending VM may go to, read back from a `masks` vector.
+        """Servers the first waiting VM (placement slot 0) may go to, read back from a `masks` vector.
 
-        None without a mask or for a task without placement.
+        All False without a mask or for a task without placement.
         """
         n = self.layout.n_servers
         if action_mask is None or not self.has_rows:
             return np.zeros(n, dtype=bool)
-        return np.asarray(action_mask[self._placement_servers()], dtype=bool)
+        return self.slot_legal_servers(action_mask)[0]
 
-    def _placement_servers(self) -> slice:
-        """The mask entries of the placement dimension's server choices (the last dimension)."""
-        n = self.layout.n_servers
-        return slice(-n - 1, -1)
+    def slot_legal_servers(self, action_mask: np.ndarray | None) -> np.ndarray:
+        """Per placement slot, the servers it may take, read back from a `masks` vector: (P, n_servers).
+
+        All False without a mask (P = 0 rows for a task without placement). The slots offering
+        any server are the VMs a controller may place now.
+        """
+        n, n_slots = self.layout.n_servers, self.placement_slots
+        if action_mask is None or not self.has_rows:
+            return np.zeros((n_slots, n), dtype=bool)
+        block = np.asarray(action_mask[len(action_mask) - n_slots * (n + 1):], dtype=bool)
+        return block.reshape(n_slots, n + 1)[:, :n]
 
     # ------------------------------------------------------------------ nearest block
     def encode(self, pools: tuple[PoolConfig, ...]) -> np.ndarray:

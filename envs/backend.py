@@ -61,7 +61,11 @@ class ClusterAction:
         row_route_weight: Per-row preference for routing new requests (0 avoids the row).
         admit_fraction: Fraction of arriving requests admitted (the rest are rejected and counted
             as dropped); a last-resort load shed.
-        vm_server: Server index for the pending IaaS VM (placement), or None to keep it waiting.
+        vm_servers: IaaS VM placements, one slot per waiting VM in queue order: entry i is the
+            server for the i-th VM waiting when the action is applied, or None to keep that VM
+            waiting; VMs beyond the tuple keep waiting. At most
+            `ClusterLayout.vm_placements_per_interval` entries, distinct servers; the backend
+            places them in slot order. Empty: place nothing.
     """
 
     pools: tuple[PoolConfig, ...] | None = None
@@ -69,7 +73,7 @@ class ClusterAction:
     row_quantized: np.ndarray | None = None
     row_route_weight: np.ndarray | None = None
     admit_fraction: float | None = None
-    vm_server: int | None = None
+    vm_servers: tuple[int | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class ClusterLayout:
     max_freq_mhz: float = 1980.0
     gpu_power_limit_w: float = 700.0
     slowdown_temp_c: float = 89.0
+    vm_placements_per_interval: int = 1
 
     @property
     def n_gpus(self) -> int:
@@ -118,6 +123,10 @@ class Telemetry:
     `pending_vm_expected_gpu_w` is what an operator knows of the VM waiting for placement: the
     P95 of the per-GPU power measured earlier in the episode from running VMs of its type (its
     declared mean before any ran; 0 when none waits), never the waiting VM's own future power.
+    `pending_vms_expected_gpu_w` is the same figure for each of the first
+    `ClusterLayout.vm_placements_per_interval` waiting VMs in queue order (fewer when fewer wait;
+    its first entry is `pending_vm_expected_gpu_w`): its length is how many VMs a controller may
+    place now.
     """
 
     time_s: float
@@ -136,6 +145,7 @@ class Telemetry:
     pending_vm_expected_gpu_w: float = 0.0
     legal_vm_servers: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     server_power_state: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int8))
+    pending_vms_expected_gpu_w: tuple[float, ...] = ()
 
     def server_state_counts(self) -> dict[str, int]:
         """Servers in each power state (`SERVER_POWER_STATES`); empty where the backend has none."""

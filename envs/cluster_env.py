@@ -55,10 +55,11 @@ class ClusterEnv(gym.Env):
     `MultiDiscrete` (see `envs.actions`): per pool [server share 0..K, TP index, frequency index,
     batch index] — frequency and batch cap take effect every interval, server share and TP only
     every `reconfig_every` intervals (DynamoLLM's slower time scales; they cost downtime); per row [routing level 0..3, clock-ceiling index, quantized 0/1]; one
-    placement choice (server index, or `n_servers` for "none"). `action_masks()` marks the legal
-    placements (sb3-contrib MaskablePPO); a masked placement is never executed (the VM keeps
-    waiting; `info["placement_masked"]` is 1). An out-of-space, NaN or non-integer action raises
-    `InvalidActionError`.
+    placement choice per slot (server index, or `n_servers` for "none"): one slot, or the
+    scenario's `vms.placements_per_interval`, slot i for the i-th waiting VM. `action_masks()`
+    marks the legal placements (sb3-contrib MaskablePPO); a masked placement, or a server an
+    earlier slot took, is never executed (the VM keeps waiting; `info["placement_masked"]`
+    counts them). An out-of-space, NaN or non-integer action raises `InvalidActionError`.
 
     ## Observation Space
     `Box(-10, 10, (n,), float32)`; `self.observation_names` and `self.observation_units` give
@@ -74,6 +75,7 @@ class ClusterEnv(gym.Env):
     | 1 | waiting VM's expected GPU power (P95 of its type's past readings) | W over GPU power limit |
     | 3 | SLO attainment, TTFT P99, TBT P99 | fraction; s over largest SLO |
     | 1 | thermally throttled GPUs | fraction |
+    | P - 1 | only when `vms.placements_per_interval` = P > 1: expected GPU power of waiting VMs 2..P | W over GPU power limit |
 
     ## Rewards
     Minus the weighted sum of the terms in `envs.reward.RewardWeights` (energy as a fraction of
@@ -232,9 +234,9 @@ class ClusterEnv(gym.Env):
         info["placement_masked"] = float(masked)
         return obs, float(reward), False, truncated, info
 
-    def _apply(self, action) -> bool:
-        """Decode and apply an action; True when its VM placement was masked."""
-        cluster_action, masked = self.codec.decode(action, self._legal_servers())
+    def _apply(self, action) -> int:
+        """Decode and apply an action; the number of its VM placements not executed (masked)."""
+        cluster_action, masked = self.codec.decode(action, self._slot_legality())
         if cluster_action.pools is not None:
             scaled = self._time_scaled(cluster_action.pools)
             if scaled is not cluster_action.pools:
@@ -265,7 +267,7 @@ class ClusterEnv(gym.Env):
 
     def action_masks(self) -> np.ndarray:
         """Legal choices, flattened over the MultiDiscrete dimensions (MaskablePPO format)."""
-        return self.codec.masks(self._legal_servers())
+        return self.codec.masks(self._slot_legality())
 
     def render(self):
         """ANSI status line block, or an RGB picture of rows and aisles."""
@@ -294,6 +296,18 @@ class ClusterEnv(gym.Env):
         if tel is None or len(tel.legal_vm_servers) != self.layout.n_servers:
             return np.zeros(self.layout.n_servers, dtype=bool)
         return tel.legal_vm_servers
+
+    def _slot_legality(self) -> np.ndarray:
+        """Servers each placement slot may take now (`ActionCodec.slot_legality`).
+
+        The VMs waiting are those the telemetry lists (at least one where it marks a legal
+        server: a backend that lists none still has the head VM).
+        """
+        legal = self._legal_servers()
+        if self.codec.placement_slots <= 1:
+            return legal
+        waiting = len(self._tel.pending_vms_expected_gpu_w) if self._tel is not None else 0
+        return self.codec.slot_legality(legal, max(waiting, int(legal.any())))
 
     def _observe(self) -> np.ndarray:
         return self._obs.build(self._tel, self._metrics, self.pools, self.route_weight,

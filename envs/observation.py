@@ -70,6 +70,9 @@ def observation_spec(layout: ClusterLayout) -> ObservationSpec:
     add("slo.ttft_p99", "TTFT P99 / largest TTFT SLO")
     add("slo.tbt_p99", "TBT P99 / largest TBT SLO")
     add("gpu.throttled", "fraction of GPUs thermally throttled")
+    for i in range(1, layout.vm_placements_per_interval):  # none unless vms.placements_per_interval > 1
+        add(f"vm.pending_power[{i}]", f"expected GPU power of waiting VM {i + 1} in queue order (P95 of "
+            "its type's past readings) / GPU power limit (0 if fewer wait)")
     return ObservationSpec(tuple(names), tuple(units))
 
 
@@ -174,6 +177,10 @@ class ObservationBuilder:
             tail[6:9] = (1.0, 0.0, 0.0)
         throttled = tel.gpu_thermal_throttled
         tail[9] = int(np.count_nonzero(throttled)) / throttled.size  # the mean of a bool array
+        if len(tail) > 10:  # vms.placements_per_interval > 1: waiting VMs 2..P
+            queue = tel.pending_vms_expected_gpu_w[1:len(tail) - 9]
+            tail[10:] = 0.0
+            tail[10:10 + len(queue)] = np.asarray(queue, dtype=float) / self.layout.gpu_power_limit_w
 
     def _config_block(self, pools: tuple[PoolConfig, ...]) -> np.ndarray:
         """Normalized pool configuration (cached: it changes only when the controller acts)."""

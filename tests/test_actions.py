@@ -122,7 +122,7 @@ def test_noncanonical_vectors_encode_to_their_canonical_twin():
                   1])  # server 1, masked below
     legal = np.array([True, False, False, False])
     action, masked = codec.decode(v, legal)
-    assert masked and action.vm_server is None
+    assert masked == 1 and action.vm_servers == (None,)
     assert [p.n_instances for p in action.pools] == [2, 2, 0]
     w = codec.encode_action(action)
     np.testing.assert_array_equal(w, [2, 2, 6, 3, 2, 2, 6, 3, 0, 2, 6, 3, 3, 6, 0, 3, 6, 1, 4])
@@ -192,7 +192,7 @@ def _pools(codec: ActionCodec, **change) -> tuple[PoolConfig, ...]:
      r"n_instances=\[5, 1, 1\].*no share levels"),
     (lambda c: ClusterAction(pools=_pools(c, quantized=True)), r"pools\[0\]\.quantized=True"),
     (lambda c: ClusterAction(pools=_pools(c), admit_fraction=0.5), r"admit_fraction=0\.5"),
-    (lambda c: ClusterAction(pools=_pools(c), vm_server=1), r"vm_server=1: the energy task"),
+    (lambda c: ClusterAction(pools=_pools(c), vm_servers=(1,)), r"vm_servers=\(1,\): the energy task"),
     (lambda c: ClusterAction(pools=_pools(c)[:2]), r"pools has 2 configurations"),
 ])
 def test_energy_encode_refuses_what_the_vector_cannot_say(action, match):
@@ -205,7 +205,7 @@ def test_energy_encode_refuses_what_the_vector_cannot_say(action, match):
 def _rows(codec: ActionCodec, **change) -> ClusterAction:
     n = codec.layout.n_rows
     base = dict(row_route_weight=np.ones(n), row_freq_cap_mhz=np.full(n, 1980.0),
-                row_quantized=np.zeros(n, bool), vm_server=None)
+                row_quantized=np.zeros(n, bool), vm_servers=(None,))
     base.update(change)
     return ClusterAction(**base)
 
@@ -218,8 +218,9 @@ def _rows(codec: ActionCodec, **change) -> ClusterAction:
      r"row_freq_cap_mhz\[2\]=900\.0"),
     (dict(row_quantized=np.array([0, 2, 0, 0])), r"row_quantized\[1\]=2"),
     (dict(row_quantized=np.zeros(3, bool)), r"row_quantized must have shape \(4,\)"),
-    (dict(vm_server=8), r"vm_server=8 is not a server index in \[0, 7\]"),
-    (dict(vm_server=-1), r"vm_server=-1"),
+    (dict(vm_servers=(8,)), r"vm_servers\[0\]=8 is not a server index in \[0, 7\]"),
+    (dict(vm_servers=(-1,)), r"vm_servers\[0\]=-1"),
+    (dict(vm_servers=(1, 2)), r"has 2 placements; the vector has 1 slot"),
     (dict(pools=()), r"pools=\(\): the thermal task's vector has no pool dimensions"),
 ])
 def test_thermal_encode_refuses_what_the_vector_cannot_say(change, match):

@@ -181,7 +181,7 @@ def test_vms_keep_their_servers_powered_and_start_once_the_server_is_up():
     assert (tel0.server_power_state[iaas] == OFF).all()  # empty at the start: steady state off
     c.advance()
     host = int(iaas[0])
-    c.apply(ClusterAction(vm_server=host))
+    c.apply(ClusterAction(vm_servers=(host,)))
     placed_s = c.time_s
     gpus = c.topo.gpu_server == host
     g = c.topo.gpus_per_server

@@ -170,7 +170,7 @@ def test_shield_passes_safe_actions_through_unchanged():
             legal = np.flatnonzero(ctx.legal_servers(action_mask))
             return ctx.codec.encode_action(ctx.action(
                 route_level=np.full(r, 3), cap_idx=np.zeros(r, dtype=int), quantized=np.zeros(r),
-                vm_server=int(legal[0]) if len(legal) else None))
+                vm_servers=(int(legal[0]) if len(legal) else None,)))
 
     inner = Cautious()
     shield = Shield(inner, ctx, env.backend.telemetry)

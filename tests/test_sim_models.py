@@ -84,7 +84,7 @@ def test_vm_load_step_follows_analytic_two_node_curve(thermal):
     assert c.telemetry().pending_vm_expected_gpu_w == vm_w
     np.testing.assert_allclose(c.telemetry().gpu_temp_c, idle_temp_c, atol=1e-9)
     step_at_s = c.time_s
-    c.apply(ClusterAction(vm_server=int(iaas[0])))
+    c.apply(ClusterAction(vm_servers=(int(iaas[0]),)))
     step_w = vm_w - idle_w
     for _ in range(480):  # 240 s, ten heatsink time constants
         c.advance()

@@ -220,7 +220,7 @@ def test_expected_power_comes_from_the_past_only():
         assert tel.pending_vm_expected_gpu_w == want
         assert view.pending_vm_expected_gpu_w(obs) == pytest.approx(want, rel=1e-6)
         if (server := c.vms.first_fit()) is not None:
-            c.apply(ClusterAction(vm_server=server))
+            c.apply(ClusterAction(vm_servers=(server,)))
     assert checked_before >= 1 and checked_after >= 10
     # The readings moved the expectation off the declared mean, toward the P95 of what ran.
     p95 = float(np.percentile(readings, EXPECTED_POWER_PERCENTILE))
@@ -244,7 +244,7 @@ def test_expected_power_never_reads_power_still_to_come():
             c.advance()
             seen.append(c.telemetry().pending_vm_expected_gpu_w)
             if c.vms.pending and (server := c.vms.first_fit()) is not None:
-                c.apply(ClusterAction(vm_server=server))  # one VM placed per interval, first fit
+                c.apply(ClusterAction(vm_servers=(server,)))  # one VM placed per interval, first fit
         shown.append(np.array(seen))
     # Nothing ran before the first VM waited (no VM at the start): the declared mean.
     assert shown[0][np.flatnonzero(shown[0])[0]] == NOISY.mean_gpu_w

@@ -58,6 +58,7 @@ from llm_cluster_gym.envs.sim.serving import ServiceAccumulator, TickLoad
 from llm_cluster_gym.envs.sim.serving_aggregate import AggregateServing
 from llm_cluster_gym.envs.sim.serving_request import RequestLevelServing
 from llm_cluster_gym.envs.sim.sim_telemetry import assemble_telemetry
+from llm_cluster_gym.envs.sim.slo_classes import SloClasses
 from llm_cluster_gym.envs.sim.thermal import (
     GpuThermalState,
     ThermalParams,
@@ -182,13 +183,14 @@ class SimCluster:
         self.mean_input_tokens = float(self.trace.input_tokens.mean()) if len(self.trace) else 1.0
         self.inst = InstanceTable.empty(topo.saas_servers, topo.gpus_per_server)
         n_slots = self.inst.n_slots
+        classes = SloClasses.from_serving(s.serving)  # None: requests judged by their pool's SLOs
         if self.serving_model == "request":
             self.serving: RequestLevelServing | AggregateServing = RequestLevelServing(
                 n_slots, self.pools.n_pools, s.serving.max_prefill_tokens, s.serving.drop_after_s,
-                s.serving.prefill_mode)
+                s.serving.prefill_mode, classes)
         else:
             self.serving = AggregateServing(
-                n_slots, self.pools.n_pools, s.serving.max_prefill_tokens, s.serving.drop_after_s)
+                n_slots, self.pools.n_pools, s.serving.max_prefill_tokens, s.serving.drop_after_s, classes)
         self.vms = VmPool(s.vms, np.flatnonzero(~topo.server_is_saas), topo.n_servers,
                           gpu_idle_w=self.gpu_model.idle_power_w,
                           gpu_limit_w=self.gpu_model.gpu_power_limit_w,
@@ -238,8 +240,28 @@ class SimCluster:
             if not 0.0 <= a <= 1.0:
                 raise ValueError(f"admit_fraction must be in [0, 1], got {a}")
             self.admit_fraction = a
-        if action.vm_server is not None and self.vms.pending:
-            self.vms.place(int(action.vm_server), self.time_s)
+        if action.vm_servers:
+            self._place_vms(action.vm_servers)
+
+    def _place_vms(self, servers: tuple[int | None, ...]) -> None:
+        """Place the waiting VMs slot by slot: slot i holds the i-th VM waiting now (None: it waits).
+
+        Raises:
+            ValueError: More slots than `vms.placements_per_interval`, or an illegal server
+                (occupied, by a VM placed earlier in the same action too, or not an IaaS host).
+        """
+        most = self.layout.vm_placements_per_interval
+        if len(servers) > most:
+            raise ValueError(f"vm_servers has {len(servers)} placements; the scenario allows at most "
+                             f"{most} per interval (vms.placements_per_interval)")
+        placed = 0
+        for i, server in enumerate(servers):
+            if server is None:
+                continue
+            if i - placed >= self.vms.n_pending:
+                break
+            self.vms.place(int(server), self.time_s, queue_index=i - placed)
+            placed += 1
 
     def advance(self) -> ServiceMetrics:
         """Simulate one control interval."""

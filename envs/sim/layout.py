@@ -93,6 +93,7 @@ def cluster_layout(s: Scenario, topo: Topology, pools: LengthPools, gpu_model: p
         max_freq_mhz=gpu_model.max_freq_mhz,
         gpu_power_limit_w=gpu_model.gpu_power_limit_w,
         slowdown_temp_c=slowdown_temp_c,
+        vm_placements_per_interval=s.vms.placements_per_interval,
     )
 
 

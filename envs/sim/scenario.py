@@ -410,6 +410,24 @@ class PoolSpec:
 
 
 @dataclass(frozen=True)
+class SloClassSpec:
+    """The SLO of one request class by prompt length, whichever pool serves the request.
+
+    Classes follow the length pools' rule (`envs/sim/workload.py` `LengthPools`): class i holds
+    prompts with `input_tokens_below` of class i-1 <= input tokens < its own `input_tokens_below`;
+    the last class has no upper bound (null). DynamoLLM judges every scheme by such per-request-type
+    SLOs, so a short prompt must meet a short prompt's TTFT even in a pool that mixes lengths.
+    """
+
+    input_tokens_below: int | None = spec(
+        unit="tokens", ge=1,
+        doc="Exclusive upper bound of the class's prompt length (the previous class's bound is its "
+            "lower one); null for the last class, which takes every longer prompt.")
+    slo_ttft_s: float = spec(unit="s", gt=0, doc="Time-to-first-token SLO of the class's requests.")
+    slo_tbt_s: float = spec(unit="s", gt=0, doc="Time-between-tokens SLO of the class's requests.")
+
+
+@dataclass(frozen=True)
 class ServingSpec:
     """The SaaS service: one model family on one GPU type, split into length pools."""
 
@@ -446,6 +464,11 @@ class ServingSpec:
                                          doc="Busy power of a quantized instance / unquantized.")
     quantized_quality_loss: float = spec(0.0, ge=0, le=1,
                                          doc="Quality lost by serving quantized (fraction).")
+    slo_classes: tuple[SloClassSpec, ...] = spec(
+        (),
+        doc="Per-request SLO classes by prompt length, in increasing order, the last one unbounded: "
+            "every request is judged by its class's SLOs whichever pool serves it (the pools' own SLOs "
+            "then only guide controllers). Empty: each request is judged by its pool's SLOs.")
 
 
 VM_TYPE_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
@@ -505,6 +528,10 @@ class VmTypeSpec:
             "`noise_sd_w` > 0.")
 
 
+MAX_PLACEMENTS_PER_INTERVAL = 32
+"""Most VM placements per control interval (`vms.placements_per_interval`): each is an action dimension."""
+
+
 @dataclass(frozen=True)
 class VmSpec:
     """Opaque IaaS GPU VMs (whole servers) arriving for placement.
@@ -530,6 +557,11 @@ class VmSpec:
                 "so the shape (a daily cosine plus mean-reverting noise) and every number are the scenario "
                 "author's. A placer sees the P95 of a type's readings so far in the episode (its "
                 "`mean_gpu_w` before any VM of the type ran), never the waiting VM's own power.")
+    placements_per_interval: int = spec(
+        1, ge=1, le=MAX_PLACEMENTS_PER_INTERVAL,
+        doc="Waiting VMs a controller may place per control interval (the first ones in queue order): "
+            "the action has this many placement choices, and with more than 1 the observation shows "
+            "each of those VMs' expected power. 1 keeps one placement per interval.")
 
 
 @dataclass(frozen=True)
@@ -671,6 +703,7 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("workload.spikes[]", SpikeSpec),
     ("serving", ServingSpec),
     ("serving.pools[]", PoolSpec),
+    ("serving.slo_classes[]", SloClassSpec),
     ("vms", VmSpec),
     ("vms.types[]", VmTypeSpec),
     ("faults[]", FaultSpec),
@@ -1002,6 +1035,24 @@ def _pools_are_choices(s: Scenario, where: str) -> None:
             if not any(math.isclose(value, c, rel_tol=1e-9) for c in choices):
                 raise _fail(where, f"serving.pools[{i}].{name}", value,
                             f"not one of serving.{choices_name} {list(choices)}")
+
+
+@_cross_field
+def _slo_classes_cover_lengths(s: Scenario, where: str) -> None:
+    """`serving.slo_classes` (if any): bounds strictly increasing, only the last class unbounded (null)."""
+    classes = s.serving.slo_classes
+    for i, c in enumerate(classes):
+        path = f"serving.slo_classes[{i}].input_tokens_below"
+        last = i == len(classes) - 1
+        if last and c.input_tokens_below is not None:
+            raise _fail(where, path, c.input_tokens_below,
+                        "the last class must be null (unbounded) so that every prompt has a class")
+        if not last and c.input_tokens_below is None:
+            raise _fail(where, path, None, "only the last class may be unbounded (null)")
+        prev = classes[i - 1].input_tokens_below if i else None
+        if not last and prev is not None and c.input_tokens_below <= prev:
+            raise _fail(where, path, c.input_tokens_below,
+                        f"must exceed the previous class's bound ({prev}): bounds strictly increase")
 
 
 @_cross_field

@@ -49,4 +49,5 @@ def assemble_telemetry(*, time_s: float, topo: Topology, faults: FaultSchedule, 
         pending_vm_expected_gpu_w=vms.pending_expected_gpu_w,
         legal_vm_servers=legal,
         server_power_state=read_only(server_power_state.copy()),
+        pending_vms_expected_gpu_w=vms.pending_expected_queue_gpu_w(vms.spec.placements_per_interval),
     )

@@ -289,15 +289,27 @@ class VmPool:
         """`expected_gpu_w` of the head-of-queue VM's type (0 when none waits)."""
         return self.expected_gpu_w(self.pending_kind[0]) if self.pending_kind else 0.0
 
-    def place(self, server: int, now_s: float) -> None:
-        """Place the head-of-queue VM on `server` (must be legal)."""
-        if not self.pending:
+    def pending_expected_queue_gpu_w(self, k: int) -> tuple[float, ...]:
+        """`expected_gpu_w` of each of the first `k` waiting VMs, queue order (fewer when fewer wait)."""
+        return tuple(self.expected_gpu_w(kind) for kind in self.pending_kind[:k])
+
+    @property
+    def n_pending(self) -> int:
+        """VMs waiting for placement."""
+        return len(self.pending_kind)
+
+    def place(self, server: int, now_s: float, queue_index: int = 0) -> None:
+        """Place the waiting VM at `queue_index` (0: the head of the queue) on `server` (must be legal).
+
+        Nothing happens when fewer than ``queue_index + 1`` VMs wait.
+        """
+        if queue_index >= len(self.pending_kind):
             return
         if not (0 <= server < self.n_servers) or not self.legal_servers()[server]:
             raise ValueError(f"VM placement on server {server} is not legal (occupied or SaaS)")
-        kind = self.pending_kind.pop(0)
-        self.pending_since_s.pop(0)
-        self.leave_at_s[server] = now_s + self.pending_lifetime_s.pop(0)
+        kind = self.pending_kind.pop(queue_index)
+        self.pending_since_s.pop(queue_index)
+        self.leave_at_s[server] = now_s + self.pending_lifetime_s.pop(queue_index)
         self._start(np.array([server]), np.array([kind]), now_s)
         self._next_leave_s = min(self._next_leave_s, float(self.leave_at_s[server]))
         self.placed += 1
