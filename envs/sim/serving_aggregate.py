@@ -20,11 +20,26 @@ mean lengths. Per tick:
   and step) plus an M/D/1 queueing wait spread exponentially (sequential when the chain is
   overloaded), so SLO attainment degrades smoothly as queues grow, as in the request-level model.
 
+With per-request SLO classes (`serving.slo_classes`), a pool's finishing cohort mixes classes.
+Its attainment is the share-weighted sum over classes of each class's own: the class's TTFT
+base swaps the cohort's prompt service (its share of step overheads, its marginal prefill
+time and the rest of its last step) for that of the class's mean prompt, and keeps the same
+queue age, carried chain and waiting-time law (the cohort's M/D/1 wait, or its sequential span
+when overloaded); TBT is the cohort's, held against each class's TBT SLO. Approximated: the
+class shares and class mean prompts of a pool are those of every request that arrived in it so
+far in the episode (a queue's own mix is not tracked, so requests spilled over from a pool
+without instances and preempted ones count with their new pool's mix), and the spread of
+prompts inside a class is left to the exponential wait, as it is for a pool without classes. A
+pool whose requests all fall in one class gives exactly the figure of that class's SLOs
+without classes.
+
 It shares the power, thermal and profile models with the request-level model; only the
 bookkeeping of requests differs.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,11 +47,39 @@ from llm_cluster_gym.envs.sim.instances import InstanceTable
 from llm_cluster_gym.envs.sim.serving import ServiceAccumulator, TickLoad
 from llm_cluster_gym.envs.sim.serving_request import BLOCK_TOKENS
 
+if TYPE_CHECKING:
+    from llm_cluster_gym.envs.sim.slo_classes import SloClasses
+
+
+def _ttft_ok(slo_t: np.ndarray, base: np.ndarray, wait: np.ndarray, span: np.ndarray | None,
+             overloaded: np.ndarray) -> np.ndarray:
+    """Share of a cohort whose TTFT (deterministic `base` plus the waiting law) meets `slo_t`.
+
+    The wait is exponential with mean `wait`; an overloaded chain (`span` not None) serves its
+    cohort one prompt after another over `span`, so its TTFTs spread evenly.
+    """
+    over = slo_t - base
+    # np.minimum(np.maximum(.)) is ndarray.clip without its Python wrapper (the same
+    # values: only the sign of a zero may differ, and 1 - ttft_ok is all that is used).
+    ttft_ok = np.where(over > 0, -np.expm1(-np.minimum(np.maximum(
+        over / np.maximum(wait, 1e-6), 0.0), 50.0)), 0.0)
+    if span is not None:
+        ok_seq = np.minimum(np.maximum(over / np.maximum(span, 1e-9), 0.0), 1.0)
+        ttft_ok = np.where(overloaded, ok_seq, ttft_ok)
+    return ttft_ok
+
 
 class AggregateServing:
-    """Fluid continuous-batching model over the instance table."""
+    """Fluid continuous-batching model over the instance table.
 
-    def __init__(self, n_slots: int, n_pools: int, max_prefill_tokens: int, drop_after_s: float):
+    Finishing cohorts are judged against their pool's SLOs (the arrays `tick` is given), or,
+    when `slo_classes` is given, against each class's SLOs weighted by the pool's class shares
+    (the module docstring says what is approximated).
+    """
+
+    def __init__(self, n_slots: int, n_pools: int, max_prefill_tokens: int, drop_after_s: float,
+                 slo_classes: SloClasses | None = None):
+        self.slo_classes = slo_classes
         self.n_slots = n_slots
         self.n_pools = n_pools
         self.max_prefill_tokens = max_prefill_tokens
@@ -63,6 +106,10 @@ class AggregateServing:
         self.rate_rps = np.zeros(n)
         self.routed = np.zeros(n)  # requests routed to each slot in the current tick
         self._preemptions = 0.0
+        if self.slo_classes is not None:  # arrivals so far per (pool, class): count, prompt tokens
+            k = self.slo_classes.n_classes
+            self.class_arrived = np.zeros((p, k))
+            self.class_input_tokens = np.zeros((p, k))
 
     @property
     def in_flight(self) -> float:
@@ -95,6 +142,27 @@ class AggregateServing:
         self.buf_out = (self.buf_out * self.buf + tot_out) / safe
         self.buf_age_s = self.buf_age_s * self.buf / safe  # new arrivals have age 0
         self.buf = new
+        if self.slo_classes is not None:
+            k = self.slo_classes.n_classes
+            key = np.asarray(pool) * k + self.slo_classes.assign(input_tokens)
+            size = self.n_pools * k
+            self.class_arrived += np.bincount(key, minlength=size).reshape(self.n_pools, k)
+            self.class_input_tokens += np.bincount(key, weights=input_tokens,
+                                                   minlength=size).reshape(self.n_pools, k)
+
+    def class_shares(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each pool's class shares and class mean prompts, from its arrivals so far.
+
+        Returns (pools, classes) arrays: the share of the pool's arrivals in each class, and the
+        class's mean prompt there (tokens; 1 where none arrived). A pool with no arrival yet
+        takes the mix of all pools (it can only finish requests spilled over from another pool).
+        """
+        n = self.class_arrived
+        total = n.sum(axis=1, keepdims=True)
+        overall = n.sum(axis=0) / max(n.sum(), 1e-12)
+        share = np.where(total > 0, n / np.maximum(total, 1e-12), overall[None, :])
+        mean_in = np.where(n > 0, self.class_input_tokens / np.maximum(n, 1e-12), 1.0)
+        return share, mean_in
 
     def requeue(self, stopped_slots: np.ndarray) -> None:
         """Requests of stopped instances go back to the router buffer (progress lost)."""
@@ -304,20 +372,15 @@ class AggregateServing:
         # ---- SLO accounting for the finishing cohort (it carries the TTFT of its admission)
         if finished.sum() > 0:
             pool = inst.pool[idx]  # serving slots always have a pool
-            slo_t = slo_ttft_s[pool]
-            over = slo_t - base
-            # np.minimum(np.maximum(.)) is ndarray.clip without its Python wrapper (the same
-            # values: only the sign of a zero may differ, and 1 - ttft_ok is all that is used).
-            ttft_ok = np.where(over > 0, -np.expm1(-np.minimum(np.maximum(
-                over / np.maximum(wait, 1e-6), 0.0), 50.0)), 0.0)
-            if any_overloaded:
-                ok_seq = np.minimum(np.maximum(over / np.maximum(span, 1e-9), 0.0), 1.0)
-                ttft_ok = np.where(overloaded, ok_seq, ttft_ok)
-                ttft_mean = base + np.where(overloaded, span / 2, wait)
+            ttft_mean = base + np.where(overloaded, span / 2, wait) if any_overloaded else base + wait
+            if self.slo_classes is None:
+                ttft_miss = 1.0 - _ttft_ok(slo_ttft_s[pool], base, wait, span, overloaded)
+                tbt_bad = (tbt > slo_tbt_s[pool]).astype(float)
+                bad = np.maximum(ttft_miss, tbt_bad)
             else:
-                ttft_mean = base + wait
-            self._record(acc, finished, ttft_ok, tbt, ttft_mean, slo_t, slo_tbt_s[pool],
-                         quality_loss_per_slot[idx])
+                ttft_miss, tbt_bad, bad = self._class_misses(
+                    pool, idx, model, base, base - s - quantum, o, m, p0, wait, span, overloaded, tbt)
+            self._record(acc, finished, ttft_miss, tbt_bad, bad, tbt, ttft_mean, quality_loss_per_slot[idx])
         # ---- state update: survivors' context, then KV preemption -------------------------
         left = q - adm
         run_end = new_run - finished
@@ -359,17 +422,46 @@ class AggregateServing:
         self.last_iter_s[idx] = iter_s
         return load
 
-    def _record(self, acc, finished, ttft_ok, tbt, ttft_mid, slo_ttft, slo_tbt, qloss) -> None:
-        """Add the finishing cohort's weighted counts and its latency samples to `acc`."""
+    def _class_misses(self, pool, idx, model, base, rest, o, m, p0, wait, span, overloaded,
+                      tbt) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per slot, the share of its finishing cohort missing TTFT, TBT and either, over classes.
+
+        Each class's TTFT base is `rest` (queue age, carried chain, half a step) plus the service
+        and last-step remainder of the class's mean prompt; a slot whose pool's arrivals all fall
+        in one class keeps the cohort's own `base` (exactly the figure without classes).
+        """
+        c = self.slo_classes
+        share_all, mean_all = self.class_shares()
+        share, mean_in = share_all[pool], mean_all[pool]  # (slots, classes)
+        pure = share.max(axis=1) == 1.0
+        k, n = c.n_classes, len(idx)
+        # The prefill formula T at each class's mean prompt: its marginal time T(x) - T(0).
+        marginal = model.prefill_time_s(mean_in.T.ravel(), np.tile(idx, k)).reshape(k, n) - p0
+        ttft_miss, tbt_bad, bad = np.zeros(n), np.zeros(n), np.zeros(n)
+        for j in range(k):
+            x = mean_in[:, j]
+            s_j = o * x / m + marginal[j]
+            base_j = np.where(pure, base, rest + s_j + o * np.maximum(1.0 - x / m, 0.0))
+            miss_j = 1.0 - _ttft_ok(c.slo_ttft_s[j], base_j, wait, span, overloaded)
+            tbt_j = (tbt > c.slo_tbt_s[j]).astype(float)
+            ttft_miss += share[:, j] * miss_j
+            tbt_bad += share[:, j] * tbt_j
+            bad += share[:, j] * np.maximum(miss_j, tbt_j)
+        return ttft_miss, tbt_bad, bad
+
+    def _record(self, acc, finished, ttft_miss, tbt_bad, bad, tbt, ttft_mid, qloss) -> None:
+        """Add the finishing cohort's weighted counts and its latency samples to `acc`.
+
+        `ttft_miss`, `tbt_bad` and `bad` are each slot's share of its cohort missing the TTFT
+        SLO, the TBT SLO and either.
+        """
         w = finished
-        ttft_miss = 1.0 - ttft_ok
-        tbt_bad = (tbt > slo_tbt).astype(float)
         # One weighted sum per counter (each row sums exactly as a 1-D sum would).
         weighted = np.empty((5, len(w)))
         weighted[0] = w  # w * 1
         np.multiply(w, ttft_miss, out=weighted[1])
         np.multiply(w, tbt_bad, out=weighted[2])
-        np.multiply(w, np.maximum(ttft_miss, tbt_bad), out=weighted[3])
+        np.multiply(w, bad, out=weighted[3])
         np.multiply(w, qloss, out=weighted[4])
         n_fin, n_ttft, n_tbt, n_bad, qsum = weighted.sum(axis=1).tolist()
         acc.finished += n_fin

@@ -58,12 +58,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llm_cluster_gym.envs.sim.instances import InstanceTable
 from llm_cluster_gym.envs.sim.routing import integer_split, water_fill
 from llm_cluster_gym.envs.sim.serving import ServiceAccumulator, TickLoad
+
+if TYPE_CHECKING:
+    from llm_cluster_gym.envs.sim.slo_classes import SloClasses
 
 BLOCK_TOKENS = 16
 """vLLM's default KV-cache block size (tokens): admission reserves the prompt plus one block,
@@ -108,12 +112,18 @@ class SlotModel:
 
 
 class RequestLevelServing:
-    """Continuous-batching serving of individual requests across the instance table."""
+    """Continuous-batching serving of individual requests across the instance table.
+
+    Each finished request is judged against its pool's SLOs (the arrays `tick` is given), or,
+    when `slo_classes` is given (`serving.slo_classes`), against the SLOs of its prompt's class
+    whichever pool served it.
+    """
 
     def __init__(self, n_slots: int, n_pools: int, max_prefill_tokens: int, drop_after_s: float,
-                 prefill_mode: str = "chunked"):
+                 prefill_mode: str = "chunked", slo_classes: SloClasses | None = None):
         if prefill_mode not in ("chunked", "serial"):
             raise ValueError(f"prefill_mode must be 'chunked' or 'serial', got {prefill_mode!r}")
+        self.slo_classes = slo_classes
         self.n_slots = n_slots
         self.n_pools = n_pools
         self.max_prefill_tokens = max_prefill_tokens
@@ -353,11 +363,13 @@ class RequestLevelServing:
             first = r["first_token_s"][done]
             ttft = first - r["arrival_s"][done]
             tbt = np.where(out > 1, (end - first) / np.maximum(out - 1, 1), 0.0)
-            pool = r["pool"][done]
-            acc.record_finished(
-                ttft, tbt, slo_ttft_s[pool], slo_tbt_s[pool],
-                quality_loss=quality_loss_per_slot[fs],
-            )
+            if self.slo_classes is None:
+                pool = r["pool"][done]
+                slo_t, slo_b = slo_ttft_s[pool], slo_tbt_s[pool]
+            else:
+                cls = self.slo_classes.assign(r["input_tokens"][done])
+                slo_t, slo_b = self.slo_classes.slo_ttft_s[cls], self.slo_classes.slo_tbt_s[cls]
+            acc.record_finished(ttft, tbt, slo_t, slo_b, quality_loss=quality_loss_per_slot[fs])
             self._remove(done)
         self._kv_used, self._n_running = kv, n_run
 
