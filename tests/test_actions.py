@@ -31,14 +31,16 @@ def _env_codec(scenario: str, task: str) -> ActionCodec:
     return ClusterEnv(task=task, scenario=scenario, serving_model="aggregate").codec
 
 
-def _codec(scenario: str, task: str, n_saas: int | None = None, n_pools: int | None = None
-           ) -> ActionCodec:
-    """The env's codec, or one over the same layout with other SaaS server / pool counts."""
+def _codec(scenario: str, task: str, n_saas: int | None = None, n_pools: int | None = None,
+           placements: int | None = None) -> ActionCodec:
+    """The env's codec, or one over the same layout with other SaaS server / pool / placement counts."""
     codec = _env_codec(scenario, task)
     lay = codec.layout
     if n_pools is not None:
         lay = dataclasses.replace(lay, pool_names=tuple(f"p{i}" for i in range(n_pools)))
-    if n_saas is None and n_pools is None:
+    if placements is not None:
+        lay = dataclasses.replace(lay, vm_placements_per_interval=placements)
+    if n_saas is None and n_pools is None and placements is None:
         return codec
     return ActionCodec(task, lay, codec.n_saas_servers if n_saas is None else n_saas)
 
@@ -60,13 +62,15 @@ def layouts_and_vectors(draw, synthetic: bool):
     task = draw(st.sampled_from(TASKS))
     if synthetic:
         codec = _codec(scenario, task, n_saas=draw(st.integers(1, 40)),
-                       n_pools=draw(st.integers(1, 4)))
+                       n_pools=draw(st.integers(1, 4)), placements=draw(st.integers(1, 4)))
     else:
         codec = _codec(scenario, task)
     nvec = codec.nvec()
     v = np.array([draw(st.integers(0, int(n) - 1)) for n in nvec], dtype=np.int64)
     n = codec.layout.n_servers
     legal = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
+    if codec.placement_slots > 1:  # per slot, as the env gives it: the free servers while VMs wait
+        legal = codec.slot_legality(legal, draw(st.integers(0, codec.placement_slots + 1)))
     return codec, v, legal
 
 
@@ -82,8 +86,12 @@ def _is_canonical(codec: ActionCodec, v: np.ndarray, legal: np.ndarray) -> bool:
     if codec.has_rows:
         if not v[i: i + 3 * lay.n_rows: 3].any():  # all routing levels 0 read as all 3
             return False
-        if v[-1] < lay.n_servers and not legal[v[-1]]:  # masked: decodes as "no placement"
-            return False
+        slots = codec.placement_slots
+        legal = np.broadcast_to(legal, (slots, lay.n_servers))
+        chosen = v[len(v) - slots:]
+        for i, s in enumerate(chosen):
+            if s < lay.n_servers and (not legal[i, s] or s in chosen[:i]):
+                return False  # masked, or an earlier slot's server: decodes as "no placement"
     return True
 
 
