@@ -146,15 +146,20 @@ class PoolModel:
         pool: Pool index.
         tp: Tensor-parallel degree (a key of ``ctx.profiles``).
         freq_mhz: SM clock set points (an array broadcasts against the load arguments).
+        p90_input_tokens: With `slo_s`, one request class inside the pool (per-request SLO
+            classes, `serving.slo_classes`): its P90 prompt sizes the TTFT instead of the pool's
+            (the queueing wait stays the pool's) ...
+        slo_s: ... and its (TTFT, TBT) SLOs replace the pool's. None: the pool's own.
     """
 
-    def __init__(self, ctx: ControllerContext, pool: int, tp: int, freq_mhz: np.ndarray | float) -> None:
+    def __init__(self, ctx: ControllerContext, pool: int, tp: int, freq_mhz: np.ndarray | float,
+                 p90_input_tokens: float | None = None, slo_s: tuple[float, float] | None = None) -> None:
         st = ctx.pool_stats
+        p90 = st.p90_input_tokens[pool] if p90_input_tokens is None else p90_input_tokens
         self._terms = _load_free_terms(ctx.profiles[tp], freq_mhz, st.mean_input_tokens[pool],
-                                       st.p90_input_tokens[pool], st.mean_output_tokens[pool],
-                                       st.mean_input_all)
-        self._slo_ttft_s = ctx.layout.slo_ttft_s[pool]
-        self._slo_tbt_s = ctx.layout.slo_tbt_s[pool]
+                                       p90, st.mean_output_tokens[pool], st.mean_input_all)
+        self._slo_ttft_s, self._slo_tbt_s = ((ctx.layout.slo_ttft_s[pool], ctx.layout.slo_tbt_s[pool])
+                                             if slo_s is None else slo_s)
 
     def predict(self, rate_rps: np.ndarray | float, n_instances: np.ndarray | int,
                 max_batch: np.ndarray | int) -> PoolPrediction:

@@ -16,8 +16,11 @@ The protocol (issue 18; Stojkovic et al., "DynamoLLM", HPCA 2025, sec. 6):
   the policy moves to its own steady layout during the burn-in, which is not measured. Only the
   day itself is reported. Requests still in flight at the end count as violations.
 * **Baselines.** `single_pool`: one pool for every request (the scenario with pool set
-  `single` and its SLO derived by the same rule), every instance TP 8 at the maximum clock,
-  servers provisioned for the day's peak. `static` (MultiPool static): the length pools, TP 8,
+  `single`), every instance TP 8 at the maximum clock, servers provisioned for the day's peak.
+  As in DynamoLLM, every request is judged by its request type's SLOs whatever pool serves it:
+  the SLO classes are the length pools' own (`serving.slo_classes`, from the scenario's by-input
+  pools), so SinglePool is held to the SLOs the pooled policies meet, and is sized so that
+  every class meets them. `static` (MultiPool static): the length pools, TP 8,
   maximum clock, each pool's servers provisioned for its own peak of the day. `best_fixed`:
   per pool the (TP, clock) and server count with the least predicted energy on the validation
   day that meets the SLO at that day's peak, then held fixed. `dynamo`: the DynamoLLM-style
@@ -149,15 +152,41 @@ def with_pools(s: Scenario, pools: Sequence[PoolSpec], pool_set: str | None = No
 
 
 def single_pool_scenario(s: Scenario) -> Scenario:
-    """`s` with one pool for every request, its SLO derived by the scenario rule."""
+    """`s` with one pool for every request, each request judged by its length pool's SLOs.
+
+    The SLO classes are `s`'s own (`serving.slo_classes`), or else its by-input pools' edges and
+    SLOs (`classes_of_input_pools`). The pool's own SLO, derived by the scenario rule from all
+    prompts, judges nothing.
+    """
+    from llm_cluster_gym.envs.sim.slo_classes import classes_of_input_pools
     from llm_cluster_gym.envs.sim.slo_derivation import derive_slos
 
     sv = s.serving
+    classes = sv.slo_classes or classes_of_input_pools(sv, s.workload.pools)
     first = sv.pools[0]
     draft = with_pools(s, [dataclasses.replace(first, n_instances=0)], "single")
     (slo,) = derive_slos(draft)
-    return with_pools(s, [dataclasses.replace(first, slo_ttft_s=slo.slo_ttft_s,
-                                              slo_tbt_s=slo.slo_tbt_s)], "single")
+    one = with_pools(s, [dataclasses.replace(first, slo_ttft_s=slo.slo_ttft_s,
+                                             slo_tbt_s=slo.slo_tbt_s)], "single")
+    return dataclasses.replace(one, serving=dataclasses.replace(one.serving, slo_classes=classes))
+
+
+def class_targets(s: Scenario) -> tuple[tuple[tuple[float, float, float], ...], ...]:
+    """Per pool of `s`, its SLO classes' (P90 prompt tokens, TTFT SLO, TBT SLO) (none: no classes).
+
+    Only the classes a pool's requests fall in (from the source trace, as the controllers'
+    pool statistics are); the P90 prompts are those of the class inside the pool.
+    """
+    from llm_cluster_gym.envs.sim.slo_classes import SloClasses, trace_class_mix
+
+    classes = SloClasses.from_serving(s.serving)
+    if classes is None:
+        return tuple(() for _ in s.serving.pools)
+    mix = trace_class_mix(s.workload.trace, s.workload.pools, classes.input_edges)
+    return tuple(tuple((float(mix.p90_input_tokens[p, c]), float(classes.slo_ttft_s[c]),
+                        float(classes.slo_tbt_s[c]))
+                       for c in range(classes.n_classes) if mix.share[p, c] > 0)
+                 for p in range(len(s.serving.pools)))
 
 
 # ----------------------------------------------------------------------------- environments
@@ -191,10 +220,14 @@ class Provisioner:
         ctx: Controller context of the scenario the pools run in.
         slo_margin: Predicted TTFT and TBT must stay within this fraction of the SLO (the
             manager's default, so that every policy is sized by one rule).
+        classes: Per pool, its SLO classes (`class_targets`); a pool with classes must meet
+            each class's SLOs within the margin (TTFT from the class's P90 prompt plus the
+            pool's wait) instead of its own.
     """
 
     ctx: Any
     slo_margin: float = 0.4
+    classes: tuple[tuple[tuple[float, float, float], ...], ...] = ()
 
     def _predict(self, pool: int, tp: int, freq_mhz: float, servers: np.ndarray | int,
                  rate_rps: np.ndarray | float) -> tuple[np.ndarray, PoolPrediction]:
@@ -202,8 +235,16 @@ class Provisioner:
         from llm_cluster_gym.controllers.perfmodel import PoolModel
 
         lay = self.ctx.layout
-        return PoolModel(self.ctx, pool, tp, freq_mhz).within_slo(
-            rate_rps, servers * (lay.gpus_per_server // tp), max(lay.batch_choices), self.slo_margin)
+        n, batch = servers * (lay.gpus_per_server // tp), max(lay.batch_choices)
+        targets = self.classes[pool] if self.classes else ()
+        if not targets:
+            return PoolModel(self.ctx, pool, tp, freq_mhz).within_slo(rate_rps, n, batch, self.slo_margin)
+        ok = None
+        for p90, ttft_s, tbt_s in targets:  # power does not depend on the class: any prediction
+            ok_c, pred = PoolModel(self.ctx, pool, tp, freq_mhz, p90, (ttft_s, tbt_s)).within_slo(
+                rate_rps, n, batch, self.slo_margin)
+            ok = ok_c if ok is None else ok & ok_c
+        return ok, pred
 
     def servers_needed(self, pool: int, tp: int, freq_mhz: float, rate_rps: float) -> int | None:
         """Fewest servers serving `rate_rps` within the margin, or None if even all cannot."""
@@ -347,7 +388,7 @@ def run_day(policy: str, day: int, seed: int, base: Scenario, burn_in_s: float,
     if policy == "single_pool":
         s = single_pool_scenario(s)
     env = make_env(s)
-    prov = Provisioner(ControllerContext.from_env(env), slo_margin)
+    prov = Provisioner(ControllerContext.from_env(env), slo_margin, class_targets(s))
     if policy in ("single_pool", "static"):
         rates = window_rates(env, seed, burn_in_s, measured_s)
         pools = prov.peak_layout(rates.max(axis=0), s.serving.pools)

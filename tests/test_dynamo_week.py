@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.envs.sim.scenario import load_scenario
+from llm_cluster_gym.envs.sim.slo_classes import classes_of_input_pools
 from llm_cluster_gym.scripts import dynamo_week as week
 
 
@@ -87,13 +89,43 @@ def test_best_fixed_layout_is_sized_for_the_peak_of_the_rates(provisioner, base)
         assert best <= tp8 * (1 + 1e-9)
 
 
-def test_single_pool_scenario_has_one_pool_with_a_derived_slo(base):
+def test_single_pool_scenario_has_one_pool_judged_by_the_length_pools_classes(base):
     s = week.single_pool_scenario(base)
     assert s.workload.pools == "single"
     assert len(s.serving.pools) == 1
-    # One SLO for every request: the P90 prompt of all requests sits between the S and L pools'.
+    # The pool's own SLO (derived from all prompts) sits between the S and L pools'...
     slos = [p.slo_ttft_s for p in base.serving.pools]
     assert min(slos) < s.serving.pools[0].slo_ttft_s < max(slos)
+    # ... but every request is judged by its by-input pool's SLOs, the ones the pooled policies meet.
+    assert s.serving.slo_classes == classes_of_input_pools(base.serving, "by_input")
+    assert [c.slo_ttft_s for c in s.serving.slo_classes] == slos
+    assert week.class_targets(base) == ((), (), ())
+
+
+def test_single_pool_is_sized_so_that_every_class_meets_its_slo(base):
+    s = week.single_pool_scenario(base)
+    ctx = ControllerContext.from_env(week.make_env(s))
+    targets = week.class_targets(s)
+    assert len(targets[0]) == 3
+    by_pool = week.Provisioner(ctx, 0.6)
+    by_class = week.Provisioner(ctx, 0.6, targets)
+    f = ctx.layout.max_freq_mhz
+    n_pool, n_class = by_pool.servers_needed(0, 8, f, 300.0), by_class.servers_needed(0, 8, f, 300.0)
+    assert n_class > n_pool  # the short prompts' 0.13 s TTFT binds, not the pool's lenient SLO
+    ok, _ = by_class._predict(0, 8, f, np.array([n_class - 1, n_class]), 300.0)
+    assert ok.tolist() == [False, True]
+
+
+def test_single_pool_run_is_judged_by_the_classes(base):
+    """The same SinglePool layout (32 servers, half an hour of Tuesday): identical energy, but
+    fewer requests meet the classes' SLOs than the pool's lenient one."""
+    s = week.single_pool_scenario(week.day_scenario(base, 2, 0.0, 1800.0))
+    s = week.with_pools(s, [dataclasses.replace(s.serving.pools[0], n_instances=32)])
+    by_class = week._measure("single_pool", 2, 0, s, None, 0.0, "").summary
+    by_pool = week._measure("single_pool", 2, 0, dataclasses.replace(
+        s, serving=dataclasses.replace(s.serving, slo_classes=())), None, 0.0, "").summary
+    assert by_class["energy_kwh"] == by_pool["energy_kwh"]
+    assert by_class["slo_attainment"] < by_pool["slo_attainment"] - 0.005
 
 
 def test_mean_ci95_matches_the_t_interval():
