@@ -65,7 +65,7 @@ The wrapped env's vector is built only through `ClusterAction` and its `ActionCo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -103,8 +103,6 @@ _GROUP_FIELDS = ("share", "slack", "route_weight", "freq_cap", "quantized")
 _ROW_FIELDS = ("power", "headroom", "capped", "route_weight", "freq_cap", "quantized")
 _AISLE_FIELDS = ("inlet", "max_gpu_temp", "heat_over_capacity", "capacity")
 _ROUTE_LEVELS = np.asarray(ROUTE_WEIGHT_LEVELS, dtype=float)
-_PLACEMENT_FIELD = "vm_servers" if "vm_servers" in {f.name for f in fields(ClusterAction)} else "vm_server"
-"""`ClusterAction`'s placement field: ``vm_servers`` (a tuple per slot) or the older ``vm_server``."""
 
 
 def _names() -> tuple[str, ...]:
@@ -534,8 +532,6 @@ class LayoutFreeSpaces(gym.Wrapper):
                 raise ValueError(f"unknown placement rule {rule!r}; known: {PLACEMENT_RULES}")
             out.append(best)
             legal[best] = False
-            if _PLACEMENT_FIELD != "vm_servers":
-                break
         return tuple(out)
 
     def _legal_servers(self) -> np.ndarray:
@@ -549,7 +545,5 @@ class LayoutFreeSpaces(gym.Wrapper):
 
 
 def _placement_kwargs(servers: tuple[int, ...]) -> dict[str, Any]:
-    """`ClusterAction` keyword for these placements (per slot, or the head VM's alone)."""
-    if _PLACEMENT_FIELD == "vm_servers":
-        return {"vm_servers": tuple(servers)}
-    return {"vm_server": servers[0] if servers else None}
+    """`ClusterAction` keyword for these placements (one per slot, in queue order)."""
+    return {"vm_servers": tuple(servers)}
