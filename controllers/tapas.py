@@ -14,7 +14,10 @@ From the observation only:
   queue order, each VM's expected power added to the row and aisle it lands on before the next
   is placed, so one interval's VMs do not pile onto one row;
 * routing: new requests are steered away from rows with little power or thermal slack (four
-  weight levels; the row with the most slack always keeps full weight);
+  weight levels; the row with the most slack always keeps full weight); during a cooling
+  failure the rows of the aisle that lost cooling get no new requests at all (while any aisle
+  still has its cooling), so their SaaS servers fall to idle power and the aisle's heat, which
+  its IaaS VMs keep producing, rises more slowly: TAPAS's "move load out of the affected area";
 * reconfiguration on spikes, faults and tight rows, in the order that costs least: first the
   row's SaaS clock ceiling goes down step by step (decode is memory-bound, so latency barely
   moves), then, only if the ceiling is already low and the row is still tight, the row serves
@@ -123,7 +126,9 @@ class TapasController(RuleBasedController):
                 aisle_load[lay.server_aisle[best]] += add_w / cap[lay.server_aisle[best]]
         return tuple(out)
 
-    def _routing(self, frac: np.ndarray, temp_c: np.ndarray) -> np.ndarray:
+    def _routing(self, frac: np.ndarray, temp_c: np.ndarray, cooling_lost: np.ndarray
+                 ) -> np.ndarray:
+        """Weight level (0-3) per row; `cooling_lost` marks rows whose aisle lost cooling."""
         lay = self.ctx.layout
         power_slack = 1.0 - np.maximum(frac, self.row_peak)
         thermal_slack = (lay.slowdown_temp_c - temp_c[self._row_aisle()]) / 40.0
@@ -133,7 +138,15 @@ class TapasController(RuleBasedController):
         level = np.select([slack > 0.2, slack > 0.1], [3, 2], 1)
         level[frac > 1.0] = 0
         level[int(np.argmax(slack))] = 3
+        if cooling_lost.any() and not cooling_lost.all():
+            level[cooling_lost] = 0
         return level
+
+    def _cooling_lost_rows(self, obs: np.ndarray) -> np.ndarray:
+        """Rows whose aisle runs on less than 95% of its nominal cooling (a failure in force)."""
+        view, lay = self.ctx.view, self.ctx.layout
+        aisle_lost = view.aisle_capacity_w(obs) < 0.95 * lay.aisle_capacity_w
+        return aisle_lost[self._row_aisle()]
 
     def _row_aisle(self) -> np.ndarray:
         lay = self.ctx.layout
@@ -174,7 +187,7 @@ class TapasController(RuleBasedController):
         ctx = self.ctx
         frac, temp_c, _ = self._observe(observation)
         self._reconfigure(observation, frac, temp_c)
-        route_level = self._routing(frac, temp_c)
+        route_level = self._routing(frac, temp_c, self._cooling_lost_rows(observation))
         place = self._place(observation, ctx.slot_legal_servers(action_mask))
         pools = None
         if ctx.codec.has_pools:

@@ -136,6 +136,31 @@ def test_tapas_places_vms_on_legal_servers_with_headroom():
     assert env.action_space.contains(a)
 
 
+def test_tapas_routes_nothing_to_an_aisle_that_lost_cooling():
+    """small_faults: aisle 0 keeps 25% of its cooling from 120 s to 360 s. While the failure is in
+    force its rows get no new requests (the other aisle takes them); before it they do."""
+    env = ClusterEnv(task="thermal", scenario="small_faults", serving_model="aggregate")
+    ctx = ControllerContext.from_env(env)
+    c = TapasController(ctx)
+    c.reset()
+    obs, _ = env.reset(seed=0)
+    aisle0_rows = np.unique(ctx.layout.server_row[ctx.layout.server_aisle == 0])
+    before, during = [], []
+    for step in range(80):  # 400 s
+        mask = env.action_masks()
+        action = c.decide(obs, mask)
+        t_s = step * 5.0  # small_faults: control_interval_s 5
+        weights = np.asarray(action.row_route_weight)
+        if t_s < 110:
+            before.append(weights[aisle0_rows].max())
+        elif 130 <= t_s < 350:
+            during.append(weights[aisle0_rows].max())
+            assert weights.max() > 0  # the other aisle still serves
+        obs, _, _, _, _ = env.step(ctx.codec.encode_action(action))
+    assert min(before) > 0
+    assert during and max(during) == 0
+
+
 def test_registry_rejects_unknown_and_mismatched(energy_env):
     with pytest.raises(ValueError, match="unknown controller"):
         make_controller("nope", energy_env)
