@@ -28,7 +28,9 @@ The protocol (issue 18; Stojkovic et al., "DynamoLLM", HPCA 2025, sec. 6):
   (`controllers/perfmodel.py`) at its SLO margin, rounded up to a server split the action
   codec can execute; servers a layout does not use power off.
 * **Statistics.** One unit = one (test day, seed). Savings are paired per unit against
-  `single_pool`; tables give the mean and a 95% Student-t interval over units.
+  `single_pool`. Seeds of one day share its load curve and differ only in the draws within
+  minutes, so they are not independent samples: each figure is first averaged over a day's
+  seeds, and tables give the mean and a 95% Student-t interval over the test days.
 """
 
 from __future__ import annotations
@@ -441,22 +443,36 @@ def fmt_ci(mean: float, half: float, digits: int = 3) -> str:
     return f"{mean:.{digits}g} ± {half:.2g}"
 
 
+def mean_ci95_over_days(runs: Sequence[DayRun], value: Callable[[DayRun], float]
+                        ) -> tuple[float, float]:
+    """`mean_ci95` over days of `value`, each day's value first averaged over its seeds.
+
+    A day's seeds share its load curve, so they are replicates within one sample, not several
+    samples: an interval over (day, seed) units would be too narrow.
+    """
+    per_day: dict[int, list[float]] = {}
+    for r in runs:
+        per_day.setdefault(r.day, []).append(value(r))
+    return mean_ci95([float(np.mean(v)) for _, v in sorted(per_day.items())])
+
+
 def summarize(runs: list[DayRun], policies: Sequence[str]) -> dict[str, dict[str, tuple[float, float]]]:
     """Per policy: each reported metric and each saving against the baseline, (mean, CI half)."""
     base = {(r.day, r.seed): r.summary for r in runs if r.policy == BASELINE}
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for pol in policies:
         mine = [r for r in runs if r.policy == pol]
-        row = {k: mean_ci95([r.summary[k] for r in mine]) for k in REPORTED}
+        row = {k: mean_ci95_over_days(mine, lambda r, k=k: r.summary[k]) for k in REPORTED}
         for k in SAVED:
-            row[f"{k}_saving"] = mean_ci95([1.0 - r.summary[k] / base[(r.day, r.seed)][k] for r in mine])
+            row[f"{k}_saving"] = mean_ci95_over_days(
+                mine, lambda r, k=k: 1.0 - r.summary[k] / base[(r.day, r.seed)][k])
         out[pol] = row
     bounds = {(r.day, r.seed): r.bound_kwh for r in runs if r.bound_kwh is not None}
     for pol in policies:
         mine = [r for r in runs if r.policy == pol and (r.day, r.seed) in bounds]
         if mine:
-            out[pol]["bound_gap"] = mean_ci95([r.summary["energy_kwh"] / bounds[(r.day, r.seed)] - 1.0
-                                               for r in mine])
+            out[pol]["bound_gap"] = mean_ci95_over_days(
+                mine, lambda r: r.summary["energy_kwh"] / bounds[(r.day, r.seed)] - 1.0)
     return out
 
 
@@ -650,7 +666,8 @@ def write_report(args: WeekArgs, runs: list[DayRun], table: dict, out: Path, com
     days = ", ".join(DAY_NAMES[d] for d in args.days)
     text = [f"# DynamoLLM week: {args.scenario}", "", f"Command: `{command}`", "",
             f"Test days {days}; seeds {list(args.seeds)}; burn-in {args.burn_in_s:.0f} s not measured; "
-            f"savings paired against {BASELINE}; mean ± 95% t-interval over (day, seed) units.", "",
+            f"savings paired against {BASELINE}; each day averaged over its seeds, then mean ± 95% "
+            "t-interval over the days.", "",
             format_table(table), "", "Layouts (fixed policies):", ""]
     text += [f"- {DAY_NAMES[r.day]} seed {r.seed} {r.policy}: {r.layout}"
              for r in runs if r.layout != "adaptive"]

@@ -136,6 +136,19 @@ def test_mean_ci95_matches_the_t_interval():
     assert one_mean == 5.0 and np.isnan(one_half)
 
 
+def test_intervals_are_over_days_with_seeds_averaged_within_a_day():
+    """Two seeds of one day are one sample: the interval is the one over the three day means."""
+    def run(day: int, seed: int, energy: float) -> week.DayRun:
+        return week.DayRun("static", day, seed, {"energy_kwh": energy}, np.zeros(1), np.zeros(1),
+                           "", 0.0)
+
+    runs = [run(0, 0, 1.0), run(0, 1, 1.2), run(2, 0, 2.0), run(2, 1, 2.0), run(5, 0, 3.0),
+            run(5, 1, 3.4)]
+    mean, half = week.mean_ci95_over_days(runs, lambda r: r.summary["energy_kwh"])
+    assert (mean, half) == pytest.approx(week.mean_ci95([1.1, 2.0, 3.2]))
+    assert half > week.mean_ci95([r.summary["energy_kwh"] for r in runs])[1]
+
+
 def test_evaluate_week_rejects_training_days_and_a_missing_baseline():
     with pytest.raises(week.WeekEvalError, match="training or validation"):
         week.evaluate_week(week.WeekArgs(days=(1,)))
