@@ -62,6 +62,9 @@ class TapasController(RuleBasedController):
         self.floor_idx = min(2, self.n_f - 1)
         # Power a server adds per W of GPU power (GPU + overhead that follows GPU load).
         s = ctx.server
+        # Aisle of each row (static layout: computed once, used every interval).
+        self.row_aisle = np.zeros(lay.n_rows, dtype=np.int64)
+        self.row_aisle[lay.server_row] = lay.server_aisle
         self.overhead_per_gpu_w = (s.overhead_full_load_w - s.overhead_idle_w) / (
             s.gpus * (s.gpu_tdp_w - ctx.profiles[lay.tp_choices[0]].idle_power_w))
         self.reset()
@@ -131,7 +134,7 @@ class TapasController(RuleBasedController):
         """Weight level (0-3) per row; `cooling_lost` marks rows whose aisle lost cooling."""
         lay = self.ctx.layout
         power_slack = 1.0 - np.maximum(frac, self.row_peak)
-        thermal_slack = (lay.slowdown_temp_c - temp_c[self._row_aisle()]) / 40.0
+        thermal_slack = (lay.slowdown_temp_c - temp_c[self.row_aisle]) / 40.0
         slack = np.minimum(power_slack, thermal_slack)
         # Never starve a row completely unless it is over its limit: a row at weight 0 pushes
         # all its load onto the others, which then run out of SLO headroom.
@@ -146,18 +149,13 @@ class TapasController(RuleBasedController):
         """Rows whose aisle runs on less than 95% of its nominal cooling (a failure in force)."""
         view, lay = self.ctx.view, self.ctx.layout
         aisle_lost = view.aisle_capacity_w(obs) < 0.95 * lay.aisle_capacity_w
-        return aisle_lost[self._row_aisle()]
+        return aisle_lost[self.row_aisle]
 
-    def _row_aisle(self) -> np.ndarray:
-        lay = self.ctx.layout
-        out = np.zeros(lay.n_rows, dtype=np.int64)
-        out[lay.server_row] = lay.server_aisle
-        return out
 
     def _reconfigure(self, obs: np.ndarray, frac: np.ndarray, temp_c: np.ndarray) -> None:
         lay, view = self.ctx.layout, self.ctx.view
         faults = view.faults(obs)
-        hot = temp_c[self._row_aisle()] > lay.slowdown_temp_c - self.temp_margin_c
+        hot = temp_c[self.row_aisle] > lay.slowdown_temp_c - self.temp_margin_c
         tight = (frac > self.power_high) | hot
         # Emergencies: a spike tightens every row near its limit; a power-feed or cooling
         # failure shows up as low headroom or heat in the rows it hits.
@@ -165,7 +163,7 @@ class TapasController(RuleBasedController):
             tight |= frac > self.power_low
         if faults[1] or faults[0]:
             tight |= (frac > self.power_high - 0.1) | (
-                temp_c[self._row_aisle()] > lay.slowdown_temp_c - 2 * self.temp_margin_c)
+                temp_c[self.row_aisle] > lay.slowdown_temp_c - 2 * self.temp_margin_c)
         relax = (frac < self.power_low) & ~hot & ~faults.any()
         step = np.where(frac > 1.0, 2, 1)
         # The clock floor is `floor_idx` unless the row is over its limit or a fault is active:
