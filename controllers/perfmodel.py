@@ -96,7 +96,8 @@ def _predict_loaded(terms: _LoadFreeTerms, rate_rps: np.ndarray | float, n_insta
     feasible = ok_u & ok_d & (c <= 0.9 * b) & kv_ok & np.isfinite(lam)
     idle = prof.idle_power_w
     p_pre = terms.prefill_power_w
-    p_dec = np.minimum(prof.decode_power_w(np.maximum(c, 1e-9), f), prof.gpu_power_limit_w)
+    ctx = terms.mean_input + 0.5 * terms.mean_output  # a decoding request's mean context
+    p_dec = np.minimum(prof.decode_power_w(np.maximum(c, 1e-9), f, ctx), prof.gpu_power_limit_w)
     gpu_w = idle + u_c * (p_pre - idle) + (1.0 - u_c) * np.minimum(1.0, c) * (p_dec - idle)
     pool_w = n * prof.tp * gpu_w
     return PoolPrediction(ttft, tbt, gpu_w, pool_w, feasible)

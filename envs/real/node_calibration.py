@@ -148,7 +148,8 @@ class Source:
     """One source of measured figures: step records and, per figure, what is compared.
 
     ``kind`` is ``time`` (each record's measured seconds), ``power`` (each record's measured
-    watts) or ``seconds`` (a served run's 1 s power: idle plus its steps' energy above idle).
+    watts), ``clock`` (each record's SM clock under the power cap, MHz) or ``seconds`` (a served
+    run's 1 s power: idle plus its steps' energy above idle).
     """
 
     name: str
@@ -186,7 +187,24 @@ def _profile_sources(rec: TelemetryRecording, shape: ModelShape) -> list[Source]
                np.asarray(dec["time_s"] + mix["time_s"], float)),
         Source("sustained_phase_power", "power", phase_rec,
                np.asarray([p["power_w"] for p in pp + dp], dtype=float)),
+        *_capped_clock_source(pp, shape),
     ]
+
+
+def _capped_clock_source(prefill_phases: list[dict[str, Any]], shape: ModelShape) -> list[Source]:
+    """The SM clock the power controller held in sustained phases at the power cap, if any.
+
+    Where a phase ran under ``sw_power_cap`` its median clock says how far the clock had to fall
+    to fit the limit: how much power the work would draw uncapped, which the power readings
+    (pinned at the limit) cannot say.
+    """
+    capped = [p for p in prefill_phases if "sw_power_cap" in p.get("throttle_reasons", [])
+              and np.isfinite(p.get("sm_clock_mhz_median", np.nan))]
+    if not capped:
+        return []
+    return [Source("capped_phase_clock", "clock",
+                   prefill_records(shape, np.asarray([p["load"] for p in capped], dtype=float)),
+                   np.asarray([p["sm_clock_mhz_median"] for p in capped], dtype=float))]
 
 
 def _served_sources(recs: list[TelemetryRecording], shape: ModelShape) -> list[Source]:
@@ -286,6 +304,8 @@ class NodeObservations:
                 out.append(t if s.spread is None else s.spread @ t)
             elif s.kind == "power":
                 out.append(p)
+            elif s.kind == "clock":
+                out.append(res.clock_ratio[self._inverse][i - n:i] * self.gpu.max_sm_clock_mhz)
             else:  # each second: idle plus the energy above idle of the steps in it
                 out.append(self.idle_w + s.spread @ (p - self.idle_w))
         return out
@@ -330,8 +350,8 @@ def node_observations(profile_path: str | Path, served_paths: tuple[str | Path, 
         spec = GpuSpec(**{**spec.__dict__, "power_limit_w": float(limit)})
     recs = [load_recording(p) for p in served_paths]
     sources = _profile_sources(prec, shape)
-    if recs:  # the served engine's steps set the times; the sustained phases stay as a power anchor
-        sources = [s for s in sources if s.kind == "power"] + _served_sources(recs, shape)
+    if recs:  # the served engine's steps set the times; the sustained phases stay as power and clock anchors
+        sources = [s for s in sources if s.kind in ("power", "clock")] + _served_sources(recs, shape)
     notes = [_recording_note(profile_path, prec)] + [_recording_note(p, r)
                                                      for p, r in zip(served_paths, recs, strict=True)]
     return NodeObservations(shape, spec, float(np.median(idle)), sources, notes)
@@ -392,8 +412,9 @@ def fit_node(profile_path: str | Path, served_paths: tuple[str | Path, ...] = ()
 def served_contexts(recs: list[TelemetryRecording]) -> tuple[int, ...]:
     """Decode-grid contexts where the node serves: deciles 10-90 of its served steps' mean context.
 
-    The simulator's decode power depends on the batch alone, and perf's on the context too; on the
-    node's own contexts the profile's power follows perf where the node runs. Without served runs:
+    The profile's decode power follows the context through one coefficient
+    (`Profile.decode_power_load`), perf's through the KV traffic of each step; fitted on the node's
+    own contexts, the profile follows perf where the node runs. Without served runs:
     `PROFILE_DECODE_CTX_TOKENS`.
     """
     if not recs:
@@ -480,6 +501,7 @@ def profile_document(fit: NodeFit, profile: Profile, profile_path: str | Path,
     pl = np.asarray([p["load"] for p in pp], float)
     pf = np.asarray([p["sm_clock_mhz_median"] for p in pp], float)
     dl = np.asarray([p["load"] for p in dp], float)
+    dc = np.asarray([p["ctx_tokens"] for p in dp], float)  # each phase's context
     pre_pw = np.minimum(profile.prefill_power_w(pl, profile.prefill_freq_at_limit_mhz(pl)),
                         profile.gpu_power_limit_w)
     doc: dict[str, Any] = {
@@ -502,7 +524,7 @@ def profile_document(fit: NodeFit, profile: Profile, profile_path: str | Path,
             "idle_power_w", "prefill_max_power_w", "prefill_k_tokens", "decode_max_power_w",
             "decode_k_batch", "power_freq_exponent", "gpu_power_limit_w", "kv_capacity_tokens",
             "load_time_s", "min_freq_mhz", "max_freq_mhz", "weights_gb", "prefill_busy_power_w",
-            "decode_busy_power_w")},
+            "decode_busy_power_w", "decode_power_ctx_per_ktok")},
         "grids": {
             "prefill": {"tokens": tok.tolist(), "time_s_measured": list(pre["time_s"]),
                         "freq_mhz": f_pre.tolist(), "time_s_at_max_freq": list(pre["time_s"]),
@@ -518,7 +540,7 @@ def profile_document(fit: NodeFit, profile: Profile, profile_path: str | Path,
                                                  np.asarray(pre["time_s"], float)),
             "decode_time": relative_error_stats(profile.decode_iter_time_s(b, c, fmax), t_dec),
             "prefill_power": relative_error_stats(pre_pw, np.asarray([p["power_w"] for p in pp], float)),
-            "decode_power": relative_error_stats(profile.decode_power_w(dl, fmax),
+            "decode_power": relative_error_stats(profile.decode_power_w(dl, fmax, dc),
                                                  np.asarray([p["power_w"] for p in dp], float)),
             "node_fit": fit.fit_error,
             "surrogate_vs_perf": dict(profile.fit_error),

@@ -222,7 +222,7 @@ def gpu_load(load: TickLoad, st: SlotSettings, slots: SlotTables, gpu_prefill_mh
         prefill_frac=load.prefill_busy_s[o] * has_f / dt,
         decode_frac=load.decode_busy_s[o] * has_f / dt,
         prefill_tokens=load.prefill_tokens[o] * has_f,
-        decode_batch=load.decode_batch[o] * has_f,
+        decode_batch=slots.prof.decode_power_load(load.decode_batch, load.decode_ctx_tokens)[o] * has_f,
         freq_mhz=st.gpu_freq_mhz,
         prefill_freq_mhz=gpu_prefill_mhz,
         power_factor=st.power_factor,

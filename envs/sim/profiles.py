@@ -255,10 +255,14 @@ class _ProfileMath:
             self.prefill_busy_power_w,
         )
 
-    def decode_power_w(self, batch: Any, freq_mhz: Any) -> np.ndarray:
-        """Power per GPU during decode, W (before the GPU power limit)."""
+    def decode_power_w(self, batch: Any, freq_mhz: Any, ctx_tokens: Any = 0.0) -> np.ndarray:
+        """Power per GPU during decode, W (before the GPU power limit).
+
+        ``ctx_tokens`` is the batch's mean context: decode power rises with it (the KV cache
+        read each step), through the effective load `decode_power_load`.
+        """
         return phase_power_w(
-            batch,
+            self.decode_power_load(batch, ctx_tokens),
             freq_mhz,
             self.idle_power_w,
             self.decode_max_power_w,
@@ -267,6 +271,14 @@ class _ProfileMath:
             self.max_freq_mhz,
             self.decode_busy_power_w,
         )
+
+    def decode_power_load(self, batch: Any, ctx_tokens: Any = 0.0) -> np.ndarray:
+        """Decode load that sets decode power: ``batch * (1 + beta * ctx_tokens / 1000)``.
+
+        ``beta`` is ``decode_power_ctx_per_ktok`` (0: power by batch alone, as the JSON tables).
+        """
+        b = np.asarray(batch, dtype=np.float64)
+        return b * (1.0 + self.decode_power_ctx_per_ktok * np.asarray(ctx_tokens, np.float64) / 1000.0)
 
     def prefill_freq_at_limit_mhz(self, tokens: Any, limit_w: Any | None = None) -> np.ndarray:
         """Clock the power controller settles at during prefill (default limit: the GPU's)."""
@@ -324,6 +336,10 @@ class Profile(_ProfileMath):
     tables, whose curves rise from idle."""
     decode_busy_power_w: float = 0.0
     """Decode power above idle as soon as an iteration runs (see `phase_power_w`)."""
+    decode_power_ctx_per_ktok: float = 0.0
+    """How decode power's load grows with the batch's mean context, per 1,000 tokens
+    (`decode_power_load`): each step reads the batch's KV cache as well as the weights. 0 in the
+    JSON tables, whose decode power was measured by batch alone."""
     fit_error: Mapping[str, Mapping[str, float]] = dataclasses.field(
         default_factory=dict, compare=False
     )
@@ -385,6 +401,7 @@ class ProfileArrays(_ProfileMath):
     source: np.ndarray
     prefill_busy_power_w: np.ndarray
     decode_busy_power_w: np.ndarray
+    decode_power_ctx_per_ktok: np.ndarray
 
     @classmethod
     def stack(cls, profiles: Sequence[Profile]) -> ProfileArrays:
@@ -431,7 +448,7 @@ REQUIRED_GRIDS: dict[str, tuple[str, ...]] = {
 }
 REQUIRED_FIT_ERRORS = ("prefill_time", "decode_time", "prefill_power", "decode_power")
 _PHI_FIELDS = ("prefill_phi", "decode_phi")
-_OPTIONAL_COEFFS = ("prefill_busy_power_w", "decode_busy_power_w")
+_OPTIONAL_COEFFS = ("prefill_busy_power_w", "decode_busy_power_w", "decode_power_ctx_per_ktok")
 
 
 def _require(obj: dict[str, Any], key: str, where: str, path: Path) -> Any:

@@ -23,6 +23,8 @@ class TickLoad:
         prefill_tokens: Mean prompt tokens per prefill-carrying step (sets prefill power draw).
         decode_busy_s: Seconds of the tick spent in decode iterations.
         decode_batch: Mean decode batch during those iterations (tokens per step).
+        decode_ctx_tokens: Mean context of the decoding requests (sets, with the batch, decode
+            power: `profiles.Profile.decode_power_load`).
         tokens_generated: Output tokens produced in the tick (all slots).
     """
 
@@ -30,6 +32,7 @@ class TickLoad:
     prefill_tokens: np.ndarray
     decode_busy_s: np.ndarray
     decode_batch: np.ndarray
+    decode_ctx_tokens: np.ndarray
     tokens_generated: float = 0.0
 
 

@@ -114,6 +114,8 @@ FIT_QUANTITIES = ("prefill_time", "decode_time", "prefill_power", "decode_power"
 
 _K_GRID = np.logspace(-2, 5, 1401)
 _PHI_GRID = np.linspace(0.0, 1.0, 1001)
+_CTX_POWER_GRID = np.concatenate([[0.0], np.logspace(-3, 2, 101)])
+"""Candidates for the decode power's context coefficient (per 1,000 tokens of mean context)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,36 +297,67 @@ def _err(pred: np.ndarray, ref: np.ndarray) -> Mapping[str, float]:
     })
 
 
-def _nnls2(a: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Non-negative least squares with two unknowns (the unconstrained optimum, else an edge)."""
-    cands = [np.linalg.lstsq(a, y, rcond=None)[0]]
-    for j in range(2):
-        col = a[:, j]
-        x = np.zeros(2)
-        x[j] = max(float(col @ y) / float(col @ col), 0.0)
-        cands.append(x)
-    feasible = [c for c in cands if (c >= 0.0).all()]
-    return min(feasible, key=lambda c: float(((a @ c - y) ** 2).sum()))
-
-
 def _saturation_fit_rel(load: np.ndarray, power_w: np.ndarray, idle_w: float) -> tuple[float, float, float]:
     """(max_w, k, busy_w) of ``idle + busy + (max - idle - busy) x/(x + k)`` (loads > 0).
 
     For each ``k`` of a log grid, ``busy`` and the amplitude ``max - idle - busy`` are the
-    non-negative least-squares solution of the relative error; the best ``k`` is kept.
+    non-negative least-squares solution of the relative error; the best ``k`` is kept. The
+    two-unknown problems of all ``k`` are solved at once (normal equations, then each edge where
+    the unconstrained optimum has a negative component).
     """
+    max_w, k, busy, _ = _saturation_fit_rel_sse(load, power_w, idle_w)
+    return max_w, k, busy
+
+
+def _saturation_fit_rel_sse(load: np.ndarray, power_w: np.ndarray,
+                            idle_w: float) -> tuple[float, float, float, float]:
+    """`_saturation_fit_rel` and its summed squared relative error."""
     w = 1.0 / power_w
     y = (power_w - idle_w) * w
-    best = (np.inf, 0.0, 0.0, float(_K_GRID[0]))
-    for k in _K_GRID:
-        g = load / (load + k)
-        a = np.stack([w, g * w], axis=1)
-        sol = _nnls2(a, y)
-        sse = float(((a @ sol - y) ** 2).sum())
-        if sse < best[0]:
-            best = (sse, float(sol[0]), float(sol[1]), float(k))
-    _, busy, amp, k = best
-    return idle_w + busy + amp, k, busy
+    g = load[None, :] / (load[None, :] + _K_GRID[:, None])  # (k, points)
+    a1 = g * w[None, :]
+    s00 = float(w @ w)
+    s01 = a1 @ w
+    s11 = (a1 * a1).sum(axis=1)
+    t0 = float(w @ y)
+    t1 = a1 @ y
+    yy = float(y @ y)
+    det = s00 * s11 - s01 * s01
+    ok = np.abs(det) > 1e-300
+    safe = np.where(ok, det, 1.0)
+    x0 = np.where(ok, (s11 * t0 - s01 * t1) / safe, -1.0)
+    x1 = np.where(ok, (s00 * t1 - s01 * t0) / safe, -1.0)
+
+    def sse(b0: np.ndarray, b1: np.ndarray) -> np.ndarray:
+        return yy - 2 * (b0 * t0 + b1 * t1) + b0 * b0 * s00 + 2 * b0 * b1 * s01 + b1 * b1 * s11
+
+    inf = np.inf
+    cand = [np.where((x0 >= 0) & (x1 >= 0), sse(x0, x1), inf)]
+    e0 = np.full_like(s11, max(t0 / s00, 0.0))  # amplitude 0
+    e1 = np.maximum(t1 / np.maximum(s11, 1e-300), 0.0)  # busy 0
+    cand += [sse(e0, 0.0 * e0), sse(0.0 * e1, e1)]
+    stack = np.stack(cand)  # (3, k)
+    which = np.argmin(stack, axis=0)
+    best_sse = stack[which, np.arange(stack.shape[1])]
+    i = int(np.argmin(best_sse))
+    b0, b1 = ((x0[i], x1[i]), (e0[i], 0.0), (0.0, e1[i]))[int(which[i])]
+    return idle_w + float(b0) + float(b1), float(_K_GRID[i]), float(b0), float(best_sse[i])
+
+
+def _decode_power_fit(batch: np.ndarray, ctx: np.ndarray, power_w: np.ndarray,
+                      idle_w: float) -> tuple[float, float, float, float]:
+    """(max_w, k, busy_w, beta) of the decode power curve over the effective load.
+
+    The load is ``batch (1 + beta ctx / 1000)`` (`profiles.Profile.decode_power_load`): each
+    candidate ``beta`` of `_CTX_POWER_GRID` gets its own saturation fit, and the one with the
+    least squared relative error is kept (``beta = 0`` is power by batch alone).
+    """
+    best: tuple[float, tuple[float, float, float, float]] = (np.inf, (0.0, 1.0, 0.0, 0.0))
+    for beta in _CTX_POWER_GRID:
+        mx, k, busy, sse = _saturation_fit_rel_sse(batch * (1.0 + beta * ctx / 1000.0), power_w, idle_w)
+        if sse < best[0] * (1.0 - 1e-9):
+            best = (sse, (mx, k, busy, float(beta)))
+    return best[1]
 
 
 def _fit_phi(base_s: np.ndarray, ratios: np.ndarray, ref_s: np.ndarray) -> float:
@@ -503,7 +536,8 @@ def fit_profile_to_perf(
     s_dec = np.repeat(ratios, b.size)
     dec_low_t = np.concatenate([r.step_s for r in dec_low])
     phi_d = _fit_phi(np.tile(dec_base, ratios.size), s_dec, dec_low_t)
-    dmax, dk, dbusy = _saturation_fit_rel(b, dec.power_w, idle)
+    dmax, dk, dbusy, dbeta = _decode_power_fit(b, c, dec.power_w, idle)
+    xd = b * (1.0 + dbeta * c / 1000.0)  # decode power's effective load
 
     # errors of the surrogate (the simulator's own functions) against perf
     def surr_pre_t(f: np.ndarray, t: np.ndarray = tok) -> np.ndarray:
@@ -516,20 +550,21 @@ def fit_profile_to_perf(
         return phase_power_w(x, f, idle, mx, k, GAMMA, fmax, busy)
 
     tok_l, b_l, c_l = np.tile(tok, ratios.size), np.tile(b, ratios.size), np.tile(c, ratios.size)
+    xd_l = np.tile(xd, ratios.size)
     f_pre_cap = freq_at_power_limit_mhz(tok, limit, idle, pmax, pk, GAMMA, fmin, fmax, pbusy)
-    f_dec_cap = freq_at_power_limit_mhz(b, limit, idle, dmax, dk, GAMMA, fmin, fmax, dbusy)
+    f_dec_cap = freq_at_power_limit_mhz(xd, limit, idle, dmax, dk, GAMMA, fmin, fmax, dbusy)
     errors = {
         "prefill_time": _err(surr_pre_t(fmax), pre.step_s),
         "decode_time": _err(surr_dec_t(fmax), dec.step_s),
         "prefill_power": _err(surr_pw(tok, fmax, pmax, pk, pbusy), pre.power_w),
-        "decode_power": _err(surr_pw(b, fmax, dmax, dk, dbusy), dec.power_w),
+        "decode_power": _err(surr_pw(xd, fmax, dmax, dk, dbusy), dec.power_w),
         "prefill_time_low_clock": _err(surr_pre_t(s_pre * fmax, tok_l), pre_low_t),
         "decode_time_low_clock": _err(surr_dec_t(s_dec * fmax, b_l, c_l), dec_low_t),
         "prefill_power_low_clock": _err(
             surr_pw(tok_l, s_pre * fmax, pmax, pk, pbusy), np.concatenate([r.power_w for r in pre_low])
         ),
         "decode_power_low_clock": _err(
-            surr_pw(b_l, s_dec * fmax, dmax, dk, dbusy), np.concatenate([r.power_w for r in dec_low])
+            surr_pw(xd_l, s_dec * fmax, dmax, dk, dbusy), np.concatenate([r.power_w for r in dec_low])
         ),
         "prefill_time_capped": _err(surr_pre_t(f_pre_cap), pre_step(tok, capped=True).step_s),
         "decode_time_capped": _err(surr_dec_t(f_dec_cap), dec_step(b, c, capped=True).step_s),
@@ -551,6 +586,7 @@ def fit_profile_to_perf(
         prefill_k_tokens=pk,
         decode_max_power_w=dmax,
         decode_k_batch=dk,
+        decode_power_ctx_per_ktok=dbeta,
         power_freq_exponent=float(GAMMA),
         gpu_power_limit_w=float(limit),
         kv_capacity_tokens=int(kv_tokens),
