@@ -44,17 +44,22 @@ class TapasController(RuleBasedController):
         temp_margin_c: Tighten when the aisle's hottest GPU is within this of slowdown.
         pool_controller: Optional controller whose `next_pools` are used (combined task);
             otherwise the scenario's initial pool configuration is kept.
+        cooling_lost_below: An aisle whose cooling capacity in force is below this fraction of
+            its nominal one has lost cooling (a failure in force): its rows get no new requests.
     """
 
     name = "tapas"
 
     def __init__(self, ctx: ControllerContext, power_high: float = 0.85,
                  power_low: float = 0.7, temp_margin_c: float = 8.0,
-                 pool_controller=None) -> None:
+                 pool_controller=None, cooling_lost_below: float = 0.95) -> None:
         if not ctx.codec.has_rows:
             raise ValueError(f"TapasController needs a task with row actions, got {ctx.task!r}")
         super().__init__(ctx)
         self.power_high, self.power_low, self.temp_margin_c = power_high, power_low, temp_margin_c
+        if not 0.0 < cooling_lost_below <= 1.0:
+            raise ValueError(f"cooling_lost_below must be in (0, 1], got {cooling_lost_below}")
+        self.cooling_lost_below = cooling_lost_below
         self.pool_controller = pool_controller
         lay = ctx.layout
         self.n_f = len(lay.freq_choices_mhz)
@@ -146,9 +151,9 @@ class TapasController(RuleBasedController):
         return level
 
     def _cooling_lost_rows(self, obs: np.ndarray) -> np.ndarray:
-        """Rows whose aisle runs on less than 95% of its nominal cooling (a failure in force)."""
+        """Rows whose aisle runs on less than `cooling_lost_below` of its nominal cooling."""
         view, lay = self.ctx.view, self.ctx.layout
-        aisle_lost = view.aisle_capacity_w(obs) < 0.95 * lay.aisle_capacity_w
+        aisle_lost = view.aisle_capacity_w(obs) < self.cooling_lost_below * lay.aisle_capacity_w
         return aisle_lost[self.row_aisle]
 
 

@@ -174,9 +174,13 @@ class ServiceMetrics:
     (a server that hosts IaaS VMs); the two parts sum to the total. ``clock_lost_mhz_s`` sums, over
     GPUs at work (holding an LLM instance or a running VM) and time, the set clock minus the clock
     the throttling or capping ceiling leaves (MHz x s; zero when nothing is throttled or capped),
-    split the same way (``saas_clock_lost_mhz_s`` + ``iaas_clock_lost_mhz_s``). No throughput
-    counterfactual is reported: the tokens an instance would have generated unthrottled depend on
-    the queue it would then have had (see ``envs/sim/accounting.py``).
+    split the same way (``saas_clock_lost_mhz_s`` + ``iaas_clock_lost_mhz_s``).
+    ``saas_tokens_lost`` is the throughput lost on the SaaS instances, to first order: the output
+    tokens their throttled decode iterations would have added at the set clock, at the same batch
+    (the decode slowdown ratio of the profile, `IntervalStats.add_tokens_lost`); an instance
+    unthrottled would also have drained its queue differently, which this does not follow. For
+    IaaS VMs, whose work is not modelled, ``iaas_clock_lost_mhz_s`` / the maximum clock bounds the
+    GPU-seconds of work lost (a compute-bound VM slows with its clock).
 
     ``gpu_hours`` are the GPU-hours the service pays for: on the simulator, the GPUs of its
     powered SaaS servers (serving, idle or waking; a server that is off is released);
@@ -210,6 +214,7 @@ class ServiceMetrics:
     clock_lost_mhz_s: float
     saas_clock_lost_mhz_s: float
     iaas_clock_lost_mhz_s: float
+    saas_tokens_lost: float
     quality_loss: float
     reconfigurations: int
     arrivals_per_pool: np.ndarray

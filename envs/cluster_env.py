@@ -26,7 +26,7 @@ INFO_METRICS = (
     "slo_tbt_violations", "slo_violations", "slo_attainment", "thermal_throttle_events",
     "power_throttle_events", "thermal_throttled_gpu_s", "power_capped_gpu_s",
     "saas_throttled_gpu_s", "iaas_throttled_gpu_s", "saas_capped_gpu_s", "iaas_capped_gpu_s",
-    "clock_lost_mhz_s", "saas_clock_lost_mhz_s", "iaas_clock_lost_mhz_s", "quality_loss",
+    "clock_lost_mhz_s", "saas_clock_lost_mhz_s", "iaas_clock_lost_mhz_s", "saas_tokens_lost", "quality_loss",
     "reconfigurations", "peak_row_power_w", "max_gpu_temp_c", "carbon_g", "gpu_hours",
     "facility_energy_j",
 )

@@ -93,6 +93,8 @@ METRICS: tuple[Metric, ...] = (
            "SaaS clock lost MHz s"),
     Metric("iaas_clock_lost_mhz_s", "clock lost to throttling and capping, IaaS GPUs", "MHz s",
            "IaaS clock lost MHz s"),
+    Metric("saas_tokens_lost", "output tokens lost to throttling and capping, SaaS instances (first "
+           "order: same batch at the set clock)", "tokens", "SaaS tokens lost"),
     Metric("peak_row_power_kw", "peak row power", "kW", "peak row kW"),
     Metric("max_gpu_temp_c", "max GPU temperature", "C", "max temp C"),
     Metric("tokens_generated", "output tokens generated", "tokens", "tokens"),
@@ -109,7 +111,7 @@ METRIC_BY_KEY: dict[str, Metric] = {m.key: m for m in METRICS}
 HARM_KEYS: tuple[str, ...] = (
     "thermal_throttled_gpu_s", "saas_throttled_gpu_s", "iaas_throttled_gpu_s",
     "power_capped_gpu_s", "saas_capped_gpu_s", "iaas_capped_gpu_s",
-    "clock_lost_mhz_s", "saas_clock_lost_mhz_s", "iaas_clock_lost_mhz_s")
+    "clock_lost_mhz_s", "saas_clock_lost_mhz_s", "iaas_clock_lost_mhz_s", "saas_tokens_lost")
 """Throttling harm summed over an episode (GPU-seconds, MHz x s), beside the event counts."""
 
 SUMMARY_FIELDS: dict[str, tuple[str, str]] = {m.key: (m.label, m.unit) for m in METRICS

@@ -159,6 +159,18 @@ def test_tapas_routes_nothing_to_an_aisle_that_lost_cooling():
         obs, _, _, _, _ = env.step(ctx.codec.encode_action(action))
     assert min(before) > 0
     assert during and max(during) == 0
+    # The threshold is the controller's: an aisle at 25% counts as lost only below a fraction
+    # above 0.25; a bad fraction is refused.
+    lax = TapasController(ctx, cooling_lost_below=0.2)
+    lax.reset()
+    obs, _ = env.reset(seed=0)
+    for _ in range(30):  # into the failure (150 s)
+        action = lax.decide(obs, env.action_masks())
+        obs, _, _, _, _ = env.step(ctx.codec.encode_action(action))
+    assert not lax._cooling_lost_rows(obs).any()
+    assert c._cooling_lost_rows(obs)[aisle0_rows].all()
+    with pytest.raises(ValueError, match="cooling_lost_below"):
+        TapasController(ctx, cooling_lost_below=0.0)
 
 
 def test_registry_rejects_unknown_and_mismatched(energy_env):

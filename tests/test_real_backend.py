@@ -412,6 +412,7 @@ def test_real_cluster_protocol_metrics_and_budget_events():
         assert (m.saas_throttled_gpu_s, m.iaas_throttled_gpu_s) == (m.thermal_throttled_gpu_s, 0.0)
         assert m.clock_lost_mhz_s == m.saas_clock_lost_mhz_s and m.iaas_clock_lost_mhz_s == 0.0
         assert (m.clock_lost_mhz_s > 0) <= (m.thermal_throttled_gpu_s > 0)
+        assert m.saas_tokens_lost >= 0.0 and (m.saas_tokens_lost > 0) <= (m.thermal_throttled_gpu_s > 0)
     assert sum(m.power_capped_gpu_s for m in ms) > 0
 
 

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llm_cluster_gym.envs.backend import SERVER_POWER_STATES, ClusterAction, ServiceMetrics, Telemetry
+from llm_cluster_gym.envs.sim.accounting import IntervalStats
 from llm_cluster_gym.envs.sim.cluster import SimCluster
 from llm_cluster_gym.envs.sim.scenario import Scenario, load_scenario
 
@@ -194,6 +195,12 @@ def assert_harm_split(metrics: list[ServiceMetrics]) -> None:
                  m.iaas_capped_gpu_s, m.saas_clock_lost_mhz_s, m.iaas_clock_lost_mhz_s)
         assert min(parts) >= 0.0
         assert (m.clock_lost_mhz_s > 0) <= (m.power_capped_gpu_s + m.thermal_throttled_gpu_s > 0)
+        assert m.saas_tokens_lost >= 0.0
+    # Tokens are lost in a tick under the ceilings set at the end of the tick before, which that
+    # tick counted as held: none is lost unless SaaS GPUs were held in this interval or the last.
+    held = [m.saas_capped_gpu_s + m.saas_throttled_gpu_s > 0 for m in metrics]
+    for k, m in enumerate(metrics):
+        assert (m.saas_tokens_lost > 0) <= (held[k] or (k > 0 and held[k - 1]))
 
 
 def test_capping_harm_is_split_by_each_gpus_server_role():
@@ -231,6 +238,23 @@ def test_capping_harm_is_split_by_each_gpus_server_role():
     assert 0 < saas < iaas
     assert sum(m.saas_capped_gpu_s + m.iaas_capped_gpu_s for m in metrics) == pytest.approx(total)
     assert sum(m.clock_lost_mhz_s for m in metrics) > 0
+    # The capped SaaS servers decode slower: tokens are lost, a small share of those generated.
+    lost = sum(m.saas_tokens_lost for m in metrics)
+    assert 0 < lost < 0.5 * sum(m.tokens_generated for m in metrics)
+
+
+def test_tokens_lost_follow_the_decode_slowdown():
+    """A decode iteration takes phi f_max / f + 1 - phi of its time at f_max: halving the clock of
+    a compute-bound slot (phi 1) doubles it (as many tokens lost as made), a memory-bound one
+    (phi 0) loses none, and an unthrottled slot nothing."""
+    stats = IntervalStats()
+    tokens = np.array([100.0, 100.0, 100.0, 40.0])
+    f_set = np.array([1980.0, 1980.0, 1980.0, 990.0])
+    f_eff = np.array([990.0, 990.0, 1980.0, 990.0])
+    stats.add_tokens_lost(tokens, f_eff, f_set, np.array([1.0, 0.0, 1.0, 1.0]), np.full(4, 1980.0))
+    assert stats.saas_tokens_lost == pytest.approx(100.0)
+    stats.add_tokens_lost(tokens, f_eff, f_set, np.full(4, 0.5), np.full(4, 1980.0))
+    assert stats.saas_tokens_lost == pytest.approx(100.0 + 2 * 100.0 * (1.5 / 1.0 - 1.0))
 
 
 @pytest.mark.parametrize("serving_model", SERVING_MODELS)
@@ -242,3 +266,4 @@ def test_an_uncapped_run_loses_no_clock(serving_model):
     for m in metrics:
         assert m.power_capped_gpu_s == m.thermal_throttled_gpu_s == 0.0
         assert m.clock_lost_mhz_s == m.saas_clock_lost_mhz_s == m.iaas_clock_lost_mhz_s == 0.0
+        assert m.saas_tokens_lost == 0.0

@@ -26,6 +26,24 @@ def test_reduction_is_a_ratio_of_sums_with_a_bootstrap_interval_around_it():
     assert ts.reduction_ci(baseline, policy) == (point, lo, hi)
 
 
+def test_day_clustered_interval_sums_each_days_seeds_and_is_wider():
+    """Seeds of one day share its weather: the stricter interval resamples days, not units."""
+    def run(policy, day, seed, harm):
+        return ts.UnitRun(ts.Unit(policy, day, seed), {"thermal_throttled_gpu_s": harm}, 1.0)
+
+    base = {(0, 0): 100.0, (0, 1): 120.0, (1, 0): 10.0, (1, 1): 15.0, (2, 0): 300.0, (2, 1): 280.0}
+    pol = {(0, 0): 10.0, (0, 1): 14.0, (1, 0): 9.0, (1, 1): 12.0, (2, 0): 20.0, (2, 1): 25.0}
+    runs = [run("unaware", d, s, h) for (d, s), h in base.items()]
+    runs += [run("tapas", d, s, h) for (d, s), h in pol.items()]
+    days = ts._by_day(runs, "unaware", "thermal_throttled_gpu_s")
+    assert days.tolist() == [220.0, 25.0, 580.0]
+    units = ts.reduction_ci(ts._paired(runs, "unaware", "thermal_throttled_gpu_s"),
+                            ts._paired(runs, "tapas", "thermal_throttled_gpu_s"))
+    by_day = ts.reduction_ci(days, ts._by_day(runs, "tapas", "thermal_throttled_gpu_s"))
+    assert by_day[0] == pytest.approx(units[0])  # the same ratio of sums
+    assert by_day[2] - by_day[1] >= units[2] - units[1]
+
+
 def test_reduction_undefined_without_baseline_harm_and_needs_paired_units():
     assert all(math.isnan(v) for v in ts.reduction_ci(np.zeros(3), np.ones(3)))
     point, lo, hi = ts.reduction_ci(np.array([4.0]), np.array([1.0]))
@@ -90,3 +108,4 @@ def test_short_paired_run_tapas_caps_less_than_unaware(tmp_path):
     data = json.loads((tmp_path / "r" / "results.json").read_text())
     assert path.exists() and (tmp_path / "r" / "capacity.png").exists()
     assert data["headline"]["units"] == 1
+    assert "saas_tokens_lost" in data["reductions"] and "reductions_by_day" in data

@@ -455,6 +455,8 @@ class RealCluster:
         gpu_energy = 0.0
         temps: list[float] = []
         thermal_s = hw_cap_s = clock_lost = 0.0
+        slow_share = 0.0  # per GPU, mean extra decode time under thermal throttling (summed)
+        phi = self.describe().profiles_by_tp[self.layout.tp_choices[0]].decode_phi
         tc, mi = column_index("temp_c"), column_index("throttle_mask")
         fc = column_index("sm_clock_mhz")
         for k in range(n_gpu):
@@ -476,6 +478,12 @@ class RealCluster:
                 gap = np.where(held & np.isfinite(f), np.maximum(self._freq_mhz - np.nan_to_num(f), 0.0),
                                0.0)
                 clock_lost += float(gap.mean()) * (t1 - t0)
+                # Tokens lost (as the simulator counts them): the decode slowdown ratio of the
+                # measured clock against the requested one, over the throttled samples.
+                f_ok = np.where(held & np.isfinite(f) & (f > 0), f, self._freq_mhz)
+                fm = self.layout.max_freq_mhz
+                ratio = (phi * fm / f_ok + 1 - phi) / (phi * fm / self._freq_mhz + 1 - phi)
+                slow_share += float(np.maximum(ratio - 1.0, 0.0).mean())
         waiting = float(sum(r.waiting for r in reports))
         running = float(sum(r.running for r in reports))
         m = ServiceMetrics(
@@ -502,6 +510,7 @@ class RealCluster:
             iaas_capped_gpu_s=0.0,
             clock_lost_mhz_s=clock_lost,
             saas_clock_lost_mhz_s=clock_lost,
+            saas_tokens_lost=tokens * slow_share / max(n_gpu, 1),
             iaas_clock_lost_mhz_s=0.0,
             quality_loss=0.0,
             reconfigurations=0,

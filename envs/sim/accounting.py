@@ -75,6 +75,7 @@ class IntervalStats:
     iaas_capped_gpu_s: float = 0.0
     saas_clock_lost_mhz_s: float = 0.0
     iaas_clock_lost_mhz_s: float = 0.0
+    saas_tokens_lost: float = 0.0
     peak_row_w: float = 0.0
     max_temp_c: float = 0.0
 
@@ -140,6 +141,27 @@ class IntervalStats:
         self.iaas_clock_lost_mhz_s += float(lost[~gpu_is_saas].sum()) * dt
 
 
+    def add_tokens_lost(self, decode_tokens: np.ndarray, f_eff_mhz: np.ndarray,
+                        f_set_mhz: np.ndarray, decode_phi: np.ndarray, max_mhz: np.ndarray) -> None:
+        """Add the output tokens this tick's throttling cost the SaaS instances.
+
+        A slot whose effective clock (under the capping and slowdown ceilings in force during
+        the tick) is below its set clock decoded its ``decode_tokens`` at iterations that took
+        ``sd(f_eff) / sd(f_set)`` times as long, ``sd(f) = phi f_max / f + 1 - phi`` the profile's
+        decode slowdown (`profiles.decode_iter_time_s`). At the same batch, the set clock would
+        have produced that many times the tokens; the difference is counted. First order: it
+        keeps the batch the instance had, where unthrottled it would have drained its queue
+        faster (see the module docstring).
+        """
+        hit = f_eff_mhz < f_set_mhz
+        if not np.count_nonzero(hit):
+            return
+        phi, fm = decode_phi[hit], max_mhz[hit]
+        sd_eff = phi * fm / f_eff_mhz[hit] + 1.0 - phi
+        sd_set = phi * fm / f_set_mhz[hit] + 1.0 - phi
+        self.saas_tokens_lost += float((decode_tokens[hit] * (sd_eff / sd_set - 1.0)).sum())
+
+
 def service_metrics(acc: ServiceAccumulator, st: IntervalStats, interval_s: float,
                     in_flight: float, queued_per_pool: np.ndarray, running_per_pool: np.ndarray,
                     reconfigurations: int) -> ServiceMetrics:
@@ -172,6 +194,7 @@ def service_metrics(acc: ServiceAccumulator, st: IntervalStats, interval_s: floa
         iaas_capped_gpu_s=st.iaas_capped_gpu_s,
         clock_lost_mhz_s=st.saas_clock_lost_mhz_s + st.iaas_clock_lost_mhz_s,
         saas_clock_lost_mhz_s=st.saas_clock_lost_mhz_s,
+        saas_tokens_lost=st.saas_tokens_lost,
         iaas_clock_lost_mhz_s=st.iaas_clock_lost_mhz_s,
         quality_loss=acc.quality_loss,
         reconfigurations=reconfigurations,

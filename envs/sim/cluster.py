@@ -419,6 +419,9 @@ class SimCluster:
         load: TickLoad = self.serving.tick(t0, dt, inst, serving, model, st.route_weight,
                                            self.slo_ttft_s, self.slo_tbt_s, st.qloss, acc)
         acc.tokens += load.tokens_generated
+        if capping.any_capped or slowdown.any_throttled:  # ceilings in force during this tick
+            stats.add_tokens_lost(load.decode_tokens, f_eff, st.f_set_mhz, slots.prof.decode_phi,
+                                  slots.prof.max_freq_mhz)
         if self._serial:
             gpu_prefill_mhz = serial_prefill_gpu_mhz(load, slots, f_eff, st.f_set_mhz, gm.max_freq_mhz)
         # GPU power at this tick's ceilings.

@@ -25,6 +25,8 @@ class TickLoad:
         decode_batch: Mean decode batch during those iterations (tokens per step).
         decode_ctx_tokens: Mean context of the decoding requests (sets, with the batch, decode
             power: `profiles.Profile.decode_power_load`).
+        decode_tokens: Output tokens each slot's decode iterations produced in the tick (what
+            throttling slows: `accounting.IntervalStats.add_tokens_lost`).
         tokens_generated: Output tokens produced in the tick (all slots).
     """
 
@@ -33,6 +35,7 @@ class TickLoad:
     decode_busy_s: np.ndarray
     decode_batch: np.ndarray
     decode_ctx_tokens: np.ndarray
+    decode_tokens: np.ndarray
     tokens_generated: float = 0.0
 
 

@@ -275,7 +275,7 @@ class AggregateServing:
         """Advance the fluid state by one tick and return how busy each slot was."""
         n = self.n_slots
         t1 = t0_s + dt_s
-        load = TickLoad(np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n))
+        load = TickLoad(np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n))
         self._route(dt_s, inst, serving, route_weight)
         if np.count_nonzero(self.buf):  # no live instance took the router's buffer
             self._drop_stale_buffer(dt_s, acc)
@@ -367,6 +367,7 @@ class AggregateServing:
         load.decode_batch[idx] = np.where(dec_busy > 0, n_mean * window / np.maximum(dec_busy, 1e-12),
                                           0.0)
         load.decode_ctx_tokens[idx] = ctx
+        load.decode_tokens[idx] = dec_tokens
         load.tokens_generated = float(dec_tokens.sum() + adm.sum())
         # TBT: per-token interval, decode steps stretched by the prefill work mixed into them.
         tbt = iter_s * dt_s / np.maximum(window, iter_s)

@@ -245,7 +245,7 @@ class RequestLevelServing:
     ) -> TickLoad:
         """Advance all requests by one tick and return how busy each slot was."""
         n = self.n_slots
-        load = TickLoad(np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n))
+        load = TickLoad(np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n))
         self._drop_stale(t0_s, acc)
         if self.in_flight == 0:
             return load
@@ -348,6 +348,7 @@ class RequestLevelServing:
         # Mean batch over those steps: tokens per step.
         load.decode_batch = np.where(busy > 0, gen_slot * iter_s / np.maximum(busy, 1e-12), 0.0)
         load.decode_ctx_tokens[idx] = ctx_sum[idx] / batch[idx]
+        load.decode_tokens = gen_slot
         load.tokens_generated += float(gen.sum())
         # KV at the end of the tick: every running request's context plus one block.
         kv = ctx_sum + gen_slot + BLOCK_TOKENS * batch + kv_pf

@@ -46,6 +46,8 @@ def env_digest(env_id: str, seed: int = 0) -> str:
     """Digest of `ENV_STEPS` seeded random steps of a registered id (obs, reward, info scalars)."""
     import gymnasium as gym
 
+    import llm_cluster_gym  # noqa: F401  (registers the ids: the digest must not rely on another test's import)
+
     env = gym.make(env_id)
     digest = _Digest()
     obs, info = env.reset(seed=seed)
