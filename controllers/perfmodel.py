@@ -7,7 +7,9 @@ approximation, good enough to rank configurations and to find the slowest safe c
 
 * prefill utilization ``u = lambda_i * t_prefill(mean input)`` per instance;
 * decode concurrency from Little's law, ``c = lambda_i * out * t_iter(c) / (1 - u)`` (decode
-  runs between prefill passes), solved in closed form because ``t_iter`` is linear in ``c``;
+  runs between prefill passes), solved in closed form because ``t_iter`` is linear in ``c``
+  (a mixture-of-experts model adds the experts its batch touches, concave in ``c``: a few
+  fixed-point steps from the closed form without them, `MOE_FIXED_POINT_STEPS`);
 * TBT ``= t_iter(c) / (1 - u)``; TTFT ``= t_prefill(P90 input) + M/D/1 wait x safety``;
 * power per GPU ``= idle + u (P_prefill - idle) + (1 - u) min(1, c) (P_decode(c) - idle)``.
 
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from llm_cluster_gym.envs.sim.profiles import Profile
+from llm_cluster_gym.envs.sim.profiles import Profile, moe_experts_touched
 
 if TYPE_CHECKING:
     from llm_cluster_gym.controllers.context import ControllerContext
@@ -33,6 +35,10 @@ WAIT_SAFETY = 3.0
 
 MAX_UTIL = 0.85
 """Prefill utilization above which a configuration is treated as overloaded."""
+
+MOE_FIXED_POINT_STEPS = 4
+"""Fixed-point steps for the decode concurrency of a mixture-of-experts pool (the expert term
+is concave and small next to the rest: the iterates rise monotonically and settle in a few)."""
 
 
 @dataclass(frozen=True)
@@ -87,8 +93,16 @@ def _predict_loaded(terms: _LoadFreeTerms, rate_rps: np.ndarray | float, n_insta
     a = np.where(np.isfinite(lam), lam, 0.0) * terms.mean_output * slow_d / (1.0 - u_c)
     ak = a * k
     ok_d = ak < 0.9
-    c = a * prof.decode_d0_s / np.maximum(1.0 - ak, 0.1)
-    iter_s = (prof.decode_d0_s + c * k) * slow_d
+    denom = np.maximum(1.0 - ak, 0.1)
+    c = a * prof.decode_d0_s / denom
+    d3 = prof.decode_d3_s_per_expert
+    if d3 > 0.0:  # c = a (d0 + c k + d3 g(c)): iterate from the closed form without g
+        s = prof.decode_moe_experts_per_active
+        for _ in range(MOE_FIXED_POINT_STEPS):
+            c = a * (prof.decode_d0_s + d3 * moe_experts_touched(c, s)) / denom
+        iter_s = (prof.decode_d0_s + c * k + d3 * moe_experts_touched(c, s)) * slow_d
+    else:
+        iter_s = (prof.decode_d0_s + c * k) * slow_d
     tbt = iter_s / (1.0 - u_c)
     wait = t_pre * u_c / (2.0 * (1.0 - u_c)) * WAIT_SAFETY
     ttft = terms.prefill_p90_s + wait

@@ -21,6 +21,7 @@ from llm_cluster_gym.envs.sim.profiles import (
     ProfileArrays,
     decode_iter_time_s,
     freq_at_power_limit_mhz,
+    moe_experts_touched,
     prefill_time_s,
 )
 from llm_cluster_gym.envs.sim.scenario import ServingSpec
@@ -145,7 +146,8 @@ def slot_model(slots: SlotTables, f_pre: np.ndarray, f_eff: np.ndarray,
     def decode(b: np.ndarray, c: np.ndarray, i: np.ndarray) -> np.ndarray:
         return decode_iter_time_s(b, c, f_eff[i], sp.decode_d0_s[i], sp.decode_d1_s_per_seq[i],
                                   sp.decode_d2_s_per_seq_token[i], sp.decode_phi[i],
-                                  sp.max_freq_mhz[i])
+                                  sp.max_freq_mhz[i], sp.decode_d3_s_per_expert[i],
+                                  sp.decode_moe_experts_per_active[i])
 
     if speed is None:  # no slot runs quantized: every speedup is 1
         return SlotModel(prefill, decode, slots.kv_tokens)
@@ -195,6 +197,8 @@ def _cached_slot_model(slots: SlotTables, f_pre: np.ndarray, f_eff: np.ndarray,
     sd_dec = sp.decode_phi * (sp.max_freq_mhz / f_eff) + (1.0 - sp.decode_phi)
     p0, p1, p2 = sp.prefill_p0_s, sp.prefill_p1_s_per_token, sp.prefill_p2_s_per_token2
     d0, d1, d2 = sp.decode_d0_s, sp.decode_d1_s_per_seq, sp.decode_d2_s_per_seq_token
+    d3, moe_s = sp.decode_d3_s_per_expert, sp.decode_moe_experts_per_active
+    any_moe = bool(np.count_nonzero(d3))
 
     def prefill(tok: np.ndarray, i: np.ndarray) -> np.ndarray:
         t = np.asarray(tok, dtype=np.float64)
@@ -203,7 +207,10 @@ def _cached_slot_model(slots: SlotTables, f_pre: np.ndarray, f_eff: np.ndarray,
     def decode(b: np.ndarray, c: np.ndarray, i: np.ndarray) -> np.ndarray:
         b = np.asarray(b, dtype=np.float64)
         c = np.asarray(c, dtype=np.float64)
-        return (d0[i] + b * (d1[i] + d2[i] * c)) * sd_dec[i]
+        base = d0[i] + b * (d1[i] + d2[i] * c)
+        if any_moe:  # profiles.decode_iter_time_s's expert term, where a slot serves an MoE
+            base = base + d3[i] * moe_experts_touched(b, moe_s[i])
+        return base * sd_dec[i]
 
     if speed is None:
         return SlotModel(prefill, decode, slots.kv_tokens)

@@ -101,6 +101,21 @@ def prefill_time_s(
     return base_s * _slowdown(freq_mhz, max_freq_mhz, phi)
 
 
+def moe_experts_touched(batch: Any, experts_per_active: Any) -> np.ndarray:
+    """Distinct experts a decode batch reads per layer, in units of one token's experts.
+
+    With ``E`` experts of which each token routes to ``k`` (``experts_per_active`` ``S = E / k``),
+    ``b`` tokens touch ``E (1 - (1 - k/E)^b)`` of them on average (uniform routing, as the
+    shape-based model counts the bytes a step reads: `envs.perf.step.step_work`); divided by
+    ``k`` that is ``S (1 - (1 - 1/S)^b)``: 1 at one token, ``b`` while few overlap, ``S`` once
+    every expert is read. 0 where ``S <= 1`` (a dense model, or every expert active).
+    """
+    b = np.asarray(batch, dtype=np.float64)
+    s = np.asarray(experts_per_active, dtype=np.float64)
+    safe = np.where(s > 1.0, s, 2.0)
+    return np.where(s > 1.0, safe * (1.0 - np.power(1.0 - 1.0 / safe, b)), 0.0)
+
+
 def decode_iter_time_s(
     batch: Any,
     ctx_tokens: Any,
@@ -110,6 +125,8 @@ def decode_iter_time_s(
     d2_s: Any,
     phi: Any,
     max_freq_mhz: Any,
+    d3_s: Any = 0.0,
+    experts_per_active: Any = 0.0,
 ) -> np.ndarray:
     """Seconds for one decode iteration (one new token for every sequence in the batch).
 
@@ -121,7 +138,10 @@ def decode_iter_time_s(
         d1_s: Cost per sequence, s.
         d2_s: Cost per sequence per context token (KV reads), s.
         phi: Compute-bound fraction (0..1).
-        max_freq_mhz: Clock at which d0..d2 hold.
+        max_freq_mhz: Clock at which d0..d3 hold.
+        d3_s: Mixture-of-experts models: cost per expert-equivalent the batch touches
+            (`moe_experts_touched`: reading the routed experts' weights), s; 0 for dense models.
+        experts_per_active: ``E / k`` of a mixture-of-experts model (0: dense).
 
     Returns:
         Array of seconds, broadcast over the arguments.
@@ -129,6 +149,8 @@ def decode_iter_time_s(
     b = np.asarray(batch, dtype=np.float64)
     c = np.asarray(ctx_tokens, dtype=np.float64)
     base_s = d0_s + b * (d1_s + d2_s * c)
+    if np.any(np.asarray(d3_s) > 0.0):  # dense models skip it (and keep their exact bits)
+        base_s = base_s + d3_s * moe_experts_touched(b, experts_per_active)
     return base_s * _slowdown(freq_mhz, max_freq_mhz, phi)
 
 
@@ -240,6 +262,8 @@ class _ProfileMath:
             self.decode_d2_s_per_seq_token,
             self.decode_phi,
             self.max_freq_mhz,
+            self.decode_d3_s_per_expert,
+            self.decode_moe_experts_per_active,
         )
 
     def prefill_power_w(self, tokens: Any, freq_mhz: Any) -> np.ndarray:
@@ -336,6 +360,11 @@ class Profile(_ProfileMath):
     tables, whose curves rise from idle."""
     decode_busy_power_w: float = 0.0
     """Decode power above idle as soon as an iteration runs (see `phase_power_w`)."""
+    decode_d3_s_per_expert: float = 0.0
+    """Mixture-of-experts models: decode time per expert-equivalent the batch touches
+    (`moe_experts_touched`); 0 for dense models and in the JSON tables."""
+    decode_moe_experts_per_active: float = 0.0
+    """``E / k`` (experts over experts per token) of a mixture-of-experts model; 0: dense."""
     decode_power_ctx_per_ktok: float = 0.0
     """How decode power's load grows with the batch's mean context, per 1,000 tokens
     (`decode_power_load`): each step reads the batch's KV cache as well as the weights. 0 in the
@@ -401,6 +430,8 @@ class ProfileArrays(_ProfileMath):
     source: np.ndarray
     prefill_busy_power_w: np.ndarray
     decode_busy_power_w: np.ndarray
+    decode_d3_s_per_expert: np.ndarray
+    decode_moe_experts_per_active: np.ndarray
     decode_power_ctx_per_ktok: np.ndarray
 
     @classmethod
@@ -448,7 +479,8 @@ REQUIRED_GRIDS: dict[str, tuple[str, ...]] = {
 }
 REQUIRED_FIT_ERRORS = ("prefill_time", "decode_time", "prefill_power", "decode_power")
 _PHI_FIELDS = ("prefill_phi", "decode_phi")
-_OPTIONAL_COEFFS = ("prefill_busy_power_w", "decode_busy_power_w", "decode_power_ctx_per_ktok")
+_OPTIONAL_COEFFS = ("prefill_busy_power_w", "decode_busy_power_w", "decode_power_ctx_per_ktok",
+                    "decode_d3_s_per_expert", "decode_moe_experts_per_active")
 
 
 def _require(obj: dict[str, Any], key: str, where: str, path: Path) -> Any:

@@ -11,12 +11,15 @@ GPU (calibrated on ML.ENERGY v3). `derive_profile` fits the first to the second:
   `DECODE_CTX_TOKENS` (128..8192) whose KV cache fits the instance, each at the maximum clock
   and at the clock ratios `CLOCK_RATIOS`; power is the *uncapped* power (the simulator applies
   the power limit itself, by pulling the clock down: `profiles.freq_at_power_limit_mhz`);
-* **times** at the maximum clock: ``p0 + p1 T + p2 T^2`` and ``d0 + d1 B + d2 B C``,
-  non-negative, least squares of the relative error (`fitting.nonneg_rel_lstsq`);
+* **times** at the maximum clock: ``p0 + p1 T + p2 T^2`` and ``d0 + d1 B + d2 B C`` (plus
+  ``d3 S (1 - (1 - 1/S)^B)`` for a mixture-of-experts model, ``S = E / k``: the experts the
+  batch touches, `profiles.moe_experts_touched`), non-negative, least squares of the relative
+  error (`fitting.nonneg_rel_lstsq`);
 * **phi** (compute-bound fraction, time x ``phi fmax/f + 1 - phi``): the value in [0, 1] with
   the least squared relative error of the surrogate's times at the lower clocks;
 * **power** ``idle + busy + (max - idle - busy) x/(x + k)`` at the maximum clock (``x > 0``), ``x``
-  the prefill tokens or the decode batch: for each ``k`` on a log grid ``busy`` and the amplitude
+  the prefill tokens or the decode load ``B (1 + beta C / 1000)`` (``beta`` from a grid, 0
+  allowed: `_decode_power_fit`): for each ``k`` on a log grid ``busy`` and the amplitude
   by non-negative least squares of the relative error, the best ``k`` kept (``busy``: the power a
   GPU draws above idle as soon as kernels run, which perf's ``p_busy_w`` term and the H100
   measurements show: 122 W idle, 300-400 W at batch 1); ``idle`` is the GPU's idle power with a
@@ -31,9 +34,8 @@ Each profile records its surrogate's error against perf on its grids (`Profile.f
 percent): median and max |relative error| of prefill and decode time and power at the maximum
 clock (the four `FIT_QUANTITIES`), of the times and powers at the lower clocks, and of the times
 with the power limit applied on both sides (``*_capped``). The surrogate's forms are shared
-with every other profile (`profiles.py`); where they cannot follow perf (decode power rises
-from the first sequence on and keeps rising to batch 512; a mixture-of-experts decode step
-grows with the experts the batch touches, not linearly) the error says so.
+with every other profile (`profiles.py`); where they cannot follow perf (one ``phi`` per phase
+for short and long prompts; prefill power by prompt length alone) the error says so.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from llm_cluster_gym.envs.sim.profiles import (
     ProfileError,
     decode_iter_time_s,
     freq_at_power_limit_mhz,
+    moe_experts_touched,
     phase_power_w,
     prefill_time_s,
 )
@@ -530,8 +533,15 @@ def fit_profile_to_perf(
     # decode: B sequences of mean context C, the KV cache holding them
     b, c = _decode_grid(kv_tokens, decode_batch, decode_ctx_tokens)
     dec = dec_step(b, c)
-    d = nonneg_rel_lstsq(np.stack([np.ones_like(b), b, b * c], axis=1), dec.step_s)
-    dec_base = d[0] + b * (d[1] + d[2] * c)
+    # A mixture-of-experts step also reads the experts its batch touches (E / k of them per
+    # token's worth at most): one more non-negative column; dense models keep three.
+    moe_s = float(shape.n_experts) / float(shape.top_k) if shape.n_ffn_moe and shape.top_k else 0.0
+    cols = [np.ones_like(b), b, b * c]
+    if moe_s > 1.0:
+        cols.append(moe_experts_touched(b, moe_s))
+    d = nonneg_rel_lstsq(np.stack(cols, axis=1), dec.step_s)
+    d3 = float(d[3]) if moe_s > 1.0 else 0.0
+    dec_base = d[0] + b * (d[1] + d[2] * c) + d3 * moe_experts_touched(b, moe_s)
     dec_low = [dec_step(b, c, r) for r in ratios]
     s_dec = np.repeat(ratios, b.size)
     dec_low_t = np.concatenate([r.step_s for r in dec_low])
@@ -544,7 +554,7 @@ def fit_profile_to_perf(
         return prefill_time_s(t, f, p[0], p[1], p[2], phi_p, fmax)
 
     def surr_dec_t(f: np.ndarray, bb: np.ndarray = b, cc: np.ndarray = c) -> np.ndarray:
-        return decode_iter_time_s(bb, cc, f, d[0], d[1], d[2], phi_d, fmax)
+        return decode_iter_time_s(bb, cc, f, d[0], d[1], d[2], phi_d, fmax, d3, moe_s)
 
     def surr_pw(x: np.ndarray, f: np.ndarray, mx: float, k: float, busy: float) -> np.ndarray:
         return phase_power_w(x, f, idle, mx, k, GAMMA, fmax, busy)
@@ -580,6 +590,8 @@ def fit_profile_to_perf(
         decode_d0_s=float(d[0]),
         decode_d1_s_per_seq=float(d[1]),
         decode_d2_s_per_seq_token=float(d[2]),
+        decode_d3_s_per_expert=d3,
+        decode_moe_experts_per_active=moe_s if d3 > 0.0 else 0.0,
         decode_phi=phi_d,
         idle_power_w=float(idle),
         prefill_max_power_w=pmax,
