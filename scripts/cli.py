@@ -41,6 +41,7 @@ from llm_cluster_gym.scripts import (
     profile_gpu,
     profile_tp,
     record_h100_steps,
+    residual,
     sim_profile,
     simulate,
     sweep,
@@ -100,6 +101,10 @@ COMMANDS: tuple[Command, ...] = (
             "Energy policies on held-out days of the 2024 week, with CIs"),
     Command("tapas-scale", tapas_scale.TapasScaleArgs, tapas_scale.run,
             "TAPAS vs unaware at datacenter scale: harm and capacity, with CIs"),
+    Command("train-residual", residual.TrainResidualArgs, residual.run_train,
+            "Train the residual energy agent over the DynamoLLM manager"),
+    Command("residual-eval", residual.ResidualEvalArgs, residual.run_eval,
+            "Residual energy agent vs the manager on held-out week days"),
 )
 """Every subcommand, in the order ``llm-cluster --help`` lists them (summaries fit one line)."""
 

@@ -1,0 +1,199 @@
+"""A residual policy over the DynamoLLM-style manager, with the SLO as a learned constraint (issue 20).
+
+The energy agent trained from scratch (`agents/train.py`) had to rediscover what the manager
+already knows (how many servers each pool needs, at which clock its SLO holds) and missed the
+SLO during its start-up transient. Here the agent starts from the manager and learns only a
+correction: every interval the manager proposes its pool configurations, and the agent moves
+each pool's clock by at most one step of the scenario's clock choices (down: less energy, up:
+more SLO headroom). With every offset 0 the env *is* the manager, step for step.
+
+Spaces that do not depend on the layout (as `envs.fixed_spaces`, whose observation it reuses):
+
+* observation: the 87 layout-free values of `LayoutFreeSpaces` plus, per pool slot
+  (`MAX_POOLS`), the manager's proposed clock as a position in [0, 1] among the scenario's
+  choices (0 where the slot has no pool): ``Box(-10, 10, (90,))``;
+* action: ``MultiDiscrete([3] * MAX_POOLS)``, per pool slot an offset of -1, 0 or +1 clock
+  choice (index 1 is "as the manager says"; a slot without a pool ignores its entry).
+
+Constrained learning: the reward the policy maximizes is the env's energy reward minus
+``lagrange * violation``, where ``violation`` is the interval's share of resolved requests that
+missed their SLO (``1 - info["slo_attainment"]``). `LagrangeUpdate` is the multiplier's
+projected gradient step (ascent on the constraint "mean violation <= 1 - slo_target"):
+``lagrange <- max(0, lagrange + lr (mean violation - (1 - slo_target)))`` once per rollout, so
+the penalty rises while the policy misses the target and decays once it meets it (the
+Lagrangian relaxation of constrained RL, as in Tessler et al., "Reward Constrained Policy
+Optimization", ICLR 2019). `LagrangeCallback` applies it to every env of a stable-baselines3
+vector env.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from llm_cluster_gym.controllers.context import ControllerContext
+from llm_cluster_gym.controllers.dynamo import DynamoController
+from llm_cluster_gym.envs.backend import PoolConfig
+from llm_cluster_gym.envs.fixed_spaces import FIXED_OBSERVATION_NAMES, MAX_POOLS, LayoutFreeSpaces
+from llm_cluster_gym.envs.observation import OBS_CLIP
+
+OFFSETS = (-1, 0, 1)
+"""Clock offsets per pool slot, in action index order (index 1: the manager's clock)."""
+
+RESIDUAL_OBSERVATION_NAMES = FIXED_OBSERVATION_NAMES + tuple(
+    f"manager.freq_position[{s}]" for s in range(MAX_POOLS))
+"""Every index of the residual env's observation."""
+
+
+@dataclass
+class LagrangeUpdate:
+    """Projected gradient ascent on the multiplier of "mean SLO violation <= 1 - slo_target".
+
+    Attributes:
+        slo_target: SLO attainment the policy must keep (0.99: the issue's bar).
+        lr: Step per unit of violation above the budget, per update.
+        value: The current multiplier (>= 0).
+    """
+
+    slo_target: float = 0.99
+    lr: float = 50.0
+    value: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.slo_target <= 1.0:
+            raise ValueError(f"slo_target must be in (0, 1], got {self.slo_target}")
+        if not self.lr > 0.0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.value >= 0.0:
+            raise ValueError(f"value must be >= 0, got {self.value}")
+
+    def step(self, mean_violation: float) -> float:
+        """One update from a rollout's mean violation; returns the new multiplier."""
+        budget = 1.0 - self.slo_target
+        self.value = max(0.0, self.value + self.lr * (float(mean_violation) - budget))
+        return self.value
+
+
+class ResidualOverManager(gym.Wrapper):
+    """An energy-task `ClusterEnv` whose actions correct the DynamoLLM-style manager's clocks.
+
+    Args:
+        env: A `ClusterEnv` with pool actions (energy or combined task), or a wrapper of one.
+        lagrange: Initial multiplier of the SLO violation in the reward (see the module docstring).
+        manager_kwargs: Arguments of `DynamoController` (its defaults otherwise).
+    """
+
+    def __init__(self, env: gym.Env, lagrange: float = 0.0,
+                 manager_kwargs: dict[str, Any] | None = None) -> None:
+        fixed = LayoutFreeSpaces(env)
+        super().__init__(fixed)
+        self.fixed = fixed
+        self.inner = env.unwrapped
+        if not self.inner.codec.has_pools:
+            raise ValueError(f"ResidualOverManager needs pool actions; task is {self.inner.task!r}")
+        if not lagrange >= 0.0:
+            raise ValueError(f"lagrange must be >= 0, got {lagrange}")
+        self.lagrange = float(lagrange)
+        self.manager = DynamoController(ControllerContext.from_env(self.inner), **(manager_kwargs or {}))
+        lay = self.inner.layout
+        self.n_pools = lay.n_pools
+        self.freqs = np.asarray(lay.freq_choices_mhz, dtype=float)
+        self.action_space = spaces.MultiDiscrete([len(OFFSETS)] * MAX_POOLS)
+        self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP, (len(RESIDUAL_OBSERVATION_NAMES),),
+                                            np.float32)
+        self.observation_names = RESIDUAL_OBSERVATION_NAMES
+        self._raw: np.ndarray | None = None
+        self._proposal: tuple[PoolConfig, ...] | None = None
+        self._base_action = None
+
+    # ------------------------------------------------------------------ gym API
+    def set_lagrange(self, value: float) -> None:
+        """Set the SLO multiplier (`LagrangeCallback` calls it through the vector env)."""
+        if not value >= 0.0:
+            raise ValueError(f"lagrange must be >= 0, got {value}")
+        self.lagrange = float(value)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """Reset the env and the manager; the manager proposes its first configuration."""
+        self.manager.reset()
+        fixed_obs, info = self.fixed.reset(seed=seed, options=options)
+        self._raw = self.fixed._inner_obs
+        return self._observe(fixed_obs), info
+
+    def step(self, action):
+        """Apply the manager's proposal with the agent's clock offsets; shaped reward.
+
+        Raises:
+            ValueError: An action outside the space.
+        """
+        if self._raw is None:
+            raise gym.error.ResetNeeded("ResidualOverManager: call reset() before acting")
+        a = np.asarray(action, dtype=np.int64).reshape(-1)
+        if a.shape != (MAX_POOLS,) or a.min() < 0 or a.max() >= len(OFFSETS):
+            raise ValueError(f"action must be {MAX_POOLS} indices in [0, {len(OFFSETS) - 1}], got {action!r}")
+        pools = tuple(replace(cfg, freq_mhz=self._shifted(cfg.freq_mhz, OFFSETS[a[p]]))
+                      for p, cfg in enumerate(self._base_action.pools))
+        vec = self.inner.codec.encode_action(replace(self._base_action, pools=pools))
+        obs, reward, terminated, truncated, info = self.inner.step(vec)
+        self._raw = np.asarray(obs)
+        self.fixed._inner_obs = self._raw
+        self.fixed._legal = None
+        violation = 1.0 - float(info["slo_attainment"])
+        info = {**info, "slo_violation": violation, "lagrange": self.lagrange, "env_reward": reward}
+        shaped = float(reward) - self.lagrange * violation
+        fixed_obs = self.fixed.observation(self._raw)
+        return self._observe(fixed_obs), shaped, terminated, truncated, info
+
+    # ------------------------------------------------------------------ pieces
+    def _shifted(self, freq_mhz: float, offset: int) -> float:
+        i = int(np.argmin(np.abs(self.freqs - freq_mhz)))
+        return float(self.freqs[int(np.clip(i + offset, 0, len(self.freqs) - 1))])
+
+    def _observe(self, fixed_obs: np.ndarray) -> np.ndarray:
+        """The fixed observation plus the manager's proposal for the coming interval."""
+        self._base_action = self.manager.decide(self._raw, self.inner.action_masks())
+        pos = np.zeros(MAX_POOLS)
+        span = max(len(self.freqs) - 1, 1)
+        for p, cfg in enumerate(self._base_action.pools):
+            pos[p] = float(np.argmin(np.abs(self.freqs - cfg.freq_mhz))) / span
+        return np.concatenate([fixed_obs, pos]).astype(np.float32)
+
+
+def lagrange_callback(update: LagrangeUpdate) -> Any:
+    """A stable-baselines3 callback applying `update` after every rollout to all envs.
+
+    The rollout's mean violation is taken from the ``slo_violation`` of every step's ``info``;
+    the new multiplier reaches each env through ``env_method("set_lagrange", value)`` and is
+    logged as ``constraint/lagrange`` and ``constraint/slo_violation`` (TensorBoard).
+    """
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class LagrangeCallback(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.update = update
+            self._violations: list[float] = []
+
+        def _on_training_start(self) -> None:
+            self.training_env.env_method("set_lagrange", self.update.value)
+
+        def _on_step(self) -> bool:
+            self._violations += [float(i["slo_violation"]) for i in self.locals["infos"]
+                                 if "slo_violation" in i]
+            return True
+
+        def _on_rollout_end(self) -> None:
+            if not self._violations:
+                return
+            mean = float(np.mean(self._violations))
+            value = self.update.step(mean)
+            self.training_env.env_method("set_lagrange", value)
+            self.logger.record("constraint/slo_violation", mean)
+            self.logger.record("constraint/lagrange", value)
+            self._violations = []
+
+    return LagrangeCallback()

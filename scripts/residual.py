@@ -1,0 +1,78 @@
+"""`llm-cluster train-residual` and `llm-cluster residual-eval`: the residual energy agent (issue 20).
+
+``train-residual`` trains PPO on `agents.residual.ResidualOverManager` over windows of the
+DynamoLLM week's training days, with the SLO as a learned constraint, and writes a checkpoint
+whose metadata says how long it trained (`agents.train_residual.train`). ``residual-eval`` runs
+that checkpoint and the DynamoLLM-style manager on the held-out days, paired per (day, seed), and
+prints the agent's energy over the manager's and both SLO attainments with 95% intervals over
+days; its last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_cluster_gym.agents.train_residual import TrainResidualArgs, evaluate_residual, train
+from llm_cluster_gym.scripts.usage import UsageError, check_number, check_seeds
+
+__all__ = ["ResidualEvalArgs", "TrainResidualArgs", "run_eval", "run_train"]
+
+
+def run_train(args: TrainResidualArgs, command: str = "llm-cluster train-residual") -> int:
+    """Validate the options, train, print where the checkpoint is."""
+    if args.steps <= 0:
+        raise UsageError(f"--steps must be > 0, got {args.steps}")
+    if args.n_envs <= 0:
+        raise UsageError(f"--n-envs must be > 0, got {args.n_envs}")
+    check_number("--window-h", args.window_h, above=0.0, at_most=18.0)
+    check_number("--slo-target", args.slo_target, above=0.0, at_most=1.0)
+    check_number("--lagrange-lr", args.lagrange_lr, above=0.0)
+    check_number("--max-minutes", args.max_minutes, above=0.0)
+    check_seeds("--seed", [args.seed])
+    path = train(args)
+    meta = json.loads((path / "metadata.json").read_text())
+    print(f"checkpoint: {path} ({meta['steps']} steps in {meta['train_wall_s']:.0f} s, "
+          f"multiplier {meta['lagrange']:.3g})")
+    return 0
+
+
+@dataclass
+class ResidualEvalArgs:
+    """The residual energy agent against the DynamoLLM-style manager on held-out days."""
+
+    checkpoint: str = "checkpoints/residual_energy"
+    """Checkpoint directory written by `llm-cluster train-residual`."""
+    days: tuple[int, ...] = (0, 2, 5)
+    """Days of the week (0 = Sunday 2024-05-12); the default is the week protocol's test days."""
+    seeds: tuple[int, ...] = (0, 1)
+    """Seeds per day (each runs the agent and the manager on the same requests)."""
+    hours: float = 24.0
+    """Measured hours of each day, from midnight (after the 30-minute burn-in)."""
+    out: str = "reports/residual"
+    """Folder for results.json."""
+
+
+def run_eval(args: ResidualEvalArgs, command: str = "llm-cluster residual-eval") -> int:
+    """Evaluate, print each (day, seed) and the summary, write results.json."""
+    if not (Path(args.checkpoint) / "metadata.json").is_file():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no metadata.json there "
+                                "(train one with llm-cluster train-residual)")
+    if not args.days or any(not 0 <= d < 7 for d in args.days):
+        raise UsageError(f"--days must be days of the week (0..6), got {list(args.days)}")
+    check_seeds("--seeds", args.seeds)
+    check_number("--hours", args.hours, above=0.0, at_most=24.0)
+    res = evaluate_residual(args.checkpoint, tuple(args.days), tuple(args.seeds), args.hours)
+    s = res["summary"]
+    for key, (mean, half) in s.items():
+        print(f"{key}: {mean:.4f} ± {half:.4f} (95% over {len(args.days)} days)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"command": command, **res}, indent=1) + "\n")
+    print(json.dumps({"agent_vs_manager_energy": s["energy_ratio"][0],
+                      "agent_vs_manager_energy_ci95": s["energy_ratio"][1],
+                      "agent_slo_attainment": s["agent_slo"][0],
+                      "manager_slo_attainment": s["manager_slo"][0], "days": len(args.days),
+                      "seeds": len(args.seeds)}))
+    return 0

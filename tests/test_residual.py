@@ -1,0 +1,151 @@
+"""The residual policy over the DynamoLLM-style manager and its SLO multiplier (agents/residual.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from llm_cluster_gym.agents.residual import (
+    OFFSETS,
+    RESIDUAL_OBSERVATION_NAMES,
+    LagrangeUpdate,
+    ResidualOverManager,
+    lagrange_callback,
+)
+from llm_cluster_gym.controllers.context import ControllerContext
+from llm_cluster_gym.controllers.dynamo import DynamoController
+from llm_cluster_gym.envs.cluster_env import ClusterEnv
+from llm_cluster_gym.envs.fixed_spaces import MAX_POOLS
+
+STEPS = 30
+HOLD = np.ones(MAX_POOLS, dtype=np.int64)  # offset 0 everywhere: the manager's own clocks
+
+
+def _env(scenario: str = "small", task: str = "energy") -> ClusterEnv:
+    return ClusterEnv(task, scenario=scenario, serving_model="aggregate")
+
+
+def test_zero_offsets_are_the_manager_step_for_step():
+    """With every offset 0 the residual env is the manager: the same rewards and energy."""
+    env = _env()
+    manager = DynamoController(ControllerContext.from_env(env))
+    obs, _ = env.reset(seed=3)
+    manager.reset()
+    direct = []
+    for _ in range(STEPS):
+        action = manager.decide(obs, env.action_masks())
+        obs, reward, _, _, info = env.step(env.codec.encode_action(action))
+        direct.append((reward, info["energy_j"], info["slo_attainment"]))
+    res = ResidualOverManager(_env())
+    res.reset(seed=3)
+    wrapped = []
+    for _ in range(STEPS):
+        _, shaped, _, _, info = res.step(HOLD)
+        wrapped.append((info["env_reward"], info["energy_j"], info["slo_attainment"]))
+        assert shaped == info["env_reward"]  # multiplier 0: no penalty
+    assert wrapped == direct
+
+
+def test_offsets_move_each_pools_clock_one_choice_from_the_managers():
+    res = ResidualOverManager(_env())
+    res.reset(seed=0)
+    freqs = res.freqs
+    for _ in range(5):
+        proposal = res._base_action.pools
+        down = np.zeros(MAX_POOLS, dtype=np.int64)  # every pool one clock lower
+        res.step(down)
+        applied = res.inner.backend.pool_configs
+        for base, now in zip(proposal, applied, strict=True):
+            i = int(np.argmin(np.abs(freqs - base.freq_mhz)))
+            assert now.freq_mhz == freqs[max(i - 1, 0)]
+    with pytest.raises(ValueError, match="action must be"):
+        res.step(np.full(MAX_POOLS, len(OFFSETS)))
+
+
+def test_spaces_are_the_same_on_every_scenario_size():
+    small = ResidualOverManager(_env("small"))
+    week = ResidualOverManager(_env("dynamo_week"))
+    for a, b in ((small, week),):
+        assert a.observation_space == b.observation_space
+        assert a.action_space == b.action_space
+    obs, _ = week.reset(seed=0)
+    assert obs.shape == (len(RESIDUAL_OBSERVATION_NAMES),) and np.all(np.isfinite(obs))
+    assert week.observation_space.contains(obs)
+
+
+def test_the_penalty_is_the_multiplier_times_the_violation():
+    res = ResidualOverManager(_env(), lagrange=7.0)
+    res.reset(seed=1)
+    for _ in range(10):
+        _, shaped, _, _, info = res.step(HOLD)
+        assert info["slo_violation"] == pytest.approx(1.0 - info["slo_attainment"])
+        assert shaped == pytest.approx(info["env_reward"] - 7.0 * info["slo_violation"])
+    with pytest.raises(ValueError, match="lagrange"):
+        res.set_lagrange(-1.0)
+    with pytest.raises(ValueError, match="pool actions"):
+        ResidualOverManager(_env("small_tapas", task="thermal"))
+
+
+def test_multiplier_rises_above_the_budget_and_decays_to_zero_below_it():
+    up = LagrangeUpdate(slo_target=0.99, lr=10.0)
+    assert up.step(0.05) == pytest.approx(10.0 * 0.04)
+    assert up.step(0.05) == pytest.approx(2 * 10.0 * 0.04)
+    for _ in range(100):
+        up.step(0.0)  # meeting the target with room to spare: the penalty goes away
+    assert up.value == 0.0
+    with pytest.raises(ValueError, match="slo_target"):
+        LagrangeUpdate(slo_target=0.0)
+
+
+def test_ppo_trains_on_it_with_the_multiplier_updated_per_rollout():
+    """A few PPO updates run end to end; the callback sets every env's multiplier."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    vec = make_vec_env(lambda: ResidualOverManager(_env()), n_envs=2, seed=0)
+    # Starts at 3 with a loose target (half the requests may miss): every rollout lowers it.
+    update = LagrangeUpdate(slo_target=0.5, lr=1.0, value=3.0)
+    model = PPO("MlpPolicy", vec, n_steps=16, batch_size=16, n_epochs=1, seed=0, device="cpu")
+    model.learn(total_timesteps=64, callback=lagrange_callback(update))
+    values = vec.env_method("get_wrapper_attr", "lagrange")
+    assert values == [update.value] * 2
+    # Two rollouts (64 steps of 2 x 16), each 0.5 lower less its mean violation (near 0 here:
+    # the manager's clocks, moved by an untrained policy, still meet almost every SLO).
+    assert update.value == pytest.approx(2.0, abs=0.1)
+
+
+def test_training_writes_a_checkpoint_that_runs_as_a_controller(tmp_path):
+    """A tiny training run over week windows: its checkpoint says how long it trained, and the
+    policy it holds drives the week's env through the episode runner like any controller."""
+    from llm_cluster_gym.agents.train_residual import (
+        BURN_IN_S,
+        ResidualPolicy,
+        TrainResidualArgs,
+        train,
+    )
+    from llm_cluster_gym.envs.rollout import run_episode
+    from llm_cluster_gym.envs.sim.scenario import load_scenario
+    from llm_cluster_gym.scripts.dynamo_week import day_scenario, make_env
+
+    out = train(TrainResidualArgs(steps=512, window_h=0.25, n_envs=1, out=str(tmp_path / "ck"),
+                                  tensorboard=None))
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["kind"] == "residual_over_manager" and meta["steps"] >= 512
+    assert meta["train_wall_s"] > 0 and meta["commit"]
+    env = make_env(day_scenario(load_scenario("dynamo_week"), 0, BURN_IN_S, 600.0))
+    result = run_episode(env, ResidualPolicy(out, env), seed=0)
+    assert result.n_intervals == int((600.0 + BURN_IN_S) / 5.0)
+    assert 0.0 <= result.summary()["slo_attainment"] <= 1.0
+
+
+def test_cli_rejects_bad_options_with_one_line_and_exit_2(tmp_path, capsys):
+    from llm_cluster_gym.scripts import cli
+
+    assert cli.main(["train-residual", "--steps", "0"]) == 2
+    assert cli.main(["residual-eval", "--checkpoint", str(tmp_path)]) == 2  # no checkpoint there
+    (tmp_path / "metadata.json").write_text("{}")
+    assert cli.main(["residual-eval", "--checkpoint", str(tmp_path), "--days", "7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "--steps" in err[0] and "metadata.json" in err[1] and "--days" in err[2]
