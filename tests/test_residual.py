@@ -149,3 +149,20 @@ def test_cli_rejects_bad_options_with_one_line_and_exit_2(tmp_path, capsys):
     assert cli.main(["residual-eval", "--checkpoint", str(tmp_path), "--days", "7"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and "--steps" in err[0] and "metadata.json" in err[1] and "--days" in err[2]
+
+
+def test_shipped_checkpoint_says_how_it_was_trained_and_runs_on_small():
+    """The shipped residual agent: within the issue's two hours on 2 cores, and a controller on
+    a scenario it was not trained on (the spaces do not depend on the layout)."""
+    from pathlib import Path
+
+    from llm_cluster_gym.agents.train_residual import ResidualPolicy
+    from llm_cluster_gym.envs.rollout import run_episode
+
+    ck = Path(__file__).resolve().parents[1] / "checkpoints" / "residual_energy"
+    meta = json.loads((ck / "metadata.json").read_text())
+    assert meta["kind"] == "residual_over_manager" and 0 < meta["train_wall_s"] <= 7200
+    env = _env("small")
+    result = run_episode(env, ResidualPolicy(ck, env), seed=0)
+    assert result.n_intervals == env.unwrapped.backend.describe().episode_intervals
+    assert result.summary()["slo_attainment"] >= 0.99
