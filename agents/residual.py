@@ -37,7 +37,7 @@ from gymnasium import spaces
 
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.dynamo import DynamoController
-from llm_cluster_gym.envs.backend import PoolConfig
+from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
 from llm_cluster_gym.envs.fixed_spaces import FIXED_OBSERVATION_NAMES, MAX_POOLS, LayoutFreeSpaces
 from llm_cluster_gym.envs.observation import OBS_CLIP
 
@@ -132,23 +132,43 @@ class ResidualOverManager(gym.Wrapper):
         """
         if self._raw is None:
             raise gym.error.ResetNeeded("ResidualOverManager: call reset() before acting")
+        vec = self.inner.codec.encode_action(self.corrected_action(action))
+        obs, reward, terminated, truncated, info = self.inner.step(vec)
+        fixed_obs = self._fixed_observation(obs)
+        violation = 1.0 - float(info["slo_attainment"])
+        info = {**info, "slo_violation": violation, "lagrange": self.lagrange, "env_reward": reward}
+        shaped = float(reward) - self.lagrange * violation
+        return self._observe(fixed_obs), shaped, terminated, truncated, info
+
+    # ------------------------------------------------------------------ as a controller
+    def observe(self, raw_obs: np.ndarray) -> np.ndarray:
+        """The residual observation of a raw env observation; the manager proposes for it.
+
+        What a deployed policy calls with each observation the env returns (the manager counts
+        its calls: one per interval).
+        """
+        return self._observe(self._fixed_observation(raw_obs))
+
+    def corrected_action(self, action: np.ndarray) -> ClusterAction:
+        """The manager's latest proposal with the agent's clock offset per pool slot.
+
+        Raises:
+            ValueError: An action outside the space.
+        """
         a = np.asarray(action, dtype=np.int64).reshape(-1)
         if a.shape != (MAX_POOLS,) or a.min() < 0 or a.max() >= len(OFFSETS):
             raise ValueError(f"action must be {MAX_POOLS} indices in [0, {len(OFFSETS) - 1}], got {action!r}")
         pools = tuple(replace(cfg, freq_mhz=self._shifted(cfg.freq_mhz, OFFSETS[a[p]]))
                       for p, cfg in enumerate(self._base_action.pools))
-        vec = self.inner.codec.encode_action(replace(self._base_action, pools=pools))
-        obs, reward, terminated, truncated, info = self.inner.step(vec)
-        self._raw = np.asarray(obs)
-        self.fixed._inner_obs = self._raw
-        self.fixed._legal = None
-        violation = 1.0 - float(info["slo_attainment"])
-        info = {**info, "slo_violation": violation, "lagrange": self.lagrange, "env_reward": reward}
-        shaped = float(reward) - self.lagrange * violation
-        fixed_obs = self.fixed.observation(self._raw)
-        return self._observe(fixed_obs), shaped, terminated, truncated, info
+        return replace(self._base_action, pools=pools)
 
     # ------------------------------------------------------------------ pieces
+    def _fixed_observation(self, raw_obs: np.ndarray) -> np.ndarray:
+        self._raw = np.asarray(raw_obs)
+        self.fixed._inner_obs = self._raw
+        self.fixed._legal = None
+        return self.fixed.observation(self._raw)
+
     def _shifted(self, freq_mhz: float, offset: int) -> float:
         i = int(np.argmin(np.abs(self.freqs - freq_mhz)))
         return float(self.freqs[int(np.clip(i + offset, 0, len(self.freqs) - 1))])

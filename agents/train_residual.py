@@ -161,21 +161,11 @@ class ResidualPolicy:
 
     def decide(self, observation: np.ndarray, action_mask: np.ndarray | None = None):
         """The manager's action for this observation with the agent's clock offsets."""
-        from dataclasses import replace
-
-        from llm_cluster_gym.agents.residual import OFFSETS
-
-        r = self.res
-        r._raw = np.asarray(observation)
-        r.fixed._inner_obs = r._raw
-        r.fixed._legal = None
-        obs = r._observe(r.fixed.observation(r._raw))
+        obs = self.res.observe(observation)
         if self.vecnorm is not None:
             obs = self.vecnorm.normalize_obs(obs)
         a, _ = self.model.predict(obs, deterministic=True)
-        pools = tuple(replace(cfg, freq_mhz=r._shifted(cfg.freq_mhz, OFFSETS[int(a[p])]))
-                      for p, cfg in enumerate(r._base_action.pools))
-        return replace(r._base_action, pools=pools)
+        return self.res.corrected_action(a)
 
     def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
         """`decide`, as the env's action vector."""
