@@ -37,7 +37,7 @@ from gymnasium import spaces
 
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.dynamo import DynamoController
-from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
+from llm_cluster_gym.envs.backend import ClusterAction
 from llm_cluster_gym.envs.fixed_spaces import FIXED_OBSERVATION_NAMES, MAX_POOLS, LayoutFreeSpaces
 from llm_cluster_gym.envs.observation import OBS_CLIP
 
@@ -99,16 +99,13 @@ class ResidualOverManager(gym.Wrapper):
             raise ValueError(f"lagrange must be >= 0, got {lagrange}")
         self.lagrange = float(lagrange)
         self.manager = DynamoController(ControllerContext.from_env(self.inner), **(manager_kwargs or {}))
-        lay = self.inner.layout
-        self.n_pools = lay.n_pools
-        self.freqs = np.asarray(lay.freq_choices_mhz, dtype=float)
+        self.freqs = np.asarray(self.inner.layout.freq_choices_mhz, dtype=float)
         self.action_space = spaces.MultiDiscrete([len(OFFSETS)] * MAX_POOLS)
         self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP, (len(RESIDUAL_OBSERVATION_NAMES),),
                                             np.float32)
         self.observation_names = RESIDUAL_OBSERVATION_NAMES
         self._raw: np.ndarray | None = None
-        self._proposal: tuple[PoolConfig, ...] | None = None
-        self._base_action = None
+        self._base_action: ClusterAction | None = None
 
     # ------------------------------------------------------------------ gym API
     def set_lagrange(self, value: float) -> None:
@@ -169,9 +166,11 @@ class ResidualOverManager(gym.Wrapper):
         self.fixed._legal = None
         return self.fixed.observation(self._raw)
 
+    def _freq_index(self, freq_mhz: float) -> int:
+        return int(np.argmin(np.abs(self.freqs - freq_mhz)))
+
     def _shifted(self, freq_mhz: float, offset: int) -> float:
-        i = int(np.argmin(np.abs(self.freqs - freq_mhz)))
-        return float(self.freqs[int(np.clip(i + offset, 0, len(self.freqs) - 1))])
+        return float(self.freqs[int(np.clip(self._freq_index(freq_mhz) + offset, 0, len(self.freqs) - 1))])
 
     def _observe(self, fixed_obs: np.ndarray) -> np.ndarray:
         """The fixed observation plus the manager's proposal for the coming interval."""
@@ -179,7 +178,7 @@ class ResidualOverManager(gym.Wrapper):
         pos = np.zeros(MAX_POOLS)
         span = max(len(self.freqs) - 1, 1)
         for p, cfg in enumerate(self._base_action.pools):
-            pos[p] = float(np.argmin(np.abs(self.freqs - cfg.freq_mhz))) / span
+            pos[p] = self._freq_index(cfg.freq_mhz) / span
         return np.concatenate([fixed_obs, pos]).astype(np.float32)
 
 

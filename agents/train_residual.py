@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 
 from llm_cluster_gym.agents.residual import LagrangeUpdate, ResidualOverManager, lagrange_callback
+from llm_cluster_gym.scripts.dynamo_week import WeekArgs
 
-BURN_IN_S = 1800.0
+BURN_IN_S = WeekArgs.burn_in_s
 """The week protocol's burn-in before the measured span (`bench/dynamo_week.py`)."""
 
-MANAGER_KWARGS = {"slo_margin": 0.6, "peak_headroom": 1.0}
+MANAGER_KWARGS = {"slo_margin": WeekArgs.slo_margin, "peak_headroom": WeekArgs.peak_headroom}
 """The manager as the week benchmark runs it (its defaults, chosen on the validation day)."""
 
 
@@ -65,7 +66,7 @@ def _window_env_factory(rng: np.random.Generator, window_h: float):
     import gymnasium as gym
 
     from llm_cluster_gym.envs.sim.scenario import load_scenario
-    from llm_cluster_gym.scripts.dynamo_week import DAY_S, TRAIN_DAYS, make_env
+    from llm_cluster_gym.scripts.dynamo_week import DAY_S, TRAIN_DAYS, make_env, window_scenario
 
     base = load_scenario("dynamo_week")
 
@@ -76,13 +77,9 @@ def _window_env_factory(rng: np.random.Generator, window_h: float):
             super().__init__(self._make())
 
         def _make(self) -> ResidualOverManager:
-            import dataclasses
-
             day = int(rng.choice(TRAIN_DAYS))
             hour = int(rng.integers(0, 24 - int(math.ceil(window_h)) + 1))
-            start = (day * DAY_S + hour * 3600.0 - BURN_IN_S) % (7 * DAY_S)
-            s = dataclasses.replace(base, duration_s=window_h * 3600.0 + BURN_IN_S,
-                                    workload=dataclasses.replace(base.workload, start_s=start))
+            s = window_scenario(base, day * DAY_S + hour * 3600.0, BURN_IN_S, window_h * 3600.0)
             return ResidualOverManager(make_env(s), manager_kwargs=MANAGER_KWARGS)
 
         def reset(self, *, seed=None, options=None):

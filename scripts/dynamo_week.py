@@ -134,16 +134,22 @@ class WeekArgs:
 
 
 # ----------------------------------------------------------------------------- scenarios
-def day_scenario(base: Scenario, day: int, burn_in_s: float, measured_s: float = DAY_S) -> Scenario:
-    """`base` over `measured_s` of one day from midnight, started `burn_in_s` earlier.
+def window_scenario(base: Scenario, measured_from_s: float, burn_in_s: float,
+                    measured_s: float) -> Scenario:
+    """`base` over `measured_s` from `measured_from_s` of the week, started `burn_in_s` earlier.
 
-    The week repeats, so Sunday's burn-in is the end of Saturday.
+    The week repeats, so a burn-in before Sunday midnight is the end of Saturday.
     """
-    if not 0 <= day < 7:
-        raise WeekEvalError(f"days: {day!r} is not a day of the week (0..6)")
-    start = (day * DAY_S - burn_in_s) % WEEK_S
+    start = (measured_from_s - burn_in_s) % WEEK_S
     return dataclasses.replace(base, duration_s=measured_s + burn_in_s,
                                workload=dataclasses.replace(base.workload, start_s=start))
+
+
+def day_scenario(base: Scenario, day: int, burn_in_s: float, measured_s: float = DAY_S) -> Scenario:
+    """`base` over `measured_s` of one day from midnight, started `burn_in_s` earlier."""
+    if not 0 <= day < 7:
+        raise WeekEvalError(f"days: {day!r} is not a day of the week (0..6)")
+    return window_scenario(base, day * DAY_S, burn_in_s, measured_s)
 
 
 def with_pools(s: Scenario, pools: Sequence[PoolSpec], pool_set: str | None = None) -> Scenario:

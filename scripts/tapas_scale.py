@@ -301,7 +301,7 @@ def format_table(results: dict[str, Any]) -> str:
     lines += [f"| {k} | " + " | ".join(fmt_ci(*table[p][k]) for p in table) + " |" for k in keys]
     lines += ["", f"| {CANDIDATE} vs {BASELINE} | reduction | 95% bootstrap interval over units "
               "| over days (seeds of a day summed) |", "|---|---|---|---|"]
-    by_day = results.get("reductions_by_day", {})
+    by_day = results["reductions_by_day"]
 
     def ci(lo: float, hi: float, what: str) -> str:
         return f"[{lo:.1%}, {hi:.1%}]" if not math.isnan(lo) else f"n/a (one {what})"
@@ -310,7 +310,7 @@ def format_table(results: dict[str, Any]) -> str:
         if math.isnan(point):
             lines.append(f"| {k} | n/a (the baseline has none) | | |")
         else:
-            day = ci(*by_day[k][1:], "day") if k in by_day else ""
+            day = ci(*by_day[k][1:], "day")
             lines.append(f"| {k} | {point:.1%} | {ci(lo, hi, 'unit')} | {day} |")
     return "\n".join(lines)
 

@@ -73,6 +73,7 @@ from llm_cluster_gym.envs.real.worker import (
     WorkerProcess,
     WorkerReport,
 )
+from llm_cluster_gym.envs.sim.profiles import clock_slowdown
 from llm_cluster_gym.envs.sim.serving import weighted_percentiles
 from llm_cluster_gym.envs.sim.workload import Trace, builtin_trace, scale_to_rate
 
@@ -482,7 +483,7 @@ class RealCluster:
                 # measured clock against the requested one, over the throttled samples.
                 f_ok = np.where(held & np.isfinite(f) & (f > 0), f, self._freq_mhz)
                 fm = self.layout.max_freq_mhz
-                ratio = (phi * fm / f_ok + 1 - phi) / (phi * fm / self._freq_mhz + 1 - phi)
+                ratio = clock_slowdown(f_ok, fm, phi) / clock_slowdown(self._freq_mhz, fm, phi)
                 slow_share += float(np.maximum(ratio - 1.0, 0.0).mean())
         waiting = float(sum(r.waiting for r in reports))
         running = float(sum(r.running for r in reports))

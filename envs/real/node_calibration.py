@@ -294,10 +294,11 @@ class NodeObservations:
             self._work = step_work(self.shape, 1, self.gpu, rows)
         res = step_time_power(self._work, self.gpu, c)
         step_s, power_w = res.step_s[self._inverse], res.power_w[self._inverse]
+        clock_mhz = res.clock_ratio[self._inverse] * self.gpu.max_sm_clock_mhz
         out, i = [], 0
         for s in self.sources:
             n = len(s.records)
-            t, p = step_s[i:i + n], power_w[i:i + n]
+            t, p, f = step_s[i:i + n], power_w[i:i + n], clock_mhz[i:i + n]
             i += n
             if s.kind == "time":
                 t = t + (0.0 if s.extra_s is None else s.extra_s)
@@ -305,7 +306,7 @@ class NodeObservations:
             elif s.kind == "power":
                 out.append(p)
             elif s.kind == "clock":
-                out.append(res.clock_ratio[self._inverse][i - n:i] * self.gpu.max_sm_clock_mhz)
+                out.append(f)
             else:  # each second: idle plus the energy above idle of the steps in it
                 out.append(self.idle_w + s.spread @ (p - self.idle_w))
         return out

@@ -33,6 +33,7 @@ import numpy as np
 
 from llm_cluster_gym.envs.backend import ServiceMetrics
 from llm_cluster_gym.envs.sim.carbon import region_g_per_kwh
+from llm_cluster_gym.envs.sim.profiles import clock_slowdown
 from llm_cluster_gym.envs.sim.scenario import Scenario
 from llm_cluster_gym.envs.sim.serving import ServiceAccumulator
 from llm_cluster_gym.envs.sim.throttle import RowPowerCapping, ThermalSlowdown
@@ -147,8 +148,8 @@ class IntervalStats:
 
         A slot whose effective clock (under the capping and slowdown ceilings in force during
         the tick) is below its set clock decoded its ``decode_tokens`` at iterations that took
-        ``sd(f_eff) / sd(f_set)`` times as long, ``sd(f) = phi f_max / f + 1 - phi`` the profile's
-        decode slowdown (`profiles.decode_iter_time_s`). At the same batch, the set clock would
+        ``sd(f_eff) / sd(f_set)`` times as long, ``sd`` the profile's decode slowdown
+        (`profiles.clock_slowdown`). At the same batch, the set clock would
         have produced that many times the tokens; the difference is counted. First order: it
         keeps the batch the instance had, where unthrottled it would have drained its queue
         faster (see the module docstring).
@@ -157,9 +158,8 @@ class IntervalStats:
         if not np.count_nonzero(hit):
             return
         phi, fm = decode_phi[hit], max_mhz[hit]
-        sd_eff = phi * fm / f_eff_mhz[hit] + 1.0 - phi
-        sd_set = phi * fm / f_set_mhz[hit] + 1.0 - phi
-        self.saas_tokens_lost += float((decode_tokens[hit] * (sd_eff / sd_set - 1.0)).sum())
+        ratio = clock_slowdown(f_eff_mhz[hit], fm, phi) / clock_slowdown(f_set_mhz[hit], fm, phi)
+        self.saas_tokens_lost += float((decode_tokens[hit] * (ratio - 1.0)).sum())
 
 
 def service_metrics(acc: ServiceAccumulator, st: IntervalStats, interval_s: float,

@@ -192,7 +192,7 @@ class SlotModelCache:
 def _cached_slot_model(slots: SlotTables, f_pre: np.ndarray, f_eff: np.ndarray,
                        speed: np.ndarray | None) -> SlotModel:
     sp = slots.prof
-    # profiles._slowdown over every slot: phi * (f_max / f) + (1 - phi).
+    # profiles.clock_slowdown over every slot: phi * (f_max / f) + (1 - phi).
     sd_pre = sp.prefill_phi * (sp.max_freq_mhz / f_pre) + (1.0 - sp.prefill_phi)
     sd_dec = sp.decode_phi * (sp.max_freq_mhz / f_eff) + (1.0 - sp.decode_phi)
     p0, p1, p2 = sp.prefill_p0_s, sp.prefill_p1_s_per_token, sp.prefill_p2_s_per_token2

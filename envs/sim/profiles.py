@@ -70,7 +70,7 @@ class ProfileError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def _slowdown(freq_mhz: Any, max_freq_mhz: Any, phi: Any) -> np.ndarray:
+def clock_slowdown(freq_mhz: Any, max_freq_mhz: Any, phi: Any) -> np.ndarray:
     """Time multiplier at ``freq_mhz`` relative to ``max_freq_mhz`` for compute fraction phi."""
     freq = np.asarray(freq_mhz, dtype=np.float64)
     if (freq <= 0.0).any():
@@ -98,7 +98,7 @@ def prefill_time_s(
     """
     t = np.asarray(tokens, dtype=np.float64)
     base_s = p0_s + t * (p1_s + p2_s * t)
-    return base_s * _slowdown(freq_mhz, max_freq_mhz, phi)
+    return base_s * clock_slowdown(freq_mhz, max_freq_mhz, phi)
 
 
 def moe_experts_touched(batch: Any, experts_per_active: Any) -> np.ndarray:
@@ -151,7 +151,7 @@ def decode_iter_time_s(
     base_s = d0_s + b * (d1_s + d2_s * c)
     if np.any(np.asarray(d3_s) > 0.0):  # dense models skip it (and keep their exact bits)
         base_s = base_s + d3_s * moe_experts_touched(b, experts_per_active)
-    return base_s * _slowdown(freq_mhz, max_freq_mhz, phi)
+    return base_s * clock_slowdown(freq_mhz, max_freq_mhz, phi)
 
 
 def phase_power_w(
