@@ -62,6 +62,8 @@ class ObsView:
         self.i_vm = self.index["vm.pending_power"]
         self.i_vms = np.array([self.i_vm] + [self.index[f"vm.pending_power[{i}]"] for i in
                                               range(1, lay.vm_placements_per_interval)], dtype=np.int64)
+        saas = lay.saas_servers if lay.route_per_server else ()
+        self.i_server_temp = idx("server[{}].max_gpu_temp", saas)
         self.i_attain = self.index["slo.attainment"]
         self.i_ttft = self.index["slo.ttft_p99"]
 
@@ -89,6 +91,10 @@ class ObsView:
     def aisle_max_temp_c(self, obs: np.ndarray) -> np.ndarray:
         """Hottest GPU per aisle (C)."""
         return obs[self.i_aisle_temp] * (self.layout.slowdown_temp_c - 40.0) + 40.0
+
+    def saas_server_max_temp_c(self, obs: np.ndarray) -> np.ndarray:
+        """Hottest GPU per SaaS server (C), server order; empty without `route_per_server`."""
+        return obs[self.i_server_temp] * (self.layout.slowdown_temp_c - 40.0) + 40.0
 
     def aisle_heat_ratio(self, obs: np.ndarray) -> np.ndarray:
         """Aisle heat over its (current) cooling capacity."""
@@ -188,7 +194,8 @@ class ControllerContext:
     def action(self, pools: tuple[PoolConfig, ...] | None = None,
                route_level: np.ndarray | None = None, cap_idx: np.ndarray | None = None,
                quantized: np.ndarray | None = None,
-               vm_servers: tuple[int | None, ...] = ()) -> ClusterAction:
+               vm_servers: tuple[int | None, ...] = (),
+               server_route_level: np.ndarray | None = None) -> ClusterAction:
         """A `ClusterAction` for this task; the parts the task has no action for are dropped.
 
         Args:
@@ -198,6 +205,9 @@ class ControllerContext:
             quantized: Per row, serve the quantized model (0/1).
             vm_servers: Per placement slot (the i-th waiting VM), its server or None to keep
                 it waiting.
+            server_route_level: Per SaaS server, its routing weight's index in
+                `ROUTE_WEIGHT_LEVELS` (layouts with `route_per_server`; None there: all at full
+                weight).
         """
         if not self.codec.has_rows:
             return ClusterAction(pools=pools if self.codec.has_pools else None)
@@ -207,7 +217,20 @@ class ControllerContext:
             row_route_weight=None if route_level is None else _ROUTE_WEIGHTS[np.asarray(route_level)],
             row_freq_cap_mhz=None if cap_idx is None else freqs[np.asarray(cap_idx)],
             row_quantized=None if quantized is None else np.asarray(quantized).astype(bool),
+            server_route_weight=self._server_weights(server_route_level),
             vm_servers=tuple(vm_servers))
+
+    def _server_weights(self, level: np.ndarray | None) -> np.ndarray | None:
+        """Per-SaaS-server routing weights of `level` (all full when None); None without the block."""
+        n = self.codec.route_servers
+        if not n:
+            if level is not None:
+                raise ControllerError("server_route_level: the layout does not route per server "
+                                      "(serving.route_per_server is false)")
+            return None
+        if level is None:
+            return np.ones(n)
+        return _ROUTE_WEIGHTS[np.asarray(level)]
 
     def uncapped_action(self, pools: tuple[PoolConfig, ...] | None,
                         action_mask: np.ndarray | None) -> ClusterAction:

@@ -18,6 +18,10 @@ From the observation only:
   failure the rows of the aisle that lost cooling get no new requests at all (while any aisle
   still has its cooling), so their SaaS servers fall to idle power and the aisle's heat, which
   its IaaS VMs keep producing, rises more slowly: TAPAS's "move load out of the affected area";
+  where the scenario routes per SaaS server (`serving.route_per_server`), the same rule works
+  inside each row on each server's hottest GPU (its inlet varies with the rack's place along the
+  row): servers with little thermal slack get less new work, the coolest server of every row
+  keeps full weight (power capping is row-wide, so power slack stays a row's matter);
 * reconfiguration on spikes, faults and tight rows, in the order that costs least: first the
   row's SaaS clock ceiling goes down step by step (decode is memory-bound, so latency barely
   moves), then, only if the ceiling is already low and the row is still tight, the row serves
@@ -150,6 +154,22 @@ class TapasController(RuleBasedController):
             level[cooling_lost] = 0
         return level
 
+    def _server_routing(self, obs: np.ndarray) -> np.ndarray:
+        """Weight level (1-3) per SaaS server from its hottest GPU's margin to slowdown.
+
+        The thresholds are the rows' (8 C and 4 C of margin); the coolest SaaS server of each
+        row keeps level 3, so the row's own weight decides how much the row takes.
+        """
+        lay = self.ctx.layout
+        temp_c = self.ctx.view.saas_server_max_temp_c(obs)
+        slack = (lay.slowdown_temp_c - temp_c) / 40.0
+        level = np.select([slack > 0.2, slack > 0.1], [3, 2], 1)
+        row = lay.server_row[lay.saas_servers]
+        coolest = np.full(lay.n_rows, -np.inf)
+        np.maximum.at(coolest, row, slack)
+        level[slack >= coolest[row]] = 3
+        return level
+
     def _cooling_lost_rows(self, obs: np.ndarray) -> np.ndarray:
         """Rows whose aisle runs on less than `cooling_lost_below` of its nominal cooling."""
         view, lay = self.ctx.view, self.ctx.layout
@@ -191,10 +211,11 @@ class TapasController(RuleBasedController):
         frac, temp_c, _ = self._observe(observation)
         self._reconfigure(observation, frac, temp_c)
         route_level = self._routing(frac, temp_c, self._cooling_lost_rows(observation))
+        server_level = self._server_routing(observation) if ctx.codec.route_servers else None
         place = self._place(observation, ctx.slot_legal_servers(action_mask))
         pools = None
         if ctx.codec.has_pools:
             pools = (self.pool_controller.next_pools(observation)
                      if self.pool_controller is not None else ctx.initial_pools)
         return ctx.action(pools, route_level=route_level, cap_idx=self.cap_idx,
-                          quantized=self.quant, vm_servers=place)
+                          quantized=self.quant, vm_servers=place, server_route_level=server_level)

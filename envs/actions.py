@@ -7,6 +7,9 @@ MaskablePPO support), made of blocks:
   share of the SaaS servers (0..K of K levels), TP degree, GPU frequency, batch cap.
 * rows (thermal, combined): per row, three choices — routing weight level, SM clock ceiling,
   quantized serving on/off.
+* servers (thermal, combined, only where the scenario sets `serving.route_per_server`): per SaaS
+  server (server order), its routing weight level, which multiplies its row's (routing per SaaS
+  instance; all levels 0 read as weight 1 everywhere, as for rows).
 * placement (thermal, combined): P = `layout.vm_placements_per_interval` slots (1 unless the
   scenario sets `vms.placements_per_interval`), slot i for the i-th waiting VM in queue order:
   a server, or the last index for "no placement" (the only legal choice of a slot with no VM
@@ -54,6 +57,15 @@ MAX_SHARE_LEVELS = 32
 """Most levels of a pool's server share (the action's first pool dimension has K + 1 values)."""
 
 
+def _decode_weights(levels: np.ndarray) -> np.ndarray:
+    """Routing weights of routing levels (read-only); all levels 0 read as weight 1 everywhere."""
+    weight = _ROUTE_LEVELS[levels]
+    if not weight.any():
+        weight = np.ones(len(levels))
+    weight.flags.writeable = False
+    return weight
+
+
 def _share_order(levels: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
     """Sort key of the canonical order of share vectors.
 
@@ -99,6 +111,13 @@ class ActionCodec:
         return self.task in ("thermal", "combined")
 
     @property
+    def route_servers(self) -> int:
+        """Per-server routing dimensions of the vector (SaaS servers with `route_per_server`, else 0)."""
+        if not (self.has_rows and self.layout.route_per_server):
+            return 0
+        return int(np.count_nonzero(self.layout.server_is_saas))
+
+    @property
     def placement_slots(self) -> int:
         """Placement dimensions of the vector (P; 0 for a task without placement)."""
         return self.layout.vm_placements_per_interval if self.has_rows else 0
@@ -117,6 +136,7 @@ class ActionCodec:
         if self.has_rows:
             for _ in range(lay.n_rows):
                 dims += [len(ROUTE_WEIGHT_LEVELS), len(lay.freq_choices_mhz), 2]
+            dims += [len(ROUTE_WEIGHT_LEVELS)] * self.route_servers
             dims += [lay.n_servers + 1] * self.placement_slots
         out = np.array(dims, dtype=np.int64)
         out.flags.writeable = False
@@ -176,6 +196,12 @@ class ActionCodec:
             return ClusterAction(pools=pools), 0
         block = a[i: i + 3 * lay.n_rows]
         cap, quant, weight = self._rows(block.tobytes(), block)
+        i += 3 * lay.n_rows
+        server_weight = None
+        if self.route_servers:
+            block = a[i: i + self.route_servers]
+            server_weight = self._memoized("_server_cache", block.tobytes(),
+                                           lambda: _decode_weights(block))
         n_slots = self.placement_slots
         legal = self._slot_legal(legal_servers)
         servers: list[int | None] = []
@@ -191,7 +217,8 @@ class ActionCodec:
                 masked += 1
             servers.append(None)
         return ClusterAction(pools=pools, row_freq_cap_mhz=cap, row_quantized=quant,
-                             row_route_weight=weight, vm_servers=tuple(servers)), masked
+                             row_route_weight=weight, server_route_weight=server_weight,
+                             vm_servers=tuple(servers)), masked
 
     def _slot_legal(self, legal_servers: np.ndarray) -> np.ndarray:
         """Per-slot legality (P, n_servers) from a (P, n) or an (n,) array (the same for every slot)."""
@@ -236,9 +263,7 @@ class ActionCodec:
     def _decode_rows(self, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         lay = self.layout
         rows = flat.reshape(lay.n_rows, 3)
-        weight = _ROUTE_LEVELS[rows[:, 0]]
-        if not weight.any():
-            weight = np.ones(lay.n_rows)
+        weight = _decode_weights(rows[:, 0])
         cap = np.asarray(lay.freq_choices_mhz, dtype=float)[rows[:, 1]]
         quant = rows[:, 2].astype(bool)
         for arr in (cap, quant, weight):
@@ -434,9 +459,10 @@ class ActionCodec:
         elif action.pools is not None:
             raise InvalidActionError(f"pools={action.pools!r}: the {self.task} task's vector "
                                      "has no pool dimensions (leave it None)")
-        row_fields = ("row_route_weight", "row_freq_cap_mhz", "row_quantized")
+        row_fields = ("row_route_weight", "row_freq_cap_mhz", "row_quantized", "server_route_weight")
         if self.has_rows:
             parts.append(self._encode_rows(action))
+            parts.append(self._encode_servers(action.server_route_weight))
             parts.append(self._encode_placements(action.vm_servers))
         else:
             if action.vm_servers:
@@ -506,6 +532,29 @@ class ActionCodec:
             raise InvalidActionError(f"row_quantized[{r}]={_plain(quant[r])!r} is not a bool")
         rows[:, 2] = quant.astype(np.int64)
         return rows.ravel()
+
+    def _encode_servers(self, weight: np.ndarray | None) -> np.ndarray:
+        """The per-server routing levels (empty without `route_per_server`)."""
+        n = self.route_servers
+        if not n:
+            if weight is not None:
+                raise InvalidActionError(
+                    f"server_route_weight={weight!r}: the vector has no per-server routing "
+                    "dimensions (the scenario does not set serving.route_per_server; leave it None)")
+            return np.zeros(0, dtype=np.int64)
+        if weight is None:
+            raise InvalidActionError(
+                f"server_route_weight=None (keep): the {self.task} task's vector sets every SaaS "
+                "server's routing weight; pass the values to keep")
+        w = np.asarray(weight, dtype=float)
+        if w.shape != (n,):
+            raise InvalidActionError(f"server_route_weight must have shape ({n},) (one per SaaS "
+                                     f"server), got {w.shape}")
+        if not w.any():
+            raise InvalidActionError(
+                f"server_route_weight={w.tolist()}: all 0 decodes as equal weight 1 on every "
+                "server; pass np.ones(n_saas_servers)")
+        return _choice_indices(ROUTE_WEIGHT_LEVELS, w, "server_route_weight")
 
     def _encode_placements(self, vm_servers: tuple[int | None, ...]) -> np.ndarray:
         n, n_slots = self.layout.n_servers, self.placement_slots

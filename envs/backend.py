@@ -59,6 +59,11 @@ class ClusterAction:
             reconfiguration during spikes and emergencies).
         row_quantized: Per-row switch to the quantized model variant for SaaS instances.
         row_route_weight: Per-row preference for routing new requests (0 avoids the row).
+        server_route_weight: Per SaaS server (the servers `ClusterLayout.server_is_saas` marks,
+            in server order), a preference multiplying its row's: new requests reach an
+            instance in proportion to its row's weight x its server's weight x its batch cap
+            (an instance never spans two servers, so this is routing per SaaS instance). Only
+            for layouts with `route_per_server`; None keeps the setting (all 1 at the start).
         admit_fraction: Fraction of arriving requests admitted (the rest are rejected and counted
             as dropped); a last-resort load shed.
         vm_servers: IaaS VM placements, one slot per waiting VM in queue order: entry i is the
@@ -72,6 +77,7 @@ class ClusterAction:
     row_freq_cap_mhz: np.ndarray | None = None
     row_quantized: np.ndarray | None = None
     row_route_weight: np.ndarray | None = None
+    server_route_weight: np.ndarray | None = None
     admit_fraction: float | None = None
     vm_servers: tuple[int | None, ...] = ()
 
@@ -104,6 +110,13 @@ class ClusterLayout:
     gpu_power_limit_w: float = 700.0
     slowdown_temp_c: float = 89.0
     vm_placements_per_interval: int = 1
+    route_per_server: bool = False
+    """Routing weights per SaaS server as well as per row (`ClusterAction.server_route_weight`)."""
+
+    @property
+    def saas_servers(self) -> np.ndarray:
+        """Indices of the SaaS servers, in server order (the entries of `server_route_weight`)."""
+        return np.flatnonzero(self.server_is_saas)
 
     @property
     def n_gpus(self) -> int:

@@ -170,6 +170,7 @@ class ClusterEnv(gym.Env):
         self.route_weight = np.ones(lay.n_rows)
         self.freq_cap_mhz = np.full(lay.n_rows, lay.max_freq_mhz)
         self.quantized = np.zeros(lay.n_rows)
+        self.server_route_weight = np.ones(len(lay.saas_servers))
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -248,6 +249,8 @@ class ClusterEnv(gym.Env):
             self.route_weight = cluster_action.row_route_weight
             self.freq_cap_mhz = cluster_action.row_freq_cap_mhz
             self.quantized = cluster_action.row_quantized.astype(float)
+        if cluster_action.server_route_weight is not None:
+            self.server_route_weight = cluster_action.server_route_weight
         return masked
 
     @property
@@ -311,7 +314,8 @@ class ClusterEnv(gym.Env):
 
     def _observe(self) -> np.ndarray:
         return self._obs.build(self._tel, self._metrics, self.pools, self.route_weight,
-                               self.freq_cap_mhz, self.quantized, _fault_kinds(tuple(self._tel.active_faults)))
+                               self.freq_cap_mhz, self.quantized, _fault_kinds(tuple(self._tel.active_faults)),
+                               self.server_route_weight)
 
     def _info(self, m: ServiceMetrics | None, terms: dict[str, float]) -> dict[str, Any]:
         info: dict[str, Any] = dict(terms)

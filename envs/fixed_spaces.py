@@ -449,7 +449,16 @@ class LayoutFreeSpaces(gym.Wrapper):
         cap = freqs[self.freq_map[groups[row_group, 1]]]
         quant = groups[row_group, 2].astype(bool)
         return ClusterAction(pools=pools, row_route_weight=weight, row_freq_cap_mhz=cap,
-                             row_quantized=quant, **_placement_kwargs(servers))
+                             row_quantized=quant, server_route_weight=self._even_servers(),
+                             **_placement_kwargs(servers))
+
+    def _even_servers(self) -> np.ndarray | None:
+        """Every SaaS server at full weight; None without the per-server block.
+
+        The fixed spaces summarize rows by rank group and carry no per-server choice, so routing
+        inside a row stays even.
+        """
+        return np.ones(self.codec.route_servers) if self.codec.route_servers else None
 
     def pools_of(self, block: np.ndarray) -> tuple[PoolConfig, ...]:
         """The pool configurations of a fixed pool block (`MAX_POOLS` x 4; absent slots ignored)."""
@@ -487,7 +496,8 @@ class LayoutFreeSpaces(gym.Wrapper):
         r = self.layout.n_rows
         full = ClusterAction(pools=tuple(pools), row_route_weight=np.ones(r),
                              row_freq_cap_mhz=np.full(r, float(self.layout.freq_choices_mhz[-1])),
-                             row_quantized=np.zeros(r, dtype=bool))
+                             row_quantized=np.zeros(r, dtype=bool),
+                             server_route_weight=self._even_servers())
         return self.codec.encode_action(full)
 
     # ------------------------------------------------------------------ placement

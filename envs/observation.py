@@ -73,6 +73,10 @@ def observation_spec(layout: ClusterLayout) -> ObservationSpec:
     for i in range(1, layout.vm_placements_per_interval):  # none unless vms.placements_per_interval > 1
         add(f"vm.pending_power[{i}]", f"expected GPU power of waiting VM {i + 1} in queue order (P95 of "
             "its type's past readings) / GPU power limit (0 if fewer wait)")
+    if layout.route_per_server:  # serving.route_per_server: the per-SaaS-server routing block
+        for s in layout.saas_servers:
+            add(f"server[{s}].max_gpu_temp", "(hottest GPU of the SaaS server C - 40) / (slowdown C - 40)")
+            add(f"server[{s}].route_weight", "the server's routing weight set by the controller (0..1)")
     return ObservationSpec(tuple(names), tuple(units))
 
 
@@ -104,6 +108,8 @@ class ObservationBuilder:
         self._rows_at = 8 * lay.n_pools
         self._aisles_at = self._rows_at + 6 * lay.n_rows
         self._tail_at = self._aisles_at + 4 * lay.n_aisles
+        self._saas = lay.saas_servers
+        self._servers_at = self.spec.size - (2 * len(self._saas) if lay.route_per_server else 0)
         self._rate_scale = lay.nominal_rps * lay.control_interval_s
         self._temp_span_c = lay.slowdown_temp_c - 40.0
 
@@ -120,8 +126,12 @@ class ObservationBuilder:
         freq_cap_mhz: np.ndarray,
         quantized: np.ndarray,
         active_kinds: np.ndarray,
+        server_route_weight: np.ndarray | None = None,
     ) -> np.ndarray:
-        """The observation vector (float32, clipped to +-OBS_CLIP)."""
+        """The observation vector (float32, clipped to +-OBS_CLIP).
+
+        `server_route_weight` (per SaaS server) is read only with `route_per_server` (1 where None).
+        """
         lay = self.layout
         obs = np.empty(self.spec.size, dtype=np.float32)
         self._fill_pools(obs[: self._rows_at].reshape(lay.n_pools, 8), m, pools)
@@ -138,7 +148,12 @@ class ObservationBuilder:
         aisles[:, 1] = (self._max_per_aisle(tel.gpu_temp_c) - 40.0) / self._temp_span_c
         aisles[:, 2] = tel.aisle_heat_w / np.maximum(tel.aisle_capacity_w, 1.0)
         aisles[:, 3] = tel.aisle_capacity_w / self.nominal_aisle_capacity_w
-        self._fill_tail(obs[self._tail_at:], tel, m, active_kinds)
+        self._fill_tail(obs[self._tail_at: self._servers_at], tel, m, active_kinds)
+        if self._servers_at < len(obs):
+            servers = obs[self._servers_at:].reshape(-1, 2)
+            hottest = tel.gpu_temp_c.reshape(lay.n_servers, lay.gpus_per_server)[self._saas].max(axis=1)
+            servers[:, 0] = (hottest - 40.0) / self._temp_span_c
+            servers[:, 1] = 1.0 if server_route_weight is None else server_route_weight
         # Clip, then zero NaNs (what nan_to_num + clip did, in three cheap passes).
         np.minimum(obs, OBS_CLIP, out=obs)
         np.maximum(obs, -OBS_CLIP, out=obs)

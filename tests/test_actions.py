@@ -21,7 +21,7 @@ from llm_cluster_gym.envs.cluster_env import ClusterEnv
 from llm_cluster_gym.envs.sim.cluster import SimCluster
 from llm_cluster_gym.envs.sim.scenario import load_scenario
 
-SCENARIOS = ("small", "small_faults", "small_tapas", "small_tapas_high", "medium", "large")
+SCENARIOS = ("small", "small_faults", "small_tapas", "small_tapas_high", "medium", "large", "tapas_dc")
 PROPERTY = settings(max_examples=100, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
@@ -32,15 +32,18 @@ def _env_codec(scenario: str, task: str) -> ActionCodec:
 
 
 def _codec(scenario: str, task: str, n_saas: int | None = None, n_pools: int | None = None,
-           placements: int | None = None) -> ActionCodec:
-    """The env's codec, or one over the same layout with other SaaS server / pool / placement counts."""
+           placements: int | None = None, route_per_server: bool = False) -> ActionCodec:
+    """The env's codec, or one over the same layout with other SaaS server / pool / placement
+    counts, or routing per SaaS server."""
     codec = _env_codec(scenario, task)
     lay = codec.layout
     if n_pools is not None:
         lay = dataclasses.replace(lay, pool_names=tuple(f"p{i}" for i in range(n_pools)))
     if placements is not None:
         lay = dataclasses.replace(lay, vm_placements_per_interval=placements)
-    if n_saas is None and n_pools is None and placements is None:
+    if route_per_server:
+        lay = dataclasses.replace(lay, route_per_server=True)
+    if n_saas is None and n_pools is None and placements is None and not route_per_server:
         return codec
     return ActionCodec(task, lay, codec.n_saas_servers if n_saas is None else n_saas)
 
@@ -62,7 +65,8 @@ def layouts_and_vectors(draw, synthetic: bool):
     task = draw(st.sampled_from(TASKS))
     if synthetic:
         codec = _codec(scenario, task, n_saas=draw(st.integers(1, 40)),
-                       n_pools=draw(st.integers(1, 4)), placements=draw(st.integers(1, 4)))
+                       n_pools=draw(st.integers(1, 4)), placements=draw(st.integers(1, 4)),
+                       route_per_server=draw(st.booleans()))
     else:
         codec = _codec(scenario, task)
     nvec = codec.nvec()
@@ -85,6 +89,9 @@ def _is_canonical(codec: ActionCodec, v: np.ndarray, legal: np.ndarray) -> bool:
             return False
     if codec.has_rows:
         if not v[i: i + 3 * lay.n_rows: 3].any():  # all routing levels 0 read as all 3
+            return False
+        servers = v[i + 3 * lay.n_rows: i + 3 * lay.n_rows + codec.route_servers]
+        if len(servers) and not servers.any():  # the same for the per-server levels
             return False
         slots = codec.placement_slots
         legal = np.broadcast_to(legal, (slots, lay.n_servers))

@@ -344,6 +344,9 @@ class RealCluster:
             if w[0] == 0:  # the only row is avoided: nothing is admitted
                 self._admit = 0.0
                 ctl["admit_fraction"] = 0.0
+        if action.server_route_weight is not None:
+            raise RealClusterError("RealCluster: field 'server_route_weight' is not supported: one "
+                                   "node routes per row (its layout has route_per_server false)")
         if len(ctl) > 1:
             self.log.controls.append(ctl)
 

@@ -42,7 +42,7 @@ class SlotSettings:
         speed: Per-slot quantized speedup, or None when no slot runs quantized.
         qloss: Per-slot quality loss of quantized serving.
         power_factor: Per-GPU dynamic power factor (1.0 when nothing is quantized).
-        route_weight: Per-slot routing weight of the slot's row.
+        route_weight: Per-slot routing weight: the slot's row's times its server's.
     """
 
     f_set_mhz: np.ndarray
@@ -69,8 +69,11 @@ def quantization(slots: SlotTables, inst: InstanceTable, row_quantized: np.ndarr
 
 def slot_settings(slots: SlotTables, inst: InstanceTable, row_freq_cap_mhz: np.ndarray,
                   row_quantized: np.ndarray, row_route_weight: np.ndarray, sv: ServingSpec,
-                  max_mhz: float) -> SlotSettings:
-    """Clocks, quantization and routing weight per slot (and GPU) from the current settings."""
+                  max_mhz: float, server_route_weight: np.ndarray | None = None) -> SlotSettings:
+    """Clocks, quantization and routing weight per slot (and GPU) from the current settings.
+
+    `server_route_weight` is per server (all servers; None: 1 everywhere).
+    """
     has, o = slots.gpu_has, slots.gpu_o
     # Set clock: the pool's frequency under the row's clock cap (action).
     f_set = np.minimum(slots.freq_mhz, row_freq_cap_mhz[slots.row])
@@ -84,7 +87,9 @@ def slot_settings(slots: SlotTables, inst: InstanceTable, row_freq_cap_mhz: np.n
         speed=speed,
         qloss=qloss,
         power_factor=power_factor,
-        route_weight=row_route_weight[slots.row],
+        route_weight=(row_route_weight[slots.row] if server_route_weight is None else
+                      row_route_weight[slots.row]
+                      * server_route_weight[inst.slot_gpu // inst.gpus_per_server]),
     )
 
 
@@ -101,13 +106,16 @@ class SlotSettingsCache:
         self._value: SlotSettings | None = None
 
     def get(self, slots: SlotTables, inst: InstanceTable, row_freq_cap_mhz: np.ndarray,
-            row_quantized: np.ndarray, row_route_weight: np.ndarray) -> SlotSettings:
+            row_quantized: np.ndarray, row_route_weight: np.ndarray,
+            server_route_weight: np.ndarray | None = None) -> SlotSettings:
         """The settings for this layout (``slots``, compared by identity) and row settings."""
         key = (slots, row_freq_cap_mhz.tobytes(), row_quantized.tobytes(),
-               row_route_weight.tobytes())
+               row_route_weight.tobytes(),
+               None if server_route_weight is None else server_route_weight.tobytes())
         if key != self._key:
             self._value = slot_settings(slots, inst, row_freq_cap_mhz, row_quantized,
-                                        row_route_weight, self.sv, self.max_mhz)
+                                        row_route_weight, self.sv, self.max_mhz,
+                                        server_route_weight)
             self._key = key
         return self._value
 

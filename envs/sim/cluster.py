@@ -49,6 +49,7 @@ from llm_cluster_gym.envs.sim.layout import (
     aisle_cooling,
     cluster_layout,
     gpu_power_model,
+    row_array,
     validate_pools,
 )
 from llm_cluster_gym.envs.sim.profiles import ProfileArrays, ProfileLibrary
@@ -204,6 +205,8 @@ class SimCluster:
         self.row_freq_cap_mhz = np.full(topo.n_rows, self.gpu_model.max_freq_mhz)
         self.row_quantized = np.zeros(topo.n_rows, dtype=bool)
         self.row_route_weight = np.ones(topo.n_rows)
+        # Per server (SaaS entries set by the controller); None without serving.route_per_server.
+        self.server_route_weight = np.ones(topo.n_servers) if self.layout.route_per_server else None
         self.admit_fraction = 1.0
         self.record = TickRecord()
         self.arrived_total = 0
@@ -235,6 +238,8 @@ class SimCluster:
             self.row_quantized = check("row_quantized", action.row_quantized)
         if action.row_route_weight is not None:
             self.row_route_weight = check("row_route_weight", action.row_route_weight)
+        if action.server_route_weight is not None:
+            self.server_route_weight = self._server_weights(action.server_route_weight)
         if action.admit_fraction is not None:
             a = float(action.admit_fraction)
             if not 0.0 <= a <= 1.0:
@@ -242,6 +247,23 @@ class SimCluster:
             self.admit_fraction = a
         if action.vm_servers:
             self._place_vms(action.vm_servers)
+
+    def _server_weights(self, value: np.ndarray) -> np.ndarray:
+        """Per-server routing weights (1 on IaaS servers) from the per-SaaS-server action field.
+
+        Raises:
+            ValueError: The scenario does not route per server, or a wrong shape, a weight
+                that is not finite or a negative one.
+        """
+        saas = self.layout.saas_servers
+        if not self.layout.route_per_server:
+            raise ValueError("server_route_weight: the scenario does not set serving.route_per_server")
+        w = row_array(value, len(saas), "server_route_weight")
+        if np.count_nonzero(w < 0):
+            raise ValueError(f"server_route_weight must be >= 0, got {w}")
+        out = np.ones(self.topo.n_servers)
+        out[saas] = w
+        return out
 
     def _place_vms(self, servers: tuple[int | None, ...]) -> None:
         """Place the waiting VMs slot by slot: slot i holds the i-th VM waiting now (None: it waits).
@@ -409,7 +431,7 @@ class SimCluster:
             self._admit_arrivals(lo, hi, acc)
         # Clocks: the controller's settings under last tick's capping and slowdown ceilings.
         st = self._settings_cache.get(slots, inst, self.row_freq_cap_mhz, self.row_quantized,
-                                      self.row_route_weight)
+                                      self.row_route_weight, self.server_route_weight)
         f_eff, f_pre, gpu_prefill_mhz, gpu_ceiling = effective_clocks(
             st, slots, inst, slowdown, capping, topo.gpu_row, gm.max_freq_mhz)
         serving = inst.serving(t0)

@@ -94,6 +94,7 @@ def cluster_layout(s: Scenario, topo: Topology, pools: LengthPools, gpu_model: p
         gpu_power_limit_w=gpu_model.gpu_power_limit_w,
         slowdown_temp_c=slowdown_temp_c,
         vm_placements_per_interval=s.vms.placements_per_interval,
+        route_per_server=sv.route_per_server,
     )
 
 

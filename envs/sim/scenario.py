@@ -464,6 +464,12 @@ class ServingSpec:
                                          doc="Busy power of a quantized instance / unquantized.")
     quantized_quality_loss: float = spec(0.0, ge=0, le=1,
                                          doc="Quality lost by serving quantized (fraction).")
+    route_per_server: bool = spec(
+        False,
+        doc="Let controllers weight new requests per SaaS server as well as per row (routing per SaaS "
+            "instance: an instance never spans two servers): the thermal and combined tasks get one "
+            "routing-weight choice per SaaS server and the observation each SaaS server's hottest GPU "
+            "and weight. false: per row only.")
     slo_classes: tuple[SloClassSpec, ...] = spec(
         (),
         doc="Per-request SLO classes by prompt length, in increasing order, the last one unbounded: "
