@@ -24,18 +24,29 @@ From the observation only:
   keeps full weight (power capping is row-wide, so power slack stays a row's matter);
 * reconfiguration on spikes, faults and tight rows, in the order that costs least: first the
   row's SaaS clock ceiling goes down step by step (decode is memory-bound, so latency barely
-  moves), then, only if the ceiling is already low and the row is still tight, the row serves
-  the quantized model (a quality cost). Both are released one step at a time once slack
-  returns.
+  moves); then, only if the ceiling is already low and the row is still tight, tensor
+  parallelism (tasks with pool actions: TP is a pool's setting): each pool moves, on the GPUs
+  it holds, to the TP degree the operator's performance model (`controllers.perfmodel`)
+  predicts to draw the least power at the observed load within the SLOs, if that saves at
+  least `tp_min_saving` (a one-off cost: the instances reload their model); the quantized
+  model (a lasting quality cost) comes last, and not while a TP change of the last
+  `ctx.reconfig_every` intervals is still taking effect. Released in reverse order once slack
+  returns: quantization, then the pools' own TP, then the clock, one step at a time.
+  On the calibrated physics a TP change seldom pays: a 70B model's fewest, largest instances
+  (TP 8) read its weights the fewest times per token, so at `tapas_dc`'s load TP 4 and TP 2
+  draw more, not less (`bench/emergency_knobs.py` measures every rung).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
 from llm_cluster_gym.controllers.base import RuleBasedController
 from llm_cluster_gym.controllers.context import ControllerContext
-from llm_cluster_gym.envs.backend import ClusterAction
+from llm_cluster_gym.controllers.perfmodel import PoolModel
+from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
 
 
 class TapasController(RuleBasedController):
@@ -50,13 +61,16 @@ class TapasController(RuleBasedController):
             otherwise the scenario's initial pool configuration is kept.
         cooling_lost_below: An aisle whose cooling capacity in force is below this fraction of
             its nominal one has lost cooling (a failure in force): its rows get no new requests.
+        tp_min_saving: Least predicted cut of a pool's power (fraction) for which the TP rung
+            reconfigures the pool (tasks with pool actions).
     """
 
     name = "tapas"
 
     def __init__(self, ctx: ControllerContext, power_high: float = 0.85,
                  power_low: float = 0.7, temp_margin_c: float = 8.0,
-                 pool_controller=None, cooling_lost_below: float = 0.95) -> None:
+                 pool_controller=None, cooling_lost_below: float = 0.95,
+                 tp_min_saving: float = 0.05) -> None:
         if not ctx.codec.has_rows:
             raise ValueError(f"TapasController needs a task with row actions, got {ctx.task!r}")
         super().__init__(ctx)
@@ -64,6 +78,9 @@ class TapasController(RuleBasedController):
         if not 0.0 < cooling_lost_below <= 1.0:
             raise ValueError(f"cooling_lost_below must be in (0, 1], got {cooling_lost_below}")
         self.cooling_lost_below = cooling_lost_below
+        if not 0.0 <= tp_min_saving < 1.0:
+            raise ValueError(f"tp_min_saving must be in [0, 1), got {tp_min_saving}")
+        self.tp_min_saving = tp_min_saving
         self.pool_controller = pool_controller
         lay = ctx.layout
         self.n_f = len(lay.freq_choices_mhz)
@@ -85,6 +102,10 @@ class TapasController(RuleBasedController):
         self.aisle_hot = np.zeros(lay.n_aisles)
         self.cap_idx = np.full(lay.n_rows, self.n_f - 1)
         self.quant = np.zeros(lay.n_rows, dtype=np.int64)
+        self.tp_hold = np.zeros(lay.n_pools, dtype=np.int64)  # per pool: TP the rung holds (0: none)
+        self.intervals_since_tp = np.iinfo(np.int64).max // 2
+        self._escalate = np.zeros(lay.n_rows, dtype=bool)
+        self._relaxed = True
         if self.pool_controller is not None:
             self.pool_controller.reset()
 
@@ -196,13 +217,71 @@ class TapasController(RuleBasedController):
         floor = np.where((frac > 1.0) | faults.any(), 0, self.floor_idx)
         lower = tight & (self.cap_idx > floor)
         self.cap_idx = np.where(lower, np.maximum(self.cap_idx - step, floor), self.cap_idx)
-        # Quantize only once the clock has already come down far and the row is still tight.
-        self.quant = np.where(tight & (self.cap_idx <= self.quant_below_idx), 1, self.quant)
-        # Release in reverse order: quantization first, then the clock.
+        # The next rungs (TP, then quantization) only once the clock has come down far and
+        # the row is still tight.
+        self._escalate = tight & (self.cap_idx <= self.quant_below_idx)
+        # Release in reverse order: quantization first, then TP (in `_tp_rung`), then the clock.
         release_q = relax & (self.quant == 1)
         self.quant = np.where(release_q, 0, self.quant)
-        raise_cap = relax & ~release_q & (self.cap_idx < self.n_f - 1)
+        self._relaxed = bool(relax.all() and not release_q.any())
+        raise_cap = relax & ~release_q & (self.cap_idx < self.n_f - 1) & ~self.tp_hold.any()
         self.cap_idx = np.where(raise_cap, self.cap_idx + 1, self.cap_idx)
+
+    def _quantize(self) -> None:
+        """The last rung: rows still tight at a low clock serve the quantized model.
+
+        Not while a TP change made within the last `reconfig_every` intervals is taking effect.
+        """
+        if self.intervals_since_tp < self.ctx.reconfig_every:
+            return
+        self.quant = np.where(self._escalate, 1, self.quant)
+
+    def _tp_rung(self, observation: np.ndarray, pools: tuple[PoolConfig, ...]) -> tuple[PoolConfig, ...]:
+        """`pools` with the TP the rung holds: new holds where rows need the next rung.
+
+        For each pool, on the GPUs it holds at the clock the pool runs, the TP choice whose
+        predicted power at the last interval's arrival rate is least among those within the
+        pool's SLOs; held if it cuts the prediction for the pool's own TP by `tp_min_saving`.
+        Holds are dropped once every row has relaxed.
+        """
+        self.intervals_since_tp += 1
+        if self._relaxed and self.tp_hold.any():
+            self.tp_hold[:] = 0
+        if self._escalate.any():
+            rate = self.ctx.view.pool_rate_rps(observation)
+            for p, cfg in enumerate(pools):
+                if self.tp_hold[p] == 0:
+                    best = self._least_power_tp(p, cfg, float(rate[p]))
+                    if best != cfg.tp:
+                        self.tp_hold[p] = best
+                        self.intervals_since_tp = 0
+        return tuple(self._at_tp(cfg, int(self.tp_hold[p])) if self.tp_hold[p] else cfg
+                     for p, cfg in enumerate(pools))
+
+    def _least_power_tp(self, pool: int, cfg: PoolConfig, rate_rps: float) -> int:
+        """The TP degree for the pool's GPUs that the performance model says draws least."""
+        gpus = cfg.n_instances * cfg.tp
+        if gpus == 0:
+            return cfg.tp
+        power: dict[int, float] = {}
+        for tp in self.ctx.layout.tp_choices:
+            n = self._at_tp(cfg, tp).n_instances
+            if n == 0 or n * tp != gpus:
+                continue
+            ok, pred = PoolModel(self.ctx, pool, tp, cfg.freq_mhz).within_slo(
+                rate_rps, n, cfg.max_batch, 1.0)
+            if bool(ok):
+                power[tp] = float(pred.pool_power_w)
+        if cfg.tp not in power or not power:
+            return cfg.tp
+        best = min(power, key=power.__getitem__)
+        return best if power[best] < (1.0 - self.tp_min_saving) * power[cfg.tp] else cfg.tp
+
+    def _at_tp(self, cfg: PoolConfig, tp: int) -> PoolConfig:
+        """`cfg` at TP `tp` on the same servers (whole servers, as the codec lays pools out)."""
+        per_server_now = self.ctx.layout.gpus_per_server // cfg.tp
+        servers = cfg.n_instances // per_server_now if per_server_now else 0
+        return replace(cfg, tp=tp, n_instances=servers * (self.ctx.layout.gpus_per_server // tp))
 
     def decide(self, observation: np.ndarray, action_mask: np.ndarray | None = None
                ) -> ClusterAction:
@@ -210,12 +289,14 @@ class TapasController(RuleBasedController):
         ctx = self.ctx
         frac, temp_c, _ = self._observe(observation)
         self._reconfigure(observation, frac, temp_c)
-        route_level = self._routing(frac, temp_c, self._cooling_lost_rows(observation))
-        server_level = self._server_routing(observation) if ctx.codec.route_servers else None
-        place = self._place(observation, ctx.slot_legal_servers(action_mask))
         pools = None
         if ctx.codec.has_pools:
             pools = (self.pool_controller.next_pools(observation)
                      if self.pool_controller is not None else ctx.initial_pools)
+            pools = self._tp_rung(observation, pools)
+        self._quantize()
+        route_level = self._routing(frac, temp_c, self._cooling_lost_rows(observation))
+        server_level = self._server_routing(observation) if ctx.codec.route_servers else None
+        place = self._place(observation, ctx.slot_legal_servers(action_mask))
         return ctx.action(pools, route_level=route_level, cap_idx=self.cap_idx,
                           quantized=self.quant, vm_servers=place, server_route_level=server_level)
