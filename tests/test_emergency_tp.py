@@ -33,7 +33,10 @@ def scenario_at_tp(tp: int):
         sc.serving, pools=(dataclasses.replace(pool, tp=tp, n_instances=servers * (8 // tp)),)))
 
 
-def run(tp: int, **kwargs) -> tuple[list[np.ndarray], list[tuple[PoolConfig, ...]], list[bool], TapasController]:
+Run = tuple[list[np.ndarray], list[tuple[PoolConfig, ...]], list[bool], TapasController]
+
+
+def run(tp: int, **kwargs) -> Run:
     """One episode (seed 0): the rung's holds, the pools in force and whether any row quantized."""
     env = ClusterEnv(task="combined", backend=SimCluster(scenario_at_tp(tp), serving_model="aggregate"))
     ctl = TapasController(ControllerContext.from_env(env), **kwargs)
