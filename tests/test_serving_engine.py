@@ -349,3 +349,44 @@ def test_serial_prefill_needs_the_request_level_model():
     SimCluster(s, serving_model="request")
     with pytest.raises(ScenarioError, match="prefill_mode"):
         base.with_overrides(serving=dataclasses.replace(base.serving, prefill_mode="eager"))
+
+
+def test_serial_prefill_power_is_the_mean_of_each_pass_at_its_own_clock():
+    """A tick with a long and a short pass draws the time-weighted mean of the two passes' power.
+
+    Each pass runs at the clock its own prompt allows under the GPU power limit; the power model
+    gets one (prompt, clock) pair per GPU that reproduces that mean, below what one pass of the
+    tick's mean prompt would draw (the draw is concave in the prompt and capped).
+    """
+    from llm_cluster_gym.envs.real.fidelity import MODEL_NAME, _scenario
+    from llm_cluster_gym.envs.sim.clocks import serial_prefill
+    from llm_cluster_gym.envs.sim.cluster import SimCluster
+    from llm_cluster_gym.envs.sim.profiles import ProfileLibrary, phase_power_w
+    from llm_cluster_gym.envs.sim.serving import TickLoad
+
+    prof = dataclasses.replace(ProfileLibrary.load().get("llama3-8b", "h100", 1), model=MODEL_NAME)
+    sim = SimCluster(_scenario(60.0, 1.0, 0.2, 25.0, 8192, 60.0), serving_model="request",
+                     profiles=ProfileLibrary([prof]))
+    sim.reset(seed=0)
+    sp, n = sim.slots.prof, sim.slots.prof.idle_power_w.size
+    tok, sec = np.array([8000.0, 150.0]), np.array([0.15, 0.05])
+    slot = np.zeros(2, dtype=np.int64)
+    f_max = np.full(n, prof.max_freq_mhz)
+
+    def draw(tokens, mhz):
+        return np.minimum(phase_power_w(tokens, mhz, prof.idle_power_w, prof.prefill_max_power_w,
+                                        prof.prefill_k_tokens, prof.power_freq_exponent,
+                                        prof.max_freq_mhz, prof.prefill_busy_power_w),
+                          prof.gpu_power_limit_w)
+
+    own = prof.prefill_freq_at_limit_mhz(tok)
+    expected = float(np.sum(sec * draw(tok, own)) / sec.sum())
+    mean_tok = np.full(n, float(np.sum(sec * tok) / sec.sum()))
+    load = TickLoad(np.zeros(n), mean_tok, np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n),
+                    prefill_passes=(slot, tok, sec))
+    gpu_mhz, tokens_eq = serial_prefill(load, sim.slots, f_max, f_max, prof.max_freq_mhz)
+    got = float(draw(tokens_eq[0], gpu_mhz[0]))
+    assert got == pytest.approx(expected, rel=1e-6)
+    one_pass = float(draw(mean_tok[0], prof.prefill_freq_at_limit_mhz(mean_tok[0])))
+    assert got < one_pass - 20.0  # the mean prompt's pass overstates the tick's draw
+    assert sp.max_freq_mhz[0] >= gpu_mhz[0] >= min(own)

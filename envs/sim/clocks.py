@@ -22,6 +22,7 @@ from llm_cluster_gym.envs.sim.profiles import (
     decode_iter_time_s,
     freq_at_power_limit_mhz,
     moe_experts_touched,
+    phase_power_w,
     prefill_time_s,
 )
 from llm_cluster_gym.envs.sim.scenario import ServingSpec
@@ -269,18 +270,52 @@ def serial_slot_model(model: SlotModel, slots: SlotTables, f_eff: np.ndarray,
     return SlotModel(prefill, model.decode_iter_time_s, model.kv_capacity_tokens)
 
 
-def serial_prefill_gpu_mhz(load: TickLoad, slots: SlotTables, f_eff: np.ndarray,
-                           f_set: np.ndarray, max_mhz: float) -> np.ndarray:
-    """Each GPU's prefill clock over a tick of serial passes (``serving.prefill_mode: serial``).
+def serial_prefill(load: TickLoad, slots: SlotTables, f_eff: np.ndarray, f_set: np.ndarray,
+                   max_mhz: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each GPU's prefill clock and each slot's power-equivalent prompt over a tick of serial passes.
 
-    The clock at which a pass of the tick's mean prompt (``load.prefill_tokens``, weighted by
-    pass time) fits the power limit, under the slot's effective and set clocks; the maximum
-    where no instance runs.
+    For ``serving.prefill_mode: serial``: every pass of the tick (``load.prefill_passes``) runs at
+    the clock at which a pass of its own prompt fits the GPU power limit (under the slot's
+    effective and set clocks) and draws that prompt's power at that clock, capped at the limit.
+    A slot's prefill power is the pass-time-weighted mean of its passes' draws, carried to the
+    power model as the time-weighted mean clock and the prompt length whose draw at that clock
+    equals the mean (``GpuLoad`` holds one prompt and one clock per GPU). Exact with no further
+    clock ceiling in force (a row cap or thermal slowdown scales the mean by the ceiling); a
+    pass of the tick's mean prompt instead overstates a mixed tick's power, the draw being
+    concave in the prompt length and capped (Jensen).
+
+    Returns:
+        (per-GPU prefill clock, MHz, the maximum where no instance runs; per-slot prompt tokens
+        for the power model, ``load.prefill_tokens`` where a slot ran no pass).
     """
+    sp = slots.prof
+    tokens_eq = load.prefill_tokens
+    f_slot = np.minimum(f_eff, _prefill_limit_mhz(load.prefill_tokens, sp, np.arange(len(f_eff))))
+    if load.prefill_passes is not None and len(load.prefill_passes[0]):
+        slot, tok, sec = load.prefill_passes
+        f = np.minimum(np.minimum(f_eff[slot], f_set[slot]), _prefill_limit_mhz(tok, sp, slot))
+        idle = sp.idle_power_w[slot]
+        draw = phase_power_w(tok, f, idle, sp.prefill_max_power_w[slot], sp.prefill_k_tokens[slot],
+                             sp.power_freq_exponent[slot], sp.max_freq_mhz[slot],
+                             sp.prefill_busy_power_w[slot])
+        dyn = np.minimum(draw, sp.gpu_power_limit_w[slot]) - idle
+        n = len(f_eff)
+        w = np.bincount(slot, weights=sec, minlength=n)
+        ran = w > 0
+        w_safe = np.where(ran, w, 1.0)
+        f_mean = np.bincount(slot, weights=sec * f, minlength=n) / w_safe
+        dyn_mean = np.bincount(slot, weights=sec * dyn, minlength=n) / w_safe
+        # The prompt whose draw at the mean clock (at max clock: divided by the clock factor) is
+        # the mean draw; the saturating curve inverted: x = k u / (1 - u).
+        at_max = dyn_mean / (f_mean / sp.max_freq_mhz) ** sp.power_freq_exponent
+        span = np.maximum(sp.prefill_max_power_w - sp.idle_power_w - sp.prefill_busy_power_w, 1e-9)
+        u = np.clip((at_max - sp.prefill_busy_power_w) / span, 1e-9, 1.0 - 1e-9)
+        x = sp.prefill_k_tokens * u / (1.0 - u)
+        tokens_eq = np.where(ran, x, load.prefill_tokens)
+        f_slot = np.where(ran, f_mean, f_slot)
     o = slots.gpu_o
-    idx = np.arange(len(f_eff))
-    f_pre = np.minimum(f_eff, _prefill_limit_mhz(load.prefill_tokens, slots.prof, idx))
-    return np.where(slots.gpu_has, np.minimum(f_pre[o], f_set[o]), max_mhz)
+    gpu_mhz = np.where(slots.gpu_has, np.minimum(f_slot[o], f_set[o]), max_mhz)
+    return gpu_mhz, tokens_eq
 
 
 def _prefill_limit_mhz(tokens: np.ndarray, sp: ProfileArrays, i: np.ndarray) -> np.ndarray:

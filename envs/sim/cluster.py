@@ -36,7 +36,7 @@ from llm_cluster_gym.envs.sim.clocks import (
     SlotSettingsCache,
     effective_clocks,
     gpu_load,
-    serial_prefill_gpu_mhz,
+    serial_prefill,
     serial_slot_model,
 )
 from llm_cluster_gym.envs.sim.demand import episode_trace, pools_for
@@ -445,7 +445,8 @@ class SimCluster:
             stats.add_tokens_lost(load.decode_tokens, f_eff, st.f_set_mhz, slots.prof.decode_phi,
                                   slots.prof.max_freq_mhz)
         if self._serial:
-            gpu_prefill_mhz = serial_prefill_gpu_mhz(load, slots, f_eff, st.f_set_mhz, gm.max_freq_mhz)
+            gpu_prefill_mhz, load.prefill_tokens = serial_prefill(load, slots, f_eff, st.f_set_mhz,
+                                                                  gm.max_freq_mhz)
         # GPU power at this tick's ceilings.
         gl = gpu_load(load, st, slots, gpu_prefill_mhz, self._vm_gpu_power_w(), dt)
         if self.power.any_down:

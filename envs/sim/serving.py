@@ -28,6 +28,10 @@ class TickLoad:
         decode_tokens: Output tokens each slot's decode iterations produced in the tick (what
             throttling slows: `accounting.IntervalStats.add_tokens_lost`).
         tokens_generated: Output tokens produced in the tick (all slots).
+        prefill_passes: Serial prefill only (``serving.prefill_mode: serial``): the tick's passes
+            as (slot, prompt tokens of the pass, seconds of it run in this tick), so that power
+            follows each pass at its own clock (`clocks.serial_prefill`) rather than a pass of the
+            tick's mean prompt; None in chunked mode.
     """
 
     prefill_busy_s: np.ndarray
@@ -37,6 +41,7 @@ class TickLoad:
     decode_ctx_tokens: np.ndarray
     decode_tokens: np.ndarray
     tokens_generated: float = 0.0
+    prefill_passes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 @dataclass

@@ -475,9 +475,12 @@ class RequestLevelServing:
         prog = x * frac
         work = w * frac  # pass time run in this tick: decoding stalls for all of it
         work_slot = np.bincount(ps, weights=work, minlength=n)
-        # Prefill power follows the mean prompt of the tick's passes, weighted by pass time.
+        # Prefill power: each pass at its own clock and draw (`clocks.serial_prefill` turns the
+        # passes into the slot's mean); the mean prompt stands in until then.
         load.prefill_tokens = (np.bincount(ps, weights=work * total, minlength=n)
                                / np.maximum(work_slot, 1e-12))
+        ran = work > 0
+        load.prefill_passes = (ps[ran], total[ran].astype(np.float64), work[ran])
         load.prefill_busy_s = np.minimum(work_slot, dt_s)
         # The first token comes out of the pass, before the step's decode iteration.
         return self._settle_prefill(pf, ps, starts, lens, x, prog, total, complete, work, work_slot,
