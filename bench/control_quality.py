@@ -13,16 +13,44 @@ safety shield, as deployed) and for the rule-based controllers of the same task:
 A reduction is 1 - events(policy) / events(unaware); it is reported as null when the unaware
 baseline itself had no such event (nothing to reduce).
 
+Then issue 20's bar, measured on today's agents (`agents/bar.py`): the residual energy agent inside
+the shield on the held-out days of the 2024 week against every rule-based and fixed policy of the
+DynamoLLM week protocol, the shield's override rate around the shipped thermal agent, whether each
+shipped checkpoint runs on every scenario size, and `gymnasium.make_vec`'s steps per second.
+
 Last line: one JSON object with `energy_saving_vs_static`, `slo_attainment`, `gap_to_oracle`,
-`thermal_throttle_reduction`, `power_throttle_reduction` for the shipped agents.
+`thermal_throttle_reduction`, `power_throttle_reduction` for the shipped agents, and issue 20's
+`agent_vs_best_rule_energy` (with `_ci95`), `agent_slo_attainment`, `override_rate`, `transfers`,
+`vector_env_steps_per_s`. Bar (issue 20): SLO attainment >= 0.99 with `agent_vs_best_rule_energy`
+< 1.0; `override_rate` <= 0.05 (with fewer throttled GPU-seconds than the TAPAS-style controller);
+`transfers` true; >= 20,000 batched env steps per second.
+
+Usage::
+
+    python bench/control_quality.py [--hours 24] [--no-legacy]
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 
+import numpy as np
+import tyro
+
+from llm_cluster_gym.agents import bar
 from llm_cluster_gym.agents.evaluation import DEFAULT_PLANS, SHIELDED_AGENT, evaluate_task
+
+
+@dataclass(frozen=True)
+class QualityArgs:
+    """Control quality of the shipped agents."""
+
+    hours: float = 24.0
+    """Measured hours of each held-out week day for the energy agent's bar (less for a quick look)."""
+    legacy: bool = True
+    """Also evaluate the first shipped agents on the small scenarios (request level)."""
 
 
 def reduction(events: float, base: float) -> float | None:
@@ -31,8 +59,47 @@ def reduction(events: float, base: float) -> float | None:
 
 
 def main() -> None:
-    plans = {(p.task, p.scenario): p for p in DEFAULT_PLANS}
+    args = tyro.cli(QualityArgs, description=__doc__.split("\n\n")[0])
     log = lambda m: print(f"  {m}", file=sys.stderr)  # noqa: E731
+    out = legacy_figures(log) if args.legacy else {}
+    out.update(issue20_figures(args.hours, log))
+    print(json.dumps(out))
+
+
+def issue20_figures(hours: float, log) -> dict:
+    """Issue 20's bar on today's agents (see the module docstring)."""
+    energy = bar.energy_agent_bar(hours=hours, log=log)
+    print("issue 20: residual energy agent (shielded) on held-out week days vs the best rule or fixed "
+          "policy meeting SLO 0.99, per (day, seed):")
+    for r in energy["rows"]:
+        print(f"  day {r['day']} seed {r['seed']}: best rule {r['best_rule']}, energy ratio "
+              f"{r['agent_vs_best_rule_energy']:.4f}, SLO {r['agent_slo_attainment']:.4f}, "
+              f"shield overrides {r['shield_override_rate']:.3f}")
+    ratio, ratio_ci = energy["summary"]["agent_vs_best_rule_energy"]
+    slo, _ = energy["summary"]["agent_slo_attainment"]
+    rates = bar.override_rate()
+    print(f"issue 20: shield overrides around the shipped thermal agent (small_tapas_high, request "
+          f"level), per seed: {[round(r, 3) for r in rates]}")
+    moved = bar.transfers()
+    for ckpt, per in moved.items():
+        print(f"issue 20: {ckpt}: " + "; ".join(f"{sc} {v}" for sc, v in per.items()))
+    steps = bar.vector_env_steps_per_s()
+    print(f"issue 20: gymnasium.make_vec (8 sync copies of LLMCluster/Energy-small-v0): {steps:,.0f} "
+          "env steps/s")
+    return {
+        "agent_vs_best_rule_energy": round(ratio, 4),
+        "agent_vs_best_rule_energy_ci95": round(ratio_ci, 4),
+        "agent_slo_attainment": round(slo, 4),
+        "override_rate": round(float(np.mean(rates)), 4),
+        "transfers": all(v == "ok" for per in moved.values() for v in per.values()),
+        "transfers_by_checkpoint": {c: all(v == "ok" for v in per.values()) for c, per in moved.items()},
+        "vector_env_steps_per_s": round(steps, 1),
+    }
+
+
+def legacy_figures(log) -> dict:
+    """The first shipped agents on the small scenarios (request level), beside the rules."""
+    plans = {(p.task, p.scenario): p for p in DEFAULT_PLANS}
     energy = evaluate_task(plans["energy", "small"], progress=log)
     thermal = evaluate_task(plans["thermal", "small_tapas_high"], progress=log)
     faults = evaluate_task(plans["thermal", "small_faults"], progress=log)
@@ -71,7 +138,7 @@ def main() -> None:
         "thermal_throttle_reduction": agent_reduction(faults, "thermal_throttle_events"),
         "power_throttle_reduction": agent_reduction(thermal, "power_throttle_events"),
     }
-    print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":

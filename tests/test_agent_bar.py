@@ -1,0 +1,36 @@
+"""Issue 20's bar figures (`agents/bar.py`) measure what they say on the shipped checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from llm_cluster_gym.agents import bar
+
+
+def test_transfers_tells_layout_free_checkpoints_from_layout_bound_ones():
+    moved = bar.transfers({"checkpoints/residual_energy": ("energy", "residual"),
+                           "checkpoints/energy": ("energy", "ckpt")})
+    assert set(moved["checkpoints/residual_energy"]) == set(bar.TRANSFER_SCENARIOS["energy"])
+    assert all(v == "ok" for v in moved["checkpoints/residual_energy"].values())
+    old = moved["checkpoints/energy"]
+    assert old["small"] == "ok"  # the scenario it was trained on
+    assert old["medium"].startswith("CheckpointError") and "action_nvec" in old["medium"]
+
+
+@pytest.mark.slow
+def test_energy_bar_holds_the_agent_against_the_least_energy_rule_that_meets_the_slo():
+    from llm_cluster_gym.scripts.dynamo_week import POLICIES
+
+    out = bar.energy_agent_bar(days=(0,), seeds=(0,), hours=0.5)
+    (row,) = out["rows"]
+    assert set(row["rules"]) == set(POLICIES)
+    meeting = {p: r["energy_kwh"] for p, r in row["rules"].items()
+               if r["slo_attainment"] >= bar.SLO_TARGET}
+    assert row["best_rule"] == min(meeting, key=meeting.get)
+    assert row["agent_vs_best_rule_energy"] == pytest.approx(row["agent_kwh"] / meeting[row["best_rule"]])
+    assert 0.0 <= row["agent_slo_attainment"] <= 1.0
+    assert 0.0 <= row["shield_override_rate"] <= 1.0
+    ratio, half = out["summary"]["agent_vs_best_rule_energy"]
+    assert ratio == pytest.approx(row["agent_vs_best_rule_energy"]) and math.isnan(half)  # one day
