@@ -30,9 +30,9 @@ TRANSFER_SCENARIOS = {"energy": ("small", "medium", "large", "dynamo_week"),
                       "thermal": ("small_tapas", "small_tapas_high", "medium", "large", "tapas_dc")}
 """Scenario sizes each task's checkpoints must run on (the small ones stay for the tests)."""
 
-SHIPPED = {"checkpoints/energy": ("energy", "ckpt"), "checkpoints/thermal": ("thermal", "ckpt"),
-           "checkpoints/residual_energy": ("energy", "residual")}
-"""Shipped checkpoints: their task and how they are loaded."""
+SHIPPED = {"checkpoints/energy": "energy", "checkpoints/thermal": "thermal",
+           "checkpoints/residual_energy": "energy"}
+"""Shipped checkpoints and their task."""
 
 
 def energy_agent_bar(directory: str | Path = "checkpoints/residual_energy", days: Sequence[int] = (0, 2, 5),
@@ -106,19 +106,14 @@ def override_rate(policy: str = "ckpt:checkpoints/thermal", scenario: str = "sma
     return rates
 
 
-def _acts_on(directory: str, kind: str, task: str, scenario: str, steps: int = 3) -> str:
+def _acts_on(directory: str, task: str, scenario: str, steps: int = 3) -> str:
     """'ok' when the checkpoint builds and acts `steps` intervals on the scenario, else the error."""
     from llm_cluster_gym.controllers.policy_spec import make_policy
     from llm_cluster_gym.envs.cluster_env import ClusterEnv
 
     try:
         env = ClusterEnv(task=task, scenario=scenario, serving_model="aggregate")
-        if kind == "residual":
-            from llm_cluster_gym.agents.train_residual import ResidualPolicy
-
-            policy = ResidualPolicy(directory, env)
-        else:
-            policy = make_policy(f"ckpt:{directory}", env, same_scenario=False)
+        policy = make_policy(f"ckpt:{directory}", env, same_scenario=False)
         obs, _ = env.reset(seed=0)
         for _ in range(steps):
             mask = env.action_masks() if hasattr(env, "action_masks") else None
@@ -128,13 +123,16 @@ def _acts_on(directory: str, kind: str, task: str, scenario: str, steps: int = 3
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
 
 
-def transfers(checkpoints: dict[str, tuple[str, str]] | None = None) -> dict[str, dict[str, str]]:
-    """Per shipped checkpoint, per scenario size of its task: 'ok' or why it did not run."""
+def transfers(checkpoints: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """Per checkpoint and scenario size of its task: 'ok' or why it did not run.
+
+    ``checkpoints`` maps a directory to its task (default: the shipped ones).
+    """
     out = {}
-    for directory, (task, kind) in (checkpoints or SHIPPED).items():
+    for directory, task in (checkpoints or SHIPPED).items():
         if not Path(directory).exists():
             continue
-        out[directory] = {sc: _acts_on(directory, kind, task, sc) for sc in TRANSFER_SCENARIOS[task]}
+        out[directory] = {sc: _acts_on(directory, task, sc) for sc in TRANSFER_SCENARIOS[task]}
     return out
 
 

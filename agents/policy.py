@@ -8,12 +8,34 @@ deterministically, and passes the action mask to MaskablePPO so a masked choice 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from llm_cluster_gym.agents.checkpoint import Checkpoint, load_checkpoint
+
+
+def load_policy(directory: str | Path, env: Any, name: str | None = None,
+                same_scenario: bool = True) -> Any:
+    """A checkpoint as a controller: a residual agent over the manager, or a `TrainedPolicy`.
+
+    The residual agent (`agents.residual`, its metadata's ``kind``) brings its own manager and
+    layout-free spaces, so it runs on any scenario size of the energy task.
+    """
+    from llm_cluster_gym.agents.train_residual import RESIDUAL_KIND, ResidualPolicy
+
+    try:
+        kind = json.loads((Path(directory) / "metadata.json").read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None  # load_checkpoint says what is wrong with it
+    if kind == RESIDUAL_KIND:
+        policy = ResidualPolicy(directory, getattr(env, "unwrapped", env))
+        if name:
+            policy.name = name
+        return policy
+    return TrainedPolicy.from_checkpoint(directory, env, name=name, same_scenario=same_scenario)
 
 
 class TrainedPolicy:

@@ -29,6 +29,8 @@ import numpy as np
 from llm_cluster_gym.agents.residual import LagrangeUpdate, ResidualOverManager, lagrange_callback
 from llm_cluster_gym.scripts.dynamo_week import WeekArgs
 
+RESIDUAL_KIND = "residual_over_manager"
+"""`metadata.json` field `kind` of a residual agent's checkpoint (`agents.policy.load_policy` reads it)."""
 BURN_IN_S = WeekArgs.burn_in_s
 """The week protocol's burn-in before the measured span (`bench/dynamo_week.py`)."""
 
@@ -120,7 +122,7 @@ def train(args: TrainResidualArgs) -> Path:
                 callback=CallbackList([lagrange_callback(update), WallClockLimit()]))
     vec.training = False
     meta = {
-        "kind": "residual_over_manager", "task": "energy", "scenario": "dynamo_week",
+        "kind": RESIDUAL_KIND, "task": "energy", "scenario": "dynamo_week",
         "train_days": "Mon, Wed, Sat", "window_h": args.window_h, "steps": int(model.num_timesteps),
         "train_wall_s": round(time.time() - t0, 1), "max_minutes": args.max_minutes,
         "lagrange": update.value,

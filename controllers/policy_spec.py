@@ -102,10 +102,10 @@ def make_policy(spec: PolicySpec | str, env: Any, seed: int = 0,
         from llm_cluster_gym.controllers.registry import make_controller
 
         return make_controller(str(spec), env, seed=seed)
-    from llm_cluster_gym.agents.policy import TrainedPolicy
+    from llm_cluster_gym.agents.policy import load_policy
 
-    learned = TrainedPolicy.from_checkpoint(checkpoint_path or spec.checkpoint, env, name=str(spec),
-                                            same_scenario=same_scenario)
+    learned = load_policy(checkpoint_path or spec.checkpoint, env, name=str(spec),
+                          same_scenario=same_scenario)
     if not spec.shield:
         return learned
     from llm_cluster_gym.controllers.context import ControllerContext
