@@ -56,16 +56,18 @@ class TaskPlan:
 
 
 DEFAULT_PLANS = (
-    TaskPlan("energy", Path("checkpoints/energy"), "small", ("static", "dynamo"), "static", "oracle"),
+    TaskPlan("energy", Path("checkpoints/residual_energy"), "small", ("static", "dynamo"), "static",
+             "oracle"),
     TaskPlan("thermal", Path("checkpoints/thermal"), "small_tapas_high",
              ("unaware", "tapas", "shield:unaware"), "unaware"),
     TaskPlan("thermal", Path("checkpoints/thermal"), "small_faults", ("unaware", "tapas"),
              "unaware"),
 )
-"""The main job's plans: the DynamoLLM task against static, the DynamoLLM-style manager and the
-oracle; the TAPAS task at 1.6x power/cooling oversubscription (power capping) and under the
-scheduled cooling failure, power-feed failure and load spike of `small_faults` (thermal
-throttling), against the unaware and TAPAS-style baselines. The thermal agent was trained on
+"""The main job's plans: the DynamoLLM task (the residual energy agent over the DynamoLLM-style
+manager, `agents/residual.py`: layout-free, trained on the 1,024-GPU week, judged here on `small`)
+against static, the DynamoLLM-style manager and the oracle; the TAPAS task at 1.6x power/cooling
+oversubscription (power capping) and under the scheduled cooling failure, power-feed failure and
+load spike of `small_faults` (thermal throttling), against the unaware and TAPAS-style baselines. The thermal agent was trained on
 `small_tapas`; both evaluation datacenters have its layout and spaces."""
 
 
@@ -128,15 +130,14 @@ def windowed(scenario: str | Scenario, window: str) -> Scenario:
 
 def policy_factory(name: str, plan: TaskPlan, seed: int) -> Callable[[Any], Any]:
     """Build the controller for a policy name of the report (agent names map to the checkpoint)."""
-    from llm_cluster_gym.agents.policy import TrainedPolicy
+    from llm_cluster_gym.agents.policy import load_policy
     from llm_cluster_gym.controllers.context import ControllerContext
     from llm_cluster_gym.controllers.registry import make_controller
     from llm_cluster_gym.controllers.shield import Shield
 
     def make(env: Any) -> Any:
         if name in (AGENT, SHIELDED_AGENT):
-            learned = TrainedPolicy.from_checkpoint(plan.checkpoint, env, name=name,
-                                                    same_scenario=False)
+            learned = load_policy(plan.checkpoint, env, name=name, same_scenario=False)
             if name == AGENT:
                 return learned
             base = env.unwrapped
@@ -149,11 +150,11 @@ def policy_factory(name: str, plan: TaskPlan, seed: int) -> Callable[[Any], Any]
 def evaluate_task(plan: TaskPlan, seeds: Sequence[int] = (0, 1, 2), window: str = "test",
                   warmup: int = 12, progress: Callable[[str], None] | None = None) -> TaskEvaluation:
     """Run the shielded and raw agent, the baselines and the oracle on every seed."""
-    from llm_cluster_gym.agents.checkpoint import load_metadata
+    from llm_cluster_gym.agents.policy import checkpoint_task
 
-    meta = load_metadata(plan.checkpoint)
-    if meta["task"] != plan.task:
-        raise ValueError(f"{plan.checkpoint}: checkpoint task is {meta['task']!r}, plan says {plan.task!r}")
+    task = checkpoint_task(plan.checkpoint)
+    if task != plan.task:
+        raise ValueError(f"{plan.checkpoint}: checkpoint task is {task!r}, plan says {plan.task!r}")
     scenario = windowed(plan.scenario, window)
     names = [SHIELDED_AGENT, AGENT, *plan.baselines] + ([plan.oracle] if plan.oracle else [])
     runs = {n: PolicyRuns(n) for n in names}

@@ -24,18 +24,37 @@ def load_policy(directory: str | Path, env: Any, name: str | None = None,
     The residual agent (`agents.residual`, its metadata's ``kind``) brings its own manager and
     layout-free spaces, so it runs on any scenario size of the energy task.
     """
-    from llm_cluster_gym.agents.train_residual import RESIDUAL_KIND, ResidualPolicy
+    from llm_cluster_gym.agents.train_residual import ResidualPolicy
 
-    try:
-        kind = json.loads((Path(directory) / "metadata.json").read_text()).get("kind")
-    except (OSError, ValueError, AttributeError):
-        kind = None  # load_checkpoint says what is wrong with it
-    if kind == RESIDUAL_KIND:
+    if _is_residual(directory):
         policy = ResidualPolicy(directory, getattr(env, "unwrapped", env))
         if name:
             policy.name = name
         return policy
     return TrainedPolicy.from_checkpoint(directory, env, name=name, same_scenario=same_scenario)
+
+
+def checkpoint_task(directory: str | Path) -> str:
+    """The task a checkpoint was trained for (its metadata checked as its kind requires)."""
+    from llm_cluster_gym.agents.checkpoint import CheckpointError, load_metadata
+
+    if _is_residual(directory):
+        task = json.loads((Path(directory) / "metadata.json").read_text()).get("task")
+        if not isinstance(task, str):
+            raise CheckpointError(f"{Path(directory) / 'metadata.json'}: field 'task' is {task!r}")
+        return task
+    return str(load_metadata(directory)["task"])
+
+
+def _is_residual(directory: str | Path) -> bool:
+    """Whether the checkpoint's metadata says it holds a residual agent over the manager."""
+    from llm_cluster_gym.agents.train_residual import RESIDUAL_KIND
+
+    try:
+        meta = json.loads((Path(directory) / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return False  # load_checkpoint / load_metadata say what is wrong with it
+    return isinstance(meta, dict) and meta.get("kind") == RESIDUAL_KIND
 
 
 class TrainedPolicy:

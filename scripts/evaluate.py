@@ -1,7 +1,7 @@
 """`llm-cluster evaluate`: the shipped checkpoints against the rule-based controllers and the oracle.
 
-`llm-cluster evaluate` runs the default plans of `agents.evaluation.DEFAULT_PLANS` (energy
-agent vs static, DynamoLLM-style and the oracle on `small`; thermal agent vs unaware and
+`llm-cluster evaluate` runs the default plans of `agents.evaluation.DEFAULT_PLANS` (the residual
+energy agent vs static, DynamoLLM-style and the oracle on `small`; thermal agent vs unaware and
 TAPAS-style on `small_tapas_high` and `small_faults`) on the held-out test window, prints the
 tables and writes `reports/evaluation/report.md` with plots (the folder appears complete, or
 the previous one stays: `envs.outputs.staged_folder`). `llm-cluster main` (the main job,
