@@ -67,8 +67,9 @@ DEFAULT_PLANS = (
 manager, `agents/residual.py`: layout-free, trained on the 1,024-GPU week, judged here on `small`)
 against static, the DynamoLLM-style manager and the oracle; the TAPAS task at 1.6x power/cooling
 oversubscription (power capping) and under the scheduled cooling failure, power-feed failure and
-load spike of `small_faults` (thermal throttling), against the unaware and TAPAS-style baselines. The thermal agent was trained on
-`small_tapas`; both evaluation datacenters have its layout and spaces."""
+load spike of `small_faults` (thermal throttling), against the unaware and TAPAS-style baselines.
+The thermal agent was trained on `small_tapas`; both evaluation datacenters have its layout and
+spaces."""
 
 
 @dataclass
