@@ -37,7 +37,7 @@ class EvaluateArgs:
     warmup: int = 12
     """Control intervals left out at the start of every episode (start-up reconfiguration)."""
     checkpoint_dir: str = "checkpoints"
-    """Folder holding <task>/ checkpoints."""
+    """Folder holding the plans' checkpoints (residual_energy/ for the energy task, thermal/)."""
     out: str = "reports/evaluation"
     """Where the Markdown report and its PNGs go."""
 
@@ -110,15 +110,15 @@ def run(args: EvaluateArgs, command: str = "llm-cluster evaluate") -> int:
         CheckpointError: A task's checkpoint is missing or unreadable (checked before any run).
         UsageError: A checkpoint was trained for another task.
     """
-    from llm_cluster_gym.agents.checkpoint import load_metadata
+    from llm_cluster_gym.agents.policy import checkpoint_task
 
-    plans = [dataclasses.replace(p, checkpoint=Path(args.checkpoint_dir) / p.task)
+    plans = [dataclasses.replace(p, checkpoint=Path(args.checkpoint_dir) / p.checkpoint.name)
              for p in DEFAULT_PLANS if p.task in args.tasks]
     for plan in plans:
-        meta = load_metadata(plan.checkpoint)
-        if meta["task"] != plan.task:
+        task = checkpoint_task(plan.checkpoint)
+        if task != plan.task:
             raise UsageError(f"--checkpoint-dir: {plan.checkpoint} holds a checkpoint of task "
-                             f"{meta['task']!r}, not {plan.task!r}")
+                             f"{task!r}, not {plan.task!r}")
     evals = []
     for plan in plans:
         ev = evaluate_task(plan, args.seeds, args.window, args.warmup,
