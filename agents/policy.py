@@ -26,7 +26,7 @@ def load_policy(directory: str | Path, env: Any, name: str | None = None,
     """
     from llm_cluster_gym.agents.train_residual import ResidualPolicy
 
-    if _is_residual(directory):
+    if _residual_metadata(directory) is not None:
         policy = ResidualPolicy(directory, getattr(env, "unwrapped", env))
         if name:
             policy.name = name
@@ -38,23 +38,24 @@ def checkpoint_task(directory: str | Path) -> str:
     """The task a checkpoint was trained for (its metadata checked as its kind requires)."""
     from llm_cluster_gym.agents.checkpoint import CheckpointError, load_metadata
 
-    if _is_residual(directory):
-        task = json.loads((Path(directory) / "metadata.json").read_text()).get("task")
+    meta = _residual_metadata(directory)
+    if meta is not None:
+        task = meta.get("task")
         if not isinstance(task, str):
             raise CheckpointError(f"{Path(directory) / 'metadata.json'}: field 'task' is {task!r}")
         return task
     return str(load_metadata(directory)["task"])
 
 
-def _is_residual(directory: str | Path) -> bool:
-    """Whether the checkpoint's metadata says it holds a residual agent over the manager."""
+def _residual_metadata(directory: str | Path) -> dict[str, Any] | None:
+    """The checkpoint's metadata if it says it holds a residual agent over the manager, else None."""
     from llm_cluster_gym.agents.train_residual import RESIDUAL_KIND
 
     try:
         meta = json.loads((Path(directory) / "metadata.json").read_text())
     except (OSError, ValueError):
-        return False  # load_checkpoint / load_metadata say what is wrong with it
-    return isinstance(meta, dict) and meta.get("kind") == RESIDUAL_KIND
+        return None  # load_checkpoint / load_metadata say what is wrong with it
+    return meta if isinstance(meta, dict) and meta.get("kind") == RESIDUAL_KIND else None
 
 
 class TrainedPolicy:

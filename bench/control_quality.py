@@ -27,7 +27,7 @@ Last line: one JSON object with `energy_saving_vs_static`, `slo_attainment`, `ga
 
 Usage::
 
-    python bench/control_quality.py [--hours 24] [--no-legacy]
+    python bench/control_quality.py [--hours 24] [--no-small-scenarios]
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ class QualityArgs:
 
     hours: float = 24.0
     """Measured hours of each held-out week day for the energy agent's bar (less for a quick look)."""
-    legacy: bool = True
-    """Also evaluate the first shipped agents on the small scenarios (request level)."""
+    small_scenarios: bool = True
+    """Also evaluate the shipped agents on the small scenarios (request level, test window)."""
 
 
 def reduction(events: float, base: float) -> float | None:
@@ -61,7 +61,7 @@ def reduction(events: float, base: float) -> float | None:
 def main() -> None:
     args = tyro.cli(QualityArgs, description=__doc__.split("\n\n")[0])
     log = lambda m: print(f"  {m}", file=sys.stderr)  # noqa: E731
-    out = legacy_figures(log) if args.legacy else {}
+    out = small_scenario_figures(log) if args.small_scenarios else {}
     out.update(issue20_figures(args.hours, log))
     print(json.dumps(out))
 
@@ -97,8 +97,8 @@ def issue20_figures(hours: float, log) -> dict:
     }
 
 
-def legacy_figures(log) -> dict:
-    """The first shipped agents on the small scenarios (request level), beside the rules."""
+def small_scenario_figures(log) -> dict:
+    """The shipped agents on the small scenarios (request level), beside the rules."""
     plans = {(p.task, p.scenario): p for p in DEFAULT_PLANS}
     energy = evaluate_task(plans["energy", "small"], progress=log)
     thermal = evaluate_task(plans["thermal", "small_tapas_high"], progress=log)

@@ -73,10 +73,9 @@ def rung_scenario(base: Scenario, rung: str, load: float, hours: float) -> Scena
     s = window_scenario(base, 2 * DAY_S + 14 * 3600.0, BURN_IN_S, hours * 3600.0)
     pools = s.serving.pools
     if rung.startswith("tp"):
-        tp = int(rung[2:])
-        per_server = 8 // pools[0].tp
-        servers = pools[0].n_instances // per_server
-        pools = (dataclasses.replace(pools[0], tp=tp, n_instances=servers * (8 // tp)),)
+        tp, gpus = int(rung[2:]), s.datacenter.server.gpus
+        servers = pools[0].n_instances * pools[0].tp // gpus
+        pools = (dataclasses.replace(pools[0], tp=tp, n_instances=servers * (gpus // tp)),)
     return dataclasses.replace(
         s,
         workload=dataclasses.replace(s.workload, rps_per_gpu=s.workload.rps_per_gpu * load),

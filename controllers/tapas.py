@@ -162,13 +162,11 @@ class TapasController(RuleBasedController):
     def _routing(self, frac: np.ndarray, temp_c: np.ndarray, cooling_lost: np.ndarray
                  ) -> np.ndarray:
         """Weight level (0-3) per row; `cooling_lost` marks rows whose aisle lost cooling."""
-        lay = self.ctx.layout
         power_slack = 1.0 - np.maximum(frac, self.row_peak)
-        thermal_slack = (lay.slowdown_temp_c - temp_c[self.row_aisle]) / 40.0
-        slack = np.minimum(power_slack, thermal_slack)
+        slack = np.minimum(power_slack, self._thermal_slack(temp_c[self.row_aisle]))
         # Never starve a row completely unless it is over its limit: a row at weight 0 pushes
         # all its load onto the others, which then run out of SLO headroom.
-        level = np.select([slack > 0.2, slack > 0.1], [3, 2], 1)
+        level = _slack_levels(slack)
         level[frac > 1.0] = 0
         level[int(np.argmax(slack))] = 3
         if cooling_lost.any() and not cooling_lost.all():
@@ -182,14 +180,17 @@ class TapasController(RuleBasedController):
         row keeps level 3, so the row's own weight decides how much the row takes.
         """
         lay = self.ctx.layout
-        temp_c = self.ctx.view.saas_server_max_temp_c(obs)
-        slack = (lay.slowdown_temp_c - temp_c) / 40.0
-        level = np.select([slack > 0.2, slack > 0.1], [3, 2], 1)
+        slack = self._thermal_slack(self.ctx.view.saas_server_max_temp_c(obs))
+        level = _slack_levels(slack)
         row = lay.server_row[lay.saas_servers]
         coolest = np.full(lay.n_rows, -np.inf)
         np.maximum.at(coolest, row, slack)
         level[slack >= coolest[row]] = 3
         return level
+
+    def _thermal_slack(self, temp_c: np.ndarray) -> np.ndarray:
+        """Margin of the hottest GPU to the slowdown point, in units of 40 C."""
+        return (self.ctx.layout.slowdown_temp_c - temp_c) / 40.0
 
     def _cooling_lost_rows(self, obs: np.ndarray) -> np.ndarray:
         """Rows whose aisle runs on less than `cooling_lost_below` of its nominal cooling."""
@@ -260,27 +261,23 @@ class TapasController(RuleBasedController):
 
     def _least_power_tp(self, pool: int, cfg: PoolConfig, rate_rps: float) -> int:
         """The TP degree for the pool's GPUs that the performance model says draws least."""
-        gpus = cfg.n_instances * cfg.tp
-        if gpus == 0:
+        if cfg.n_instances == 0:
             return cfg.tp
         power: dict[int, float] = {}
         for tp in self.ctx.layout.tp_choices:
-            n = self._at_tp(cfg, tp).n_instances
-            if n == 0 or n * tp != gpus:
-                continue
+            n = self._at_tp(cfg, tp).n_instances  # same servers, so the same GPUs
             ok, pred = PoolModel(self.ctx, pool, tp, cfg.freq_mhz).within_slo(
                 rate_rps, n, cfg.max_batch, 1.0)
             if bool(ok):
                 power[tp] = float(pred.pool_power_w)
-        if cfg.tp not in power or not power:
+        if cfg.tp not in power:
             return cfg.tp
         best = min(power, key=power.__getitem__)
         return best if power[best] < (1.0 - self.tp_min_saving) * power[cfg.tp] else cfg.tp
 
     def _at_tp(self, cfg: PoolConfig, tp: int) -> PoolConfig:
         """`cfg` at TP `tp` on the same servers (whole servers, as the codec lays pools out)."""
-        per_server_now = self.ctx.layout.gpus_per_server // cfg.tp
-        servers = cfg.n_instances // per_server_now if per_server_now else 0
+        servers = int(self.ctx.codec.pool_servers((cfg,))[0])
         return replace(cfg, tp=tp, n_instances=servers * (self.ctx.layout.gpus_per_server // tp))
 
     def decide(self, observation: np.ndarray, action_mask: np.ndarray | None = None
@@ -300,3 +297,8 @@ class TapasController(RuleBasedController):
         place = self._place(observation, ctx.slot_legal_servers(action_mask))
         return ctx.action(pools, route_level=route_level, cap_idx=self.cap_idx,
                           quantized=self.quant, vm_servers=place, server_route_level=server_level)
+
+
+def _slack_levels(slack: np.ndarray) -> np.ndarray:
+    """Routing weight level per slack: 3 above 0.2, 2 above 0.1, else 1 (rows and servers alike)."""
+    return np.select([slack > 0.2, slack > 0.1], [3, 2], 1)

@@ -27,10 +27,10 @@ from llm_cluster_gym.envs.sim.scenario import load_scenario
 def scenario_at_tp(tp: int):
     """small_tapas_high with its SaaS servers serving at TP `tp` (same servers, same GPUs)."""
     sc = load_scenario("small_tapas_high")
-    pool = sc.serving.pools[0]
-    servers = pool.n_instances * pool.tp // 8
+    pool, gpus = sc.serving.pools[0], sc.datacenter.server.gpus
+    servers = pool.n_instances * pool.tp // gpus
     return sc.with_overrides(serving=dataclasses.replace(
-        sc.serving, pools=(dataclasses.replace(pool, tp=tp, n_instances=servers * (8 // tp)),)))
+        sc.serving, pools=(dataclasses.replace(pool, tp=tp, n_instances=servers * (gpus // tp)),)))
 
 
 Run = tuple[list[np.ndarray], list[tuple[PoolConfig, ...]], list[bool], TapasController]
