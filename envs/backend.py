@@ -199,6 +199,11 @@ class ServiceMetrics:
     powered SaaS servers (serving, idle or waking; a server that is off is released);
     ``servers_powered`` is the mean number of powered servers (SaaS and IaaS) over the interval
     (NaN where the backend does not know).
+
+    IaaS service: ``vm_wait_s`` are the VM-seconds the interval's waiting VMs spent waiting for a
+    placement, ``vm_running_s`` the VM-seconds hosted (both 0 where the backend hosts no VMs, as
+    on the real node). A controller or shield that holds VMs back to keep rows cool pays here:
+    the throttling it saves is judged beside the service it deferred.
     """
 
     interval_s: float
@@ -241,6 +246,8 @@ class ServiceMetrics:
     ttft_hist: np.ndarray = field(default_factory=empty_histogram)
     tbt_hist: np.ndarray = field(default_factory=empty_histogram)
     servers_powered: float = math.nan
+    vm_wait_s: float = 0.0
+    vm_running_s: float = 0.0
 
     @property
     def slo_attainment(self) -> float:

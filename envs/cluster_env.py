@@ -28,7 +28,7 @@ INFO_METRICS = (
     "saas_throttled_gpu_s", "iaas_throttled_gpu_s", "saas_capped_gpu_s", "iaas_capped_gpu_s",
     "clock_lost_mhz_s", "saas_clock_lost_mhz_s", "iaas_clock_lost_mhz_s", "saas_tokens_lost", "quality_loss",
     "reconfigurations", "peak_row_power_w", "max_gpu_temp_c", "carbon_g", "gpu_hours",
-    "facility_energy_j",
+    "facility_energy_j", "vm_wait_s", "vm_running_s",
 )
 FAULT_NAMES = ("cooling_failure", "power_failure", "load_spike")
 RESET_OPTIONS = ("backend_seed",)

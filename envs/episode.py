@@ -97,6 +97,9 @@ METRICS: tuple[Metric, ...] = (
            "order: same batch at the set clock)", "tokens", "SaaS tokens lost"),
     Metric("peak_row_power_kw", "peak row power", "kW", "peak row kW"),
     Metric("max_gpu_temp_c", "max GPU temperature", "C", "max temp C"),
+    Metric("vm_wait_h", "VM-hours waiting for placement (IaaS; tick resolution)", "VM h",
+           "VM wait h"),
+    Metric("vm_hours", "VM-hours hosted (IaaS)", "VM h", "VM h"),
     Metric("tokens_generated", "output tokens generated", "tokens", "tokens"),
     Metric("requests_arrived", "requests arrived", "count", "arrived"),
     Metric("requests_finished", "requests finished", "count", "finished"),
@@ -122,7 +125,7 @@ COMPARISON_COLUMNS: tuple[tuple[str, str], ...] = tuple(
     (k, METRIC_BY_KEY[k].column) for k in (
         "energy_kwh", "energy_per_token_j", "slo_attainment", "ttft_p99_s", "tbt_p99_s",
         "thermal_throttle_events", "power_throttle_events", "peak_row_power_kw",
-        "max_gpu_temp_c", "shield_overrides"))
+        "max_gpu_temp_c", "vm_wait_h", "shield_overrides"))
 """(key, column label) of the tables comparing policies (compare, sweep, evaluation job)."""
 
 
@@ -272,6 +275,8 @@ class EpisodeResult:
             **{k: float(m[k].sum()) if k in m else math.nan for k in HARM_KEYS},
             "peak_row_power_kw": float(m["peak_row_power_w"].max()) / 1000.0,
             "max_gpu_temp_c": float(m["max_gpu_temp_c"].max()),
+            "vm_wait_h": float(m["vm_wait_s"].sum()) / 3600.0 if "vm_wait_s" in m else math.nan,
+            "vm_hours": float(m["vm_running_s"].sum()) / 3600.0 if "vm_running_s" in m else math.nan,
             "tokens_generated": tokens,
             "requests_arrived": n_arrived,
             "requests_finished": n_finished,

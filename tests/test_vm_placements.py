@@ -256,3 +256,49 @@ def test_shield_checks_placements_cumulatively():
     assert sum(lay.server_row[s] == 0 for s, _ in chosen) <= 1
     final = shield._predict(tel, shield._saas_dyn_w(tel), f, chosen)[0]
     assert (final <= shield.power_margin * np.asarray(tel.row_limit_w)).all()
+
+
+def test_vm_wait_and_hosted_hours_follow_the_queue_and_the_servers():
+    """`vm_wait_s` integrates the waiting queue and `vm_running_s` the hosted VMs over each interval.
+
+    With nothing placed (no initial VM, placements held) the queue only grows, so an interval's
+    waiting VM-seconds lie between its start and end queue lengths times its length, and no VM is
+    hosted; once the queue is placed, hosted VM-seconds appear and the episode summary converts
+    both to VM-hours.
+    """
+    env = ClusterEnv(task="thermal", backend=SimCluster(burst_scenario(), serving_model="aggregate",
+                                                       auto_place_vms=False))
+    env.reset(seed=0)
+    vms, interval = env.backend.vms, env.layout.control_interval_s
+    held_wait = 0.0
+    for _ in range(6):
+        before = vms.n_pending
+        _, _, _, _, info = env.step(None)
+        assert info["vm_running_s"] == 0.0
+        assert before * interval - 1e-9 <= info["vm_wait_s"] <= vms.n_pending * interval + 1e-9
+        held_wait += info["vm_wait_s"]
+    assert held_wait > 0.0
+    hosted = 0.0
+    for _ in range(8):
+        free = np.flatnonzero(env.backend.vms.legal_servers())[:P]
+        env.backend.apply(ClusterAction(vm_servers=tuple(int(s) for s in free)))
+        _, _, _, _, info = env.step(None)
+        hosted += info["vm_running_s"]
+    assert hosted > 0.0
+
+
+def test_shield_holding_vms_back_shows_as_waiting_vm_hours():
+    """The shield's placement overrides defer IaaS service, and the summary says how much."""
+    from llm_cluster_gym.envs.rollout import run_episode
+
+    out = {}
+    for name in ("tapas", "shield"):
+        env = ClusterEnv(task="thermal", scenario="small_tapas_high", serving_model="aggregate")
+        ctx = ControllerContext.from_env(env)
+        policy = TapasController(ctx)
+        if name == "shield":
+            policy = Shield(policy, ctx, env.backend.telemetry)
+        out[name] = run_episode(env, policy, 1).summary()
+    assert out["shield"]["vm_wait_h"] > out["tapas"]["vm_wait_h"]
+    assert out["shield"]["vm_hours"] < out["tapas"]["vm_hours"]
+    assert out["shield"]["power_capped_gpu_s"] < out["tapas"]["power_capped_gpu_s"]

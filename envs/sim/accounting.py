@@ -79,6 +79,8 @@ class IntervalStats:
     saas_tokens_lost: float = 0.0
     peak_row_w: float = 0.0
     max_temp_c: float = 0.0
+    vm_wait_s: float = 0.0
+    vm_running_s: float = 0.0
 
     def add_tick(self, srv_w: np.ndarray, gpu_w: np.ndarray, row_w: np.ndarray,
                  max_temp_c: float, dt: float, carbon_g_per_kwh: float, paid_gpus: float,
@@ -99,6 +101,11 @@ class IntervalStats:
         self.powered_server_s += powered_servers * dt
         self.peak_row_w = max(self.peak_row_w, float(row_w.max()))
         self.max_temp_c = max(self.max_temp_c, max_temp_c)
+
+    def add_vms(self, n_waiting: int, n_running: int, dt: float) -> None:
+        """Add one tick's VM-seconds waiting for placement and VM-seconds hosted."""
+        self.vm_wait_s += float(n_waiting) * dt
+        self.vm_running_s += float(n_running) * dt
 
     def add_throttling(self, slowdown: ThermalSlowdown, capping: RowPowerCapping,
                        gpu_row: np.ndarray, gpu_is_saas: np.ndarray, set_mhz: np.ndarray,
@@ -208,4 +215,6 @@ def service_metrics(acc: ServiceAccumulator, st: IntervalStats, interval_s: floa
         ttft_hist=ttft_hist,
         tbt_hist=tbt_hist,
         servers_powered=st.powered_server_s / interval_s,
+        vm_wait_s=st.vm_wait_s,
+        vm_running_s=st.vm_running_s,
     )

@@ -472,6 +472,7 @@ class SimCluster:
         paid_gpus, powered_servers = self._paid()
         stats.add_tick(srv_w, gpu_w, row_w, max_temp_c, dt, carbon_g_per_kwh(s, t0),
                        paid_gpus, powered_servers)
+        stats.add_vms(self.vms.n_pending, self.vms.n_running, dt)
         stats.add_throttling(slowdown, capping, topo.gpu_row, self._gpu_is_saas, gl.freq_mhz,
                              slots.gpu_has, gl.vm_power_w, dt)
         self._gpu_power_w, self._gpu_temp_c = gpu_w, temp

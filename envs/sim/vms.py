@@ -298,6 +298,11 @@ class VmPool:
         """VMs waiting for placement."""
         return len(self.pending_kind)
 
+    @property
+    def n_running(self) -> int:
+        """VMs hosted on a server now."""
+        return int(np.count_nonzero(self.kind >= 0))
+
     def place(self, server: int, now_s: float, queue_index: int = 0) -> None:
         """Place the waiting VM at `queue_index` (0: the head of the queue) on `server` (must be legal).
 
