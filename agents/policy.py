@@ -19,19 +19,36 @@ from llm_cluster_gym.agents.checkpoint import Checkpoint, load_checkpoint
 
 def load_policy(directory: str | Path, env: Any, name: str | None = None,
                 same_scenario: bool = True) -> Any:
-    """A checkpoint as a controller: a residual agent over the manager, or a `TrainedPolicy`.
+    """A checkpoint as a controller: a residual agent, or a `TrainedPolicy`.
 
-    The residual agent (`agents.residual`, its metadata's ``kind``) brings its own manager and
-    layout-free spaces, so it runs on any scenario size of the energy task.
+    A residual agent (its metadata's ``kind``: over the DynamoLLM-style manager,
+    `agents.residual`, or over the TAPAS-style controller, `agents.residual_thermal`) brings its
+    own base controller and layout-free spaces, so it runs on any scenario size of its task.
     """
-    from llm_cluster_gym.agents.train_residual import ResidualPolicy
-
-    if _residual_metadata(directory) is not None:
-        policy = ResidualPolicy(directory, getattr(env, "unwrapped", env))
+    meta = _residual_metadata(directory)
+    if meta is not None:
+        policy = _RESIDUAL_POLICIES[meta["kind"]]()(directory, getattr(env, "unwrapped", env))
         if name:
             policy.name = name
         return policy
     return TrainedPolicy.from_checkpoint(directory, env, name=name, same_scenario=same_scenario)
+
+
+def _residual_over_manager() -> Any:
+    from llm_cluster_gym.agents.train_residual import ResidualPolicy
+
+    return ResidualPolicy
+
+
+def _residual_over_tapas() -> Any:
+    from llm_cluster_gym.agents.train_residual_thermal import ResidualThermalPolicy
+
+    return ResidualThermalPolicy
+
+
+_RESIDUAL_POLICIES = {"residual_over_manager": _residual_over_manager,
+                      "residual_over_tapas": _residual_over_tapas}
+"""Checkpoint ``kind`` -> the controller class that loads it (imported on use)."""
 
 
 def checkpoint_task(directory: str | Path) -> str:
@@ -48,14 +65,12 @@ def checkpoint_task(directory: str | Path) -> str:
 
 
 def _residual_metadata(directory: str | Path) -> dict[str, Any] | None:
-    """The checkpoint's metadata if it says it holds a residual agent over the manager, else None."""
-    from llm_cluster_gym.agents.train_residual import RESIDUAL_KIND
-
+    """The checkpoint's metadata if it says it holds a residual agent, else None."""
     try:
         meta = json.loads((Path(directory) / "metadata.json").read_text())
     except (OSError, ValueError):
         return None  # load_checkpoint / load_metadata say what is wrong with it
-    return meta if isinstance(meta, dict) and meta.get("kind") == RESIDUAL_KIND else None
+    return meta if isinstance(meta, dict) and meta.get("kind") in _RESIDUAL_POLICIES else None
 
 
 class TrainedPolicy:

@@ -182,12 +182,13 @@ class ResidualOverManager(gym.Wrapper):
         return np.concatenate([fixed_obs, pos]).astype(np.float32)
 
 
-def lagrange_callback(update: LagrangeUpdate) -> Any:
+def lagrange_callback(update: LagrangeUpdate, key: str = "slo_violation") -> Any:
     """A stable-baselines3 callback applying `update` after every rollout to all envs.
 
-    The rollout's mean violation is taken from the ``slo_violation`` of every step's ``info``;
-    the new multiplier reaches each env through ``env_method("set_lagrange", value)`` and is
-    logged as ``constraint/lagrange`` and ``constraint/slo_violation`` (TensorBoard).
+    The rollout's mean violation is taken from the `key` entry of every step's ``info``
+    (``slo_violation`` here; the thermal agent's ``shield_override``); the new multiplier reaches
+    each env through ``env_method("set_lagrange", value)`` and is logged as
+    ``constraint/lagrange`` and ``constraint/<key>`` (TensorBoard).
     """
     from stable_baselines3.common.callbacks import BaseCallback
 
@@ -201,8 +202,7 @@ def lagrange_callback(update: LagrangeUpdate) -> Any:
             self.training_env.env_method("set_lagrange", self.update.value)
 
         def _on_step(self) -> bool:
-            self._violations += [float(i["slo_violation"]) for i in self.locals["infos"]
-                                 if "slo_violation" in i]
+            self._violations += [float(i[key]) for i in self.locals["infos"] if key in i]
             return True
 
         def _on_rollout_end(self) -> None:
@@ -211,7 +211,7 @@ def lagrange_callback(update: LagrangeUpdate) -> Any:
             mean = float(np.mean(self._violations))
             value = self.update.step(mean)
             self.training_env.env_method("set_lagrange", value)
-            self.logger.record("constraint/slo_violation", mean)
+            self.logger.record(f"constraint/{key}", mean)
             self.logger.record("constraint/lagrange", value)
             self._violations = []
 

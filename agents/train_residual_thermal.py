@@ -1,0 +1,229 @@
+"""Train the thermal agent over the TAPAS-style controller, the shield in the loop (issue 20).
+
+Training (`train`): PPO (stable-baselines3) on `ResidualOverTapas`, each episode drawn at reset
+from the TAPAS scenarios of every size: `small_tapas` and `small_tapas_high` (10 minutes each) and
+a window of `tapas_dc` (`TrainResidualThermalArgs.dc_window_h` hours of the datacenter, from a
+random whole hour of one of the week's *training* days, `scripts.dynamo_week.TRAIN_DAYS`), with a
+fresh seed each time, thermal task, aggregate serving. The executed action is the shield's; the
+reward carries the learned override multiplier (`LagrangeUpdate` with target
+`override_target`), logged to TensorBoard (``constraint/lagrange``,
+``constraint/shield_override``). Observations are normalized (VecNormalize, frozen afterwards).
+The checkpoint records the wall time, steps, commit and package versions.
+
+Evaluation (`evaluate_residual_thermal`): `small_tapas_high` on the request-level model (where
+`bench/control_quality.py` measures the override rate) and `tapas_dc` on the test days, each unit
+(scenario or day, seed) run by the agent inside the shield and by the TAPAS-style controller with
+and without the shield, paired: override rate, throttled and capped GPU-seconds, VM-hours waiting
+and hosted, energy and SLO attainment, means with 95% t-intervals over units.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llm_cluster_gym.agents.residual import LagrangeUpdate, lagrange_callback
+from llm_cluster_gym.agents.residual_thermal import RESIDUAL_THERMAL_KIND, ResidualOverTapas
+
+SMALL_SCENARIOS = ("small_tapas", "small_tapas_high")
+"""Small TAPAS scenarios drawn in training (the datacenter windows are the rest)."""
+
+
+@dataclass
+class TrainResidualThermalArgs:
+    """Train the thermal agent over the TAPAS-style controller with the shield in the loop."""
+
+    steps: int = 400_000
+    """Environment steps (control intervals) to train for."""
+    dc_share: float = 0.3
+    """Share of episodes drawn from `tapas_dc` windows (the rest: the small TAPAS scenarios)."""
+    dc_window_h: float = 1.0
+    """Hours of one `tapas_dc` training episode."""
+    n_envs: int = 2
+    """Environments stepped together (one process)."""
+    override_target: float = 0.98
+    """Share of intervals the shield must let through, on average (the multiplier's constraint)."""
+    lagrange_lr: float = 20.0
+    """Multiplier step per unit of override rate above the budget, per rollout."""
+    max_minutes: float = 120.0
+    """Stop after this much wall time even if `steps` are not done (issue 20: two hours on 2 cores)."""
+    seed: int = 0
+    """Seed of the episode draws and PPO."""
+    out: str = "checkpoints/residual_thermal"
+    """Checkpoint directory."""
+    tensorboard: str | None = "reports/tensorboard/residual_thermal"
+    """TensorBoard log directory (None: no logging)."""
+
+
+def _env_factory(rng: np.random.Generator, dc_share: float, dc_window_h: float):
+    """A `ResidualOverTapas` over a freshly drawn scenario at every episode."""
+    import gymnasium as gym
+
+    from llm_cluster_gym.envs.cluster_env import ClusterEnv
+    from llm_cluster_gym.envs.sim.cluster import SimCluster
+    from llm_cluster_gym.envs.sim.scenario import load_scenario
+    from llm_cluster_gym.scripts.dynamo_week import DAY_S, TRAIN_DAYS, window_scenario
+
+    dc = load_scenario("tapas_dc")
+    small = {name: load_scenario(name) for name in SMALL_SCENARIOS}
+
+    def draw() -> ResidualOverTapas:
+        if rng.random() < dc_share:
+            day = int(rng.choice(TRAIN_DAYS))
+            hour = int(rng.integers(0, 24 - int(math.ceil(dc_window_h)) + 1))
+            s = window_scenario(dc, day * DAY_S + hour * 3600.0, 0.0, dc_window_h * 3600.0)
+        else:
+            s = small[str(rng.choice(SMALL_SCENARIOS))]
+        return ResidualOverTapas(ClusterEnv(task="thermal", backend=SimCluster(s, serving_model="aggregate")))
+
+    class RandomScenario(gym.Wrapper):
+        """Draws a new scenario and seed at every reset, keeping the multiplier."""
+
+        def __init__(self) -> None:
+            super().__init__(draw())
+
+        def reset(self, *, seed=None, options=None):
+            lagrange = self.env.get_wrapper_attr("lagrange")
+            self.env = draw()
+            self.env.set_lagrange(lagrange)
+            return self.env.reset(seed=int(rng.integers(0, 2**31 - 1)), options=options)
+
+        def set_lagrange(self, value: float) -> None:
+            self.env.set_lagrange(value)
+
+    return RandomScenario
+
+
+def train(args: TrainResidualThermalArgs) -> Path:
+    """Train and save the thermal agent; returns the checkpoint directory."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor, VecNormalize
+
+    from llm_cluster_gym.agents.checkpoint import git_commit, package_versions, save_checkpoint
+
+    t0 = time.time()
+    rng = np.random.default_rng(args.seed)
+    factory = _env_factory(rng, args.dc_share, args.dc_window_h)
+    vec = VecNormalize(VecMonitor(DummyVecEnv([factory for _ in range(args.n_envs)])),
+                       norm_obs=True, norm_reward=False)
+    update = LagrangeUpdate(slo_target=args.override_target, lr=args.lagrange_lr)
+    model = PPO("MlpPolicy", vec, n_steps=1024, batch_size=256, n_epochs=5, learning_rate=3e-4,
+                gamma=0.99, gae_lambda=0.95, ent_coef=0.0, seed=args.seed, device="cpu",
+                tensorboard_log=args.tensorboard, policy_kwargs={"net_arch": [64, 64]})
+
+    class WallClockLimit(BaseCallback):
+        def _on_step(self) -> bool:
+            return time.time() - t0 < args.max_minutes * 60.0
+
+    model.learn(total_timesteps=args.steps, progress_bar=False,
+                callback=CallbackList([lagrange_callback(update, key="shield_override"),
+                                       WallClockLimit()]))
+    vec.training = False
+    meta = {
+        "kind": RESIDUAL_THERMAL_KIND, "task": "thermal",
+        "scenarios": [*SMALL_SCENARIOS, f"tapas_dc ({args.dc_window_h:g} h windows of Mon, Wed, Sat; "
+                                         f"{args.dc_share:.0%} of episodes)"],
+        "steps": int(model.num_timesteps), "train_wall_s": round(time.time() - t0, 1),
+        "max_minutes": args.max_minutes, "lagrange": update.value,
+        "override_target": args.override_target, "seed": args.seed,
+        "commit": git_commit(), "versions": package_versions(),
+        "trained_on": "2-core machine (the project's CI kind), one process",
+    }
+    return save_checkpoint(args.out, model, vec, meta)
+
+
+class ResidualThermalPolicy:
+    """A trained thermal agent as a controller (`decide`, `act`) for the episode runner.
+
+    It keeps its own TAPAS-style controller and layout-free observation over the env it is built
+    on; the shield, if any, is the harness's (``shield:ckpt:<dir>``).
+    """
+
+    name = "residual_thermal"
+
+    def __init__(self, directory: str | Path, env: Any) -> None:
+        from stable_baselines3 import PPO
+        from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+        d = Path(directory)
+        self.model = PPO.load(d / "model.zip", device="cpu")
+        self.res = ResidualOverTapas(env, shielded=False)
+        vn_path = d / "vecnormalize.pkl"
+        self.vecnorm = VecNormalize.load(str(vn_path), DummyVecEnv([lambda: self.res])) \
+            if vn_path.exists() else None
+        if self.vecnorm is not None:
+            self.vecnorm.training = False
+
+    def reset(self) -> None:
+        """Start a new episode: TAPAS forgets its history."""
+        self.res.tapas.reset()
+
+    def decide(self, observation: np.ndarray, action_mask: np.ndarray | None = None):
+        """TAPAS's action for this observation under the agent's ceilings and placement gate."""
+        obs = self.res.observe(observation, action_mask)
+        if self.vecnorm is not None:
+            obs = self.vecnorm.normalize_obs(obs)
+        a, _ = self.model.predict(obs, deterministic=True)
+        return self.res.corrected_action(a)
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+        """`decide`, as the env's action vector."""
+        return self.res.inner.codec.encode_action(self.decide(observation, action_mask))
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float]:
+    from llm_cluster_gym.scripts.dynamo_week import mean_ci95
+
+    return mean_ci95([float(v) for v in values])
+
+
+def evaluate_residual_thermal(directory: str | Path, seeds: tuple[int, ...] = (0, 1, 2),
+                              dc_days: tuple[int, ...] = (0, 2, 5), dc_hours: float = 2.0,
+                              dc_from_hour: float = 12.0,
+                              log: Any = None) -> dict[str, Any]:
+    """The agent (shielded) against TAPAS with and without the shield, paired per unit."""
+    from llm_cluster_gym.controllers.context import ControllerContext
+    from llm_cluster_gym.controllers.shield import Shield
+    from llm_cluster_gym.controllers.tapas import TapasController
+    from llm_cluster_gym.envs.cluster_env import ClusterEnv
+    from llm_cluster_gym.envs.rollout import run_episode
+    from llm_cluster_gym.envs.sim.cluster import SimCluster
+    from llm_cluster_gym.envs.sim.scenario import load_scenario
+    from llm_cluster_gym.scripts.dynamo_week import DAY_S, window_scenario
+
+    keys = ("thermal_throttled_gpu_s", "power_capped_gpu_s", "vm_wait_h", "vm_hours", "energy_kwh",
+            "slo_attainment")
+    units: list[tuple[str, Any, str, int]] = [
+        ("small_tapas_high", load_scenario("small_tapas_high"), "request", seed) for seed in seeds]
+    dc = load_scenario("tapas_dc")
+    units += [(f"tapas_dc day {day}", window_scenario(dc, day * DAY_S + dc_from_hour * 3600.0, 0.0,
+                                                       dc_hours * 3600.0), "aggregate", seed)
+              for day in dc_days for seed in seeds[:1]]
+    rows = []
+    for label, scenario, serving, seed in units:
+        row: dict[str, Any] = {"unit": label, "seed": seed}
+        for name in ("agent", "shield(tapas)", "tapas"):
+            env = ClusterEnv(task="thermal", backend=SimCluster(scenario, serving_model=serving))
+            ctx = ControllerContext.from_env(env)
+            inner = ResidualThermalPolicy(directory, env) if name == "agent" else TapasController(ctx)
+            policy = inner if name == "tapas" else Shield(inner, ctx, env.backend.telemetry)
+            s = run_episode(env, policy, seed).summary()
+            row[name] = {k: float(s[k]) for k in keys}
+            row[name]["override_rate"] = float(getattr(policy, "override_rate", 0.0))
+        rows.append(row)
+        if log:
+            log(json.dumps(row))
+    summary: dict[str, Any] = {}
+    for group in ("small_tapas_high", "tapas_dc"):
+        sel = [r for r in rows if r["unit"].startswith(group)]
+        summary[group] = {name: {k: _mean_ci([r[name][k] for r in sel])
+                                 for k in (*keys, "override_rate")}
+                          for name in ("agent", "shield(tapas)", "tapas")}
+    return {"rows": rows, "summary": summary}

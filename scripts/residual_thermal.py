@@ -1,0 +1,87 @@
+"""`llm-cluster train-residual-thermal` and `llm-cluster residual-thermal-eval` (issue 20).
+
+``train-residual-thermal`` trains PPO on `agents.residual_thermal.ResidualOverTapas` (the
+TAPAS-style controller with a learned clock ceiling per rank group of rows and a placement gate)
+with the shield in the loop and its override rate as a learned constraint, over the small TAPAS
+scenarios and windows of `tapas_dc`'s training days (`agents.train_residual_thermal.train`).
+``residual-thermal-eval`` runs the checkpoint inside the shield, the TAPAS-style controller inside
+the shield and TAPAS alone on the same units (`small_tapas_high` request-level, `tapas_dc` on the
+test days) and prints each unit and the means with 95% intervals; its last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_cluster_gym.agents.train_residual_thermal import (
+    TrainResidualThermalArgs,
+    evaluate_residual_thermal,
+    train,
+)
+from llm_cluster_gym.scripts.usage import UsageError, check_number, check_seeds
+
+__all__ = ["ResidualThermalEvalArgs", "TrainResidualThermalArgs", "run_eval", "run_train"]
+
+
+def run_train(args: TrainResidualThermalArgs, command: str = "llm-cluster train-residual-thermal") -> int:
+    """Validate the options, train, print where the checkpoint is."""
+    if args.steps <= 0:
+        raise UsageError(f"--steps must be > 0, got {args.steps}")
+    if args.n_envs <= 0:
+        raise UsageError(f"--n-envs must be > 0, got {args.n_envs}")
+    check_number("--dc-share", args.dc_share, at_least=0.0, at_most=1.0)
+    check_number("--dc-window-h", args.dc_window_h, above=0.0, at_most=24.0)
+    check_number("--override-target", args.override_target, above=0.0, at_most=1.0)
+    check_number("--lagrange-lr", args.lagrange_lr, above=0.0)
+    check_number("--max-minutes", args.max_minutes, above=0.0)
+    check_seeds("--seed", [args.seed])
+    path = train(args)
+    meta = json.loads((path / "metadata.json").read_text())
+    print(f"checkpoint: {path} ({meta['steps']} steps in {meta['train_wall_s']:.0f} s, "
+          f"multiplier {meta['lagrange']:.3g})")
+    return 0
+
+
+@dataclass
+class ResidualThermalEvalArgs:
+    """The thermal agent (shielded) against the TAPAS-style controller with and without the shield."""
+
+    checkpoint: str = "checkpoints/residual_thermal"
+    """Checkpoint directory written by `llm-cluster train-residual-thermal`."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Seeds of `small_tapas_high` (request-level); the first also runs the `tapas_dc` days."""
+    dc_days: tuple[int, ...] = (0, 2, 5)
+    """Days of the week of the `tapas_dc` windows (the week protocol's test days)."""
+    dc_hours: float = 2.0
+    """Hours of each `tapas_dc` window."""
+    dc_from_hour: float = 12.0
+    """Hour of the day each `tapas_dc` window starts (the afternoon peak by default)."""
+    out: str = "reports/residual-thermal"
+    """Folder for results.json."""
+
+
+def run_eval(args: ResidualThermalEvalArgs, command: str = "llm-cluster residual-thermal-eval") -> int:
+    """Evaluate, print each unit and the summary, write results.json."""
+    if not (Path(args.checkpoint) / "metadata.json").is_file():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no metadata.json there "
+                                "(train one with llm-cluster train-residual-thermal)")
+    if not args.dc_days or any(not 0 <= d < 7 for d in args.dc_days):
+        raise UsageError(f"--dc-days must be days of the week (0..6), got {list(args.dc_days)}")
+    check_seeds("--seeds", args.seeds)
+    check_number("--dc-hours", args.dc_hours, above=0.0, at_most=24.0)
+    check_number("--dc-from-hour", args.dc_from_hour, at_least=0.0, at_most=24.0 - args.dc_hours)
+    res = evaluate_residual_thermal(args.checkpoint, tuple(args.seeds), tuple(args.dc_days),
+                                    args.dc_hours, args.dc_from_hour, log=print)
+    for group, by_policy in res["summary"].items():
+        for policy, figures in by_policy.items():
+            cells = ", ".join(f"{k} {m:.4g} ± {h:.2g}" for k, (m, h) in figures.items())
+            print(f"{group} {policy}: {cells}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"command": command, **res}, indent=1) + "\n")
+    s = res["summary"]
+    print(json.dumps({f"{g}_{p}_{k}": s[g][p][k][0] for g in s for p in ("agent", "tapas")
+                      for k in ("override_rate", "power_capped_gpu_s", "thermal_throttled_gpu_s")}))
+    return 0

@@ -1,0 +1,102 @@
+"""The thermal agent over the TAPAS-style controller, shield in the loop (`agents/residual_thermal.py`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llm_cluster_gym.agents.policy import checkpoint_task, load_policy
+from llm_cluster_gym.agents.residual_thermal import (
+    GATE_LEVELS,
+    RESIDUAL_THERMAL_KIND,
+    RESIDUAL_THERMAL_OBSERVATION_NAMES,
+    ResidualOverTapas,
+)
+from llm_cluster_gym.agents.train_residual_thermal import (
+    ResidualThermalPolicy,
+    TrainResidualThermalArgs,
+    train,
+)
+from llm_cluster_gym.controllers.context import ControllerContext
+from llm_cluster_gym.controllers.tapas import TapasController
+from llm_cluster_gym.envs.cluster_env import ClusterEnv
+from llm_cluster_gym.envs.fixed_spaces import FREQ_LEVELS, ROW_GROUPS
+from llm_cluster_gym.envs.rollout import run_episode
+
+AS_TAPAS = np.array([FREQ_LEVELS - 1] * ROW_GROUPS + [GATE_LEVELS.index("all")])
+"""Every ceiling at the top, every placement TAPAS proposes: the wrapper is TAPAS."""
+
+
+def wrapper(scenario: str = "small_tapas_high", **kw) -> ResidualOverTapas:
+    return ResidualOverTapas(ClusterEnv(task="thermal", scenario=scenario, serving_model="aggregate"), **kw)
+
+
+def run(env: ResidualOverTapas, action, seed: int = 1) -> list[dict]:
+    env.reset(seed=seed)
+    infos, done = [], False
+    while not done:
+        _, reward, te, tr, info = env.step(action(env) if callable(action) else action)
+        infos.append({**info, "reward": reward})
+        done = te or tr
+    return infos
+
+
+def test_top_ceilings_and_open_gate_are_the_tapas_controller_step_for_step():
+    infos = run(wrapper(shielded=False), AS_TAPAS)
+    env = ClusterEnv(task="thermal", scenario="small_tapas_high", serving_model="aggregate")
+    ref = run_episode(env, TapasController(ControllerContext.from_env(env)), 1)
+    for key in ("energy_j", "power_capped_gpu_s", "vm_wait_s", "vm_running_s"):
+        assert np.allclose([i[key] for i in infos], ref.metrics[key]), key
+
+
+def test_spaces_are_the_same_on_every_scenario_size():
+    shapes = {(wrapper(s).observation_space.shape, tuple(wrapper(s).action_space.nvec))
+              for s in ("small_tapas", "small_tapas_high", "tapas_dc")}
+    assert shapes == {((len(RESIDUAL_THERMAL_OBSERVATION_NAMES),), (FREQ_LEVELS,) * ROW_GROUPS + (3,))}
+
+
+def test_ceilings_only_lower_tapas_and_the_gate_holds_vms():
+    env = wrapper(shielded=False)
+    env.reset(seed=1)
+    base_cap = np.asarray(env._base.row_freq_cap_mhz, dtype=float)
+    low = env.corrected_action(np.array([0] * ROW_GROUPS + [GATE_LEVELS.index("hold")]))
+    assert np.all(np.asarray(low.row_freq_cap_mhz) <= base_cap)
+    assert np.all(np.asarray(low.row_freq_cap_mhz) == min(env.inner.layout.freq_choices_mhz))
+    assert all(s is None for s in low.vm_servers)
+    top = env.corrected_action(AS_TAPAS)
+    assert np.array_equal(top.row_freq_cap_mhz, base_cap) and top.vm_servers == env._base.vm_servers
+    # Holding every VM: nothing is ever hosted beyond what the scenario starts with, and the
+    # queue's waiting time is charged in the reward.
+    held = run(wrapper(shielded=False, vm_wait_weight=0.5), np.array(
+        [FREQ_LEVELS - 1] * ROW_GROUPS + [GATE_LEVELS.index("hold")]))
+    free = run(wrapper(shielded=False, vm_wait_weight=0.5), AS_TAPAS)
+    assert sum(i["vm_wait_s"] for i in held) > sum(i["vm_wait_s"] for i in free)
+    for i in held:
+        assert i["reward"] == pytest.approx(i["env_reward"] - 0.5 * i["vm_wait_s"] / 5.0)
+    with pytest.raises(ValueError, match="action must be"):
+        env.corrected_action(np.array([FREQ_LEVELS] * ROW_GROUPS + [0]))
+
+
+def test_shield_in_the_loop_charges_the_multiplier_for_each_override():
+    a = run(wrapper(lagrange=0.0), AS_TAPAS)
+    b = run(wrapper(lagrange=3.0), AS_TAPAS)
+    overrides = np.array([i["shield_override"] for i in a])
+    assert overrides.sum() > 0  # the shield does override TAPAS on this scenario
+    assert np.array_equal(overrides, [i["shield_override"] for i in b])
+    assert np.allclose([i["reward"] for i in a], [i["env_reward"] - 0.01 * i["vm_wait_s"] / 5.0 for i in a])
+    assert np.allclose(np.array([i["reward"] for i in a]) - [i["reward"] for i in b], 3.0 * overrides)
+
+
+def test_a_trained_checkpoint_loads_as_a_controller_on_any_size(tmp_path):
+    out = train(TrainResidualThermalArgs(steps=1024, n_envs=1, dc_share=0.0, out=str(tmp_path / "ck"),
+                                         tensorboard=None, max_minutes=5))
+    assert checkpoint_task(out) == "thermal"
+    import json
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["kind"] == RESIDUAL_THERMAL_KIND and meta["steps"] >= 1024 and meta["lagrange"] >= 0.0
+    for scenario in ("small_tapas", "medium"):
+        env = ClusterEnv(task="thermal", scenario=scenario, serving_model="aggregate")
+        policy = load_policy(out, env)
+        assert isinstance(policy, ResidualThermalPolicy)
+        result = run_episode(env, policy, 0, max_intervals=5)
+        assert result.n_intervals == 5
