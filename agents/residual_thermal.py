@@ -24,9 +24,13 @@ is *not* shown: the agent must learn when the shield would object from what an o
 
 Constrained learning, as for the energy agent (`agents.residual`): the reward is the thermal
 task's reward, minus `vm_wait_weight` per VM waiting for a placement per interval (holding VMs is
-not free: their service is deferred), minus ``lagrange`` x [the shield overrode the action], the
-multiplier learned by `LagrangeUpdate` on the constraint "override rate <= 1 - target"
-(`lagrange_callback` with ``key="shield_override"``). In training the executed action is the shield's, as in
+not free: their service is deferred), minus ``lagrange`` x [the shield overrode the action for a
+reason the action could have avoided], the multiplier learned by `LagrangeUpdate` on the
+constraint "avoidable override rate <= 1 - target" (`lagrange_callback` with
+``key="shield_override_avoidable"``). While a fault is declared the shield replaces every action
+(its emergency fallback), whatever the agent does: those intervals are reported
+(``shield_override``) but not charged, or the multiplier would grow without bound on any episode
+with a cooling failure. In training the executed action is the shield's, as in
 deployment.
 """
 
@@ -149,16 +153,18 @@ class ResidualOverTapas(gym.Wrapper):
             raise gym.error.ResetNeeded("ResidualOverTapas: call reset() before acting")
         mask = self.inner.action_masks()
         vec = self.inner.codec.encode_action(self.corrected_action(action))
-        overridden = False
+        overridden = avoidable = False
         if self.shield is not None:
             self._proposed.vector = vec
             vec = self.shield.act(self._raw, mask)
             overridden = bool(self.shield.last_override)
+            avoidable = any(not r.startswith("emergency") for r in self.shield.last_override)
         obs, reward, terminated, truncated, info = self.inner.step(vec)
         fixed_obs = self._fixed_observation(obs)
         waiting = float(info.get("vm_wait_s", 0.0)) / self.inner.layout.control_interval_s
-        shaped = float(reward) - self.vm_wait_weight * waiting - self.lagrange * float(overridden)
-        info = {**info, "shield_override": float(overridden), "lagrange": self.lagrange, "env_reward": reward}
+        shaped = float(reward) - self.vm_wait_weight * waiting - self.lagrange * float(avoidable)
+        info = {**info, "shield_override": float(overridden), "shield_override_avoidable": float(avoidable),
+                "lagrange": self.lagrange, "env_reward": reward}
         return self._observe(fixed_obs), shaped, terminated, truncated, info
 
     # ------------------------------------------------------------------ as a controller

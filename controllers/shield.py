@@ -100,6 +100,7 @@ class Shield:
         self._last_pools: tuple[PoolConfig, ...] | None = None
         self._tp_changed_at = np.full(self.ctx.layout.n_pools, -(10**9))
         self.overrides = 0
+        self.emergency_only_overrides = 0
         self.steps = 0
         self.reason_counts: Counter[str] = Counter()
         self.last_override: tuple[str, ...] = ()
@@ -108,6 +109,13 @@ class Shield:
     def override_rate(self) -> float:
         """Fraction of intervals in which the shield replaced the action."""
         return self.overrides / self.steps if self.steps else 0.0
+
+    @property
+    def avoidable_override_rate(self) -> float:
+        """Fraction of intervals in which the shield replaced the action for a reason besides a
+        declared emergency (during one it replaces every action, whatever the policy proposed).
+        """
+        return (self.overrides - self.emergency_only_overrides) / self.steps if self.steps else 0.0
 
     # ------------------------------------------------------------------ prediction
     def _saas_dyn_w(self, tel: Telemetry) -> np.ndarray:
@@ -260,6 +268,7 @@ class Shield:
         self.last_override = tuple(reasons)
         if reasons:
             self.overrides += 1
+            self.emergency_only_overrides += all(r.startswith("emergency") for r in reasons)
             self.reason_counts.update(reasons)
         if ctx.codec.has_pools:
             self._last_pools = out.pools

@@ -83,6 +83,7 @@ def test_shield_in_the_loop_charges_the_multiplier_for_each_override():
     overrides = np.array([i["shield_override"] for i in a])
     assert overrides.sum() > 0  # the shield does override TAPAS on this scenario
     assert np.array_equal(overrides, [i["shield_override"] for i in b])
+    assert np.array_equal(overrides, [i["shield_override_avoidable"] for i in a])  # no fault here
     assert np.allclose([i["reward"] for i in a], [i["env_reward"] - 0.01 * i["vm_wait_s"] / 5.0 for i in a])
     assert np.allclose(np.array([i["reward"] for i in a]) - [i["reward"] for i in b], 3.0 * overrides)
 

@@ -32,6 +32,7 @@ from llm_cluster_gym.controllers.registry import RandomController
 from llm_cluster_gym.controllers.shield import Shield
 from llm_cluster_gym.controllers.unaware import UnawareController
 from llm_cluster_gym.envs.cluster_env import ClusterEnv
+from llm_cluster_gym.envs.rollout import run_episode
 from llm_cluster_gym.envs.sim.cluster import SimCluster
 from llm_cluster_gym.envs.sim.scenario import FaultSpec, load_scenario
 
@@ -188,3 +189,18 @@ def test_shield_passes_safe_actions_through_unchanged():
         obs, _, _, _, _ = env.step(a)
     assert passed > 0
     assert shield.steps == 30 and shield.overrides == 30 - passed
+
+
+def test_emergency_only_overrides_are_told_apart_from_avoidable_ones():
+    """During a declared fault the shield replaces every action; those intervals are not avoidable."""
+    backend = SimCluster(_scenario("cooling_failure", 20.0, 0.25, 0), serving_model="aggregate",
+                         auto_place_vms=False)
+    env = ClusterEnv(task="thermal", backend=backend)
+    ctx = ControllerContext.from_env(env)
+    shield = Shield(UnawareController(ctx), ctx, backend.telemetry)
+    run_episode(env, shield, 0)
+    emergency = sum(n for r, n in shield.reason_counts.items() if r.startswith("emergency"))
+    assert 1 <= shield.emergency_only_overrides <= emergency
+    assert shield.avoidable_override_rate == pytest.approx(
+        (shield.overrides - shield.emergency_only_overrides) / shield.steps)
+    assert shield.avoidable_override_rate < shield.override_rate
