@@ -112,8 +112,9 @@ class Shield:
 
     @property
     def avoidable_override_rate(self) -> float:
-        """Fraction of intervals in which the shield replaced the action for a reason besides a
-        declared emergency (during one it replaces every action, whatever the policy proposed).
+        """Fraction of intervals overridden for a reason besides a declared emergency.
+
+        During an emergency the shield replaces every action, whatever the policy proposed.
         """
         return (self.overrides - self.emergency_only_overrides) / self.steps if self.steps else 0.0
 
