@@ -81,7 +81,8 @@ def _env_factory(rng: np.random.Generator, dc_share: float, dc_window_h: float):
             s = window_scenario(dc, day * DAY_S + hour * 3600.0, 0.0, dc_window_h * 3600.0)
         else:
             s = small[str(rng.choice(SMALL_SCENARIOS))]
-        return ResidualOverTapas(ClusterEnv(task="thermal", backend=SimCluster(s, serving_model="aggregate")))
+        return ResidualOverTapas(ClusterEnv(task="thermal", backend=SimCluster(
+            s, serving_model="aggregate", auto_place_vms=False)))  # the policy places the VMs
 
     class RandomScenario(gym.Wrapper):
         """Draws a new scenario and seed at every reset, keeping the multiplier."""
@@ -186,8 +187,8 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 def evaluate_residual_thermal(directory: str | Path, seeds: tuple[int, ...] = (0, 1, 2),
-                              dc_days: tuple[int, ...] = (0, 2, 5), dc_hours: float = 2.0,
-                              dc_from_hour: float = 12.0,
+                              dc_days: tuple[int, ...] = (0, 2, 5), dc_hours: float = 24.0,
+                              dc_from_hour: float = 0.0,
                               log: Any = None) -> dict[str, Any]:
     """The agent (shielded) against TAPAS with and without the shield, paired per unit."""
     from llm_cluster_gym.controllers.context import ControllerContext
@@ -211,12 +212,14 @@ def evaluate_residual_thermal(directory: str | Path, seeds: tuple[int, ...] = (0
     for label, scenario, serving, seed in units:
         row: dict[str, Any] = {"unit": label, "seed": seed}
         for name in ("agent", "shield(tapas)", "tapas"):
-            env = ClusterEnv(task="thermal", backend=SimCluster(scenario, serving_model=serving))
+            env = ClusterEnv(task="thermal", backend=SimCluster(scenario, serving_model=serving,
+                                                                auto_place_vms=False))
             ctx = ControllerContext.from_env(env)
             inner = ResidualThermalPolicy(directory, env) if name == "agent" else TapasController(ctx)
             policy = inner if name == "tapas" else Shield(inner, ctx, env.backend.telemetry)
             s = run_episode(env, policy, seed).summary()
             row[name] = {k: float(s[k]) for k in keys}
+            row[name]["harm_gpu_s"] = row[name]["thermal_throttled_gpu_s"] + row[name]["power_capped_gpu_s"]
             row[name]["override_rate"] = float(getattr(policy, "override_rate", 0.0))
             row[name]["avoidable_override_rate"] = float(getattr(policy, "avoidable_override_rate", 0.0))
         rows.append(row)
@@ -226,6 +229,6 @@ def evaluate_residual_thermal(directory: str | Path, seeds: tuple[int, ...] = (0
     for group in ("small_tapas_high", "tapas_dc"):
         sel = [r for r in rows if r["unit"].startswith(group)]
         summary[group] = {name: {k: _mean_ci([r[name][k] for r in sel])
-                                 for k in (*keys, "override_rate", "avoidable_override_rate")}
+                                 for k in (*keys, "harm_gpu_s", "override_rate", "avoidable_override_rate")}
                           for name in ("agent", "shield(tapas)", "tapas")}
     return {"rows": rows, "summary": summary}

@@ -146,15 +146,27 @@ def unit_scenario(base: Scenario, unit: Unit, hours: float) -> Scenario:
     return s
 
 
-def run_unit(scenario: str, unit: Unit, hours: float) -> UnitRun:
-    """Run one unit (thermal task, aggregate model, VMs placed by the policy)."""
-    from llm_cluster_gym.controllers.registry import policy_maker
+def unit_env(scenario: str, unit: Unit, hours: float) -> Any:
+    """The unit's env: thermal task, aggregate model, VMs placed by the policy alone.
+
+    The simulator's first-fit fallback (`SimCluster(auto_place_vms=True)`) would place every
+    waiting VM at the end of each interval, before the policy sees it, so placement policies
+    would never act (as in this benchmark's runs before 2026-12-01).
+    """
     from llm_cluster_gym.envs.cluster_env import ClusterEnv
-    from llm_cluster_gym.envs.rollout import run_episode
     from llm_cluster_gym.envs.sim.cluster import SimCluster
 
     s = unit_scenario(load_scenario(scenario), unit, hours)
-    env = ClusterEnv(task="thermal", backend=SimCluster(s, serving_model="aggregate"))
+    return ClusterEnv(task="thermal", backend=SimCluster(s, serving_model="aggregate", auto_place_vms=False))
+
+
+def run_unit(scenario: str, unit: Unit, hours: float) -> UnitRun:
+    """Run one unit (thermal task, aggregate model, VMs placed by the policy)."""
+    from llm_cluster_gym.controllers.registry import policy_maker
+    from llm_cluster_gym.envs.rollout import run_episode
+
+    env = unit_env(scenario, unit, hours)
+    s = env.backend.scenario
     start = time.perf_counter()
     result = run_episode(env, policy_maker(unit.policy)(env), unit.seed)
     summary = {k: float(v) for k, v in result.summary().items() if isinstance(v, (int, float))}

@@ -109,3 +109,18 @@ def test_short_paired_run_tapas_caps_less_than_unaware(tmp_path):
     assert path.exists() and (tmp_path / "r" / "capacity.png").exists()
     assert data["headline"]["units"] == 1
     assert "saas_tokens_lost" in data["reductions"] and "reductions_by_day" in data
+
+
+def test_the_policy_alone_places_the_vms():
+    """A VM nobody places keeps waiting: no first-fit fallback places it behind the policy's back."""
+    env = ts.unit_env("tapas_dc", ts.Unit("tapas", 2, 0), 0.5)
+    env.reset(seed=0)
+    vms = env.backend.vms
+    for _ in range(200):
+        env.step(None)  # holds every setting, places nothing
+        if vms.n_pending:
+            break
+    assert vms.n_pending > 0
+    waiting = vms.n_pending
+    env.step(None)
+    assert vms.n_pending >= waiting
