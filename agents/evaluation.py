@@ -58,9 +58,9 @@ class TaskPlan:
 DEFAULT_PLANS = (
     TaskPlan("energy", Path("checkpoints/residual_energy"), "small", ("static", "dynamo"), "static",
              "oracle"),
-    TaskPlan("thermal", Path("checkpoints/thermal"), "small_tapas_high",
+    TaskPlan("thermal", Path("checkpoints/residual_thermal"), "small_tapas_high",
              ("unaware", "tapas", "shield:unaware"), "unaware"),
-    TaskPlan("thermal", Path("checkpoints/thermal"), "small_faults", ("unaware", "tapas"),
+    TaskPlan("thermal", Path("checkpoints/residual_thermal"), "small_faults", ("unaware", "tapas"),
              "unaware"),
 )
 """The main job's plans: the DynamoLLM task (the residual energy agent over the DynamoLLM-style
@@ -68,8 +68,9 @@ manager, `agents/residual.py`: layout-free, trained on the 1,024-GPU week, judge
 against static, the DynamoLLM-style manager and the oracle; the TAPAS task at 1.6x power/cooling
 oversubscription (power capping) and under the scheduled cooling failure, power-feed failure and
 load spike of `small_faults` (thermal throttling), against the unaware and TAPAS-style baselines.
-The thermal agent was trained on `small_tapas`; both evaluation datacenters have its layout and
-spaces."""
+The thermal agent (`agents/residual_thermal.py`: over the TAPAS-style controller, layout-free,
+trained with the shield in the loop on `small_tapas`, `small_tapas_high` and `tapas_dc` windows)
+never saw `small_faults`' scheduled failures."""
 
 
 @dataclass

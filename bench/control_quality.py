@@ -15,12 +15,15 @@ baseline itself had no such event (nothing to reduce).
 
 Then issue 20's bar, measured on today's agents (`agents/bar.py`): the residual energy agent inside
 the shield on the held-out days of the 2024 week against every rule-based and fixed policy of the
-DynamoLLM week protocol, the shield's override rate around the shipped thermal agent, whether each
+DynamoLLM week protocol, the shipped thermal agent (over the TAPAS-style controller, inside the
+shield) against TAPAS with and without the shield (override rates, throttled plus capped
+GPU-seconds, VM-hours waiting), whether each
 shipped checkpoint runs on every scenario size, and `gymnasium.make_vec`'s steps per second.
 
 Last line: one JSON object with `energy_saving_vs_static`, `slo_attainment`, `gap_to_oracle`,
 `thermal_throttle_reduction`, `power_throttle_reduction` for the shipped agents, and issue 20's
-`agent_vs_best_rule_energy` (with `_ci95`), `agent_slo_attainment`, `override_rate`, `transfers`,
+`agent_vs_best_rule_energy` (with `_ci95`), `agent_slo_attainment`, `override_rate`,
+`thermal_<scenario>_<agent|tapas>_<harm_gpu_s|vm_wait_h|avoidable_override_rate>`, `transfers`,
 `vector_env_steps_per_s`. Bar (issue 20): SLO attainment >= 0.99 with `agent_vs_best_rule_energy`
 < 1.0; `override_rate` <= 0.05 (with fewer throttled GPU-seconds than the TAPAS-style controller);
 `transfers` true; >= 20,000 batched env steps per second.
@@ -77,12 +80,20 @@ def issue20_figures(hours: float, log) -> dict:
               f"shield overrides {r['shield_override_rate']:.3f}")
     ratio, ratio_ci = energy["summary"]["agent_vs_best_rule_energy"]
     slo, _ = energy["summary"]["agent_slo_attainment"]
-    rates = bar.override_rate()
-    print(f"issue 20: shield overrides around the shipped thermal agent (small_tapas_high, request "
-          f"level), per seed: {[round(r, 3) for r in rates]}")
+    thermal = bar.thermal_agent_bar(log=log)
+    print("issue 20: thermal agent over TAPAS (shielded) vs TAPAS with and without the shield, "
+          "mean ± 95% half-width over units (small_tapas_high request level, seeds 0-2; tapas_dc "
+          "aggregate, the whole test days Sun, Tue, Fri, seed 0):")
+    for group, by_policy in thermal["summary"].items():
+        for policy, f in by_policy.items():
+            print(f"  {group:16s} {policy:14s} " + ", ".join(
+                f"{k} {m:.4g} ± {h:.2g}" for k, (m, h) in f.items()))
+    rates = [r["agent"]["override_rate"] for r in thermal["rows"] if r["unit"] == "small_tapas_high"]
     moved = bar.transfers()
-    for ckpt, per in moved.items():
-        print(f"issue 20: {ckpt}: " + "; ".join(f"{sc} {v}" for sc, v in per.items()))
+    earlier = bar.transfers(bar.EARLIER)
+    for ckpt, per in {**moved, **earlier}.items():
+        tag = "shipped" if ckpt in moved else "earlier, not shipped"
+        print(f"issue 20: {ckpt} ({tag}): " + "; ".join(f"{sc} {v}" for sc, v in per.items()))
     steps = bar.vector_env_steps_per_s()
     print(f"issue 20: gymnasium.make_vec (8 sync copies of LLMCluster/Energy-small-v0): {steps:,.0f} "
           "env steps/s")
@@ -91,6 +102,9 @@ def issue20_figures(hours: float, log) -> dict:
         "agent_vs_best_rule_energy_ci95": round(ratio_ci, 4),
         "agent_slo_attainment": round(slo, 4),
         "override_rate": round(float(np.mean(rates)), 4),
+        **{f"thermal_{group}_{who}_{key}": round(by[who][key][0], 4)
+           for group, by in thermal["summary"].items() for who in ("agent", "tapas")
+           for key in ("harm_gpu_s", "vm_wait_h", "avoidable_override_rate")},
         "transfers": all(v == "ok" for per in moved.values() for v in per.values()),
         "transfers_by_checkpoint": {c: all(v == "ok" for v in per.values()) for c, per in moved.items()},
         "vector_env_steps_per_s": round(steps, 1),

@@ -106,9 +106,9 @@ COMMANDS: tuple[Command, ...] = (
             "Train the residual energy agent over the DynamoLLM manager"),
     Command("residual-eval", residual.ResidualEvalArgs, residual.run_eval,
             "Residual energy agent vs the manager on held-out week days"),
-    Command("train-residual-thermal", residual_thermal.TrainResidualThermalArgs, residual_thermal.run_train,
+    Command("train-thermal", residual_thermal.TrainResidualThermalArgs, residual_thermal.run_train,
             "Train the thermal agent over TAPAS, the shield in the loop"),
-    Command("residual-thermal-eval", residual_thermal.ResidualThermalEvalArgs, residual_thermal.run_eval,
+    Command("thermal-eval", residual_thermal.ResidualThermalEvalArgs, residual_thermal.run_eval,
             "Thermal agent vs TAPAS (with and without the shield)"),
 )
 """Every subcommand, in the order ``llm-cluster --help`` lists them (summaries fit one line)."""

@@ -37,7 +37,7 @@ class EvaluateArgs:
     warmup: int = 12
     """Control intervals left out at the start of every episode (start-up reconfiguration)."""
     checkpoint_dir: str = "checkpoints"
-    """Folder holding the plans' checkpoints (residual_energy/ for the energy task, thermal/)."""
+    """Folder holding the plans' checkpoints (residual_energy/ for energy, residual_thermal/ for thermal)."""
     out: str = "reports/evaluation"
     """Where the Markdown report and its PNGs go."""
 

@@ -1,10 +1,10 @@
-"""`llm-cluster train-residual-thermal` and `llm-cluster residual-thermal-eval` (issue 20).
+"""`llm-cluster train-thermal` and `llm-cluster thermal-eval` (issue 20).
 
-``train-residual-thermal`` trains PPO on `agents.residual_thermal.ResidualOverTapas` (the
+``train-thermal`` trains PPO on `agents.residual_thermal.ResidualOverTapas` (the
 TAPAS-style controller with a learned clock ceiling per rank group of rows and a placement gate)
 with the shield in the loop and its override rate as a learned constraint, over the small TAPAS
 scenarios and windows of `tapas_dc`'s training days (`agents.train_residual_thermal.train`).
-``residual-thermal-eval`` runs the checkpoint inside the shield, the TAPAS-style controller inside
+``thermal-eval`` runs the checkpoint inside the shield, the TAPAS-style controller inside
 the shield and TAPAS alone on the same units (`small_tapas_high` request-level, `tapas_dc` on the
 test days) and prints each unit and the means with 95% intervals; its last line is one JSON object.
 """
@@ -25,7 +25,7 @@ from llm_cluster_gym.scripts.usage import UsageError, check_number, check_seeds
 __all__ = ["ResidualThermalEvalArgs", "TrainResidualThermalArgs", "run_eval", "run_train"]
 
 
-def run_train(args: TrainResidualThermalArgs, command: str = "llm-cluster train-residual-thermal") -> int:
+def run_train(args: TrainResidualThermalArgs, command: str = "llm-cluster train-thermal") -> int:
     """Validate the options, train, print where the checkpoint is."""
     if args.steps <= 0:
         raise UsageError(f"--steps must be > 0, got {args.steps}")
@@ -49,24 +49,24 @@ class ResidualThermalEvalArgs:
     """The thermal agent (shielded) against the TAPAS-style controller with and without the shield."""
 
     checkpoint: str = "checkpoints/residual_thermal"
-    """Checkpoint directory written by `llm-cluster train-residual-thermal`."""
+    """Checkpoint directory written by `llm-cluster train-thermal`."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Seeds of `small_tapas_high` (request-level); the first also runs the `tapas_dc` days."""
     dc_days: tuple[int, ...] = (0, 2, 5)
     """Days of the week of the `tapas_dc` windows (the week protocol's test days)."""
-    dc_hours: float = 2.0
-    """Hours of each `tapas_dc` window."""
-    dc_from_hour: float = 12.0
-    """Hour of the day each `tapas_dc` window starts (the afternoon peak by default)."""
+    dc_hours: float = 24.0
+    """Hours of each `tapas_dc` window (the whole day by default, as `llm-cluster tapas-scale`)."""
+    dc_from_hour: float = 0.0
+    """Hour of the day each `tapas_dc` window starts."""
     out: str = "reports/residual-thermal"
     """Folder for results.json."""
 
 
-def run_eval(args: ResidualThermalEvalArgs, command: str = "llm-cluster residual-thermal-eval") -> int:
+def run_eval(args: ResidualThermalEvalArgs, command: str = "llm-cluster thermal-eval") -> int:
     """Evaluate, print each unit and the summary, write results.json."""
     if not (Path(args.checkpoint) / "metadata.json").is_file():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no metadata.json there "
-                                "(train one with llm-cluster train-residual-thermal)")
+                                "(train one with llm-cluster train-thermal)")
     if not args.dc_days or any(not 0 <= d < 7 for d in args.dc_days):
         raise UsageError(f"--dc-days must be days of the week (0..6), got {list(args.dc_days)}")
     check_seeds("--seeds", args.seeds)

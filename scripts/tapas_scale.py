@@ -146,8 +146,8 @@ def unit_scenario(base: Scenario, unit: Unit, hours: float) -> Scenario:
     return s
 
 
-def unit_env(scenario: str, unit: Unit, hours: float) -> Any:
-    """The unit's env: thermal task, aggregate model, VMs placed by the policy alone.
+def unit_env(scenario: str, unit: Unit, hours: float) -> tuple[Any, Scenario]:
+    """The unit's env and scenario: thermal task, aggregate model, VMs placed by the policy alone.
 
     The simulator's first-fit fallback (`SimCluster(auto_place_vms=True)`) would place every
     waiting VM at the end of each interval, before the policy sees it, so placement policies
@@ -157,7 +157,8 @@ def unit_env(scenario: str, unit: Unit, hours: float) -> Any:
     from llm_cluster_gym.envs.sim.cluster import SimCluster
 
     s = unit_scenario(load_scenario(scenario), unit, hours)
-    return ClusterEnv(task="thermal", backend=SimCluster(s, serving_model="aggregate", auto_place_vms=False))
+    backend = SimCluster(s, serving_model="aggregate", auto_place_vms=False)
+    return ClusterEnv(task="thermal", backend=backend), s
 
 
 def run_unit(scenario: str, unit: Unit, hours: float) -> UnitRun:
@@ -165,8 +166,7 @@ def run_unit(scenario: str, unit: Unit, hours: float) -> UnitRun:
     from llm_cluster_gym.controllers.registry import policy_maker
     from llm_cluster_gym.envs.rollout import run_episode
 
-    env = unit_env(scenario, unit, hours)
-    s = env.backend.scenario
+    env, s = unit_env(scenario, unit, hours)
     start = time.perf_counter()
     result = run_episode(env, policy_maker(unit.policy)(env), unit.seed)
     summary = {k: float(v) for k, v in result.summary().items() if isinstance(v, (int, float))}

@@ -50,3 +50,10 @@ def test_a_residual_checkpoint_is_a_policy_spec_like_any_other():
         a = policy.act(obs, None)
         assert env.action_space.contains(a)
         obs, *_ = env.step(a)
+
+
+def test_every_shipped_checkpoint_runs_on_every_scenario_size_of_its_task():
+    moved = bar.transfers()
+    assert set(moved) == set(bar.SHIPPED)
+    for directory, task in bar.SHIPPED.items():
+        assert moved[directory] == {sc: "ok" for sc in bar.TRANSFER_SCENARIOS[task]}, directory

@@ -113,7 +113,7 @@ def test_short_paired_run_tapas_caps_less_than_unaware(tmp_path):
 
 def test_the_policy_alone_places_the_vms():
     """A VM nobody places keeps waiting: no first-fit fallback places it behind the policy's back."""
-    env = ts.unit_env("tapas_dc", ts.Unit("tapas", 2, 0), 0.5)
+    env, _ = ts.unit_env("tapas_dc", ts.Unit("tapas", 2, 0), 0.5)
     env.reset(seed=0)
     vms = env.backend.vms
     for _ in range(200):
