@@ -29,6 +29,7 @@ vector env.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -138,13 +139,17 @@ class ResidualOverManager(gym.Wrapper):
         return self._observe(fixed_obs), shaped, terminated, truncated, info
 
     # ------------------------------------------------------------------ as a controller
-    def observe(self, raw_obs: np.ndarray) -> np.ndarray:
+    def observe(self, raw_obs: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
         """The residual observation of a raw env observation; the manager proposes for it.
 
         What a deployed policy calls with each observation the env returns (the manager counts
-        its calls: one per interval).
+        its calls: one per interval). ``action_mask``: the env's mask for it (None: read now).
         """
-        return self._observe(self._fixed_observation(raw_obs))
+        return self._observe(self._fixed_observation(raw_obs), action_mask)
+
+    def reset_base(self) -> None:
+        """Start a new episode of the base controller (the manager forgets its history)."""
+        self.manager.reset()
 
     def corrected_action(self, action: np.ndarray) -> ClusterAction:
         """The manager's latest proposal with the agent's clock offset per pool slot.
@@ -172,14 +177,60 @@ class ResidualOverManager(gym.Wrapper):
     def _shifted(self, freq_mhz: float, offset: int) -> float:
         return float(self.freqs[int(np.clip(self._freq_index(freq_mhz) + offset, 0, len(self.freqs) - 1))])
 
-    def _observe(self, fixed_obs: np.ndarray) -> np.ndarray:
+    def _observe(self, fixed_obs: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
         """The fixed observation plus the manager's proposal for the coming interval."""
-        self._base_action = self.manager.decide(self._raw, self.inner.action_masks())
+        mask = self.inner.action_masks() if action_mask is None else action_mask
+        self._base_action = self.manager.decide(self._raw, mask)
         pos = np.zeros(MAX_POOLS)
         span = max(len(self.freqs) - 1, 1)
         for p, cfg in enumerate(self._base_action.pools):
             pos[p] = self._freq_index(cfg.freq_mhz) / span
         return np.concatenate([fixed_obs, pos]).astype(np.float32)
+
+
+class ResidualController:
+    """A trained residual agent as a controller (`decide`, `act`) for the episode runner.
+
+    The wrapper (`ResidualOverManager`, `agents.residual_thermal.ResidualOverTapas`) holds the
+    base controller and the layout-free observation over the env it was built on; every interval
+    the base proposes, the PPO policy (observations normalized with the training statistics,
+    frozen) picks the correction.
+
+    Args:
+        directory: Checkpoint directory (``model.zip``, optional ``vecnormalize.pkl``).
+        wrapper: The residual wrapper over the env the controller acts on.
+    """
+
+    name = "residual"
+
+    def __init__(self, directory: str | Path, wrapper: Any) -> None:
+        from stable_baselines3 import PPO
+        from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+        d = Path(directory)
+        self.model = PPO.load(d / "model.zip", device="cpu")
+        self.res = wrapper
+        vn_path = d / "vecnormalize.pkl"
+        self.vecnorm = VecNormalize.load(str(vn_path), DummyVecEnv([lambda: self.res])) \
+            if vn_path.exists() else None
+        if self.vecnorm is not None:
+            self.vecnorm.training = False
+
+    def reset(self) -> None:
+        """Start a new episode: the base controller forgets its history."""
+        self.res.reset_base()
+
+    def decide(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> ClusterAction:
+        """The base controller's action for this observation with the agent's correction."""
+        obs = self.res.observe(observation, action_mask)
+        if self.vecnorm is not None:
+            obs = self.vecnorm.normalize_obs(obs)
+        a, _ = self.model.predict(obs, deterministic=True)
+        return self.res.corrected_action(a)
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+        """`decide`, as the env's action vector."""
+        return self.res.inner.codec.encode_action(self.decide(observation, action_mask))
 
 
 def lagrange_callback(update: LagrangeUpdate, key: str = "slo_violation") -> Any:

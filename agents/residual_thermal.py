@@ -172,6 +172,10 @@ class ResidualOverTapas(gym.Wrapper):
         """The agent's observation of a raw env observation; TAPAS proposes for it (one call per interval)."""
         return self._observe(self._fixed_observation(raw_obs), action_mask)
 
+    def reset_base(self) -> None:
+        """Start a new episode of the base controller (TAPAS forgets its history)."""
+        self.tapas.reset()
+
     def corrected_action(self, action: np.ndarray) -> ClusterAction:
         """TAPAS's latest proposal under the agent's per-group ceilings and placement gate.
 

@@ -26,7 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from llm_cluster_gym.agents.residual import LagrangeUpdate, ResidualOverManager, lagrange_callback
+from llm_cluster_gym.agents.residual import (
+    LagrangeUpdate,
+    ResidualController,
+    ResidualOverManager,
+    lagrange_callback,
+)
 from llm_cluster_gym.scripts.dynamo_week import WeekArgs
 
 RESIDUAL_KIND = "residual_over_manager"
@@ -133,42 +138,17 @@ def train(args: TrainResidualArgs) -> Path:
     return save_checkpoint(args.out, model, vec, meta)
 
 
-class ResidualPolicy:
-    """A trained residual agent as a controller (`decide`), for the episode runner.
+class ResidualPolicy(ResidualController):
+    """The residual energy agent as a controller.
 
-    It keeps its own manager and layout-free observation mapping over the env it is built on.
+    The manager (as the week benchmark runs it) corrected by the trained policy, on the
+    layout-free observation of the env it is built on.
     """
 
     name = "residual"
 
     def __init__(self, directory: str | Path, env: Any) -> None:
-        from stable_baselines3 import PPO
-        from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
-
-        d = Path(directory)
-        self.model = PPO.load(d / "model.zip", device="cpu")
-        self.res = ResidualOverManager(env, manager_kwargs=MANAGER_KWARGS)
-        vn_path = d / "vecnormalize.pkl"
-        self.vecnorm = VecNormalize.load(str(vn_path), DummyVecEnv([lambda: self.res])) \
-            if vn_path.exists() else None
-        if self.vecnorm is not None:
-            self.vecnorm.training = False
-
-    def reset(self) -> None:
-        """Start a new episode: the manager forgets its history."""
-        self.res.manager.reset()
-
-    def decide(self, observation: np.ndarray, action_mask: np.ndarray | None = None):
-        """The manager's action for this observation with the agent's clock offsets."""
-        obs = self.res.observe(observation)
-        if self.vecnorm is not None:
-            obs = self.vecnorm.normalize_obs(obs)
-        a, _ = self.model.predict(obs, deterministic=True)
-        return self.res.corrected_action(a)
-
-    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
-        """`decide`, as the env's action vector."""
-        return self.res.inner.codec.encode_action(self.decide(observation, action_mask))
+        super().__init__(directory, ResidualOverManager(env, manager_kwargs=MANAGER_KWARGS))
 
 
 def evaluate_residual(directory: str | Path, days: tuple[int, ...] = (0, 2, 5),

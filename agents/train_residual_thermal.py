@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from llm_cluster_gym.agents.residual import LagrangeUpdate, lagrange_callback
+from llm_cluster_gym.agents.residual import LagrangeUpdate, ResidualController, lagrange_callback
 from llm_cluster_gym.agents.residual_thermal import RESIDUAL_THERMAL_KIND, ResidualOverTapas
 
 SMALL_SCENARIOS = ("small_tapas", "small_tapas_high")
@@ -141,43 +141,17 @@ def train(args: TrainResidualThermalArgs) -> Path:
     return save_checkpoint(args.out, model, vec, meta)
 
 
-class ResidualThermalPolicy:
-    """A trained thermal agent as a controller (`decide`, `act`) for the episode runner.
+class ResidualThermalPolicy(ResidualController):
+    """The thermal agent as a controller.
 
-    It keeps its own TAPAS-style controller and layout-free observation over the env it is built
+    TAPAS corrected by the trained policy, on the layout-free observation of the env it is built
     on; the shield, if any, is the harness's (``shield:ckpt:<dir>``).
     """
 
     name = "residual_thermal"
 
     def __init__(self, directory: str | Path, env: Any) -> None:
-        from stable_baselines3 import PPO
-        from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
-
-        d = Path(directory)
-        self.model = PPO.load(d / "model.zip", device="cpu")
-        self.res = ResidualOverTapas(env, shielded=False)
-        vn_path = d / "vecnormalize.pkl"
-        self.vecnorm = VecNormalize.load(str(vn_path), DummyVecEnv([lambda: self.res])) \
-            if vn_path.exists() else None
-        if self.vecnorm is not None:
-            self.vecnorm.training = False
-
-    def reset(self) -> None:
-        """Start a new episode: TAPAS forgets its history."""
-        self.res.tapas.reset()
-
-    def decide(self, observation: np.ndarray, action_mask: np.ndarray | None = None):
-        """TAPAS's action for this observation under the agent's ceilings and placement gate."""
-        obs = self.res.observe(observation, action_mask)
-        if self.vecnorm is not None:
-            obs = self.vecnorm.normalize_obs(obs)
-        a, _ = self.model.predict(obs, deterministic=True)
-        return self.res.corrected_action(a)
-
-    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
-        """`decide`, as the env's action vector."""
-        return self.res.inner.codec.encode_action(self.decide(observation, action_mask))
+        super().__init__(directory, ResidualOverTapas(env, shielded=False))
 
 
 def _mean_ci(values: list[float]) -> tuple[float, float]:
