@@ -79,7 +79,53 @@ class LagrangeUpdate:
         return self.value
 
 
-class ResidualOverManager(gym.Wrapper):
+class ResidualWrapper(gym.Wrapper):
+    """What both residual agents' envs share.
+
+    The layout-free spaces of the wrapped `ClusterEnv`, the constraint's multiplier, and the
+    mapping of a raw observation to the fixed one. Subclasses propose with their base controller
+    in ``_observe(fixed_obs, action_mask)``.
+
+    Args:
+        env: A `ClusterEnv`, or a wrapper of one.
+        lagrange: Initial multiplier of the constraint in the reward (>= 0).
+    """
+
+    def __init__(self, env: gym.Env, lagrange: float = 0.0) -> None:
+        fixed = LayoutFreeSpaces(env)
+        super().__init__(fixed)
+        self.fixed = fixed
+        self.inner = env.unwrapped
+        if not lagrange >= 0.0:
+            raise ValueError(f"lagrange must be >= 0, got {lagrange}")
+        self.lagrange = float(lagrange)
+        self._raw: np.ndarray | None = None
+
+    def set_lagrange(self, value: float) -> None:
+        """Set the multiplier (`lagrange_callback` calls it through the vector env)."""
+        if not value >= 0.0:
+            raise ValueError(f"lagrange must be >= 0, got {value}")
+        self.lagrange = float(value)
+
+    def observe(self, raw_obs: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+        """The agent's observation of a raw env observation; the base controller proposes for it.
+
+        What a deployed policy calls with each observation the env returns (the base controller
+        counts its calls: one per interval). ``action_mask``: the env's mask for it (None: read now).
+        """
+        return self._observe(self._fixed_observation(raw_obs), action_mask)
+
+    def _observe(self, fixed_obs: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def _fixed_observation(self, raw_obs: np.ndarray) -> np.ndarray:
+        self._raw = np.asarray(raw_obs)
+        self.fixed._inner_obs = self._raw
+        self.fixed._legal = None
+        return self.fixed.observation(self._raw)
+
+
+class ResidualOverManager(ResidualWrapper):
     """An energy-task `ClusterEnv` whose actions correct the DynamoLLM-style manager's clocks.
 
     Args:
@@ -90,31 +136,18 @@ class ResidualOverManager(gym.Wrapper):
 
     def __init__(self, env: gym.Env, lagrange: float = 0.0,
                  manager_kwargs: dict[str, Any] | None = None) -> None:
-        fixed = LayoutFreeSpaces(env)
-        super().__init__(fixed)
-        self.fixed = fixed
-        self.inner = env.unwrapped
+        super().__init__(env, lagrange)
         if not self.inner.codec.has_pools:
             raise ValueError(f"ResidualOverManager needs pool actions; task is {self.inner.task!r}")
-        if not lagrange >= 0.0:
-            raise ValueError(f"lagrange must be >= 0, got {lagrange}")
-        self.lagrange = float(lagrange)
         self.manager = DynamoController(ControllerContext.from_env(self.inner), **(manager_kwargs or {}))
         self.freqs = np.asarray(self.inner.layout.freq_choices_mhz, dtype=float)
         self.action_space = spaces.MultiDiscrete([len(OFFSETS)] * MAX_POOLS)
         self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP, (len(RESIDUAL_OBSERVATION_NAMES),),
                                             np.float32)
         self.observation_names = RESIDUAL_OBSERVATION_NAMES
-        self._raw: np.ndarray | None = None
         self._base_action: ClusterAction | None = None
 
     # ------------------------------------------------------------------ gym API
-    def set_lagrange(self, value: float) -> None:
-        """Set the SLO multiplier (`LagrangeCallback` calls it through the vector env)."""
-        if not value >= 0.0:
-            raise ValueError(f"lagrange must be >= 0, got {value}")
-        self.lagrange = float(value)
-
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         """Reset the env and the manager; the manager proposes its first configuration."""
         self.manager.reset()
@@ -139,14 +172,6 @@ class ResidualOverManager(gym.Wrapper):
         return self._observe(fixed_obs), shaped, terminated, truncated, info
 
     # ------------------------------------------------------------------ as a controller
-    def observe(self, raw_obs: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
-        """The residual observation of a raw env observation; the manager proposes for it.
-
-        What a deployed policy calls with each observation the env returns (the manager counts
-        its calls: one per interval). ``action_mask``: the env's mask for it (None: read now).
-        """
-        return self._observe(self._fixed_observation(raw_obs), action_mask)
-
     def reset_base(self) -> None:
         """Start a new episode of the base controller (the manager forgets its history)."""
         self.manager.reset()
@@ -165,12 +190,6 @@ class ResidualOverManager(gym.Wrapper):
         return replace(self._base_action, pools=pools)
 
     # ------------------------------------------------------------------ pieces
-    def _fixed_observation(self, raw_obs: np.ndarray) -> np.ndarray:
-        self._raw = np.asarray(raw_obs)
-        self.fixed._inner_obs = self._raw
-        self.fixed._legal = None
-        return self.fixed.observation(self._raw)
-
     def _freq_index(self, freq_mhz: float) -> int:
         return int(np.argmin(np.abs(self.freqs - freq_mhz)))
 

@@ -43,6 +43,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from llm_cluster_gym.agents.residual import ResidualWrapper
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.shield import Shield
 from llm_cluster_gym.controllers.tapas import TapasController
@@ -51,7 +52,6 @@ from llm_cluster_gym.envs.fixed_spaces import (
     FIXED_OBSERVATION_NAMES,
     FREQ_LEVELS,
     ROW_GROUPS,
-    LayoutFreeSpaces,
 )
 from llm_cluster_gym.envs.observation import OBS_CLIP
 
@@ -85,7 +85,7 @@ class _Proposed:
         return self.vector
 
 
-class ResidualOverTapas(gym.Wrapper):
+class ResidualOverTapas(ResidualWrapper):
     """A thermal-task `ClusterEnv` whose actions gate and cap the TAPAS-style controller.
 
     Args:
@@ -98,15 +98,9 @@ class ResidualOverTapas(gym.Wrapper):
 
     def __init__(self, env: gym.Env, lagrange: float = 0.0, shielded: bool = True,
                  vm_wait_weight: float = VM_WAIT_WEIGHT) -> None:
-        fixed = LayoutFreeSpaces(env)
-        super().__init__(fixed)
-        self.fixed = fixed
-        self.inner = env.unwrapped
+        super().__init__(env, lagrange)
         if not self.inner.codec.has_rows:
             raise ValueError(f"ResidualOverTapas needs row actions; task is {self.inner.task!r}")
-        if not lagrange >= 0.0:
-            raise ValueError(f"lagrange must be >= 0, got {lagrange}")
-        self.lagrange = float(lagrange)
         self.vm_wait_weight = float(vm_wait_weight)
         self.ctx = ControllerContext.from_env(self.inner)
         self.tapas = TapasController(self.ctx)
@@ -123,17 +117,10 @@ class ResidualOverTapas(gym.Wrapper):
         self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP,
                                             (len(RESIDUAL_THERMAL_OBSERVATION_NAMES),), np.float32)
         self.observation_names = RESIDUAL_THERMAL_OBSERVATION_NAMES
-        self._raw: np.ndarray | None = None
         self._base: ClusterAction | None = None
         self._groups: np.ndarray | None = None
 
     # ------------------------------------------------------------------ gym API
-    def set_lagrange(self, value: float) -> None:
-        """Set the override multiplier (`lagrange_callback` calls it through the vector env)."""
-        if not value >= 0.0:
-            raise ValueError(f"lagrange must be >= 0, got {value}")
-        self.lagrange = float(value)
-
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         """Reset the env, TAPAS and the shield; TAPAS proposes for the first interval."""
         self.tapas.reset()
@@ -168,10 +155,6 @@ class ResidualOverTapas(gym.Wrapper):
         return self._observe(fixed_obs), shaped, terminated, truncated, info
 
     # ------------------------------------------------------------------ as a controller
-    def observe(self, raw_obs: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
-        """The agent's observation of a raw env observation; TAPAS proposes for it (one call per interval)."""
-        return self._observe(self._fixed_observation(raw_obs), action_mask)
-
     def reset_base(self) -> None:
         """Start a new episode of the base controller (TAPAS forgets its history)."""
         self.tapas.reset()
@@ -200,12 +183,6 @@ class ResidualOverTapas(gym.Wrapper):
         return replace(base, row_freq_cap_mhz=cap, vm_servers=servers or base.vm_servers)
 
     # ------------------------------------------------------------------ pieces
-    def _fixed_observation(self, raw_obs: np.ndarray) -> np.ndarray:
-        self._raw = np.asarray(raw_obs)
-        self.fixed._inner_obs = self._raw
-        self.fixed._legal = None
-        return self.fixed.observation(self._raw)
-
     def _placed_row_load(self, base: ClusterAction) -> float:
         """TAPAS's estimate of the highest row load (power / limit) its placements leave (0: none)."""
         view, lay = self.ctx.view, self.inner.layout
