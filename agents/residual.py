@@ -286,3 +286,46 @@ def lagrange_callback(update: LagrangeUpdate, key: str = "slo_violation") -> Any
             self._violations = []
 
     return LagrangeCallback()
+
+
+def train_constrained_ppo(factory: Any, *, n_envs: int, update: LagrangeUpdate, key: str, steps: int,
+                          max_minutes: float, seed: int, tensorboard: str | None,
+                          init: str | Path | None = None) -> tuple[Any, Any]:
+    """PPO on a residual env with a learned constraint multiplier; both residual agents train so.
+
+    ``factory`` builds one env (a `ResidualWrapper`, or a wrapper forwarding ``set_lagrange``);
+    `n_envs` copies step in one process under `VecNormalize` (observations only). The
+    multiplier follows `update` on the ``key`` entry of ``info`` (`lagrange_callback`). Training
+    stops after `steps` env steps or `max_minutes` of wall time, whichever comes first (the
+    issue's two-hour budget on 2 cores). With ``init`` (a checkpoint directory of the same kind)
+    training continues from its policy and observation statistics (fine-tuning; the caller
+    starts `update` from its multiplier). Returns ``(model, vec)`` with `vec` frozen
+    (``training`` False), ready for `agents.checkpoint.save_checkpoint`.
+    """
+    import time
+
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor, VecNormalize
+
+    t0 = time.time()
+    venv = VecMonitor(DummyVecEnv([factory for _ in range(n_envs)]))
+    if init is None:
+        vec = VecNormalize(venv, norm_obs=True, norm_reward=False)
+        model = PPO("MlpPolicy", vec, n_steps=1024, batch_size=256, n_epochs=5, learning_rate=3e-4,
+                    gamma=0.99, gae_lambda=0.95, ent_coef=0.0, seed=seed, device="cpu",
+                    tensorboard_log=tensorboard, policy_kwargs={"net_arch": [64, 64]})
+    else:
+        vec = VecNormalize.load(str(Path(init) / "vecnormalize.pkl"), venv)
+        vec.training, vec.norm_reward = True, False
+        model = PPO.load(Path(init) / "model.zip", env=vec, device="cpu", seed=seed,
+                         tensorboard_log=tensorboard)
+
+    class WallClockLimit(BaseCallback):
+        def _on_step(self) -> bool:
+            return time.time() - t0 < max_minutes * 60.0
+
+    model.learn(total_timesteps=steps, progress_bar=False, reset_num_timesteps=init is None,
+                callback=CallbackList([lagrange_callback(update, key=key), WallClockLimit()]))
+    vec.training = False
+    return model, vec

@@ -11,27 +11,36 @@ does them itself and the shield stays a safety net:
 * per rank group of rows (`LayoutFreeSpaces`: tightest, middle, loosest third by slack), a clock
   ceiling the rows' SaaS GPUs may not exceed, as a position among the fixed `FREQ_LEVELS`
   (the top one leaves TAPAS's own ceiling; the row's ceiling is the lower of the two);
-* a placement gate over TAPAS's placements for the waiting VMs: hold them all, place the head of
-  the queue only, or place as TAPAS proposes.
+* a placement gate over TAPAS's placements for the waiting VMs (`GATE_LEVELS`): hold them all,
+  place the head of the queue only, move each where the forecast says it fits, or place as TAPAS
+  proposes.
 
 Routing, quantization and (with pool actions) the pools are TAPAS's.
 
-Observation: the 87 layout-free values plus, per rank group, TAPAS's ceiling as a position in
-[0, 1], the share of placement slots TAPAS fills, and TAPAS's own estimate of the highest row load
-(power over limit) its placements leave (the row's power now plus each VM's expected power from its
-type's history and the server overhead it drags): ``Box(-10, 10, (92,))``. The shield's prediction
-is *not* shown: the agent must learn when the shield would object from what an operator sees.
+Observation: the 87 layout-free values; per rank group, TAPAS's ceiling as a position in [0, 1];
+the share of placement slots TAPAS fills and TAPAS's own estimate of the highest row load (power
+over limit) its placements leave; and the **forecast**: per rank group, the highest ceiling
+position the power and temperature prediction allows every row of the group (1 where TAPAS's
+ceilings already keep it safe), and the share of TAPAS's placements it accepts:
+``Box(-10, 10, (96,))``. The forecast is the shield's prediction (`Shield.forecast`, kept by a
+forecaster of the wrapper's own, so that it is there in deployment too): what an operator's
+capacity planner would show. An agent that ignores it is overridden in most intervals (the first
+version of this agent, without it, in 27% at request level); one that heeds it is never
+overridden (tested), so the agent can do the work itself and leave the shield a safety net.
+What heeding alone buys is measured by `controllers.tapas_forecast` (TAPAS that always heeds
+the forecast), the rule the agent is compared with.
 
 Constrained learning, as for the energy agent (`agents.residual`): the reward is the thermal
-task's reward, minus `vm_wait_weight` per VM waiting for a placement per interval (holding VMs is
-not free: their service is deferred), minus ``lagrange`` x [the shield overrode the action for a
-reason the action could have avoided], the multiplier learned by `LagrangeUpdate` on the
-constraint "avoidable override rate <= 1 - target" (`lagrange_callback` with
-``key="shield_override_avoidable"``). While a fault is declared the shield replaces every action
-(its emergency fallback), whatever the agent does: those intervals are reported
-(``shield_override``) but not charged, or the multiplier would grow without bound on any episode
-with a cooling failure. In training the executed action is the shield's, as in
-deployment.
+task's reward, minus `SERVICE_WEIGHT` x the interval's service harm share (GPU-seconds not run as
+their owner asked: every GPU of a waiting VM, thermally throttled and power-capped GPUs, over the
+cluster's GPU-seconds; holding a VM is not free, and throttling is charged by its duration, not
+only its onsets), minus ``lagrange`` x [the shield overrode the action for a reason the action
+could have avoided], the multiplier learned by `LagrangeUpdate` on the constraint "avoidable
+override rate <= 1 - target" (`lagrange_callback` with ``key="shield_override_avoidable"``).
+While a fault is declared the shield replaces every action (its emergency fallback), whatever
+the agent does: those intervals are reported (``shield_override``) but not charged, or the
+multiplier would grow without bound on any episode with a cooling failure. In training the
+executed action is the shield's, as in deployment.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ from gymnasium import spaces
 
 from llm_cluster_gym.agents.residual import ResidualWrapper
 from llm_cluster_gym.controllers.context import ControllerContext
-from llm_cluster_gym.controllers.shield import Shield
+from llm_cluster_gym.controllers.shield import Shield, ShieldForecast, heed_forecast_placements
 from llm_cluster_gym.controllers.tapas import TapasController
 from llm_cluster_gym.envs.backend import ClusterAction
 from llm_cluster_gym.envs.fixed_spaces import (
@@ -55,19 +64,25 @@ from llm_cluster_gym.envs.fixed_spaces import (
 )
 from llm_cluster_gym.envs.observation import OBS_CLIP
 
-GATE_LEVELS = ("hold", "head", "all")
-"""Placement gate, in action index order: no VM placed, the head of the queue only, all TAPAS places."""
+GATE_LEVELS = ("hold", "head", "forecast", "all")
+"""Placement gate, in action index order: no VM placed; the head of TAPAS's queue only; each of
+TAPAS's placements moved where the power and temperature forecast says it fits (its own server if
+it fits there, else the first legal one that fits, else it waits); all as TAPAS places them."""
 
 RESIDUAL_THERMAL_KIND = "residual_over_tapas"
 """`metadata.json` field `kind` of this agent's checkpoint (`agents.policy.load_policy` reads it)."""
 
 RESIDUAL_THERMAL_OBSERVATION_NAMES = FIXED_OBSERVATION_NAMES + tuple(
     f"tapas.freq_cap_position[{g}]" for g in range(ROW_GROUPS)) + (
-    "tapas.placement_share", "tapas.placed_row_load_max")
+    "tapas.placement_share", "tapas.placed_row_load_max") + tuple(
+    f"forecast.safe_ceiling_position[{g}]" for g in range(ROW_GROUPS)) + (
+    "forecast.safe_placement_share",)
 """Every index of the observation."""
 
-VM_WAIT_WEIGHT = 0.01
-"""Reward cost per VM waiting per interval (a VM held 100 intervals costs 2 power-capping events)."""
+SERVICE_WEIGHT = 10.0
+"""Reward cost of the interval's service harm share: the GPU-seconds that did not run as their
+owner asked (a waiting VM's GPUs, thermally throttled and power-capped GPUs) over the cluster's
+GPU-seconds. A waiting VM counts all its GPUs: a customer whose VM is held gets none of them."""
 
 
 class _Proposed:
@@ -93,21 +108,28 @@ class ResidualOverTapas(ResidualWrapper):
         lagrange: Initial multiplier of a shield override in the reward.
         shielded: Run the shield in the loop (training); False steps the corrected action as is
             (deployment, where the evaluation harness wraps its own shield around the policy).
-        vm_wait_weight: Reward cost per waiting VM per interval.
+        service_weight: Reward cost of the interval's service harm share (`SERVICE_WEIGHT`).
     """
 
     def __init__(self, env: gym.Env, lagrange: float = 0.0, shielded: bool = True,
-                 vm_wait_weight: float = VM_WAIT_WEIGHT) -> None:
+                 service_weight: float = SERVICE_WEIGHT) -> None:
         super().__init__(env, lagrange)
         if not self.inner.codec.has_rows:
             raise ValueError(f"ResidualOverTapas needs row actions; task is {self.inner.task!r}")
-        self.vm_wait_weight = float(vm_wait_weight)
+        if not service_weight >= 0.0:
+            raise ValueError(f"service_weight must be >= 0, got {service_weight}")
+        self.service_weight = float(service_weight)
         self.ctx = ControllerContext.from_env(self.inner)
         self.tapas = TapasController(self.ctx)
         self._proposed = _Proposed()
-        self.shield = (Shield(self._proposed, self.ctx, self.inner.backend.telemetry)
-                       if shielded else None)
+        telemetry = self.inner.backend.telemetry
+        self.shield = Shield(self._proposed, self.ctx, telemetry) if shielded else None
+        # The forecast the agent reads: the shield's prediction, kept by a shield of its own (one
+        # reading per interval) so that it is there in deployment too, where no shield runs here.
+        self.forecaster = Shield.forecaster(self.ctx, telemetry)
         lay = self.inner.layout
+        self._gpu_s = float(lay.n_servers * lay.gpus_per_server * lay.control_interval_s)
+        self._vm_gpus = float(lay.gpus_per_server)
         self.freqs = np.asarray(lay.freq_choices_mhz, dtype=float)
         self.n_slots = max(self.inner.codec.placement_slots, 1)
         gpus = lay.gpus_per_server
@@ -119,11 +141,15 @@ class ResidualOverTapas(ResidualWrapper):
         self.observation_names = RESIDUAL_THERMAL_OBSERVATION_NAMES
         self._base: ClusterAction | None = None
         self._groups: np.ndarray | None = None
+        self._forecast: ShieldForecast | None = None
+        # Per agent ceiling level, its clock (the levels' mapping onto this layout's choices).
+        self._level_mhz = self.freqs[self.fixed.freq_map[np.arange(FREQ_LEVELS)]]
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         """Reset the env, TAPAS and the shield; TAPAS proposes for the first interval."""
         self.tapas.reset()
+        self.forecaster.reset()
         if self.shield is not None:
             self.shield.reset()
         fixed_obs, info = self.fixed.reset(seed=seed, options=options)
@@ -148,16 +174,27 @@ class ResidualOverTapas(ResidualWrapper):
             avoidable = any(not r.startswith("emergency") for r in self.shield.last_override)
         obs, reward, terminated, truncated, info = self.inner.step(vec)
         fixed_obs = self._fixed_observation(obs)
-        waiting = float(info.get("vm_wait_s", 0.0)) / self.inner.layout.control_interval_s
-        shaped = float(reward) - self.vm_wait_weight * waiting - self.lagrange * float(avoidable)
+        harm = self.service_harm_share(info)
+        shaped = float(reward) - self.service_weight * harm - self.lagrange * float(avoidable)
         info = {**info, "shield_override": float(overridden), "shield_override_avoidable": float(avoidable),
-                "lagrange": self.lagrange, "env_reward": reward}
+                "service_harm_share": harm, "lagrange": self.lagrange, "env_reward": reward}
         return self._observe(fixed_obs), shaped, terminated, truncated, info
+
+    def service_harm_share(self, info: dict[str, Any]) -> float:
+        """GPU-seconds of the interval not run as their owner asked, over the cluster's GPU-seconds.
+
+        A waiting VM's GPUs (all of them), thermally throttled GPUs and power-capped GPUs.
+        """
+        harmed = (self._vm_gpus * float(info.get("vm_wait_s", 0.0))
+                  + float(info.get("thermal_throttled_gpu_s", 0.0))
+                  + float(info.get("power_capped_gpu_s", 0.0)))
+        return harmed / self._gpu_s
 
     # ------------------------------------------------------------------ as a controller
     def reset_base(self) -> None:
-        """Start a new episode of the base controller (TAPAS forgets its history)."""
+        """Start a new episode of the base controller and the forecast (both forget their history)."""
         self.tapas.reset()
+        self.forecaster.reset()
 
     def corrected_action(self, action: np.ndarray) -> ClusterAction:
         """TAPAS's latest proposal under the agent's per-group ceilings and placement gate.
@@ -180,6 +217,8 @@ class ResidualOverTapas(ResidualWrapper):
         elif gate == "head":
             first = next((i for i, s in enumerate(servers) if s is not None), None)
             servers = tuple(s if i == first else None for i, s in enumerate(servers))
+        elif gate == "forecast":
+            servers = heed_forecast_placements(servers, self._forecast)
         return replace(base, row_freq_cap_mhz=cap, vm_servers=servers or base.vm_servers)
 
     # ------------------------------------------------------------------ pieces
@@ -198,6 +237,22 @@ class ResidualOverTapas(ResidualWrapper):
             rows.append(r)
         return float(np.max(power[rows] / limit[rows])) if rows else 0.0
 
+    def _safe_ceiling_positions(self, fc: ShieldForecast) -> np.ndarray:
+        """Per rank group, the highest ceiling level the forecast allows its rows, in [0, 1].
+
+        1 where TAPAS's own ceilings already keep every row of the group safe.
+        """
+        lower = fc.rows_to_lower
+        span = FREQ_LEVELS - 1
+        out = np.ones(ROW_GROUPS)
+        for g in range(ROW_GROUPS):
+            rows = lower & (self._groups == g)
+            if rows.any():
+                allowed = float(np.min(fc.safe_row_freq_mhz[rows]))
+                fits = np.flatnonzero(self._level_mhz <= allowed + 1e-9)
+                out[g] = (fits.max() if fits.size else 0) / span
+        return out
+
     def _observe(self, fixed_obs: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
         """The fixed observation plus TAPAS's proposal for the coming interval."""
         mask = self.inner.action_masks() if action_mask is None else action_mask
@@ -209,5 +264,8 @@ class ResidualOverTapas(ResidualWrapper):
         cap_pos = np.array([cap_idx[self._groups == g].mean() if np.any(self._groups == g) else 1.0
                             for g in range(ROW_GROUPS)])
         placed = sum(s is not None for s in (self._base.vm_servers or ())) / self.n_slots
-        extra = np.concatenate([cap_pos, [placed, self._placed_row_load(self._base)]])
+        self._forecast = fc = self.forecaster.forecast(self._raw, self._base, mask)
+        extra = np.concatenate([cap_pos, [placed, self._placed_row_load(self._base)],
+                                self._safe_ceiling_positions(fc),
+                                [fc.safe_placements / fc.placements if fc.placements else 1.0]])
         return np.clip(np.concatenate([fixed_obs, extra]), -OBS_CLIP, OBS_CLIP).astype(np.float32)

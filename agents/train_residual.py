@@ -30,7 +30,7 @@ from llm_cluster_gym.agents.residual import (
     LagrangeUpdate,
     ResidualController,
     ResidualOverManager,
-    lagrange_callback,
+    train_constrained_ppo,
 )
 from llm_cluster_gym.scripts.dynamo_week import WeekArgs
 
@@ -103,29 +103,15 @@ def _window_env_factory(rng: np.random.Generator, window_h: float):
 
 def train(args: TrainResidualArgs) -> Path:
     """Train and save the residual agent; returns the checkpoint directory."""
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor, VecNormalize
-
     from llm_cluster_gym.agents.checkpoint import git_commit, package_versions, save_checkpoint
 
     t0 = time.time()
     rng = np.random.default_rng(args.seed)
-    factory = _window_env_factory(rng, args.window_h)
-    vec = VecNormalize(VecMonitor(DummyVecEnv([factory for _ in range(args.n_envs)])),
-                       norm_obs=True, norm_reward=False)
     update = LagrangeUpdate(slo_target=args.slo_target, lr=args.lagrange_lr)
-    model = PPO("MlpPolicy", vec, n_steps=1024, batch_size=256, n_epochs=5, learning_rate=3e-4,
-                gamma=0.99, gae_lambda=0.95, ent_coef=0.0, seed=args.seed, device="cpu",
-                tensorboard_log=args.tensorboard, policy_kwargs={"net_arch": [64, 64]})
-    from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-
-    class WallClockLimit(BaseCallback):
-        def _on_step(self) -> bool:
-            return time.time() - t0 < args.max_minutes * 60.0
-
-    model.learn(total_timesteps=args.steps, progress_bar=False,
-                callback=CallbackList([lagrange_callback(update), WallClockLimit()]))
-    vec.training = False
+    model, vec = train_constrained_ppo(
+        _window_env_factory(rng, args.window_h), n_envs=args.n_envs, update=update,
+        key="slo_violation", steps=args.steps, max_minutes=args.max_minutes, seed=args.seed,
+        tensorboard=args.tensorboard)
     meta = {
         "kind": RESIDUAL_KIND, "task": "energy", "scenario": "dynamo_week",
         "train_days": "Mon, Wed, Sat", "window_h": args.window_h, "steps": int(model.num_timesteps),

@@ -4,7 +4,8 @@ Training (`train`): PPO (stable-baselines3) on `ResidualOverTapas`, each episode
 from the TAPAS scenarios of every size: `small_tapas` and `small_tapas_high` (10 minutes each) and
 a window of `tapas_dc` (`TrainResidualThermalArgs.dc_window_h` hours of the datacenter, from a
 random whole hour of one of the week's *training* days, `scripts.dynamo_week.TRAIN_DAYS`), with a
-fresh seed each time, thermal task, aggregate serving. The executed action is the shield's; the
+fresh seed each time, thermal task, aggregate serving (a `request_share` of the small-scenario
+episodes at request level). The executed action is the shield's; the
 reward carries the learned override multiplier (`LagrangeUpdate` with target
 `override_target`), logged to TensorBoard (``constraint/lagrange``,
 ``constraint/shield_override_avoidable``). Observations are normalized (VecNormalize, frozen afterwards).
@@ -12,9 +13,10 @@ The checkpoint records the wall time, steps, commit and package versions.
 
 Evaluation (`evaluate_residual_thermal`): `small_tapas_high` on the request-level model (where
 `bench/control_quality.py` measures the override rate) and `tapas_dc` on the test days, each unit
-(scenario or day, seed) run by the agent inside the shield and by the TAPAS-style controller with
-and without the shield, paired: override rate, throttled and capped GPU-seconds, VM-hours waiting
-and hosted, energy and SLO attainment, means with 95% t-intervals over units.
+(scenario or day, seed) run by the agent inside the shield, by TAPAS heeding the shield's forecast
+(`controllers.tapas_forecast`, the rule the agent must beat) inside the shield, and by the
+TAPAS-style controller with and without the shield, paired: override rate, throttled and capped
+GPU-seconds, VM-hours waiting and hosted, energy and SLO attainment, means with 95% t-intervals over units.
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from llm_cluster_gym.agents.residual import LagrangeUpdate, ResidualController, lagrange_callback
-from llm_cluster_gym.agents.residual_thermal import RESIDUAL_THERMAL_KIND, ResidualOverTapas
+from llm_cluster_gym.agents.residual import LagrangeUpdate, ResidualController, train_constrained_ppo
+from llm_cluster_gym.agents.residual_thermal import RESIDUAL_THERMAL_KIND, SERVICE_WEIGHT, ResidualOverTapas
+
+CONTENDERS = ("agent", "tapas_forecast", "shield(tapas)", "tapas")
+"""What the evaluation runs per unit: the agent and TAPAS heeding the forecast, each inside the
+shield; TAPAS inside the shield; TAPAS alone."""
 
 SMALL_SCENARIOS = ("small_tapas", "small_tapas_high")
 """Small TAPAS scenarios drawn in training (the datacenter windows are the rest)."""
@@ -45,6 +51,10 @@ class TrainResidualThermalArgs:
     """Share of episodes drawn from `tapas_dc` windows (the rest: the small TAPAS scenarios)."""
     dc_window_h: float = 1.0
     """Hours of one `tapas_dc` training episode."""
+    request_share: float = 0.25
+    """Share of the small-scenario episodes served by the request-level model (the rest, and every
+    datacenter window, by the aggregate one): the shield's power bound follows the burstier
+    request-level power, and the override rate is measured there."""
     n_envs: int = 2
     """Environments stepped together (one process)."""
     override_target: float = 0.98
@@ -56,13 +66,17 @@ class TrainResidualThermalArgs:
     """Stop after this much wall time even if `steps` are not done (issue 20: two hours on 2 cores)."""
     seed: int = 0
     """Seed of the episode draws and PPO."""
+    init: str | None = None
+    """Checkpoint to fine-tune (continue training from its policy, observation statistics and
+    multiplier); None trains from scratch."""
     out: str = "checkpoints/residual_thermal"
     """Checkpoint directory."""
     tensorboard: str | None = "reports/tensorboard/residual_thermal"
     """TensorBoard log directory (None: no logging)."""
 
 
-def _env_factory(rng: np.random.Generator, dc_share: float, dc_window_h: float):
+def _env_factory(rng: np.random.Generator, dc_share: float, dc_window_h: float,
+                 request_share: float = 0.0):
     """A `ResidualOverTapas` over a freshly drawn scenario at every episode."""
     import gymnasium as gym
 
@@ -75,14 +89,16 @@ def _env_factory(rng: np.random.Generator, dc_share: float, dc_window_h: float):
     small = {name: load_scenario(name) for name in SMALL_SCENARIOS}
 
     def draw() -> ResidualOverTapas:
+        serving = "aggregate"
         if rng.random() < dc_share:
             day = int(rng.choice(TRAIN_DAYS))
             hour = int(rng.integers(0, 24 - int(math.ceil(dc_window_h)) + 1))
             s = window_scenario(dc, day * DAY_S + hour * 3600.0, 0.0, dc_window_h * 3600.0)
         else:
             s = small[str(rng.choice(SMALL_SCENARIOS))]
+            serving = "request" if rng.random() < request_share else "aggregate"
         return ResidualOverTapas(ClusterEnv(task="thermal", backend=SimCluster(
-            s, serving_model="aggregate", auto_place_vms=False)))  # the policy places the VMs
+            s, serving_model=serving, auto_place_vms=False)))  # the policy places the VMs
 
     class RandomScenario(gym.Wrapper):
         """Draws a new scenario and seed at every reset, keeping the multiplier."""
@@ -104,35 +120,32 @@ def _env_factory(rng: np.random.Generator, dc_share: float, dc_window_h: float):
 
 def train(args: TrainResidualThermalArgs) -> Path:
     """Train and save the thermal agent; returns the checkpoint directory."""
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-    from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor, VecNormalize
-
     from llm_cluster_gym.agents.checkpoint import git_commit, package_versions, save_checkpoint
 
     t0 = time.time()
     rng = np.random.default_rng(args.seed)
-    factory = _env_factory(rng, args.dc_share, args.dc_window_h)
-    vec = VecNormalize(VecMonitor(DummyVecEnv([factory for _ in range(args.n_envs)])),
-                       norm_obs=True, norm_reward=False)
-    update = LagrangeUpdate(slo_target=args.override_target, lr=args.lagrange_lr)
-    model = PPO("MlpPolicy", vec, n_steps=1024, batch_size=256, n_epochs=5, learning_rate=3e-4,
-                gamma=0.99, gae_lambda=0.95, ent_coef=0.0, seed=args.seed, device="cpu",
-                tensorboard_log=args.tensorboard, policy_kwargs={"net_arch": [64, 64]})
-
-    class WallClockLimit(BaseCallback):
-        def _on_step(self) -> bool:
-            return time.time() - t0 < args.max_minutes * 60.0
-
-    model.learn(total_timesteps=args.steps, progress_bar=False,
-                callback=CallbackList([lagrange_callback(update, key="shield_override_avoidable"),
-                                       WallClockLimit()]))
-    vec.training = False
+    before = json.loads((Path(args.init) / "metadata.json").read_text()) if args.init else {}
+    if before and before.get("kind") != RESIDUAL_THERMAL_KIND:
+        raise ValueError(f"--init {args.init}: kind {before.get('kind')!r} is not {RESIDUAL_THERMAL_KIND!r}")
+    update = LagrangeUpdate(slo_target=args.override_target, lr=args.lagrange_lr,
+                            value=float(before.get("lagrange", 0.0)))
+    model, vec = train_constrained_ppo(
+        _env_factory(rng, args.dc_share, args.dc_window_h, args.request_share), n_envs=args.n_envs,
+        update=update, key="shield_override_avoidable", steps=args.steps,
+        max_minutes=args.max_minutes, seed=args.seed, tensorboard=args.tensorboard, init=args.init)
+    stages = [*before.get("stages", [{k: before[k] for k in ("steps", "train_wall_s", "scenarios")
+                                      if k in before}] if before else []),
+              {"steps": int(model.num_timesteps) - int(before.get("steps", 0)),
+               "train_wall_s": round(time.time() - t0, 1), "dc_window_h": args.dc_window_h,
+               "dc_share": args.dc_share, "request_share": args.request_share}]
     meta = {
         "kind": RESIDUAL_THERMAL_KIND, "task": "thermal",
         "scenarios": [*SMALL_SCENARIOS, f"tapas_dc ({args.dc_window_h:g} h windows of Mon, Wed, Sat; "
                                          f"{args.dc_share:.0%} of episodes)"],
-        "steps": int(model.num_timesteps), "train_wall_s": round(time.time() - t0, 1),
+        "request_share": args.request_share, "service_weight": SERVICE_WEIGHT,
+        "steps": int(model.num_timesteps),
+        "train_wall_s": round(sum(float(st["train_wall_s"]) for st in stages), 1),
+        "stages": stages,
         "max_minutes": args.max_minutes, "lagrange": update.value,
         "override_target": args.override_target, "seed": args.seed,
         "commit": git_commit(), "versions": package_versions(),
@@ -168,6 +181,7 @@ def evaluate_residual_thermal(directory: str | Path, seeds: tuple[int, ...] = (0
     from llm_cluster_gym.controllers.context import ControllerContext
     from llm_cluster_gym.controllers.shield import Shield
     from llm_cluster_gym.controllers.tapas import TapasController
+    from llm_cluster_gym.controllers.tapas_forecast import TapasForecastController
     from llm_cluster_gym.envs.cluster_env import ClusterEnv
     from llm_cluster_gym.envs.rollout import run_episode
     from llm_cluster_gym.envs.sim.cluster import SimCluster
@@ -185,11 +199,16 @@ def evaluate_residual_thermal(directory: str | Path, seeds: tuple[int, ...] = (0
     rows = []
     for label, scenario, serving, seed in units:
         row: dict[str, Any] = {"unit": label, "seed": seed}
-        for name in ("agent", "shield(tapas)", "tapas"):
+        for name in CONTENDERS:
             env = ClusterEnv(task="thermal", backend=SimCluster(scenario, serving_model=serving,
                                                                 auto_place_vms=False))
             ctx = ControllerContext.from_env(env)
-            inner = ResidualThermalPolicy(directory, env) if name == "agent" else TapasController(ctx)
+            if name == "agent":
+                inner = ResidualThermalPolicy(directory, env)
+            elif name == "tapas_forecast":
+                inner = TapasForecastController(ctx, env.backend.telemetry)
+            else:
+                inner = TapasController(ctx)
             policy = inner if name == "tapas" else Shield(inner, ctx, env.backend.telemetry)
             s = run_episode(env, policy, seed).summary()
             row[name] = {k: float(s[k]) for k in keys}
@@ -204,5 +223,5 @@ def evaluate_residual_thermal(directory: str | Path, seeds: tuple[int, ...] = (0
         sel = [r for r in rows if r["unit"].startswith(group)]
         summary[group] = {name: {k: _mean_ci([r[name][k] for r in sel])
                                  for k in (*keys, "harm_gpu_s", "override_rate", "avoidable_override_rate")}
-                          for name in ("agent", "shield(tapas)", "tapas")}
+                          for name in CONTENDERS}
     return {"rows": rows, "summary": summary}

@@ -23,7 +23,7 @@ shipped checkpoint runs on every scenario size, and `gymnasium.make_vec`'s steps
 Last line: one JSON object with `energy_saving_vs_static`, `slo_attainment`, `gap_to_oracle`,
 `thermal_throttle_reduction`, `power_throttle_reduction` for the shipped agents, and issue 20's
 `agent_vs_best_rule_energy` (with `_ci95`), `agent_slo_attainment`, `override_rate`,
-`thermal_<scenario>_<agent|tapas>_<harm_gpu_s|vm_wait_h|avoidable_override_rate>`, `transfers`,
+`thermal_<scenario>_<agent|tapas_forecast|tapas>_<harm_gpu_s|vm_wait_h|avoidable_override_rate>`, `transfers`,
 `vector_env_steps_per_s`. Bar (issue 20): SLO attainment >= 0.99 with `agent_vs_best_rule_energy`
 < 1.0; `override_rate` <= 0.05 (with fewer throttled GPU-seconds than the TAPAS-style controller);
 `transfers` true; >= 20,000 batched env steps per second.
@@ -81,7 +81,8 @@ def issue20_figures(hours: float, log) -> dict:
     ratio, ratio_ci = energy["summary"]["agent_vs_best_rule_energy"]
     slo, _ = energy["summary"]["agent_slo_attainment"]
     thermal = bar.thermal_agent_bar(log=log)
-    print("issue 20: thermal agent over TAPAS (shielded) vs TAPAS with and without the shield, "
+    print("issue 20: thermal agent over TAPAS (shielded) vs TAPAS heeding the forecast (shielded) and "
+          "TAPAS with and without the shield, "
           "mean ± 95% half-width over units (small_tapas_high request level, seeds 0-2; tapas_dc "
           "aggregate, the whole test days Sun, Tue, Fri, seed 0):")
     for group, by_policy in thermal["summary"].items():
@@ -103,7 +104,7 @@ def issue20_figures(hours: float, log) -> dict:
         "agent_slo_attainment": round(slo, 4),
         "override_rate": round(float(np.mean(rates)), 4),
         **{f"thermal_{group}_{who}_{key}": round(by[who][key][0], 4)
-           for group, by in thermal["summary"].items() for who in ("agent", "tapas")
+           for group, by in thermal["summary"].items() for who in ("agent", "tapas_forecast", "tapas")
            for key in ("harm_gpu_s", "vm_wait_h", "avoidable_override_rate")},
         "transfers": all(v == "ok" for per in moved.values() for v in per.values()),
         "transfers_by_checkpoint": {c: all(v == "ok" for v in per.values()) for c, per in moved.items()},

@@ -4,7 +4,7 @@ Grammar (parsed here and nowhere else)::
 
     spec       := ["shield:"] (controller | "ckpt:" directory)
     controller := a name of `controllers.registry.CONTROLLERS` (static, unaware, dynamo, tapas,
-                  oracle, milp, random)
+                  tapas_forecast, oracle, milp, random)
 
 Examples: ``dynamo``, ``shield:dynamo``, ``ckpt:checkpoints/energy``,
 ``shield:ckpt:checkpoints/thermal``. ``shield:`` wraps the policy in the safety shield

@@ -1,6 +1,7 @@
 """Build controllers by name: `make_controller(name, env)` for compare, evaluation, deployment.
 
-Names: ``static``, ``unaware``, ``dynamo``, ``tapas``, ``oracle`` and ``milp`` (simulated
+Names: ``static``, ``unaware``, ``dynamo``, ``tapas``, ``tapas_forecast`` (TAPAS heeding the
+shield's forecast, `controllers.tapas_forecast`), ``oracle`` and ``milp`` (simulated
 backend only; they read the future: ``milp`` replays the offline MILP plan of
 `controllers.milp_plan`), ``random`` (uniform over the action space, for tests); prefix
 ``shield:`` wraps any of them in the safety shield (e.g. ``shield:dynamo``). For the combined
@@ -22,9 +23,10 @@ from llm_cluster_gym.controllers.policy_spec import PolicySpecError, parse_polic
 from llm_cluster_gym.controllers.shield import Shield
 from llm_cluster_gym.controllers.static import StaticController
 from llm_cluster_gym.controllers.tapas import TapasController
+from llm_cluster_gym.controllers.tapas_forecast import TapasForecastController
 from llm_cluster_gym.controllers.unaware import UnawareController
 
-CONTROLLERS = ("static", "unaware", "dynamo", "tapas", "oracle", "milp", "random")
+CONTROLLERS = ("static", "unaware", "dynamo", "tapas", "tapas_forecast", "oracle", "milp", "random")
 
 
 class RandomController:
@@ -76,6 +78,11 @@ def make_controller(name: str, env: Any, ctx: ControllerContext | None = None,
             raise ValueError(f"controller 'tapas' needs row actions; task is {ctx.task!r}")
         pools = DynamoController(ctx) if ctx.codec.has_pools else None
         return TapasController(ctx, pool_controller=pools)
+    if name == "tapas_forecast":
+        if not ctx.codec.has_rows:
+            raise ValueError(f"controller 'tapas_forecast' needs row actions; task is {ctx.task!r}")
+        pools = DynamoController(ctx) if ctx.codec.has_pools else None
+        return TapasForecastController(ctx, base.backend.telemetry, pool_controller=pools)
     if name == "oracle":
         if not ctx.codec.has_pools:
             raise ValueError(f"controller 'oracle' needs pool actions; task is {ctx.task!r}")

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -47,6 +47,62 @@ INLET_RISE_C = 1.5
 """Bound on the inlet rise over one 5 s interval (C). The aisle inlet relaxes with tau = 300 s
 (envs/data/thermal/aisle_cooling_default.json, an assumption there), so 5 s moves it 1.7% of
 the way to its steady state; steady states within 90 C of the present inlet give < 1.5 C."""
+
+
+@dataclass(frozen=True)
+class ShieldForecast:
+    """The shield's prediction about one proposed action (`Shield.forecast`).
+
+    Attributes:
+        safe_row_freq_mhz: Per row, the highest clock ceiling the prediction allows (the lowest
+            choice where none does).
+        clock_helps: Per row, whether some clock ceiling makes the row safe (False: its excess
+            comes from VMs no clock can reconfigure; the shield leaves such a row alone).
+        row_clock_mhz: Per row, the action's effective SaaS clock ceiling.
+        placements: The action's placements.
+        safe_placements: How many of them, in slot order, keep their rows safe before the first
+            that would not (at the ceilings the prediction allows).
+        safe_vm_servers: Per slot, the server the shield would place that slot's VM on at the
+            ceilings the prediction allows (the proposed one if safe, else the first safe legal
+            one, else None); None without a mask.
+    """
+
+    safe_row_freq_mhz: np.ndarray
+    clock_helps: np.ndarray
+    row_clock_mhz: np.ndarray
+    placements: int
+    safe_placements: int
+    safe_vm_servers: tuple[int | None, ...] | None
+
+    @property
+    def rows_to_lower(self) -> np.ndarray:
+        """Rows whose clock ceiling is above what the prediction allows, where a lower one would help."""
+        return self.clock_helps & (self.row_clock_mhz > self.safe_row_freq_mhz + 1e-9)
+
+
+def heed_forecast_placements(servers: tuple[int | None, ...], forecast: ShieldForecast
+                             ) -> tuple[int | None, ...]:
+    """Each placed slot moved where the forecast says its VM fits (None: it waits).
+
+    A slot the action leaves waiting stays waiting; without the forecast's servers (no mask) the
+    placements are kept.
+    """
+    if forecast.safe_vm_servers is None:
+        return tuple(servers)
+    return tuple(f if s is not None else None
+                 for s, f in zip(servers, forecast.safe_vm_servers, strict=False))
+
+
+class _NoProposal:
+    """The wrapped controller of a shield kept only for its forecast (`Shield.forecaster`)."""
+
+    name = "none"
+
+    def reset(self) -> None:
+        """Nothing to forget."""
+
+    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
+        raise RuntimeError("a forecaster shield judges no action: call forecast(), not act()")
 
 
 class Shield:
@@ -89,6 +145,11 @@ class Shield:
         self.r_total = ctx.thermal.r_die_c_per_w + ctx.thermal.r_sink_c_per_w
         self._dyn_hist: deque[np.ndarray] = deque(maxlen=history)
         self.reset()
+
+    @classmethod
+    def forecaster(cls, ctx: ControllerContext, telemetry: Callable[[], Telemetry]) -> Shield:
+        """A shield that wraps nothing, kept for `forecast` (its own power history)."""
+        return cls(_NoProposal(), ctx, telemetry)
 
     def reset(self) -> None:
         """Reset the wrapped and fallback controllers and the override statistics."""
@@ -240,19 +301,8 @@ class Shield:
             reasons.append("row_power")
         if (hot_temp & lowerable).any():
             reasons.append("gpu_temp")
-        # Each placement in slot order, on top of the ones before it: does it make its row unsafe?
-        for k, (vm_server, _) in enumerate(placements):
-            r = lay.server_row[vm_server]
-            if k + 1 == len(placements):
-                row_w1, row_t1 = row_w, row_t
-            else:
-                row_w1, row_t1 = self._predict(tel, dyn_w, f_row, placements[:k + 1])
-            row_w0, row_t0 = self._predict(tel, dyn_w, f_row, placements[:k])
-            w_max, t_max = self.power_margin * limit[r], lay.slowdown_temp_c - self.temp_margin_c
-            if (row_w1[r] > w_max and not row_w0[r] > w_max) or (
-                    row_t1[r] > t_max and not row_t0[r] > t_max):
-                reasons.append("placement")
-                break
+        if self._first_unsafe_placement(tel, dyn_w, f_row, placements, (row_w, row_t)) is not None:
+            reasons.append("placement")
         if ctx.codec.has_pools and (self._starves_a_pool(action, observation)
                                     or self._shrinks_while_backlogged(action, observation)):
             reasons.append("capacity")
@@ -274,6 +324,59 @@ class Shield:
         if ctx.codec.has_pools:
             self._last_pools = out.pools
         return vector if out is action else ctx.codec.encode_action(out)
+
+    def _first_unsafe_placement(self, tel: Telemetry, dyn_w: np.ndarray, f_row: np.ndarray,
+                                placements: tuple[tuple[int, float], ...],
+                                predicted_all: tuple[np.ndarray, np.ndarray] | None = None
+                                ) -> int | None:
+        """Index of the first placement that makes its row unsafe (None: every one keeps it safe).
+
+        Placements in slot order, each judged on top of the ones before it.
+        ``predicted_all``: `_predict` with every placement, when the caller has it already.
+        """
+        lay = self.ctx.layout
+        limit = np.asarray(tel.row_limit_w, dtype=float)
+        t_max = lay.slowdown_temp_c - self.temp_margin_c
+        for k, (vm_server, _) in enumerate(placements):
+            r = lay.server_row[vm_server]
+            if k + 1 == len(placements) and predicted_all is not None:
+                row_w1, row_t1 = predicted_all
+            else:
+                row_w1, row_t1 = self._predict(tel, dyn_w, f_row, placements[:k + 1])
+            row_w0, row_t0 = self._predict(tel, dyn_w, f_row, placements[:k])
+            w_max = self.power_margin * limit[r]
+            if (row_w1[r] > w_max and not row_w0[r] > w_max) or (
+                    row_t1[r] > t_max and not row_t0[r] > t_max):
+                return k
+        return None
+
+    def forecast(self, observation: np.ndarray, action: ClusterAction,
+                 action_mask: np.ndarray | None = None) -> ShieldForecast:
+        """What the shield's prediction says about an action for the coming interval, without judging it.
+
+        Reads the telemetry and adds it to the power history, as `act` does: call it once per
+        interval, on a shield that does not also `act` (a forecaster of its own), or the history
+        would count an interval twice. Counts no step and no override.
+        """
+        view = self.ctx.view
+        tel = self.telemetry()
+        dyn_w = self._saas_dyn_w(tel)
+        safe_idx, feasible = self._safe_row_freq_idx(tel, dyn_w, with_feasible=True)
+        safe_f = self.freqs[safe_idx]
+        f_row = self._row_clocks(action)
+        # Placements are judged at the ceilings an action that heeds the forecast would set.
+        if action.row_freq_cap_mhz is not None:
+            action = replace(action, row_freq_cap_mhz=np.minimum(
+                np.asarray(action.row_freq_cap_mhz, dtype=float), safe_f))
+        placements = self._placements(action, view.pending_vms_expected_gpu_w(observation))
+        first = self._first_unsafe_placement(tel, dyn_w, self._row_clocks(action), placements)
+        safe_servers = (self._safe_placements(action, observation, action_mask, tel, dyn_w)
+                        if action_mask is not None else None)
+        return ShieldForecast(
+            safe_row_freq_mhz=safe_f, clock_helps=feasible,
+            row_clock_mhz=f_row, placements=len(placements),
+            safe_placements=len(placements) if first is None else first,
+            safe_vm_servers=safe_servers)
 
     def _pool_capacity(self, pools: tuple[PoolConfig, ...]) -> np.ndarray:
         """Concurrent sequences x relative clock per pool: a proxy of its serving capacity."""

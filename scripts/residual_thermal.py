@@ -33,10 +33,14 @@ def run_train(args: TrainResidualThermalArgs, command: str = "llm-cluster train-
         raise UsageError(f"--n-envs must be > 0, got {args.n_envs}")
     check_number("--dc-share", args.dc_share, at_least=0.0, at_most=1.0)
     check_number("--dc-window-h", args.dc_window_h, above=0.0, at_most=24.0)
+    check_number("--request-share", args.request_share, at_least=0.0, at_most=1.0)
     check_number("--override-target", args.override_target, above=0.0, at_most=1.0)
     check_number("--lagrange-lr", args.lagrange_lr, above=0.0)
     check_number("--max-minutes", args.max_minutes, above=0.0)
     check_seeds("--seed", [args.seed])
+    if args.init is not None and not (Path(args.init) / "metadata.json").is_file():
+        raise FileNotFoundError(f"--init {args.init}: no metadata.json there (a checkpoint of "
+                                "llm-cluster train-thermal)")
     path = train(args)
     meta = json.loads((path / "metadata.json").read_text())
     print(f"checkpoint: {path} ({meta['steps']} steps in {meta['train_wall_s']:.0f} s, "
@@ -82,6 +86,6 @@ def run_eval(args: ResidualThermalEvalArgs, command: str = "llm-cluster thermal-
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"command": command, **res}, indent=1) + "\n")
     s = res["summary"]
-    print(json.dumps({f"{g}_{p}_{k}": s[g][p][k][0] for g in s for p in ("agent", "tapas")
+    print(json.dumps({f"{g}_{p}_{k}": s[g][p][k][0] for g in s for p in ("agent", "tapas_forecast", "tapas")
                       for k in ("override_rate", "power_capped_gpu_s", "thermal_throttled_gpu_s")}))
     return 0

@@ -10,6 +10,7 @@ from llm_cluster_gym.agents.residual_thermal import (
     GATE_LEVELS,
     RESIDUAL_THERMAL_KIND,
     RESIDUAL_THERMAL_OBSERVATION_NAMES,
+    SERVICE_WEIGHT,
     ResidualOverTapas,
 )
 from llm_cluster_gym.agents.train_residual_thermal import (
@@ -29,6 +30,14 @@ AS_TAPAS = np.array([FREQ_LEVELS - 1] * ROW_GROUPS + [GATE_LEVELS.index("all")])
 
 def wrapper(scenario: str = "small_tapas_high", **kw) -> ResidualOverTapas:
     return ResidualOverTapas(ClusterEnv(task="thermal", scenario=scenario, serving_model="aggregate"), **kw)
+
+
+def harm_share(env: ResidualOverTapas, info: dict) -> float:
+    """A waiting VM's GPUs, throttled and capped GPU-seconds, over the cluster's GPU-seconds."""
+    lay = env.inner.layout
+    harmed = (lay.gpus_per_server * info["vm_wait_s"] + info["thermal_throttled_gpu_s"]
+              + info["power_capped_gpu_s"])
+    return harmed / (lay.n_servers * lay.gpus_per_server * lay.control_interval_s)
 
 
 def run(env: ResidualOverTapas, action, seed: int = 1) -> list[dict]:
@@ -52,7 +61,8 @@ def test_top_ceilings_and_open_gate_are_the_tapas_controller_step_for_step():
 def test_spaces_are_the_same_on_every_scenario_size():
     shapes = {(wrapper(s).observation_space.shape, tuple(wrapper(s).action_space.nvec))
               for s in ("small_tapas", "small_tapas_high", "tapas_dc")}
-    assert shapes == {((len(RESIDUAL_THERMAL_OBSERVATION_NAMES),), (FREQ_LEVELS,) * ROW_GROUPS + (3,))}
+    assert shapes == {((len(RESIDUAL_THERMAL_OBSERVATION_NAMES),),
+                       (FREQ_LEVELS,) * ROW_GROUPS + (len(GATE_LEVELS),))}
 
 
 def test_ceilings_only_lower_tapas_and_the_gate_holds_vms():
@@ -66,13 +76,15 @@ def test_ceilings_only_lower_tapas_and_the_gate_holds_vms():
     top = env.corrected_action(AS_TAPAS)
     assert np.array_equal(top.row_freq_cap_mhz, base_cap) and top.vm_servers == env._base.vm_servers
     # Holding every VM: nothing is ever hosted beyond what the scenario starts with, and the
-    # queue's waiting time is charged in the reward.
-    held = run(wrapper(shielded=False, vm_wait_weight=0.5), np.array(
+    # waiting VMs' GPUs are charged in the reward as harmed service.
+    held = run(wrapper(shielded=False, service_weight=0.5), np.array(
         [FREQ_LEVELS - 1] * ROW_GROUPS + [GATE_LEVELS.index("hold")]))
-    free = run(wrapper(shielded=False, vm_wait_weight=0.5), AS_TAPAS)
+    free = run(wrapper(shielded=False, service_weight=0.5), AS_TAPAS)
     assert sum(i["vm_wait_s"] for i in held) > sum(i["vm_wait_s"] for i in free)
     for i in held:
-        assert i["reward"] == pytest.approx(i["env_reward"] - 0.5 * i["vm_wait_s"] / 5.0)
+        assert i["reward"] == pytest.approx(i["env_reward"] - 0.5 * harm_share(env, i))
+    with pytest.raises(ValueError, match="service_weight"):
+        wrapper(service_weight=-1.0)
     with pytest.raises(ValueError, match="action must be"):
         env.corrected_action(np.array([FREQ_LEVELS] * ROW_GROUPS + [0]))
 
@@ -84,7 +96,9 @@ def test_shield_in_the_loop_charges_the_multiplier_for_each_override():
     assert overrides.sum() > 0  # the shield does override TAPAS on this scenario
     assert np.array_equal(overrides, [i["shield_override"] for i in b])
     assert np.array_equal(overrides, [i["shield_override_avoidable"] for i in a])  # no fault here
-    assert np.allclose([i["reward"] for i in a], [i["env_reward"] - 0.01 * i["vm_wait_s"] / 5.0 for i in a])
+    env = wrapper()
+    assert np.allclose([i["reward"] for i in a],
+                       [i["env_reward"] - SERVICE_WEIGHT * harm_share(env, i) for i in a])
     assert np.allclose(np.array([i["reward"] for i in a]) - [i["reward"] for i in b], 3.0 * overrides)
 
 
@@ -101,3 +115,37 @@ def test_a_trained_checkpoint_loads_as_a_controller_on_any_size(tmp_path):
         assert isinstance(policy, ResidualThermalPolicy)
         result = run_episode(env, policy, 0, max_intervals=5)
         assert result.n_intervals == 5
+    # Fine-tuning continues from the checkpoint: its steps, multiplier and history carry over.
+    tuned = train(TrainResidualThermalArgs(steps=1024, n_envs=1, dc_share=0.0, init=str(out),
+                                           out=str(tmp_path / "tuned"), tensorboard=None, max_minutes=5))
+    after = json.loads((tuned / "metadata.json").read_text())
+    assert after["steps"] >= meta["steps"] + 1024 and len(after["stages"]) == 2
+    assert after["stages"][0]["steps"] == meta["steps"]
+    assert after["train_wall_s"] >= meta["train_wall_s"]
+    with pytest.raises(ValueError, match="kind"):
+        train(TrainResidualThermalArgs(steps=64, init="checkpoints/residual_energy",
+                                       out=str(tmp_path / "x"), tensorboard=None))
+
+
+def heeding(env: ResidualOverTapas) -> np.ndarray:
+    """Each group's ceiling at the level the forecast allows, placements where it says they fit."""
+    i = RESIDUAL_THERMAL_OBSERVATION_NAMES.index("forecast.safe_ceiling_position[0]")
+    levels = np.rint(env._last_obs[i:i + ROW_GROUPS] * (FREQ_LEVELS - 1)).astype(np.int64)
+    return np.concatenate([levels, [GATE_LEVELS.index("forecast")]])
+
+
+@pytest.mark.parametrize("serving", ["aggregate", "request"])
+def test_an_agent_heeding_the_forecast_is_never_overridden(serving):
+    """The forecast features are the shield's own judgement: acting on them avoids every override."""
+    env = ResidualOverTapas(ClusterEnv(task="thermal", scenario="small_tapas_high", serving_model=serving))
+    obs, _ = env.reset(seed=1)
+    done, overrides, placed = False, [], 0
+    while not done:
+        env._last_obs = obs
+        action = heeding(env)
+        placed += sum(s is not None for s in env.corrected_action(action).vm_servers or ())
+        obs, _, te, tr, info = env.step(action)
+        overrides.append(info["shield_override_avoidable"])
+        done = te or tr
+    assert sum(overrides) == 0 and placed > 0
+    assert sum(i["shield_override_avoidable"] for i in run(wrapper(), AS_TAPAS)) > 0
