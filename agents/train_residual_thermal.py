@@ -69,6 +69,8 @@ class TrainResidualThermalArgs:
     init: str | None = None
     """Checkpoint to fine-tune (continue training from its policy, observation statistics and
     multiplier); None trains from scratch."""
+    lagrange_init: float | None = None
+    """Multiplier to start from (None: the `init` checkpoint's final one, or 0 from scratch)."""
     out: str = "checkpoints/residual_thermal"
     """Checkpoint directory."""
     tensorboard: str | None = "reports/tensorboard/residual_thermal"
@@ -128,7 +130,9 @@ def train(args: TrainResidualThermalArgs) -> Path:
     if before and before.get("kind") != RESIDUAL_THERMAL_KIND:
         raise ValueError(f"--init {args.init}: kind {before.get('kind')!r} is not {RESIDUAL_THERMAL_KIND!r}")
     update = LagrangeUpdate(slo_target=args.override_target, lr=args.lagrange_lr,
-                            value=float(before.get("lagrange", 0.0)))
+                            value=float(before.get("lagrange", 0.0) if args.lagrange_init is None
+                                        else args.lagrange_init))
+    lagrange_start = update.value
     model, vec = train_constrained_ppo(
         _env_factory(rng, args.dc_share, args.dc_window_h, args.request_share), n_envs=args.n_envs,
         update=update, key="shield_override_avoidable", steps=args.steps,
@@ -137,7 +141,8 @@ def train(args: TrainResidualThermalArgs) -> Path:
                                       if k in before}] if before else []),
               {"steps": int(model.num_timesteps) - int(before.get("steps", 0)),
                "train_wall_s": round(time.time() - t0, 1), "dc_window_h": args.dc_window_h,
-               "dc_share": args.dc_share, "request_share": args.request_share}]
+               "dc_share": args.dc_share, "request_share": args.request_share,
+               "lagrange_start": lagrange_start, "lagrange_end": update.value}]
     meta = {
         "kind": RESIDUAL_THERMAL_KIND, "task": "thermal",
         "scenarios": [*SMALL_SCENARIOS, f"tapas_dc ({args.dc_window_h:g} h windows of Mon, Wed, Sat; "

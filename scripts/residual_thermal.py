@@ -36,6 +36,8 @@ def run_train(args: TrainResidualThermalArgs, command: str = "llm-cluster train-
     check_number("--request-share", args.request_share, at_least=0.0, at_most=1.0)
     check_number("--override-target", args.override_target, above=0.0, at_most=1.0)
     check_number("--lagrange-lr", args.lagrange_lr, above=0.0)
+    if args.lagrange_init is not None:
+        check_number("--lagrange-init", args.lagrange_init, at_least=0.0)
     check_number("--max-minutes", args.max_minutes, above=0.0)
     check_seeds("--seed", [args.seed])
     if args.init is not None and not (Path(args.init) / "metadata.json").is_file():

@@ -117,10 +117,13 @@ def test_a_trained_checkpoint_loads_as_a_controller_on_any_size(tmp_path):
         assert result.n_intervals == 5
     # Fine-tuning continues from the checkpoint: its steps, multiplier and history carry over.
     tuned = train(TrainResidualThermalArgs(steps=1024, n_envs=1, dc_share=0.0, init=str(out),
-                                           out=str(tmp_path / "tuned"), tensorboard=None, max_minutes=5))
+                                           lagrange_init=5.0, out=str(tmp_path / "tuned"),
+                                           tensorboard=None, max_minutes=5))
     after = json.loads((tuned / "metadata.json").read_text())
     assert after["steps"] >= meta["steps"] + 1024 and len(after["stages"]) == 2
     assert after["stages"][0]["steps"] == meta["steps"]
+    assert after["stages"][1]["lagrange_start"] == 5.0
+    assert after["lagrange"] == after["stages"][1]["lagrange_end"]
     assert after["train_wall_s"] >= meta["train_wall_s"]
     with pytest.raises(ValueError, match="kind"):
         train(TrainResidualThermalArgs(steps=64, init="checkpoints/residual_energy",
