@@ -252,50 +252,78 @@ class ResidualController:
         return self.res.inner.codec.encode_action(self.decide(observation, action_mask))
 
 
-def lagrange_callback(update: LagrangeUpdate, key: str = "slo_violation") -> Any:
+GROUP_KEY = "constraint_group"
+"""``info`` entry naming the scenario family an interval belongs to, when the constraint is kept
+per family (`lagrange_callback` with one `LagrangeUpdate` per group)."""
+
+
+def lagrange_callback(update: LagrangeUpdate | dict[str, LagrangeUpdate], key: str = "slo_violation") -> Any:
     """A stable-baselines3 callback applying `update` after every rollout to all envs.
 
     The rollout's mean violation is taken from the `key` entry of every step's ``info``
-    (``slo_violation`` here; the thermal agent's ``shield_override``); the new multiplier reaches
+    (``slo_violation`` here; the thermal agent's ``unsafe_proposal``); the new multiplier reaches
     each env through ``env_method("set_lagrange", value)`` and is logged as
     ``constraint/lagrange`` and ``constraint/<key>`` (TensorBoard).
+
+    With one update per group (a dict), the constraint holds per scenario family: each step's
+    violation counts toward the group its ``info[GROUP_KEY]`` names, each group's multiplier
+    follows that group's own mean, and the envs receive the dict of multipliers (each applies its
+    group's). A family whose episodes are long cannot then outvote one whose episodes are short.
+    A group with no step in a rollout keeps its multiplier.
     """
     from stable_baselines3.common.callbacks import BaseCallback
+
+    grouped = isinstance(update, dict)
 
     class LagrangeCallback(BaseCallback):
         def __init__(self) -> None:
             super().__init__()
             self.update = update
-            self._violations: list[float] = []
+            self._violations: dict[str, list[float]] = {}
+
+        def _value(self) -> float | dict[str, float]:
+            return {g: u.value for g, u in update.items()} if grouped else update.value
 
         def _on_training_start(self) -> None:
-            self.training_env.env_method("set_lagrange", self.update.value)
+            self.training_env.env_method("set_lagrange", self._value())
 
         def _on_step(self) -> bool:
-            self._violations += [float(i[key]) for i in self.locals["infos"] if key in i]
+            for i in self.locals["infos"]:
+                if key in i:
+                    group = str(i.get(GROUP_KEY, "")) if grouped else ""
+                    self._violations.setdefault(group, []).append(float(i[key]))
             return True
 
         def _on_rollout_end(self) -> None:
             if not self._violations:
                 return
-            mean = float(np.mean(self._violations))
-            value = self.update.step(mean)
-            self.training_env.env_method("set_lagrange", value)
-            self.logger.record(f"constraint/{key}", mean)
-            self.logger.record("constraint/lagrange", value)
-            self._violations = []
+            for group, values in self._violations.items():
+                mean = float(np.mean(values))
+                if not grouped:
+                    value = update.step(mean)
+                    self.logger.record(f"constraint/{key}", mean)
+                    self.logger.record("constraint/lagrange", value)
+                elif group in update:
+                    value = update[group].step(mean)
+                    self.logger.record(f"constraint/{key}/{group}", mean)
+                    self.logger.record(f"constraint/lagrange/{group}", value)
+            self.training_env.env_method("set_lagrange", self._value())
+            self._violations = {}
 
     return LagrangeCallback()
 
 
-def train_constrained_ppo(factory: Any, *, n_envs: int, update: LagrangeUpdate, key: str, steps: int,
+def train_constrained_ppo(factory: Any, *, n_envs: int, update: LagrangeUpdate | dict[str, LagrangeUpdate],
+                          key: str, steps: int,
                           max_minutes: float, seed: int, tensorboard: str | None,
                           init: str | Path | None = None) -> tuple[Any, Any]:
     """PPO on a residual env with a learned constraint multiplier; both residual agents train so.
 
     ``factory`` builds one env (a `ResidualWrapper`, or a wrapper forwarding ``set_lagrange``);
     `n_envs` copies step in one process under `VecNormalize` (observations only). The
-    multiplier follows `update` on the ``key`` entry of ``info`` (`lagrange_callback`). Training
+    multiplier follows `update` on the ``key`` entry of ``info`` (`lagrange_callback`; one update
+    per scenario family keeps the constraint per family, and the env must then take a dict in
+    ``set_lagrange``). Training
     stops after `steps` env steps or `max_minutes` of wall time, whichever comes first (the
     issue's two-hour budget on 2 cores). With ``init`` (a checkpoint directory of the same kind)
     training continues from its policy and observation statistics (fine-tuning; the caller

@@ -30,13 +30,25 @@ overridden (tested), so the agent can do the work itself and leave the shield a 
 What heeding alone buys is measured by `controllers.tapas_forecast` (TAPAS that always heeds
 the forecast), the rule the agent is compared with.
 
+Projection onto the forecast's safe set (`project`, on for checkpoints trained with it): the
+corrected action leaves the agent only after `controllers.tapas_forecast.heed_forecast` (each row's
+ceiling at most the highest one the forecast allows where a lower clock helps, each placed VM
+moved where the forecast says it fits, or held). It is the agent's own safety layer (the
+safety-layer idea of Dalal et al., "Safe Exploration in Continuous Action Spaces", 2018): it uses
+the agent's forecaster, not the shield, so the shield stays an independent net (its own power
+history, emergencies). `projection_rate` counts the decisions it changed, and the evaluation
+reports it beside the shield's override rate, so that what the projection did is not credited to
+the learned policy. Under projection the "forecast" gate is the same as "all".
+
 Constrained learning, as for the energy agent (`agents.residual`): the reward is the thermal
 task's reward, minus `SERVICE_WEIGHT` x the interval's service harm share (GPU-seconds not run as
 their owner asked: every GPU of a waiting VM, thermally throttled and power-capped GPUs, over the
 cluster's GPU-seconds; holding a VM is not free, and throttling is charged by its duration, not
-only its onsets), minus ``lagrange`` x [the shield overrode the action for a reason the action
-could have avoided], the multiplier learned by `LagrangeUpdate` on the constraint "avoidable
-override rate <= 1 - target" (`lagrange_callback` with ``key="shield_override_avoidable"``).
+only its onsets), minus ``lagrange`` x [the agent's proposal was unsafe: the projection changed
+it, or the shield overrode it for a reason the action could have avoided] (``unsafe_proposal``),
+the multiplier learned by `LagrangeUpdate` on the constraint "unsafe proposal rate <= 1 -
+target" (`lagrange_callback` with ``key="unsafe_proposal"``): the policy is pushed to propose
+safe actions itself, and the projection and the shield catch what it still gets wrong.
 While a fault is declared the shield replaces every action (its emergency fallback), whatever
 the agent does: those intervals are reported (``shield_override``) but not charged, or the
 multiplier would grow without bound on any episode with a cooling failure. In training the
@@ -56,6 +68,7 @@ from llm_cluster_gym.agents.residual import ResidualWrapper
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.shield import Shield, ShieldForecast, heed_forecast_placements
 from llm_cluster_gym.controllers.tapas import TapasController
+from llm_cluster_gym.controllers.tapas_forecast import heed_forecast
 from llm_cluster_gym.envs.backend import ClusterAction
 from llm_cluster_gym.envs.fixed_spaces import (
     FIXED_OBSERVATION_NAMES,
@@ -109,16 +122,24 @@ class ResidualOverTapas(ResidualWrapper):
         shielded: Run the shield in the loop (training); False steps the corrected action as is
             (deployment, where the evaluation harness wraps its own shield around the policy).
         service_weight: Reward cost of the interval's service harm share (`SERVICE_WEIGHT`).
+        project: Project every corrected action onto the forecast's safe set (`heed_forecast`:
+            row ceilings at most the forecast's safe ones, placements where it says the VMs fit)
+            before it leaves the agent; False executes the correction as the policy chose it.
     """
 
     def __init__(self, env: gym.Env, lagrange: float = 0.0, shielded: bool = True,
-                 service_weight: float = SERVICE_WEIGHT) -> None:
+                 service_weight: float = SERVICE_WEIGHT, project: bool = True) -> None:
         super().__init__(env, lagrange)
         if not self.inner.codec.has_rows:
             raise ValueError(f"ResidualOverTapas needs row actions; task is {self.inner.task!r}")
         if not service_weight >= 0.0:
             raise ValueError(f"service_weight must be >= 0, got {service_weight}")
         self.service_weight = float(service_weight)
+        self.project = bool(project)
+        self.last_projected = False
+        """Whether the projection changed the last corrected action (always False unprojected)."""
+        self.decisions = 0
+        self.projected = 0
         self.ctx = ControllerContext.from_env(self.inner)
         self.tapas = TapasController(self.ctx)
         self._proposed = _Proposed()
@@ -175,8 +196,11 @@ class ResidualOverTapas(ResidualWrapper):
         obs, reward, terminated, truncated, info = self.inner.step(vec)
         fixed_obs = self._fixed_observation(obs)
         harm = self.service_harm_share(info)
-        shaped = float(reward) - self.service_weight * harm - self.lagrange * float(avoidable)
+        # The constraint: the agent's own proposal should need neither its projection nor the shield.
+        unsafe = float(avoidable or self.last_projected)
+        shaped = float(reward) - self.service_weight * harm - self.lagrange * unsafe
         info = {**info, "shield_override": float(overridden), "shield_override_avoidable": float(avoidable),
+                "projected": float(self.last_projected), "unsafe_proposal": unsafe,
                 "service_harm_share": harm, "lagrange": self.lagrange, "env_reward": reward}
         return self._observe(fixed_obs), shaped, terminated, truncated, info
 
@@ -196,8 +220,16 @@ class ResidualOverTapas(ResidualWrapper):
         self.tapas.reset()
         self.forecaster.reset()
 
+    @property
+    def projection_rate(self) -> float:
+        """Share of corrected actions the projection onto the forecast's safe set changed."""
+        return self.projected / self.decisions if self.decisions else 0.0
+
     def corrected_action(self, action: np.ndarray) -> ClusterAction:
         """TAPAS's latest proposal under the agent's per-group ceilings and placement gate.
+
+        With `project`, the result is then projected onto the forecast's safe set
+        (`controllers.tapas_forecast.heed_forecast`); `last_projected` says whether that changed it.
 
         Raises:
             ValueError: An action outside the space.
@@ -219,7 +251,16 @@ class ResidualOverTapas(ResidualWrapper):
             servers = tuple(s if i == first else None for i, s in enumerate(servers))
         elif gate == "forecast":
             servers = heed_forecast_placements(servers, self._forecast)
-        return replace(base, row_freq_cap_mhz=cap, vm_servers=servers or base.vm_servers)
+        out = replace(base, row_freq_cap_mhz=cap, vm_servers=servers or base.vm_servers)
+        self.decisions += 1
+        self.last_projected = False
+        if self.project:
+            safe = heed_forecast(out, self._forecast)
+            self.last_projected = (not np.array_equal(safe.row_freq_cap_mhz, out.row_freq_cap_mhz)
+                                   or tuple(safe.vm_servers or ()) != tuple(out.vm_servers or ()))
+            self.projected += self.last_projected
+            out = safe
+        return out
 
     # ------------------------------------------------------------------ pieces
     def _placed_row_load(self, base: ClusterAction) -> float:

@@ -8,7 +8,8 @@ fresh seed each time, thermal task, aggregate serving (a `request_share` of the 
 episodes at request level). The executed action is the shield's; the
 reward carries the learned override multiplier (`LagrangeUpdate` with target
 `override_target`), logged to TensorBoard (``constraint/lagrange``,
-``constraint/shield_override_avoidable``). Observations are normalized (VecNormalize, frozen afterwards).
+``constraint/unsafe_proposal``: the projection or the shield had to correct the proposal).
+Observations are normalized (VecNormalize, frozen afterwards).
 The checkpoint records the wall time, steps, commit and package versions.
 
 Evaluation (`evaluate_residual_thermal`): `small_tapas_high` on the request-level model (where
@@ -30,7 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from llm_cluster_gym.agents.residual import LagrangeUpdate, ResidualController, train_constrained_ppo
+from llm_cluster_gym.agents.residual import (
+    GROUP_KEY,
+    LagrangeUpdate,
+    ResidualController,
+    train_constrained_ppo,
+)
 from llm_cluster_gym.agents.residual_thermal import RESIDUAL_THERMAL_KIND, SERVICE_WEIGHT, ResidualOverTapas
 
 CONTENDERS = ("agent", "tapas_forecast", "shield(tapas)", "tapas")
@@ -39,6 +45,10 @@ shield; TAPAS inside the shield; TAPAS alone."""
 
 SMALL_SCENARIOS = ("small_tapas", "small_tapas_high")
 """Small TAPAS scenarios drawn in training (the datacenter windows are the rest)."""
+
+CONSTRAINT_GROUPS = (*SMALL_SCENARIOS, "tapas_dc")
+"""Scenario families each keeping its own multiplier: the constraint holds per scenario, so the
+datacenter's long windows (most of the steps) cannot let the small scenarios' constraint lapse."""
 
 
 @dataclass
@@ -58,10 +68,10 @@ class TrainResidualThermalArgs:
     n_envs: int = 2
     """Environments stepped together (one process)."""
     override_target: float = 0.98
-    """Share of intervals the shield must let through, on average, emergencies aside (the
-    multiplier's constraint)."""
+    """Share of intervals whose proposal must need neither the projection nor the shield, on
+    average, emergencies aside (the multiplier's constraint)."""
     lagrange_lr: float = 10.0
-    """Multiplier step per unit of avoidable override rate above the budget, per rollout."""
+    """Multiplier step per unit of unsafe-proposal rate above the budget, per rollout."""
     max_minutes: float = 120.0
     """Stop after this much wall time even if `steps` are not done (issue 20: two hours on 2 cores)."""
     seed: int = 0
@@ -69,6 +79,9 @@ class TrainResidualThermalArgs:
     init: str | None = None
     """Checkpoint to fine-tune (continue training from its policy, observation statistics and
     multiplier); None trains from scratch."""
+    project: bool = True
+    """Project the agent's actions onto its forecast's safe set in training and deployment
+    (`ResidualOverTapas.project`); recorded in the checkpoint's metadata."""
     lagrange_init: float | None = None
     """Multiplier to start from (None: the `init` checkpoint's final one, or 0 from scratch)."""
     out: str = "checkpoints/residual_thermal"
@@ -78,7 +91,7 @@ class TrainResidualThermalArgs:
 
 
 def _env_factory(rng: np.random.Generator, dc_share: float, dc_window_h: float,
-                 request_share: float = 0.0):
+                 request_share: float = 0.0, project: bool = True):
     """A `ResidualOverTapas` over a freshly drawn scenario at every episode."""
     import gymnasium as gym
 
@@ -90,34 +103,63 @@ def _env_factory(rng: np.random.Generator, dc_share: float, dc_window_h: float,
     dc = load_scenario("tapas_dc")
     small = {name: load_scenario(name) for name in SMALL_SCENARIOS}
 
-    def draw() -> ResidualOverTapas:
+    def draw() -> tuple[str, ResidualOverTapas]:
         serving = "aggregate"
         if rng.random() < dc_share:
+            group = "tapas_dc"
             day = int(rng.choice(TRAIN_DAYS))
             hour = int(rng.integers(0, 24 - int(math.ceil(dc_window_h)) + 1))
             s = window_scenario(dc, day * DAY_S + hour * 3600.0, 0.0, dc_window_h * 3600.0)
         else:
-            s = small[str(rng.choice(SMALL_SCENARIOS))]
+            group = str(rng.choice(SMALL_SCENARIOS))
+            s = small[group]
             serving = "request" if rng.random() < request_share else "aggregate"
-        return ResidualOverTapas(ClusterEnv(task="thermal", backend=SimCluster(
-            s, serving_model=serving, auto_place_vms=False)))  # the policy places the VMs
+        return group, ResidualOverTapas(ClusterEnv(task="thermal", backend=SimCluster(
+            s, serving_model=serving, auto_place_vms=False)),  # the policy places the VMs
+            project=project)
 
     class RandomScenario(gym.Wrapper):
-        """Draws a new scenario and seed at every reset, keeping the multiplier."""
+        """Draws a new scenario and seed at every reset; each scenario family has its multiplier.
+
+        Every step's ``info`` names the family (`agents.residual.GROUP_KEY`), so that the
+        constraint is kept per family (`lagrange_callback` with one update per group).
+        """
 
         def __init__(self) -> None:
-            super().__init__(draw())
+            self.group, env = draw()
+            super().__init__(env)
+            self.lagranges: dict[str, float] = {}
 
         def reset(self, *, seed=None, options=None):
-            lagrange = self.env.get_wrapper_attr("lagrange")
-            self.env = draw()
-            self.env.set_lagrange(lagrange)
+            self.group, self.env = draw()
+            self.env.set_lagrange(self.lagranges.get(self.group, 0.0))
             return self.env.reset(seed=int(rng.integers(0, 2**31 - 1)), options=options)
 
-        def set_lagrange(self, value: float) -> None:
-            self.env.set_lagrange(value)
+        def step(self, action):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            return obs, reward, terminated, truncated, {**info, GROUP_KEY: self.group}
+
+        def set_lagrange(self, value: float | dict[str, float]) -> None:
+            """Each family's multiplier (one value: the same for all)."""
+            self.lagranges = (dict(value) if isinstance(value, dict)
+                              else dict.fromkeys(CONSTRAINT_GROUPS, float(value)))
+            self.env.set_lagrange(self.lagranges.get(self.group, 0.0))
 
     return RandomScenario
+
+
+def _start_multipliers(before: dict[str, Any], lagrange_init: float | None) -> dict[str, float]:
+    """Each constraint group's first multiplier.
+
+    `lagrange_init`, else the `init` checkpoint's (one value for all groups in checkpoints from
+    before the per-family constraint), else 0.
+    """
+    if lagrange_init is not None:
+        return dict.fromkeys(CONSTRAINT_GROUPS, float(lagrange_init))
+    old = before.get("lagrange", 0.0)
+    if isinstance(old, dict):
+        return {g: float(old.get(g, 0.0)) for g in CONSTRAINT_GROUPS}
+    return dict.fromkeys(CONSTRAINT_GROUPS, float(old))
 
 
 def train(args: TrainResidualThermalArgs) -> Path:
@@ -129,29 +171,31 @@ def train(args: TrainResidualThermalArgs) -> Path:
     before = json.loads((Path(args.init) / "metadata.json").read_text()) if args.init else {}
     if before and before.get("kind") != RESIDUAL_THERMAL_KIND:
         raise ValueError(f"--init {args.init}: kind {before.get('kind')!r} is not {RESIDUAL_THERMAL_KIND!r}")
-    update = LagrangeUpdate(slo_target=args.override_target, lr=args.lagrange_lr,
-                            value=float(before.get("lagrange", 0.0) if args.lagrange_init is None
-                                        else args.lagrange_init))
-    lagrange_start = update.value
+    start = _start_multipliers(before, args.lagrange_init)
+    update = {g: LagrangeUpdate(slo_target=args.override_target, lr=args.lagrange_lr, value=start[g])
+              for g in CONSTRAINT_GROUPS}
     model, vec = train_constrained_ppo(
-        _env_factory(rng, args.dc_share, args.dc_window_h, args.request_share), n_envs=args.n_envs,
-        update=update, key="shield_override_avoidable", steps=args.steps,
+        _env_factory(rng, args.dc_share, args.dc_window_h, args.request_share, args.project),
+        n_envs=args.n_envs,
+        update=update, key="unsafe_proposal", steps=args.steps,
         max_minutes=args.max_minutes, seed=args.seed, tensorboard=args.tensorboard, init=args.init)
     stages = [*before.get("stages", [{k: before[k] for k in ("steps", "train_wall_s", "scenarios")
                                       if k in before}] if before else []),
               {"steps": int(model.num_timesteps) - int(before.get("steps", 0)),
                "train_wall_s": round(time.time() - t0, 1), "dc_window_h": args.dc_window_h,
                "dc_share": args.dc_share, "request_share": args.request_share,
-               "lagrange_start": lagrange_start, "lagrange_end": update.value}]
+               "projects_onto_forecast": args.project, "lagrange_start": start,
+               "lagrange_end": {g: u.value for g, u in update.items()}}]
     meta = {
         "kind": RESIDUAL_THERMAL_KIND, "task": "thermal",
         "scenarios": [*SMALL_SCENARIOS, f"tapas_dc ({args.dc_window_h:g} h windows of Mon, Wed, Sat; "
                                          f"{args.dc_share:.0%} of episodes)"],
         "request_share": args.request_share, "service_weight": SERVICE_WEIGHT,
+        "projects_onto_forecast": args.project,
         "steps": int(model.num_timesteps),
         "train_wall_s": round(sum(float(st["train_wall_s"]) for st in stages), 1),
         "stages": stages,
-        "max_minutes": args.max_minutes, "lagrange": update.value,
+        "max_minutes": args.max_minutes, "lagrange": {g: u.value for g, u in update.items()},
         "override_target": args.override_target, "seed": args.seed,
         "commit": git_commit(), "versions": package_versions(),
         "trained_on": "2-core machine (the project's CI kind), one process",
@@ -163,13 +207,23 @@ class ResidualThermalPolicy(ResidualController):
     """The thermal agent as a controller.
 
     TAPAS corrected by the trained policy, on the layout-free observation of the env it is built
-    on; the shield, if any, is the harness's (``shield:ckpt:<dir>``).
+    on, projected onto its forecast's safe set when the checkpoint was trained so (metadata
+    ``projects_onto_forecast``; checkpoints from before it were not); the shield, if any, is the
+    harness's (``shield:ckpt:<dir>``).
     """
 
     name = "residual_thermal"
 
     def __init__(self, directory: str | Path, env: Any) -> None:
-        super().__init__(directory, ResidualOverTapas(env, shielded=False))
+        meta_path = Path(directory) / "metadata.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        super().__init__(directory, ResidualOverTapas(
+            env, shielded=False, project=bool(meta.get("projects_onto_forecast", False))))
+
+    @property
+    def projection_rate(self) -> float:
+        """Share of this controller's decisions its projection onto the forecast changed."""
+        return self.res.projection_rate
 
 
 def _mean_ci(values: list[float]) -> tuple[float, float]:
@@ -220,6 +274,7 @@ def evaluate_residual_thermal(directory: str | Path, seeds: tuple[int, ...] = (0
             row[name]["harm_gpu_s"] = row[name]["thermal_throttled_gpu_s"] + row[name]["power_capped_gpu_s"]
             row[name]["override_rate"] = float(getattr(policy, "override_rate", 0.0))
             row[name]["avoidable_override_rate"] = float(getattr(policy, "avoidable_override_rate", 0.0))
+            row[name]["projection_rate"] = float(getattr(inner, "projection_rate", 0.0))
         rows.append(row)
         if log:
             log(json.dumps(row))
@@ -227,6 +282,7 @@ def evaluate_residual_thermal(directory: str | Path, seeds: tuple[int, ...] = (0
     for group in ("small_tapas_high", "tapas_dc"):
         sel = [r for r in rows if r["unit"].startswith(group)]
         summary[group] = {name: {k: _mean_ci([r[name][k] for r in sel])
-                                 for k in (*keys, "harm_gpu_s", "override_rate", "avoidable_override_rate")}
+                                 for k in (*keys, "harm_gpu_s", "override_rate", "avoidable_override_rate",
+                                           "projection_rate")}
                           for name in CONTENDERS}
     return {"rows": rows, "summary": summary}

@@ -14,12 +14,14 @@ from llm_cluster_gym.agents.residual_thermal import (
     ResidualOverTapas,
 )
 from llm_cluster_gym.agents.train_residual_thermal import (
+    CONSTRAINT_GROUPS,
     ResidualThermalPolicy,
     TrainResidualThermalArgs,
     train,
 )
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.tapas import TapasController
+from llm_cluster_gym.controllers.tapas_forecast import TapasForecastController
 from llm_cluster_gym.envs.cluster_env import ClusterEnv
 from llm_cluster_gym.envs.fixed_spaces import FREQ_LEVELS, ROW_GROUPS
 from llm_cluster_gym.envs.rollout import run_episode
@@ -28,8 +30,10 @@ AS_TAPAS = np.array([FREQ_LEVELS - 1] * ROW_GROUPS + [GATE_LEVELS.index("all")])
 """Every ceiling at the top, every placement TAPAS proposes: the wrapper is TAPAS."""
 
 
-def wrapper(scenario: str = "small_tapas_high", **kw) -> ResidualOverTapas:
-    return ResidualOverTapas(ClusterEnv(task="thermal", scenario=scenario, serving_model="aggregate"), **kw)
+def wrapper(scenario: str = "small_tapas_high", project: bool = False, **kw) -> ResidualOverTapas:
+    """The wrapper on `scenario`, aggregate model; unprojected unless asked (TAPAS as proposed)."""
+    return ResidualOverTapas(ClusterEnv(task="thermal", scenario=scenario, serving_model="aggregate"),
+                             project=project, **kw)
 
 
 def harm_share(env: ResidualOverTapas, info: dict) -> float:
@@ -102,17 +106,38 @@ def test_shield_in_the_loop_charges_the_multiplier_for_each_override():
     assert np.allclose(np.array([i["reward"] for i in a]) - [i["reward"] for i in b], 3.0 * overrides)
 
 
+def test_projected_tapas_is_tapas_heeding_the_forecast_and_is_charged_for_it():
+    """Projected onto the forecast, TAPAS's own proposal is `tapas_forecast` step for step; the
+    shield never overrides it, and each interval the projection changed costs the multiplier."""
+    a = run(wrapper(project=True, shielded=False), AS_TAPAS)
+    env = ClusterEnv(task="thermal", scenario="small_tapas_high", serving_model="aggregate")
+    ref = run_episode(env, TapasForecastController(ControllerContext.from_env(env), env.backend.telemetry), 1)
+    for key in ("energy_j", "power_capped_gpu_s", "vm_wait_s", "vm_running_s"):
+        assert np.allclose([i[key] for i in a], ref.metrics[key]), key
+    shielded = wrapper(project=True)
+    b = run(shielded, AS_TAPAS)
+    c = run(wrapper(project=True, lagrange=3.0), AS_TAPAS)
+    projected = np.array([i["projected"] for i in b])
+    assert sum(i["shield_override_avoidable"] for i in b) == 0
+    assert 0 < projected.sum() < len(b)
+    assert shielded.projection_rate == pytest.approx(projected.mean())
+    assert np.array_equal(projected, [i["unsafe_proposal"] for i in b])
+    assert np.allclose(np.array([i["reward"] for i in b]) - [i["reward"] for i in c], 3.0 * projected)
+
+
 def test_a_trained_checkpoint_loads_as_a_controller_on_any_size(tmp_path):
     out = train(TrainResidualThermalArgs(steps=1024, n_envs=1, dc_share=0.0, out=str(tmp_path / "ck"),
                                          tensorboard=None, max_minutes=5))
     assert checkpoint_task(out) == "thermal"
     import json
     meta = json.loads((out / "metadata.json").read_text())
-    assert meta["kind"] == RESIDUAL_THERMAL_KIND and meta["steps"] >= 1024 and meta["lagrange"] >= 0.0
+    assert meta["kind"] == RESIDUAL_THERMAL_KIND and meta["steps"] >= 1024
+    assert set(meta["lagrange"]) == set(CONSTRAINT_GROUPS) and min(meta["lagrange"].values()) >= 0.0
+    assert meta["projects_onto_forecast"] is True
     for scenario in ("small_tapas", "medium"):
         env = ClusterEnv(task="thermal", scenario=scenario, serving_model="aggregate")
         policy = load_policy(out, env)
-        assert isinstance(policy, ResidualThermalPolicy)
+        assert isinstance(policy, ResidualThermalPolicy) and policy.res.project
         result = run_episode(env, policy, 0, max_intervals=5)
         assert result.n_intervals == 5
     # Fine-tuning continues from the checkpoint: its steps, multiplier and history carry over.
@@ -122,7 +147,11 @@ def test_a_trained_checkpoint_loads_as_a_controller_on_any_size(tmp_path):
     after = json.loads((tuned / "metadata.json").read_text())
     assert after["steps"] >= meta["steps"] + 1024 and len(after["stages"]) == 2
     assert after["stages"][0]["steps"] == meta["steps"]
-    assert after["stages"][1]["lagrange_start"] == 5.0
+    assert after["stages"][1]["lagrange_start"] == dict.fromkeys(CONSTRAINT_GROUPS, 5.0)
+    # The constraint is kept per scenario family: the datacenter drew no episode (dc_share 0), so
+    # its multiplier did not move, while the small scenarios' followed their own violations.
+    end = after["stages"][1]["lagrange_end"]
+    assert end["tapas_dc"] == 5.0 and any(end[g] != 5.0 for g in ("small_tapas", "small_tapas_high"))
     assert after["lagrange"] == after["stages"][1]["lagrange_end"]
     assert after["train_wall_s"] >= meta["train_wall_s"]
     with pytest.raises(ValueError, match="kind"):
@@ -140,7 +169,8 @@ def heeding(env: ResidualOverTapas) -> np.ndarray:
 @pytest.mark.parametrize("serving", ["aggregate", "request"])
 def test_an_agent_heeding_the_forecast_is_never_overridden(serving):
     """The forecast features are the shield's own judgement: acting on them avoids every override."""
-    env = ResidualOverTapas(ClusterEnv(task="thermal", scenario="small_tapas_high", serving_model=serving))
+    env = ResidualOverTapas(ClusterEnv(task="thermal", scenario="small_tapas_high", serving_model=serving),
+                            project=False)
     obs, _ = env.reset(seed=1)
     done, overrides, placed = False, [], 0
     while not done:

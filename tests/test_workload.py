@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -208,13 +207,12 @@ def test_scale_to_rate_deterministic():
     assert not np.array_equal(a.arrival_s, c.arrival_s)
 
 
-def test_scale_to_rate_is_fast():
+def test_scale_to_rate_makes_an_hour_at_1000_rps():
+    """The hour `bench/week_trace_speed.py` times (its goal: under 2 s) has exactly the asked count."""
     tr = builtin_trace("azure_conv_2023")
-    t0 = time.perf_counter()
     out = scale_to_rate(tr, 1000.0, np.random.default_rng(0), duration_s=3600.0)
-    elapsed_s = time.perf_counter() - t0
     assert len(out) == 3_600_000
-    assert elapsed_s < 2.0
+    assert np.all(np.diff(out.arrival_s) >= 0) and 0.0 <= out.arrival_s[0] and out.arrival_s[-1] < 3600.0
 
 
 def test_scale_to_rate_rejects_bad_args():
