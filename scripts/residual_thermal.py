@@ -1,12 +1,15 @@
 """`llm-cluster train-thermal` and `llm-cluster thermal-eval` (issue 20).
 
 ``train-thermal`` trains PPO on `agents.residual_thermal.ResidualOverTapas` (the
-TAPAS-style controller with a learned clock ceiling per rank group of rows and a placement gate)
-with the shield in the loop and its override rate as a learned constraint, over the small TAPAS
-scenarios and windows of `tapas_dc`'s training days (`agents.train_residual_thermal.train`).
-``thermal-eval`` runs the checkpoint inside the shield, the TAPAS-style controller inside
-the shield and TAPAS alone on the same units (`small_tapas_high` request-level, `tapas_dc` on the
-test days) and prints each unit and the means with 95% intervals; its last line is one JSON object.
+TAPAS-style controller with a learned clock ceiling per rank group of rows and a placement gate,
+projected onto its own forecast's safe set) with the shield in the loop and the rate of unsafe
+proposals as a learned constraint per scenario family, over the small TAPAS scenarios and windows
+of `tapas_dc`'s training days (`agents.train_residual_thermal.train`).
+``thermal-eval`` runs the checkpoint inside the shield, TAPAS heeding the forecast inside the
+shield, the TAPAS-style controller inside the shield and TAPAS alone on the same units
+(`small_tapas_high` request-level, `tapas_dc` on the test days and seeds) and prints each unit,
+the means with 95% intervals and each policy's paired difference from TAPAS alone; its last line
+is one JSON object.
 """
 
 from __future__ import annotations
@@ -60,6 +63,11 @@ class ResidualThermalEvalArgs:
     """Seeds of `small_tapas_high` (request-level); the first also runs the `tapas_dc` days."""
     dc_days: tuple[int, ...] = (0, 2, 5)
     """Days of the week of the `tapas_dc` windows (the week protocol's test days)."""
+    dc_seeds: tuple[int, ...] = (0, 1, 2)
+    """Seeds of each `tapas_dc` day (a seed draws the day's cooling failures and VM arrivals)."""
+    jobs: int = 1
+    """Processes running the units (each unit is one episode per contender; results do not
+    depend on it)."""
     dc_hours: float = 24.0
     """Hours of each `tapas_dc` window (the whole day by default, as `llm-cluster tapas-scale`)."""
     dc_from_hour: float = 0.0
@@ -76,14 +84,22 @@ def run_eval(args: ResidualThermalEvalArgs, command: str = "llm-cluster thermal-
     if not args.dc_days or any(not 0 <= d < 7 for d in args.dc_days):
         raise UsageError(f"--dc-days must be days of the week (0..6), got {list(args.dc_days)}")
     check_seeds("--seeds", args.seeds)
+    check_seeds("--dc-seeds", args.dc_seeds)
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
     check_number("--dc-hours", args.dc_hours, above=0.0, at_most=24.0)
     check_number("--dc-from-hour", args.dc_from_hour, at_least=0.0, at_most=24.0 - args.dc_hours)
     res = evaluate_residual_thermal(args.checkpoint, tuple(args.seeds), tuple(args.dc_days),
-                                    args.dc_hours, args.dc_from_hour, log=print)
+                                    args.dc_hours, args.dc_from_hour, tuple(args.dc_seeds), args.jobs,
+                                    log=print)
     for group, by_policy in res["summary"].items():
         for policy, figures in by_policy.items():
             cells = ", ".join(f"{k} {m:.4g} ± {h:.2g}" for k, (m, h) in figures.items())
             print(f"{group} {policy}: {cells}")
+    for group, by_policy in res["paired_vs_tapas"].items():
+        for policy, figures in by_policy.items():
+            cells = ", ".join(f"{k} {m:+.4g} ± {h:.2g}" for k, (m, h) in figures.items())
+            print(f"{group} {policy} minus TAPAS, paired per unit: {cells}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"command": command, **res}, indent=1) + "\n")

@@ -182,3 +182,30 @@ def test_an_agent_heeding_the_forecast_is_never_overridden(serving):
         done = te or tr
     assert sum(overrides) == 0 and placed > 0
     assert sum(i["shield_override_avoidable"] for i in run(wrapper(), AS_TAPAS)) > 0
+
+
+def test_thermal_eval_pairs_every_contender_with_tapas_on_the_same_units(tmp_path):
+    """`llm-cluster thermal-eval`: every contender on the same units (a process pool gives the
+    rows one process gives), and each paired difference is the mean of the per-unit differences."""
+    from llm_cluster_gym.agents.train_residual_thermal import CONTENDERS, _evaluate_unit
+    from llm_cluster_gym.envs.sim.scenario import load_scenario
+    from llm_cluster_gym.scripts.dynamo_week import window_scenario
+    from llm_cluster_gym.scripts.residual_thermal import ResidualThermalEvalArgs, run_eval
+    from llm_cluster_gym.scripts.usage import UsageError
+
+    out = tmp_path / "eval"
+    assert run_eval(ResidualThermalEvalArgs(seeds=(0,), dc_days=(0,), dc_hours=0.05, dc_seeds=(0, 1),
+                                            jobs=2, out=str(out))) == 0
+    import json
+    res = json.loads((out / "results.json").read_text())
+    assert [(r["unit"], r["seed"]) for r in res["rows"]] == [
+        ("small_tapas_high", 0), ("tapas_dc day 0", 0), ("tapas_dc day 0", 1)]
+    one = _evaluate_unit("checkpoints/residual_thermal", "tapas_dc day 0",
+                         window_scenario(load_scenario("tapas_dc"), 0.0, 0.0, 0.05 * 3600.0), "aggregate", 1)
+    assert one == res["rows"][2]
+    dc = res["rows"][1:]
+    for name in CONTENDERS[:-1]:
+        diffs = [r[name]["harm_gpu_s"] - r["tapas"]["harm_gpu_s"] for r in dc]
+        assert res["paired_vs_tapas"]["tapas_dc"][name]["harm_gpu_s"][0] == pytest.approx(np.mean(diffs))
+    with pytest.raises(UsageError, match="--jobs"):
+        run_eval(ResidualThermalEvalArgs(jobs=0, out=str(out)))
