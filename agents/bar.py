@@ -112,11 +112,14 @@ def override_rate(policy: str = "ckpt:checkpoints/residual_thermal", scenario: s
 
 
 def thermal_agent_bar(directory: str | Path = "checkpoints/residual_thermal",
-                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The shipped thermal agent (shielded) against TAPAS with and without the shield, paired."""
+                      log: Callable[[str], None] | None = None, jobs: int = 1) -> dict[str, Any]:
+    """The shipped thermal agent (shielded) against TAPAS with and without the shield, paired.
+
+    `jobs` processes run the evaluation's units (`evaluate_residual_thermal`).
+    """
     from llm_cluster_gym.agents.train_residual_thermal import evaluate_residual_thermal
 
-    return evaluate_residual_thermal(directory, log=log)
+    return evaluate_residual_thermal(directory, jobs=jobs, log=log)
 
 
 def _acts_on(directory: str, task: str, scenario: str, steps: int = 3) -> str:

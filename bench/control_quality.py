@@ -23,7 +23,10 @@ shipped checkpoint runs on every scenario size, and `gymnasium.make_vec`'s steps
 Last line: one JSON object with `energy_saving_vs_static`, `slo_attainment`, `gap_to_oracle`,
 `thermal_throttle_reduction`, `power_throttle_reduction` for the shipped agents, and issue 20's
 `agent_vs_best_rule_energy` (with `_ci95`), `agent_slo_attainment`, `override_rate`,
-`thermal_<scenario>_<agent|tapas_forecast|tapas>_<harm_gpu_s|vm_wait_h|avoidable_override_rate>`, `transfers`,
+`thermal_<scenario>_<agent|tapas_forecast|tapas>_<harm_gpu_s|vm_wait_h|avoidable_override_rate>`,
+`thermal_<scenario>_<agent|tapas_forecast>_harm_minus_tapas_gpu_s` (paired per unit: mean, 95%
+half-width), `thermal_agent_projection_rate` (share of the agent's decisions on `small_tapas_high`
+its own projection onto the forecast changed), `transfers`,
 `vector_env_steps_per_s`. Bar (issue 20): SLO attainment >= 0.99 with `agent_vs_best_rule_energy`
 < 1.0; `override_rate` <= 0.05 (with fewer throttled GPU-seconds than the TAPAS-style controller);
 `transfers` true; >= 20,000 batched env steps per second.
@@ -54,6 +57,8 @@ class QualityArgs:
     """Measured hours of each held-out week day for the energy agent's bar (less for a quick look)."""
     small_scenarios: bool = True
     """Also evaluate the shipped agents on the small scenarios (request level, test window)."""
+    jobs: int = 2
+    """Processes running the thermal evaluation's units (the results do not depend on it)."""
 
 
 def reduction(events: float, base: float) -> float | None:
@@ -65,11 +70,11 @@ def main() -> None:
     args = tyro.cli(QualityArgs, description=__doc__.split("\n\n")[0])
     log = lambda m: print(f"  {m}", file=sys.stderr)  # noqa: E731
     out = small_scenario_figures(log) if args.small_scenarios else {}
-    out.update(issue20_figures(args.hours, log))
+    out.update(issue20_figures(args.hours, log, args.jobs))
     print(json.dumps(out))
 
 
-def issue20_figures(hours: float, log) -> dict:
+def issue20_figures(hours: float, log, jobs: int = 1) -> dict:
     """Issue 20's bar on today's agents (see the module docstring)."""
     energy = bar.energy_agent_bar(hours=hours, log=log)
     print("issue 20: residual energy agent (shielded) on held-out week days vs the best rule or fixed "
@@ -80,7 +85,7 @@ def issue20_figures(hours: float, log) -> dict:
               f"shield overrides {r['shield_override_rate']:.3f}")
     ratio, ratio_ci = energy["summary"]["agent_vs_best_rule_energy"]
     slo, _ = energy["summary"]["agent_slo_attainment"]
-    thermal = bar.thermal_agent_bar(log=log)
+    thermal = bar.thermal_agent_bar(log=log, jobs=jobs)
     print("issue 20: thermal agent over TAPAS (shielded) vs TAPAS heeding the forecast (shielded) and "
           "TAPAS with and without the shield, "
           "mean ± 95% half-width over units (small_tapas_high request level, seeds 0-2; tapas_dc "
@@ -89,6 +94,10 @@ def issue20_figures(hours: float, log) -> dict:
         for policy, f in by_policy.items():
             print(f"  {group:16s} {policy:14s} " + ", ".join(
                 f"{k} {m:.4g} ± {h:.2g}" for k, (m, h) in f.items()))
+    for group, by_policy in thermal["paired_vs_tapas"].items():
+        for policy, f in by_policy.items():
+            print(f"  {group:16s} {policy:14s} minus TAPAS (paired): " + ", ".join(
+                f"{k} {m:+.4g} ± {h:.2g}" for k, (m, h) in f.items()))
     rates = [r["agent"]["override_rate"] for r in thermal["rows"] if r["unit"] == "small_tapas_high"]
     moved = bar.transfers()
     earlier = bar.transfers(bar.EARLIER)
@@ -106,6 +115,10 @@ def issue20_figures(hours: float, log) -> dict:
         **{f"thermal_{group}_{who}_{key}": round(by[who][key][0], 4)
            for group, by in thermal["summary"].items() for who in ("agent", "tapas_forecast", "tapas")
            for key in ("harm_gpu_s", "vm_wait_h", "avoidable_override_rate")},
+        **{f"thermal_{group}_{who}_harm_minus_tapas_gpu_s": [round(v, 1) for v in by[who]["harm_gpu_s"]]
+           for group, by in thermal["paired_vs_tapas"].items() for who in ("agent", "tapas_forecast")},
+        "thermal_agent_projection_rate": round(
+            thermal["summary"]["small_tapas_high"]["agent"]["projection_rate"][0], 4),
         "transfers": all(v == "ok" for per in moved.values() for v in per.values()),
         "transfers_by_checkpoint": {c: all(v == "ok" for v in per.values()) for c, per in moved.items()},
         "vector_env_steps_per_s": round(steps, 1),
