@@ -13,11 +13,12 @@ Observations are normalized (VecNormalize, frozen afterwards).
 The checkpoint records the wall time, steps, commit and package versions.
 
 Evaluation (`evaluate_residual_thermal`): `small_tapas_high` on the request-level model (where
-`bench/control_quality.py` measures the override rate) and `tapas_dc` on the test days, each unit
-(scenario or day, seed) run by the agent inside the shield, by TAPAS heeding the shield's forecast
-(`controllers.tapas_forecast`, the rule the agent must beat) inside the shield, and by the
-TAPAS-style controller with and without the shield, paired: override rate, throttled and capped
-GPU-seconds, VM-hours waiting and hosted, energy and SLO attainment, means with 95% t-intervals over units.
+`bench/control_quality.py` measures the override rate) and `tapas_dc` on the test days and seeds,
+each unit (scenario or day, seed) run by the agent inside the shield, by TAPAS heeding the shield's
+forecast (`controllers.tapas_forecast`, the rule the agent must beat) inside the shield, by the
+TAPAS-style controller with and without the shield and by the unaware baseline: override and
+projection rates, throttled and capped GPU-seconds, VM-hours waiting and hosted, energy and SLO
+attainment, means with 95% t-intervals over units, and each policy's paired difference from TAPAS.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ from llm_cluster_gym.agents.residual import (
 )
 from llm_cluster_gym.agents.residual_thermal import RESIDUAL_THERMAL_KIND, SERVICE_WEIGHT, ResidualOverTapas
 
-CONTENDERS = ("agent", "tapas_forecast", "shield(tapas)", "tapas")
+CONTENDERS = ("agent", "tapas_forecast", "shield(tapas)", "tapas", "unaware")
 """What the evaluation runs per unit: the agent and TAPAS heeding the forecast, each inside the
-shield; TAPAS inside the shield; TAPAS alone."""
+shield; TAPAS inside the shield; TAPAS alone; the thermal- and power-unaware baseline alone (first
+fit, no ceilings: the baseline of the TAPAS paper's reductions)."""
 
 SMALL_SCENARIOS = ("small_tapas", "small_tapas_high")
 """Small TAPAS scenarios drawn in training (the datacenter windows are the rest)."""
@@ -243,6 +245,7 @@ def _evaluate_unit(directory: str, label: str, scenario: Any, serving: str, seed
     from llm_cluster_gym.controllers.shield import Shield
     from llm_cluster_gym.controllers.tapas import TapasController
     from llm_cluster_gym.controllers.tapas_forecast import TapasForecastController
+    from llm_cluster_gym.controllers.unaware import UnawareController
     from llm_cluster_gym.envs.cluster_env import ClusterEnv
     from llm_cluster_gym.envs.rollout import run_episode
     from llm_cluster_gym.envs.sim.cluster import SimCluster
@@ -256,9 +259,11 @@ def _evaluate_unit(directory: str, label: str, scenario: Any, serving: str, seed
             inner = ResidualThermalPolicy(directory, env)
         elif name == "tapas_forecast":
             inner = TapasForecastController(ctx, env.backend.telemetry)
+        elif name == "unaware":
+            inner = UnawareController(ctx)
         else:
             inner = TapasController(ctx)
-        policy = inner if name == "tapas" else Shield(inner, ctx, env.backend.telemetry)
+        policy = inner if name in ("tapas", "unaware") else Shield(inner, ctx, env.backend.telemetry)
         s = run_episode(env, policy, seed).summary()
         row[name] = {k: float(s[k]) for k in THERMAL_KEYS}
         row[name]["harm_gpu_s"] = row[name]["thermal_throttled_gpu_s"] + row[name]["power_capped_gpu_s"]

@@ -204,7 +204,7 @@ def test_thermal_eval_pairs_every_contender_with_tapas_on_the_same_units(tmp_pat
                          window_scenario(load_scenario("tapas_dc"), 0.0, 0.0, 0.05 * 3600.0), "aggregate", 1)
     assert one == res["rows"][2]
     dc = res["rows"][1:]
-    for name in CONTENDERS[:-1]:
+    for name in (c for c in CONTENDERS if c != "tapas"):
         diffs = [r[name]["harm_gpu_s"] - r["tapas"]["harm_gpu_s"] for r in dc]
         assert res["paired_vs_tapas"]["tapas_dc"][name]["harm_gpu_s"][0] == pytest.approx(np.mean(diffs))
     with pytest.raises(UsageError, match="--jobs"):
