@@ -76,6 +76,40 @@ class ResidualThermalEvalArgs:
     """Folder for results.json."""
 
 
+def plot_units(rows: list[dict], path: Path) -> None:
+    """Per unit and contender: throttled plus capped GPU-seconds and VM-hours waiting (grouped bars).
+
+    One look shows what the means hide: whether a policy wins on every unit or on one, and how
+    far apart the units are (the datacenter days differ by an order of magnitude).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from llm_cluster_gym.agents.train_residual_thermal import CONTENDERS
+
+    labels = [f"{r['unit'].replace('tapas_dc ', '')}\nseed {r['seed']}" for r in rows]
+    x = np.arange(len(rows))
+    width = 0.8 / len(CONTENDERS)
+    fig, (a, b) = plt.subplots(2, 1, figsize=(max(7.0, 1.1 * len(rows)), 6.5), sharex=True)
+    for k, name in enumerate(CONTENDERS):
+        off = x - 0.4 + (k + 0.5) * width
+        a.bar(off, [r[name]["harm_gpu_s"] for r in rows], width, label=name)
+        b.bar(off, [r[name]["vm_wait_h"] for r in rows], width, label=name)
+    a.set_ylabel("throttled + capped GPU-s")
+    a.set_yscale("symlog", linthresh=100.0)
+    b.set_ylabel("VM-hours waiting")
+    b.set_xticks(x, labels, fontsize=8)
+    a.legend(fontsize=8, ncol=len(CONTENDERS))
+    a.set_title("thermal-eval: each unit, every contender (agent and rules inside the shield; "
+                "TAPAS, unaware alone)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run_eval(args: ResidualThermalEvalArgs, command: str = "llm-cluster thermal-eval") -> int:
     """Evaluate, print each unit and the summary, write results.json."""
     if not (Path(args.checkpoint) / "metadata.json").is_file():
@@ -103,6 +137,8 @@ def run_eval(args: ResidualThermalEvalArgs, command: str = "llm-cluster thermal-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"command": command, **res}, indent=1) + "\n")
+    plot_units(res["rows"], out / "units.png")
+    print(f"wrote {out / 'results.json'} and {out / 'units.png'}")
     s = res["summary"]
     print(json.dumps({f"{g}_{p}_{k}": s[g][p][k][0] for g in s for p in ("agent", "tapas_forecast", "tapas")
                       for k in ("override_rate", "power_capped_gpu_s", "thermal_throttled_gpu_s")}))
