@@ -48,8 +48,9 @@ def run_train(args: TrainResidualThermalArgs, command: str = "llm-cluster train-
                                 "llm-cluster train-thermal)")
     path = train(args)
     meta = json.loads((path / "metadata.json").read_text())
-    print(f"checkpoint: {path} ({meta['steps']} steps in {meta['train_wall_s']:.0f} s, "
-          f"multiplier {meta['lagrange']:.3g})")
+    multipliers = ", ".join(f"{g} {v:.3g}" for g, v in meta["lagrange"].items())
+    print(f"checkpoint: {path} ({meta['steps']} steps in {meta['train_wall_s']:.0f} s; "
+          f"multipliers {multipliers})")
     return 0
 
 

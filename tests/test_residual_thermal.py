@@ -126,8 +126,11 @@ def test_projected_tapas_is_tapas_heeding_the_forecast_and_is_charged_for_it():
 
 
 def test_a_trained_checkpoint_loads_as_a_controller_on_any_size(tmp_path):
-    out = train(TrainResidualThermalArgs(steps=1024, n_envs=1, dc_share=0.0, out=str(tmp_path / "ck"),
-                                         tensorboard=None, max_minutes=5))
+    from llm_cluster_gym.scripts.residual_thermal import run_train
+
+    out = tmp_path / "ck"  # through the command (it prints the per-family multipliers)
+    assert run_train(TrainResidualThermalArgs(steps=1024, n_envs=1, dc_share=0.0, out=str(out),
+                                              tensorboard=None, max_minutes=5)) == 0
     assert checkpoint_task(out) == "thermal"
     import json
     meta = json.loads((out / "metadata.json").read_text())
