@@ -286,6 +286,7 @@ def evaluate_residual_thermal(directory: str | Path, seeds: tuple[int, ...] = (0
     (mean and 95% t-interval): the days differ by an order of magnitude, so the paired difference
     is the figure that can separate two policies.
     """
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     from llm_cluster_gym.envs.sim.scenario import load_scenario
@@ -305,7 +306,9 @@ def evaluate_residual_thermal(directory: str | Path, seeds: tuple[int, ...] = (0
             if log:
                 log(json.dumps(rows[-1]))
     else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
+        # Spawned, not forked: a fork of a process whose torch threads already ran (the energy
+        # agent's evaluation before this, in control_quality) deadlocks in the child.
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             for row in pool.map(_evaluate_unit, *zip(*args, strict=True)):
                 rows.append(row)
                 if log:

@@ -197,8 +197,15 @@ def test_thermal_eval_pairs_every_contender_with_tapas_on_the_same_units(tmp_pat
     from llm_cluster_gym.scripts.usage import UsageError
 
     out = tmp_path / "eval"
-    assert run_eval(ResidualThermalEvalArgs(seeds=(0,), dc_days=(0,), dc_hours=0.05, dc_seeds=(0, 1),
-                                            jobs=2, out=str(out))) == 0
+    # In a process whose torch threads have run (as control_quality's, after the energy agent):
+    # a forked pool deadlocked there; the evaluation spawns its workers. A hang fails by timeout.
+    import subprocess
+    import sys
+    code = ("import torch; torch.ones(512, 512) @ torch.ones(512, 512)\n"
+            "from llm_cluster_gym.scripts.residual_thermal import ResidualThermalEvalArgs, run_eval\n"
+            f"run_eval(ResidualThermalEvalArgs(seeds=(0,), dc_days=(0,), dc_hours=0.05, dc_seeds=(0, 1), "
+            f"jobs=2, out={str(out)!r}))")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600, capture_output=True)
     import json
     res = json.loads((out / "results.json").read_text())
     assert (out / "units.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
