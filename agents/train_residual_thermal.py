@@ -81,9 +81,9 @@ class TrainResidualThermalArgs:
     init: str | None = None
     """Checkpoint to fine-tune (continue training from its policy, observation statistics and
     multiplier); None trains from scratch."""
-    project: bool = True
-    """Project the agent's actions onto its forecast's safe set in training and deployment
-    (`ResidualOverTapas.project`); recorded in the checkpoint's metadata."""
+    no_project: bool = False
+    """Train (and deploy) without projecting the agent's actions onto its forecast's safe set
+    (`ResidualOverTapas.project`, on by default); recorded in the checkpoint's metadata."""
     lagrange_init: float | None = None
     """Multiplier to start from (None: the `init` checkpoint's final one, or 0 from scratch)."""
     out: str = "checkpoints/residual_thermal"
@@ -177,7 +177,7 @@ def train(args: TrainResidualThermalArgs) -> Path:
     update = {g: LagrangeUpdate(slo_target=args.override_target, lr=args.lagrange_lr, value=start[g])
               for g in CONSTRAINT_GROUPS}
     model, vec = train_constrained_ppo(
-        _env_factory(rng, args.dc_share, args.dc_window_h, args.request_share, args.project),
+        _env_factory(rng, args.dc_share, args.dc_window_h, args.request_share, not args.no_project),
         n_envs=args.n_envs,
         update=update, key="unsafe_proposal", steps=args.steps,
         max_minutes=args.max_minutes, seed=args.seed, tensorboard=args.tensorboard, init=args.init)
@@ -186,14 +186,14 @@ def train(args: TrainResidualThermalArgs) -> Path:
               {"steps": int(model.num_timesteps) - int(before.get("steps", 0)),
                "train_wall_s": round(time.time() - t0, 1), "dc_window_h": args.dc_window_h,
                "dc_share": args.dc_share, "request_share": args.request_share,
-               "projects_onto_forecast": args.project, "lagrange_start": start,
+               "projects_onto_forecast": not args.no_project, "lagrange_start": start,
                "lagrange_end": {g: u.value for g, u in update.items()}}]
     meta = {
         "kind": RESIDUAL_THERMAL_KIND, "task": "thermal",
         "scenarios": [*SMALL_SCENARIOS, f"tapas_dc ({args.dc_window_h:g} h windows of Mon, Wed, Sat; "
                                          f"{args.dc_share:.0%} of episodes)"],
         "request_share": args.request_share, "service_weight": SERVICE_WEIGHT,
-        "projects_onto_forecast": args.project,
+        "projects_onto_forecast": not args.no_project,
         "steps": int(model.num_timesteps),
         "train_wall_s": round(sum(float(st["train_wall_s"]) for st in stages), 1),
         "stages": stages,
