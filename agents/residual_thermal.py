@@ -66,7 +66,12 @@ from gymnasium import spaces
 
 from llm_cluster_gym.agents.residual import ResidualWrapper
 from llm_cluster_gym.controllers.context import ControllerContext
-from llm_cluster_gym.controllers.shield import Shield, ShieldForecast, heed_forecast_placements
+from llm_cluster_gym.controllers.shield import (
+    HeldProposal,
+    Shield,
+    ShieldForecast,
+    heed_forecast_placements,
+)
 from llm_cluster_gym.controllers.tapas import TapasController
 from llm_cluster_gym.controllers.tapas_forecast import heed_forecast
 from llm_cluster_gym.envs.backend import ClusterAction
@@ -98,21 +103,6 @@ owner asked (a waiting VM's GPUs, thermally throttled and power-capped GPUs) ove
 GPU-seconds. A waiting VM counts all its GPUs: a customer whose VM is held gets none of them."""
 
 
-class _Proposed:
-    """The shield's wrapped controller during training: returns the vector it is given."""
-
-    name = "residual_tapas"
-
-    def __init__(self) -> None:
-        self.vector: np.ndarray | None = None
-
-    def reset(self) -> None:
-        """Nothing to forget."""
-
-    def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
-        return self.vector
-
-
 class ResidualOverTapas(ResidualWrapper):
     """A thermal-task `ClusterEnv` whose actions gate and cap the TAPAS-style controller.
 
@@ -142,7 +132,7 @@ class ResidualOverTapas(ResidualWrapper):
         self.projected = 0
         self.ctx = ControllerContext.from_env(self.inner)
         self.tapas = TapasController(self.ctx)
-        self._proposed = _Proposed()
+        self._proposed = HeldProposal("residual_tapas")
         telemetry = self.inner.backend.telemetry
         self.shield = Shield(self._proposed, self.ctx, telemetry) if shielded else None
         # The forecast the agent reads: the shield's prediction, kept by a shield of its own (one

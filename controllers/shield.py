@@ -93,16 +93,30 @@ def heed_forecast_placements(servers: tuple[int | None, ...], forecast: ShieldFo
                  for s, f in zip(servers, forecast.safe_vm_servers, strict=False))
 
 
-class _NoProposal:
-    """The wrapped controller of a shield kept only for its forecast (`Shield.forecaster`)."""
+class HeldProposal:
+    """A shield's wrapped controller for actions decided elsewhere: `act` returns `vector`.
 
-    name = "none"
+    A trainer sets `vector` to the agent's action before asking the shield (`Shield.act`); a
+    forecaster (`Shield.forecaster`) keeps it None and judges no action, so asking it raises.
+    """
+
+    def __init__(self, name: str = "held") -> None:
+        self.name = name
+        self.vector: np.ndarray | None = None
 
     def reset(self) -> None:
-        """Nothing to forget."""
+        """Nothing to forget (the vector is set before every `act`)."""
 
     def act(self, observation: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
-        raise RuntimeError("a forecaster shield judges no action: call forecast(), not act()")
+        """The held vector.
+
+        Raises:
+            RuntimeError: None is held (a forecaster's).
+        """
+        if self.vector is None:
+            raise RuntimeError(f"{self.name}: no proposal held (a forecaster shield judges no action: "
+                               "call forecast(), not act())")
+        return self.vector
 
 
 class Shield:
@@ -149,7 +163,7 @@ class Shield:
     @classmethod
     def forecaster(cls, ctx: ControllerContext, telemetry: Callable[[], Telemetry]) -> Shield:
         """A shield that wraps nothing, kept for `forecast` (its own power history)."""
-        return cls(_NoProposal(), ctx, telemetry)
+        return cls(HeldProposal("forecaster"), ctx, telemetry)
 
     def reset(self) -> None:
         """Reset the wrapped and fallback controllers and the override statistics."""
