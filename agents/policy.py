@@ -25,7 +25,7 @@ def load_policy(directory: str | Path, env: Any, name: str | None = None,
     `agents.residual`, or over the TAPAS-style controller, `agents.residual_thermal`) brings its
     own base controller and layout-free spaces, so it runs on any scenario size of its task.
     """
-    meta = _residual_metadata(directory)
+    meta = residual_metadata(directory)
     if meta is not None:
         policy = _RESIDUAL_POLICIES[meta["kind"]]()(directory, getattr(env, "unwrapped", env))
         if name:
@@ -55,7 +55,7 @@ def checkpoint_task(directory: str | Path) -> str:
     """The task a checkpoint was trained for (its metadata checked as its kind requires)."""
     from llm_cluster_gym.agents.checkpoint import CheckpointError, load_metadata
 
-    meta = _residual_metadata(directory)
+    meta = residual_metadata(directory)
     if meta is not None:
         task = meta.get("task")
         if not isinstance(task, str):
@@ -64,7 +64,7 @@ def checkpoint_task(directory: str | Path) -> str:
     return str(load_metadata(directory)["task"])
 
 
-def _residual_metadata(directory: str | Path) -> dict[str, Any] | None:
+def residual_metadata(directory: str | Path) -> dict[str, Any] | None:
     """The checkpoint's metadata if it says it holds a residual agent, else None."""
     try:
         meta = json.loads((Path(directory) / "metadata.json").read_text())

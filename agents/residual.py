@@ -274,6 +274,7 @@ def lagrange_callback(update: LagrangeUpdate | dict[str, LagrangeUpdate], key: s
     from stable_baselines3.common.callbacks import BaseCallback
 
     grouped = isinstance(update, dict)
+    updates = update if grouped else {"": update}  # one constraint: one unnamed group
 
     class LagrangeCallback(BaseCallback):
         def __init__(self) -> None:
@@ -282,7 +283,7 @@ def lagrange_callback(update: LagrangeUpdate | dict[str, LagrangeUpdate], key: s
             self._violations: dict[str, list[float]] = {}
 
         def _value(self) -> float | dict[str, float]:
-            return {g: u.value for g, u in update.items()} if grouped else update.value
+            return {g: u.value for g, u in updates.items()} if grouped else update.value
 
         def _on_training_start(self) -> None:
             self.training_env.env_method("set_lagrange", self._value())
@@ -298,15 +299,12 @@ def lagrange_callback(update: LagrangeUpdate | dict[str, LagrangeUpdate], key: s
             if not self._violations:
                 return
             for group, values in self._violations.items():
+                if group not in updates:
+                    continue
                 mean = float(np.mean(values))
-                if not grouped:
-                    value = update.step(mean)
-                    self.logger.record(f"constraint/{key}", mean)
-                    self.logger.record("constraint/lagrange", value)
-                elif group in update:
-                    value = update[group].step(mean)
-                    self.logger.record(f"constraint/{key}/{group}", mean)
-                    self.logger.record(f"constraint/lagrange/{group}", value)
+                suffix = f"/{group}" if grouped else ""
+                self.logger.record(f"constraint/{key}{suffix}", mean)
+                self.logger.record(f"constraint/lagrange{suffix}", updates[group].step(mean))
             self.training_env.env_method("set_lagrange", self._value())
             self._violations = {}
 

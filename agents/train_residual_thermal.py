@@ -217,8 +217,9 @@ class ResidualThermalPolicy(ResidualController):
     name = "residual_thermal"
 
     def __init__(self, directory: str | Path, env: Any) -> None:
-        meta_path = Path(directory) / "metadata.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        from llm_cluster_gym.agents.policy import residual_metadata
+
+        meta = residual_metadata(directory) or {}
         super().__init__(directory, ResidualOverTapas(
             env, shielded=False, project=bool(meta.get("projects_onto_forecast", False))))
 
