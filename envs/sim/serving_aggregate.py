@@ -251,7 +251,7 @@ class AggregateServing:
             return
         excess = np.where(stale, self.buf * (1.0 - self.drop_after_s / np.maximum(span, 1e-12)),
                           0.0)
-        acc.dropped += float(excess.sum())
+        self._count_dropped(acc, excess, per_slot=False)
         self.buf = self.buf - excess
         self.buf_age_s = np.where(stale, 0.5 * self.drop_after_s, self.buf_age_s)
 
@@ -267,7 +267,7 @@ class AggregateServing:
             return
         excess = np.maximum(self.q - self.rate_rps * self.drop_after_s - 1.0, 0.0)
         excess = np.where(stale, excess, 0.0)
-        acc.dropped += float(excess.sum())
+        self._count_dropped(acc, excess, per_slot=True)
         self.q -= excess
 
     def tick(self, t0_s, dt_s, inst: InstanceTable, serving, model, route_weight, slo_ttft_s,
@@ -368,7 +368,7 @@ class AggregateServing:
                                           0.0)
         load.decode_ctx_tokens[idx] = ctx
         load.decode_tokens[idx] = dec_tokens
-        load.tokens_generated = float(dec_tokens.sum() + adm.sum())
+        load.tokens_generated = self._tokens_generated(dec_tokens, adm, idx)
         # TBT: per-token interval, decode steps stretched by the prefill work mixed into them.
         tbt = iter_s * dt_s / np.maximum(window, iter_s)
         # ---- SLO accounting for the finishing cohort (it carries the TTFT of its admission)
@@ -382,7 +382,8 @@ class AggregateServing:
             else:
                 ttft_miss, tbt_bad, bad = self._class_misses(
                     pool, idx, model, base, base - s - quantum, o, m, p0, wait, span, overloaded, tbt)
-            self._record(acc, finished, ttft_miss, tbt_bad, bad, tbt, ttft_mean, quality_loss_per_slot[idx])
+            self._record(acc, idx, finished, ttft_miss, tbt_bad, bad, tbt, ttft_mean,
+                         quality_loss_per_slot[idx])
         # ---- state update: survivors' context, then KV preemption -------------------------
         left = q - adm
         run_end = new_run - finished
@@ -422,7 +423,20 @@ class AggregateServing:
         self.run_ctx[idx] = np.where(running, ctx_end, 0.0)
         self.run_out[idx] = np.where(running, out, 0.0)
         self.last_iter_s[idx] = iter_s
+        self._age_idle(idx, dt_s)
         return load
+
+    # Hooks where the batched model (`serving_batched`) keeps one figure per copy.
+    def _count_dropped(self, acc: ServiceAccumulator, excess: np.ndarray, per_slot: bool) -> None:
+        """Add the requests dropped (`excess`, per slot or per pool) to the interval's count."""
+        acc.dropped += float(excess.sum())
+
+    def _tokens_generated(self, dec_tokens: np.ndarray, adm: np.ndarray, idx: np.ndarray):
+        """Output tokens of the tick: decode tokens plus each admitted prompt's first token."""
+        return float(dec_tokens.sum() + adm.sum())
+
+    def _age_idle(self, idx: np.ndarray, dt_s: float) -> None:
+        """After a tick that served `idx`: nothing more (one cluster; see the batched model)."""
 
     def _class_misses(self, pool, idx, model, base, rest, o, m, p0, wait, span, overloaded,
                       tbt) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -451,11 +465,11 @@ class AggregateServing:
             bad += share[:, j] * np.maximum(miss_j, tbt_j)
         return ttft_miss, tbt_bad, bad
 
-    def _record(self, acc, finished, ttft_miss, tbt_bad, bad, tbt, ttft_mid, qloss) -> None:
+    def _record(self, acc, idx, finished, ttft_miss, tbt_bad, bad, tbt, ttft_mid, qloss) -> None:
         """Add the finishing cohort's weighted counts and its latency samples to `acc`.
 
-        `ttft_miss`, `tbt_bad` and `bad` are each slot's share of its cohort missing the TTFT
-        SLO, the TBT SLO and either.
+        The arrays are aligned with the slots `idx`; `ttft_miss`, `tbt_bad` and `bad` are each
+        slot's share of its cohort missing the TTFT SLO, the TBT SLO and either.
         """
         w = finished
         # One weighted sum per counter (each row sums exactly as a 1-D sum would).
