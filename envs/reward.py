@@ -49,7 +49,8 @@ _TERM_KEYS = tuple((name, f"cost_{name}", f"reward_{name}") for name in TERMS)
 
 
 @lru_cache(maxsize=64)
-def _weights_dict(weights: RewardWeights) -> dict[str, float]:
+def weights_dict(weights: RewardWeights) -> dict[str, float]:
+    """`RewardWeights.as_dict`, memoized (the weights are frozen; the hot path asks every step)."""
     return weights.as_dict()
 
 
@@ -83,7 +84,7 @@ def compute_reward(
     ``episode_end`` marks the episode's last interval (see `reward_terms`).
     """
     terms = reward_terms(m, energy_ref_j, episode_end)
-    w = _weights_dict(weights)
+    w = weights_dict(weights)
     out: dict[str, float] = {}
     total = 0.0
     for name, cost_key, reward_key in _TERM_KEYS:

@@ -247,6 +247,7 @@ class BatchedSimCluster:
         self.slo_tbt_s = np.tile(one.slo_tbt_s, n)
         self._load_time_s = {tp: prof.load_time_s for tp, prof in one.tp_profiles.items()}
         tps = s.serving.tp_choices
+        self._tp_choices = np.asarray(tps, dtype=np.int64)
         self._tp_index = {tp: i for i, tp in enumerate(tps)}
         self._tp_arrays = ProfileArrays.stack([one.tp_profiles[tp] for tp in tps])
         self._model_cache = SlotModelCache()
@@ -348,7 +349,7 @@ class BatchedSimCluster:
                           ("max_batch", max_batch)):
             if arr.shape != shape:
                 raise ValueError(f"apply_pools: {name} must have shape {shape}, got {arr.shape}")
-        if not np.isin(tp, self.scenario.serving.tp_choices).all():
+        if not (tp[..., None] == self._tp_choices).any(axis=-1).all():
             raise ValueError(f"apply_pools: tp must be one of {self.scenario.serving.tp_choices}, "
                              f"got {np.unique(tp).tolist()}")
         if (n_instances < 0).any() or not (freq_mhz > 0).all() or (max_batch <= 0).any():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -31,13 +32,21 @@ def packed_first_slots(pools: Sequence[PoolConfig], gpus_per_server: int,
     the same server while a whole instance (``tp`` GPUs) still fits there, then fill the next
     servers. Instances that do not fit in the table are left out (counts are clipped). A pool
     whose instances fill whole servers from a server boundary lands exactly where the
-    server-per-pool layout put it.
+    server-per-pool layout put it. The arrays are read-only (memoized by instance counts and TP
+    degrees: controllers and training revisit the same layouts).
     """
+    key = tuple((int(cfg.tp), max(int(cfg.n_instances), 0)) for cfg in pools)
+    return list(_packed(key, gpus_per_server, n_servers))
+
+
+@lru_cache(maxsize=4096)
+def _packed(pools: tuple[tuple[int, int], ...], gpus_per_server: int,
+            n_servers: int) -> tuple[np.ndarray, ...]:
+    """`packed_first_slots` of (tp, instances) per pool."""
     g = gpus_per_server
     server, offset = 0, 0
     out = []
-    for cfg in pools:
-        tp, n = cfg.tp, max(int(cfg.n_instances), 0)
+    for tp, n in pools:
         per_server = g // tp
         if n and offset + tp > g:  # no room left for one instance here: next server
             server, offset = server + 1, 0
@@ -54,8 +63,10 @@ def packed_first_slots(pools: Sequence[PoolConfig], gpus_per_server: int,
         if offset >= g:
             server, offset = server + 1, 0
         slots = np.concatenate(first).astype(np.int64)
-        out.append(slots[slots // g < n_servers])
-    return out
+        slots = slots[slots // g < n_servers]
+        slots.flags.writeable = False
+        out.append(slots)
+    return tuple(out)
 
 
 @dataclass
