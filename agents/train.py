@@ -74,8 +74,21 @@ def _make_train_env(env_id: str, window: tuple[float, float],
     return Monitor(gym.make(env_id, disable_env_checker=True, **kwargs))
 
 
-def make_vec_env(cfg: TaskConfig, n_envs: int, seed: int, env_id: str | None = None) -> VecEnv:
-    """Training envs on the train window: SubprocVecEnv for n_envs > 1, else DummyVecEnv."""
+def make_vec_env(cfg: TaskConfig, n_envs: int, seed: int, env_id: str | None = None,
+                 batched: bool = False) -> VecEnv:
+    """Training envs on the train window: SubprocVecEnv for n_envs > 1, else DummyVecEnv.
+
+    With `batched`, the id's batched copies in this process instead
+    (`agents.batched_vec_env`: ``gymnasium.make_vec``'s vector entry point, the energy task's
+    aggregate ids), with the same windows, reward weights and per-copy seeds.
+    """
+    if batched:
+        from llm_cluster_gym.agents.batched_vec_env import make_batched_vec_env
+
+        kwargs: dict[str, Any] = {"trace_window_s": WINDOWS["train"]}
+        if cfg.reward_weights:
+            kwargs["reward_weights"] = cfg.reward_weights
+        return make_batched_vec_env(env_id or cfg.env_id, n_envs, seed, **kwargs)
     fn = functools.partial(_make_train_env, env_id or cfg.env_id, WINDOWS["train"], cfg.reward_weights)
     venv: VecEnv = SubprocVecEnv([fn] * n_envs) if n_envs > 1 else DummyVecEnv([fn])
     venv.seed(seed)
@@ -211,6 +224,7 @@ def train(
     evaluate: bool = True,
     torch_threads: int = 1,
     finetune_steps: int | None = None,
+    batched: bool = False,
 ) -> TrainResult:
     """Train one agent and write its checkpoints.
 
@@ -230,6 +244,8 @@ def train(
         torch_threads: torch CPU threads (1 keeps runs reproducible and leaves a core to the envs).
         finetune_steps: Of `steps`, the steps of the fine-tuning stage on the request-level env
             (default: the configuration's share, `agents.config.training_plan`).
+        batched: Run the first stage's envs as batched copies in this process
+            (`make_vec_env`); the fine-tuning stage (request level) is never batched.
 
     Returns:
         The run's result; `model` is the model at the end of training (not necessarily the best).
@@ -263,7 +279,8 @@ def train(
             stages = prev.get("stages") or []
             stage1_end = int(stages[0].get("steps_run", stage1)) if stages else stage1
     in_stage2 = stage1_end is not None and finetune > 0
-    venv = make_vec_env(cfg, n_envs, seed, finetune_id if in_stage2 else None)
+    venv = make_vec_env(cfg, n_envs, seed, finetune_id if in_stage2 else None,
+                        batched=batched and not in_stage2)
     prior_wall_s, best_reward = 0.0, -np.inf
     tb_dir = str(out / "tb") if tensorboard else None
     if prev is not None:
@@ -303,6 +320,7 @@ def train(
             "trace_windows_s": {k: list(v) for k, v in WINDOWS.items()},
             "episode_duration_s": scenario.duration_s,
             "seed": seed, "steps": ran, "steps_asked": plan.steps, "n_envs": int(venv.num_envs),
+            "batched_envs": bool(batched),
             "rollout_steps": cfg.algo_params.n_steps * int(venv.num_envs), "stages": stages,
             "train_wall_s": prior_wall_s + time.perf_counter() - t0,
             "git_commit": git_commit(), "versions": package_versions(),

@@ -57,6 +57,9 @@ class TrainArgs:
     """Hide the progress bar."""
     no_tensorboard: bool = False
     """Do not write TensorBoard logs."""
+    batched: bool = False
+    """Step the first stage's --n-envs copies as arrays in this process (gymnasium.make_vec's
+    batched env; the energy task) instead of one process per env."""
 
     def __post_init__(self) -> None:
         check_seed("--seed", self.seed)
@@ -89,7 +92,8 @@ def run(args: TrainArgs, command: str = "llm-cluster train") -> int:
 
     result = train(cfg, out, seed=args.seed, steps=plan.steps, finetune_steps=plan.finetune_steps,
                    n_envs=plan.n_envs, resume=args.resume, progress=not args.no_progress,
-                   tensorboard=not args.no_tensorboard, evaluate=not args.no_eval)
+                   tensorboard=not args.no_tensorboard, evaluate=not args.no_eval,
+                   batched=args.batched)
     print(f"trained {cfg.algo} on {cfg.env_id}: {result.num_timesteps} steps in {result.wall_s:.0f} s")
     print(f"checkpoint: {out}")
     ev = result.metadata.get("evaluation")

@@ -103,3 +103,38 @@ def test_bad_use_is_refused():
         BatchedClusterEnv(num_envs=2, serving_model="request")
     with pytest.raises(ScenarioError, match="saas_fraction"):
         BatchedClusterEnv(num_envs=2, scenario="small_tapas")
+
+
+def test_sb3_adapter_resets_on_the_last_step_and_reports_episodes():
+    """SB3's same-step autoreset: the last observation in info, the next episode's first returned."""
+    from llm_cluster_gym.agents.batched_vec_env import make_batched_vec_env
+
+    venv = make_batched_vec_env(ENV_ID, 2, seed=4)
+    obs = venv.reset()
+    np.testing.assert_array_equal(obs, BatchedClusterEnv(num_envs=2).reset(seed=4)[0])
+    a = np.zeros((2, len(venv.action_space.nvec)), dtype=np.int64)
+    returns = np.zeros(2)
+    for step in range(1, 121):
+        obs, reward, done, infos = venv.step(a)
+        returns += reward
+        assert done.all() == (step == 120)
+    assert infos[0]["TimeLimit.truncated"] and infos[1]["episode"]["l"] == 120
+    assert not np.array_equal(infos[0]["terminal_observation"], obs[0])
+    np.testing.assert_allclose(obs[:, -9], 1.0)  # time of day: the new episode's cos(0)
+    assert [info["episode"]["r"] for info in infos] == pytest.approx(returns, rel=1e-5)
+
+
+def test_training_runs_on_batched_copies(tmp_path):
+    import dataclasses
+
+    from llm_cluster_gym.agents.config import load_task_config
+    from llm_cluster_gym.agents.train import train
+
+    cfg = load_task_config("energy")
+    cfg = dataclasses.replace(cfg, algo_params=dataclasses.replace(cfg.algo_params, n_steps=32,
+                                                                   batch_size=128),
+                              n_envs=8, checkpoint_freq=10**9, finetune_steps=0)
+    result = train(cfg, tmp_path, seed=0, steps=512, n_envs=8, progress=False, tensorboard=False,
+                   evaluate=False, finetune_steps=0, batched=True)
+    assert result.num_timesteps == 512
+    assert result.metadata["batched_envs"] is True and result.metadata["n_envs"] == 8
