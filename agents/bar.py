@@ -13,8 +13,8 @@
   energy and SLO attainment against the TAPAS-style controller with and without the shield
   (`agents.train_residual_thermal.evaluate_residual_thermal`).
 * `transfers`: whether each shipped checkpoint builds and acts on every scenario size of its task.
-* `vector_env_steps_per_s`: env steps per second of `gymnasium.make_vec` over N copies of an
-  env (what a trainer's batched rollouts get today).
+* `vector_env_steps_per_s`: env steps per second of `gymnasium.make_vec` over 64 copies of the
+  energy env (its batched copies, `envs.vector_env`: what `train --batched` rolls out on).
 """
 
 from __future__ import annotations
@@ -152,9 +152,13 @@ def transfers(checkpoints: dict[str, str] | None = None) -> dict[str, dict[str, 
     return out
 
 
-def vector_env_steps_per_s(env_id: str = "LLMCluster/Energy-small-v0", num_envs: int = 8,
-                           seconds: float = 5.0, vectorization_mode: str = "sync") -> float:
-    """Env steps per second (all copies counted) of `gymnasium.make_vec` holding random actions."""
+def vector_env_steps_per_s(env_id: str = "LLMCluster/Energy-small-v0", num_envs: int = 64,
+                           seconds: float = 5.0, vectorization_mode: str | None = None) -> float:
+    """Env steps per second (all copies counted) of `gymnasium.make_vec` under random actions.
+
+    The default mode is the id's own: its batched copies where it has a vector entry point
+    (`envs.vector_env`), else Gymnasium's sync vector env.
+    """
     import gymnasium as gym
 
     import llm_cluster_gym  # noqa: F401 - registers the env ids

@@ -109,8 +109,8 @@ def issue20_figures(hours: float, log, jobs: int = 1) -> dict:
         tag = "shipped" if ckpt in moved else "earlier, not shipped"
         print(f"issue 20: {ckpt} ({tag}): " + "; ".join(f"{sc} {v}" for sc, v in per.items()))
     steps = bar.vector_env_steps_per_s()
-    print(f"issue 20: gymnasium.make_vec (8 sync copies of LLMCluster/Energy-small-v0): {steps:,.0f} "
-          "env steps/s")
+    print(f"issue 20: gymnasium.make_vec (64 batched copies of LLMCluster/Energy-small-v0, random "
+          f"actions): {steps:,.0f} env steps/s")
     return {
         "agent_vs_best_rule_energy": round(ratio, 4),
         "agent_vs_best_rule_energy_ci95": round(ratio_ci, 4),
