@@ -67,6 +67,9 @@ class TrainArgs:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if self.batched and self.task != "energy":
+            raise UsageError(f"--batched runs the energy task only (its batched simulator), got "
+                             f"--task {self.task}")
         if self.finetune_steps is not None:
             if self.finetune_steps < 0:
                 raise UsageError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")

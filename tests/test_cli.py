@@ -145,6 +145,7 @@ def test_user_errors_exit_2_with_one_line(argv, tmp_path):
     ["calibrate", "record", "--batch-steps", "10:64"],
     ["calibrate", "record", "--lead-s", "-1"],
     ["train", "--steps", "0"],
+    ["train", "--task", "thermal", "--batched"],
     ["evaluate", "--tasks", "nope"],
     ["profile-tp", "--models", "gpt5"],
     ["build-profiles"],

@@ -524,11 +524,8 @@ class BatchedSimCluster:
         gl = gpu_load(load, st, slots, gpu_prefill_mhz, np.zeros(topo.n_gpus), dt)
         if self.power.any_down:
             gl = replace(gl, phase_power=self._phase_power(), server_off=self.power.off)
-        dyn = gm.dynamic_at_max_clock_w(gl)
-        gpu_w = gm.power_under_ceiling_w(dyn, gl, gpu_ceiling)
-        srv_w = pw.server_power_w(gpu_w, s.datacenter.server, gm.idle_power_w, gl.server_off)
-        row_w = topo.row_sum(srv_w)
-        aisle_w = topo.aisle_sum(srv_w)
+        dyn, gpu_w, srv_w, row_w, aisle_w = pw.tick_power(gm, gl, gpu_ceiling, s.datacenter.server,
+                                                          topo)
         self.inlet_c = step_inlet_temperature(self.inlet_c, aisle_w, topo.aisle_capacity_w,
                                               self.one.outside.temp_c(t0), dt, self.one.cooling)
         temp = step_gpu_temperature(self.thermal_state, gpu_w, topo.gpu_inlet_c(self.inlet_c), dt,

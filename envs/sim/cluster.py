@@ -451,11 +451,8 @@ class SimCluster:
         gl = gpu_load(load, st, slots, gpu_prefill_mhz, self._vm_gpu_power_w(), dt)
         if self.power.any_down:
             gl = replace(gl, phase_power=self._phase_power(), server_off=self.power.off)
-        dyn = gm.dynamic_at_max_clock_w(gl)
-        gpu_w = gm.power_under_ceiling_w(dyn, gl, gpu_ceiling)
-        srv_w = pw.server_power_w(gpu_w, s.datacenter.server, gm.idle_power_w, gl.server_off)
-        row_w = topo.row_sum(srv_w)
-        aisle_w = topo.aisle_sum(srv_w)
+        dyn, gpu_w, srv_w, row_w, aisle_w = pw.tick_power(gm, gl, gpu_ceiling, s.datacenter.server,
+                                                          topo)
         # Heat and temperature.
         outside = self.outside.temp_c(t0)
         self.inlet_c = step_inlet_temperature(self.inlet_c, aisle_w, self._aisle_cap_w, outside,

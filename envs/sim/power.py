@@ -22,6 +22,7 @@ import numpy as np
 
 from llm_cluster_gym.envs.sim.profiles import phase_power_w
 from llm_cluster_gym.envs.sim.scenario import ServerSpec
+from llm_cluster_gym.envs.sim.topology import Topology
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,21 @@ def server_power_w(gpu_power_w: np.ndarray, spec: ServerSpec, idle_gpu_w: float,
     if server_off is not None:
         srv_w = np.where(server_off, spec.standby_w, srv_w)
     return srv_w
+
+
+def tick_power(model: GpuPowerModel, load: GpuLoad, ceiling_mhz: np.ndarray, spec: ServerSpec,
+               topo: Topology) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray,
+                                        np.ndarray, np.ndarray, np.ndarray]:
+    """One tick's power at its clock ceilings, from the GPUs up to the rows and aisles.
+
+    Returns:
+        (the dynamic terms at the maximum clock (`GpuPowerModel.dynamic_at_max_clock_w`, which
+        capping reuses), GPU power, server power, row power, aisle heat), W.
+    """
+    dyn = model.dynamic_at_max_clock_w(load)
+    gpu_w = model.power_under_ceiling_w(dyn, load, ceiling_mhz)
+    srv_w = server_power_w(gpu_w, spec, model.idle_power_w, load.server_off)
+    return dyn, gpu_w, srv_w, topo.row_sum(srv_w), topo.aisle_sum(srv_w)
 
 
 def row_cap_ceiling_mhz(

@@ -206,15 +206,7 @@ class AggregateServing:
         if not any_weight or buf.sum() <= 0:
             self.rate_rps *= 0.8
             return
-        p_of = np.maximum(pool, 0)
-        # Weights are >= 0 and zero off the serving (active) slots, so a slot of an unserved
-        # pool or without an instance gets weight 0 / (w_pool or 1) = 0: no mask needed.
-        w_pool = np.bincount(p_of, weights=weight, minlength=self.n_pools)
-        served = w_pool > 0
-        frac = weight / np.where(served, w_pool, 1.0)[p_of]
-        share = buf[p_of] * frac
-        in_sum = share * self.buf_in[p_of]
-        out_sum = share * self.buf_out[p_of]
+        served, share, in_sum, out_sum = self._split_buffers(weight, pool)
         orphan = ~served & (buf > 0)
         if np.count_nonzero(orphan):
             spill = weight / weight.sum()
@@ -233,6 +225,22 @@ class AggregateServing:
         self.buf = np.zeros(self.n_pools)
         self.buf_age_s = np.zeros(self.n_pools)
         self.rate_rps = 0.8 * self.rate_rps + 0.2 * share / dt_s
+
+    def _split_buffers(self, weight: np.ndarray, pool: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Each pool's buffer split over its slots in proportion to `weight`.
+
+        Returns (per pool: some slot has weight; per slot: requests, prompt tokens and output
+        tokens it receives).
+        """
+        p_of = np.maximum(pool, 0)
+        # Weights are >= 0 and zero off the serving (active) slots, so a slot of an unserved
+        # pool or without an instance gets weight 0 / (w_pool or 1) = 0: no mask needed.
+        w_pool = np.bincount(p_of, weights=weight, minlength=self.n_pools)
+        served = w_pool > 0
+        frac = weight / np.where(served, w_pool, 1.0)[p_of]
+        share = self.buf[p_of] * frac
+        return served, share, share * self.buf_in[p_of], share * self.buf_out[p_of]
 
     def _drop_stale_buffer(self, dt_s: float, acc: ServiceAccumulator) -> None:
         """Age the router buffer held while no instance serves, and drop its oldest requests.

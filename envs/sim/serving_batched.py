@@ -143,13 +143,7 @@ class BatchedAggregateServing(AggregateServing):
             self.routed = np.zeros(self.n_slots)
             self.rate_rps *= 0.8
             return
-        p_of = np.maximum(pool, 0)
-        w_pool = np.bincount(p_of, weights=weight, minlength=self.n_pools)
-        served = w_pool > 0
-        frac = weight / np.where(served, w_pool, 1.0)[p_of]
-        share = buf[p_of] * frac
-        in_sum = share * self.buf_in[p_of]
-        out_sum = share * self.buf_out[p_of]
+        served, share, in_sum, out_sum = self._split_buffers(weight, pool)
         orphan = ~served & (buf > 0) & routes[pool_copy]
         if np.count_nonzero(orphan):
             w_copy = self._per_copy(weight, slot_copy)
