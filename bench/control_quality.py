@@ -72,6 +72,9 @@ def reduction(events: float, base: float) -> float | None:
 
 def main() -> None:
     args = tyro.cli(QualityArgs, description=__doc__.split("\n\n")[0])
+    if args.jobs < 1:
+        print(f"control_quality: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        raise SystemExit(2)
     log = lambda m: print(f"  {m}", file=sys.stderr)  # noqa: E731
     out = small_scenario_figures(log) if args.small_scenarios else {}
     out.update(issue20_figures(args.hours, log, args.jobs))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from llm_cluster_gym.agents.checkpoint import CheckpointError
 from llm_cluster_gym.agents.policy import checkpoint_task, load_policy
 from llm_cluster_gym.agents.residual_thermal import (
     GATE_LEVELS,
@@ -157,8 +158,12 @@ def test_a_trained_checkpoint_loads_as_a_controller_on_any_size(tmp_path):
     assert end["tapas_dc"] == 5.0 and any(end[g] != 5.0 for g in ("small_tapas", "small_tapas_high"))
     assert after["lagrange"] == after["stages"][1]["lagrange_end"]
     assert after["train_wall_s"] >= meta["train_wall_s"]
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(CheckpointError, match="field 'kind' must be 'residual_over_tapas'.*found "
+                                              "'residual_over_manager'"):
         train(TrainResidualThermalArgs(steps=64, init="checkpoints/residual_energy",
+                                       out=str(tmp_path / "x"), tensorboard=None))
+    with pytest.raises(CheckpointError, match="found no residual agent's metadata"):
+        train(TrainResidualThermalArgs(steps=64, init="checkpoints/energy",
                                        out=str(tmp_path / "x"), tensorboard=None))
 
 
