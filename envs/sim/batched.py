@@ -30,14 +30,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from llm_cluster_gym.envs.backend import ClusterLayout, PoolConfig
+from llm_cluster_gym.envs.backend import ClusterLayout
 from llm_cluster_gym.envs.sim import power as pw
 from llm_cluster_gym.envs.sim.accounting import carbon_g_per_kwh
 from llm_cluster_gym.envs.sim.clocks import SlotModelCache, effective_clocks, gpu_load, slot_settings
 from llm_cluster_gym.envs.sim.cluster import SimCluster
 from llm_cluster_gym.envs.sim.demand import episode_trace
 from llm_cluster_gym.envs.sim.faults import FaultSchedule
-from llm_cluster_gym.envs.sim.instances import InstanceTable
+from llm_cluster_gym.envs.sim.instances import InstanceTable, pool_layout, replace_instances
 from llm_cluster_gym.envs.sim.layout import SlotTables, slot_tables
 from llm_cluster_gym.envs.sim.profiles import ProfileArrays, ProfileLibrary, clock_slowdown
 from llm_cluster_gym.envs.sim.scenario import Scenario, ScenarioError
@@ -251,6 +251,7 @@ class BatchedSimCluster:
         self._tp_index = {tp: i for i, tp in enumerate(tps)}
         self._tp_arrays = ProfileArrays.stack([one.tp_profiles[tp] for tp in tps])
         self._model_cache = SlotModelCache()
+        self._layouts: dict[bytes, tuple[np.ndarray, ...]] = {}
         self._n_rows = self.topo.n_rows
         self._local_slot_gpu = InstanceTable.empty(one.topo.saas_servers,
                                                    one.topo.gpus_per_server).slot_gpu
@@ -283,12 +284,11 @@ class BatchedSimCluster:
         self.finished_total = np.zeros(n)
         self.dropped_total = np.zeros(n)
         initial = one.layout.initial_pools
-        self.pool_configs: list[tuple[PoolConfig, ...]] = [initial] * n
         self._layout_key = np.array([[(p.n_instances, p.tp) for p in initial]] * n)
         self._freq = np.array([[p.freq_mhz for p in initial]] * n, dtype=float)
         self._batch = np.array([[p.max_batch for p in initial]] * n, dtype=np.int64)
-        for e in range(n):
-            self._reconfigure_copy(e, initial, now_s=0.0, load_time_s={})
+        self._relayout(np.arange(n), self._layout_key, now_s=0.0, load_time_s={})
+        self._set_pool_settings()
         self.reconfigurations = np.zeros(n)
         self._refresh_slots(layout_changed=True)
         self.power.reset(self._saas_occupied)
@@ -342,8 +342,9 @@ class BatchedSimCluster:
             ValueError: A wrong shape, a TP degree the scenario does not offer, a negative
                 instance count, or a clock or batch cap that is not positive.
         """
-        n_instances, tp = np.asarray(n_instances, dtype=np.int64), np.asarray(tp, dtype=np.int64)
-        freq_mhz, max_batch = np.asarray(freq_mhz, dtype=float), np.asarray(max_batch, dtype=np.int64)
+        # Copies: the caller may reuse its arrays; the settings in force are kept here.
+        n_instances, tp = np.array(n_instances, dtype=np.int64), np.array(tp, dtype=np.int64)
+        freq_mhz, max_batch = np.array(freq_mhz, dtype=float), np.array(max_batch, dtype=np.int64)
         shape = (self.n_copies, self.n_pools)
         for name, arr in (("n_instances", n_instances), ("tp", tp), ("freq_mhz", freq_mhz),
                           ("max_batch", max_batch)):
@@ -361,23 +362,13 @@ class BatchedSimCluster:
         if not changed.any():
             return
         now = self.time_s
-        stopped = np.zeros(self.inst.n_slots, dtype=bool)
-        if relaid.any():  # new arrays, as `InstanceTable.reconfigure` makes (the router keeps the
-            inst = self.inst  # pools its queues were routed by until its next tick)
-            for name in ("active", "pool", "tp", "freq_mhz", "max_batch", "quantized", "ready_at_s"):
-                setattr(inst, name, getattr(inst, name).copy())
-        for e in np.flatnonzero(relaid):
-            pools = tuple(PoolConfig(int(n_instances[e, j]), int(tp[e, j]), float(freq_mhz[e, j]),
-                                     int(max_batch[e, j])) for j in range(self.n_pools))
-            stopped |= self._reconfigure_copy(int(e), pools, now, self._load_time_s)
+        stopped = (self._relayout(np.flatnonzero(relaid), key, now, self._load_time_s)
+                   if relaid.any() else None)
         self._layout_key = key
         self._freq, self._batch = freq_mhz, max_batch
-        inst = self.inst
-        first = inst.active
-        gp = np.maximum(inst.pool, 0)
-        inst.freq_mhz = np.where(first, freq_mhz.ravel()[gp], 0.0)
-        inst.max_batch = np.where(first, max_batch.ravel()[gp], 0)
+        self._set_pool_settings()
         self._refresh_slots(layout_changed=bool(relaid.any()))
+        inst = self.inst
         if relaid.any():
             self.power.wake(self._saas_occupied, now)
             if self.power.any_down:
@@ -386,33 +377,57 @@ class BatchedSimCluster:
         loading = (inst.active & (inst.ready_at_s > now)).astype(float)
         counts = loading.reshape(self.n_copies, -1).sum(axis=1)
         self.reconfigurations = np.where(changed, counts, self.reconfigurations)
-        if stopped.any():
+        if stopped is not None and stopped.any():
             self.serving.requeue(stopped)
 
-    def _reconfigure_copy(self, e: int, pools: tuple[PoolConfig, ...], now_s: float,
-                          load_time_s: dict) -> np.ndarray:
-        """Lay copy e's pools out (`InstanceTable.reconfigure`); its stopped slots, stacked."""
-        inst, size, p = self.inst, self.slots_per_copy, self.n_pools
-        sl = slice(e * size, (e + 1) * size)
-        pool = inst.pool[sl]
-        local = InstanceTable(
-            n_slots=size, gpus_per_server=inst.gpus_per_server, slot_gpu=self._local_slot_gpu,
-            active=inst.active[sl].copy(), pool=np.where(pool >= 0, pool - e * p, -1),
-            tp=inst.tp[sl].copy(), freq_mhz=inst.freq_mhz[sl].copy(),
-            max_batch=inst.max_batch[sl].copy(), quantized=inst.quantized[sl].copy(),
-            ready_at_s=inst.ready_at_s[sl].copy())
-        stopped_local = local.reconfigure(pools, now_s, load_time_s)
-        inst.active[sl] = local.active
-        inst.pool[sl] = np.where(local.pool >= 0, local.pool + e * p, -1)
-        inst.tp[sl] = local.tp
-        inst.freq_mhz[sl] = local.freq_mhz
-        inst.max_batch[sl] = local.max_batch
-        inst.quantized[sl] = local.quantized
-        inst.ready_at_s[sl] = local.ready_at_s
-        self.pool_configs[e] = pools
-        stopped = np.zeros(inst.n_slots, dtype=bool)
-        stopped[sl] = stopped_local
-        return stopped
+    def _relayout(self, copies: np.ndarray, layout_key: np.ndarray, now_s: float,
+                  load_time_s: dict) -> np.ndarray:
+        """Lay out again the pools of `copies` ((instances, TP) per pool in `layout_key`).
+
+        `InstanceTable.reconfigure` for those copies at once: each copy's packed layout
+        (`instances.pool_layout`, memoized), then which instances it keeps, stops and starts
+        (`instances.replace_instances`) over all of them as one array. The table gets new arrays
+        (the router keeps the pools its queues were routed by until its next tick). Clocks and
+        batch caps are set by `_set_pool_settings`. Returns the stopped first slots, stacked.
+        """
+        inst, n, size, p = self.inst, self.n_copies, self.slots_per_copy, self.n_pools
+        n_servers = size // inst.gpus_per_server
+        cache = self._layouts
+        layouts = []
+        for e in copies:
+            row = layout_key[e]
+            key = row.tobytes()
+            hit = cache.get(key)
+            if hit is None:
+                hit = pool_layout(tuple((int(tp), max(int(k), 0), False) for k, tp in row),
+                                  inst.gpus_per_server, n_servers)
+                cache[key] = hit
+            layouts.append(hit)
+        new_active, new_pool, new_tp, new_quant = (np.stack(parts) for parts in zip(*layouts,
+                                                                                   strict=True))
+
+        def rows(arr: np.ndarray) -> np.ndarray:
+            return arr.reshape(n, size)[copies]
+
+        stopped_rows, ready_rows = replace_instances(
+            rows(inst.active), rows(inst.tp), rows(inst.quantized), rows(inst.ready_at_s),
+            new_active, new_tp, new_quant, now_s, load_time_s)
+        new_pool = np.where(new_pool >= 0, new_pool + (copies * p)[:, None], -1)
+        for name, value in (("active", new_active), ("pool", new_pool), ("tp", new_tp),
+                            ("quantized", new_quant), ("ready_at_s", ready_rows)):
+            arr = getattr(inst, name).copy()
+            arr.reshape(n, size)[copies] = value
+            setattr(inst, name, arr)
+        stopped = np.zeros((n, size), dtype=bool)
+        stopped[copies] = stopped_rows
+        return stopped.ravel()
+
+    def _set_pool_settings(self) -> None:
+        """Each instance's clock and batch cap: its pool's (`_freq`, `_batch`; 0 off instances)."""
+        inst = self.inst
+        of_pool = np.maximum(inst.pool, 0)
+        inst.freq_mhz = np.where(inst.active, self._freq.ravel()[of_pool], 0.0)
+        inst.max_batch = np.where(inst.active, self._batch.ravel()[of_pool], 0)
 
     def _refresh_slots(self, layout_changed: bool) -> None:
         """The stacked slot tables and slot settings after a layout or clock change."""

@@ -69,6 +69,53 @@ def _packed(pools: tuple[tuple[int, int], ...], gpus_per_server: int,
     return tuple(out)
 
 
+@lru_cache(maxsize=4096)
+def pool_layout(pools: tuple[tuple[int, int, bool], ...], gpus_per_server: int, n_servers: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per slot of a table: first slot of an instance?, its pool, TP degree and quantized flag.
+
+    For pools given as (tp, instances, quantized) on `n_servers` servers, packed as
+    `packed_first_slots` packs them. Read-only arrays, memoized.
+    """
+    n_slots = n_servers * gpus_per_server
+    active = np.zeros(n_slots, dtype=bool)
+    pool = np.full(n_slots, -1, dtype=np.int64)
+    tp = np.ones(n_slots, dtype=np.int64)
+    quant = np.zeros(n_slots, dtype=bool)
+    packed = _packed(tuple((t, n) for t, n, _ in pools), gpus_per_server, n_servers)
+    for p, ((t, _, q), first) in enumerate(zip(pools, packed, strict=True)):
+        active[first] = True
+        pool[first] = p
+        tp[first] = t
+        quant[first] = q
+    for arr in (active, pool, tp, quant):
+        arr.flags.writeable = False
+    return active, pool, tp, quant
+
+
+def replace_instances(old_active: np.ndarray, old_tp: np.ndarray, old_quantized: np.ndarray,
+                      old_ready_at_s: np.ndarray, new_active: np.ndarray, new_tp: np.ndarray,
+                      new_quantized: np.ndarray, now_s: float, load_time_s: Mapping[int, float]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Which instances a new layout stops, and when each of its instances is ready.
+
+    An instance is kept where the same slot starts one of the same TP degree and variant; a kept
+    one keeps its ready time, a started one is ready after its model-load time. Any shape (one
+    table, or copies of it row by row).
+
+    Returns:
+        (first slots whose instance stopped, ready time of every slot).
+    """
+    kept = new_active & old_active & (new_tp == old_tp) & (new_quantized == old_quantized)
+    stopped = old_active & ~kept
+    started = new_active & ~kept
+    ready = np.where(kept, old_ready_at_s, 0.0)
+    for tp in np.unique(new_tp[started]):
+        sel = started & (new_tp == tp)
+        ready[sel] = now_s + load_time_s.get(int(tp), 0.0)
+    return stopped, ready
+
+
 @dataclass
 class InstanceTable:
     """Per-slot instance state (arrays of length `n_slots`, valid where `active`)."""
@@ -126,31 +173,19 @@ class InstanceTable:
         Returns:
             Mask of first slots whose previous instance stopped (its requests must be requeued).
         """
-        g = self.gpus_per_server
-        n_servers = self.n_slots // g
-        new_active = np.zeros(self.n_slots, dtype=bool)
-        new_pool = np.full(self.n_slots, -1, dtype=np.int64)
-        new_tp = np.ones(self.n_slots, dtype=np.int64)
-        new_quant = np.zeros(self.n_slots, dtype=bool)
-        new_freq = np.zeros(self.n_slots)
-        new_batch = np.zeros(self.n_slots, dtype=np.int64)
-        for p, (cfg, first) in enumerate(zip(pools, packed_first_slots(pools, g, n_servers),
-                                             strict=True)):
-            new_active[first] = True
-            new_pool[first] = p
-            new_tp[first] = cfg.tp
-            new_quant[first] = cfg.quantized
-            new_freq[first] = cfg.freq_mhz
-            new_batch[first] = cfg.max_batch
-        kept = new_active & self.active & (new_tp == self.tp) & (new_quant == self.quantized)
-        stopped = self.active & ~kept
-        started = new_active & ~kept
-        ready = np.where(kept, self.ready_at_s, 0.0)
-        for tp in np.unique(new_tp[started]):
-            sel = started & (new_tp == tp)
-            ready[sel] = now_s + load_time_s.get(int(tp), 0.0)
-        self.active, self.pool, self.tp = new_active, new_pool, new_tp
-        self.quantized, self.freq_mhz, self.max_batch = new_quant, new_freq, new_batch
+        key = tuple((int(c.tp), max(int(c.n_instances), 0), bool(c.quantized)) for c in pools)
+        new_active, new_pool, new_tp, new_quant = pool_layout(key, self.gpus_per_server,
+                                                              self.n_slots // self.gpus_per_server)
+        of_pool = np.maximum(new_pool, 0)
+        new_freq = np.where(new_active, np.array([c.freq_mhz for c in pools], dtype=float)[of_pool],
+                            0.0)
+        new_batch = np.where(new_active,
+                             np.array([c.max_batch for c in pools], dtype=np.int64)[of_pool], 0)
+        stopped, ready = replace_instances(self.active, self.tp, self.quantized, self.ready_at_s,
+                                           new_active, new_tp, new_quant, now_s, load_time_s)
+        self.active, self.pool = new_active.copy(), new_pool.copy()
+        self.tp, self.quantized = new_tp.copy(), new_quant.copy()
+        self.freq_mhz, self.max_batch = new_freq, new_batch
         self.ready_at_s = ready
         return stopped
 

@@ -64,18 +64,17 @@ class BatchedAccumulator:
         """
         w = self.cohort_weight
         n, size = w.shape
-        total = w.sum(axis=1)
-        target = total[:, None] * _P50_P99  # (copies, 2)
         row_start = (np.arange(n) * size)[:, None]
         out = []
         for values in (self.cohort_ttft_s, self.cohort_tbt_s):
             order = values.argsort(axis=1, kind="stable") + row_start
             cum = w.ravel()[order].cumsum(axis=1)
-            # cum never decreases: the entries below a target count the position of the first
-            # entry at or above it.
-            pos = np.minimum((cum[:, :, None] < target[:, None, :]).sum(axis=1), size - 1)
-            picked = values.ravel()[np.take_along_axis(order, pos, axis=1)]
-            out.extend(np.where(total[:, None] > 0, picked, 0.0).T)
+            total = cum[:, -1:]  # as the single model: the cumulative sum's end
+            for q in _P50_P99:
+                # cum never decreases: the first entry at or above the target.
+                pos = np.argmax(cum >= q * total, axis=1)
+                picked = values.ravel()[order[np.arange(n), pos]]
+                out.append(np.where(total[:, 0] > 0, picked, 0.0))
         return out[0], out[1], out[2], out[3]
 
 

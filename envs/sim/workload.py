@@ -603,15 +603,39 @@ def scale_to_rate(
     t_src = trace.arrival_s
     n_src = len(trace)
 
+    sorted_src = bool(np.all(np.diff(t_src) >= 0))
+    margin_s = 1e-6 * period_s  # candidate ranges reach past the cut; the cut itself is exact
+
     def copies(n_copies: int) -> tuple[np.ndarray, np.ndarray]:
         # One offset per (copy, period); arrivals (t + offset) mod period, + period index.
         offsets = rng.uniform(0.0, period_s, size=(n_copies * n_periods, 1))
-        t = np.mod(t_src[None, :] + offsets, period_s)
-        t += (np.arange(n_copies * n_periods) % n_periods * period_s)[:, None]
-        src = np.broadcast_to(np.arange(n_src, dtype=np.int32), t.shape)
-        t = t.ravel()
-        keep = t < out_duration_s
-        return t[keep], src.ravel()[keep]
+        if not sorted_src:
+            t = np.mod(t_src[None, :] + offsets, period_s)
+            t += (np.arange(n_copies * n_periods) % n_periods * period_s)[:, None]
+            src = np.broadcast_to(np.arange(n_src, dtype=np.int32), t.shape)
+            t = t.ravel()
+            keep = t < out_duration_s
+            return t[keep], src.ravel()[keep]
+        # The same arrivals, in the same order, computed only where they can fall before the
+        # end: a period cut short keeps two stretches of the shifted copy (sorted arrivals).
+        ts, srcs = [], []
+        for row, offset in enumerate(offsets[:, 0].tolist()):
+            start_s = row % n_periods * period_s
+            window_s = out_duration_s - start_s
+            if window_s >= period_s:
+                idx = np.arange(n_src, dtype=np.int32)
+            else:
+                mask = np.zeros(n_src, dtype=bool)
+                mask[: t_src.searchsorted(window_s - offset + margin_s, side="right")] = True
+                lo = t_src.searchsorted(period_s - offset - margin_s, side="left")
+                mask[lo: t_src.searchsorted(period_s - offset + window_s + margin_s, side="right")] = True
+                idx = np.flatnonzero(mask).astype(np.int32)
+            t = np.mod(t_src[idx] + offset, period_s)
+            t += start_s
+            keep = t < out_duration_s
+            ts.append(t[keep])
+            srcs.append(idx[keep])
+        return np.concatenate(ts), np.concatenate(srcs)
 
     t, src = copies(k)
     while t.shape[0] < n_target:  # only when the last, partial period falls short
