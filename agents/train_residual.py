@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -66,9 +66,15 @@ class TrainResidualArgs:
     """Checkpoint directory."""
     tensorboard: str | None = "reports/tensorboard/residual_energy"
     """TensorBoard log directory (None: no logging)."""
+    serving_model: Literal["aggregate", "request"] = "aggregate"
+    """Serving model of the training windows: aggregate (fast), or request (per-request TTFT and
+    TBT: what the aggregate model misjudges, for fine-tuning with --init)."""
+    init: str | None = None
+    """Continue from this residual energy checkpoint (its policy, observation statistics and
+    multiplier); the new checkpoint's metadata lists both stages and their wall time."""
 
 
-def _window_env_factory(rng: np.random.Generator, window_h: float):
+def _window_env_factory(rng: np.random.Generator, window_h: float, serving: str = "aggregate"):
     """A `ResidualOverManager` over a random training window; a new one at every episode."""
     import gymnasium as gym
 
@@ -87,7 +93,7 @@ def _window_env_factory(rng: np.random.Generator, window_h: float):
             day = int(rng.choice(TRAIN_DAYS))
             hour = int(rng.integers(0, 24 - int(math.ceil(window_h)) + 1))
             s = window_scenario(base, day * DAY_S + hour * 3600.0, BURN_IN_S, window_h * 3600.0)
-            return ResidualOverManager(make_env(s), manager_kwargs=MANAGER_KWARGS)
+            return ResidualOverManager(make_env(s, serving), manager_kwargs=MANAGER_KWARGS)
 
         def reset(self, *, seed=None, options=None):
             lagrange = self.env.get_wrapper_attr("lagrange")
@@ -102,22 +108,53 @@ def _window_env_factory(rng: np.random.Generator, window_h: float):
 
 
 def train(args: TrainResidualArgs) -> Path:
-    """Train and save the residual agent; returns the checkpoint directory."""
-    from llm_cluster_gym.agents.checkpoint import git_commit, package_versions, save_checkpoint
+    """Train (or, with ``args.init``, fine-tune) and save the residual agent; returns its directory.
 
+    Raises:
+        CheckpointError: ``args.init`` is not a residual energy checkpoint (before any work).
+    """
+    from llm_cluster_gym.agents.checkpoint import (
+        CheckpointError,
+        git_commit,
+        package_versions,
+        save_checkpoint,
+    )
+    from llm_cluster_gym.agents.policy import residual_metadata
+
+    before: dict[str, Any] = {}
+    if args.init:
+        meta = residual_metadata(args.init)
+        if meta is None or meta.get("kind") != RESIDUAL_KIND:
+            found = "no residual agent's metadata" if meta is None else repr(meta.get("kind"))
+            raise CheckpointError(f"{Path(args.init) / 'metadata.json'}: field 'kind' must be "
+                                  f"{RESIDUAL_KIND!r} to continue from it, found {found}")
+        before = meta
     t0 = time.time()
     rng = np.random.default_rng(args.seed)
-    update = LagrangeUpdate(slo_target=args.slo_target, lr=args.lagrange_lr)
+    start = float(before.get("lagrange", 0.0))
+    update = LagrangeUpdate(slo_target=args.slo_target, lr=args.lagrange_lr, value=start)
     model, vec = train_constrained_ppo(
-        _window_env_factory(rng, args.window_h), n_envs=args.n_envs, update=update,
-        key="slo_violation", steps=args.steps, max_minutes=args.max_minutes, seed=args.seed,
-        tensorboard=args.tensorboard)
+        _window_env_factory(rng, args.window_h, args.serving_model), n_envs=args.n_envs,
+        update=update, key="slo_violation", steps=args.steps, max_minutes=args.max_minutes,
+        seed=args.seed, tensorboard=args.tensorboard, init=args.init)
+    wall_s = round(time.time() - t0, 1)
+    steps_before = int(before.get("steps", 0))
+    stage = {"serving_model": args.serving_model, "window_h": args.window_h, "seed": args.seed,
+             "steps": int(model.num_timesteps) - steps_before, "train_wall_s": wall_s,
+             "lagrange_start": start, "lagrange_end": update.value, "slo_target": args.slo_target,
+             "init": args.init}
+    earlier = before.get("stages") or ([{
+        "serving_model": "aggregate", "window_h": before.get("window_h"), "seed": before.get("seed"),
+        "steps": steps_before, "train_wall_s": before.get("train_wall_s"), "lagrange_start": 0.0,
+        "lagrange_end": before.get("lagrange"), "slo_target": before.get("slo_target"),
+        "init": None}] if before else [])
     meta = {
         "kind": RESIDUAL_KIND, "task": "energy", "scenario": "dynamo_week",
         "train_days": "Mon, Wed, Sat", "window_h": args.window_h, "steps": int(model.num_timesteps),
-        "train_wall_s": round(time.time() - t0, 1), "max_minutes": args.max_minutes,
-        "lagrange": update.value,
+        "train_wall_s": round(float(before.get("train_wall_s", 0.0)) + wall_s, 1),
+        "max_minutes": args.max_minutes, "lagrange": update.value,
         "slo_target": args.slo_target, "manager_kwargs": MANAGER_KWARGS, "seed": args.seed,
+        "serving_model": args.serving_model, "stages": [*earlier, stage],
         "commit": git_commit(), "versions": package_versions(),
         "trained_on": "2-core machine (the project's CI kind), one process",
     }
@@ -138,20 +175,33 @@ class ResidualPolicy(ResidualController):
 
 
 def evaluate_residual(directory: str | Path, days: tuple[int, ...] = (0, 2, 5),
-                      seeds: tuple[int, ...] = (0, 1), hours: float = 24.0) -> dict[str, Any]:
-    """The agent against the manager on held-out days, paired per (day, seed)."""
+                      seeds: tuple[int, ...] = (0, 1), hours: float = 24.0, start_h: float = 0.0,
+                      serving: str = "aggregate") -> dict[str, Any]:
+    """The agent against the manager on held-out days, paired per (day, seed).
+
+    Each unit measures `hours` from `start_h` of its day (after the protocol's burn-in) under
+    the `serving` model ("request": per-request TTFT and TBT).
+    """
     from llm_cluster_gym.envs.sim.scenario import load_scenario
-    from llm_cluster_gym.scripts.dynamo_week import _measure, day_scenario, manager, mean_ci95
+    from llm_cluster_gym.scripts.dynamo_week import (
+        DAY_S,
+        _measure,
+        manager,
+        mean_ci95,
+        window_scenario,
+    )
 
     base = load_scenario("dynamo_week")
     rows = []
     for day in days:
         for seed in seeds:
-            s = day_scenario(base, day, BURN_IN_S, hours * 3600.0)
-            m = _measure("dynamo", day, seed, s, manager(**MANAGER_KWARGS), BURN_IN_S, "adaptive")
+            s = window_scenario(base, day * DAY_S + start_h * 3600.0, BURN_IN_S, hours * 3600.0)
+            m = _measure("dynamo", day, seed, s, manager(**MANAGER_KWARGS), BURN_IN_S, "adaptive",
+                         serving)
             a = _measure("residual", day, seed, s, lambda env: ResidualPolicy(directory, env),
-                         BURN_IN_S, "residual")
-            rows.append({"day": day, "seed": seed,
+                         BURN_IN_S, "residual", serving)
+            rows.append({"day": day, "seed": seed, "start_h": start_h, "hours": hours,
+                         "serving": serving,
                          "energy_ratio": a.summary["energy_kwh"] / m.summary["energy_kwh"],
                          "agent_slo": a.summary["slo_attainment"],
                          "manager_slo": m.summary["slo_attainment"],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from llm_cluster_gym.agents.train_residual import TrainResidualArgs, evaluate_residual, train
 from llm_cluster_gym.scripts.usage import UsageError, check_number, check_seeds
@@ -31,6 +32,9 @@ def run_train(args: TrainResidualArgs, command: str = "llm-cluster train-residua
     check_number("--lagrange-lr", args.lagrange_lr, above=0.0)
     check_number("--max-minutes", args.max_minutes, above=0.0)
     check_seeds("--seed", [args.seed])
+    if args.init is not None and not (Path(args.init) / "metadata.json").is_file():
+        raise FileNotFoundError(f"--init {args.init}: no metadata.json there (a checkpoint of "
+                                "llm-cluster train-residual)")
     path = train(args)
     meta = json.loads((path / "metadata.json").read_text())
     print(f"checkpoint: {path} ({meta['steps']} steps in {meta['train_wall_s']:.0f} s, "
@@ -49,7 +53,11 @@ class ResidualEvalArgs:
     seeds: tuple[int, ...] = (0, 1)
     """Seeds per day (each runs the agent and the manager on the same requests)."""
     hours: float = 24.0
-    """Measured hours of each day, from midnight (after the 30-minute burn-in)."""
+    """Measured hours of each day, from --start-h (after the 30-minute burn-in)."""
+    start_h: float = 0.0
+    """Hour of the day the measured span starts (0: midnight)."""
+    serving_model: Literal["aggregate", "request"] = "aggregate"
+    """Serving model: aggregate (the week protocol's), or request (per-request TTFT and TBT)."""
     out: str = "reports/residual"
     """Folder for results.json."""
 
@@ -63,7 +71,9 @@ def run_eval(args: ResidualEvalArgs, command: str = "llm-cluster residual-eval")
         raise UsageError(f"--days must be days of the week (0..6), got {list(args.days)}")
     check_seeds("--seeds", args.seeds)
     check_number("--hours", args.hours, above=0.0, at_most=24.0)
-    res = evaluate_residual(args.checkpoint, tuple(args.days), tuple(args.seeds), args.hours)
+    check_number("--start-h", args.start_h, at_least=0.0, at_most=24.0 - args.hours)
+    res = evaluate_residual(args.checkpoint, tuple(args.days), tuple(args.seeds), args.hours,
+                            args.start_h, args.serving_model)
     s = res["summary"]
     for key, (mean, half) in s.items():
         print(f"{key}: {mean:.4f} ± {half:.4f} (95% over {len(args.days)} days)")
@@ -74,5 +84,6 @@ def run_eval(args: ResidualEvalArgs, command: str = "llm-cluster residual-eval")
                       "agent_vs_manager_energy_ci95": s["energy_ratio"][1],
                       "agent_slo_attainment": s["agent_slo"][0],
                       "manager_slo_attainment": s["manager_slo"][0], "days": len(args.days),
-                      "seeds": len(args.seeds)}))
+                      "seeds": len(args.seeds), "start_h": args.start_h, "hours": args.hours,
+                      "serving_model": args.serving_model}))
     return 0

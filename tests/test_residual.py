@@ -138,6 +138,20 @@ def test_training_writes_a_checkpoint_that_runs_as_a_controller(tmp_path):
     result = run_episode(env, ResidualPolicy(out, env), seed=0)
     assert result.n_intervals == int((600.0 + BURN_IN_S) / 5.0)
     assert 0.0 <= result.summary()["slo_attainment"] <= 1.0
+    # Fine-tuning at request level continues the policy and keeps both stages in the metadata.
+    tuned = train(TrainResidualArgs(steps=1024, window_h=0.25, n_envs=1, init=str(out),
+                                    serving_model="request", seed=1, out=str(tmp_path / "ft"),
+                                    tensorboard=None))
+    after = json.loads((tuned / "metadata.json").read_text())
+    assert [st["serving_model"] for st in after["stages"]] == ["aggregate", "request"]
+    assert after["steps"] == meta["steps"] + after["stages"][1]["steps"]
+    assert after["stages"][1]["steps"] >= 1024 and after["stages"][1]["init"] == str(out)
+    assert after["train_wall_s"] > meta["train_wall_s"]
+    from llm_cluster_gym.agents.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="field 'kind' must be 'residual_over_manager'"):
+        train(TrainResidualArgs(steps=64, init="checkpoints/residual_thermal", out=str(tmp_path / "x"),
+                                tensorboard=None))
 
 
 def test_cli_rejects_bad_options_with_one_line_and_exit_2(tmp_path, capsys):
@@ -147,8 +161,12 @@ def test_cli_rejects_bad_options_with_one_line_and_exit_2(tmp_path, capsys):
     assert cli.main(["residual-eval", "--checkpoint", str(tmp_path)]) == 2  # no checkpoint there
     (tmp_path / "metadata.json").write_text("{}")
     assert cli.main(["residual-eval", "--checkpoint", str(tmp_path), "--days", "7"]) == 2
+    assert cli.main(["residual-eval", "--checkpoint", str(tmp_path), "--hours", "2",
+                     "--start-h", "23"]) == 2  # past the day's end
+    assert cli.main(["train-residual", "--init", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and "--steps" in err[0] and "metadata.json" in err[1] and "--days" in err[2]
+    assert len(err) == 5 and "--steps" in err[0] and "metadata.json" in err[1] and "--days" in err[2]
+    assert "--start-h" in err[3] and "--init" in err[4]
 
 
 def test_shipped_checkpoint_says_how_it_was_trained_and_runs_on_small():
