@@ -12,8 +12,9 @@ throttling events. Each copy draws its own workload from its own seed at `reset`
 `SimCluster` reset with that seed does.
 
 The copies step in lockstep (one clock, the same number of intervals); a pool reconfiguration
-(instance count, TP degree) is laid out per copy in Python, a clock or batch-cap change for all
-copies as arrays. Scope: what the energy (DynamoLLM) task needs: scenarios whose servers all
+(instance count, TP degree) looks up each changed copy's packed layout (memoized per
+configuration) and replaces their instances as one array; a clock or batch-cap change is one
+array operation for all copies. Scope: what the energy (DynamoLLM) task needs: scenarios whose servers all
 serve the LLM (no IaaS hosts or VMs), without faults, per-request SLO classes, per-server
 routing or serial prefill; the row settings stay at their defaults (no row clock cap,
 quantization or routing preference). Any other scenario is refused with a `ScenarioError`
