@@ -73,6 +73,25 @@ def residual_metadata(directory: str | Path) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) and meta.get("kind") in _RESIDUAL_POLICIES else None
 
 
+def init_metadata(directory: str | Path | None, kind: str) -> dict[str, Any]:
+    """The metadata of a residual checkpoint to continue training from ({} without one).
+
+    Raises:
+        CheckpointError: `directory` does not hold a residual agent of `kind` (naming the file
+            and the field).
+    """
+    if not directory:
+        return {}
+    from llm_cluster_gym.agents.checkpoint import CheckpointError
+
+    meta = residual_metadata(directory)
+    if meta is None or meta.get("kind") != kind:
+        found = "no residual agent's metadata" if meta is None else repr(meta.get("kind"))
+        raise CheckpointError(f"{Path(directory) / 'metadata.json'}: field 'kind' must be "
+                              f"{kind!r} to continue from it, found {found}")
+    return meta
+
+
 class TrainedPolicy:
     """A trained PPO / MaskablePPO policy as a Controller.
 

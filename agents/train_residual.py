@@ -113,22 +113,10 @@ def train(args: TrainResidualArgs) -> Path:
     Raises:
         CheckpointError: ``args.init`` is not a residual energy checkpoint (before any work).
     """
-    from llm_cluster_gym.agents.checkpoint import (
-        CheckpointError,
-        git_commit,
-        package_versions,
-        save_checkpoint,
-    )
-    from llm_cluster_gym.agents.policy import residual_metadata
+    from llm_cluster_gym.agents.checkpoint import git_commit, package_versions, save_checkpoint
+    from llm_cluster_gym.agents.policy import init_metadata
 
-    before: dict[str, Any] = {}
-    if args.init:
-        meta = residual_metadata(args.init)
-        if meta is None or meta.get("kind") != RESIDUAL_KIND:
-            found = "no residual agent's metadata" if meta is None else repr(meta.get("kind"))
-            raise CheckpointError(f"{Path(args.init) / 'metadata.json'}: field 'kind' must be "
-                                  f"{RESIDUAL_KIND!r} to continue from it, found {found}")
-        before = meta
+    before = init_metadata(args.init, RESIDUAL_KIND)
     t0 = time.time()
     rng = np.random.default_rng(args.seed)
     start = float(before.get("lagrange", 0.0))

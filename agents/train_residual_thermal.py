@@ -170,17 +170,9 @@ def train(args: TrainResidualThermalArgs) -> Path:
 
     t0 = time.time()
     rng = np.random.default_rng(args.seed)
-    before: dict[str, Any] = {}
-    if args.init:
-        from llm_cluster_gym.agents.checkpoint import CheckpointError
-        from llm_cluster_gym.agents.policy import residual_metadata
+    from llm_cluster_gym.agents.policy import init_metadata
 
-        meta = residual_metadata(args.init)
-        if meta is None or meta.get("kind") != RESIDUAL_THERMAL_KIND:
-            found = "no residual agent's metadata" if meta is None else repr(meta.get("kind"))
-            raise CheckpointError(f"{Path(args.init) / 'metadata.json'}: field 'kind' must be "
-                                  f"{RESIDUAL_THERMAL_KIND!r} to continue from it, found {found}")
-        before = meta
+    before = init_metadata(args.init, RESIDUAL_THERMAL_KIND)
     start = _start_multipliers(before, args.lagrange_init)
     update = {g: LagrangeUpdate(slo_target=args.override_target, lr=args.lagrange_lr, value=start[g])
               for g in CONSTRAINT_GROUPS}
