@@ -282,3 +282,13 @@ def test_library_rejects_bad_directory(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ProfileError, match="broken.json"):
         ProfileLibrary.load(tmp_path)
+
+
+def test_serial_power_ratio_is_optional_and_must_be_positive(tmp_path: Path) -> None:
+    doc = copy.deepcopy(_doc("llama3-8b", 1))
+    assert load_profile(_write(tmp_path, doc, "plain.json")).prefill_serial_power_ratio == 1.0
+    doc["coefficients"]["prefill_serial_power_ratio"] = 0.6
+    assert load_profile(_write(tmp_path, doc, "share.json")).prefill_serial_power_ratio == 0.6
+    doc["coefficients"]["prefill_serial_power_ratio"] = 0.0
+    with pytest.raises(ProfileError, match=r"coefficients\.prefill_serial_power_ratio.*> 0"):
+        load_profile(_write(tmp_path, doc))

@@ -390,3 +390,46 @@ def test_serial_prefill_power_is_the_mean_of_each_pass_at_its_own_clock():
     one_pass = float(draw(mean_tok[0], prof.prefill_freq_at_limit_mhz(mean_tok[0])))
     assert got < one_pass - 20.0  # the mean prompt's pass overstates the tick's draw
     assert sp.max_freq_mhz[0] >= gpu_mhz[0] >= min(own)
+
+
+def test_serial_pass_draws_its_share_of_sustained_power_and_keeps_its_clock():
+    """A serial pass of a profile whose passes draw a share r of the sustained power above idle
+    (`Profile.prefill_serial_power_ratio`, fitted per node) runs where that share fits the power
+    limit: a long prompt keeps a higher clock than sustained prefill, and the tick draws
+    ``idle + r (sustained - idle)`` at that clock. With r = 1 it is the sustained cap."""
+    from llm_cluster_gym.envs.real.fidelity import MODEL_NAME, _scenario
+    from llm_cluster_gym.envs.sim.clocks import serial_prefill
+    from llm_cluster_gym.envs.sim.cluster import SimCluster
+    from llm_cluster_gym.envs.sim.profiles import ProfileLibrary, phase_power_w
+    from llm_cluster_gym.envs.sim.serving import TickLoad
+
+    base = dataclasses.replace(ProfileLibrary.load().get("llama3-8b", "h100", 1), model=MODEL_NAME)
+    tok, sec = np.array([4000.0]), np.array([0.2])
+
+    def tick(ratio: float) -> tuple[float, float]:
+        prof = dataclasses.replace(base, prefill_serial_power_ratio=ratio)
+        sim = SimCluster(_scenario(60.0, 1.0, 0.2, 25.0, 8192, 60.0), serving_model="request",
+                         profiles=ProfileLibrary([prof]))
+        sim.reset(seed=0)
+        n = sim.slots.prof.idle_power_w.size
+        f_max = np.full(n, prof.max_freq_mhz)
+        load = TickLoad(np.zeros(n), np.full(n, tok[0]), np.zeros(n), np.zeros(n), np.zeros(n),
+                        np.zeros(n), prefill_passes=(np.zeros(1, dtype=np.int64), tok, sec))
+        gpu_mhz, tokens_eq = serial_prefill(load, sim.slots, f_max, f_max, prof.max_freq_mhz)
+        drawn = phase_power_w(tokens_eq[0], gpu_mhz[0], prof.idle_power_w, prof.prefill_max_power_w,
+                              prof.prefill_k_tokens, prof.power_freq_exponent, prof.max_freq_mhz,
+                              prof.prefill_busy_power_w)
+        assert gpu_mhz[0] == pytest.approx(float(prof.serial_prefill_freq_at_limit_mhz(tok[0])))
+        return float(gpu_mhz[0]), float(drawn)
+
+    f1, p1 = tick(1.0)
+    assert f1 == pytest.approx(float(base.prefill_freq_at_limit_mhz(tok[0])))  # the sustained cap
+    assert p1 == pytest.approx(base.gpu_power_limit_w, rel=1e-6)
+    f6, p6 = tick(0.6)
+    assert f6 > f1 + 100.0  # the share fits the limit at a higher clock
+    sustained = phase_power_w(tok[0], f6, base.idle_power_w, base.prefill_max_power_w,
+                              base.prefill_k_tokens, base.power_freq_exponent, base.max_freq_mhz,
+                              base.prefill_busy_power_w)
+    expected = min(base.idle_power_w + 0.6 * (sustained - base.idle_power_w), base.gpu_power_limit_w)
+    assert p6 == pytest.approx(expected, rel=1e-6)
+    assert p6 < p1

@@ -31,7 +31,7 @@ coefficients with their provenance (command, date, recordings) in ``envs/data/re
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -70,6 +70,7 @@ NODE_BOUNDS: tuple[tuple[str, float, float], ...] = (
     ("p_fixed_w", 0.0, 600.0),
     ("p_compute_w", 0.0, 2500.0),
     ("p_memory_w", 0.0, 1500.0),
+    ("serial_prefill_power_ratio", 0.2, 1.5),
 )
 """The coefficients a node refits (name, lower, upper); the rest keep the GPU type's values (the
 MoE, Mamba, all-reduce and quantization terms do not act on a dense BF16 model on one GPU)."""
@@ -161,6 +162,9 @@ class Source:
     spread: np.ndarray | None = None
     """``seconds``: (n seconds x records) seconds of each record's run inside each second; ``time``
     (served runs): which records' times sum to each measured figure (the steps starting in a second)."""
+    serial: np.ndarray | None = None
+    """Per record, True for a prefill pass the served engine ran alone between decode iterations
+    (`Coefficients.serial_prefill_power_ratio` sets its power and its clock under the limit)."""
 
 
 def _profile_sources(rec: TelemetryRecording, shape: ModelShape) -> list[Source]:
@@ -209,7 +213,7 @@ def _capped_clock_source(prefill_phases: list[dict[str, Any]], shape: ModelShape
 
 def _served_sources(recs: list[TelemetryRecording], shape: ModelShape) -> list[Source]:
     pre_rec, pre_t, dec_rec, dec_t, dec_host, pre_start, dec_start = [], [], [], [], [], [], []
-    sec_rec, sec_p, spreads = [], [], []
+    sec_rec, sec_p, spreads, n_pass = [], [], [], []
     for rec in recs:
         st = served_steps(rec)
         host = host_s_per_step(st)
@@ -241,6 +245,7 @@ def _served_sources(recs: list[TelemetryRecording], shape: ModelShape) -> list[S
         for i in np.flatnonzero(has_dec):
             cols.append(_split_into_seconds(t_dec[i:i + 1], st["decode_s"][i:i + 1], np.ones(1), n))
         sec_rec.append(np.vstack([r_pre, r_dec]))
+        n_pass.append(len(r_pre))
         spreads.append(np.stack(cols, axis=1))
         sec_p.append(power)
     n_sec = sum(s.shape[0] for s in spreads)
@@ -253,10 +258,12 @@ def _served_sources(recs: list[TelemetryRecording], shape: ModelShape) -> list[S
     pre_t_all, dec_t_all = np.concatenate(pre_t), np.concatenate(dec_t) + np.concatenate(dec_host)
     pre_sum, dec_sum = _per_second(pre_start), _per_second(dec_start)
     return [
-        Source("served_prefill_time", "time", np.vstack(pre_rec), pre_sum @ pre_t_all, spread=pre_sum),
+        Source("served_prefill_time", "time", np.vstack(pre_rec), pre_sum @ pre_t_all, spread=pre_sum,
+               serial=np.ones(len(pre_t_all), dtype=bool)),
         Source("served_decode_time", "time", np.vstack(dec_rec), dec_sum @ dec_t_all,
                extra_s=np.concatenate(dec_host), spread=dec_sum),
-        Source("served_power_1s", "seconds", np.vstack(sec_rec), np.concatenate(sec_p), spread=spread),
+        Source("served_power_1s", "seconds", np.vstack(sec_rec), np.concatenate(sec_p), spread=spread,
+               serial=np.concatenate([np.arange(len(r)) < n for r, n in zip(sec_rec, n_pass, strict=True)])),
     ]
 
 
@@ -292,13 +299,17 @@ class NodeObservations:
             rows, inverse = np.unique(recs, axis=0, return_inverse=True)
             self._inverse = np.ravel(inverse)
             self._work = step_work(self.shape, 1, self.gpu, rows)
-        res = step_time_power(self._work, self.gpu, c)
-        step_s, power_w = res.step_s[self._inverse], res.power_w[self._inverse]
-        clock_mhz = res.clock_ratio[self._inverse] * self.gpu.max_sm_clock_mhz
+        step_s, power_w, clock_mhz = self._steps(c)
+        serial = None
+        if c.serial_prefill_power_ratio != 1.0 and any(s.serial is not None for s in self.sources):
+            serial = self._steps(c, serial=True)
         out, i = [], 0
         for s in self.sources:
             n = len(s.records)
             t, p, f = step_s[i:i + n], power_w[i:i + n], clock_mhz[i:i + n]
+            if serial is not None and s.serial is not None:
+                m = s.serial
+                t, p, f = (np.where(m, x[i:i + n], y) for x, y in zip(serial, (t, p, f), strict=True))
             i += n
             if s.kind == "time":
                 t = t + (0.0 if s.extra_s is None else s.extra_s)
@@ -310,6 +321,25 @@ class NodeObservations:
             else:  # each second: idle plus the energy above idle of the steps in it
                 out.append(self.idle_w + s.spread @ (p - self.idle_w))
         return out
+
+    def _steps(self, c: Coefficients, serial: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every record's (seconds, watts, SM clock MHz) as a sustained step, or as a serial pass.
+
+        A serial pass draws ``ratio`` of the sustained power above idle, and the clock falls only
+        where that (not the sustained draw) exceeds the power limit: the limit applies to the
+        steps' power as the pass draws it.
+        """
+        gpu = self.gpu
+        if serial:
+            ratio = c.serial_prefill_power_ratio
+            idle = gpu.idle_power_with_context_w if c.idle_w is None else c.idle_w
+            gpu = replace(gpu, power_limit_w=idle + (gpu.power_limit_w - idle) / ratio)
+        res = step_time_power(self._work, gpu, c)
+        p = res.power_w
+        if serial:
+            p = idle + ratio * (p - idle)
+        return (res.step_s[self._inverse], p[self._inverse],
+                res.clock_ratio[self._inverse] * gpu.max_sm_clock_mhz)
 
     def residuals(self, c: Coefficients) -> np.ndarray:
         """Log errors (predicted / measured) of every figure, source after source."""
@@ -435,11 +465,13 @@ def node_profile(fit: NodeFit, model: str = "llama3-8b-real") -> Profile:
     source = (f"derived from envs/perf with the node's own coefficients (envs/real/node_calibration.py, "
               f"fitted on {', '.join(r['recording'] for r in fit.recordings)}) by "
               f"shape_profiles.fit_profile_to_perf; GPU envs/data/gpus.json {fit.gpu}")
-    return fit_profile_to_perf(
+    prof = fit_profile_to_perf(
         fit.shape, spec, 1, fit.coefficients, model=model, kv_tokens=fit.kv_capacity_tokens,
         load_time_s=fit.load_time_s, source=source, prefill_tokens=PROFILE_PREFILL_TOKENS,
         decode_batch=PROFILE_DECODE_BATCH, decode_ctx_tokens=fit.decode_ctx_tokens,
     )
+    # The surrogate follows perf's sustained steps; the worker's serial passes draw their own share.
+    return replace(prof, prefill_serial_power_ratio=fit.coefficients.serial_prefill_power_ratio)
 
 
 def node_document(fit: NodeFit, command: str) -> dict[str, Any]:
@@ -525,7 +557,7 @@ def profile_document(fit: NodeFit, profile: Profile, profile_path: str | Path,
             "idle_power_w", "prefill_max_power_w", "prefill_k_tokens", "decode_max_power_w",
             "decode_k_batch", "power_freq_exponent", "gpu_power_limit_w", "kv_capacity_tokens",
             "load_time_s", "min_freq_mhz", "max_freq_mhz", "weights_gb", "prefill_busy_power_w",
-            "decode_busy_power_w", "decode_power_ctx_per_ktok")},
+            "decode_busy_power_w", "decode_power_ctx_per_ktok", "prefill_serial_power_ratio")},
         "grids": {
             "prefill": {"tokens": tok.tolist(), "time_s_measured": list(pre["time_s"]),
                         "freq_mhz": f_pre.tolist(), "time_s_at_max_freq": list(pre["time_s"]),

@@ -24,6 +24,7 @@ from llm_cluster_gym.envs.sim.profiles import (
     moe_experts_touched,
     phase_power_w,
     prefill_time_s,
+    serial_power_limit_w,
 )
 from llm_cluster_gym.envs.sim.scenario import ServingSpec
 from llm_cluster_gym.envs.sim.serving import TickLoad
@@ -253,10 +254,12 @@ def serial_slot_model(model: SlotModel, slots: SlotTables, f_eff: np.ndarray,
 
     For ``serving.prefill_mode: serial`` (one prompt per pass, `serving_request`): a pass of
     ``tokens`` prompt tokens runs at the slot's effective clock under the clock at which a pass of
-    that length fits the GPU power limit (`profiles.freq_at_power_limit_mhz`), as the real
-    worker's profile recording shows (``envs/data/real/h100_llama3-8b_profile.json.gz``: passes of
-    up to 512 tokens at 1,980 MHz, longer ones pulled down to 1,630-1,920 MHz by the power cap),
-    not at one clock set by the episode's mean prompt. Decode timing is ``model``'s.
+    that length, drawing its serial share of the sustained power
+    (`Profile.prefill_serial_power_ratio`), fits the GPU power limit (`_prefill_limit_mhz`), not
+    at one clock set by the episode's mean prompt. With the ratio 1 that is the sustained cap of
+    the real worker's profile recording (``envs/data/real/h100_llama3-8b_profile.json.gz``: up to
+    512 tokens at 1,980 MHz, longer ones at 1,630-1,920 MHz); its served runs hold 1,950-1,965 MHz
+    (median) through passes of more than 2,048 tokens. Decode timing is ``model``'s.
     """
     sp = slots.prof
 
@@ -298,6 +301,8 @@ def serial_prefill(load: TickLoad, slots: SlotTables, f_eff: np.ndarray, f_set: 
         draw = phase_power_w(tok, f, idle, sp.prefill_max_power_w[slot], sp.prefill_k_tokens[slot],
                              sp.power_freq_exponent[slot], sp.max_freq_mhz[slot],
                              sp.prefill_busy_power_w[slot])
+        ratio = sp.prefill_serial_power_ratio[slot]
+        draw = np.where(ratio == 1.0, draw, idle + ratio * (draw - idle))  # 1: as sustained, same bits
         dyn = np.minimum(draw, sp.gpu_power_limit_w[slot]) - idle
         n = len(f_eff)
         w = np.bincount(slot, weights=sec, minlength=n)
@@ -319,7 +324,15 @@ def serial_prefill(load: TickLoad, slots: SlotTables, f_eff: np.ndarray, f_set: 
 
 
 def _prefill_limit_mhz(tokens: np.ndarray, sp: ProfileArrays, i: np.ndarray) -> np.ndarray:
+    """Clock at which a serial pass of ``tokens`` fits the GPU power limit.
+
+    The pass draws `Profile.prefill_serial_power_ratio` of the sustained power above idle, so it
+    fits where the sustained curve fits the headroom divided by that ratio
+    (`Profile.serial_prefill_freq_at_limit_mhz` for one profile).
+    """
+    limit = serial_power_limit_w(sp.idle_power_w[i], sp.gpu_power_limit_w[i],
+                                 sp.prefill_serial_power_ratio[i])
     return freq_at_power_limit_mhz(
-        tokens, sp.gpu_power_limit_w[i], sp.idle_power_w[i], sp.prefill_max_power_w[i],
+        tokens, limit, sp.idle_power_w[i], sp.prefill_max_power_w[i],
         sp.prefill_k_tokens[i], sp.power_freq_exponent[i], sp.min_freq_mhz[i],
         sp.max_freq_mhz[i], sp.prefill_busy_power_w[i])

@@ -223,6 +223,19 @@ def freq_at_power_limit_mhz(
     return np.clip(f, min_freq_mhz, max_freq_mhz)
 
 
+def serial_power_limit_w(idle_power_w: Any, limit_w: Any, serial_power_ratio: Any) -> np.ndarray:
+    """The sustained-curve power at which a serial prefill pass reaches the GPU power limit.
+
+    A pass that draws ``ratio`` of the sustained power above idle hits ``limit_w`` where the
+    sustained curve reaches ``idle + (limit - idle) / ratio``; so `freq_at_power_limit_mhz` at
+    this limit is the pass's clock. Where the ratio is 1 this is ``limit_w`` itself (same bits).
+    """
+    idle = np.asarray(idle_power_w, dtype=np.float64)
+    limit = np.asarray(limit_w, dtype=np.float64)
+    ratio = np.asarray(serial_power_ratio, dtype=np.float64)
+    return np.where(ratio == 1.0, limit, idle + (limit - idle) / ratio)
+
+
 # ---------------------------------------------------------------------------------------------
 # Profile records
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +317,15 @@ class _ProfileMath:
         b = np.asarray(batch, dtype=np.float64)
         return b * (1.0 + self.decode_power_ctx_per_ktok * np.asarray(ctx_tokens, np.float64) / 1000.0)
 
+    def serial_prefill_freq_at_limit_mhz(self, tokens: Any) -> np.ndarray:
+        """Clock of a serial prefill pass (``serving.prefill_mode: serial``) under the power limit.
+
+        The pass draws `prefill_serial_power_ratio` of the sustained power above idle
+        (`serial_power_limit_w`); with the ratio 1, `prefill_freq_at_limit_mhz`.
+        """
+        return self.prefill_freq_at_limit_mhz(tokens, serial_power_limit_w(
+            self.idle_power_w, self.gpu_power_limit_w, self.prefill_serial_power_ratio))
+
     def prefill_freq_at_limit_mhz(self, tokens: Any, limit_w: Any | None = None) -> np.ndarray:
         """Clock the power controller settles at during prefill (default limit: the GPU's)."""
         return freq_at_power_limit_mhz(
@@ -369,6 +391,11 @@ class Profile(_ProfileMath):
     """How decode power's load grows with the batch's mean context, per 1,000 tokens
     (`decode_power_load`): each step reads the batch's KV cache as well as the weights. 0 in the
     JSON tables, whose decode power was measured by batch alone."""
+    prefill_serial_power_ratio: float = 1.0
+    """A prefill pass run alone between decode iterations (``serving.prefill_mode: serial``) draws
+    this share of the sustained prefill power above idle, and the GPU power limit pulls its clock
+    down only where that share exceeds it (`Coefficients.serial_prefill_power_ratio`, fitted per
+    node); 1: as sustained prefill (the JSON tables, the shipped derived profiles)."""
     fit_error: Mapping[str, Mapping[str, float]] = dataclasses.field(
         default_factory=dict, compare=False
     )
@@ -433,6 +460,7 @@ class ProfileArrays(_ProfileMath):
     decode_d3_s_per_expert: np.ndarray
     decode_moe_experts_per_active: np.ndarray
     decode_power_ctx_per_ktok: np.ndarray
+    prefill_serial_power_ratio: np.ndarray
 
     @classmethod
     def stack(cls, profiles: Sequence[Profile]) -> ProfileArrays:
@@ -480,6 +508,7 @@ REQUIRED_GRIDS: dict[str, tuple[str, ...]] = {
 REQUIRED_FIT_ERRORS = ("prefill_time", "decode_time", "prefill_power", "decode_power")
 _PHI_FIELDS = ("prefill_phi", "decode_phi")
 _OPTIONAL_COEFFS = ("prefill_busy_power_w", "decode_busy_power_w", "decode_power_ctx_per_ktok",
+                    "prefill_serial_power_ratio",
                     "decode_d3_s_per_expert", "decode_moe_experts_per_active")
 
 
@@ -573,8 +602,8 @@ def profile_from_dict(data: dict[str, Any], path: Path) -> Profile:
             f"{path}: fields 'coefficients.min_freq_mhz'={kwargs['min_freq_mhz']} and "
             f"'coefficients.max_freq_mhz'={kwargs['max_freq_mhz']} must satisfy 0 < min <= max"
         )
-    for name in ("prefill_k_tokens", "decode_k_batch", "power_freq_exponent"):
-        if kwargs[name] <= 0:
+    for name in ("prefill_k_tokens", "decode_k_batch", "power_freq_exponent", "prefill_serial_power_ratio"):
+        if kwargs.get(name, 1.0) <= 0:  # the ratio is optional (default 1)
             raise ProfileError(
                 f"{path}: field 'coefficients.{name}' must be > 0, got {kwargs[name]}"
             )
