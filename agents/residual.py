@@ -314,7 +314,8 @@ def lagrange_callback(update: LagrangeUpdate | dict[str, LagrangeUpdate], key: s
 def train_constrained_ppo(factory: Any, *, n_envs: int, update: LagrangeUpdate | dict[str, LagrangeUpdate],
                           key: str, steps: int,
                           max_minutes: float, seed: int, tensorboard: str | None,
-                          init: str | Path | None = None) -> tuple[Any, Any]:
+                          init: str | Path | None = None, vec_env: Any = None,
+                          n_steps: int = 1024) -> tuple[Any, Any]:
     """PPO on a residual env with a learned constraint multiplier; both residual agents train so.
 
     ``factory`` builds one env (a `ResidualWrapper`, or a wrapper forwarding ``set_lagrange``);
@@ -325,7 +326,9 @@ def train_constrained_ppo(factory: Any, *, n_envs: int, update: LagrangeUpdate |
     stops after `steps` env steps or `max_minutes` of wall time, whichever comes first (the
     issue's two-hour budget on 2 cores). With ``init`` (a checkpoint directory of the same kind)
     training continues from its policy and observation statistics (fine-tuning; the caller
-    starts `update` from its multiplier). Returns ``(model, vec)`` with `vec` frozen
+    starts `update` from its multiplier). ``vec_env`` replaces the ``n_envs`` copies of ``factory``
+    by a ready SB3 vector env (the batched one, `agents.batched_residual`); ``n_steps`` is PPO's
+    rollout length per copy. Returns ``(model, vec)`` with `vec` frozen
     (``training`` False), ready for `agents.checkpoint.save_checkpoint`.
     """
     import time
@@ -335,17 +338,18 @@ def train_constrained_ppo(factory: Any, *, n_envs: int, update: LagrangeUpdate |
     from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor, VecNormalize
 
     t0 = time.time()
-    venv = VecMonitor(DummyVecEnv([factory for _ in range(n_envs)]))
+    venv = VecMonitor(DummyVecEnv([factory for _ in range(n_envs)]) if vec_env is None else vec_env)
     if init is None:
         vec = VecNormalize(venv, norm_obs=True, norm_reward=False)
-        model = PPO("MlpPolicy", vec, n_steps=1024, batch_size=256, n_epochs=5, learning_rate=3e-4,
+        model = PPO("MlpPolicy", vec, n_steps=n_steps, batch_size=256, n_epochs=5, learning_rate=3e-4,
                     gamma=0.99, gae_lambda=0.95, ent_coef=0.0, seed=seed, device="cpu",
                     tensorboard_log=tensorboard, policy_kwargs={"net_arch": [64, 64]})
     else:
         vec = VecNormalize.load(str(Path(init) / "vecnormalize.pkl"), venv)
         vec.training, vec.norm_reward = True, False
         model = PPO.load(Path(init) / "model.zip", env=vec, device="cpu", seed=seed,
-                         tensorboard_log=tensorboard)
+                         tensorboard_log=tensorboard,
+                         custom_objects=None if vec_env is None else {"n_steps": n_steps})
 
     class WallClockLimit(BaseCallback):
         def _on_step(self) -> bool:

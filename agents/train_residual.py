@@ -72,16 +72,33 @@ class TrainResidualArgs:
     init: str | None = None
     """Continue from this residual energy checkpoint (its policy, observation statistics and
     multiplier); the new checkpoint's metadata lists both stages and their wall time."""
+    batched: int = 0
+    """Copies on the batched simulator (`agents.batched_residual.BatchedResidualVecEnv`: every copy
+    of an episode runs the same window with its own seed; aggregate serving only); 0: ``n_envs``
+    single envs, each with its own window."""
+
+
+def random_window(rng: np.random.Generator, window_h: float) -> Any:
+    """A window of `window_h` hours at a random whole hour of a random training day (after the burn-in)."""
+    from llm_cluster_gym.envs.sim.scenario import load_scenario
+    from llm_cluster_gym.scripts.dynamo_week import DAY_S, TRAIN_DAYS, window_scenario
+
+    day = int(rng.choice(TRAIN_DAYS))
+    hour = int(rng.integers(0, 24 - int(math.ceil(window_h)) + 1))
+    return window_scenario(load_scenario("dynamo_week"), day * DAY_S + hour * 3600.0, BURN_IN_S,
+                           window_h * 3600.0)
+
+
+BATCHED_N_STEPS = 128
+"""PPO steps per copy per rollout on the batched env (64 copies: 8,192 steps per update, the
+order of the single envs' 2 x 1,024)."""
 
 
 def _window_env_factory(rng: np.random.Generator, window_h: float, serving: str = "aggregate"):
     """A `ResidualOverManager` over a random training window; a new one at every episode."""
     import gymnasium as gym
 
-    from llm_cluster_gym.envs.sim.scenario import load_scenario
-    from llm_cluster_gym.scripts.dynamo_week import DAY_S, TRAIN_DAYS, make_env, window_scenario
-
-    base = load_scenario("dynamo_week")
+    from llm_cluster_gym.scripts.dynamo_week import make_env
 
     class RandomWindow(gym.Wrapper):
         """Draws a new window (day, start hour) and seed at every reset."""
@@ -90,10 +107,8 @@ def _window_env_factory(rng: np.random.Generator, window_h: float, serving: str 
             super().__init__(self._make())
 
         def _make(self) -> ResidualOverManager:
-            day = int(rng.choice(TRAIN_DAYS))
-            hour = int(rng.integers(0, 24 - int(math.ceil(window_h)) + 1))
-            s = window_scenario(base, day * DAY_S + hour * 3600.0, BURN_IN_S, window_h * 3600.0)
-            return ResidualOverManager(make_env(s, serving), manager_kwargs=MANAGER_KWARGS)
+            return ResidualOverManager(make_env(random_window(rng, window_h), serving),
+                                       manager_kwargs=MANAGER_KWARGS)
 
         def reset(self, *, seed=None, options=None):
             lagrange = self.env.get_wrapper_attr("lagrange")
@@ -121,13 +136,24 @@ def train(args: TrainResidualArgs) -> Path:
     rng = np.random.default_rng(args.seed)
     start = float(before.get("lagrange", 0.0))
     update = LagrangeUpdate(slo_target=args.slo_target, lr=args.lagrange_lr, value=start)
-    model, vec = train_constrained_ppo(
-        _window_env_factory(rng, args.window_h, args.serving_model), n_envs=args.n_envs,
-        update=update, key="slo_violation", steps=args.steps, max_minutes=args.max_minutes,
-        seed=args.seed, tensorboard=args.tensorboard, init=args.init)
+    if args.batched:
+        from llm_cluster_gym.agents.batched_residual import BatchedResidualVecEnv
+
+        venv = BatchedResidualVecEnv(args.batched, lambda: random_window(rng, args.window_h),
+                                     seed=args.seed, manager_kwargs=MANAGER_KWARGS)
+        model, vec = train_constrained_ppo(
+            None, n_envs=args.batched, update=update, key="slo_violation", steps=args.steps,
+            max_minutes=args.max_minutes, seed=args.seed, tensorboard=args.tensorboard,
+            init=args.init, vec_env=venv, n_steps=BATCHED_N_STEPS)
+    else:
+        model, vec = train_constrained_ppo(
+            _window_env_factory(rng, args.window_h, args.serving_model), n_envs=args.n_envs,
+            update=update, key="slo_violation", steps=args.steps, max_minutes=args.max_minutes,
+            seed=args.seed, tensorboard=args.tensorboard, init=args.init)
     wall_s = round(time.time() - t0, 1)
     steps_before = int(before.get("steps", 0))
     stage = {"serving_model": args.serving_model, "window_h": args.window_h, "seed": args.seed,
+             "batched_copies": args.batched,
              "steps": int(model.num_timesteps) - steps_before, "train_wall_s": wall_s,
              "lagrange_start": start, "lagrange_end": update.value, "slo_target": args.slo_target,
              "init": args.init}

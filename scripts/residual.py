@@ -27,6 +27,11 @@ def run_train(args: TrainResidualArgs, command: str = "llm-cluster train-residua
         raise UsageError(f"--steps must be > 0, got {args.steps}")
     if args.n_envs <= 0:
         raise UsageError(f"--n-envs must be > 0, got {args.n_envs}")
+    if args.batched < 0:
+        raise UsageError(f"--batched must be >= 0 (copies; 0: single envs), got {args.batched}")
+    if args.batched and args.serving_model != "aggregate":
+        raise UsageError(f"--batched runs the aggregate model only, got --serving-model "
+                         f"{args.serving_model}")
     check_number("--window-h", args.window_h, above=0.0, at_most=18.0)
     check_number("--slo-target", args.slo_target, above=0.0, at_most=1.0)
     check_number("--lagrange-lr", args.lagrange_lr, above=0.0)

@@ -117,13 +117,14 @@ class Coefficients:
     """Idle power with a CUDA context; None: the GPU specification's measured value."""
     serial_prefill_power_ratio: float = 1.0
     """Power above idle of a prefill pass that runs alone between decode iterations (an engine that
-    prefills one prompt per pass, as the real worker), over the same work's sustained power. The GPU's
-    power limit is enforced on its averaged power (NVML's reading is a trailing average of about a
-    second, ``../shared/data/h100_probe/NOTES.md``), so such passes run near the maximum clock where
-    sustained prefill is pulled down; the served H100 runs draw 510-720 W per second of prefill passes
-    against 700 W (capped) sustained. 1: engines that mix prefill into decode steps (vLLM; the public
-    calibration). Used by a node's fit (`envs/real/node_calibration.py`) and the simulator's serial
-    prefill (`Profile.prefill_serial_power_ratio`); `step_time_power` itself models sustained steps."""
+    prefills one prompt per pass, as the real worker), over the same work's sustained power. The GPU
+    enforces its power limit on averaged power (NVML's reading is a trailing average of about a
+    second on the H100s recorded here, ``envs/data/thermal/README.md``), so such passes run near the
+    maximum clock where sustained prefill is pulled down; the served H100 runs draw 510-720 W per
+    second of prefill passes against 700 W (capped) sustained. 1: engines that mix prefill into
+    decode steps (vLLM; the public calibration). Used by a node's fit (`envs/real/node_calibration.py`)
+    and the simulator's serial prefill (`Profile.prefill_serial_power_ratio`); `step_time_power`
+    itself models sustained steps."""
 
     def to_dict(self) -> dict[str, float | None]:
         """The coefficients as a JSON-ready dict."""
