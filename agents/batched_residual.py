@@ -167,7 +167,7 @@ class BatchedResidualVecEnv(VecEnv):
         self._proposal_f_idx = np.argmin(np.abs(self.freqs[None, None, :] - freq[:, :, None]), axis=2)
         pos = np.zeros((self.num_envs, MAX_POOLS))
         pos[:, :freq.shape[1]] = self._proposal_f_idx / max(len(self.freqs) - 1, 1)
-        fixed = np.stack([self.fixed.observation(r) for r in raw])
+        fixed = self.fixed.observations(raw)
         return np.concatenate([fixed, pos], axis=1).astype(np.float32)
 
     # ------------------------------------------------------------------ SB3 plumbing

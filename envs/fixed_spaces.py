@@ -213,14 +213,14 @@ class _ObsIndex:
 
 
 def _order_stats(values: np.ndarray) -> np.ndarray:
-    """`STATS` of each row of a (k, n) array: (k, 5), quantiles interpolated linearly (numpy's default)."""
-    s = np.sort(values, axis=1)
-    lo, hi, w = _quantile_points(values.shape[1])
-    out = np.empty((values.shape[0], len(STATS)))
-    out[:, 0] = s[:, 0]
-    out[:, 2] = s.sum(axis=1) / values.shape[1]
-    out[:, 4] = s[:, -1]
-    out[:, 1::2] = s[:, lo] * (1.0 - w) + s[:, hi] * w
+    """`STATS` of each row of a (..., k, n) array: (..., k, 5), quantiles interpolated linearly."""
+    s = np.sort(values, axis=-1)
+    lo, hi, w = _quantile_points(values.shape[-1])
+    out = np.empty((*values.shape[:-1], len(STATS)))
+    out[..., 0] = s[..., 0]
+    out[..., 2] = s.sum(axis=-1) / values.shape[-1]
+    out[..., 4] = s[..., -1]
+    out[..., 1::2] = s[..., lo] * (1.0 - w) + s[..., hi] * w
     return out
 
 
@@ -348,6 +348,53 @@ class LayoutFreeSpaces(gym.Wrapper):
             (aisles[3].min(), aisles[3].sum() / lay.n_aisles), head,
             (vms[0], np.count_nonzero(vms > 0) / len(vms),
              np.count_nonzero(self._legal_servers()) / lay.n_servers), tail)).astype(np.float32)
+        np.clip(out, -OBS_CLIP, OBS_CLIP, out=out)
+        out[np.isnan(out)] = 0.0
+        return out
+
+    def observations(self, inner_obs: np.ndarray) -> np.ndarray:
+        """`observation` of N observations of the wrapped env's scenario at once: (N, dim) -> (N, 87).
+
+        For the batched copies of one scenario (`agents.batched_residual`): every row is summarized
+        as `observation` summarizes it, with the same operations along a leading axis (the same
+        float32 values). Pool actions only: a task with row actions reads ``vm.legal_servers`` from
+        one env's action mask, which N copies do not share.
+
+        Raises:
+            ValueError: The task has row actions.
+        """
+        if self.codec.has_rows:
+            raise ValueError(f"observations: task {self.task!r} has row actions; use observation per env")
+        ix, lay, n_rows = self._ix, self.layout, self.layout.n_rows
+        o = np.asarray(inner_obs, dtype=float)[:, ix.gather]
+        n = o.shape[0]
+        pool_v, row_v, aisle_v, head, tail, vms = np.split(o, ix.splits, axis=1)
+        rows = np.ascontiguousarray(row_v).reshape(n, len(_ROW_FIELDS), n_rows)
+        power, headroom, capped, route, cap, quant = (rows[:, k] for k in range(len(_ROW_FIELDS)))
+        aisles = np.ascontiguousarray(aisle_v).reshape(n, len(_AISLE_FIELDS), lay.n_aisles)
+        load = power / np.maximum(power + headroom, 1e-6)
+        margin = 1.0 - aisles[:, 1]
+        slack = np.minimum(1.0 - load, (margin * self._temp_span_c / 40.0)[:, self.row_aisle])
+        rank = np.empty((n, n_rows), dtype=np.int64)
+        rank[np.arange(n)[:, None], np.argsort(slack, axis=1, kind="stable")] = self._arange_rows
+        onehot = self._onehot[self._group_of_rank[rank]]  # (n, n_rows, groups)
+        count = onehot.sum(axis=1)
+        settings = np.stack((slack, route, cap, quant), axis=1)  # (n, 4, n_rows)
+        groups = np.empty((n, ROW_GROUPS, len(_GROUP_FIELDS)))
+        groups[:, :, 0] = count / n_rows
+        groups[:, :, 1:] = np.matmul(settings, onehot).transpose(0, 2, 1) / np.maximum(count, 1.0)[:, :, None]
+        pools = np.zeros((n, MAX_POOLS, 1 + len(_POOL_FIELDS)))
+        pools[:, : lay.n_pools, 0] = 1.0
+        pools[:, : lay.n_pools, 1:] = pool_v.reshape(n, lay.n_pools, len(_POOL_FIELDS))
+        out = np.concatenate((
+            np.broadcast_to(self._static, (n, len(self._static))), pools.reshape(n, -1),
+            _order_stats(np.stack((load, headroom), axis=1)).reshape(n, -1),
+            (capped.sum(axis=1) / n_rows)[:, None], settings[:, 1:].sum(axis=2) / n_rows,
+            groups.reshape(n, -1),
+            _order_stats(np.stack((aisles[:, 0], margin, aisles[:, 2]), axis=1)).reshape(n, -1),
+            aisles[:, 3].min(axis=1)[:, None], (aisles[:, 3].sum(axis=1) / lay.n_aisles)[:, None], head,
+            vms[:, :1], (np.count_nonzero(vms > 0, axis=1) / vms.shape[1])[:, None], np.zeros((n, 1)),
+            tail), axis=1).astype(np.float32)
         np.clip(out, -OBS_CLIP, OBS_CLIP, out=out)
         out[np.isnan(out)] = 0.0
         return out

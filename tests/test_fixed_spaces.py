@@ -292,3 +292,30 @@ def test_out_of_space_fixed_action_is_refused():
         env.step(bad)
     with pytest.raises(InvalidActionError, match="shape"):
         env.step(bad[:-1])
+
+
+@pytest.mark.parametrize("scenario", ["small", "dynamo_week"])
+def test_observations_of_many_copies_equal_each_copys_observation(scenario):
+    """`LayoutFreeSpaces.observations` (the batched envs' summary) gives, row for row, the float32
+    values `observation` gives, on batched copies under random actions (a NaN entry included)."""
+    from llm_cluster_gym.envs.vector_env import BatchedClusterEnv
+    from llm_cluster_gym.scripts.dynamo_week import DAY_S, make_env, window_scenario
+
+    s = load_scenario(scenario)
+    if scenario == "dynamo_week":
+        s = window_scenario(s, 2 * DAY_S + 14 * 3600.0, 0.0, 300.0)
+    venv = BatchedClusterEnv(num_envs=6, scenario=s)
+    fixed = LayoutFreeSpaces(make_env(s))
+    obs, _ = venv.reset(seed=0)
+    for step in range(25):
+        obs, *_ = venv.step(np.stack([venv.single_action_space.sample() for _ in range(6)]))
+        obs = obs.copy()
+        if step == 3:
+            obs[0, 5] = np.nan
+        np.testing.assert_array_equal(fixed.observations(obs), np.stack([fixed.observation(o) for o in obs]))
+
+
+def test_observations_refuses_a_task_with_row_actions():
+    fixed = LayoutFreeSpaces(ClusterEnv(task="thermal", scenario="small_tapas"))
+    with pytest.raises(ValueError, match="row actions"):
+        fixed.observations(np.zeros((2, len(fixed.env.unwrapped.observation_names))))
