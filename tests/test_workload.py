@@ -347,3 +347,16 @@ def test_arrivals_per_tick_counts_and_means():
     sel = (win.arrival_s >= j * tick_s) & (win.arrival_s < (j + 1) * tick_s)
     ids = DEFAULT_POOLS.assign(win.input_tokens[sel], win.output_tokens[sel])
     np.testing.assert_array_equal(counts[j], np.bincount(ids, minlength=DEFAULT_POOLS.n_pools))
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.int64, np.float32, np.float64])
+def test_pool_assignment_is_the_same_for_every_token_dtype(dtype):
+    """`LengthPools.assign` gives the classes ``searchsorted(edges, tokens, "right")`` gives, whatever
+    the tokens' dtype (the edges are cast to it where they fit), at and around every edge."""
+    pools = LengthPools(input_edges=(450, 1250), output_edges=(50, 140), names=tuple("abcdefghi"))
+    near = np.array([0, 1, 49, 50, 51, 139, 140, 141, 449, 450, 451, 1249, 1250, 1251, 30000])
+    inp, out = np.meshgrid(near, near)
+    inp, out = inp.ravel().astype(dtype), out.ravel().astype(dtype)
+    want = (np.searchsorted(np.array([450, 1250]), inp.astype(np.float64), side="right") * 3
+            + np.searchsorted(np.array([50, 140]), out.astype(np.float64), side="right"))
+    np.testing.assert_array_equal(pools.assign(inp, out), want)
