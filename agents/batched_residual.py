@@ -24,6 +24,7 @@ import numpy as np
 from gymnasium import spaces
 from stable_baselines3.common.vec_env import VecEnv
 
+from llm_cluster_gym.agents.batched_vec_env import sb3_infos
 from llm_cluster_gym.agents.residual import OFFSETS, RESIDUAL_OBSERVATION_NAMES
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.dynamo_batched import BatchedDynamoManager
@@ -109,20 +110,12 @@ class BatchedResidualVecEnv(VecEnv):
         violation = 1.0 - np.asarray(info["slo_attainment"], dtype=float)
         shaped = (reward - self.lagrange * violation).astype(np.float32)
         obs = self._observe(raw)
-        n = self.num_envs
-        infos: list[dict[str, Any]] = [{} for _ in range(n)]
-        for key, values in info.items():
-            if not key.startswith("_"):
-                for i in range(n):
-                    infos[i][key] = values[i]
-        for i in range(n):
-            infos[i].update(slo_violation=float(violation[i]), lagrange=self.lagrange,
-                            env_reward=float(reward[i]))
+        infos = sb3_infos(info, obs, terminated, truncated)
+        for i, extra in enumerate(infos):
+            extra.update(slo_violation=float(violation[i]), lagrange=self.lagrange,
+                         env_reward=float(reward[i]))
         done = terminated | truncated
         if done.any():  # every copy ends together (one window, one length)
-            for i in range(n):
-                infos[i]["terminal_observation"] = obs[i]
-                infos[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
             obs = self.start(self.windows(), self._episode_seeds())
         return obs, shaped, done, infos
 

@@ -42,17 +42,9 @@ class BatchedVecEnv(VecEnv):
     def step_wait(self):
         """One step of every copy; at the episodes' end, the next episodes' first observations."""
         obs, reward, terminated, truncated, info = self.env.step(self._actions)
+        infos = sb3_infos(info, obs, terminated, truncated)
         done = terminated | truncated
-        n = self.num_envs
-        infos: list[dict[str, Any]] = [{} for _ in range(n)]
-        for key, values in info.items():
-            if not key.startswith("_"):
-                for i in range(n):
-                    infos[i][key] = values[i]
         if done.any():
-            for i in range(n):
-                infos[i]["terminal_observation"] = obs[i]
-                infos[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
             obs, _ = self.env.reset()  # every copy ends together (one episode length)
         return obs, reward.astype(np.float32), done, infos
 
@@ -76,6 +68,25 @@ class BatchedVecEnv(VecEnv):
     def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices=None) -> list[bool]:
         """No copy is wrapped (use vector wrappers such as `VecMonitor`)."""
         return [False for _ in self._get_indices(indices)]
+
+
+def sb3_infos(info: dict[str, np.ndarray], obs: np.ndarray, terminated: np.ndarray,
+              truncated: np.ndarray) -> list[dict[str, Any]]:
+    """SB3's per-copy info dicts from a Gymnasium vector info (arrays, ``_key`` masks left out).
+
+    A copy whose episode ended gets ``terminal_observation`` (its last observation, ``obs[i]``)
+    and ``TimeLimit.truncated``, as SB3's own vector envs give them.
+    """
+    n = len(obs)
+    infos: list[dict[str, Any]] = [{} for _ in range(n)]
+    for key, values in info.items():
+        if not key.startswith("_"):
+            for i in range(n):
+                infos[i][key] = values[i]
+    for i in np.flatnonzero(terminated | truncated):
+        infos[i]["terminal_observation"] = obs[i]
+        infos[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
+    return infos
 
 
 def make_batched_vec_env(env_id: str, n_envs: int, seed: int, monitor: bool = True,
