@@ -28,6 +28,7 @@ from llm_cluster_gym.agents.batched_vec_env import sb3_infos
 from llm_cluster_gym.agents.residual import OFFSETS, RESIDUAL_OBSERVATION_NAMES
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.dynamo_batched import BatchedDynamoManager
+from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
 from llm_cluster_gym.envs.cluster_env import ClusterEnv
 from llm_cluster_gym.envs.fixed_spaces import MAX_POOLS, LayoutFreeSpaces
 from llm_cluster_gym.envs.observation import OBS_CLIP
@@ -144,9 +145,7 @@ class BatchedResidualVecEnv(VecEnv):
         key = inst.tobytes() + tp.tobytes()
         vec = self._block_cache.get(key)
         if vec is None:
-            from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
-
-            _, _, freq, batch = self._proposal
+            batch = self._proposal[3]
             pools = tuple(PoolConfig(n_instances=int(n), tp=int(t), freq_mhz=float(self.freqs[-1]),
                                      max_batch=int(batch[0, 0])) for n, t in zip(inst, tp, strict=True))
             vec = self.codec.encode_action(ClusterAction(pools=pools))

@@ -68,13 +68,13 @@ class ObsView:
         self.i_ttft = self.index["slo.ttft_p99"]
 
     def pool_rate_rps(self, obs: np.ndarray) -> np.ndarray:
-        """Arrival rate per pool over the last interval (req/s)."""
-        return np.maximum(obs[self.i_rate], 0.0) * self.layout.nominal_rps
+        """Arrival rate per pool over the last interval (req/s); rows of a 2-D ``obs`` are copies."""
+        return np.maximum(obs[..., self.i_rate], 0.0) * self.layout.nominal_rps
 
     def pool_backlog(self, obs: np.ndarray) -> np.ndarray:
-        """Requests waiting per pool at the end of the last interval."""
+        """Requests waiting per pool at the end of the last interval (rows of a 2-D ``obs``: copies)."""
         lay = self.layout
-        return np.maximum(obs[self.i_queued], 0.0) * lay.nominal_rps * lay.control_interval_s
+        return np.maximum(obs[..., self.i_queued], 0.0) * lay.nominal_rps * lay.control_interval_s
 
     def row_power_w(self, obs: np.ndarray) -> np.ndarray:
         """Row power at the end of the last interval (W)."""

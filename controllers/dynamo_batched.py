@@ -9,7 +9,7 @@ model (`controllers.perfmodel.PoolModel`) is evaluated once per (pool, TP) for a
 copies' rates broadcast against the candidate server counts and clocks.
 
 Each copy decides exactly what a `DynamoController` built on the same scenario decides from the
-same observations (`tests/test_residual.py` checks it interval by interval): the same
+same observations (`tests/test_dynamo_batched.py` checks it interval by interval): the same
 configurations, the same ties, the same bits.
 """
 
@@ -129,10 +129,9 @@ class BatchedDynamoManager:
         """(next-interval rate, window peak rate) per copy and pool, req/s."""
         view, lay = self.ctx.view, self.ctx.layout
         obs = np.asarray(observation)
-        backlog_rps = (np.maximum(obs[:, view.i_queued], 0.0) * lay.nominal_rps * lay.control_interval_s
-                       / lay.control_interval_s)
+        backlog_rps = view.pool_backlog(obs) / lay.control_interval_s
         seen = self.step > 0
-        observed = np.maximum(obs[:, view.i_rate], 0.0) * lay.nominal_rps
+        observed = view.pool_rate_rps(obs)
         self.forecaster.update(observed, seen)
         nxt = np.maximum(self.forecaster.forecast(1), np.where(seen[:, None], observed, 0.0))
         peak = self.forecaster.peak(self.ctx.reconfig_every) * self.peak_headroom

@@ -49,7 +49,7 @@ from llm_cluster_gym.envs.real.telemetry import TelemetryRecording, load_recordi
 from llm_cluster_gym.envs.real.worker_config import SHAPES
 from llm_cluster_gym.envs.real.worker_config import ModelShape as WorkerShape
 from llm_cluster_gym.envs.sim.fitting import relative_error_stats
-from llm_cluster_gym.envs.sim.profiles import Profile
+from llm_cluster_gym.envs.sim.profiles import Profile, serial_draw_w, serial_power_limit_w
 from llm_cluster_gym.envs.sim.shape_profiles import decode_records, fit_profile_to_perf, prefill_records
 
 NODE_COEFFICIENTS_FILE = Path(str(resources.files("llm_cluster_gym.envs") / "data" / "real"
@@ -330,14 +330,12 @@ class NodeObservations:
         steps' power as the pass draws it.
         """
         gpu = self.gpu
+        ratio = c.serial_prefill_power_ratio if serial else 1.0
+        idle = gpu.idle_power_with_context_w if c.idle_w is None else c.idle_w
         if serial:
-            ratio = c.serial_prefill_power_ratio
-            idle = gpu.idle_power_with_context_w if c.idle_w is None else c.idle_w
-            gpu = replace(gpu, power_limit_w=idle + (gpu.power_limit_w - idle) / ratio)
+            gpu = replace(gpu, power_limit_w=float(serial_power_limit_w(idle, gpu.power_limit_w, ratio)))
         res = step_time_power(self._work, gpu, c)
-        p = res.power_w
-        if serial:
-            p = idle + ratio * (p - idle)
+        p = serial_draw_w(idle, res.power_w, ratio)
         return (res.step_s[self._inverse], p[self._inverse],
                 res.clock_ratio[self._inverse] * gpu.max_sm_clock_mhz)
 

@@ -24,6 +24,7 @@ from llm_cluster_gym.envs.sim.profiles import (
     moe_experts_touched,
     phase_power_w,
     prefill_time_s,
+    serial_draw_w,
     serial_power_limit_w,
 )
 from llm_cluster_gym.envs.sim.scenario import ServingSpec
@@ -301,8 +302,7 @@ def serial_prefill(load: TickLoad, slots: SlotTables, f_eff: np.ndarray, f_set: 
         draw = phase_power_w(tok, f, idle, sp.prefill_max_power_w[slot], sp.prefill_k_tokens[slot],
                              sp.power_freq_exponent[slot], sp.max_freq_mhz[slot],
                              sp.prefill_busy_power_w[slot])
-        ratio = sp.prefill_serial_power_ratio[slot]
-        draw = np.where(ratio == 1.0, draw, idle + ratio * (draw - idle))  # 1: as sustained, same bits
+        draw = serial_draw_w(idle, draw, sp.prefill_serial_power_ratio[slot])
         dyn = np.minimum(draw, sp.gpu_power_limit_w[slot]) - idle
         n = len(f_eff)
         w = np.bincount(slot, weights=sec, minlength=n)

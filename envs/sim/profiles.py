@@ -236,6 +236,17 @@ def serial_power_limit_w(idle_power_w: Any, limit_w: Any, serial_power_ratio: An
     return np.where(ratio == 1.0, limit, idle + (limit - idle) / ratio)
 
 
+def serial_draw_w(idle_power_w: Any, sustained_w: Any, serial_power_ratio: Any) -> np.ndarray:
+    """What a serial prefill pass draws where the same work sustained draws ``sustained_w``.
+
+    ``idle + ratio (sustained - idle)``; where the ratio is 1, ``sustained_w`` itself (same bits).
+    """
+    idle = np.asarray(idle_power_w, dtype=np.float64)
+    sustained = np.asarray(sustained_w, dtype=np.float64)
+    ratio = np.asarray(serial_power_ratio, dtype=np.float64)
+    return np.where(ratio == 1.0, sustained, idle + ratio * (sustained - idle))
+
+
 # ---------------------------------------------------------------------------------------------
 # Profile records
 # ---------------------------------------------------------------------------------------------
