@@ -14,8 +14,10 @@ Measures three things, on one CPU core (BLAS threads pinned to 1, process pinned
   in points, target within 2), each reported on its own.
 
 Set-up (scenario loading, building the cluster and drawing the episode's trace at reset) is
-timed separately and excluded from the rates. Earlier lines are for people; the last line is
-one JSON object.
+timed separately and excluded from the rates, and so is loading the simulator's compiled loops
+(numba, from its on-disk cache; compiled on the first run after a change): one interval of
+`small` with each serving model before anything is timed, once per process. Earlier lines are
+for people; the last line is one JSON object.
 
 Usage::
 
@@ -46,6 +48,16 @@ def _pin_one_core() -> str:
         os.sched_setaffinity(0, {cpu})
         return f"pinned to CPU {cpu}"
     return "not pinned (no sched_setaffinity)"
+
+
+def warm_up() -> float:
+    """One interval of `small` with each serving model: loads the compiled loops; seconds taken."""
+    t0 = time.perf_counter()
+    for model in ("request", "aggregate"):
+        cluster = SimCluster(load_scenario("small"), serving_model=model)
+        cluster.reset(seed=0)
+        cluster.advance()
+    return time.perf_counter() - t0
 
 
 def bench_request_level(duration_s: float, seed: int) -> dict[str, float]:
@@ -139,6 +151,7 @@ def main() -> None:
     args = ap.parse_args()
     pinned = _pin_one_core()
     print(f"python {platform.python_version()} on {platform.machine()}, {pinned}")
+    print(f"compiled loops loaded (or compiled) in {warm_up():.2f} s, excluded")
     req = max((bench_request_level(args.duration_s, seed=i) for i in range(args.repeats)),
               key=lambda r: r["realtime_factor"])
     print(f"request-level, medium ({req['gpus']} GPUs, {req['arrived'] / req['sim_s']:.0f} "

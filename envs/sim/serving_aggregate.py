@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from llm_cluster_gym.envs.sim import serving_aggregate_kernels as kernels
 from llm_cluster_gym.envs.sim.instances import InstanceTable
 from llm_cluster_gym.envs.sim.serving import ServiceAccumulator, TickLoad
 from llm_cluster_gym.envs.sim.serving_request import BLOCK_TOKENS
@@ -282,7 +283,6 @@ class AggregateServing:
              slo_tbt_s, quality_loss_per_slot, acc: ServiceAccumulator) -> TickLoad:
         """Advance the fluid state by one tick and return how busy each slot was."""
         n = self.n_slots
-        t1 = t0_s + dt_s
         load = TickLoad(np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n))
         self._route(dt_s, inst, serving, route_weight)
         if np.count_nonzero(self.buf):  # no live instance took the router's buffer
@@ -292,145 +292,76 @@ class AggregateServing:
         if len(idx) == 0:
             self.q_age_s += dt_s
             return load
-        q, run = self.q[idx], self.run[idx]
-        q_in, q_out = self.q_in[idx], self.q_out[idx]
-        run_ctx, run_out = self.run_ctx[idx], self.run_out[idx]
-        cap = model.kv_capacity_tokens[idx]
-        # ---- admission: batch cap, and the prompt's KV against what running requests hold --
-        need = q_in + BLOCK_TOKENS
-        kv_free = cap - run * (run_ctx + BLOCK_TOKENS)
-        room = np.maximum(np.minimum(inst.max_batch[idx] - run, kv_free / need), 0.0)
-        adm = np.minimum(q, np.floor(room + 1e-9))
-        adm = np.where((run < 0.5) & (q > 0) & (adm < 1) & (need <= cap), np.minimum(q, 1.0), adm)
-        admitted = adm > 0
-        # ---- chunked prefill: the admitted prompts' chain, mixed into decode steps ----------
-        last_iter = self.last_iter_s[idx]
-        mixed = (run > 0) & (last_iter > 0)  # requests decode: steps are mixed
+        # The per-slot arithmetic runs compiled (`serving_aggregate_kernels`, the same
+        # expressions slot by slot); the comments here say what each pass computes.
+        q_in = self.q_in[idx]
         # The prefill formula T: a pass's fixed cost T(0), a prompt's marginal time T(x) - T(0).
         t = model.prefill_time_s(np.concatenate([np.maximum(q_in, 1.0), np.zeros(len(idx))]),
                                  np.concatenate([idx, idx]))
         p0 = t[len(idx):]
-        w = t[:len(idx)] - p0
-        all_mixed = np.count_nonzero(mixed) == len(mixed)  # mixed.all(), cheaper
-        o = last_iter if all_mixed else np.where(mixed, last_iter, p0)  # fixed cost of a step
-        m = np.maximum(self.max_prefill_tokens - run, 1.0)  # prompt tokens a step carries
-        s = o * q_in / m + w  # chain service of one prompt
-        backlog = np.maximum(self.busy_until_s[idx] - t0_s, 0.0)
-        busy_end = t0_s + backlog + adm * s
-        self.busy_until_s[idx] = busy_end
-        chain_busy = np.minimum(busy_end, t1) - t0_s
-        work = chain_busy * w / np.maximum(s, 1e-12)  # marginal prefill seconds in the tick
-        # An instance with nothing decoding runs pure prefill passes (p0 each) until its first
-        # prompt completes; after that its steps are mixed.
-        pure = 0.0 if all_mixed else np.where(~mixed & admitted, p0 * np.maximum(1.0, q_in / m), 0.0)
-        pre_busy = np.minimum(work + pure, dt_s)
-        load.prefill_busy_s[idx] = pre_busy
-        rho = adm * s / dt_s
-        stable = rho < 0.95
-        slack = np.maximum(1.0 - rho, 0.05)
-        # Prompt tokens per prefill-carrying step: a chain busy period carries the prompts that
-        # queue in it (1 / (1 - rho) on average), up to a step's budget.
-        chunk = np.where(stable, np.minimum(m, q_in / slack), m)
-        load.prefill_tokens[idx] = np.where(chain_busy > 0, chunk, 0.0)
-        # TTFT of the admitted cohort: queue age, the carried chain, half a step (a prompt
-        # joins the next step), its own service and the rest of its last step; plus an M/D/1
-        # wait (rho s / 2(1 - rho)) as the exponential part.
-        age = self.q_age_s[idx]
-        quantum = o * np.maximum(1.0 - q_in / m, 0.0)
-        base = age + backlog + s + quantum + (0.5 * o if all_mixed else np.where(mixed, 0.5 * o, 0.0))
-        wait = np.where(stable, rho * s / (2 * slack), 0.0)
-        overloaded = rho >= 0.95
-        any_overloaded = np.count_nonzero(overloaded) > 0
-        # An overloaded chain works through its cohort one prompt after another.
-        span = (np.where(overloaded, np.maximum(busy_end - t1, 0.0) + 0.5 * dt_s, 0.0)
-                if any_overloaded else None)
-        # ---- decode ----------------------------------------------------------------------
-        new_run = run + adm
-        inv_run = np.maximum(new_run, 1e-12)
-        ctx = (run * run_ctx + adm * (q_in + 1.0)) / inv_run  # 0 where nothing runs
-        out = (run * run_out + adm * q_out) / inv_run
-        window = np.maximum(dt_s - pre_busy, 0.0)
-        # Admitted requests decode from their first token: arrivals of this tick come half a
-        # tick late on average, and every admitted prompt waits for its chain.
-        fresh = self.routed[idx] / np.maximum(q, 1e-12)  # <= 1: q includes them
-        share = np.maximum(1.0 - 0.5 * fresh - (base - age + wait) / dt_s, 0.0)
-        batch = np.maximum(run + adm * share, 1.0)  # decoding at a time, on average
-        iter_s = model.decode_iter_time_s(batch, np.maximum(ctx, 1.0), idx)
-        n_iter = window / np.maximum(iter_s, 1e-9)  # steps of a request decoding all tick
-        n_new = n_iter * share
-        per_req_tokens = np.maximum(out - 1.0, 0.0)
-        dec_tokens = np.minimum(run * n_iter + adm * n_new, new_run * per_req_tokens)
-        finished = np.where(per_req_tokens > 0,
-                            np.minimum(dec_tokens / np.maximum(per_req_tokens, 1e-9), new_run),
-                            new_run)
+        # ---- admission: batch cap, and the prompt's KV against what running requests hold.
+        # ---- chunked prefill: the admitted prompts' chain (each costs its share of the step
+        # overheads, o * tokens / m, plus its marginal time), mixed into decode steps; an
+        # instance with nothing decoding runs pure prefill passes (p0 each) until its first
+        # prompt completes. Prompt tokens per prefill-carrying step: a chain busy period
+        # carries the prompts that queue in it (1 / (1 - rho) on average), up to a step's
+        # budget. TTFT of the admitted cohort: queue age, the carried chain, half a step (a
+        # prompt joins the next step), its own service and the rest of its last step; plus an
+        # M/D/1 wait (rho s / 2(1 - rho)) as the exponential part; an overloaded chain works
+        # through its cohort one prompt after another (`span`). Admitted requests decode from
+        # their first token: arrivals of this tick come half a tick late on average, and every
+        # admitted prompt waits for its chain (`share` of the window).
+        (adm, o, m, s, base, quantum, wait, span, overloaded, new_run, ctx, out, window, share,
+         batch, age) = kernels.admit_and_prefill(
+            idx, self.q, self.run, self.q_in, self.q_out, self.run_ctx, self.run_out,
+            self.q_age_s, self.last_iter_s, self.busy_until_s, self.routed, inst.max_batch,
+            model.kv_capacity_tokens, t, t0_s, dt_s, float(self.max_prefill_tokens),
+            float(BLOCK_TOKENS), load.prefill_busy_s, load.prefill_tokens)
+        # ---- decode: every running request one token per iteration through the window.
         # Decode steps run while any request decodes. With N decoding on average (tokens per
         # step of the whole window), requests are taken to overlap only when they must: steps
         # run min(N, 1) of the window, at a batch of tokens per step that ran. (Independent
         # arrivals would give 1 - exp(-N), M/G/inf; the router spreads arrivals evenly over
         # instances, and the request-level model's decode time lies between the two, closer
-        # to this one on `small`.)
-        n_mean = dec_tokens / np.maximum(n_iter, 1e-12)
-        dec_busy = window * np.minimum(n_mean, 1.0)
-        load.decode_busy_s[idx] = dec_busy
-        load.decode_batch[idx] = np.where(dec_busy > 0, n_mean * window / np.maximum(dec_busy, 1e-12),
-                                          0.0)
-        load.decode_ctx_tokens[idx] = ctx
-        load.decode_tokens[idx] = dec_tokens
+        # to this one on `small`.) TBT: per-token interval, decode steps stretched by the
+        # prefill work mixed into them.
+        iter_s = model.decode_iter_time_s(batch, np.maximum(ctx, 1.0), idx)
+        dec_tokens, finished, tbt = kernels.decode(
+            idx, self.run, adm, new_run, ctx, out, window, share, iter_s, dt_s,
+            load.decode_busy_s, load.decode_batch, load.decode_ctx_tokens, load.decode_tokens)
         load.tokens_generated = self._tokens_generated(dec_tokens, adm, idx)
-        # TBT: per-token interval, decode steps stretched by the prefill work mixed into them.
-        tbt = iter_s * dt_s / np.maximum(window, iter_s)
         # ---- SLO accounting for the finishing cohort (it carries the TTFT of its admission)
         if finished.sum() > 0:
             pool = inst.pool[idx]  # serving slots always have a pool
+            any_overloaded = np.count_nonzero(overloaded) > 0
+            span_or_none = span if any_overloaded else None
             ttft_mean = base + np.where(overloaded, span / 2, wait) if any_overloaded else base + wait
             if self.slo_classes is None:
-                ttft_miss = 1.0 - _ttft_ok(slo_ttft_s[pool], base, wait, span, overloaded)
+                ttft_miss = 1.0 - _ttft_ok(slo_ttft_s[pool], base, wait, span_or_none, overloaded)
                 tbt_bad = (tbt > slo_tbt_s[pool]).astype(float)
                 bad = np.maximum(ttft_miss, tbt_bad)
             else:
                 ttft_miss, tbt_bad, bad = self._class_misses(
-                    pool, idx, model, base, base - s - quantum, o, m, p0, wait, span, overloaded, tbt)
+                    pool, idx, model, base, base - s - quantum, o, m, p0, wait, span_or_none,
+                    overloaded, tbt)
             self._record(acc, idx, finished, ttft_miss, tbt_bad, bad, tbt, ttft_mean,
                          quality_loss_per_slot[idx])
-        # ---- state update: survivors' context, then KV preemption -------------------------
-        left = q - adm
-        run_end = new_run - finished
-        alive = run_end > 1e-9
-        # Completions are memoryless in the fluid (a share of the running requests finishes
-        # every tick, as with exponential output lengths), so finishers leave with the mean
-        # context and the survivors' mean grows by the tokens generated per request.
-        ctx_end = np.where(alive, ctx + dec_tokens / inv_run, 0.0)
-        # Paged KV: what outgrew the memory is preempted, newest first (about a queued prompt
-        # and one token each); those requests go back to the head of the queue, to be
+        # ---- state update. Completions are memoryless in the fluid (a share of the running
+        # requests finishes every tick, as with exponential output lengths), so finishers leave
+        # with the mean context and the survivors' mean grows by the tokens generated per
+        # request. Paged KV: what outgrew the memory is preempted, newest first (about a queued
+        # prompt and one token each); those requests go back to the head of the queue, to be
         # recomputed.
-        excess = run_end * (ctx_end + BLOCK_TOKENS) - cap
-        if np.count_nonzero(excess > 0):
-            ctx_new = q_in + 1.0
-            pre = np.where(alive & (excess > 0),
-                           np.minimum(np.maximum(excess, 0.0) / (ctx_new + BLOCK_TOKENS), run_end),
-                           0.0)
+        pre, any_preempted = kernels.settle(
+            idx, self.q, self.q_in, self.q_out, self.q_age_s, self.run, self.run_ctx,
+            self.run_out, self.last_iter_s, model.kv_capacity_tokens, adm, new_run, finished,
+            ctx, out, dec_tokens, age, iter_s, dt_s, float(BLOCK_TOKENS))
+        if any_preempted:
             self._preemptions += float(pre.sum())
-            kept = run_end - pre
-            ctx_end = np.where(kept > 1e-9, (run_end * ctx_end - pre * ctx_new)
-                               / np.maximum(kept, 1e-12), 0.0)
-            tot = left + pre
-            safe = np.maximum(tot, 1e-12)
-            self.q_in[idx] = np.where(tot > 0, (left * q_in + pre * ctx_new) / safe, q_in)
-            self.q_out[idx] = np.where(tot > 0, (left * q_out + pre * out) / safe, q_out)
-            age = age * left / safe  # preempted requests wait from now
-            left = tot
-            run_end = kept
-        self.q[idx] = left
-        self.q_age_s[idx] = np.where(left > 1e-9, age + dt_s, 0.0)
         rest = self.q > 0  # queues this tick did not serve grow older
         rest[idx] = False
         if np.count_nonzero(rest):
             self.q_age_s[rest] += dt_s
-        self.run[idx] = run_end
-        running = run_end > 1e-9
-        self.run_ctx[idx] = np.where(running, ctx_end, 0.0)
-        self.run_out[idx] = np.where(running, out, 0.0)
-        self.last_iter_s[idx] = iter_s
         self._age_idle(idx, dt_s)
         return load
 

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llm_cluster_gym.envs.sim.instances import InstanceTable
-from llm_cluster_gym.envs.sim.routing import integer_split, water_fill
+from llm_cluster_gym.envs.sim.routing import route_arrivals
 from llm_cluster_gym.envs.sim.serving import ServiceAccumulator, TickLoad
 
 if TYPE_CHECKING:
@@ -202,6 +202,7 @@ class RequestLevelServing:
             self.req[k] = np.concatenate([self.req[k], np.asarray(new[k], dtype=t)])
 
     def _route(self, serving: np.ndarray, inst: InstanceTable, route_weight: np.ndarray) -> None:
+        """Route every request not yet on an instance (`routing.route_arrivals`, compiled)."""
         slot = self.req["slot"]
         routed = slot >= 0
         unrouted = np.flatnonzero(~routed)
@@ -209,26 +210,8 @@ class RequestLevelServing:
             return
         outstanding = np.bincount(slot[routed], minlength=self.n_slots).astype(float)
         weight = np.where(serving, route_weight * inst.max_batch, 0.0)
-        pools = self.req["pool"][unrouted]
-        for p in np.unique(pools):
-            members = unrouted[pools == p]
-            in_pool = inst.pool == p
-            cand = weight * in_pool  # the pool's instances, by routing preference
-            if not (cand > 0).any():
-                cand = weight  # no instance serves this pool: any preferred live instance takes it
-                if not (cand > 0).any():  # every preferred row is empty: weights yield
-                    capacity = np.where(serving, inst.max_batch, 0).astype(float)
-                    cand = capacity * in_pool
-                    if not (cand > 0).any():
-                        cand = capacity
-            share = water_fill(outstanding, cand, float(len(members)))
-            counts = integer_split(share, len(members))
-            took = np.flatnonzero(counts)
-            counts = counts[took]
-            target = np.repeat(took, counts)
-            # Round-robin order across instances, so consecutive arrivals spread out.
-            slot[members] = target[np.argsort(_interleave_key(counts), kind="stable")]
-            outstanding[took] += counts
+        capacity = np.where(serving, inst.max_batch, 0).astype(float)
+        route_arrivals(slot, self.req["pool"], unrouted, outstanding, weight, capacity, inst.pool)
 
     def tick(
         self,
@@ -597,10 +580,3 @@ def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     np.subtract(starts[1:], starts[:-1], out=lens[:-1])
     lens[-1] = len(keys) - starts[-1]
     return starts, lens
-
-
-def _interleave_key(counts: np.ndarray) -> np.ndarray:
-    """Position of each assignment within its instance, so targets alternate across instances."""
-    total = int(counts.sum())
-    starts = np.cumsum(counts) - counts
-    return np.arange(total) - np.repeat(starts, counts)

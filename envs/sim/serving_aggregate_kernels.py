@@ -1,0 +1,220 @@
+"""Compiled per-slot loops of the aggregate serving model's tick (`serving_aggregate`).
+
+`AggregateServing.tick` works on the few dozen to few thousand slots that hold work; written
+as whole-array numpy it was about 130 array operations of a microsecond or two each, most of
+the simulator's time on the training scenarios. These loops do the same arithmetic slot by
+slot, compiled by numba, in three passes split where the tick calls the profile model (the
+prefill formula before the first, the decode iteration time between the first and second).
+
+Each pass computes exactly the expressions the numpy version computed, in the same order, so
+the figures are the same to the last bit on IEEE hardware (numba's `error_model="numpy"`: a
+division by zero gives inf or nan as numpy does, where the formulas guard against it anyway).
+The physics and its explanation stay in `serving_aggregate`; this module is only arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+
+
+@njit(**_JIT)
+def admit_and_prefill(idx, q_all, run_all, q_in_all, q_out_all, run_ctx_all, run_out_all,
+                      q_age_all, last_iter_all, busy_until_all, routed_all, max_batch_all,
+                      cap_all, prefill_t, t0_s, dt_s, max_prefill_tokens, block_tokens,
+                      prefill_busy_out, prefill_tokens_out):
+    """Admission, the prefill chain and the decode batch of each slot in `idx`.
+
+    Writes each slot's chain end into `busy_until_all` and its prefill load into the two
+    `*_out` arrays (full per-slot arrays). `prefill_t` is the prefill formula at the slots'
+    mean prompts (first half) and at zero tokens (second half). Returns, per `idx` entry, the
+    arrays the rest of the tick reads (see `AggregateServing.tick`).
+    """
+    k = len(idx)
+    t1 = t0_s + dt_s
+    adm = np.empty(k)
+    o = np.empty(k)
+    m = np.empty(k)
+    s = np.empty(k)
+    base = np.empty(k)
+    quantum = np.empty(k)
+    wait = np.empty(k)
+    span = np.empty(k)
+    overloaded = np.empty(k, dtype=np.bool_)
+    new_run = np.empty(k)
+    ctx = np.empty(k)
+    out = np.empty(k)
+    window = np.empty(k)
+    share_new = np.empty(k)
+    batch = np.empty(k)
+    age = np.empty(k)
+    for j in range(k):
+        i = idx[j]
+        q = q_all[i]
+        run = run_all[i]
+        q_in = q_in_all[i]
+        cap = cap_all[i]
+        # admission: batch cap, and the prompt's KV against what running requests hold
+        need = q_in + block_tokens
+        kv_free = cap - run * (run_ctx_all[i] + block_tokens)
+        room = max(min(max_batch_all[i] - run, kv_free / need), 0.0)
+        a = min(q, np.floor(room + 1e-9))
+        if run < 0.5 and q > 0 and a < 1 and need <= cap:
+            a = min(q, 1.0)
+        adm[j] = a
+        # chunked prefill chain, mixed into decode steps
+        last_iter = last_iter_all[i]
+        mixed = run > 0 and last_iter > 0
+        p0 = prefill_t[k + j]
+        w = prefill_t[j] - p0
+        oj = last_iter if mixed else p0
+        mj = max(max_prefill_tokens - run, 1.0)
+        sj = oj * q_in / mj + w
+        backlog = max(busy_until_all[i] - t0_s, 0.0)
+        busy_end = t0_s + backlog + a * sj
+        busy_until_all[i] = busy_end
+        chain_busy = min(busy_end, t1) - t0_s
+        work = chain_busy * w / max(sj, 1e-12)
+        pure = p0 * max(1.0, q_in / mj) if (not mixed and a > 0) else 0.0
+        pre_busy = min(work + pure, dt_s)
+        prefill_busy_out[i] = pre_busy
+        rho = a * sj / dt_s
+        stable = rho < 0.95
+        slack = max(1.0 - rho, 0.05)
+        chunk = min(mj, q_in / slack) if stable else mj
+        prefill_tokens_out[i] = chunk if chain_busy > 0 else 0.0
+        # TTFT of the admitted cohort (deterministic part and M/D/1 wait)
+        ag = q_age_all[i]
+        qu = oj * max(1.0 - q_in / mj, 0.0)
+        half = 0.5 * oj if mixed else 0.0
+        b = ag + backlog + sj + qu + half
+        wj = rho * sj / (2 * slack) if stable else 0.0
+        over = rho >= 0.95
+        span[j] = max(busy_end - t1, 0.0) + 0.5 * dt_s if over else 0.0
+        # decode batch
+        nr = run + a
+        inv_run = max(nr, 1e-12)
+        cj = (run * run_ctx_all[i] + a * (q_in + 1.0)) / inv_run
+        outj = (run * run_out_all[i] + a * q_out_all[i]) / inv_run
+        win = max(dt_s - pre_busy, 0.0)
+        fresh = routed_all[i] / max(q, 1e-12)
+        share = max(1.0 - 0.5 * fresh - (b - ag + wj) / dt_s, 0.0)
+        o[j] = oj
+        m[j] = mj
+        s[j] = sj
+        base[j] = b
+        quantum[j] = qu
+        wait[j] = wj
+        overloaded[j] = over
+        new_run[j] = nr
+        ctx[j] = cj
+        out[j] = outj
+        window[j] = win
+        share_new[j] = share
+        batch[j] = max(run + a * share, 1.0)
+        age[j] = ag
+    return (adm, o, m, s, base, quantum, wait, span, overloaded, new_run, ctx, out, window,
+            share_new, batch, age)
+
+
+@njit(**_JIT)
+def decode(idx, run_all, adm, new_run, ctx, out, window, share_new, iter_s, dt_s,
+           decode_busy_out, decode_batch_out, decode_ctx_out, decode_tokens_out):
+    """Decode of each slot in `idx` over the tick's window at its iteration time `iter_s`.
+
+    Writes the decode load into the four `*_out` arrays (full per-slot arrays); returns the
+    tokens decoded, the requests finished and the time between tokens, per `idx` entry.
+    """
+    k = len(idx)
+    dec_tokens = np.empty(k)
+    finished = np.empty(k)
+    tbt = np.empty(k)
+    for j in range(k):
+        i = idx[j]
+        run = run_all[i]
+        a = adm[j]
+        win = window[j]
+        it = iter_s[j]
+        n_iter = win / max(it, 1e-9)
+        n_new = n_iter * share_new[j]
+        per_req = max(out[j] - 1.0, 0.0)
+        dt_ = min(run * n_iter + a * n_new, new_run[j] * per_req)
+        if per_req > 0:
+            fin = min(dt_ / max(per_req, 1e-9), new_run[j])
+        else:
+            fin = new_run[j]
+        n_mean = dt_ / max(n_iter, 1e-12)
+        busy = win * min(n_mean, 1.0)
+        decode_busy_out[i] = busy
+        decode_batch_out[i] = n_mean * win / max(busy, 1e-12) if busy > 0 else 0.0
+        decode_ctx_out[i] = ctx[j]
+        decode_tokens_out[i] = dt_
+        tbt[j] = it * dt_s / max(win, it)
+        dec_tokens[j] = dt_
+        finished[j] = fin
+    return dec_tokens, finished, tbt
+
+
+@njit(**_JIT)
+def settle(idx, q_all, q_in_all, q_out_all, q_age_all, run_all, run_ctx_all, run_out_all,
+           last_iter_all, cap_all, adm, new_run, finished, ctx, out, dec_tokens, age, iter_s,
+           dt_s, block_tokens):
+    """The end-of-tick state of each slot in `idx`: survivors' context, then KV preemption.
+
+    Writes the queue, its mean prompt, output and age, the running count, context and output,
+    and the last decode iteration into the per-slot state arrays. Returns the requests
+    preempted per `idx` entry and whether any slot outgrew its KV memory (when none did, as in
+    the numpy version, the survivors' context is not re-divided).
+    """
+    k = len(idx)
+    left = np.empty(k)
+    run_end = np.empty(k)
+    ctx_end = np.empty(k)
+    excess = np.empty(k)
+    any_excess = False
+    for j in range(k):
+        i = idx[j]
+        left[j] = q_all[i] - adm[j]
+        re = new_run[j] - finished[j]
+        run_end[j] = re
+        ce = ctx[j] + dec_tokens[j] / max(new_run[j], 1e-12) if re > 1e-9 else 0.0
+        ctx_end[j] = ce
+        ex = re * (ce + block_tokens) - cap_all[i]
+        excess[j] = ex
+        if ex > 0:
+            any_excess = True
+    pre = np.zeros(k)
+    if any_excess:
+        for j in range(k):
+            i = idx[j]
+            q_in = q_in_all[i]
+            ctx_new = q_in + 1.0
+            re = run_end[j]
+            ex = excess[j]
+            p = min(max(ex, 0.0) / (ctx_new + block_tokens), re) if (re > 1e-9 and ex > 0) else 0.0
+            pre[j] = p
+            kept = re - p
+            ctx_end[j] = (re * ctx_end[j] - p * ctx_new) / max(kept, 1e-12) if kept > 1e-9 else 0.0
+            lf = left[j]
+            tot = lf + p
+            safe = max(tot, 1e-12)
+            if tot > 0:
+                q_in_all[i] = (lf * q_in + p * ctx_new) / safe
+                q_out_all[i] = (lf * q_out_all[i] + p * out[j]) / safe
+            age[j] = age[j] * lf / safe
+            left[j] = tot
+            run_end[j] = kept
+    for j in range(k):
+        i = idx[j]
+        lf = left[j]
+        q_all[i] = lf
+        q_age_all[i] = age[j] + dt_s if lf > 1e-9 else 0.0
+        re = run_end[j]
+        run_all[i] = re
+        running = re > 1e-9
+        run_ctx_all[i] = ctx_end[j] if running else 0.0
+        run_out_all[i] = out[j] if running else 0.0
+        last_iter_all[i] = iter_s[j]
+    return pre, any_excess
