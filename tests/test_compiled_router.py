@@ -12,12 +12,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llm_cluster_gym.envs.sim.routing import (
-    _pairwise_sum,
-    integer_split,
-    route_arrivals,
-    water_fill,
-)
+from llm_cluster_gym.envs.sim.compiled import pairwise_sum
+from llm_cluster_gym.envs.sim.routing import integer_split, route_arrivals, water_fill
 
 
 def ref_water_fill(outstanding: np.ndarray, weight: np.ndarray, n_new: float) -> np.ndarray:
@@ -85,7 +81,7 @@ levels = st.sampled_from([0.0, 0.0, 0.25, 0.5, 1.0])
 @given(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=0, max_size=700))
 def test_sum_follows_numpys_order_bit_for_bit(values):
     a = np.asarray(values, dtype=float)
-    assert _pairwise_sum(a) == a.sum()
+    assert pairwise_sum(a) == a.sum()
 
 
 @settings(max_examples=300, deadline=None)

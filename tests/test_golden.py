@@ -21,6 +21,7 @@ EXPECTED = json.loads((GOLDEN_DIR / "rollouts.json").read_text())
 ENV_KEYS = sorted(k for k in EXPECTED if k.startswith("env:"))
 CONTROLLER_KEYS = sorted(k for k in EXPECTED if k.startswith("controller:"))
 FIXED_KEYS = sorted(k for k in EXPECTED if k.startswith("fixed:"))
+ENGINE_KEYS = sorted(k for k in EXPECTED if k.startswith("engine:"))
 
 
 def test_golden_covers_every_registered_id():
@@ -45,3 +46,8 @@ def test_controller_rollout_is_bit_identical(key):
 def test_fixed_configuration_rollout_is_bit_identical(key):
     _, scenario, serving = key.split(":")
     assert golden_digests.fixed_digest(scenario, serving) == EXPECTED[key]
+
+
+@pytest.mark.parametrize("key", ENGINE_KEYS)
+def test_request_engine_under_kv_pressure_is_bit_identical(key):
+    assert golden_digests.engine_digest(key.removeprefix("engine:")) == EXPECTED[key]

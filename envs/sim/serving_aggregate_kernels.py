@@ -17,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+from llm_cluster_gym.envs.sim.compiled import JIT_OPTIONS
+
+_JIT = JIT_OPTIONS
 
 
 @njit(**_JIT)

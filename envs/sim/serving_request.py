@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from llm_cluster_gym.envs.sim import serving_request_kernels as kernels
 from llm_cluster_gym.envs.sim.instances import InstanceTable
 from llm_cluster_gym.envs.sim.routing import route_arrivals
 from llm_cluster_gym.envs.sim.serving import ServiceAccumulator, TickLoad
@@ -262,7 +263,7 @@ class RequestLevelServing:
         order = np.lexsort((r["queue_key"][waiting], s))
         w = waiting[order]
         s = s[order]
-        starts, group_len = _runs(s)
+        starts, group_len = kernels.runs(s)
         rank = np.arange(len(s)) - np.repeat(starts, group_len)
         need = _held_kv(r, w)
         cum_need = np.cumsum(need)
@@ -301,49 +302,32 @@ class RequestLevelServing:
             after = np.concatenate([work[dec_slot], new_after])
             s = r["slot"][e_idx]
         else:
-            e_idx, start, after, s = dec, t0_s, 0.0, dec_slot
-            kv_pf = n_pf = 0.0
+            e_idx, start, after, s = dec, np.full(len(dec), t0_s), np.zeros(len(dec)), dec_slot
+            kv_pf = n_pf = np.zeros(n)
         if len(e_idx) == 0:
             self._kv_used, self._n_running = kv_pf, n_pf
             return
-        # ---- decode: one token per step for every decoding request -------------------------
-        done_tok = r["done_tokens"][e_idx]
-        ctx = r["input_tokens"][e_idx] + done_tok
-        batch = np.bincount(s, minlength=n).astype(float)
-        ctx_sum = np.bincount(s, weights=ctx, minlength=n)
+        # ---- decode: one token per step for every decoding request (compiled loops:
+        # `serving_request_kernels`). A request takes part in the steps of its time in the tick
+        # less the marginal prefill work mixed into the steps after it started decoding; decode
+        # steps run while any request decodes (as many as its longest run took), at a mean batch
+        # of tokens per step; at the end of the tick every running request holds its context
+        # plus one block of KV.
+        done_tok, ctx, batch, ctx_sum = kernels.decode_batches(
+            e_idx, s, r["input_tokens"], r["done_tokens"], n)
         idx = np.flatnonzero(batch)
         iter_s = np.zeros(n)
         iter_s[idx] = model.decode_iter_time_s(batch[idx], ctx_sum[idx] / batch[idx], idx)
         self.iter_s = iter_s
-        it = np.maximum(iter_s[s], 1e-9)
-        # Steps a request takes part in: its time in the tick less the marginal prefill work
-        # mixed into the steps after it started decoding.
-        steps = np.maximum(t1 - start - after, 0.0) / it
-        remaining = r["output_tokens"][e_idx] - done_tok
-        gen = np.minimum(remaining, steps)
-        finish = remaining <= steps + 1e-9
-        r["done_tokens"][e_idx] = done_tok + gen
-        # Decode steps run while any request decodes: as many as its longest run took.
-        busy = np.zeros(n)
-        np.maximum.at(busy, s, gen * it)
-        gen_slot = np.bincount(s, weights=gen, minlength=n)
-        load.decode_busy_s = np.minimum(busy, dt_s - load.prefill_busy_s)
-        # Mean batch over those steps: tokens per step.
-        load.decode_batch = np.where(busy > 0, gen_slot * iter_s / np.maximum(busy, 1e-12), 0.0)
-        load.decode_ctx_tokens[idx] = ctx_sum[idx] / batch[idx]
-        load.decode_tokens = gen_slot
-        load.tokens_generated += float(gen.sum())
-        # KV at the end of the tick: every running request's context plus one block.
-        kv = ctx_sum + gen_slot + BLOCK_TOKENS * batch + kv_pf
-        n_run = batch + n_pf
-        if finish.any():
-            done = e_idx[finish]
-            fs = s[finish]
-            kv -= np.bincount(fs, weights=(ctx + gen)[finish] + BLOCK_TOKENS, minlength=n)
-            n_run -= np.bincount(fs, minlength=n)
-            st = start if np.ndim(start) == 0 else start[finish]
-            rem, stp = remaining[finish], steps[finish]
-            end = st + np.where(rem > 0, rem * (t1 - st) / np.maximum(stp, 1e-12), 0.0)
+        gen_total, rows, end, kv, n_run = kernels.decode_advance(
+            e_idx, s, start, after, t1, dt_s, iter_s, done_tok, ctx, batch, ctx_sum,
+            r["output_tokens"], kv_pf, n_pf, float(BLOCK_TOKENS), r["done_tokens"],
+            load.prefill_busy_s, load.decode_busy_s, load.decode_batch, load.decode_ctx_tokens,
+            load.decode_tokens)
+        load.tokens_generated += gen_total
+        if len(rows):
+            done = e_idx[rows]
+            fs = s[rows]
             out = r["output_tokens"][done]
             first = r["first_token_s"][done]
             ttft = first - r["arrival_s"][done]
@@ -359,7 +343,13 @@ class RequestLevelServing:
         self._kv_used, self._n_running = kv, n_run
 
     def _prefill(self, pf, n_dec, t0_s, dt_s, model, load):
-        """Advance each instance's FIFO prefill chain through the tick.
+        """Advance each instance's FIFO prefill chain through the tick (compiled loops).
+
+        Each prompt's remaining chunk costs T(total) - T(computed) (its marginal time; T is the
+        prefill formula, evaluated once for every prompt, and T(0) is a pure pass's fixed cost)
+        plus its share of the step overheads: the decode iteration where requests decode
+        (mixed steps), the pass's p0 where nothing does (pure prefill steps, until an idle
+        instance's first prompt completes). A prompt arriving mid-tick joins the next step.
 
         Returns:
             The requests whose last chunk completed (they sampled a token), when they start
@@ -368,66 +358,16 @@ class RequestLevelServing:
             and count of the requests still prefilling.
         """
         r = self.req
-        n = self.n_slots
-        t1 = t0_s + dt_s
-        ps = r["slot"][pf]
-        # Chain order: by slot, then admission order (one sort on a combined exact key).
-        order = np.argsort(ps * 4294967296.0 + r["admit_seq"][pf])
-        pf, ps = pf[order], ps[order]
-        starts, lens = _runs(ps)
-        u = ps[starts]  # slots with prompts to prefill
-        total = r["input_tokens"][pf] + r["done_tokens"][pf]  # prompt (+ tokens to recompute)
-        x = r["prefill_left"][pf]
-        # One evaluation of the prefill formula: each prompt's remaining chunk costs
-        # T(total) - T(computed) (its marginal time), and T(0) is a pure pass's fixed cost.
-        k, g = len(pf), len(u)
-        t = model.prefill_time_s(np.concatenate([total, total - x, np.zeros(g)]),
-                                 np.concatenate([ps, ps, u]))
-        w = t[:k] - t[k:2 * k]
-        p0_u = t[2 * k:]
-        # Each step's fixed cost: the decode iteration where requests decode (mixed steps), the
-        # prefill pass's p0 where nothing does (pure prefill steps).
-        o_u = self.iter_s[u]
-        mixed_u = (n_dec[u] > 0) & (o_u > 0)
-        all_mixed = bool(mixed_u.all())
-        if not all_mixed:
-            pure_u = ~mixed_u
-            o_u = np.where(mixed_u, o_u, p0_u)
-        m_u = np.maximum(self.max_prefill_tokens - n_dec[u], 1.0)
-        o = np.repeat(o_u, lens)
-        m = np.repeat(m_u, lens)
-        # A prompt arriving mid-tick joins the next step (half a step later on average).
-        arrival = r["arrival_s"][pf]
-        half = 0.5 * o if all_mixed else 0.5 * o * np.repeat(mixed_u, lens)
-        start = np.where(arrival > t0_s, arrival + half, t0_s)
-        svc = o * x / m + w
-        fin, begin, complete, frac = _chain_schedule(start, svc, starts, lens, t0_s, t1)
-        prog = x * frac
-        work = w * frac
-        # ---- per slot: marginal work, prompt tokens per prefill-carrying step, pure passes
-        work_slot = np.bincount(ps, weights=work, minlength=n)
-        tokens = np.bincount(ps, weights=prog, minlength=n)
-        # A chain busy period (it begins where the chain was idle when its prompt came, or at
-        # the head of the tick's chain) packs its prompts into steps of up to m tokens; a step
-        # can straddle ticks, so a resumed head counts whole.
-        burst = np.empty(len(pf), dtype=bool)
-        burst[1:] = start[1:] >= fin[:-1]
-        burst[starts] = True
-        period = np.cumsum(burst) - 1
-        chunk = np.minimum(np.bincount(period, weights=total), m[burst])
-        load.prefill_tokens = (np.bincount(ps, weights=prog * chunk[period], minlength=n)
-                               / np.maximum(tokens, 1e-12))
-        busy = work_slot
-        if not all_mixed:  # pure passes until an idle instance's first prompt completes
-            first = starts[pure_u]
-            passes = np.maximum(prog[first] / m_u[pure_u], 1.0)
-            busy = busy.copy()
-            busy[u[pure_u]] += p0_u[pure_u] * passes
-        load.prefill_busy_s = np.minimum(busy, dt_s)
-        # ---- state: chunks computed, first tokens sampled -----------------------------------
-        # The step holding a prompt's last chunk ends after the rest of that step's overhead.
-        return self._settle_prefill(pf, ps, starts, lens, x, prog, total, complete, work, work_slot,
-                                    lambda: (fin + o * np.maximum(1.0 - x / m, 0.0))[complete], load)
+        pf, ps, starts, lens, u, total, x, q_tok, q_slot = kernels.order_prefill(
+            pf, r["slot"], r["admit_seq"], r["input_tokens"], r["done_tokens"], r["prefill_left"])
+        t = model.prefill_time_s(q_tok, q_slot)
+        comp, ready, after, work_slot, kv_pf, n_pf = kernels.chunked_prefill(
+            pf, ps, starts, lens, u, total, x, t, n_dec, self.iter_s, r["arrival_s"],
+            float(self.max_prefill_tokens), t0_s, dt_s, self.n_slots, float(BLOCK_TOKENS),
+            r["prefill_left"], r["first_token_s"], r["done_tokens"], load.prefill_tokens,
+            load.prefill_busy_s)
+        load.tokens_generated += float(len(comp))
+        return comp, ready, after, work_slot, kv_pf, n_pf
 
     def _prefill_serial(self, pf, n_dec, t0_s, dt_s, model, load):
         """`_prefill` for serial prefill: one whole pass per prompt, decoding stalled meanwhile.
@@ -440,7 +380,7 @@ class RequestLevelServing:
         ps = r["slot"][pf]
         order = np.argsort(ps * 4294967296.0 + r["admit_seq"][pf])
         pf, ps = pf[order], ps[order]
-        starts, lens = _runs(ps)
+        starts, lens = kernels.runs(ps)
         u = ps[starts]
         total = r["input_tokens"][pf] + r["done_tokens"][pf]  # prompt (+ tokens to recompute)
         x = r["prefill_left"][pf]
@@ -454,7 +394,7 @@ class RequestLevelServing:
         arrival = r["arrival_s"][pf]
         start = np.where(arrival > t0_s, arrival + 0.5 * o, t0_s)
         svc = share + w
-        fin, begin, complete, frac = _chain_schedule(start, svc, starts, lens, t0_s, t1)
+        fin, begin, complete, frac = kernels.chain_schedule(start, svc, starts, lens, t0_s, t1)
         prog = x * frac
         work = w * frac  # pass time run in this tick: decoding stalls for all of it
         work_slot = np.bincount(ps, weights=work, minlength=n)
@@ -465,35 +405,12 @@ class RequestLevelServing:
         ran = work > 0
         load.prefill_passes = (ps[ran], total[ran].astype(np.float64), work[ran])
         load.prefill_busy_s = np.minimum(work_slot, dt_s)
-        # The first token comes out of the pass, before the step's decode iteration.
-        return self._settle_prefill(pf, ps, starts, lens, x, prog, total, complete, work, work_slot,
-                                    lambda: (begin + w)[complete], load)
-
-    def _settle_prefill(self, pf, ps, starts, lens, x, prog, total, complete, work, work_slot,
-                        ready_of, load):
-        """The state update and returns both prefill modes share (see `_prefill`).
-
-        Prompts left in progress keep their KV reservation; completed ones get their first
-        token at ``ready_of()`` (the completed prompts' ready times, computed only when some
-        completed) and the marginal work left after them on their instance.
-        """
-        r = self.req
-        n = self.n_slots
-        r["prefill_left"][pf] = np.where(complete, 0.0, x - prog)
-        still = ~complete
-        kv_pf = np.bincount(ps[still], weights=total[still] + BLOCK_TOKENS, minlength=n)
-        n_pf = np.bincount(ps[still], minlength=n).astype(float)
-        comp = pf[complete]
-        if len(comp) == 0:
-            return comp, np.zeros(0), np.zeros(0), work_slot, kv_pf, n_pf
-        ready = ready_of()
-        first_tok = r["first_token_s"][comp]
-        r["first_token_s"][comp] = np.where(np.isnan(first_tok), ready, first_tok)
-        r["done_tokens"][comp] += 1.0
+        # The first token comes out of the pass, before the step's decode iteration. Prompts
+        # left in progress keep their KV reservation.
+        comp, ready, after, kv_pf, n_pf = kernels.settle_prefill(
+            pf, ps, starts, lens, x, prog, total, complete, work, work_slot, begin + w, n,
+            float(BLOCK_TOKENS), r["prefill_left"], r["first_token_s"], r["done_tokens"])
         load.tokens_generated += float(len(comp))
-        cw = np.cumsum(work)
-        work_incl = cw - np.repeat(cw[starts] - work[starts], lens)
-        after = (work_slot[ps] - work_incl)[complete]
         return comp, ready, after, work_slot, kv_pf, n_pf
 
     # ------------------------------------------------------------------ KV cache
@@ -509,7 +426,7 @@ class RequestLevelServing:
         ch = _held_kv(r, c)
         order = np.lexsort((-seq[c], cs))  # newest first within each instance
         c, cs, ch = c[order], cs[order], ch[order]
-        starts, lens = _runs(cs)
+        starts, lens = kernels.runs(cs)
         cum = np.cumsum(ch)
         freed_before = cum - ch - np.repeat(cum[starts] - ch[starts], lens)
         hit = freed_before < over[cs]
@@ -541,42 +458,3 @@ class RequestLevelServing:
 def _held_kv(r: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
     """KV tokens a running request holds (or needs to be admitted): context plus one block."""
     return r["input_tokens"][idx] + r["done_tokens"][idx] + float(BLOCK_TOKENS)
-
-
-def _chain_schedule(start: np.ndarray, svc: np.ndarray, starts: np.ndarray, lens: np.ndarray,
-                    t0_s: float, t1: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Each instance's prompt chain served in order within the tick, as one vector pass.
-
-    Prompts are grouped by instance (runs `starts`, `lens`); prompt k starts no earlier than
-    `start[k]` and needs `svc[k]`. Returns (finish, begin, complete by `t1`, fraction of each
-    service done by `t1`: the first unfinished prompt of a chain runs partly, later ones not).
-    """
-    cs = np.cumsum(svc)
-    incl = cs - np.repeat(cs[starts] - svc[starts], lens)  # grouped inclusive cumsum
-    # Lindley: c_k = max(c_{k-1}, start_k) + svc_k = S_k + max_{j<=k}(start_j - S_{j-1}).
-    key = (start - t0_s) - (incl - svc)
-    span = float(key.max() - key.min()) + 1.0
-    lift = np.repeat(np.arange(len(starts)) * span, lens)
-    fin = t0_s + incl + (np.maximum.accumulate(key + lift) - lift)
-    begin = fin - svc
-    complete = fin <= t1
-    prev_done = np.empty(len(svc), dtype=bool)
-    prev_done[0] = True
-    prev_done[1:] = complete[:-1]
-    prev_done[starts] = True
-    frac = complete.astype(float)
-    part = np.flatnonzero(~complete & prev_done & (begin < t1))
-    frac[part] = (t1 - begin[part]) / np.maximum(svc[part], 1e-12)
-    return fin, begin, complete, frac
-
-
-def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Start index and length of each run of equal adjacent keys (keys non-empty)."""
-    change = np.empty(len(keys), dtype=bool)
-    change[0] = True
-    np.not_equal(keys[1:], keys[:-1], out=change[1:])
-    starts = np.flatnonzero(change)
-    lens = np.empty_like(starts)
-    np.subtract(starts[1:], starts[:-1], out=lens[:-1])
-    lens[-1] = len(keys) - starts[-1]
-    return starts, lens

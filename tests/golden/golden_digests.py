@@ -20,6 +20,8 @@ CONTROLLER_CELLS = (
     ("combined", "small_tapas", ("tapas", "shield:tapas")),
 )
 CONTROLLER_DURATION_S = 150.0
+ENGINE_TICKS = 300
+ENGINE_MODES = ("chunked", "serial")
 
 
 class _Digest:
@@ -105,10 +107,61 @@ def fixed_digest(scenario_name: str, serving: str, seed: int = 0) -> str:
     return digest.hexdigest()
 
 
+def engine_digest(prefill_mode: str, seed: int = 0) -> str:
+    """Digest of `RequestLevelServing` driven hard by hand, every tick's load and request state.
+
+    Six instances of three pools with little KV memory (requests are preempted and recomputed),
+    random prompts and outputs, one instance stopped and restarted (its requests requeued): the
+    paths the scenario rollouts seldom reach, for both prefill modes.
+    """
+    from llm_cluster_gym.envs.sim.instances import InstanceTable
+    from llm_cluster_gym.envs.sim.serving import ServiceAccumulator
+    from llm_cluster_gym.envs.sim.serving_request import RequestLevelServing, SlotModel
+
+    rng = np.random.default_rng(seed)
+    n = 6
+    inst = InstanceTable.empty(np.arange(n), gpus_per_server=1)
+    inst.active[:] = True
+    inst.pool[:] = [0, 0, 1, 1, 2, 2]
+    inst.max_batch[:] = [8, 16, 32, 8, 64, 4]
+    model = SlotModel(
+        prefill_time_s=lambda tok, i: (0.01 + 1e-4 * (1 + 0.1 * i) * np.asarray(tok, float)
+                                       + 1e-9 * np.asarray(tok, float) ** 2),
+        decode_iter_time_s=lambda b, c, i: 0.01 + 2e-4 * b + 1e-7 * c * b,
+        kv_capacity_tokens=np.array([3000.0, 6000.0, 20000.0, 2500.0, 50000.0, 1500.0]))
+    serving = RequestLevelServing(n, 3, 2048, 30.0, prefill_mode)
+    acc = ServiceAccumulator(3)
+    live = np.ones(n, dtype=bool)
+    digest = _Digest()
+    t_s, dt_s = 0.0, 0.5
+    for tick in range(ENGINE_TICKS):
+        if tick == 100:
+            live[3] = False
+            serving.requeue(~live)
+        if tick == 180:
+            live[3] = True
+        k = rng.poisson(6)
+        serving.add_arrivals(np.sort(t_s + rng.random(k) * dt_s), rng.integers(10, 3000, k),
+                             rng.integers(1, 800, k), rng.integers(0, 3, k))
+        load = serving.tick(t_s, dt_s, inst, live, model, np.ones(n), np.array([0.5, 1.0, 2.0]),
+                            np.array([0.05, 0.08, 0.1]), np.zeros(n), acc)
+        t_s += dt_s
+        digest.add([load.prefill_busy_s, load.prefill_tokens, load.decode_busy_s,
+                    load.decode_batch, load.decode_ctx_tokens, load.decode_tokens])
+        digest.add([load.tokens_generated, serving.preemptions, serving.in_flight])
+        digest.add(serving.req)
+    digest.add([acc.finished, acc.violations, acc.ttft_violations, acc.tbt_violations,
+                acc.dropped])
+    digest.add(np.concatenate(acc.ttft_s))
+    digest.add(np.concatenate(acc.tbt_s))
+    return digest.hexdigest()
+
+
 def all_digests() -> dict[str, str]:
     """Every digest, keyed by what was rolled out.
 
-    Keys: `env:<id>`, `controller:<task>:<scenario>:<name>` or `fixed:<scenario>:<serving>`.
+    Keys: `env:<id>`, `controller:<task>:<scenario>:<name>`, `fixed:<scenario>:<serving>` or
+    `engine:<prefill mode>`.
     The values are SHA-256 digests (see `_Digest`).
     """
     import llm_cluster_gym
@@ -119,4 +172,6 @@ def all_digests() -> dict[str, str]:
             out[f"controller:{task}:{scenario}:{name}"] = controller_digest(task, scenario, name)
     for scenario, serving in FIXED_CELLS:
         out[f"fixed:{scenario}:{serving}"] = fixed_digest(scenario, serving)
+    for mode in ENGINE_MODES:
+        out[f"engine:{mode}"] = engine_digest(mode)
     return out
