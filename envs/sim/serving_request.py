@@ -254,32 +254,13 @@ class RequestLevelServing:
     def _admit(self, waiting, inst, serving, model) -> None:
         """FIFO per instance (preempted first) under the batch cap and the prompt's KV."""
         r = self.req
-        s = r["slot"][waiting]
-        live = serving[s]
-        if not live.all():
-            waiting, s = waiting[live], s[live]
-        if len(waiting) == 0:
-            return
-        order = np.lexsort((r["queue_key"][waiting], s))
-        w = waiting[order]
-        s = s[order]
-        starts, group_len = kernels.runs(s)
-        rank = np.arange(len(s)) - np.repeat(starts, group_len)
-        need = _held_kv(r, w)
-        cum_need = np.cumsum(need)
-        cum_need -= np.repeat(cum_need[starts] - need[starts], group_len)
-        free_batch = inst.max_batch[s] - self._n_running[s]
-        free_kv = model.kv_capacity_tokens[s] - self._kv_used[s]
         # Both conditions hold on a prefix of each instance's queue (head-of-line blocking, as
         # in vLLM). A request whose prompt alone exceeds an instance's KV memory is never
         # admitted; it waits until `drop_after_s` and is counted as dropped.
-        ok = (rank < free_batch) & (cum_need <= free_kv)
-        if not ok.any():
-            return
-        a = w[ok]
-        r["admit_seq"][a] = self._next_seq + np.arange(len(a))
-        self._next_seq += len(a)
-        r["prefill_left"][a] = r["input_tokens"][a] + r["done_tokens"][a]
+        self._next_seq += kernels.admit(
+            waiting, r["slot"], r["queue_key"], r["input_tokens"], r["done_tokens"], serving,
+            inst.max_batch, self._n_running, model.kv_capacity_tokens, self._kv_used,
+            self._next_seq, float(BLOCK_TOKENS), r["admit_seq"], r["prefill_left"])
 
     # ------------------------------------------------------------------ engine steps
     def _serve(self, pf, dec, t0_s, dt_s, model, load, slo_ttft_s, slo_tbt_s,

@@ -344,3 +344,58 @@ def decode_advance(e_idx, s, start, after, t1, dt_s, iter_s, done_tok, ctx, batc
             kv[i] -= kv_done[i]
             n_run[i] -= n_done[i]
     return pairwise_sum(gen), rows, end, kv, n_run
+
+
+@njit(**_JIT)
+def admit(waiting, slot, queue_key, input_tokens, done_tokens, serving, max_batch, n_running,
+          kv_capacity, kv_used, next_seq, block_tokens, admit_seq, prefill_left):
+    """Admit waiting requests FIFO per instance (`RequestLevelServing._admit`); returns how many.
+
+    Each live instance's queue, in waiting order (`queue_key`: preempted requests first), is
+    admitted as long as both the batch cap and the prompts' KV (prompt, tokens to recompute and
+    one block each, cumulated) fit: a prefix of the queue, head-of-line blocking as in vLLM.
+    Admitted requests get consecutive admission numbers from `next_seq`, instance by instance.
+    """
+    n_live = 0
+    for j in range(len(waiting)):
+        if serving[slot[waiting[j]]]:
+            n_live += 1
+    if n_live == 0:
+        return 0
+    live = np.empty(n_live, np.int64)
+    k = 0
+    for j in range(len(waiting)):
+        if serving[slot[waiting[j]]]:
+            live[k] = waiting[j]
+            k += 1
+    # By instance, then waiting order (np.lexsort's order): a stable sort on the key, then a
+    # stable counting sort on the instance.
+    by_key = live[np.argsort(queue_key[live], kind="mergesort")]
+    n = len(serving)
+    at = np.zeros(n + 1, np.int64)
+    for r in by_key:
+        at[slot[r] + 1] += 1
+    for i in range(n):
+        at[i + 1] += at[i]
+    w = np.empty(n_live, np.int64)
+    for r in by_key:
+        w[at[slot[r]]] = r
+        at[slot[r]] += 1
+    need = np.empty(n_live)
+    for j in range(n_live):
+        need[j] = input_tokens[w[j]] + done_tokens[w[j]] + block_tokens
+    cum = np.cumsum(need)
+    admitted = 0
+    head = 0
+    off = 0.0
+    for j in range(n_live):
+        s = slot[w[j]]
+        if j == 0 or s != slot[w[j - 1]]:
+            head = j
+            off = cum[j] - need[j]
+        if j - head < max_batch[s] - n_running[s] and cum[j] - off <= kv_capacity[s] - kv_used[s]:
+            r = w[j]
+            admit_seq[r] = next_seq + admitted
+            prefill_left[r] = input_tokens[r] + done_tokens[r]
+            admitted += 1
+    return admitted
