@@ -1,9 +1,11 @@
-"""Request-level serving: vLLM V1's default scheduler, vectorized, with per-request TTFT and TBT.
+"""Request-level serving: vLLM V1's default scheduler with per-request TTFT and TBT.
 
 Every live request is a row in a struct of numpy arrays. Each tick routes new arrivals, admits
 waiting requests, and runs every instance's engine steps for the tick; nothing in the hot path
-loops over requests in Python. The semantics follow vLLM V1's default scheduler (the reference
-is `llm_cluster_gym.envs.perf.scheduler`, a step-exact model of it):
+loops over requests in Python: the loops over rows are compiled (`serving_request_kernels`,
+`routing`), and the physics they compute is described here and where they are called. The
+semantics follow vLLM V1's default scheduler (the reference is
+`llm_cluster_gym.envs.perf.scheduler`, a step-exact model of it):
 
 * Chunked prefill under a token budget (``max_prefill_tokens``, vLLM's
   ``max_num_batched_tokens``): every engine step carries one token of each decoding request
