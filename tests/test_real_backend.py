@@ -20,6 +20,7 @@ from llm_cluster_gym.envs.real.actuators import ActuatorError, GpuActuators
 from llm_cluster_gym.envs.real.cluster import RealCluster, RealClusterConfig, RealClusterError
 from llm_cluster_gym.envs.real.fidelity import (
     FidelityError,
+    _latency_errors,
     compare,
     fit_thermal,
     initial_thermal_state,
@@ -728,6 +729,25 @@ def test_fit_carries_over_to_other_h100s(path):
     assert c["finished_error"] < 0.05
     assert c["energy_error"] < 0.07
     assert c["power_mape"] < 0.10
+
+
+def test_replay_latency_is_judged_on_the_same_bins_metric_by_metric():
+    """A replay whose latencies are the real ones has no latency error (the bins' interpolation
+    is the same on both sides); one with twice the TTFT and the same TBT shows a TTFT error of
+    about 1 and no TBT error: each metric carries its own error."""
+    from llm_cluster_gym.envs.latency import latency_histogram
+
+    rng = np.random.default_rng(3)
+    ttft, tbt = rng.lognormal(-2.0, 0.8, 400), rng.lognormal(-3.5, 0.3, 400)
+    same = _latency_errors(ttft, tbt, {"ttft_hist": latency_histogram(ttft),
+                                       "tbt_hist": latency_histogram(tbt)})
+    assert all(same[f"{m}_p{q}_error"] == 0.0 for m in ("ttft", "tbt") for q in (50, 90))
+    slow = _latency_errors(ttft, tbt, {"ttft_hist": latency_histogram(2 * ttft),
+                                       "tbt_hist": latency_histogram(tbt)})
+    assert slow["ttft_p50_error"] == pytest.approx(1.0, abs=0.15)
+    assert slow["ttft_p90_error"] == pytest.approx(1.0, abs=0.15)
+    assert slow["tbt_p50_error"] == 0.0 and slow["tbt_p90_error"] == 0.0
+    assert slow["real_ttft_p50_binned_s"] == pytest.approx(np.median(ttft), rel=0.07)
 
 
 @pytest.mark.slow

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
+from llm_cluster_gym.envs.latency import empty_histogram, histogram_percentile, latency_histogram
 from llm_cluster_gym.envs.real.telemetry import TelemetryRecording, load_recording
 from llm_cluster_gym.envs.sim.profiles import (
     Profile,
@@ -278,7 +279,8 @@ def replay_in_simulator(run: TelemetryRecording, profile: Profile, thermal: Ther
 
     Returns:
         Per-tick arrays: ``t_s`` (tick start), ``power_w``, ``temp_c``, ``tokens``,
-        ``finished``, and per-interval lists of TTFT/TBT P50.
+        ``finished``, per-interval lists of TTFT/TBT P50, and the whole replay's TTFT and
+        TBT histograms (``ttft_hist``, ``tbt_hist``: `envs.latency` bins).
     """
     from llm_cluster_gym.envs.sim.cluster import SimCluster
     from llm_cluster_gym.envs.sim.workload import Trace
@@ -311,6 +313,7 @@ def replay_in_simulator(run: TelemetryRecording, profile: Profile, thermal: Ther
     out: dict[str, list[float]] = {k: [] for k in ("t_s", "power_w", "temp_c", "tokens",
                                                    "finished", "ttft_p50_s", "tbt_p50_s")}
     cap_now = None
+    ttft_hist, tbt_hist = empty_histogram(), empty_histogram()
     while not sim.done:
         t = sim.time_s
         cap = int([c for s0, c in steps if s0 <= t + 1e-9][-1])
@@ -326,7 +329,10 @@ def replay_in_simulator(run: TelemetryRecording, profile: Profile, thermal: Ther
         out["finished"].append(m.finished)
         out["ttft_p50_s"].append(m.ttft_p50_s)
         out["tbt_p50_s"].append(m.tbt_p50_s)
+        ttft_hist += m.ttft_hist
+        tbt_hist += m.tbt_hist
     res = {k: np.array(v, dtype=float) for k, v in out.items()}
+    res["ttft_hist"], res["tbt_hist"] = ttft_hist, tbt_hist
     res["sim_requests"] = np.array([sim.finished_total, sim.dropped_total])
     return res
 
@@ -398,6 +404,7 @@ def compare(run_path: str | Path, profile: Profile, thermal: ThermalParams,
     ok = req[:, cols.index("dropped")] == 0
     real_ttft = float(np.median(req[ok, cols.index("ttft_s")]))
     real_tbt = float(np.median(req[ok, cols.index("tbt_s")]))
+    latency = _latency_errors(req[ok, cols.index("ttft_s")], req[ok, cols.index("tbt_s")], sim)
     return {
         "power_mape": round(power_mape, 4),
         "power_mape_5s": round(power_mape_5s, 4),
@@ -412,6 +419,7 @@ def compare(run_path: str | Path, profile: Profile, thermal: ThermalParams,
         "energy_error": round(float(abs(sim_p.sum() - real_p.sum()) / real_p.sum()), 4),
         "real_ttft_p50_s": round(real_ttft, 4),
         "real_tbt_p50_s": round(real_tbt, 5),
+        **latency,
         "inlet_offset_c": round(inlet_c, 3),
         "n_power_windows": int(m),
         "tokens_interval_s": width,
@@ -419,6 +427,26 @@ def compare(run_path: str | Path, profile: Profile, thermal: ThermalParams,
                    "real_temp_c": real_t.tolist(), "sim_temp_c": sim_t.tolist(),
                    "real_tokens": real_tok.tolist(), "sim_tokens": sim_tok.tolist()},
     }
+
+
+def _latency_errors(real_ttft_s: np.ndarray, real_tbt_s: np.ndarray,
+                    sim: dict[str, np.ndarray]) -> dict[str, float]:
+    """TTFT and TBT percentiles (P50, P90) of the replay against the real run's, and their errors.
+
+    Both sides are read from the same latency bins (`envs.latency`: the simulator reports
+    histograms), so the bins' interpolation (within 12%) is the same on both and does not count
+    as error. Each figure's own relative error is reported; none is combined with another.
+    """
+    out: dict[str, float] = {}
+    for name, real_v, sim_h in (("ttft", real_ttft_s, sim["ttft_hist"]),
+                                ("tbt", real_tbt_s, sim["tbt_hist"])):
+        real_h = latency_histogram(real_v)
+        for q in (50, 90):
+            r, m = histogram_percentile(real_h, q), histogram_percentile(sim_h, q)
+            out[f"real_{name}_p{q}_binned_s"] = round(r, 5)
+            out[f"sim_{name}_p{q}_s"] = round(m, 5)
+            out[f"{name}_p{q}_error"] = round(abs(m - r) / r, 4)
+    return out
 
 
 def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
@@ -483,6 +511,7 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
         "shipped_params_rmse_c_on_fidelity_run_offset_refitted": round(rmse_run_shipped, 3),
     }
     headline = ("power_mape", "power_mape_5s", "temp_rmse_c", "throughput_error")
+    latency = ("ttft_p50_error", "ttft_p90_error", "tbt_p50_error", "tbt_p90_error")
     summary = {
         "power_mape": comp["power_mape"],
         "temp_rmse_c": comp["temp_rmse_c"],
@@ -491,12 +520,14 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
         "throughput_interval_mape": comp["throughput_interval_mape"],
         "finished_error": comp["finished_error"],
         "energy_error": comp["energy_error"],
+        "latency": {k: comp[k] for k in comp
+                    if k.startswith(("real_ttft", "real_tbt", "sim_ttft", "sim_tbt", "ttft_", "tbt_"))},
         "thermal_history_s": round(pre_history_s(run), 1),
         "temp_rmse_c_steady_start": comp_steady["temp_rmse_c"],
         "isolated_sweep_profile": {k: comp_sweep[k] for k in headline},
-        **({"calibration_run_in_sample": {k: comp_in_sample[0][k] for k in headline}}
+        **({"calibration_run_in_sample": {k: comp_in_sample[0][k] for k in headline + latency}}
            if len(comp_in_sample) == 1 else {}),
-        **({"calibration_runs_in_sample": {Path(x).name: {k: c[k] for k in headline}
+        **({"calibration_runs_in_sample": {Path(x).name: {k: c[k] for k in headline + latency}
                                            for x, c in zip(cal_paths, comp_in_sample, strict=True)}}
            if len(comp_in_sample) > 1 else {}),
         "shipped_profile_power_mape": comp_shipped["power_mape"],
