@@ -207,41 +207,12 @@ class AggregateServing:
         if not any_weight or buf.sum() <= 0:
             self.rate_rps *= 0.8
             return
-        served, share, in_sum, out_sum = self._split_buffers(weight, pool)
-        orphan = ~served & (buf > 0)
-        if np.count_nonzero(orphan):
-            spill = weight / weight.sum()
-            n_orphan = buf[orphan].sum()
-            share = share + n_orphan * spill
-            in_sum = in_sum + (buf * self.buf_in)[orphan].sum() * spill
-            out_sum = out_sum + (buf * self.buf_out)[orphan].sum() * spill
-        q = self.q
-        tot = q + share
-        safe = np.maximum(tot, 1e-12)
-        self.q_in = (self.q_in * q + in_sum) / safe
-        self.q_out = (self.q_out * q + out_sum) / safe
-        self.q_age_s = self.q_age_s * q / safe  # new arrivals have age 0
-        self.q = tot
-        self.routed = share
+        # The split, the spill of pools without a live instance and the queues' new means run
+        # compiled (`serving_aggregate_kernels.route_buffers`), in place.
+        kernels.route_buffers(buf, self.buf_in, self.buf_out, weight, pool, self.q, self.q_in,
+                              self.q_out, self.q_age_s, self.rate_rps, self.routed, dt_s)
         self.buf = np.zeros(self.n_pools)
         self.buf_age_s = np.zeros(self.n_pools)
-        self.rate_rps = 0.8 * self.rate_rps + 0.2 * share / dt_s
-
-    def _split_buffers(self, weight: np.ndarray, pool: np.ndarray
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Each pool's buffer split over its slots in proportion to `weight`.
-
-        Returns (per pool: some slot has weight; per slot: requests, prompt tokens and output
-        tokens it receives).
-        """
-        p_of = np.maximum(pool, 0)
-        # Weights are >= 0 and zero off the serving (active) slots, so a slot of an unserved
-        # pool or without an instance gets weight 0 / (w_pool or 1) = 0: no mask needed.
-        w_pool = np.bincount(p_of, weights=weight, minlength=self.n_pools)
-        served = w_pool > 0
-        frac = weight / np.where(served, w_pool, 1.0)[p_of]
-        share = self.buf[p_of] * frac
-        return served, share, share * self.buf_in[p_of], share * self.buf_out[p_of]
 
     def _drop_stale_buffer(self, dt_s: float, acc: ServiceAccumulator) -> None:
         """Age the router buffer held while no instance serves, and drop its oldest requests.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from llm_cluster_gym.envs.sim.compiled import JIT_OPTIONS
+from llm_cluster_gym.envs.sim.compiled import JIT_OPTIONS, pairwise_sum
 
 _JIT = JIT_OPTIONS
 
@@ -220,3 +220,66 @@ def settle(idx, q_all, q_in_all, q_out_all, q_age_all, run_all, run_ctx_all, run
         run_out_all[i] = out[j] if running else 0.0
         last_iter_all[i] = iter_s[j]
     return pre, any_excess
+
+
+@njit(**_JIT)
+def route_buffers(buf, buf_in, buf_out, weight, pool, q, q_in, q_out, q_age_s, rate_rps,
+                  routed, dt_s):
+    """Split each pool's router buffer over its slots in proportion to `weight`, in place.
+
+    A pool none of whose slots has weight spills over every slot with weight (as the
+    request-level router does). The slots' queues take their share with its mean prompt and
+    output (new arrivals have age 0); `routed` gets each slot's share and `rate_rps` its
+    smoothed arrival rate. Call only with some weight and a non-empty buffer; the caller then
+    empties the buffer.
+    """
+    n = len(weight)
+    p_count = len(buf)
+    # Weights are >= 0 and zero off the serving slots, so a slot of an unserved pool or
+    # without an instance gets weight 0 / (w_pool or 1) = 0.
+    w_pool = np.zeros(p_count)
+    for i in range(n):
+        w_pool[max(pool[i], 0)] += weight[i]
+    in_sum = np.empty(n)
+    out_sum = np.empty(n)
+    for i in range(n):
+        p = max(pool[i], 0)
+        frac = weight[i] / (w_pool[p] if w_pool[p] > 0 else 1.0)
+        share = buf[p] * frac
+        routed[i] = share
+        in_sum[i] = share * buf_in[p]
+        out_sum[i] = share * buf_out[p]
+    n_orphan_pools = 0
+    for p in range(p_count):
+        if not w_pool[p] > 0 and buf[p] > 0:
+            n_orphan_pools += 1
+    if n_orphan_pools:
+        orphan = np.empty(n_orphan_pools)
+        orphan_in = np.empty(n_orphan_pools)
+        orphan_out = np.empty(n_orphan_pools)
+        k = 0
+        for p in range(p_count):
+            if not w_pool[p] > 0 and buf[p] > 0:
+                orphan[k] = buf[p]
+                orphan_in[k] = buf[p] * buf_in[p]
+                orphan_out[k] = buf[p] * buf_out[p]
+                k += 1
+        n_orphan = pairwise_sum(orphan)
+        in_orphan = pairwise_sum(orphan_in)
+        out_orphan = pairwise_sum(orphan_out)
+        w_total = pairwise_sum(weight)
+        for i in range(n):
+            spill = weight[i] / w_total
+            routed[i] = routed[i] + n_orphan * spill
+            in_sum[i] = in_sum[i] + in_orphan * spill
+            out_sum[i] = out_sum[i] + out_orphan * spill
+    for i in range(n):
+        qi = q[i]
+        share = routed[i]
+        tot = qi + share
+        safe = max(tot, 1e-12)
+        q_in[i] = (q_in[i] * qi + in_sum[i]) / safe
+        q_out[i] = (q_out[i] * qi + out_sum[i]) / safe
+        q_age_s[i] = q_age_s[i] * qi / safe  # new arrivals have age 0
+        q[i] = tot
+        rate_rps[i] = 0.8 * rate_rps[i] + 0.2 * share / dt_s

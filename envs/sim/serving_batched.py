@@ -169,6 +169,22 @@ class BatchedAggregateServing(AggregateServing):
         self.buf_age_s = np.where(cleared, 0.0, self.buf_age_s)
         self.rate_rps = 0.8 * self.rate_rps + 0.2 * share / dt_s
 
+    def _split_buffers(self, weight: np.ndarray, pool: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Each pool's buffer split over its slots in proportion to `weight`.
+
+        Returns (per pool: some slot has weight; per slot: requests, prompt tokens and output
+        tokens it receives).
+        """
+        p_of = np.maximum(pool, 0)
+        # Weights are >= 0 and zero off the serving (active) slots, so a slot of an unserved
+        # pool or without an instance gets weight 0 / (w_pool or 1) = 0: no mask needed.
+        w_pool = np.bincount(p_of, weights=weight, minlength=self.n_pools)
+        served = w_pool > 0
+        frac = weight / np.where(served, w_pool, 1.0)[p_of]
+        share = self.buf[p_of] * frac
+        return served, share, share * self.buf_in[p_of], share * self.buf_out[p_of]
+
     def tick(self, t0_s, dt_s, inst, serving, model, route_weight, slo_ttft_s, slo_tbt_s,
              quality_loss_per_slot, acc):
         """`AggregateServing.tick`; a tick with no work anywhere ages every copy's queues."""
