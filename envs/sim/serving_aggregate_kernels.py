@@ -3,12 +3,14 @@
 `AggregateServing.tick` works on the few dozen to few thousand slots that hold work; written
 as whole-array numpy it was about 130 array operations of a microsecond or two each, most of
 the simulator's time on the training scenarios. These loops do the same arithmetic slot by
-slot, compiled by numba, in three passes split where the tick calls the profile model (the
-prefill formula before the first, the decode iteration time between the first and second).
+slot, compiled by numba: the router (`route_buffers`), then three passes split where the tick
+calls the profile model (the prefill formula before the first, the decode iteration time
+between the first and second).
 
-Each pass computes exactly the expressions the numpy version computed, in the same order, so
-the figures are the same to the last bit on IEEE hardware (numba's `error_model="numpy"`: a
-division by zero gives inf or nan as numpy does, where the formulas guard against it anyway).
+Each pass computes exactly the expressions the numpy version computed, in the same order (and
+whole-array sums in numpy's pairwise order), so the figures are the same to the last bit
+(numba's `error_model="numpy"`: a division by zero gives inf or nan as numpy does, where the
+formulas guard against it anyway).
 The physics and its explanation stay in `serving_aggregate`; this module is only arithmetic.
 """
 
