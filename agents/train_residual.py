@@ -32,6 +32,7 @@ from llm_cluster_gym.agents.residual import (
     ResidualOverManager,
     train_constrained_ppo,
 )
+from llm_cluster_gym.agents.units import map_units
 from llm_cluster_gym.scripts.dynamo_week import WeekArgs
 
 RESIDUAL_KIND = "residual_over_manager"
@@ -188,39 +189,37 @@ class ResidualPolicy(ResidualController):
         super().__init__(directory, ResidualOverManager(env, manager_kwargs=MANAGER_KWARGS))
 
 
+def _evaluate_residual_unit(directory: str, day: int, seed: int, hours: float, start_h: float,
+                            serving: str) -> dict[str, Any]:
+    """One (day, seed) unit: the manager and the agent over the same requests."""
+    from llm_cluster_gym.envs.sim.scenario import load_scenario
+    from llm_cluster_gym.scripts.dynamo_week import DAY_S, _measure, manager, window_scenario
+
+    s = window_scenario(load_scenario("dynamo_week"), day * DAY_S + start_h * 3600.0, BURN_IN_S,
+                        hours * 3600.0)
+    m = _measure("dynamo", day, seed, s, manager(**MANAGER_KWARGS), BURN_IN_S, "adaptive", serving)
+    a = _measure("residual", day, seed, s, lambda env: ResidualPolicy(directory, env),
+                 BURN_IN_S, "residual", serving)
+    return {"day": day, "seed": seed, "start_h": start_h, "hours": hours, "serving": serving,
+            "energy_ratio": a.summary["energy_kwh"] / m.summary["energy_kwh"],
+            "agent_slo": a.summary["slo_attainment"], "manager_slo": m.summary["slo_attainment"],
+            "agent_kwh": a.summary["energy_kwh"], "manager_kwh": m.summary["energy_kwh"]}
+
+
 def evaluate_residual(directory: str | Path, days: tuple[int, ...] = (0, 2, 5),
                       seeds: tuple[int, ...] = (0, 1), hours: float = 24.0, start_h: float = 0.0,
-                      serving: str = "aggregate") -> dict[str, Any]:
+                      serving: str = "aggregate", jobs: int = 1) -> dict[str, Any]:
     """The agent against the manager on held-out days, paired per (day, seed).
 
     Each unit measures `hours` from `start_h` of its day (after the protocol's burn-in) under
-    the `serving` model ("request": per-request TTFT and TBT).
+    the `serving` model ("request": per-request TTFT and TBT). `jobs` processes run the units
+    (the results do not depend on it).
     """
-    from llm_cluster_gym.envs.sim.scenario import load_scenario
-    from llm_cluster_gym.scripts.dynamo_week import (
-        DAY_S,
-        _measure,
-        manager,
-        mean_ci95,
-        window_scenario,
-    )
+    from llm_cluster_gym.scripts.dynamo_week import mean_ci95
 
-    base = load_scenario("dynamo_week")
-    rows = []
-    for day in days:
-        for seed in seeds:
-            s = window_scenario(base, day * DAY_S + start_h * 3600.0, BURN_IN_S, hours * 3600.0)
-            m = _measure("dynamo", day, seed, s, manager(**MANAGER_KWARGS), BURN_IN_S, "adaptive",
-                         serving)
-            a = _measure("residual", day, seed, s, lambda env: ResidualPolicy(directory, env),
-                         BURN_IN_S, "residual", serving)
-            rows.append({"day": day, "seed": seed, "start_h": start_h, "hours": hours,
-                         "serving": serving,
-                         "energy_ratio": a.summary["energy_kwh"] / m.summary["energy_kwh"],
-                         "agent_slo": a.summary["slo_attainment"],
-                         "manager_slo": m.summary["slo_attainment"],
-                         "agent_kwh": a.summary["energy_kwh"], "manager_kwh": m.summary["energy_kwh"]})
-            print(json.dumps(rows[-1]), flush=True)
+    units = [(str(directory), day, seed, hours, start_h, serving) for day in days for seed in seeds]
+    rows = map_units(_evaluate_residual_unit, units, jobs,
+                     lambda row: print(json.dumps(row), flush=True))
     out = {}
     for key in ("energy_ratio", "agent_slo", "manager_slo"):
         per_day = [float(np.mean([r[key] for r in rows if r["day"] == d])) for d in days]

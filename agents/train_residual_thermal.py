@@ -39,6 +39,7 @@ from llm_cluster_gym.agents.residual import (
     train_constrained_ppo,
 )
 from llm_cluster_gym.agents.residual_thermal import RESIDUAL_THERMAL_KIND, SERVICE_WEIGHT, ResidualOverTapas
+from llm_cluster_gym.agents.units import map_units
 
 CONTENDERS = ("agent", "tapas_forecast", "shield(tapas)", "tapas", "unaware")
 """What the evaluation runs per unit: the agent and TAPAS heeding the forecast, each inside the
@@ -287,9 +288,6 @@ def evaluate_residual_thermal(directory: str | Path, seeds: tuple[int, ...] = (0
     (mean and 95% t-interval): the days differ by an order of magnitude, so the paired difference
     is the figure that can separate two policies.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     from llm_cluster_gym.envs.sim.scenario import load_scenario
     from llm_cluster_gym.scripts.dynamo_week import DAY_S, window_scenario
 
@@ -300,20 +298,8 @@ def evaluate_residual_thermal(directory: str | Path, seeds: tuple[int, ...] = (0
                                                        dc_hours * 3600.0), "aggregate", seed)
               for day in dc_days for seed in dc_seeds]
     args = [(str(directory), *unit) for unit in units]
-    rows: list[dict[str, Any]] = []
-    if jobs <= 1:
-        for a in args:
-            rows.append(_evaluate_unit(*a))
-            if log:
-                log(json.dumps(rows[-1]))
-    else:
-        # Spawned, not forked: a fork of a process whose torch threads already ran (the energy
-        # agent's evaluation before this, in control_quality) deadlocks in the child.
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for row in pool.map(_evaluate_unit, *zip(*args, strict=True)):
-                rows.append(row)
-                if log:
-                    log(json.dumps(row))
+    rows: list[dict[str, Any]] = map_units(_evaluate_unit, args, jobs,
+                                           (lambda row: log(json.dumps(row))) if log else None)
     figures = (*THERMAL_KEYS, "harm_gpu_s", "override_rate", "avoidable_override_rate", "projection_rate")
     summary: dict[str, Any] = {}
     paired: dict[str, Any] = {}

@@ -65,6 +65,8 @@ class ResidualEvalArgs:
     """Serving model: aggregate (the week protocol's), or request (per-request TTFT and TBT)."""
     out: str = "reports/residual"
     """Folder for results.json."""
+    jobs: int = 1
+    """Worker processes running the (day, seed) units (the results do not depend on it)."""
 
 
 def run_eval(args: ResidualEvalArgs, command: str = "llm-cluster residual-eval") -> int:
@@ -77,8 +79,10 @@ def run_eval(args: ResidualEvalArgs, command: str = "llm-cluster residual-eval")
     check_seeds("--seeds", args.seeds)
     check_number("--hours", args.hours, above=0.0, at_most=24.0)
     check_number("--start-h", args.start_h, at_least=0.0, at_most=24.0 - args.hours)
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
     res = evaluate_residual(args.checkpoint, tuple(args.days), tuple(args.seeds), args.hours,
-                            args.start_h, args.serving_model)
+                            args.start_h, args.serving_model, args.jobs)
     s = res["summary"]
     for key, (mean, half) in s.items():
         print(f"{key}: {mean:.4f} ± {half:.4f} (95% over {len(args.days)} days)")

@@ -164,9 +164,25 @@ def test_cli_rejects_bad_options_with_one_line_and_exit_2(tmp_path, capsys):
     assert cli.main(["residual-eval", "--checkpoint", str(tmp_path), "--hours", "2",
                      "--start-h", "23"]) == 2  # past the day's end
     assert cli.main(["train-residual", "--init", str(tmp_path / "none")]) == 2
+    assert cli.main(["residual-eval", "--checkpoint", str(tmp_path), "--jobs", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 5 and "--steps" in err[0] and "metadata.json" in err[1] and "--days" in err[2]
-    assert "--start-h" in err[3] and "--init" in err[4]
+    assert len(err) == 6 and "--steps" in err[0] and "metadata.json" in err[1] and "--days" in err[2]
+    assert "--start-h" in err[3] and "--init" in err[4] and "--jobs" in err[5]
+
+
+@pytest.mark.slow
+def test_residual_eval_gives_the_same_rows_with_worker_processes(tmp_path):
+    """`residual-eval --jobs 2` runs the (day, seed) units in spawned workers: the rows one
+    process gives, in unit order, and the summary over days from them."""
+    from llm_cluster_gym.agents.train_residual import evaluate_residual
+
+    kw = {"days": (0, 5), "seeds": (0,), "hours": 0.05}
+    one = evaluate_residual("checkpoints/residual_energy", **kw)
+    two = evaluate_residual("checkpoints/residual_energy", jobs=2, **kw)
+    assert two == one
+    assert [(r["day"], r["seed"]) for r in two["rows"]] == [(0, 0), (5, 0)]
+    ratios = [r["energy_ratio"] for r in two["rows"]]
+    assert two["summary"]["energy_ratio"][0] == pytest.approx(np.mean(ratios))
 
 
 def test_shipped_checkpoint_says_how_it_was_trained_and_runs_on_small():
