@@ -138,8 +138,15 @@ def agreement(seeds: list[int]) -> dict[str, float]:
     }
 
 
+def _spread(values: list[float], unit: str) -> str:
+    """The repeats' minimum, median and maximum: how much this machine moved during the run."""
+    v = sorted(values)
+    median = v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+    return f"the {len(v)} repeats min/median/max {v[0]:.0f}/{median:.0f}/{v[-1]:.0f}{unit}"
+
+
 def main() -> None:
-    """Run both benchmarks and print the figures (best of `--repeats`)."""
+    """Run both benchmarks and print the figures (best of `--repeats`, with their spread)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3, help="runs of each; the best is reported")
     ap.add_argument("--duration-s", type=float, default=600.0,
@@ -152,19 +159,20 @@ def main() -> None:
     pinned = _pin_one_core()
     print(f"python {platform.python_version()} on {platform.machine()}, {pinned}")
     print(f"compiled loops loaded (or compiled) in {warm_up():.2f} s, excluded")
-    req = max((bench_request_level(args.duration_s, seed=i) for i in range(args.repeats)),
-              key=lambda r: r["realtime_factor"])
+    req_runs = [bench_request_level(args.duration_s, seed=i) for i in range(args.repeats)]
+    req = max(req_runs, key=lambda r: r["realtime_factor"])
     print(f"request-level, medium ({req['gpus']} GPUs, {req['arrived'] / req['sim_s']:.0f} "
           f"requests/s arrive): set-up {req['build_s']:.2f} s build + {req['reset_s']:.2f} s "
           f"reset (trace generation), excluded")
     print(f"  {req['sim_s']:.0f} simulated s in {req['wall_s']:.2f} wall s: "
           f"{req['realtime_factor']:.0f}x real time, {req['requests_per_wall_s']:.0f} "
-          f"requests finished per wall s (target >= 400x, goal 1,000x)")
-    agg = max((bench_aggregate(args.agg_intervals, seed=i) for i in range(args.repeats)),
-              key=lambda r: r["intervals_per_s"])
+          f"requests finished per wall s (target >= 400x, goal 1,000x); "
+          f"{_spread([r['realtime_factor'] for r in req_runs], 'x')}")
+    agg_runs = [bench_aggregate(args.agg_intervals, seed=i) for i in range(args.repeats)]
+    agg = max(agg_runs, key=lambda r: r["intervals_per_s"])
     print(f"aggregate, small: set-up {agg['setup_s']:.3f} s excluded; {agg['intervals']} "
           f"intervals in {agg['wall_s']:.3f} s: {agg['intervals_per_s']:.0f} intervals/s "
-          f"(target >= 3,000)")
+          f"(target >= 3,000); {_spread([r['intervals_per_s'] for r in agg_runs], '/s')}")
     agree = agreement(list(range(args.agreement_seeds)))
     print(f"aggregate vs request-level, small, {args.agreement_seeds} seeds, static: energy "
           f"{100 * agree['energy_rel_mean']:+.2f}% mean, {100 * agree['energy_rel_max_abs']:.2f}% "
