@@ -15,10 +15,8 @@ JIT_OPTIONS = {"cache": True, "nogil": True, "error_model": "numpy"}
 """Cached on disk beside the module (compiled once per change), and numpy's division semantics
 (inf or nan, never an exception)."""
 
-_JIT = JIT_OPTIONS
 
-
-@njit(**_JIT)
+@njit(**JIT_OPTIONS)
 def _block_sum(a: np.ndarray, lo: int, n: int) -> float:
     """Sum of a block of at most 128 values in numpy's order (in sequence below 8, else 8-way)."""
     if n < 8:
@@ -48,7 +46,7 @@ def _block_sum(a: np.ndarray, lo: int, n: int) -> float:
     return res
 
 
-@njit(**_JIT)
+@njit(**JIT_OPTIONS)
 def pairwise_sum(a: np.ndarray) -> float:
     """Sum of `a` in numpy's order, so that a renormalisation matches ``ndarray.sum`` bit for bit.
 

@@ -16,10 +16,8 @@ from numba import njit
 
 from llm_cluster_gym.envs.sim.compiled import JIT_OPTIONS, pairwise_sum
 
-_JIT = JIT_OPTIONS
 
-
-@njit(**_JIT)
+@njit(**JIT_OPTIONS)
 def water_fill(outstanding: np.ndarray, weight: np.ndarray, n_new: float) -> np.ndarray:
     """Split `n_new` units over candidates so that (outstanding + share) / weight is levelled.
 
@@ -50,7 +48,7 @@ def water_fill(outstanding: np.ndarray, weight: np.ndarray, n_new: float) -> np.
     return share
 
 
-@njit(**_JIT)
+@njit(**JIT_OPTIONS)
 def integer_split(share: np.ndarray, n: int) -> np.ndarray:
     """Round real shares to integers summing to `n` (largest remainders get the rest).
 
@@ -91,7 +89,7 @@ def integer_split(share: np.ndarray, n: int) -> np.ndarray:
     return base
 
 
-@njit(**_JIT)
+@njit(**JIT_OPTIONS)
 def route_arrivals(slot: np.ndarray, pool: np.ndarray, unrouted: np.ndarray,
                    outstanding: np.ndarray, weight: np.ndarray, capacity: np.ndarray,
                    inst_pool: np.ndarray) -> None:

@@ -21,10 +21,8 @@ from numba import njit
 
 from llm_cluster_gym.envs.sim.compiled import JIT_OPTIONS, pairwise_sum
 
-_JIT = JIT_OPTIONS
 
-
-@njit(**_JIT)
+@njit(**JIT_OPTIONS)
 def admit_and_prefill(idx, q_all, run_all, q_in_all, q_out_all, run_ctx_all, run_out_all,
                       q_age_all, last_iter_all, busy_until_all, routed_all, max_batch_all,
                       cap_all, prefill_t, t0_s, dt_s, max_prefill_tokens, block_tokens,
@@ -123,7 +121,7 @@ def admit_and_prefill(idx, q_all, run_all, q_in_all, q_out_all, run_ctx_all, run
             share_new, batch, age)
 
 
-@njit(**_JIT)
+@njit(**JIT_OPTIONS)
 def decode(idx, run_all, adm, new_run, ctx, out, window, share_new, iter_s, dt_s,
            decode_busy_out, decode_batch_out, decode_ctx_out, decode_tokens_out):
     """Decode of each slot in `idx` over the tick's window at its iteration time `iter_s`.
@@ -161,7 +159,7 @@ def decode(idx, run_all, adm, new_run, ctx, out, window, share_new, iter_s, dt_s
     return dec_tokens, finished, tbt
 
 
-@njit(**_JIT)
+@njit(**JIT_OPTIONS)
 def settle(idx, q_all, q_in_all, q_out_all, q_age_all, run_all, run_ctx_all, run_out_all,
            last_iter_all, cap_all, adm, new_run, finished, ctx, out, dec_tokens, age, iter_s,
            dt_s, block_tokens):
@@ -224,7 +222,7 @@ def settle(idx, q_all, q_in_all, q_out_all, q_age_all, run_all, run_ctx_all, run
     return pre, any_excess
 
 
-@njit(**_JIT)
+@njit(**JIT_OPTIONS)
 def route_buffers(buf, buf_in, buf_out, weight, pool, q, q_in, q_out, q_age_s, rate_rps,
                   routed, dt_s):
     """Split each pool's router buffer over its slots in proportion to `weight`, in place.

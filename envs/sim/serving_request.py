@@ -286,7 +286,7 @@ class RequestLevelServing:
             s = r["slot"][e_idx]
         else:
             e_idx, start, after, s = dec, np.full(len(dec), t0_s), np.zeros(len(dec)), dec_slot
-            kv_pf = n_pf = np.zeros(n)
+            kv_pf, n_pf = np.zeros(n), np.zeros(n)  # two arrays: they become two state arrays
         if len(e_idx) == 0:
             self._kv_used, self._n_running = kv_pf, n_pf
             return
@@ -360,13 +360,9 @@ class RequestLevelServing:
         r = self.req
         n = self.n_slots
         t1 = t0_s + dt_s
-        ps = r["slot"][pf]
-        order = np.argsort(ps * 4294967296.0 + r["admit_seq"][pf])
-        pf, ps = pf[order], ps[order]
-        starts, lens = kernels.runs(ps)
-        u = ps[starts]
-        total = r["input_tokens"][pf] + r["done_tokens"][pf]  # prompt (+ tokens to recompute)
-        x = r["prefill_left"][pf]
+        # Chain order and each prompt's total and remaining tokens, as chunked prefill has them.
+        pf, ps, starts, lens, u, total, x, _, _ = kernels.order_prefill(
+            pf, r["slot"], r["admit_seq"], r["input_tokens"], r["done_tokens"], r["prefill_left"])
         # The rest of each prompt's pass (a pass straddling ticks left x of its total tokens).
         w = model.prefill_time_s(total, ps) * (x / np.maximum(total, 1.0))
         # Between passes of up to the budget, one decode iteration where requests decode.

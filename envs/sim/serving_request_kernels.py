@@ -20,10 +20,8 @@ from numba import njit
 
 from llm_cluster_gym.envs.sim.compiled import JIT_OPTIONS, pairwise_sum
 
-_JIT = JIT_OPTIONS
 
-
-@njit(**_JIT)
+@njit(**JIT_OPTIONS)
 def runs(keys):
     """Start index and length of each run of equal adjacent keys (keys non-empty)."""
     n = len(keys)
@@ -44,7 +42,7 @@ def runs(keys):
     return starts, lens
 
 
-@njit(**_JIT)
+@njit(**JIT_OPTIONS)
 def chain_schedule(start, svc, starts, lens, t0_s, t1):
     """Each instance's prompt chain served in order within the tick (see `serving_request`).
 
@@ -93,7 +91,7 @@ def chain_schedule(start, svc, starts, lens, t0_s, t1):
     return fin, begin, complete, frac
 
 
-@njit(**_JIT)
+@njit(**JIT_OPTIONS)
 def order_prefill(pf, slot, admit_seq, input_tokens, done_tokens, prefill_left):
     """The prefilling requests `pf` in chain order (by slot, then admission), and their queries.
 
@@ -127,7 +125,7 @@ def order_prefill(pf, slot, admit_seq, input_tokens, done_tokens, prefill_left):
     return pf, ps, starts, lens, u, total, x, q_tok, q_slot
 
 
-@njit(**_JIT)
+@njit(**JIT_OPTIONS)
 def settle_prefill(pf, ps, starts, lens, x, prog, total, complete, work, work_slot, ready, n,
                    block_tokens, prefill_left, first_token_s, done_tokens):
     """The state update both prefill modes share (see `RequestLevelServing._prefill`).
@@ -173,7 +171,7 @@ def settle_prefill(pf, ps, starts, lens, x, prog, total, complete, work, work_sl
     return comp, ready_c, after, kv_pf, n_pf
 
 
-@njit(**_JIT)
+@njit(**JIT_OPTIONS)
 def chunked_prefill(pf, ps, starts, lens, u, total, x, t, n_dec, iter_s, arrival_s,
                     max_prefill_tokens, t0_s, dt_s, n, block_tokens, prefill_left,
                     first_token_s, done_tokens, prefill_tokens_out, prefill_busy_out):
@@ -259,7 +257,7 @@ def chunked_prefill(pf, ps, starts, lens, u, total, x, t, n_dec, iter_s, arrival
     return comp, ready_c, after, work_slot, kv_pf, n_pf
 
 
-@njit(**_JIT)
+@njit(**JIT_OPTIONS)
 def decode_batches(e_idx, s, input_tokens, done_tokens, n):
     """Each decoding request's generated tokens and context; per slot the batch and its context.
 
@@ -279,7 +277,7 @@ def decode_batches(e_idx, s, input_tokens, done_tokens, n):
     return done_tok, ctx, batch, ctx_sum
 
 
-@njit(**_JIT)
+@njit(**JIT_OPTIONS)
 def decode_advance(e_idx, s, start, after, t1, dt_s, iter_s, done_tok, ctx, batch, ctx_sum,
                    output_tokens, kv_pf, n_pf, block_tokens, done_tokens, prefill_busy,
                    decode_busy_out, decode_batch_out, decode_ctx_out, decode_tokens_out):
@@ -346,7 +344,7 @@ def decode_advance(e_idx, s, start, after, t1, dt_s, iter_s, done_tok, ctx, batc
     return pairwise_sum(gen), rows, end, kv, n_run
 
 
-@njit(**_JIT)
+@njit(**JIT_OPTIONS)
 def admit(waiting, slot, queue_key, input_tokens, done_tokens, serving, max_batch, n_running,
           kv_capacity, kv_used, next_seq, block_tokens, admit_seq, prefill_left):
     """Admit waiting requests FIFO per instance (`RequestLevelServing._admit`); returns how many.
