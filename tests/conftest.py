@@ -1,11 +1,18 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the CPU code paths every test runs on (set before numpy loads)."""
 
 from __future__ import annotations
 
 import os
 import secrets
+import sys
+from pathlib import Path
 
-import pytest
+sys.path.insert(0, str(Path(__file__).with_name("golden")))
+import canonical_cpu  # noqa: E402
+
+canonical_cpu.apply()  # numpy and OpenBLAS read it at their first import (canonical_cpu says why)
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,9 @@
 
 The digests in `tests/golden/rollouts.json` were recorded by `tests/golden/record.py`; a change
 meant to keep behaviour (a refactor) must keep each one. A change meant to alter behaviour
-records them again and says why in its commit.
+records them again and says why in its commit. Both record and check on the CPU code paths of
+`golden/canonical_cpu.py` (set by `conftest.py` before numpy loads), so that the digests do not
+depend on the machine.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 
 GOLDEN_DIR = Path(__file__).with_name("golden")
 sys.path.insert(0, str(GOLDEN_DIR))
+import canonical_cpu  # noqa: E402
 import golden_digests  # noqa: E402
 
 EXPECTED = json.loads((GOLDEN_DIR / "rollouts.json").read_text())
@@ -22,6 +25,13 @@ ENV_KEYS = sorted(k for k in EXPECTED if k.startswith("env:"))
 CONTROLLER_KEYS = sorted(k for k in EXPECTED if k.startswith("controller:"))
 FIXED_KEYS = sorted(k for k in EXPECTED if k.startswith("fixed:"))
 ENGINE_KEYS = sorted(k for k in EXPECTED if k.startswith("engine:"))
+
+
+def test_numpy_runs_on_the_canonical_cpu_paths():
+    """The digests hold on every x86-64 CPU only on these paths (`canonical_cpu` says why)."""
+    import numpy  # noqa: F401  (the check reads the loaded numpy's dispatch)
+
+    assert canonical_cpu.check() is None
 
 
 def test_golden_covers_every_registered_id():

@@ -7,7 +7,9 @@ Run from the repository root after a change that is *meant* to alter trajectorie
 Each entry is a SHA-256 over the exact bytes of a trajectory: for every registered env id,
 40 steps of seeded random actions (observations, rewards and every `info` scalar); for every
 rule-based controller, one short simulated episode (every metric of every interval). A refactor
-that keeps behaviour keeps every digest.
+that keeps behaviour keeps every digest. They are recorded on the CPU code paths of
+`canonical_cpu` (numpy's baseline loops, OpenBLAS's Nehalem kernels), which every x86-64 CPU
+runs alike.
 """
 
 from __future__ import annotations
@@ -30,4 +32,9 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
+    import canonical_cpu
+
+    canonical_cpu.apply()  # before numpy is imported: the digests' CPU code paths
+    if (why := canonical_cpu.check()) is not None:
+        sys.exit(f"record.py: {why}")
     sys.exit(main())
