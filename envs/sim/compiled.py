@@ -16,6 +16,40 @@ JIT_OPTIONS = {"cache": True, "nogil": True, "error_model": "numpy"}
 (inf or nan, never an exception)."""
 
 
+def per_element(value: np.ndarray | float, shape: tuple[int, ...]) -> np.ndarray:
+    """`value` (an array of `shape`, one scalar, or broadcastable) as a float64 array of `shape`.
+
+    What the compiled loops take instead of numpy's broadcasting (``np.full`` for a scalar:
+    ``np.broadcast_to`` costs a few microseconds a call).
+    """
+    a = np.asarray(value, dtype=np.float64)
+    if a.shape == shape:
+        return a
+    if a.ndim == 0:
+        return np.full(shape, float(a))
+    return np.broadcast_to(a, shape)
+
+
+@njit(**JIT_OPTIONS)
+def np_minimum(a: float, b: float) -> float:
+    """``np.minimum`` of two floats (a NaN wins)."""
+    if a != a:
+        return a
+    if b != b:
+        return b
+    return a if a <= b else b
+
+
+@njit(**JIT_OPTIONS)
+def np_maximum(a: float, b: float) -> float:
+    """``np.maximum`` of two floats (a NaN wins)."""
+    if a != a:
+        return a
+    if b != b:
+        return b
+    return a if a >= b else b
+
+
 @njit(**JIT_OPTIONS)
 def _block_sum(a: np.ndarray, lo: int, n: int) -> float:
     """Sum of a block of at most 128 values in numpy's order (in sequence below 8, else 8-way)."""

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llm_cluster_gym.envs.sim.profiles import phase_power_w
+from llm_cluster_gym.envs.sim import power_kernels as kernels
+from llm_cluster_gym.envs.sim.compiled import per_element
 from llm_cluster_gym.envs.sim.scenario import ServerSpec
 from llm_cluster_gym.envs.sim.topology import Topology
 
@@ -93,30 +94,30 @@ class GpuPowerModel:
         """Per GPU, the tick-averaged dynamic power of prefill, decode and VM load at max clock.
 
         Dynamic power scales as (f / f_max)**gamma, so these three terms give the GPU's power at
-        any clock ceiling without re-evaluating the profile (`power_under_ceiling_w`).
+        any clock ceiling without re-evaluating the profile (`power_under_ceiling_w`). Each
+        phase's term is its `profiles.phase_power_w` at the maximum clock less idle, times the
+        phase's share of the tick and the power factor (compiled: `power_kernels`).
         """
-        f_max, c = self.max_freq_mhz, load.phase_power
-        idle = c.idle_w
-        p_pre = phase_power_w(load.prefill_tokens, f_max, idle, c.prefill_max_w,
-                              c.prefill_k_tokens, self.power_freq_exponent, f_max, c.prefill_busy_w)
-        p_dec = phase_power_w(load.decode_batch, f_max, idle, c.decode_max_w,
-                              c.decode_k_batch, self.power_freq_exponent, f_max, c.decode_busy_w)
-        pre = load.prefill_frac * (p_pre - idle) * load.power_factor
-        dec = load.decode_frac * (p_dec - idle) * load.power_factor
-        vm = np.maximum(load.vm_power_w - idle, 0.0)
-        return pre, dec, vm
+        c = load.phase_power
+        idle = _f64(c.idle_w)
+        return kernels.dynamic_at_max_clock(*(_per_gpu(a, idle) for a in (
+            load.prefill_frac, load.decode_frac, load.prefill_tokens, load.decode_batch,
+            load.power_factor, load.vm_power_w)), idle, *(_per_gpu(a, idle) for a in (
+            c.prefill_max_w, c.prefill_k_tokens, c.prefill_busy_w, c.decode_max_w,
+            c.decode_k_batch, c.decode_busy_w)))
 
     def power_under_ceiling_w(self, dyn: tuple[np.ndarray, np.ndarray, np.ndarray],
                               load: GpuLoad, ceiling_mhz: np.ndarray) -> np.ndarray:
-        """Mean power of each GPU over the tick under a clock ceiling (row cap, thermal)."""
+        """Mean power of each GPU over the tick under a clock ceiling (row cap, thermal).
+
+        ``idle + pre (min(f_prefill, c) / f_max)**g + dec (min(f, c) / f_max)**g
+        + vm (c / f_max)**g`` with ``c = min(ceiling, f_max)``, at most the power limit.
+        """
         pre, dec, vm = dyn
-        inv, g = 1.0 / self.max_freq_mhz, self.power_freq_exponent
-        c = np.minimum(ceiling_mhz, self.max_freq_mhz)
-        p = (load.phase_power.idle_w
-             + pre * (np.minimum(load.prefill_freq_mhz, c) * inv) ** g
-             + dec * (np.minimum(load.freq_mhz, c) * inv) ** g
-             + vm * (c * inv) ** g)
-        return np.minimum(p, self.gpu_power_limit_w)
+        idle = _f64(load.phase_power.idle_w)
+        return kernels.gpu_power_under_ceiling(
+            pre, dec, vm, idle, _per_gpu(load.prefill_freq_mhz, idle), _per_gpu(load.freq_mhz, idle),
+            _per_gpu(ceiling_mhz, idle), *_clock_args(self)[1:])
 
     def gpu_power_w(self, load: GpuLoad, ceiling_mhz: np.ndarray) -> np.ndarray:
         """Mean power of each GPU over the tick under a clock ceiling (row cap, thermal)."""
@@ -131,14 +132,12 @@ def server_power_w(gpu_power_w: np.ndarray, spec: ServerSpec, idle_gpu_w: float,
     (GPUs at TDP; measured, below the nameplate's remainder `max_power_w - gpus * gpu_tdp_w`). A
     server that is off (``server_off``) draws its `standby_w` alone.
     """
-    per_server = gpu_power_w.reshape(-1, spec.gpus)
-    gpu_w = per_server.sum(axis=1)
-    load = np.clip((gpu_w - spec.gpus * idle_gpu_w) / (spec.gpus * (spec.gpu_tdp_w - idle_gpu_w)),
-                   0.0, 1.0)
-    srv_w = gpu_w + spec.overhead_idle_w + (spec.overhead_max_w - spec.overhead_idle_w) * load
-    if server_off is not None:
-        srv_w = np.where(server_off, spec.standby_w, srv_w)
-    return srv_w
+    gpu_w = _f64(gpu_power_w)
+    if gpu_w.ndim != 1 or gpu_w.size % spec.gpus:
+        raise ValueError(f"server_power_w: {gpu_w.shape} GPU powers do not fill servers of "
+                         f"{spec.gpus} GPUs")
+    return kernels.server_power(gpu_w, *_server_args(spec, idle_gpu_w, server_off,
+                                                     gpu_w.size // spec.gpus))
 
 
 def tick_power(model: GpuPowerModel, load: GpuLoad, ceiling_mhz: np.ndarray, spec: ServerSpec,
@@ -151,9 +150,14 @@ def tick_power(model: GpuPowerModel, load: GpuLoad, ceiling_mhz: np.ndarray, spe
         capping reuses), GPU power, server power, row power, aisle heat), W.
     """
     dyn = model.dynamic_at_max_clock_w(load)
-    gpu_w = model.power_under_ceiling_w(dyn, load, ceiling_mhz)
-    srv_w = server_power_w(gpu_w, spec, model.idle_power_w, load.server_off)
-    return dyn, gpu_w, srv_w, topo.row_sum(srv_w), topo.aisle_sum(srv_w)
+    idle = _f64(load.phase_power.idle_w)
+    gpu_w, srv_w, row_w, aisle_w = kernels.tick_power(
+        *dyn, idle, _per_gpu(load.prefill_freq_mhz, idle), _per_gpu(load.freq_mhz, idle),
+        _per_gpu(ceiling_mhz, idle),
+        *_clock_args(model)[1:],
+        *_server_args(spec, model.idle_power_w, load.server_off, topo.n_servers),
+        topo.server_row, topo.n_rows, topo.server_aisle, topo.n_aisles)
+    return dyn, gpu_w, srv_w, row_w, aisle_w
 
 
 def row_cap_ceiling_mhz(
@@ -176,21 +180,41 @@ def row_cap_ceiling_mhz(
     minimum clock (the capping controller can do no more). ``dyn`` is
     ``model.dynamic_at_max_clock_w(load)`` if the caller has it already.
     """
-    lo = np.full(n_rows, model.min_freq_mhz)
-    hi = np.full(n_rows, model.max_freq_mhz)
-    target = np.full(n_rows, np.inf)
-    target[rows] = row_limit_w[rows]
-    server_row = gpu_row[:: server_spec.gpus]
     if dyn is None:  # the profile is evaluated once, not per halving
         dyn = model.dynamic_at_max_clock_w(load)
-    for _ in range(iterations):
-        mid = 0.5 * (lo + hi)
-        p = model.power_under_ceiling_w(dyn, load, np.minimum(other_ceiling_mhz, mid[gpu_row]))
-        srv = server_power_w(p, server_spec, model.idle_power_w, load.server_off)
-        row_w = np.bincount(server_row, weights=srv, minlength=n_rows)
-        fits = row_w <= target
-        lo = np.where(fits, mid, lo)
-        hi = np.where(fits, hi, mid)
-    out = np.full(n_rows, model.max_freq_mhz)
-    out[rows] = lo[rows]
-    return out
+    idle = _f64(load.phase_power.idle_w)
+    return kernels.row_cap_ceiling(
+        *dyn, idle, _per_gpu(load.prefill_freq_mhz, idle), _per_gpu(load.freq_mhz, idle),
+        _per_gpu(other_ceiling_mhz, idle), np.asarray(gpu_row, dtype=np.int64),
+        np.asarray(rows, dtype=np.int64), _f64(row_limit_w), n_rows, iterations,
+        *_clock_args(model),
+        *_server_args(server_spec, model.idle_power_w, load.server_off, idle.size // server_spec.gpus))
+
+
+def _clock_args(model: GpuPowerModel) -> tuple[float, float, float, float]:
+    """(min clock, max clock, gamma, power limit) as the compiled loops take them."""
+    return (float(model.min_freq_mhz), float(model.max_freq_mhz),
+            float(model.power_freq_exponent), float(model.gpu_power_limit_w))
+
+
+def _f64(a: np.ndarray) -> np.ndarray:
+    """A float64 array as the compiled loops take it (no copy when it is one already)."""
+    return np.asarray(a, dtype=np.float64)
+
+
+def _per_gpu(value: np.ndarray | float, like: np.ndarray) -> np.ndarray:
+    """A per-GPU quantity given per GPU or as one scalar, as a float64 array like `like`."""
+    return per_element(value, like.shape)
+
+
+_NO_SERVER_OFF = np.zeros(0, dtype=bool)
+
+
+def _server_args(spec: ServerSpec, idle_gpu_w: float, server_off: np.ndarray | None,
+                 n_servers: int) -> tuple:
+    """The server model's arguments of the compiled loops (`power_kernels.server_power`)."""
+    off = _NO_SERVER_OFF if server_off is None else np.asarray(server_off, dtype=bool)
+    if server_off is not None and off.shape != (n_servers,):
+        raise ValueError(f"server_off has shape {off.shape}, want ({n_servers},)")
+    return (spec.gpus, float(idle_gpu_w), float(spec.gpu_tdp_w), float(spec.overhead_idle_w),
+            float(spec.overhead_max_w), float(spec.standby_w), off, server_off is not None)

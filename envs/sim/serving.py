@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llm_cluster_gym.envs.latency import empty_histogram, latency_histogram
+from llm_cluster_gym.envs.sim import latency_kernels
 
 
 @dataclass
@@ -102,6 +103,12 @@ class ServiceAccumulator:
         w = self.weight[0] if one else np.concatenate(self.weight)
         ttft = self.ttft_s[0] if one else np.concatenate(self.ttft_s)
         tbt = self.tbt_s[0] if one else np.concatenate(self.tbt_s)
+        if len(w) <= latency_kernels.COMPILED_MAX_SAMPLES:  # the same figures, one call
+            pct, ttft_hist, tbt_hist = latency_kernels.latency_summary(
+                np.asarray(ttft, dtype=np.float64), np.asarray(tbt, dtype=np.float64),
+                np.asarray(w, dtype=np.float64), _P50_P99)
+            t50, t99, b50, b99 = pct.tolist()
+            return t50, t99, b50, b99, ttft_hist, tbt_hist
         t50, t99 = weighted_percentiles(ttft, w, _P50_P99)
         b50, b99 = weighted_percentiles(tbt, w, _P50_P99)
         return t50, t99, b50, b99, latency_histogram(ttft, w), latency_histogram(tbt, w)

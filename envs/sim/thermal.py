@@ -34,6 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from llm_cluster_gym.envs.sim import thermal_kernels
+from llm_cluster_gym.envs.sim.compiled import per_element
+
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "thermal"
 DEFAULT_FIT_PATH = DATA_DIR / "h100_thermal_fit.json"
 DEFAULT_AISLE_PATH = DATA_DIR / "aisle_cooling_default.json"
@@ -191,6 +194,14 @@ def step_gpu_temperature(
     p = np.asarray(power_w, dtype=float)
     a_die = math.exp(-dt_s / params.tau_die_s)
     a_sink = math.exp(-dt_s / params.tau_sink_s)
+    x_die, x_sink = state.x_die_c, state.x_sink_c
+    if p.ndim == 1 and x_die.shape == p.shape == x_sink.shape and x_die.dtype == x_sink.dtype == p.dtype:
+        # The usual case, one compiled loop (the same figures as the expressions below).
+        out = np.empty_like(p)
+        inlet = np.asarray(inlet_c, dtype=float)
+        thermal_kernels.step_gpu(x_die, x_sink, p, per_element(inlet, p.shape),
+                                 params.r_die_c_per_w, params.r_sink_c_per_w, a_die, a_sink, out)
+        return out
     ss_die = params.r_die_c_per_w * p
     ss_sink = params.r_sink_c_per_w * p
     state.x_die_c[...] = ss_die + (state.x_die_c - ss_die) * a_die
@@ -334,8 +345,19 @@ def step_inlet_temperature(
     """
     if not math.isfinite(dt_s) or dt_s < 0:
         raise ThermalError(f"step_inlet_temperature: dt_s must be finite and >= 0, got {dt_s!r}")
+    decay = math.exp(-dt_s / params.tau_inlet_s)
+    inlet = np.asarray(inlet_c, dtype=float)
+    load, cap = np.asarray(load_w, dtype=float), np.asarray(capacity_w, dtype=float)
+    if inlet.ndim == 1 and load.shape == inlet.shape == cap.shape:
+        # The usual case, one compiled loop (the same figures as the expressions below).
+        out = np.empty_like(inlet)
+        if thermal_kernels.step_inlet(inlet, load, cap,
+                                      per_element(outside_c, inlet.shape),
+                                      params.supply_temp_c, params.outside_temp_coeff,
+                                      params.overload_c_per_frac, decay, out):
+            return out
     ss = inlet_steady_state_c(load_w, capacity_w, outside_c, params)
-    return ss + (np.asarray(inlet_c, dtype=float) - ss) * math.exp(-dt_s / params.tau_inlet_s)
+    return ss + (inlet - ss) * decay
 
 
 class OutsideAir:

@@ -1,0 +1,150 @@
+"""The power chain of a tick, compiled: GPU power under clock ceilings, servers, rows, aisles.
+
+The formulas are `power.py`'s (its docstrings say what they model); here they run as numba
+loops over the GPUs, with the operations in the order the numpy formulation evaluated them, so
+that every figure is the same to the last bit where the transcendental functions agree: ``**``
+here is the C library's ``pow``, which numpy also uses on its baseline loops (the test suite's
+CPU paths, `tests/golden/canonical_cpu.py`); numpy's AVX-512 loops differ from it in the last
+bit for about 5% of arguments. Sums run in numpy's orders: a server's GPUs pairwise
+(`compiled.pairwise_sum`, what ``sum(axis=1)`` does), rows and aisles in server order (what
+``np.bincount`` does).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from llm_cluster_gym.envs.sim.compiled import JIT_OPTIONS, pairwise_sum
+from llm_cluster_gym.envs.sim.compiled import np_maximum as _maximum
+from llm_cluster_gym.envs.sim.compiled import np_minimum as _minimum
+
+
+@njit(**JIT_OPTIONS)
+def _phase_dynamic_w(x: float, idle: float, max_w: float, k: float, busy: float) -> float:
+    """`profiles.phase_power_w` at the maximum clock, less idle: ``(idle + dyn * 1.0) - idle``."""
+    util = x / (x + k)
+    dyn = (busy if x > 0.0 else 0.0) + (max_w - idle - busy) * util
+    return (idle + dyn) - idle  # (f_max / f_max) ** gamma is exactly 1.0
+
+
+@njit(**JIT_OPTIONS)
+def dynamic_at_max_clock(prefill_frac, decode_frac, prefill_tokens, decode_batch, power_factor,
+                         vm_power_w, idle, prefill_max, prefill_k, prefill_busy, decode_max,
+                         decode_k, decode_busy):
+    """Per GPU, the prefill, decode and VM dynamic power at the maximum clock (W)."""
+    n = len(idle)
+    pre, dec, vm = np.empty(n), np.empty(n), np.empty(n)
+    for i in range(n):
+        p = _phase_dynamic_w(prefill_tokens[i], idle[i], prefill_max[i], prefill_k[i],
+                             prefill_busy[i])
+        pre[i] = prefill_frac[i] * p * power_factor[i]
+        d = _phase_dynamic_w(decode_batch[i], idle[i], decode_max[i], decode_k[i], decode_busy[i])
+        dec[i] = decode_frac[i] * d * power_factor[i]
+        vm[i] = _maximum(vm_power_w[i] - idle[i], 0.0)
+    return pre, dec, vm
+
+
+@njit(**JIT_OPTIONS)
+def _gpu_power(i, pre, dec, vm, idle, prefill_freq, freq, ceiling, f_max, inv, gamma, limit_w):
+    """One GPU's power under its clock ceiling (`GpuPowerModel.power_under_ceiling_w`)."""
+    c = _minimum(ceiling, f_max)
+    p = (idle[i] + pre[i] * (_minimum(prefill_freq[i], c) * inv) ** gamma
+         + dec[i] * (_minimum(freq[i], c) * inv) ** gamma
+         + vm[i] * (c * inv) ** gamma)
+    return _minimum(p, limit_w)
+
+
+@njit(**JIT_OPTIONS)
+def gpu_power_under_ceiling(pre, dec, vm, idle, prefill_freq, freq, ceiling, f_max, gamma,
+                            limit_w):
+    """Each GPU's mean power over the tick under its clock ceiling (W)."""
+    n = len(idle)
+    out = np.empty(n)
+    inv = 1.0 / f_max
+    for i in range(n):
+        out[i] = _gpu_power(i, pre, dec, vm, idle, prefill_freq, freq, ceiling[i], f_max, inv,
+                            gamma, limit_w)
+    return out
+
+
+@njit(**JIT_OPTIONS)
+def server_power(gpu_w, gpus, idle_gpu_w, tdp_w, overhead_idle_w, overhead_max_w, standby_w,
+                 server_off, any_off):
+    """Each server's power from its GPUs' (`power.server_power_w`), W."""
+    n = len(gpu_w) // gpus
+    out = np.empty(n)
+    span = gpus * (tdp_w - idle_gpu_w)
+    floor = gpus * idle_gpu_w
+    rise = overhead_max_w - overhead_idle_w
+    for s in range(n):
+        g_w = pairwise_sum(gpu_w[s * gpus:(s + 1) * gpus])
+        load = _minimum(_maximum((g_w - floor) / span, 0.0), 1.0)
+        out[s] = g_w + overhead_idle_w + rise * load
+        if any_off and server_off[s]:
+            out[s] = standby_w
+    return out
+
+
+@njit(**JIT_OPTIONS)
+def index_sum(index, values, n):
+    """``np.bincount(index, weights=values, minlength=n)``: in index order."""
+    out = np.zeros(n)
+    for i in range(len(index)):
+        out[index[i]] += values[i]
+    return out
+
+
+@njit(**JIT_OPTIONS)
+def tick_power(pre, dec, vm, idle, prefill_freq, freq, ceiling, f_max, gamma, limit_w, gpus,
+               idle_gpu_w, tdp_w, overhead_idle_w, overhead_max_w, standby_w, server_off,
+               any_off, server_row, n_rows, server_aisle, n_aisles):
+    """GPU, server, row and aisle power of a tick from its dynamic terms (`power.tick_power`)."""
+    gpu_w = gpu_power_under_ceiling(pre, dec, vm, idle, prefill_freq, freq, ceiling, f_max, gamma,
+                                    limit_w)
+    srv_w = server_power(gpu_w, gpus, idle_gpu_w, tdp_w, overhead_idle_w, overhead_max_w,
+                         standby_w, server_off, any_off)
+    return (gpu_w, srv_w, index_sum(server_row, srv_w, n_rows),
+            index_sum(server_aisle, srv_w, n_aisles))
+
+
+@njit(**JIT_OPTIONS)
+def row_cap_ceiling(pre, dec, vm, idle, prefill_freq, freq, other_ceiling, gpu_row, rows,
+                    row_limit_w, n_rows, iterations, min_f, f_max, gamma, limit_w, gpus,
+                    idle_gpu_w, tdp_w, overhead_idle_w, overhead_max_w, standby_w, server_off,
+                    any_off):
+    """Highest common clock ceiling per listed row at which it fits (`power.row_cap_ceiling_mhz`).
+
+    Bisection on the clock, all rows at once; the other rows get the maximum clock.
+    """
+    lo = np.full(n_rows, min_f)
+    hi = np.full(n_rows, f_max)
+    target = np.full(n_rows, np.inf)
+    for r in rows:
+        target[r] = row_limit_w[r]
+    n_gpus = len(idle)
+    server_row = gpu_row[::gpus]
+    ceiling = np.empty(n_gpus)
+    inv = 1.0 / f_max
+    mid = np.empty(n_rows)
+    for _ in range(iterations):
+        for r in range(n_rows):
+            mid[r] = 0.5 * (lo[r] + hi[r])
+        for i in range(n_gpus):
+            ceiling[i] = _minimum(other_ceiling[i], mid[gpu_row[i]])
+        gpu_w = np.empty(n_gpus)
+        for i in range(n_gpus):
+            gpu_w[i] = _gpu_power(i, pre, dec, vm, idle, prefill_freq, freq, ceiling[i], f_max,
+                                  inv, gamma, limit_w)
+        srv_w = server_power(gpu_w, gpus, idle_gpu_w, tdp_w, overhead_idle_w, overhead_max_w,
+                             standby_w, server_off, any_off)
+        row_w = index_sum(server_row, srv_w, n_rows)
+        for r in range(n_rows):
+            if row_w[r] <= target[r]:
+                lo[r] = mid[r]
+            else:
+                hi[r] = mid[r]
+    out = np.full(n_rows, f_max)
+    for r in rows:
+        out[r] = lo[r]
+    return out
