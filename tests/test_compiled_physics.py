@@ -1,11 +1,13 @@
-"""The compiled power, thermal and latency loops against the numpy formulations they replaced.
+"""Compiled power, thermal, latency and cohort loops against the numpy formulations they replaced.
 
 `power_kernels` (GPU power under clock ceilings, servers, rows, aisles, the row-capping
-bisection), `thermal_kernels` (aisle inlet and GPU temperature steps) and `latency_kernels`
-(an interval's percentiles and histograms) promise the numpy formulation's figures bit for bit on
-the tests' CPU paths (numpy's baseline loops, whose ``pow``, ``exp`` and ``log10`` are the C
-library's, as the compiled loops' are: `golden/canonical_cpu.py`). The references below are that
-numpy formulation, written out here (the library no longer has it); hypothesis draws the inputs.
+bisection), `thermal_kernels` (aisle inlet and GPU temperature steps), `latency_kernels` (an
+interval's percentiles and histograms) and the aggregate model's cohort loops
+(`serving_aggregate_kernels.cohort_misses`, `cohort_totals`) promise the numpy formulation's
+figures bit for bit on the tests' CPU paths (numpy's baseline loops, whose ``pow``, ``exp``,
+``expm1`` and ``log10`` are the C library's, as the compiled loops' are:
+`golden/canonical_cpu.py`). The references below are that numpy formulation, written out here
+(the library no longer has it); hypothesis draws the inputs.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def test_power_chain_matches_its_numpy_formulation_bit_for_bit(case):
     n = load.freq_mhz.size
     dyn = MODEL.dynamic_at_max_clock_w(load)
     ref = ref_dynamic(load)
-    for got, want in zip(dyn, ref):
+    for got, want in zip(dyn, ref, strict=True):
         np.testing.assert_array_equal(got, want)
     gpu_w = MODEL.power_under_ceiling_w(dyn, load, ceiling)
     np.testing.assert_array_equal(gpu_w, ref_gpu_power(ref, load, ceiling))
@@ -224,3 +226,38 @@ def test_interval_latency_stats_are_the_same_either_side_of_the_compiled_size():
     assert small[:4] == large[:4]
     np.testing.assert_array_equal(small[4], large[4])
     np.testing.assert_array_equal(small[5], large[5])
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 200), st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_cohort_outcomes_and_totals_match_their_numpy_formulation_bit_for_bit(seed, k, overload):
+    """The aggregate model's finishing cohorts: SLO shares missed, mean TTFT, weighted totals."""
+    from llm_cluster_gym.envs.sim.serving_aggregate import _ttft_ok
+    from llm_cluster_gym.envs.sim.serving_aggregate_kernels import cohort_misses, cohort_totals
+
+    rng = np.random.default_rng(seed)
+    base, wait, span = rng.uniform(0, 3, k), rng.uniform(0, 2, k), rng.uniform(0, 5, k)
+    wait[rng.random(k) < 0.1] = 0.0  # the 1e-6 guard
+    overloaded = (rng.random(k) < 0.3) & overload
+    any_over = bool(overloaded.any())
+    slo_ttft, slo_tbt = rng.uniform(0.2, 2.5, k), rng.uniform(0.02, 0.1, k)
+    tbt = rng.uniform(0.01, 0.12, k)
+    miss, tbt_bad, bad, mean = cohort_misses(base, wait, span, overloaded, any_over, slo_ttft,
+                                             tbt, slo_tbt)
+    want_miss = 1.0 - _ttft_ok(slo_ttft, base, wait, span if any_over else None, overloaded)
+    want_tbt = (tbt > slo_tbt).astype(float)
+    np.testing.assert_array_equal(miss, want_miss)
+    np.testing.assert_array_equal(tbt_bad, want_tbt)
+    np.testing.assert_array_equal(bad, np.maximum(want_miss, want_tbt))
+    np.testing.assert_array_equal(
+        mean, base + np.where(overloaded, span / 2, wait) if any_over else base + wait)
+    finished = rng.uniform(0, 4, k) * (rng.random(k) < 0.8)
+    qloss = rng.uniform(0, 0.1, k)
+    totals, ttft_s, tbt_s, w = cohort_totals(finished, miss, tbt_bad, bad, qloss, mean, tbt)
+    weighted = np.stack([finished, finished * miss, finished * tbt_bad, finished * bad,
+                         finished * qloss])
+    assert totals.tolist() == weighted.sum(axis=1).tolist()
+    keep = finished > 0
+    np.testing.assert_array_equal(ttft_s, mean[keep])
+    np.testing.assert_array_equal(tbt_s, tbt[keep])
+    np.testing.assert_array_equal(w, finished[keep])

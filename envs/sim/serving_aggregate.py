@@ -115,7 +115,7 @@ class AggregateServing:
     @property
     def in_flight(self) -> float:
         """Requests arrived and neither finished nor dropped."""
-        return float(self.q.sum() + self.run.sum() + self.buf.sum())
+        return float(kernels.in_flight(self.q, self.run, self.buf))
 
     @property
     def preemptions(self) -> float:
@@ -124,11 +124,7 @@ class AggregateServing:
 
     def per_pool_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """Waiting and running request counts per pool."""
-        has = self.slot_pool >= 0
-        sp = np.where(has, self.slot_pool, 0)
-        waiting = np.bincount(sp, weights=self.q * has, minlength=self.n_pools) + self.buf
-        running = np.bincount(sp, weights=self.run * has, minlength=self.n_pools)
-        return waiting, running
+        return kernels.pool_counts(self.slot_pool, self.q, self.run, self.buf, self.n_pools)
 
     def add_arrivals(self, arrival_s, input_tokens, output_tokens, pool) -> None:
         """Fold new requests into the per-pool router buffer."""
@@ -306,12 +302,13 @@ class AggregateServing:
             pool = inst.pool[idx]  # serving slots always have a pool
             any_overloaded = np.count_nonzero(overloaded) > 0
             span_or_none = span if any_overloaded else None
-            ttft_mean = base + np.where(overloaded, span / 2, wait) if any_overloaded else base + wait
-            if self.slo_classes is None:
-                ttft_miss = 1.0 - _ttft_ok(slo_ttft_s[pool], base, wait, span_or_none, overloaded)
-                tbt_bad = (tbt > slo_tbt_s[pool]).astype(float)
-                bad = np.maximum(ttft_miss, tbt_bad)
+            if self.slo_classes is None:  # compiled: `_ttft_ok` and the TBT test per cohort
+                ttft_miss, tbt_bad, bad, ttft_mean = kernels.cohort_misses(
+                    base, wait, span, overloaded, any_overloaded, slo_ttft_s[pool], tbt,
+                    slo_tbt_s[pool])
             else:
+                ttft_mean = (base + np.where(overloaded, span / 2, wait) if any_overloaded
+                             else base + wait)
                 ttft_miss, tbt_bad, bad = self._class_misses(
                     pool, idx, model, base, base - s - quantum, o, m, p0, wait, span_or_none,
                     overloaded, tbt)
@@ -381,21 +378,16 @@ class AggregateServing:
         The arrays are aligned with the slots `idx`; `ttft_miss`, `tbt_bad` and `bad` are each
         slot's share of its cohort missing the TTFT SLO, the TBT SLO and either.
         """
-        w = finished
-        # One weighted sum per counter (each row sums exactly as a 1-D sum would).
-        weighted = np.empty((5, len(w)))
-        weighted[0] = w  # w * 1
-        np.multiply(w, ttft_miss, out=weighted[1])
-        np.multiply(w, tbt_bad, out=weighted[2])
-        np.multiply(w, bad, out=weighted[3])
-        np.multiply(w, qloss, out=weighted[4])
-        n_fin, n_ttft, n_tbt, n_bad, qsum = weighted.sum(axis=1).tolist()
+        # One weighted sum per counter (pairwise, as numpy sums), the cohorts that finished
+        # anyone kept as the interval's latency samples.
+        totals, ttft_s, tbt_s, weight = kernels.cohort_totals(finished, ttft_miss, tbt_bad, bad,
+                                                              qloss, ttft_mid, tbt)
+        n_fin, n_ttft, n_tbt, n_bad, qsum = totals.tolist()
         acc.finished += n_fin
         acc.ttft_violations += n_ttft
         acc.tbt_violations += n_tbt
         acc.violations += n_bad
         acc.quality_loss += qsum
-        keep = w > 0
-        acc.ttft_s.append(ttft_mid[keep])
-        acc.tbt_s.append(tbt[keep])
-        acc.weight.append(w[keep])
+        acc.ttft_s.append(ttft_s)
+        acc.tbt_s.append(tbt_s)
+        acc.weight.append(weight)

@@ -16,10 +16,12 @@ The physics and its explanation stay in `serving_aggregate`; this module is only
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
-from llm_cluster_gym.envs.sim.compiled import JIT_OPTIONS, pairwise_sum
+from llm_cluster_gym.envs.sim.compiled import JIT_OPTIONS, np_maximum, np_minimum, pairwise_sum
 
 
 @njit(**JIT_OPTIONS)
@@ -283,3 +285,92 @@ def route_buffers(buf, buf_in, buf_out, weight, pool, q, q_in, q_out, q_age_s, r
         q_age_s[i] = q_age_s[i] * qi / safe  # new arrivals have age 0
         q[i] = tot
         rate_rps[i] = 0.8 * rate_rps[i] + 0.2 * share / dt_s
+
+
+@njit(**JIT_OPTIONS)
+def cohort_misses(base, wait, span, overloaded, any_overloaded, slo_ttft, tbt, slo_tbt):
+    """Per finishing cohort: the shares missing TTFT, TBT and either, and its mean TTFT.
+
+    The TTFT share meeting the SLO is `serving_aggregate._ttft_ok` (the exponential wait, or the
+    even spread over `span` of an overloaded chain); TBT is met or missed by the whole cohort.
+    The SLOs are the cohorts' pools' (one value per cohort).
+    """
+    k = len(base)
+    ttft_miss, tbt_bad, bad, ttft_mean = np.empty(k), np.empty(k), np.empty(k), np.empty(k)
+    for j in range(k):
+        over = slo_ttft[j] - base[j]
+        if over > 0:
+            ok = -math.expm1(-np_minimum(np_maximum(over / np_maximum(wait[j], 1e-6), 0.0), 50.0))
+        else:
+            ok = 0.0
+        if any_overloaded and overloaded[j]:
+            ok = np_minimum(np_maximum(over / np_maximum(span[j], 1e-9), 0.0), 1.0)
+        ttft_miss[j] = 1.0 - ok
+        tbt_bad[j] = 1.0 if tbt[j] > slo_tbt[j] else 0.0
+        bad[j] = np_maximum(ttft_miss[j], tbt_bad[j])
+        if any_overloaded:
+            ttft_mean[j] = base[j] + (span[j] / 2 if overloaded[j] else wait[j])
+        else:
+            ttft_mean[j] = base[j] + wait[j]
+    return ttft_miss, tbt_bad, bad, ttft_mean
+
+
+@njit(**JIT_OPTIONS)
+def cohort_totals(finished, ttft_miss, tbt_bad, bad, qloss, ttft_mid, tbt):
+    """The interval's weighted counts of the finishing cohorts, and their latency samples.
+
+    Returns (finished, TTFT violations, TBT violations, either, quality loss), each summed in
+    numpy's pairwise order, and the TTFT, TBT and weight of the cohorts that finished anyone.
+    """
+    k = len(finished)
+    row = np.empty(k)
+    totals = np.empty(5)
+    for r in range(5):
+        for j in range(k):
+            w = finished[j]
+            if r == 0:
+                row[j] = w
+            elif r == 1:
+                row[j] = w * ttft_miss[j]
+            elif r == 2:
+                row[j] = w * tbt_bad[j]
+            elif r == 3:
+                row[j] = w * bad[j]
+            else:
+                row[j] = w * qloss[j]
+        totals[r] = pairwise_sum(row)
+    n = 0
+    for j in range(k):
+        if finished[j] > 0:
+            n += 1
+    ttft_out, tbt_out, w_out = np.empty(n), np.empty(n), np.empty(n)
+    n = 0
+    for j in range(k):
+        if finished[j] > 0:
+            ttft_out[n], tbt_out[n], w_out[n] = ttft_mid[j], tbt[j], finished[j]
+            n += 1
+    return totals, ttft_out, tbt_out, w_out
+
+
+@njit(**JIT_OPTIONS)
+def pool_counts(slot_pool, q, run, buf, n_pools):
+    """Waiting and running requests per pool (`AggregateServing.per_pool_counts`).
+
+    Slots without a pool (-1) count nothing; each pool's sums run in slot order (as
+    ``np.bincount``), then the router buffer joins the waiting.
+    """
+    waiting, running = np.zeros(n_pools), np.zeros(n_pools)
+    for i in range(len(slot_pool)):
+        has = 1.0 if slot_pool[i] >= 0 else 0.0
+        p = slot_pool[i] if slot_pool[i] >= 0 else 0
+        waiting[p] += q[i] * has
+        running[p] += run[i] * has
+    for p in range(n_pools):
+        waiting[p] = waiting[p] + buf[p]
+    return waiting, running
+
+
+@njit(**JIT_OPTIONS)
+def in_flight(q, run, buf):
+    """Requests queued, running and in the router buffer (each array summed as numpy sums)."""
+    return pairwise_sum(q) + pairwise_sum(run) + pairwise_sum(buf)
