@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llm_cluster_gym.envs.sim import power as pw
+from llm_cluster_gym.envs.sim import power_kernels as pk
 from llm_cluster_gym.envs.sim.instances import InstanceTable
 from llm_cluster_gym.envs.sim.layout import SlotTables
 from llm_cluster_gym.envs.sim.profiles import (
@@ -235,12 +236,19 @@ def gpu_load(load: TickLoad, st: SlotSettings, slots: SlotTables, gpu_prefill_mh
 
     ``vm_power_w`` is each GPU's VM draw at full clock (0 on SaaS GPUs).
     """
-    o, has_f = slots.gpu_o, slots.gpu_has_f
+    # Compiled (`power_kernels.gpu_phase_mix`): each GPU's share of its slot's prefill and
+    # decode time, prompt tokens and decode load (`Profile.decode_power_load`).
+    f64 = np.float64
+    pre_frac, dec_frac, pre_tok, dec_load = pk.gpu_phase_mix(
+        slots.gpu_o, slots.gpu_has_f, float(dt), np.asarray(load.prefill_busy_s, f64),
+        np.asarray(load.decode_busy_s, f64), np.asarray(load.prefill_tokens, f64),
+        np.asarray(load.decode_batch, f64), np.asarray(load.decode_ctx_tokens, f64),
+        np.asarray(slots.prof.decode_power_ctx_per_ktok, f64))
     return pw.GpuLoad(
-        prefill_frac=load.prefill_busy_s[o] * has_f / dt,
-        decode_frac=load.decode_busy_s[o] * has_f / dt,
-        prefill_tokens=load.prefill_tokens[o] * has_f,
-        decode_batch=slots.prof.decode_power_load(load.decode_batch, load.decode_ctx_tokens)[o] * has_f,
+        prefill_frac=pre_frac,
+        decode_frac=dec_frac,
+        prefill_tokens=pre_tok,
+        decode_batch=dec_load,
         freq_mhz=st.gpu_freq_mhz,
         prefill_freq_mhz=gpu_prefill_mhz,
         power_factor=st.power_factor,

@@ -148,3 +148,47 @@ def row_cap_ceiling(pre, dec, vm, idle, prefill_freq, freq, other_ceiling, gpu_r
     for r in rows:
         out[r] = lo[r]
     return out
+
+
+@njit(**JIT_OPTIONS)
+def gpu_phase_mix(gpu_slot, has_f, dt_s, prefill_busy_s, decode_busy_s, prefill_tokens,
+                  decode_batch, decode_ctx_tokens, ctx_per_ktok):
+    """Each GPU's prefill and decode shares of the tick and their loads (`clocks.gpu_load`).
+
+    Gathered from the slot each GPU belongs to (`gpu_slot`; `has_f` 0.0 where none): the decode
+    load is `Profile.decode_power_load`, ``batch * (1 + beta * ctx / 1000)``.
+    """
+    n = len(gpu_slot)
+    pre_frac, dec_frac = np.empty(n), np.empty(n)
+    pre_tok, dec_load = np.empty(n), np.empty(n)
+    for g in range(n):
+        o, h = gpu_slot[g], has_f[g]
+        pre_frac[g] = prefill_busy_s[o] * h / dt_s
+        dec_frac[g] = decode_busy_s[o] * h / dt_s
+        pre_tok[g] = prefill_tokens[o] * h
+        dec_load[g] = decode_batch[o] * (1.0 + ctx_per_ktok[o] * decode_ctx_tokens[o] / 1000.0) * h
+    return pre_frac, dec_frac, pre_tok, dec_load
+
+
+@njit(**JIT_OPTIONS)
+def capping_state(demand_w, row_w, demand_avg_w, row_avg_w, alpha, row_limit_w, capped,
+                  target_fraction):
+    """The row-capping controller's averages and decision (`throttle.RowPowerCapping.update`).
+
+    Moves the two exponential averages (in place) and returns, per row, whether it is over
+    (its averaged demand above its limit, or a capped row's above the target), the target
+    (``limit * target_fraction``) and the number of rows newly over.
+    """
+    n = len(row_w)
+    over = np.empty(n, dtype=np.bool_)
+    target = np.empty(n)
+    events = 0
+    for r in range(n):
+        demand_avg_w[r] += alpha * (demand_w[r] - demand_avg_w[r])
+        row_avg_w[r] += alpha * (row_w[r] - row_avg_w[r])
+        target[r] = row_limit_w[r] * target_fraction
+        d = demand_avg_w[r]
+        over[r] = (d > row_limit_w[r]) or (capped[r] and d > target[r])
+        if over[r] and not capped[r]:
+            events += 1
+    return over, target, events

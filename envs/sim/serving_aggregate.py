@@ -130,15 +130,11 @@ class AggregateServing:
         """Fold new requests into the per-pool router buffer."""
         if len(arrival_s) == 0:
             return
-        cnt = np.bincount(pool, minlength=self.n_pools)
-        tot_in = np.bincount(pool, weights=input_tokens, minlength=self.n_pools)
-        tot_out = np.bincount(pool, weights=output_tokens, minlength=self.n_pools)
-        new = self.buf + cnt
-        safe = np.maximum(new, 1e-12)
-        self.buf_in = (self.buf_in * self.buf + tot_in) / safe
-        self.buf_out = (self.buf_out * self.buf + tot_out) / safe
-        self.buf_age_s = self.buf_age_s * self.buf / safe  # new arrivals have age 0
-        self.buf = new
+        # Compiled (`kernels.fold_arrivals`): counts and token totals per pool, then the
+        # buffer's new means (new arrivals have age 0).
+        self.buf, self.buf_in, self.buf_out, self.buf_age_s = kernels.fold_arrivals(
+            np.asarray(pool, dtype=np.int64), input_tokens, output_tokens, self.buf, self.buf_in,
+            self.buf_out, self.buf_age_s, self.n_pools)
         if self.slo_classes is not None:
             k = self.slo_classes.n_classes
             key = np.asarray(pool) * k + self.slo_classes.assign(input_tokens)

@@ -374,3 +374,28 @@ def pool_counts(slot_pool, q, run, buf, n_pools):
 def in_flight(q, run, buf):
     """Requests queued, running and in the router buffer (each array summed as numpy sums)."""
     return pairwise_sum(q) + pairwise_sum(run) + pairwise_sum(buf)
+
+
+@njit(**JIT_OPTIONS)
+def fold_arrivals(pool, input_tokens, output_tokens, buf, buf_in, buf_out, buf_age_s, n_pools):
+    """New requests folded into each pool's router buffer (`AggregateServing.add_arrivals`).
+
+    Returns the new buffer count, mean prompt, mean output and mean age per pool (new arrivals
+    have age 0); counts and token totals are summed in arrival order, as ``np.bincount`` does.
+    """
+    cnt, tot_in, tot_out = np.zeros(n_pools), np.zeros(n_pools), np.zeros(n_pools)
+    for i in range(len(pool)):
+        p = pool[i]
+        cnt[p] += 1.0
+        tot_in[p] += input_tokens[i]
+        tot_out[p] += output_tokens[i]
+    new_buf, new_in = np.empty(n_pools), np.empty(n_pools)
+    new_out, new_age = np.empty(n_pools), np.empty(n_pools)
+    for p in range(n_pools):
+        new = buf[p] + cnt[p]
+        safe = np_maximum(new, 1e-12)
+        new_in[p] = (buf_in[p] * buf[p] + tot_in[p]) / safe
+        new_out[p] = (buf_out[p] * buf[p] + tot_out[p]) / safe
+        new_age[p] = buf_age_s[p] * buf[p] / safe
+        new_buf[p] = new
+    return new_buf, new_in, new_out, new_age

@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 from llm_cluster_gym.envs.sim import power as pw
+from llm_cluster_gym.envs.sim import power_kernels as pk
 from llm_cluster_gym.envs.sim.scenario import ServerSpec
 from llm_cluster_gym.envs.sim.thermal import ThermalParams
 from llm_cluster_gym.envs.sim.topology import Topology
@@ -91,12 +92,12 @@ class RowPowerCapping:
         alpha = self.alpha
         if math.isnan(self.row_avg_w[0]):  # first tick of the episode
             self.demand_avg_w, self.row_avg_w = demand_w.copy(), row_w.copy()
-        self.demand_avg_w += alpha * (demand_w - self.demand_avg_w)
-        self.row_avg_w += alpha * (row_w - self.row_avg_w)
-        demand_w = self.demand_avg_w
-        target_w = row_limit_w * CAP_TARGET_FRACTION
-        over = (demand_w > row_limit_w) | (self.capped & (demand_w > target_w))
-        events = int(np.count_nonzero(over & ~self.capped))
+        # Compiled (`power_kernels.capping_state`): the averages move in place; a row is over
+        # when its averaged demand exceeds its limit, or, capped, the target below it.
+        over, target_w, events = pk.capping_state(
+            np.asarray(demand_w, dtype=np.float64), np.asarray(row_w, dtype=np.float64),
+            self.demand_avg_w, self.row_avg_w, alpha, np.asarray(row_limit_w, dtype=np.float64),
+            self.capped, CAP_TARGET_FRACTION)
         self.any_capped = bool(np.count_nonzero(over))
         if self.any_capped:
             self.ceiling_mhz = pw.row_cap_ceiling_mhz(
