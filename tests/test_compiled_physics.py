@@ -261,3 +261,56 @@ def test_cohort_outcomes_and_totals_match_their_numpy_formulation_bit_for_bit(se
     np.testing.assert_array_equal(ttft_s, mean[keep])
     np.testing.assert_array_equal(tbt_s, tbt[keep])
     np.testing.assert_array_equal(w, finished[keep])
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 60), st.integers(1, 5))
+@settings(max_examples=50, deadline=None)
+def test_tick_bookkeeping_loops_match_their_numpy_formulation_bit_for_bit(seed, n, n_pools):
+    """GPU phase mix, row-capping state, arrivals folded into the buffer, per-pool counts."""
+    from llm_cluster_gym.envs.sim import power_kernels as pk
+    from llm_cluster_gym.envs.sim import serving_aggregate_kernels as ak
+
+    rng = np.random.default_rng(seed)
+    slots = max(n // 2, 1)
+    gpu_slot, has_f = rng.integers(0, slots, n), (rng.random(n) < 0.8).astype(float)
+    dt = float(rng.uniform(0.1, 60))
+    busy_p, busy_d = rng.uniform(0, dt, slots), rng.uniform(0, dt, slots)
+    tok, batch, ctx = rng.uniform(0, 9000, slots), rng.uniform(0, 512, slots), rng.uniform(0, 9e3, slots)
+    beta = rng.uniform(0, 1, slots)
+    got = pk.gpu_phase_mix(gpu_slot, has_f, dt, busy_p, busy_d, tok, batch, ctx, beta)
+    want = (busy_p[gpu_slot] * has_f / dt, busy_d[gpu_slot] * has_f / dt, tok[gpu_slot] * has_f,
+            (batch * (1.0 + beta * ctx / 1000.0))[gpu_slot] * has_f)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    rows = max(n // 8, 1)
+    demand, row_w, limit = (rng.uniform(1e4, 1e5, rows) for _ in range(3))
+    d_avg, r_avg = rng.uniform(1e4, 1e5, rows), rng.uniform(1e4, 1e5, rows)
+    capped, alpha = rng.random(rows) < 0.5, float(rng.uniform(0, 1))
+    want_d, want_r = d_avg + alpha * (demand - d_avg), r_avg + alpha * (row_w - r_avg)
+    over, target, events = pk.capping_state(demand, row_w, d_avg, r_avg, alpha, limit, capped, 0.95)
+    np.testing.assert_array_equal(d_avg, want_d)
+    np.testing.assert_array_equal(r_avg, want_r)
+    np.testing.assert_array_equal(target, limit * 0.95)
+    want_over = (want_d > limit) | (capped & (want_d > limit * 0.95))
+    np.testing.assert_array_equal(over, want_over)
+    assert events == np.count_nonzero(want_over & ~capped)
+    pool = rng.integers(0, n_pools, n)
+    inp, out = rng.integers(1, 8000, n), rng.integers(1, 2000, n)
+    buf = rng.uniform(0, 5, n_pools) * (rng.random(n_pools) < 0.5)
+    buf_in, buf_out, age = (rng.uniform(0, 3000, n_pools) for _ in range(3))
+    new = buf + np.bincount(pool, minlength=n_pools)
+    safe = np.maximum(new, 1e-12)
+    want = (new, (buf_in * buf + np.bincount(pool, weights=inp, minlength=n_pools)) / safe,
+            (buf_out * buf + np.bincount(pool, weights=out, minlength=n_pools)) / safe,
+            age * buf / safe)
+    got = ak.fold_arrivals(pool, inp, out, buf, buf_in, buf_out, age, n_pools)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    slot_pool = rng.integers(-1, n_pools, n)
+    q, run = rng.uniform(0, 9, n), rng.uniform(0, 9, n)
+    has = slot_pool >= 0
+    sp = np.where(has, slot_pool, 0)
+    waiting, running = ak.pool_counts(slot_pool, q, run, buf, n_pools)
+    np.testing.assert_array_equal(waiting, np.bincount(sp, weights=q * has, minlength=n_pools) + buf)
+    np.testing.assert_array_equal(running, np.bincount(sp, weights=run * has, minlength=n_pools))
+    assert ak.in_flight(q, run, buf) == q.sum() + run.sum() + buf.sum()
