@@ -46,12 +46,29 @@ def dynamic_at_max_clock(prefill_frac, decode_frac, prefill_tokens, decode_batch
 
 
 @njit(**JIT_OPTIONS)
-def _gpu_power(i, pre, dec, vm, idle, prefill_freq, freq, ceiling, f_max, inv, gamma, limit_w):
+def _scaled(weight, base, gamma, memo):
+    """``weight * base ** gamma``, without calling ``pow`` where its value is already known.
+
+    `memo` holds the last (base, base ** gamma): neighbouring GPUs (one instance, one pool) run
+    the same clocks. A zero weight gives itself (``0 * x`` is that zero for the finite, positive
+    powers of a clock ratio). The same bits as computing it, ``pow`` being a function.
+    """
+    if weight == 0.0:
+        return weight
+    if base != memo[0]:
+        memo[0] = base
+        memo[1] = base ** gamma
+    return weight * memo[1]
+
+
+@njit(**JIT_OPTIONS)
+def _gpu_power(i, pre, dec, vm, idle, prefill_freq, freq, ceiling, f_max, inv, gamma, limit_w,
+               memo):
     """One GPU's power under its clock ceiling (`GpuPowerModel.power_under_ceiling_w`)."""
     c = _minimum(ceiling, f_max)
-    p = (idle[i] + pre[i] * (_minimum(prefill_freq[i], c) * inv) ** gamma
-         + dec[i] * (_minimum(freq[i], c) * inv) ** gamma
-         + vm[i] * (c * inv) ** gamma)
+    p = (idle[i] + _scaled(pre[i], _minimum(prefill_freq[i], c) * inv, gamma, memo[0])
+         + _scaled(dec[i], _minimum(freq[i], c) * inv, gamma, memo[1])
+         + _scaled(vm[i], c * inv, gamma, memo[2]))
     return _minimum(p, limit_w)
 
 
@@ -62,9 +79,10 @@ def gpu_power_under_ceiling(pre, dec, vm, idle, prefill_freq, freq, ceiling, f_m
     n = len(idle)
     out = np.empty(n)
     inv = 1.0 / f_max
+    memo = np.full((3, 2), np.nan)
     for i in range(n):
         out[i] = _gpu_power(i, pre, dec, vm, idle, prefill_freq, freq, ceiling[i], f_max, inv,
-                            gamma, limit_w)
+                            gamma, limit_w, memo)
     return out
 
 
@@ -127,6 +145,7 @@ def row_cap_ceiling(pre, dec, vm, idle, prefill_freq, freq, other_ceiling, gpu_r
     ceiling = np.empty(n_gpus)
     inv = 1.0 / f_max
     mid = np.empty(n_rows)
+    memo = np.full((3, 2), np.nan)
     for _ in range(iterations):
         for r in range(n_rows):
             mid[r] = 0.5 * (lo[r] + hi[r])
@@ -135,7 +154,7 @@ def row_cap_ceiling(pre, dec, vm, idle, prefill_freq, freq, other_ceiling, gpu_r
         gpu_w = np.empty(n_gpus)
         for i in range(n_gpus):
             gpu_w[i] = _gpu_power(i, pre, dec, vm, idle, prefill_freq, freq, ceiling[i], f_max,
-                                  inv, gamma, limit_w)
+                                  inv, gamma, limit_w, memo)
         srv_w = server_power(gpu_w, gpus, idle_gpu_w, tdp_w, overhead_idle_w, overhead_max_w,
                              standby_w, server_off, any_off)
         row_w = index_sum(server_row, srv_w, n_rows)
