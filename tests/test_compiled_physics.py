@@ -314,3 +314,27 @@ def test_tick_bookkeeping_loops_match_their_numpy_formulation_bit_for_bit(seed, 
     np.testing.assert_array_equal(waiting, np.bincount(sp, weights=q * has, minlength=n_pools) + buf)
     np.testing.assert_array_equal(running, np.bincount(sp, weights=run * has, minlength=n_pools))
     assert ak.in_flight(q, run, buf) == q.sum() + run.sum() + buf.sum()
+
+
+def ref_weighted_percentiles(values, weight, fractions) -> tuple[float, ...]:
+    """`serving.weighted_percentiles`' general path: a stable sort and a left search."""
+    order = values.argsort(kind="stable")
+    cum = weight[order].cumsum()
+    idx = cum.searchsorted(fractions * cum[-1])
+    return tuple(values[order[np.minimum(idx, len(values) - 1)]].tolist())
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3000), st.booleans(), st.booleans())
+@settings(max_examples=80, deadline=None)
+def test_unit_weight_percentiles_by_partition_equal_the_sorted_search(seed, n, ties, nans):
+    """The request level's one-weight-per-request percentiles skip the sort: the same values."""
+    rng = np.random.default_rng(seed)
+    values = np.round(rng.exponential(0.5, n), 2) if ties else rng.exponential(0.5, n)
+    if nans:
+        values[rng.random(n) < 0.05] = np.nan
+    fractions = np.concatenate([np.array([0.5, 0.99]) - 1e-12, rng.uniform(0, 1, 3), [0.0, 1.0]])
+    ones = np.ones(n)
+    got = weighted_percentiles(values, ones, fractions)
+    assert np.array_equal(got, ref_weighted_percentiles(values, ones, fractions), equal_nan=True)
+    assert weighted_percentiles(values, ones, (50.0, 99.0)) == pytest.approx(
+        ref_weighted_percentiles(values, ones, np.array([0.5, 0.99]) - 1e-12), nan_ok=True)

@@ -125,6 +125,16 @@ def weighted_percentiles(
     `qs` are percentiles (0-100); an array is taken as fractions already shifted down by a hair
     (the hot path passes a precomputed one).
     """
+    fractions = qs if isinstance(qs, np.ndarray) else np.asarray(qs) / 100.0 - 1e-12
+    n = len(values)
+    if n and np.count_nonzero(weight == 1.0) == n:
+        # Unit weights (the request-level model: one per request): the cumulative weight is
+        # 1, 2, ..., n, so the search lands on index ceil(q n) - 1 (within [0, n - 1]), and the
+        # value there is the order statistic np.partition finds in linear time (NaNs last, as
+        # in the sort): the same values as the general path below, without the sort.
+        at = np.minimum(np.maximum(np.ceil(fractions * float(n)) - 1.0, 0.0), n - 1)
+        at = at.astype(np.int64)
+        return tuple(np.partition(values, at)[at].tolist())
     order = values.argsort(kind="stable")
     cum = weight[order].cumsum()
     total = cum[-1] if len(cum) else 0.0
@@ -132,6 +142,5 @@ def weighted_percentiles(
         return tuple(0.0 for _ in qs)
     # Zero-weight samples add nothing to the cumulative weight, so the search never stops on one
     # unless it ties a positive one before it.
-    fractions = qs if isinstance(qs, np.ndarray) else np.asarray(qs) / 100.0 - 1e-12
     idx = cum.searchsorted(fractions * total)
     return tuple(values[order[np.minimum(idx, len(values) - 1)]].tolist())
