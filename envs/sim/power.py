@@ -17,6 +17,7 @@ power-throttling event.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -45,6 +46,17 @@ class GpuPhasePower:
     decode_k_batch: np.ndarray
     prefill_busy_w: np.ndarray
     decode_busy_w: np.ndarray
+
+    @cached_property
+    def stacked(self) -> np.ndarray:
+        """The seven coefficients as one (7, GPUs) float64 array, in `power_kernels.COEF` order.
+
+        What the compiled power chain takes (one argument, not seven); built once per object
+        (the layout's, or its powered-down variant's: both are cached by the cluster).
+        """
+        idle = np.asarray(self.idle_w, dtype=np.float64)
+        return np.stack([per_element(getattr(self, name), idle.shape)
+                         for name in kernels.COEF_FIELDS])
 
 
 @dataclass(frozen=True)
@@ -98,13 +110,8 @@ class GpuPowerModel:
         phase's term is its `profiles.phase_power_w` at the maximum clock less idle, times the
         phase's share of the tick and the power factor (compiled: `power_kernels`).
         """
-        c = load.phase_power
-        idle = _f64(c.idle_w)
-        return kernels.dynamic_at_max_clock(*(_per_gpu(a, idle) for a in (
-            load.prefill_frac, load.decode_frac, load.prefill_tokens, load.decode_batch,
-            load.power_factor, load.vm_power_w)), idle, *(_per_gpu(a, idle) for a in (
-            c.prefill_max_w, c.prefill_k_tokens, c.prefill_busy_w, c.decode_max_w,
-            c.decode_k_batch, c.decode_busy_w)))
+        coef = load.phase_power.stacked
+        return kernels.dynamic_at_max_clock(*_load_args(load, coef), coef)
 
     def power_under_ceiling_w(self, dyn: tuple[np.ndarray, np.ndarray, np.ndarray],
                               load: GpuLoad, ceiling_mhz: np.ndarray) -> np.ndarray:
@@ -114,10 +121,10 @@ class GpuPowerModel:
         + vm (c / f_max)**g`` with ``c = min(ceiling, f_max)``, at most the power limit.
         """
         pre, dec, vm = dyn
-        idle = _f64(load.phase_power.idle_w)
+        idle = load.phase_power.stacked[0]
         return kernels.gpu_power_under_ceiling(
             pre, dec, vm, idle, _per_gpu(load.prefill_freq_mhz, idle), _per_gpu(load.freq_mhz, idle),
-            _per_gpu(ceiling_mhz, idle), *_clock_args(self)[1:])
+            _per_gpu(ceiling_mhz, idle), _params(self))
 
     def gpu_power_w(self, load: GpuLoad, ceiling_mhz: np.ndarray) -> np.ndarray:
         """Mean power of each GPU over the tick under a clock ceiling (row cap, thermal)."""
@@ -136,8 +143,8 @@ def server_power_w(gpu_power_w: np.ndarray, spec: ServerSpec, idle_gpu_w: float,
     if gpu_w.ndim != 1 or gpu_w.size % spec.gpus:
         raise ValueError(f"server_power_w: {gpu_w.shape} GPU powers do not fill servers of "
                          f"{spec.gpus} GPUs")
-    return kernels.server_power(gpu_w, *_server_args(spec, idle_gpu_w, server_off,
-                                                     gpu_w.size // spec.gpus))
+    off, any_off = _server_off(server_off, gpu_w.size // spec.gpus)
+    return kernels.server_power(gpu_w, _server_params(spec, idle_gpu_w), off, any_off)
 
 
 def tick_power(model: GpuPowerModel, load: GpuLoad, ceiling_mhz: np.ndarray, spec: ServerSpec,
@@ -149,15 +156,15 @@ def tick_power(model: GpuPowerModel, load: GpuLoad, ceiling_mhz: np.ndarray, spe
         (the dynamic terms at the maximum clock (`GpuPowerModel.dynamic_at_max_clock_w`, which
         capping reuses), GPU power, server power, row power, aisle heat), W.
     """
-    dyn = model.dynamic_at_max_clock_w(load)
-    idle = _f64(load.phase_power.idle_w)
-    gpu_w, srv_w, row_w, aisle_w = kernels.tick_power(
-        *dyn, idle, _per_gpu(load.prefill_freq_mhz, idle), _per_gpu(load.freq_mhz, idle),
-        _per_gpu(ceiling_mhz, idle),
-        *_clock_args(model)[1:],
-        *_server_args(spec, model.idle_power_w, load.server_off, topo.n_servers),
-        topo.server_row, topo.n_rows, topo.server_aisle, topo.n_aisles)
-    return dyn, gpu_w, srv_w, row_w, aisle_w
+    coef = load.phase_power.stacked
+    idle = coef[0]
+    off, any_off = _server_off(load.server_off, topo.n_servers)
+    pre, dec, vm, gpu_w, srv_w, row_w, aisle_w = kernels.tick_power(
+        *_load_args(load, coef), coef, _per_gpu(load.prefill_freq_mhz, idle),
+        _per_gpu(load.freq_mhz, idle), _per_gpu(ceiling_mhz, idle), _params(model),
+        _server_params(spec, model.idle_power_w), off, any_off, topo.server_row, topo.n_rows,
+        topo.server_aisle, topo.n_aisles)
+    return (pre, dec, vm), gpu_w, srv_w, row_w, aisle_w
 
 
 def row_cap_ceiling_mhz(
@@ -182,19 +189,39 @@ def row_cap_ceiling_mhz(
     """
     if dyn is None:  # the profile is evaluated once, not per halving
         dyn = model.dynamic_at_max_clock_w(load)
-    idle = _f64(load.phase_power.idle_w)
+    idle = load.phase_power.stacked[0]
+    off, any_off = _server_off(load.server_off, idle.size // server_spec.gpus)
     return kernels.row_cap_ceiling(
         *dyn, idle, _per_gpu(load.prefill_freq_mhz, idle), _per_gpu(load.freq_mhz, idle),
         _per_gpu(other_ceiling_mhz, idle), np.asarray(gpu_row, dtype=np.int64),
-        np.asarray(rows, dtype=np.int64), _f64(row_limit_w), n_rows, iterations,
-        *_clock_args(model),
-        *_server_args(server_spec, model.idle_power_w, load.server_off, idle.size // server_spec.gpus))
+        np.asarray(rows, dtype=np.int64), _f64(row_limit_w), n_rows, iterations, _params(model),
+        _server_params(server_spec, model.idle_power_w), off, any_off)
 
 
-def _clock_args(model: GpuPowerModel) -> tuple[float, float, float, float]:
-    """(min clock, max clock, gamma, power limit) as the compiled loops take them."""
-    return (float(model.min_freq_mhz), float(model.max_freq_mhz),
-            float(model.power_freq_exponent), float(model.gpu_power_limit_w))
+def _load_args(load: GpuLoad, coef: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The load's six per-GPU arrays as the compiled loops take them (float64, one per GPU)."""
+    shape = coef.shape[1:]
+    return (per_element(load.prefill_frac, shape), per_element(load.decode_frac, shape),
+            per_element(load.prefill_tokens, shape), per_element(load.decode_batch, shape),
+            per_element(load.power_factor, shape), per_element(load.vm_power_w, shape))
+
+
+@lru_cache(maxsize=64)
+def _params(model: GpuPowerModel) -> np.ndarray:
+    """The GPU model's scalars in `power_kernels.P_*` order (built once per model)."""
+    out = np.array([model.min_freq_mhz, model.max_freq_mhz, model.power_freq_exponent,
+                    model.gpu_power_limit_w], dtype=np.float64)
+    out.flags.writeable = False
+    return out
+
+
+@lru_cache(maxsize=64)
+def _server_params(spec: ServerSpec, idle_gpu_w: float) -> np.ndarray:
+    """The server model's scalars in `power_kernels.S_*` order (built once per server type)."""
+    out = np.array([spec.gpus, idle_gpu_w, spec.gpu_tdp_w, spec.overhead_idle_w,
+                    spec.overhead_max_w, spec.standby_w], dtype=np.float64)
+    out.flags.writeable = False
+    return out
 
 
 def _f64(a: np.ndarray) -> np.ndarray:
@@ -210,11 +237,11 @@ def _per_gpu(value: np.ndarray | float, like: np.ndarray) -> np.ndarray:
 _NO_SERVER_OFF = np.zeros(0, dtype=bool)
 
 
-def _server_args(spec: ServerSpec, idle_gpu_w: float, server_off: np.ndarray | None,
-                 n_servers: int) -> tuple:
-    """The server model's arguments of the compiled loops (`power_kernels.server_power`)."""
-    off = _NO_SERVER_OFF if server_off is None else np.asarray(server_off, dtype=bool)
-    if server_off is not None and off.shape != (n_servers,):
+def _server_off(server_off: np.ndarray | None, n_servers: int) -> tuple[np.ndarray, bool]:
+    """Which servers are off, as the compiled loops take it (an empty array: none is)."""
+    if server_off is None:
+        return _NO_SERVER_OFF, False
+    off = np.asarray(server_off, dtype=bool)
+    if off.shape != (n_servers,):
         raise ValueError(f"server_off has shape {off.shape}, want ({n_servers},)")
-    return (spec.gpus, float(idle_gpu_w), float(spec.gpu_tdp_w), float(spec.overhead_idle_w),
-            float(spec.overhead_max_w), float(spec.standby_w), off, server_off is not None)
+    return off, True

@@ -19,6 +19,13 @@ from llm_cluster_gym.envs.sim.compiled import JIT_OPTIONS, pairwise_sum
 from llm_cluster_gym.envs.sim.compiled import np_maximum as _maximum
 from llm_cluster_gym.envs.sim.compiled import np_minimum as _minimum
 
+COEF_FIELDS = ("idle_w", "prefill_max_w", "prefill_k_tokens", "prefill_busy_w", "decode_max_w",
+               "decode_k_batch", "decode_busy_w")
+"""The rows of `power.GpuPhasePower.stacked`."""
+C_IDLE, C_PRE_MAX, C_PRE_K, C_PRE_BUSY, C_DEC_MAX, C_DEC_K, C_DEC_BUSY = range(7)
+P_MIN_F, P_MAX_F, P_GAMMA, P_LIMIT = range(4)  # the GPU model's scalars (`power._params`)
+S_GPUS, S_IDLE, S_TDP, S_OVERHEAD_IDLE, S_OVERHEAD_MAX, S_STANDBY = range(6)  # the server's
+
 
 @njit(**JIT_OPTIONS)
 def _phase_dynamic_w(x: float, idle: float, max_w: float, k: float, busy: float) -> float:
@@ -30,18 +37,22 @@ def _phase_dynamic_w(x: float, idle: float, max_w: float, k: float, busy: float)
 
 @njit(**JIT_OPTIONS)
 def dynamic_at_max_clock(prefill_frac, decode_frac, prefill_tokens, decode_batch, power_factor,
-                         vm_power_w, idle, prefill_max, prefill_k, prefill_busy, decode_max,
-                         decode_k, decode_busy):
-    """Per GPU, the prefill, decode and VM dynamic power at the maximum clock (W)."""
-    n = len(idle)
+                         vm_power_w, coef):
+    """Per GPU, the prefill, decode and VM dynamic power at the maximum clock (W).
+
+    `coef` is `power.GpuPhasePower.stacked` (rows `C_*`).
+    """
+    n = coef.shape[1]
     pre, dec, vm = np.empty(n), np.empty(n), np.empty(n)
     for i in range(n):
-        p = _phase_dynamic_w(prefill_tokens[i], idle[i], prefill_max[i], prefill_k[i],
-                             prefill_busy[i])
+        idle = coef[C_IDLE, i]
+        p = _phase_dynamic_w(prefill_tokens[i], idle, coef[C_PRE_MAX, i], coef[C_PRE_K, i],
+                             coef[C_PRE_BUSY, i])
         pre[i] = prefill_frac[i] * p * power_factor[i]
-        d = _phase_dynamic_w(decode_batch[i], idle[i], decode_max[i], decode_k[i], decode_busy[i])
+        d = _phase_dynamic_w(decode_batch[i], idle, coef[C_DEC_MAX, i], coef[C_DEC_K, i],
+                             coef[C_DEC_BUSY, i])
         dec[i] = decode_frac[i] * d * power_factor[i]
-        vm[i] = _maximum(vm_power_w[i] - idle[i], 0.0)
+        vm[i] = _maximum(vm_power_w[i] - idle, 0.0)
     return pre, dec, vm
 
 
@@ -62,45 +73,49 @@ def _scaled(weight, base, gamma, memo):
 
 
 @njit(**JIT_OPTIONS)
-def _gpu_power(i, pre, dec, vm, idle, prefill_freq, freq, ceiling, f_max, inv, gamma, limit_w,
-               memo):
-    """One GPU's power under its clock ceiling (`GpuPowerModel.power_under_ceiling_w`)."""
-    c = _minimum(ceiling, f_max)
-    p = (idle[i] + _scaled(pre[i], _minimum(prefill_freq[i], c) * inv, gamma, memo[0])
-         + _scaled(dec[i], _minimum(freq[i], c) * inv, gamma, memo[1])
-         + _scaled(vm[i], c * inv, gamma, memo[2]))
-    return _minimum(p, limit_w)
+def _gpu_powers(pre, dec, vm, idle, prefill_freq, freq, ceiling, params, memo, out):
+    """Each GPU's power under its clock ceiling into `out` (`power_under_ceiling_w`)."""
+    f_max, gamma, limit_w = params[P_MAX_F], params[P_GAMMA], params[P_LIMIT]
+    inv = 1.0 / f_max
+    for i in range(len(idle)):
+        c = _minimum(ceiling[i], f_max)
+        p = (idle[i] + _scaled(pre[i], _minimum(prefill_freq[i], c) * inv, gamma, memo[0])
+             + _scaled(dec[i], _minimum(freq[i], c) * inv, gamma, memo[1])
+             + _scaled(vm[i], c * inv, gamma, memo[2]))
+        out[i] = _minimum(p, limit_w)
 
 
 @njit(**JIT_OPTIONS)
-def gpu_power_under_ceiling(pre, dec, vm, idle, prefill_freq, freq, ceiling, f_max, gamma,
-                            limit_w):
+def gpu_power_under_ceiling(pre, dec, vm, idle, prefill_freq, freq, ceiling, params):
     """Each GPU's mean power over the tick under its clock ceiling (W)."""
-    n = len(idle)
-    out = np.empty(n)
-    inv = 1.0 / f_max
-    memo = np.full((3, 2), np.nan)
-    for i in range(n):
-        out[i] = _gpu_power(i, pre, dec, vm, idle, prefill_freq, freq, ceiling[i], f_max, inv,
-                            gamma, limit_w, memo)
+    out = np.empty(len(idle))
+    _gpu_powers(pre, dec, vm, idle, prefill_freq, freq, ceiling, params,
+                np.full((3, 2), np.nan), out)
     return out
 
 
 @njit(**JIT_OPTIONS)
-def server_power(gpu_w, gpus, idle_gpu_w, tdp_w, overhead_idle_w, overhead_max_w, standby_w,
-                 server_off, any_off):
-    """Each server's power from its GPUs' (`power.server_power_w`), W."""
-    n = len(gpu_w) // gpus
-    out = np.empty(n)
+def _server_powers(gpu_w, server, server_off, any_off, out):
+    """Each server's power from its GPUs' into `out` (`power.server_power_w`), W."""
+    gpus = int(server[S_GPUS])
+    idle_gpu_w, tdp_w = server[S_IDLE], server[S_TDP]
+    overhead_idle_w, standby_w = server[S_OVERHEAD_IDLE], server[S_STANDBY]
     span = gpus * (tdp_w - idle_gpu_w)
     floor = gpus * idle_gpu_w
-    rise = overhead_max_w - overhead_idle_w
-    for s in range(n):
+    rise = server[S_OVERHEAD_MAX] - overhead_idle_w
+    for s in range(len(out)):
         g_w = pairwise_sum(gpu_w[s * gpus:(s + 1) * gpus])
         load = _minimum(_maximum((g_w - floor) / span, 0.0), 1.0)
         out[s] = g_w + overhead_idle_w + rise * load
         if any_off and server_off[s]:
             out[s] = standby_w
+
+
+@njit(**JIT_OPTIONS)
+def server_power(gpu_w, server, server_off, any_off):
+    """Each server's power from its GPUs' (`power.server_power_w`), W."""
+    out = np.empty(len(gpu_w) // int(server[S_GPUS]))
+    _server_powers(gpu_w, server, server_off, any_off, out)
     return out
 
 
@@ -114,36 +129,38 @@ def index_sum(index, values, n):
 
 
 @njit(**JIT_OPTIONS)
-def tick_power(pre, dec, vm, idle, prefill_freq, freq, ceiling, f_max, gamma, limit_w, gpus,
-               idle_gpu_w, tdp_w, overhead_idle_w, overhead_max_w, standby_w, server_off,
-               any_off, server_row, n_rows, server_aisle, n_aisles):
-    """GPU, server, row and aisle power of a tick from its dynamic terms (`power.tick_power`)."""
-    gpu_w = gpu_power_under_ceiling(pre, dec, vm, idle, prefill_freq, freq, ceiling, f_max, gamma,
-                                    limit_w)
-    srv_w = server_power(gpu_w, gpus, idle_gpu_w, tdp_w, overhead_idle_w, overhead_max_w,
-                         standby_w, server_off, any_off)
-    return (gpu_w, srv_w, index_sum(server_row, srv_w, n_rows),
+def tick_power(prefill_frac, decode_frac, prefill_tokens, decode_batch, power_factor, vm_power_w,
+               coef, prefill_freq, freq, ceiling, params, server, server_off, any_off,
+               server_row, n_rows, server_aisle, n_aisles):
+    """A tick's dynamic terms and GPU, server, row and aisle power (`power.tick_power`)."""
+    pre, dec, vm = dynamic_at_max_clock(prefill_frac, decode_frac, prefill_tokens, decode_batch,
+                                        power_factor, vm_power_w, coef)
+    gpu_w = gpu_power_under_ceiling(pre, dec, vm, coef[C_IDLE], prefill_freq, freq, ceiling,
+                                    params)
+    srv_w = server_power(gpu_w, server, server_off, any_off)
+    return (pre, dec, vm, gpu_w, srv_w, index_sum(server_row, srv_w, n_rows),
             index_sum(server_aisle, srv_w, n_aisles))
 
 
 @njit(**JIT_OPTIONS)
 def row_cap_ceiling(pre, dec, vm, idle, prefill_freq, freq, other_ceiling, gpu_row, rows,
-                    row_limit_w, n_rows, iterations, min_f, f_max, gamma, limit_w, gpus,
-                    idle_gpu_w, tdp_w, overhead_idle_w, overhead_max_w, standby_w, server_off,
-                    any_off):
+                    row_limit_w, n_rows, iterations, params, server, server_off, any_off):
     """Highest common clock ceiling per listed row at which it fits (`power.row_cap_ceiling_mhz`).
 
     Bisection on the clock, all rows at once; the other rows get the maximum clock.
     """
-    lo = np.full(n_rows, min_f)
+    f_max = params[P_MAX_F]
+    lo = np.full(n_rows, params[P_MIN_F])
     hi = np.full(n_rows, f_max)
     target = np.full(n_rows, np.inf)
     for r in rows:
         target[r] = row_limit_w[r]
     n_gpus = len(idle)
+    gpus = int(server[S_GPUS])
     server_row = gpu_row[::gpus]
     ceiling = np.empty(n_gpus)
-    inv = 1.0 / f_max
+    gpu_w = np.empty(n_gpus)
+    srv_w = np.empty(n_gpus // gpus)
     mid = np.empty(n_rows)
     memo = np.full((3, 2), np.nan)
     for _ in range(iterations):
@@ -151,12 +168,8 @@ def row_cap_ceiling(pre, dec, vm, idle, prefill_freq, freq, other_ceiling, gpu_r
             mid[r] = 0.5 * (lo[r] + hi[r])
         for i in range(n_gpus):
             ceiling[i] = _minimum(other_ceiling[i], mid[gpu_row[i]])
-        gpu_w = np.empty(n_gpus)
-        for i in range(n_gpus):
-            gpu_w[i] = _gpu_power(i, pre, dec, vm, idle, prefill_freq, freq, ceiling[i], f_max,
-                                  inv, gamma, limit_w, memo)
-        srv_w = server_power(gpu_w, gpus, idle_gpu_w, tdp_w, overhead_idle_w, overhead_max_w,
-                             standby_w, server_off, any_off)
+        _gpu_powers(pre, dec, vm, idle, prefill_freq, freq, ceiling, params, memo, gpu_w)
+        _server_powers(gpu_w, server, server_off, any_off, srv_w)
         row_w = index_sum(server_row, srv_w, n_rows)
         for r in range(n_rows):
             if row_w[r] <= target[r]:
