@@ -338,3 +338,36 @@ def test_unit_weight_percentiles_by_partition_equal_the_sorted_search(seed, n, t
     assert np.array_equal(got, ref_weighted_percentiles(values, ones, fractions), equal_nan=True)
     assert weighted_percentiles(values, ones, (50.0, 99.0)) == pytest.approx(
         ref_weighted_percentiles(values, ones, np.array([0.5, 0.99]) - 1e-12), nan_ok=True)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(1, 4),
+       st.sampled_from(["weights", "caps only", "none serving", "empty buffer"]))
+@settings(max_examples=60, deadline=None)
+def test_aggregate_router_tick_matches_its_numpy_formulation_bit_for_bit(seed, n, n_pools, case):
+    from llm_cluster_gym.envs.sim import serving_aggregate_kernels as ak
+
+    rng = np.random.default_rng(seed)
+    serving = rng.random(n) < (0.0 if case == "none serving" else 0.7)
+    route_weight = rng.uniform(0, 1, n) * (case != "caps only")
+    max_batch = rng.integers(1, 256, n)
+    pool = rng.integers(0, n_pools, n)
+    buf = rng.uniform(0, 50, n_pools) * (case != "empty buffer")
+    state = [buf, rng.uniform(1, 4000, n_pools), rng.uniform(1, 900, n_pools),
+             rng.uniform(0, 20, n), rng.uniform(1, 4000, n), rng.uniform(1, 900, n),
+             rng.uniform(0, 5, n), rng.uniform(0, 30, n)]
+    want = [a.copy() for a in state]
+    weight = np.where(serving, route_weight * max_batch, 0.0)
+    if np.count_nonzero(weight) == 0:
+        weight = np.where(serving, max_batch, 0).astype(float)
+    want_routed = np.zeros(n)
+    want_moved = np.count_nonzero(weight) > 0 and want[0].sum() > 0
+    if want_moved:
+        ak.route_buffers(*want[:3], weight, pool, *want[3:], want_routed, 60.0)
+    else:
+        want[7] *= 0.8
+    routed, moved = ak.route_tick(*state[:3], serving, route_weight, max_batch, pool, *state[3:],
+                                  60.0)
+    assert moved == want_moved
+    np.testing.assert_array_equal(routed, want_routed)
+    for got, exp in zip(state, want, strict=True):
+        np.testing.assert_array_equal(got, exp)

@@ -186,25 +186,16 @@ class AggregateServing:
         split is what join-shortest-queue converges to; a pool with no live instance spills
         over all live instances, as in the request-level router.
         """
-        self.routed = np.zeros(self.n_slots)
-        weight = np.where(serving, route_weight * inst.max_batch, 0.0)
-        any_weight = np.count_nonzero(weight) > 0
-        if not any_weight:  # every preferred row is empty: routing weights yield
-            weight = np.where(serving, inst.max_batch, 0).astype(float)
-            any_weight = np.count_nonzero(weight) > 0
-        # Only active slots hold an instance, and every active slot has a pool (>= 0).
-        pool = inst.pool
-        self.slot_pool = pool
-        buf = self.buf
-        if not any_weight or buf.sum() <= 0:
-            self.rate_rps *= 0.8
-            return
-        # The split, the spill of pools without a live instance and the queues' new means run
-        # compiled (`serving_aggregate_kernels.route_buffers`), in place.
-        kernels.route_buffers(buf, self.buf_in, self.buf_out, weight, pool, self.q, self.q_in,
-                              self.q_out, self.q_age_s, self.rate_rps, self.routed, dt_s)
-        self.buf = np.zeros(self.n_pools)
-        self.buf_age_s = np.zeros(self.n_pools)
+        # Only active slots hold an instance, and every active slot has a pool (>= 0). The
+        # weights, the split, the spill of pools without a live instance and the queues' new
+        # means run compiled (`serving_aggregate_kernels.route_tick`), in place.
+        self.slot_pool = inst.pool
+        self.routed, moved = kernels.route_tick(
+            self.buf, self.buf_in, self.buf_out, serving, route_weight, inst.max_batch, inst.pool,
+            self.q, self.q_in, self.q_out, self.q_age_s, self.rate_rps, dt_s)
+        if moved:
+            self.buf = np.zeros(self.n_pools)
+            self.buf_age_s = np.zeros(self.n_pools)
 
     def _drop_stale_buffer(self, dt_s: float, acc: ServiceAccumulator) -> None:
         """Age the router buffer held while no instance serves, and drop its oldest requests.

@@ -399,3 +399,33 @@ def fold_arrivals(pool, input_tokens, output_tokens, buf, buf_in, buf_out, buf_a
         new_age[p] = buf_age_s[p] * buf[p] / safe
         new_buf[p] = new
     return new_buf, new_in, new_out, new_age
+
+
+@njit(**JIT_OPTIONS)
+def route_tick(buf, buf_in, buf_out, serving, route_weight, max_batch, pool, q, q_in, q_out,
+               q_age_s, rate_rps, dt_s):
+    """The aggregate router's tick (`AggregateServing._route`): weights, then `route_buffers`.
+
+    A slot's weight is its routing weight times its batch cap where it serves (the batch cap
+    alone if no serving slot has routing weight). Returns (each slot's share of the buffer,
+    whether the buffer was routed); with no weight or an empty buffer nothing is routed and
+    the smoothed arrival rates decay (x 0.8).
+    """
+    n = len(serving)
+    routed = np.zeros(n)
+    weight = np.empty(n)
+    any_weight = False
+    for i in range(n):
+        weight[i] = route_weight[i] * max_batch[i] if serving[i] else 0.0
+        any_weight = any_weight or weight[i] != 0.0
+    if not any_weight:  # every preferred row is empty: routing weights yield
+        for i in range(n):
+            weight[i] = float(max_batch[i]) if serving[i] else 0.0
+            any_weight = any_weight or weight[i] != 0.0
+    if not any_weight or pairwise_sum(buf) <= 0:
+        for i in range(n):
+            rate_rps[i] *= 0.8
+        return routed, False
+    route_buffers(buf, buf_in, buf_out, weight, pool, q, q_in, q_out, q_age_s, rate_rps,
+                  routed, dt_s)
+    return routed, True
