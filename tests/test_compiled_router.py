@@ -136,3 +136,27 @@ def test_routing_matches_the_numpy_formulation(data, n_slots, n_pools, n_request
         own = serving & (inst_pool == p) & (weight > 0)
         if own.any():
             assert own[got[unrouted[pool[unrouted] == p]]].all()
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(0, 400), st.integers(1, 12))
+@settings(max_examples=60, deadline=None)
+def test_request_table_scans_match_their_numpy_formulation(seed, n, n_slots):
+    """The request-level tick's scans of its request table: routing, waiting, engine, stale."""
+    from llm_cluster_gym.envs.sim import serving_request_kernels as rk
+
+    rng = np.random.default_rng(seed)
+    slot = rng.integers(-1, n_slots, n)
+    admit_seq = np.where(rng.random(n) < 0.5, -1.0, rng.integers(0, 99, n).astype(float))
+    left = np.where(rng.random(n) < 0.5, 0.0, rng.uniform(0, 900, n))
+    wait_since = rng.uniform(0, 100, n)
+    outstanding, unrouted = rk.route_scan(slot, n_slots)
+    np.testing.assert_array_equal(
+        outstanding, np.bincount(slot[slot >= 0], minlength=n_slots).astype(float))
+    np.testing.assert_array_equal(unrouted, np.flatnonzero(slot < 0))
+    np.testing.assert_array_equal(rk.waiting_requests(admit_seq, slot),
+                                  np.flatnonzero((admit_seq < 0) & (slot >= 0)))
+    pf, dec = rk.engine_split(left, admit_seq)
+    np.testing.assert_array_equal(pf, np.flatnonzero(left > 0))
+    np.testing.assert_array_equal(dec, np.flatnonzero((left == 0) & (admit_seq >= 0)))
+    np.testing.assert_array_equal(rk.stale_requests(wait_since, admit_seq, 50.0),
+                                  np.flatnonzero((wait_since < 50.0) & (admit_seq < 0)))

@@ -207,11 +207,9 @@ class RequestLevelServing:
     def _route(self, serving: np.ndarray, inst: InstanceTable, route_weight: np.ndarray) -> None:
         """Route every request not yet on an instance (`routing.route_arrivals`, compiled)."""
         slot = self.req["slot"]
-        routed = slot >= 0
-        unrouted = np.flatnonzero(~routed)
+        outstanding, unrouted = kernels.route_scan(slot, self.n_slots)  # one pass, compiled
         if len(unrouted) == 0 or not serving.any():
             return
-        outstanding = np.bincount(slot[routed], minlength=self.n_slots).astype(float)
         weight = np.where(serving, route_weight * inst.max_batch, 0.0)
         capacity = np.where(serving, inst.max_batch, 0).astype(float)
         route_arrivals(slot, self.req["pool"], unrouted, outstanding, weight, capacity, inst.pool)
@@ -237,14 +235,12 @@ class RequestLevelServing:
             return load
         self._route(serving, inst, route_weight)
         r = self.req
-        waiting = np.flatnonzero((r["admit_seq"] < 0) & (r["slot"] >= 0))
+        waiting = kernels.waiting_requests(r["admit_seq"], r["slot"])
         if len(waiting):
             self._admit(waiting, inst, serving, model)
         # Running requests are always on serving slots: routing picks only those, and a stopped
         # instance's requests are requeued.
-        left = r["prefill_left"]
-        pf = np.flatnonzero(left > 0)
-        dec = np.flatnonzero((left == 0) & (r["admit_seq"] >= 0))
+        pf, dec = kernels.engine_split(r["prefill_left"], r["admit_seq"])
         if len(pf) or len(dec):
             self._serve(pf, dec, t0_s, dt_s, model, load, slo_ttft_s, slo_tbt_s,
                         quality_loss_per_slot, acc)
@@ -422,10 +418,11 @@ class RequestLevelServing:
         r = self.req
         if self.in_flight == 0:
             return
-        stale = (r["wait_since_s"] < now_s - self.drop_after_s) & (r["admit_seq"] < 0)
-        if stale.any():
-            acc.dropped += int(stale.sum())
-            self._remove(np.flatnonzero(stale))
+        stale = kernels.stale_requests(r["wait_since_s"], r["admit_seq"],
+                                       now_s - self.drop_after_s)
+        if len(stale):
+            acc.dropped += len(stale)
+            self._remove(stale)
 
     def _remove(self, idx: np.ndarray) -> None:
         keep = np.ones(self.in_flight, dtype=bool)

@@ -397,3 +397,60 @@ def admit(waiting, slot, queue_key, input_tokens, done_tokens, serving, max_batc
             prefill_left[r] = input_tokens[r] + done_tokens[r]
             admitted += 1
     return admitted
+
+
+@njit(**JIT_OPTIONS)
+def _select(mask):
+    """``np.flatnonzero(mask)``."""
+    n = 0
+    for i in range(len(mask)):
+        if mask[i]:
+            n += 1
+    out = np.empty(n, np.int64)
+    n = 0
+    for i in range(len(mask)):
+        if mask[i]:
+            out[n] = i
+            n += 1
+    return out
+
+
+@njit(**JIT_OPTIONS)
+def route_scan(slot, n_slots):
+    """Requests on each slot (as float counts) and the requests not yet routed (slot -1)."""
+    outstanding = np.zeros(n_slots)
+    unrouted = np.empty(len(slot), dtype=np.bool_)
+    for i in range(len(slot)):
+        unrouted[i] = slot[i] < 0
+        if slot[i] >= 0:
+            outstanding[slot[i]] += 1.0
+    return outstanding, _select(unrouted)
+
+
+@njit(**JIT_OPTIONS)
+def waiting_requests(admit_seq, slot):
+    """Requests routed to an instance and not admitted: ``(admit_seq < 0) & (slot >= 0)``."""
+    mask = np.empty(len(slot), dtype=np.bool_)
+    for i in range(len(slot)):
+        mask[i] = admit_seq[i] < 0 and slot[i] >= 0
+    return _select(mask)
+
+
+@njit(**JIT_OPTIONS)
+def engine_split(prefill_left, admit_seq):
+    """Requests with prompt left to compute, and running requests decoding."""
+    pf = np.empty(len(prefill_left), dtype=np.bool_)
+    dec = np.empty(len(prefill_left), dtype=np.bool_)
+    for i in range(len(prefill_left)):
+        pf[i] = prefill_left[i] > 0
+        dec[i] = prefill_left[i] == 0 and admit_seq[i] >= 0
+    return _select(pf), _select(dec)
+
+
+@njit(**JIT_OPTIONS)
+def stale_requests(wait_since_s, admit_seq, cutoff_s):
+    """Requests waiting since before `cutoff_s` and not admitted (to be dropped)."""
+    mask = np.empty(len(admit_seq), dtype=np.bool_)
+    for i in range(len(admit_seq)):
+        mask[i] = wait_since_s[i] < cutoff_s and admit_seq[i] < 0
+    return _select(mask)
