@@ -49,7 +49,7 @@ class GpuPhasePower:
 
     @cached_property
     def stacked(self) -> np.ndarray:
-        """The seven coefficients as one (7, GPUs) float64 array, in `power_kernels.COEF` order.
+        """The seven coefficients as one (7, GPUs) float64 array, in `power_kernels.COEF_FIELDS` order.
 
         What the compiled power chain takes (one argument, not seven); built once per object
         (the layout's, or its powered-down variant's: both are cached by the cluster).
@@ -121,7 +121,7 @@ class GpuPowerModel:
         + vm (c / f_max)**g`` with ``c = min(ceiling, f_max)``, at most the power limit.
         """
         pre, dec, vm = dyn
-        idle = load.phase_power.stacked[0]
+        idle = load.phase_power.stacked[kernels.C_IDLE]
         return kernels.gpu_power_under_ceiling(
             pre, dec, vm, idle, _per_gpu(load.prefill_freq_mhz, idle), _per_gpu(load.freq_mhz, idle),
             _per_gpu(ceiling_mhz, idle), _params(self))
@@ -157,7 +157,7 @@ def tick_power(model: GpuPowerModel, load: GpuLoad, ceiling_mhz: np.ndarray, spe
         capping reuses), GPU power, server power, row power, aisle heat), W.
     """
     coef = load.phase_power.stacked
-    idle = coef[0]
+    idle = coef[kernels.C_IDLE]
     off, any_off = _server_off(load.server_off, topo.n_servers)
     pre, dec, vm, gpu_w, srv_w, row_w, aisle_w = kernels.tick_power(
         *_load_args(load, coef), coef, _per_gpu(load.prefill_freq_mhz, idle),
@@ -189,7 +189,7 @@ def row_cap_ceiling_mhz(
     """
     if dyn is None:  # the profile is evaluated once, not per halving
         dyn = model.dynamic_at_max_clock_w(load)
-    idle = load.phase_power.stacked[0]
+    idle = load.phase_power.stacked[kernels.C_IDLE]
     off, any_off = _server_off(load.server_off, idle.size // server_spec.gpus)
     return kernels.row_cap_ceiling(
         *dyn, idle, _per_gpu(load.prefill_freq_mhz, idle), _per_gpu(load.freq_mhz, idle),
