@@ -352,8 +352,18 @@ def test_engine_continuous_batching_cap_admission_and_latencies():
 
 
 def test_time_measurements_scale_with_work():
+    """A decode step of 64 sequences at 2,000 tokens takes longer than one of 1 at 100.
+
+    Timed alternately and compared by their fastest rounds: the other test worker shares the
+    two cores, and a round it disturbs only gets slower (once, a disturbed single-sequence
+    median of 49 ms beat the large step's 16 ms).
+    """
     e = InferenceEngine(WorkerConfig(model="tiny", device="cpu", max_slots=64, max_ctx=2048))
-    assert e.time_decode_s(64, 2000, repeats=3) > e.time_decode_s(1, 100, repeats=3)
+    large, small = [], []
+    for _ in range(3):
+        large.append(e.time_decode_s(64, 2000, repeats=3))
+        small.append(e.time_decode_s(1, 100, repeats=3))
+    assert min(large) > min(small)
 
 
 # ------------------------------------------------------------------ cluster
