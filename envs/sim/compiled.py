@@ -51,6 +51,22 @@ def np_maximum(a: float, b: float) -> float:
 
 
 @njit(**JIT_OPTIONS)
+def flatnonzero(mask: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero`` of a boolean array, in the compiled loops."""
+    n = 0
+    for i in range(len(mask)):
+        if mask[i]:
+            n += 1
+    out = np.empty(n, np.int64)
+    n = 0
+    for i in range(len(mask)):
+        if mask[i]:
+            out[n] = i
+            n += 1
+    return out
+
+
+@njit(**JIT_OPTIONS)
 def _block_sum(a: np.ndarray, lo: int, n: int) -> float:
     """Sum of a block of at most 128 values in numpy's order (in sequence below 8, else 8-way)."""
     if n < 8:

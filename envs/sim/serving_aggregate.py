@@ -52,24 +52,6 @@ if TYPE_CHECKING:
     from llm_cluster_gym.envs.sim.slo_classes import SloClasses
 
 
-def _ttft_ok(slo_t: np.ndarray, base: np.ndarray, wait: np.ndarray, span: np.ndarray | None,
-             overloaded: np.ndarray) -> np.ndarray:
-    """Share of a cohort whose TTFT (deterministic `base` plus the waiting law) meets `slo_t`.
-
-    The wait is exponential with mean `wait`; an overloaded chain (`span` not None) serves its
-    cohort one prompt after another over `span`, so its TTFTs spread evenly.
-    """
-    over = slo_t - base
-    # np.minimum(np.maximum(.)) is ndarray.clip without its Python wrapper (the same
-    # values: only the sign of a zero may differ, and 1 - ttft_ok is all that is used).
-    ttft_ok = np.where(over > 0, -np.expm1(-np.minimum(np.maximum(
-        over / np.maximum(wait, 1e-6), 0.0), 50.0)), 0.0)
-    if span is not None:
-        ok_seq = np.minimum(np.maximum(over / np.maximum(span, 1e-9), 0.0), 1.0)
-        ttft_ok = np.where(overloaded, ok_seq, ttft_ok)
-    return ttft_ok
-
-
 class AggregateServing:
     """Fluid continuous-batching model over the instance table.
 
@@ -288,8 +270,7 @@ class AggregateServing:
         if finished.sum() > 0:
             pool = inst.pool[idx]  # serving slots always have a pool
             any_overloaded = np.count_nonzero(overloaded) > 0
-            span_or_none = span if any_overloaded else None
-            if self.slo_classes is None:  # compiled: `_ttft_ok` and the TBT test per cohort
+            if self.slo_classes is None:  # compiled: the waiting law and the TBT test per cohort
                 ttft_miss, tbt_bad, bad, ttft_mean = kernels.cohort_misses(
                     base, wait, span, overloaded, any_overloaded, slo_ttft_s[pool], tbt,
                     slo_tbt_s[pool])
@@ -297,8 +278,8 @@ class AggregateServing:
                 ttft_mean = (base + np.where(overloaded, span / 2, wait) if any_overloaded
                              else base + wait)
                 ttft_miss, tbt_bad, bad = self._class_misses(
-                    pool, idx, model, base, base - s - quantum, o, m, p0, wait, span_or_none,
-                    overloaded, tbt)
+                    pool, idx, model, base, base - s - quantum, o, m, p0, wait, span,
+                    any_overloaded, overloaded, tbt)
             self._record(acc, idx, finished, ttft_miss, tbt_bad, bad, tbt, ttft_mean,
                          quality_loss_per_slot[idx])
         # ---- state update. Completions are memoryless in the fluid (a share of the running
@@ -332,8 +313,8 @@ class AggregateServing:
     def _age_idle(self, idx: np.ndarray, dt_s: float) -> None:
         """After a tick that served `idx`: nothing more (one cluster; see the batched model)."""
 
-    def _class_misses(self, pool, idx, model, base, rest, o, m, p0, wait, span, overloaded,
-                      tbt) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _class_misses(self, pool, idx, model, base, rest, o, m, p0, wait, span, any_overloaded,
+                      overloaded, tbt) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per slot, the share of its finishing cohort missing TTFT, TBT and either, over classes.
 
         Each class's TTFT base is `rest` (queue age, carried chain, half a step) plus the service
@@ -352,11 +333,13 @@ class AggregateServing:
             x = mean_in[:, j]
             s_j = o * x / m + marginal[j]
             base_j = np.where(pure, base, rest + s_j + o * np.maximum(1.0 - x / m, 0.0))
-            miss_j = 1.0 - _ttft_ok(c.slo_ttft_s[j], base_j, wait, span, overloaded)
-            tbt_j = (tbt > c.slo_tbt_s[j]).astype(float)
+            # The cohort's waiting law and TBT against the class's SLOs (`kernels.cohort_misses`).
+            miss_j, tbt_j, bad_j, _ = kernels.cohort_misses(
+                base_j, wait, span, overloaded, any_overloaded, np.full(n, c.slo_ttft_s[j]), tbt,
+                np.full(n, c.slo_tbt_s[j]))
             ttft_miss += share[:, j] * miss_j
             tbt_bad += share[:, j] * tbt_j
-            bad += share[:, j] * np.maximum(miss_j, tbt_j)
+            bad += share[:, j] * bad_j
         return ttft_miss, tbt_bad, bad
 
     def _record(self, acc, idx, finished, ttft_miss, tbt_bad, bad, tbt, ttft_mid, qloss) -> None:

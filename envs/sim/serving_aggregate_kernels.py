@@ -21,7 +21,13 @@ import math
 import numpy as np
 from numba import njit
 
-from llm_cluster_gym.envs.sim.compiled import JIT_OPTIONS, np_maximum, np_minimum, pairwise_sum
+from llm_cluster_gym.envs.sim.compiled import (
+    JIT_OPTIONS,
+    flatnonzero,
+    np_maximum,
+    np_minimum,
+    pairwise_sum,
+)
 
 
 @njit(**JIT_OPTIONS)
@@ -291,9 +297,10 @@ def route_buffers(buf, buf_in, buf_out, weight, pool, q, q_in, q_out, q_age_s, r
 def cohort_misses(base, wait, span, overloaded, any_overloaded, slo_ttft, tbt, slo_tbt):
     """Per finishing cohort: the shares missing TTFT, TBT and either, and its mean TTFT.
 
-    The TTFT share meeting the SLO is `serving_aggregate._ttft_ok` (the exponential wait, or the
-    even spread over `span` of an overloaded chain); TBT is met or missed by the whole cohort.
-    The SLOs are the cohorts' pools' (one value per cohort).
+    A cohort's TTFT is its deterministic `base` plus a wait: exponential with mean `wait`, or,
+    for an overloaded chain (`overloaded`, when `any_overloaded`), spread evenly over `span` as
+    it serves its cohort one prompt after another. TBT is met or missed by the whole cohort.
+    `slo_ttft` and `slo_tbt` hold one value per cohort (its pool's, or one class's).
     """
     k = len(base)
     ttft_miss, tbt_bad, bad, ttft_mean = np.empty(k), np.empty(k), np.empty(k), np.empty(k)
@@ -323,32 +330,19 @@ def cohort_totals(finished, ttft_miss, tbt_bad, bad, qloss, ttft_mid, tbt):
     numpy's pairwise order, and the TTFT, TBT and weight of the cohorts that finished anyone.
     """
     k = len(finished)
-    row = np.empty(k)
+    rows = np.empty((5, k))
+    for j in range(k):
+        w = finished[j]
+        rows[0, j] = w
+        rows[1, j] = w * ttft_miss[j]
+        rows[2, j] = w * tbt_bad[j]
+        rows[3, j] = w * bad[j]
+        rows[4, j] = w * qloss[j]
     totals = np.empty(5)
     for r in range(5):
-        for j in range(k):
-            w = finished[j]
-            if r == 0:
-                row[j] = w
-            elif r == 1:
-                row[j] = w * ttft_miss[j]
-            elif r == 2:
-                row[j] = w * tbt_bad[j]
-            elif r == 3:
-                row[j] = w * bad[j]
-            else:
-                row[j] = w * qloss[j]
-        totals[r] = pairwise_sum(row)
-    n = 0
-    for j in range(k):
-        if finished[j] > 0:
-            n += 1
-    ttft_out, tbt_out, w_out = np.empty(n), np.empty(n), np.empty(n)
-    n = 0
-    for j in range(k):
-        if finished[j] > 0:
-            ttft_out[n], tbt_out[n], w_out[n] = ttft_mid[j], tbt[j], finished[j]
-            n += 1
+        totals[r] = pairwise_sum(rows[r])
+    keep = flatnonzero(finished > 0)
+    ttft_out, tbt_out, w_out = ttft_mid[keep], tbt[keep], finished[keep]
     return totals, ttft_out, tbt_out, w_out
 
 

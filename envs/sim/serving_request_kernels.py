@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from llm_cluster_gym.envs.sim.compiled import JIT_OPTIONS, pairwise_sum
+from llm_cluster_gym.envs.sim.compiled import JIT_OPTIONS, flatnonzero, pairwise_sum
 
 
 @njit(**JIT_OPTIONS)
@@ -400,22 +400,6 @@ def admit(waiting, slot, queue_key, input_tokens, done_tokens, serving, max_batc
 
 
 @njit(**JIT_OPTIONS)
-def _select(mask):
-    """``np.flatnonzero(mask)``."""
-    n = 0
-    for i in range(len(mask)):
-        if mask[i]:
-            n += 1
-    out = np.empty(n, np.int64)
-    n = 0
-    for i in range(len(mask)):
-        if mask[i]:
-            out[n] = i
-            n += 1
-    return out
-
-
-@njit(**JIT_OPTIONS)
 def route_scan(slot, n_slots):
     """Requests on each slot (as float counts) and the requests not yet routed (slot -1)."""
     outstanding = np.zeros(n_slots)
@@ -424,7 +408,7 @@ def route_scan(slot, n_slots):
         unrouted[i] = slot[i] < 0
         if slot[i] >= 0:
             outstanding[slot[i]] += 1.0
-    return outstanding, _select(unrouted)
+    return outstanding, flatnonzero(unrouted)
 
 
 @njit(**JIT_OPTIONS)
@@ -433,7 +417,7 @@ def waiting_requests(admit_seq, slot):
     mask = np.empty(len(slot), dtype=np.bool_)
     for i in range(len(slot)):
         mask[i] = admit_seq[i] < 0 and slot[i] >= 0
-    return _select(mask)
+    return flatnonzero(mask)
 
 
 @njit(**JIT_OPTIONS)
@@ -444,7 +428,7 @@ def engine_split(prefill_left, admit_seq):
     for i in range(len(prefill_left)):
         pf[i] = prefill_left[i] > 0
         dec[i] = prefill_left[i] == 0 and admit_seq[i] >= 0
-    return _select(pf), _select(dec)
+    return flatnonzero(pf), flatnonzero(dec)
 
 
 @njit(**JIT_OPTIONS)
@@ -453,4 +437,4 @@ def stale_requests(wait_since_s, admit_seq, cutoff_s):
     mask = np.empty(len(admit_seq), dtype=np.bool_)
     for i in range(len(admit_seq)):
         mask[i] = wait_since_s[i] < cutoff_s and admit_seq[i] < 0
-    return _select(mask)
+    return flatnonzero(mask)
