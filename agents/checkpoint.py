@@ -43,6 +43,16 @@ REQUIRED_FIELDS = (
     "seed", "steps", "train_wall_s", "git_commit", "versions", "observation_names",
     "action_nvec", "files_sha256",
 )
+"""Fields every checkpoint of an agent trained from scratch (`agents.train`) must carry."""
+
+RESIDUAL_KINDS = ("residual_over_manager", "residual_over_tapas")
+"""Metadata ``kind`` of the residual agents (`agents.residual`, `agents.residual_thermal`): a
+correction over a rule-based controller, on layout-free spaces, so bound to a task, not a scenario."""
+
+RESIDUAL_REQUIRED_FIELDS = (
+    "format_version", "kind", "task", "seed", "steps", "train_wall_s", "versions", "files_sha256",
+)
+"""Fields a residual agent's checkpoint must carry (its spaces are the task's, not the layout's)."""
 
 
 class CheckpointError(ValueError):
@@ -189,26 +199,40 @@ def load_metadata(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: metadata is not readable JSON ({exc})") from exc
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: metadata must be a JSON object, got {type(meta).__name__}")
-    missing = [k for k in REQUIRED_FIELDS if k not in meta]
+    residual = is_residual(meta)
+    missing = [k for k in (RESIDUAL_REQUIRED_FIELDS if residual else REQUIRED_FIELDS) if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: metadata lacks field(s) {missing}")
     if meta["format_version"] != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: field 'format_version' is {meta['format_version']!r}; this code reads {FORMAT_VERSION}")
-    if meta["algo"] not in ("PPO", "MaskablePPO"):
-        raise CheckpointError(f"{path}: field 'algo' is {meta['algo']!r}, not PPO or MaskablePPO")
+    # A residual agent is PPO (checkpoints written before the field existed do not name it).
+    algos = ("PPO",) if residual else ("PPO", "MaskablePPO")
+    if meta.get("algo", "PPO" if residual else None) not in algos:
+        raise CheckpointError(f"{path}: field 'algo' is {meta.get('algo')!r}, not "
+                              f"{' or '.join(algos)}")
+    if not isinstance(meta["task"], str):
+        raise CheckpointError(f"{path}: field 'task' is {meta['task']!r}, not a task name")
     if not isinstance(meta["files_sha256"], dict) or MODEL_FILE not in meta["files_sha256"]:
         raise CheckpointError(
             f"{path}: field 'files_sha256' must list {MODEL_FILE}, got {meta['files_sha256']!r}")
     return meta
 
 
+def is_residual(meta: dict[str, Any]) -> bool:
+    """Whether the metadata is a residual agent's (its ``kind`` one of `RESIDUAL_KINDS`)."""
+    return meta.get("kind") in RESIDUAL_KINDS
+
+
 def normalizes_observations(meta: dict[str, Any]) -> bool:
     """Whether the metadata says the policy was trained on normalized observations.
 
     That is ``hyperparams.normalize.norm_obs`` (what `agents.train` records); a checkpoint
-    without it (written by hand) is taken as not normalized.
+    without it (written by hand) is taken as not normalized. A residual agent always is
+    (`agents.residual.train_constrained_ppo`).
     """
+    if is_residual(meta):
+        return True
     hp = meta.get("hyperparams")
     norm = hp.get("normalize") if isinstance(hp, dict) else None
     return isinstance(norm, dict) and bool(norm.get("norm_obs", False))
@@ -228,10 +252,11 @@ def verify_files(directory: str | Path, meta: dict[str, Any]) -> None:
     if normalizes_observations(meta) and VECNORM_FILE not in meta["files_sha256"]:
         path = d / VECNORM_FILE
         state = "present but unverified" if path.exists() else "missing"
+        why = (f"field 'kind' is {meta['kind']!r}, trained on normalized observations" if is_residual(meta)
+               else "'hyperparams.normalize.norm_obs' is true")
         raise CheckpointError(
-            f"{path}: the metadata says observations are normalized ('hyperparams.normalize.norm_obs' "
-            f"is true) but 'files_sha256' does not list this statistics file ({state}); the policy "
-            "cannot run without it")
+            f"{path}: the metadata says observations are normalized ({why}) but 'files_sha256' "
+            f"does not list this statistics file ({state}); the policy cannot run without it")
     for name, digest in meta["files_sha256"].items():
         path = d / name
         if not path.is_file():

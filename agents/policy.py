@@ -27,7 +27,13 @@ def load_policy(directory: str | Path, env: Any, name: str | None = None,
     """
     meta = residual_metadata(directory)
     if meta is not None:
-        policy = _RESIDUAL_POLICIES[meta["kind"]]()(directory, getattr(env, "unwrapped", env))
+        from llm_cluster_gym.agents.checkpoint import METADATA_FILE, CheckpointError
+
+        base = getattr(env, "unwrapped", env)
+        if meta.get("task") != base.task:  # before its base controller is built on the env
+            raise CheckpointError(f"{Path(directory) / METADATA_FILE}: field 'task' is "
+                                  f"{meta.get('task')!r} but the environment's task is {base.task!r}")
+        policy = _RESIDUAL_POLICIES[meta["kind"]]()(directory, base)
         if name:
             policy.name = name
         return policy
@@ -53,15 +59,23 @@ _RESIDUAL_POLICIES = {"residual_over_manager": _residual_over_manager,
 
 def checkpoint_task(directory: str | Path) -> str:
     """The task a checkpoint was trained for (its metadata checked as its kind requires)."""
-    from llm_cluster_gym.agents.checkpoint import CheckpointError, load_metadata
+    return checkpoint_scope(directory)[0]
 
-    meta = residual_metadata(directory)
-    if meta is not None:
-        task = meta.get("task")
-        if not isinstance(task, str):
-            raise CheckpointError(f"{Path(directory) / 'metadata.json'}: field 'task' is {task!r}")
-        return task
-    return str(load_metadata(directory)["task"])
+
+def checkpoint_scope(directory: str | Path) -> tuple[str, str | None]:
+    """The task a checkpoint runs on and the scenario it is bound to.
+
+    The scenario is None for a residual agent: its spaces do not depend on the layout, so it
+    runs on every scenario size of its task. An agent trained from scratch is bound to the
+    scenario it was trained on.
+
+    Raises:
+        CheckpointError: The metadata is missing, unreadable or lacks a field its kind requires.
+    """
+    from llm_cluster_gym.agents.checkpoint import is_residual, load_metadata
+
+    meta = load_metadata(directory)
+    return str(meta["task"]), None if is_residual(meta) else str(meta["scenario"])
 
 
 def residual_metadata(directory: str | Path) -> dict[str, Any] | None:
@@ -77,18 +91,30 @@ def init_metadata(directory: str | Path | None, kind: str) -> dict[str, Any]:
     """The metadata of a residual checkpoint to continue training from ({} without one).
 
     Raises:
-        CheckpointError: `directory` does not hold a residual agent of `kind` (naming the file
-            and the field).
+        CheckpointError: `directory` does not hold a whole residual agent of `kind` (naming the
+            file and the field).
     """
-    if not directory:
-        return {}
-    from llm_cluster_gym.agents.checkpoint import CheckpointError
+    return verified_residual_metadata(directory, kind) if directory else {}
 
-    meta = residual_metadata(directory)
-    if meta is None or meta.get("kind") != kind:
-        found = "no residual agent's metadata" if meta is None else repr(meta.get("kind"))
-        raise CheckpointError(f"{Path(directory) / 'metadata.json'}: field 'kind' must be "
-                              f"{kind!r} to continue from it, found {found}")
+
+def verified_residual_metadata(directory: str | Path, kind: str) -> dict[str, Any]:
+    """The metadata of the residual agent of `kind` in `directory`, its files checked.
+
+    What a command that runs or continues one checks before any work: the metadata's fields and
+    version (`load_metadata`), its kind, and every listed file's SHA-256 (`verify_files`).
+
+    Raises:
+        CheckpointError: Naming the file and the field or the file that is wrong.
+    """
+    from llm_cluster_gym.agents.checkpoint import METADATA_FILE, CheckpointError, load_metadata, verify_files
+
+    found = residual_metadata(directory)
+    if found is None or found.get("kind") != kind:
+        what = "no residual agent's metadata" if found is None else repr(found.get("kind"))
+        raise CheckpointError(f"{Path(directory) / METADATA_FILE}: field 'kind' must be "
+                              f"{kind!r}, found {what}")
+    meta = load_metadata(directory)
+    verify_files(directory, meta)
     return meta
 
 

@@ -226,13 +226,39 @@ class ResidualController:
         from stable_baselines3 import PPO
         from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
+        from llm_cluster_gym.agents.checkpoint import (
+            METADATA_FILE,
+            MODEL_FILE,
+            VECNORM_FILE,
+            CheckpointError,
+            load_metadata,
+            verify_files,
+        )
+
         d = Path(directory)
-        self.model = PPO.load(d / "model.zip", device="cpu")
+        meta = load_metadata(d)  # fields, version, kind; then every listed file's SHA-256
+        if meta["task"] != wrapper.inner.task:
+            raise CheckpointError(f"{d / METADATA_FILE}: field 'task' is {meta['task']!r} but the "
+                                  f"environment's task is {wrapper.inner.task!r}")
+        verify_files(d, meta)
+        try:
+            self.model = PPO.load(d / MODEL_FILE, device="cpu")
+        except Exception as exc:  # zipfile, torch and pickle errors all mean "unreadable model"
+            raise CheckpointError(f"{d / MODEL_FILE}: cannot load the PPO model "
+                                  f"({type(exc).__name__}: {exc})") from exc
+        for space, theirs, ours in (("observation", self.model.observation_space, wrapper.observation_space),
+                                    ("action", self.model.action_space, wrapper.action_space)):
+            if theirs != ours:
+                raise CheckpointError(f"{d / MODEL_FILE}: the model's {space} space {theirs} is not "
+                                      f"the {meta['kind']} agent's {ours}")
         self.res = wrapper
-        vn_path = d / "vecnormalize.pkl"
-        self.vecnorm = VecNormalize.load(str(vn_path), DummyVecEnv([lambda: self.res])) \
-            if vn_path.exists() else None
-        if self.vecnorm is not None:
+        self.vecnorm = None
+        if VECNORM_FILE in meta["files_sha256"]:  # only verified statistics are unpickled
+            try:
+                self.vecnorm = VecNormalize.load(str(d / VECNORM_FILE), DummyVecEnv([lambda: self.res]))
+            except Exception as exc:  # any unpickling failure or a shape mismatch
+                raise CheckpointError(f"{d / VECNORM_FILE}: cannot read the VecNormalize statistics "
+                                      f"({type(exc).__name__}: {exc})") from exc
             self.vecnorm.training = False
 
     def reset(self) -> None:

@@ -64,6 +64,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from llm_cluster_gym.agents.checkpoint import RESIDUAL_KINDS
 from llm_cluster_gym.agents.residual import ResidualWrapper
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.shield import (
@@ -87,7 +88,7 @@ GATE_LEVELS = ("hold", "head", "forecast", "all")
 TAPAS's placements moved where the power and temperature forecast says it fits (its own server if
 it fits there, else the first legal one that fits, else it waits); all as TAPAS places them."""
 
-RESIDUAL_THERMAL_KIND = "residual_over_tapas"
+RESIDUAL_THERMAL_KIND = RESIDUAL_KINDS[1]
 """`metadata.json` field `kind` of this agent's checkpoint (`agents.policy.load_policy` reads it)."""
 
 RESIDUAL_THERMAL_OBSERVATION_NAMES = FIXED_OBSERVATION_NAMES + tuple(

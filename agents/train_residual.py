@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from llm_cluster_gym.agents.checkpoint import RESIDUAL_KINDS
 from llm_cluster_gym.agents.residual import (
     LagrangeUpdate,
     ResidualController,
@@ -35,7 +36,7 @@ from llm_cluster_gym.agents.residual import (
 from llm_cluster_gym.agents.units import map_units
 from llm_cluster_gym.scripts.dynamo_week import WeekArgs
 
-RESIDUAL_KIND = "residual_over_manager"
+RESIDUAL_KIND = RESIDUAL_KINDS[0]
 """`metadata.json` field `kind` of a residual agent's checkpoint (`agents.policy.load_policy` reads it)."""
 BURN_IN_S = WeekArgs.burn_in_s
 """The week protocol's burn-in before the measured span (`bench/dynamo_week.py`)."""
@@ -164,7 +165,7 @@ def train(args: TrainResidualArgs) -> Path:
         "lagrange_end": before.get("lagrange"), "slo_target": before.get("slo_target"),
         "init": None}] if before else [])
     meta = {
-        "kind": RESIDUAL_KIND, "task": "energy", "scenario": "dynamo_week",
+        "kind": RESIDUAL_KIND, "algo": "PPO", "task": "energy", "scenario": "dynamo_week",
         "train_days": "Mon, Wed, Sat", "window_h": args.window_h, "steps": int(model.num_timesteps),
         "train_wall_s": round(float(before.get("train_wall_s", 0.0)) + wall_s, 1),
         "max_minutes": args.max_minutes, "lagrange": update.value,

@@ -190,7 +190,7 @@ def train(args: TrainResidualThermalArgs) -> Path:
                "projects_onto_forecast": not args.no_project, "lagrange_start": start,
                "lagrange_end": {g: u.value for g, u in update.items()}}]
     meta = {
-        "kind": RESIDUAL_THERMAL_KIND, "task": "thermal",
+        "kind": RESIDUAL_THERMAL_KIND, "algo": "PPO", "task": "thermal",
         "scenarios": [*SMALL_SCENARIOS, f"tapas_dc ({args.dc_window_h:g} h windows of Mon, Wed, Sat; "
                                          f"{args.dc_share:.0%} of episodes)"],
         "request_share": args.request_share, "service_weight": SERVICE_WEIGHT,

@@ -131,7 +131,8 @@ def default_out(task: str, scenario_name: str) -> Path:
 def check_checkpoints(policies: list[str], task: str, scenarios: list[str]) -> None:
     """Every checkpoint a policy spec names exists, reads, and was trained for `task` and `scenarios`.
 
-    The checks the checkpoint loader makes when the episode starts, made before any episode.
+    The checks the checkpoint loader makes when the episode starts, made before any episode. A
+    residual agent runs on every scenario of its task (`agents.policy.checkpoint_scope`).
 
     Args:
         policies: Policy specs (controller names are skipped).
@@ -142,20 +143,20 @@ def check_checkpoints(policies: list[str], task: str, scenarios: list[str]) -> N
         CheckpointError: A checkpoint is missing or its metadata unreadable.
         UsageError: A checkpoint of another task or scenario.
     """
+    from llm_cluster_gym.agents.policy import checkpoint_scope
+
     for name in policies:
         directory = parse_policy_spec(name).checkpoint
         if directory is None:
             continue
-        from llm_cluster_gym.agents.checkpoint import load_metadata
-
-        meta = load_metadata(directory)
-        if meta["task"] != task:
-            raise UsageError(f"policy {name!r}: the checkpoint was trained for task {meta['task']!r}, "
+        trained_task, trained_scenario = checkpoint_scope(directory)
+        if trained_task != task:
+            raise UsageError(f"policy {name!r}: the checkpoint was trained for task {trained_task!r}, "
                              f"not {task!r}")
-        other = [s for s in scenarios if s != meta["scenario"]]
+        other = [s for s in scenarios if trained_scenario is not None and s != trained_scenario]
         if other:
             raise UsageError(f"policy {name!r}: the checkpoint was trained on scenario "
-                             f"{meta['scenario']!r}, not {other[0]!r}")
+                             f"{trained_scenario!r}, not {other[0]!r}")
 
 
 def format_compare(table: dict[str, dict[str, float]]) -> str:

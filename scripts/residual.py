@@ -81,6 +81,10 @@ def run_eval(args: ResidualEvalArgs, command: str = "llm-cluster residual-eval")
     check_number("--start-h", args.start_h, at_least=0.0, at_most=24.0 - args.hours)
     if args.jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    from llm_cluster_gym.agents.policy import verified_residual_metadata
+    from llm_cluster_gym.agents.train_residual import RESIDUAL_KIND
+
+    verified_residual_metadata(args.checkpoint, RESIDUAL_KIND)  # before hours of evaluation
     res = evaluate_residual(args.checkpoint, tuple(args.days), tuple(args.seeds), args.hours,
                             args.start_h, args.serving_model, args.jobs)
     s = res["summary"]

@@ -124,6 +124,10 @@ def run_eval(args: ResidualThermalEvalArgs, command: str = "llm-cluster thermal-
         raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
     check_number("--dc-hours", args.dc_hours, above=0.0, at_most=24.0)
     check_number("--dc-from-hour", args.dc_from_hour, at_least=0.0, at_most=24.0 - args.dc_hours)
+    from llm_cluster_gym.agents.policy import verified_residual_metadata
+    from llm_cluster_gym.agents.residual_thermal import RESIDUAL_THERMAL_KIND
+
+    verified_residual_metadata(args.checkpoint, RESIDUAL_THERMAL_KIND)  # before hours of evaluation
     res = evaluate_residual_thermal(args.checkpoint, tuple(args.seeds), tuple(args.dc_days),
                                     args.dc_hours, args.dc_from_hour, tuple(args.dc_seeds), args.jobs,
                                     log=print)
