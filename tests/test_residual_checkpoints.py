@@ -128,3 +128,27 @@ def test_the_residual_eval_commands_check_the_checkpoint_before_evaluating(tmp_p
     assert len(err) == 2
     assert "model.zip: SHA-256" in err[0]
     assert "field 'kind' must be 'residual_over_tapas', found 'residual_over_manager'" in err[1]
+
+
+def test_the_live_loop_runs_the_shipped_residual_agents_on_any_scenario_of_their_task(tmp_path):
+    """`deploy --policy ckpt:<residual agent>` builds the agent (shielded) on a scenario size it
+    was not trained on; a damaged one is a one-line policy error naming the file."""
+    from llm_cluster_gym.controllers.live.policies import build_policy
+    from llm_cluster_gym.controllers.policy_spec import PolicySpecError
+
+    for task, scenario, ck in (("energy", "medium", ENERGY), ("thermal", "small_tapas", THERMAL)):
+        env = ClusterEnv(task, scenario=scenario, serving_model="aggregate")
+        policy, _ = build_policy(f"ckpt:{ck}", env)
+        obs, _ = env.reset(seed=0)
+        for _ in range(3):
+            mask = env.action_masks() if hasattr(env, "action_masks") else None
+            action = policy.act(obs, mask)
+            assert env.action_space.contains(action)
+            obs, *_ = env.step(action)
+        expected = "ResidualPolicy" if task == "energy" else "ResidualThermalPolicy"
+        assert type(policy.inner).__name__ == expected
+    broken = _copy(tmp_path)
+    (broken / "vecnormalize.pkl").write_bytes(b"")
+    env = ClusterEnv("energy", scenario="small", serving_model="aggregate")
+    with pytest.raises(PolicySpecError, match=r"cannot load checkpoint \(.*vecnormalize\.pkl: SHA-256"):
+        build_policy(f"ckpt:{broken}", env)

@@ -2,7 +2,8 @@
 
 Policy specs (`controllers.policy_spec`): a registry name (``static``, ``unaware``, ``dynamo``,
 ``tapas``, ``random``; see ``controllers/registry.py``) or ``ckpt:<dir>`` (a trained agent saved
-by ``agents/checkpoint.py``, loaded through ``agents.policy.TrainedPolicy``). Unless told
+by ``agents/checkpoint.py``, loaded through ``agents.policy.load_policy``: a residual agent over
+its rule-based base on any scenario of its task, an agent trained from scratch on its own). Unless told
 otherwise the policy runs inside the safety shield, and a rule-based fallback (shielded too)
 is built beside it for when the policy raises.
 
@@ -58,11 +59,11 @@ def build_policy(spec: str, env: Any, shield: bool = True, seed: int = 0,
     shield = shield or parsed.shield
     if parsed.checkpoint is not None:
         try:
-            from llm_cluster_gym.agents.policy import TrainedPolicy
+            from llm_cluster_gym.agents.policy import load_policy
         except ImportError as exc:
             raise PolicySpecError(f"policy {spec!r}: agents.policy is not available ({exc})") from exc
-        try:
-            inner = TrainedPolicy.from_checkpoint(parsed.checkpoint, base)
+        try:  # a residual agent on any scenario of its task; one trained from scratch on its own
+            inner = load_policy(parsed.checkpoint, base)
         except (OSError, ValueError, KeyError) as exc:
             raise PolicySpecError(f"policy {spec!r}: cannot load checkpoint ({exc})") from exc
     else:
