@@ -360,3 +360,32 @@ def test_pool_assignment_is_the_same_for_every_token_dtype(dtype):
     want = (np.searchsorted(np.array([450, 1250]), inp.astype(np.float64), side="right") * 3
             + np.searchsorted(np.array([50, 140]), out.astype(np.float64), side="right"))
     np.testing.assert_array_equal(pools.assign(inp, out), want)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(),
+       dtype=st.sampled_from([np.int16, np.int32, np.int64, np.uint16, np.float64]),
+       input_edges=st.lists(st.integers(1, 40_000), min_size=0, max_size=3, unique=True),
+       output_edges=st.lists(st.integers(1, 40_000), min_size=0, max_size=3, unique=True))
+def test_pool_assignment_is_searchsorted_of_each_field_for_every_token_dtype(data, dtype, input_edges,
+                                                                           output_edges):
+    """`LengthPools.assign`'s compiled pass (integer tokens, edges that fit their dtype) and
+    its numpy fallback give the pool ids of the definition: input class times the number of
+    output classes plus output class, a class being ``searchsorted(edges, tokens, "right")``,
+    with tokens at, below and above every edge."""
+    from llm_cluster_gym.envs.sim.workload import LengthPools
+
+    ie, oe = tuple(sorted(input_edges)), tuple(sorted(output_edges))
+    names = tuple(f"p{i}" for i in range((len(ie) + 1) * (len(oe) + 1)))
+    pools = LengthPools(input_edges=ie, output_edges=oe, names=names)
+    hi = 40_001 if dtype != np.int16 else np.iinfo(np.int16).max
+    near = [v + d for v in (*ie, *oe) for d in (-1, 0, 1) if 0 <= v + d <= hi]
+    values = st.one_of(st.integers(0, hi), st.sampled_from(near or [0]))
+    n = data.draw(st.integers(0, 60))
+    inp = np.array(data.draw(st.lists(values, min_size=n, max_size=n)), dtype=dtype)
+    out = np.array(data.draw(st.lists(values, min_size=n, max_size=n)), dtype=dtype)
+    want = (np.searchsorted(np.array(ie, dtype=float), inp.astype(float), side="right") * (len(oe) + 1)
+            + np.searchsorted(np.array(oe, dtype=float), out.astype(float), side="right"))
+    got = pools.assign(inp, out)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, want)

@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numba import njit
+
+from llm_cluster_gym.envs.sim.compiled import JIT_OPTIONS
 
 __all__ = [
     "DEFAULT_POOLS",
@@ -859,10 +862,56 @@ class LengthPools:
         return len(self.names)
 
     def assign(self, input_tokens: np.ndarray, output_tokens: np.ndarray) -> np.ndarray:
-        """Return the pool id (int64) of each request, vectorized."""
-        in_cls = _classes(self.input_edges, input_tokens)
-        out_cls = _classes(self.output_edges, output_tokens)
+        """Return the pool id (int64) of each request, vectorized.
+
+        The input class times the number of output classes plus the output class; a class is
+        how many of the field's edges the token count reaches (``searchsorted(edges, tokens,
+        "right")``). Integer token counts (every trace's) take one compiled pass over both
+        columns (`_pool_ids`): a week window's ten million requests in tens of milliseconds,
+        where two ``searchsorted`` calls and three temporaries of 80 MB took most of a second
+        at every episode start.
+        """
+        x, y = np.asarray(input_tokens), np.asarray(output_tokens)
+        e_in, e_out = _edges_for(self.input_edges, x), _edges_for(self.output_edges, y)
+        if e_in is not None and e_out is not None and x.ndim == 1 and x.shape == y.shape:
+            return _pool_ids(x, y, e_in, e_out)
+        in_cls = _classes(self.input_edges, x)
+        out_cls = _classes(self.output_edges, y)
         return in_cls.astype(np.int64) * (len(self.output_edges) + 1) + out_cls
+
+
+def _edges_for(edges: tuple[int, ...], tokens: np.ndarray) -> np.ndarray | None:
+    """``edges`` in the tokens' integer dtype (None where not exactly).
+
+    Integer tokens compared with edges of their own dtype: numpy does not convert millions of
+    tokens to the edges' dtype first, and the compiled pass takes one signature per dtype.
+    """
+    if not np.issubdtype(tokens.dtype, np.integer):
+        return None
+    e = np.asarray(edges, dtype=np.int64)
+    info = np.iinfo(tokens.dtype)
+    if e.size and not (info.min <= e.min() and e.max() <= info.max):
+        return None
+    return e.astype(tokens.dtype)
+
+
+@njit(**JIT_OPTIONS)
+def _pool_ids(input_tokens: np.ndarray, output_tokens: np.ndarray, input_edges: np.ndarray,
+              output_edges: np.ndarray) -> np.ndarray:
+    """`LengthPools.assign` of integer token counts in one pass (edges increasing, same dtype)."""
+    n_out = len(output_edges) + 1
+    out = np.empty(len(input_tokens), np.int64)
+    for i in range(len(input_tokens)):
+        a = 0
+        for e in input_edges:
+            if input_tokens[i] >= e:
+                a += 1
+        b = 0
+        for e in output_edges:
+            if output_tokens[i] >= e:
+                b += 1
+        out[i] = a * n_out + b
+    return out
 
 
 def _classes(edges: tuple[int, ...], tokens: np.ndarray) -> np.ndarray:
@@ -873,11 +922,8 @@ def _classes(edges: tuple[int, ...], tokens: np.ndarray) -> np.ndarray:
     int32 token counts).
     """
     x = np.asarray(tokens)
-    e = np.asarray(edges)
-    if (np.issubdtype(x.dtype, np.integer) and e.size
-            and np.iinfo(x.dtype).min <= e.min() and e.max() <= np.iinfo(x.dtype).max):
-        e = e.astype(x.dtype)
-    return np.searchsorted(e, x, side="right")
+    e = _edges_for(edges, x)
+    return np.searchsorted(np.asarray(edges) if e is None else e, x, side="right")
 
 
 DEFAULT_POOLS = LengthPools(
