@@ -44,7 +44,7 @@ class TaskPlan:
             e.g. the TAPAS datacenter at higher oversubscription).
         baselines: Rule-based controller names of `controllers.registry`.
         reference: The baseline ratios are taken against (static / unaware).
-        oracle: Name of the lower-bound policy, or None.
+        oracle: Name of the hindsight reference policy (not a bound: `controllers.oracle`), or None.
     """
 
     task: str

@@ -5,7 +5,8 @@ three seeds, the first 12 intervals left out) and prints, for the shipped agents
 safety shield, as deployed) and for the rule-based controllers of the same task:
 
 * energy saving vs static and SLO attainment (DynamoLLM reports 53% at its SLOs),
-* gap to the hindsight oracle (agent energy / oracle energy - 1),
+* gap to the hindsight oracle (agent energy / oracle energy - 1; the oracle is a hindsight
+  search around the DynamoLLM optimizer's plan, not a bound, so the gap can be negative),
 * reduction of thermal throttling events (under the cooling failure of `small_faults`) and of
   power throttling events (at the 1.6x oversubscription of `small_tapas_high`) vs the
   thermal/power-unaware baseline (TAPAS reports 97% and 99%).

@@ -3,8 +3,12 @@
 This controller CHEATS on purpose: it reads the true future arrival rates per pool from the
 backend's description (`BackendDescription.arrival_oracle`, which only the simulator offers)
 and simulates candidate actions on deep copies of the env (same random state, hence the same
-future). It is the lower bound every energy policy is measured against, and it only works on
-the simulated backend.
+future). It is the hindsight reference energy policies are compared with, and it only works
+on the simulated backend. It is not a bound: it searches only clock shifts around the
+optimizer's proposal (the optimizer's instance counts and TP, planned on its own latency model)
+over a short lookahead, so a policy can use less energy than it (the shipped residual energy
+agent does on `small`'s test window, at lower SLO attainment). The energy task's planning-model
+lower bound is the relaxed MILP of `controllers.milp_plan`.
 
 Each interval: the DynamoLLM optimizer, fed with the true rates of the next interval and of
 the coming reconfiguration window, proposes a configuration; the oracle then simulates that
