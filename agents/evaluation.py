@@ -275,7 +275,10 @@ def write_evaluation(evals: Sequence[TaskEvaluation], out_dir: Path, command: st
         shield = ev.runs[SHIELDED_AGENT]
         n_int = ev.runs[SHIELDED_AGENT].episodes[0].n_intervals
         md += [f"The shield stepped in on {shield.stat('shield_overrides')[0]:.1f} of {n_int} "
-               f"intervals per episode on average.", ""]
+               f"intervals per episode on average, "
+               f"{shield.stat('shield_overrides_avoidable')[0]:.1f} of them outside declared "
+               "emergencies (during one the shield applies its emergency fallback, whatever the "
+               "policy proposed).", ""]
         for key, png in _plots(ev).items():
             name = safe_name(f"{ev.plan.task}_{ev.plan.scenario}_{key}") + ".png"
             files[name] = png

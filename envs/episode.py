@@ -106,6 +106,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("requests_dropped", "requests dropped", "count", "dropped"),
     Metric("shield_overrides", "intervals the shield overrode the policy", "count", "overrides",
            in_summary=False),
+    Metric("shield_overrides_avoidable",
+           "intervals the shield overrode the policy outside declared emergencies", "count",
+           "avoidable overrides", in_summary=False),
 )
 """Every headline figure, in the order of the report table."""
 
@@ -125,7 +128,7 @@ COMPARISON_COLUMNS: tuple[tuple[str, str], ...] = tuple(
     (k, METRIC_BY_KEY[k].column) for k in (
         "energy_kwh", "energy_per_token_j", "slo_attainment", "ttft_p99_s", "tbt_p99_s",
         "thermal_throttle_events", "power_throttle_events", "peak_row_power_kw",
-        "max_gpu_temp_c", "vm_wait_h", "shield_overrides"))
+        "max_gpu_temp_c", "vm_wait_h", "shield_overrides", "shield_overrides_avoidable"))
 """(key, column label) of the tables comparing policies (compare, sweep, evaluation job)."""
 
 
@@ -198,6 +201,15 @@ class EpisodeResult:
     def override_count(self) -> int:
         """Intervals in which the shield overrode the policy."""
         return sum(bool(o) for o in self.shield_overrides)
+
+    def avoidable_override_count(self) -> int:
+        """Intervals the shield overrode the policy for a reason besides a declared emergency.
+
+        While a fault is declared the shield applies its emergency fallback whatever the policy
+        proposed (`controllers.shield`), so those intervals say nothing about the policy; the
+        others (a row, a temperature, a placement, capacity, pacing) are the policy's own.
+        """
+        return sum(any(not r.startswith("emergency") for r in o) for o in self.shield_overrides)
 
     def summary(self) -> dict[str, float]:
         """The headline table as plain floats (see `SUMMARY_FIELDS` for labels and units).

@@ -80,10 +80,11 @@ def run_measured(task: str, scenario: Any, serving: str, make, seed: int,
     The cell `scripts.compare`, the Ray sweep and the evaluation job run: a fresh `SimCluster`
     (per-tick history on, VMs auto-placed only for the energy task), the controller built by
     ``make(env)`` on a `ClusterEnv` over it, the summary of the measured part plus the count
-    of intervals the shield overrode the policy (``shield_overrides``).
+    of intervals the shield overrode the policy (``shield_overrides``) and of those outside
+    declared emergencies (``shield_overrides_avoidable``).
 
     Returns:
-        (measured episode result, its summary with `shield_overrides`).
+        (measured episode result, its summary with both counts).
     """
     from llm_cluster_gym.envs.cluster_env import ClusterEnv
     from llm_cluster_gym.envs.sim.cluster import SimCluster
@@ -95,4 +96,5 @@ def run_measured(task: str, scenario: Any, serving: str, make, seed: int,
     measured = skip_warmup(result, warmup)
     summary = measured.summary()
     summary["shield_overrides"] = float(measured.override_count())
+    summary["shield_overrides_avoidable"] = float(measured.avoidable_override_count())
     return measured, summary

@@ -50,3 +50,28 @@ def test_plan_with_wrong_task_for_the_checkpoint_is_refused():
     plan = TaskPlan("energy", ROOT / "checkpoints/thermal", "small", ("static",), "static")
     with pytest.raises(ValueError, match="checkpoint task is 'thermal'"):
         evaluate_task(plan, seeds=(0,))
+
+
+def test_overrides_during_declared_emergencies_are_counted_apart():
+    """During `small_faults`' cooling failure the shield applies its emergency fallback whatever
+    the policy proposes: the shipped thermal agent is overridden only then (none avoidable);
+    the unaware baseline is overridden then and, for its placements and clocks, outside it; on
+    `small_tapas_high` (no fault) every override of it is avoidable."""
+    from llm_cluster_gym.controllers.policy_spec import make_policy
+    from llm_cluster_gym.envs.rollout import run_measured
+    from llm_cluster_gym.envs.sim.scenario import load_scenario
+
+    def counts(scenario: str, policy: str) -> tuple[float, float, int]:
+        measured, s = run_measured("thermal", load_scenario(scenario), "aggregate",
+                                   lambda env: make_policy(policy, env, 0, same_scenario=False), 0, 12)
+        emergency_only = sum(bool(o) and all(r.startswith("emergency:") for r in o)
+                             for o in measured.shield_overrides)
+        return s["shield_overrides"], s["shield_overrides_avoidable"], emergency_only
+
+    agent = f"shield:ckpt:{ROOT / 'checkpoints/residual_thermal'}"
+    total, avoidable, emergency_only = counts("small_faults", agent)
+    assert total > 0 and avoidable == 0 and emergency_only == total
+    total, avoidable, emergency_only = counts("small_faults", "shield:unaware")
+    assert 0 < avoidable < total and avoidable + emergency_only == total
+    total, avoidable, emergency_only = counts("small_tapas_high", "shield:unaware")
+    assert total > 0 and avoidable == total and emergency_only == 0
