@@ -146,6 +146,7 @@ class ResidualOverManager(ResidualWrapper):
                                             np.float32)
         self.observation_names = RESIDUAL_OBSERVATION_NAMES
         self._base_action: ClusterAction | None = None
+        self.clock_moves = ClockMoves(MAX_POOLS)
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -187,6 +188,8 @@ class ResidualOverManager(ResidualWrapper):
             raise ValueError(f"action must be {MAX_POOLS} indices in [0, {len(OFFSETS) - 1}], got {action!r}")
         pools = tuple(replace(cfg, freq_mhz=self._shifted(cfg.freq_mhz, OFFSETS[a[p]]))
                       for p, cfg in enumerate(self._base_action.pools))
+        self.clock_moves.add([self._freq_index(c.freq_mhz) for c in self._base_action.pools],
+                             [self._freq_index(c.freq_mhz) for c in pools])
         return replace(self._base_action, pools=pools)
 
     # ------------------------------------------------------------------ pieces
@@ -205,6 +208,45 @@ class ResidualOverManager(ResidualWrapper):
         for p, cfg in enumerate(self._base_action.pools):
             pos[p] = self._freq_index(cfg.freq_mhz) / span
         return np.concatenate([fixed_obs, pos]).astype(np.float32)
+
+
+class ClockMoves:
+    """How often the agent moved each pool's clock off the manager's, and which way.
+
+    Counted per pool slot over the corrected actions: the manager's clock choice against the
+    one applied (a step down at the lowest choice is no move), and apart, the intervals in which
+    the manager proposed the lowest choice, where the agent's only lever is up. What
+    `evaluate_residual` reports per unit, so that a difference in energy from the manager can be
+    read as what the agent did.
+    """
+
+    def __init__(self, n_slots: int) -> None:
+        self.counts = np.zeros((n_slots, 3), dtype=np.int64)  # down, same, up
+        self.at_floor = np.zeros((n_slots, 3), dtype=np.int64)  # the same, manager at the floor
+
+    def add(self, manager_idx: list[int], applied_idx: list[int]) -> None:
+        """One interval: per pool, the manager's and the applied clock choice (indices)."""
+        for p, (m, a) in enumerate(zip(manager_idx, applied_idx, strict=True)):
+            move = int(np.sign(a - m)) + 1
+            self.counts[p, move] += 1
+            if m == 0:
+                self.at_floor[p, move] += 1
+
+    def shares(self, names: list[str]) -> dict[str, dict[str, float | None]]:
+        """Per named pool, the shares of intervals moved down, kept and moved up.
+
+        Besides: the share in which the manager proposed its lowest clock, and of those the
+        share the agent raised. None where there is nothing to share (JSON null).
+        """
+        out = {}
+        for p, name in enumerate(names):
+            n = int(self.counts[p].sum())
+            floor = int(self.at_floor[p].sum())
+            down, same, up = (float(c) / n if n else None for c in self.counts[p])
+            out[name] = {"down": down, "same": same, "up": up,
+                         "manager_at_lowest_clock": floor / n if n else None,
+                         "up_when_manager_at_lowest": float(self.at_floor[p, 2]) / floor if floor else None}
+        return out
 
 
 class ResidualController:

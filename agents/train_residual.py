@@ -193,18 +193,26 @@ class ResidualPolicy(ResidualController):
 def _evaluate_residual_unit(directory: str, day: int, seed: int, hours: float, start_h: float,
                             serving: str) -> dict[str, Any]:
     """One (day, seed) unit: the manager and the agent over the same requests."""
+    from llm_cluster_gym.envs.sim.demand import pools_for
     from llm_cluster_gym.envs.sim.scenario import load_scenario
     from llm_cluster_gym.scripts.dynamo_week import DAY_S, _measure, manager, window_scenario
 
     s = window_scenario(load_scenario("dynamo_week"), day * DAY_S + start_h * 3600.0, BURN_IN_S,
                         hours * 3600.0)
     m = _measure("dynamo", day, seed, s, manager(**MANAGER_KWARGS), BURN_IN_S, "adaptive", serving)
-    a = _measure("residual", day, seed, s, lambda env: ResidualPolicy(directory, env),
-                 BURN_IN_S, "residual", serving)
+    built: list[ResidualPolicy] = []
+
+    def agent(env: Any) -> ResidualPolicy:
+        built.append(ResidualPolicy(directory, env))
+        return built[-1]
+
+    a = _measure("residual", day, seed, s, agent, BURN_IN_S, "residual", serving)
+    pools = list(pools_for(s.workload.pools).names)
     return {"day": day, "seed": seed, "start_h": start_h, "hours": hours, "serving": serving,
             "energy_ratio": a.summary["energy_kwh"] / m.summary["energy_kwh"],
             "agent_slo": a.summary["slo_attainment"], "manager_slo": m.summary["slo_attainment"],
-            "agent_kwh": a.summary["energy_kwh"], "manager_kwh": m.summary["energy_kwh"]}
+            "agent_kwh": a.summary["energy_kwh"], "manager_kwh": m.summary["energy_kwh"],
+            "clock_moves": built[-1].res.clock_moves.shares(pools)}
 
 
 def evaluate_residual(directory: str | Path, days: tuple[int, ...] = (0, 2, 5),

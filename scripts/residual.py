@@ -90,6 +90,16 @@ def run_eval(args: ResidualEvalArgs, command: str = "llm-cluster residual-eval")
     s = res["summary"]
     for key, (mean, half) in s.items():
         print(f"{key}: {mean:.4f} ± {half:.4f} (95% over {len(args.days)} days)")
+    def pct(share: float | None) -> str:
+        return "-" if share is None else f"{share:.0%}"
+
+    print("clock moves against the manager's (share of intervals, burn-in included):")
+    for row in res["rows"]:
+        cells = "; ".join(
+            f"{pool} down {pct(m['down'])} up {pct(m['up'])} (manager at its lowest clock "
+            f"{pct(m['manager_at_lowest_clock'])}, raised there {pct(m['up_when_manager_at_lowest'])})"
+            for pool, m in row["clock_moves"].items())
+        print(f"  day {row['day']} seed {row['seed']}: {cells}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"command": command, **res}, indent=1) + "\n")

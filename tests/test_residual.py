@@ -64,6 +64,32 @@ def test_offsets_move_each_pools_clock_one_choice_from_the_managers():
         res.step(np.full(MAX_POOLS, len(OFFSETS)))
 
 
+def test_clock_moves_count_what_the_agent_changed_per_pool():
+    """`ClockMoves`: offsets 0 are no move; a step up from the manager's clock is one (none at the
+    top clock); a step down at the lowest clock is no move, counted among the manager's
+    lowest-clock intervals."""
+    res = ResidualOverManager(_env())
+    res.reset(seed=0)
+    n_pools = len(res._base_action.pools)
+    top, expect = len(res.freqs) - 1, np.zeros((n_pools, 3), dtype=np.int64)
+    floor = np.zeros((n_pools, 3), dtype=np.int64)
+    for action in (HOLD, np.full(MAX_POOLS, 2), np.zeros(MAX_POOLS, dtype=np.int64)) * 4:
+        idx = [res._freq_index(c.freq_mhz) for c in res._base_action.pools]
+        for p, i in enumerate(idx):
+            move = {1: 1, 2: 2 if i < top else 1, 0: 0 if i > 0 else 1}[int(action[p])]
+            expect[p, move] += 1
+            if i == 0:
+                floor[p, move] += 1
+        res.step(action)
+    np.testing.assert_array_equal(res.clock_moves.counts[:n_pools], expect)
+    np.testing.assert_array_equal(res.clock_moves.at_floor[:n_pools], floor)
+    shares = res.clock_moves.shares([f"p{i}" for i in range(n_pools)])
+    for p in range(n_pools):
+        assert shares[f"p{p}"]["down"] == pytest.approx(expect[p, 0] / 12)
+        assert shares[f"p{p}"]["up"] == pytest.approx(expect[p, 2] / 12)
+        assert shares[f"p{p}"]["manager_at_lowest_clock"] == pytest.approx(floor[p].sum() / 12)
+
+
 def test_spaces_are_the_same_on_every_scenario_size():
     small = ResidualOverManager(_env("small"))
     week = ResidualOverManager(_env("dynamo_week"))
