@@ -773,6 +773,11 @@ def test_replay_latency_is_judged_on_the_same_bins_metric_by_metric():
     assert slow["ttft_p90_error"] == pytest.approx(1.0, abs=0.15)
     assert slow["tbt_p50_error"] == 0.0 and slow["tbt_p90_error"] == 0.0
     assert slow["real_ttft_p50_binned_s"] == pytest.approx(np.median(ttft), rel=0.07)
+    # The summary reports exactly these figures and the real medians, named once (no key picked
+    # by its prefix).
+    from llm_cluster_gym.envs.real.fidelity import LATENCY_SUMMARY_KEYS
+
+    assert LATENCY_SUMMARY_KEYS == ("real_ttft_p50_s", "real_tbt_p50_s", *slow)
 
 
 @pytest.mark.slow

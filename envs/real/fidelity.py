@@ -429,6 +429,20 @@ def compare(run_path: str | Path, profile: Profile, thermal: ThermalParams,
     }
 
 
+LATENCY_QUANTILES = (50, 90)
+"""Percentiles of TTFT and TBT the replay is compared at (`_latency_errors`)."""
+
+
+def _latency_keys(name: str, q: int) -> tuple[str, str, str]:
+    """The real (binned), simulated and error keys of one latency percentile."""
+    return f"real_{name}_p{q}_binned_s", f"sim_{name}_p{q}_s", f"{name}_p{q}_error"
+
+
+LATENCY_SUMMARY_KEYS = ("real_ttft_p50_s", "real_tbt_p50_s") + tuple(
+    key for name in ("ttft", "tbt") for q in LATENCY_QUANTILES for key in _latency_keys(name, q))
+"""The comparison's latency figures the summary reports, in their order."""
+
+
 def _latency_errors(real_ttft_s: np.ndarray, real_tbt_s: np.ndarray,
                     sim: dict[str, np.ndarray]) -> dict[str, float]:
     """TTFT and TBT percentiles (P50, P90) of the replay against the real run's, and their errors.
@@ -441,11 +455,12 @@ def _latency_errors(real_ttft_s: np.ndarray, real_tbt_s: np.ndarray,
     for name, real_v, sim_h in (("ttft", real_ttft_s, sim["ttft_hist"]),
                                 ("tbt", real_tbt_s, sim["tbt_hist"])):
         real_h = latency_histogram(real_v)
-        for q in (50, 90):
+        for q in LATENCY_QUANTILES:
             r, m = histogram_percentile(real_h, q), histogram_percentile(sim_h, q)
-            out[f"real_{name}_p{q}_binned_s"] = round(r, 5)
-            out[f"sim_{name}_p{q}_s"] = round(m, 5)
-            out[f"{name}_p{q}_error"] = round(abs(m - r) / r, 4)
+            real_key, sim_key, error_key = _latency_keys(name, q)
+            out[real_key] = round(r, 5)
+            out[sim_key] = round(m, 5)
+            out[error_key] = round(abs(m - r) / r, 4)
     return out
 
 
@@ -520,8 +535,7 @@ def calibrate_and_compare(profile_path: str | Path, run_path: str | Path,
         "throughput_interval_mape": comp["throughput_interval_mape"],
         "finished_error": comp["finished_error"],
         "energy_error": comp["energy_error"],
-        "latency": {k: comp[k] for k in comp
-                    if k.startswith(("real_ttft", "real_tbt", "sim_ttft", "sim_tbt", "ttft_", "tbt_"))},
+        "latency": {k: comp[k] for k in LATENCY_SUMMARY_KEYS},
         "thermal_history_s": round(pre_history_s(run), 1),
         "temp_rmse_c_steady_start": comp_steady["temp_rmse_c"],
         "isolated_sweep_profile": {k: comp_sweep[k] for k in headline},
