@@ -268,6 +268,13 @@ def verify_files(directory: str | Path, meta: dict[str, Any]) -> None:
                 "(file truncated, corrupted or replaced)")
 
 
+def check_field_matches(meta: dict[str, Any], key: str, env_value: Any, where: str | Path) -> None:
+    """Raise CheckpointError unless the metadata's `key` is the environment's `env_value`."""
+    if meta.get(key) != env_value:
+        raise CheckpointError(
+            f"{where}: field '{key}' is {meta.get(key)!r} but the environment's {key} is {env_value!r}")
+
+
 def check_compatible(meta: dict[str, Any], env: Any, where: str | Path = "checkpoint",
                      same_scenario: bool = True) -> None:
     """Raise CheckpointError if the checkpoint was not trained for this environment's task/spaces.
@@ -277,9 +284,8 @@ def check_compatible(meta: dict[str, Any], env: Any, where: str | Path = "checkp
     """
     sig = env_signature(env)
     for key in ("task", "scenario") if same_scenario else ("task",):
-        if sig[key] is not None and meta[key] != sig[key]:
-            raise CheckpointError(
-                f"{where}: field '{key}' is {meta[key]!r} but the environment's {key} is {sig[key]!r}")
+        if sig[key] is not None:
+            check_field_matches(meta, key, sig[key], where)
     if list(meta["action_nvec"]) != sig["action_nvec"]:
         raise CheckpointError(
             f"{where}: field 'action_nvec' is {meta['action_nvec']} but the environment's action space "

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from llm_cluster_gym.agents.checkpoint import Checkpoint, load_checkpoint
+from llm_cluster_gym.agents.checkpoint import RESIDUAL_KINDS, Checkpoint, is_residual, load_checkpoint
 
 
 def load_policy(directory: str | Path, env: Any, name: str | None = None,
@@ -27,12 +27,11 @@ def load_policy(directory: str | Path, env: Any, name: str | None = None,
     """
     meta = residual_metadata(directory)
     if meta is not None:
-        from llm_cluster_gym.agents.checkpoint import METADATA_FILE, CheckpointError
+        from llm_cluster_gym.agents.checkpoint import METADATA_FILE, check_field_matches
 
         base = getattr(env, "unwrapped", env)
-        if meta.get("task") != base.task:  # before its base controller is built on the env
-            raise CheckpointError(f"{Path(directory) / METADATA_FILE}: field 'task' is "
-                                  f"{meta.get('task')!r} but the environment's task is {base.task!r}")
+        # Before its base controller is built on the env (which would fail on another task).
+        check_field_matches(meta, "task", base.task, Path(directory) / METADATA_FILE)
         policy = _RESIDUAL_POLICIES[meta["kind"]]()(directory, base)
         if name:
             policy.name = name
@@ -52,8 +51,8 @@ def _residual_over_tapas() -> Any:
     return ResidualThermalPolicy
 
 
-_RESIDUAL_POLICIES = {"residual_over_manager": _residual_over_manager,
-                      "residual_over_tapas": _residual_over_tapas}
+_RESIDUAL_POLICIES = dict(zip(RESIDUAL_KINDS, (_residual_over_manager, _residual_over_tapas),
+                              strict=True))
 """Checkpoint ``kind`` -> the controller class that loads it (imported on use)."""
 
 
@@ -72,7 +71,7 @@ def checkpoint_scope(directory: str | Path) -> tuple[str, str | None]:
     Raises:
         CheckpointError: The metadata is missing, unreadable or lacks a field its kind requires.
     """
-    from llm_cluster_gym.agents.checkpoint import is_residual, load_metadata
+    from llm_cluster_gym.agents.checkpoint import load_metadata
 
     meta = load_metadata(directory)
     return str(meta["task"]), None if is_residual(meta) else str(meta["scenario"])
@@ -84,7 +83,7 @@ def residual_metadata(directory: str | Path) -> dict[str, Any] | None:
         meta = json.loads((Path(directory) / "metadata.json").read_text())
     except (OSError, ValueError):
         return None  # load_checkpoint / load_metadata say what is wrong with it
-    return meta if isinstance(meta, dict) and meta.get("kind") in _RESIDUAL_POLICIES else None
+    return meta if isinstance(meta, dict) and is_residual(meta) else None
 
 
 def init_metadata(directory: str | Path | None, kind: str) -> dict[str, Any]:

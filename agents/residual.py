@@ -186,18 +186,16 @@ class ResidualOverManager(ResidualWrapper):
         a = np.asarray(action, dtype=np.int64).reshape(-1)
         if a.shape != (MAX_POOLS,) or a.min() < 0 or a.max() >= len(OFFSETS):
             raise ValueError(f"action must be {MAX_POOLS} indices in [0, {len(OFFSETS) - 1}], got {action!r}")
-        pools = tuple(replace(cfg, freq_mhz=self._shifted(cfg.freq_mhz, OFFSETS[a[p]]))
-                      for p, cfg in enumerate(self._base_action.pools))
-        self.clock_moves.add([self._freq_index(c.freq_mhz) for c in self._base_action.pools],
-                             [self._freq_index(c.freq_mhz) for c in pools])
+        proposed = [self._freq_index(cfg.freq_mhz) for cfg in self._base_action.pools]
+        applied = [int(np.clip(i + OFFSETS[a[p]], 0, len(self.freqs) - 1)) for p, i in enumerate(proposed)]
+        pools = tuple(replace(cfg, freq_mhz=float(self.freqs[i]))
+                      for cfg, i in zip(self._base_action.pools, applied, strict=True))
+        self.clock_moves.add(proposed, applied)
         return replace(self._base_action, pools=pools)
 
     # ------------------------------------------------------------------ pieces
     def _freq_index(self, freq_mhz: float) -> int:
         return int(np.argmin(np.abs(self.freqs - freq_mhz)))
-
-    def _shifted(self, freq_mhz: float, offset: int) -> float:
-        return float(self.freqs[int(np.clip(self._freq_index(freq_mhz) + offset, 0, len(self.freqs) - 1))])
 
     def _observe(self, fixed_obs: np.ndarray, action_mask: np.ndarray | None = None) -> np.ndarray:
         """The fixed observation plus the manager's proposal for the coming interval."""
@@ -273,15 +271,14 @@ class ResidualController:
             MODEL_FILE,
             VECNORM_FILE,
             CheckpointError,
+            check_field_matches,
             load_metadata,
             verify_files,
         )
 
         d = Path(directory)
         meta = load_metadata(d)  # fields, version, kind; then every listed file's SHA-256
-        if meta["task"] != wrapper.inner.task:
-            raise CheckpointError(f"{d / METADATA_FILE}: field 'task' is {meta['task']!r} but the "
-                                  f"environment's task is {wrapper.inner.task!r}")
+        check_field_matches(meta, "task", wrapper.inner.task, d / METADATA_FILE)
         verify_files(d, meta)
         try:
             self.model = PPO.load(d / MODEL_FILE, device="cpu")
