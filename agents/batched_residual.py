@@ -25,7 +25,12 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env import VecEnv
 
 from llm_cluster_gym.agents.batched_vec_env import sb3_infos
-from llm_cluster_gym.agents.residual import OFFSETS, RESIDUAL_OBSERVATION_NAMES
+from llm_cluster_gym.agents.residual import (
+    OFFSETS,
+    RESIDUAL_OBSERVATION_NAMES,
+    check_objective,
+    objective_reward,
+)
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.dynamo_batched import BatchedDynamoManager
 from llm_cluster_gym.envs.backend import ClusterAction, PoolConfig
@@ -47,12 +52,15 @@ class BatchedResidualVecEnv(VecEnv):
         seed: Seed of the copies' episode seeds (each episode draws N new ones).
         manager_kwargs: Arguments of the manager (`DynamoController`'s).
         lagrange: Initial multiplier of the SLO violation in the reward.
+        objective: What the reward keeps of the env's reward (`agents.residual.OBJECTIVES`).
     """
 
     def __init__(self, n_envs: int, windows: Callable[[], Scenario], seed: int = 0,
-                 manager_kwargs: dict[str, Any] | None = None, lagrange: float = 0.0) -> None:
+                 manager_kwargs: dict[str, Any] | None = None, lagrange: float = 0.0,
+                 objective: str = "task") -> None:
         if not lagrange >= 0.0:
             raise ValueError(f"lagrange must be >= 0, got {lagrange}")
+        self.objective = check_objective(objective)
         self.render_mode = None  # nothing is rendered (SB3 reads it from the env)
         super().__init__(int(n_envs),
                          spaces.Box(-OBS_CLIP, OBS_CLIP, (len(RESIDUAL_OBSERVATION_NAMES),), np.float32),
@@ -109,7 +117,8 @@ class BatchedResidualVecEnv(VecEnv):
             raise gym.error.ResetNeeded("BatchedResidualVecEnv: call reset() before step()")
         raw, reward, terminated, truncated, info = self.env.step(self.corrected_actions(self._actions))
         violation = 1.0 - np.asarray(info["slo_attainment"], dtype=float)
-        shaped = (reward - self.lagrange * violation).astype(np.float32)
+        shaped = (objective_reward(self.objective, reward, info)
+                  - self.lagrange * violation).astype(np.float32)
         obs = self._observe(raw)
         infos = sb3_infos(info, obs, terminated, truncated)
         for i, extra in enumerate(infos):

@@ -15,9 +15,14 @@ Spaces that do not depend on the layout (as `envs.fixed_spaces`, whose observati
 * action: ``MultiDiscrete([3] * MAX_POOLS)``, per pool slot an offset of -1, 0 or +1 clock
   choice (index 1 is "as the manager says"; a slot without a pool ignores its entry).
 
-Constrained learning: the reward the policy maximizes is the env's energy reward minus
+Constrained learning: the reward the policy maximizes is an objective minus
 ``lagrange * violation``, where ``violation`` is the interval's share of resolved requests that
-missed their SLO (``1 - info["slo_attainment"]``). `LagrangeUpdate` is the multiplier's
+missed their SLO (``1 - info["slo_attainment"]``). The objective (`OBJECTIVES`) is either the
+energy task's whole reward (``"task"``: its energy term *and* its fixed SLO weight, so the
+effective price of a violation is that weight plus the multiplier, and the policy buys SLO
+margin even where the constraint already holds) or its energy term alone (``"energy"``: the SLO
+enters only through the multiplier, the constrained problem "least energy subject to mean
+violation <= 1 - slo_target"). `LagrangeUpdate` is the multiplier's
 projected gradient step (ascent on the constraint "mean violation <= 1 - slo_target"):
 ``lagrange <- max(0, lagrange + lr (mean violation - (1 - slo_target)))`` once per rollout, so
 the penalty rises while the policy misses the target and decays once it meets it (the
@@ -44,6 +49,27 @@ from llm_cluster_gym.envs.observation import OBS_CLIP
 
 OFFSETS = (-1, 0, 1)
 """Clock offsets per pool slot, in action index order (index 1: the manager's clock)."""
+
+OBJECTIVES = ("task", "energy")
+"""What the shaped reward keeps of the env's reward besides ``-lagrange * violation``:
+``"task"`` all of it (energy and the task's fixed SLO weight), ``"energy"`` its energy term only."""
+
+
+def check_objective(objective: str) -> str:
+    """``objective`` itself, if it is one of `OBJECTIVES`.
+
+    Raises:
+        ValueError: An objective outside `OBJECTIVES`.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    return objective
+
+
+def objective_reward(objective: str, reward: Any, info: dict[str, Any]) -> Any:
+    """The objective part of the shaped reward (a float, or one value per batched copy)."""
+    return reward if objective == "task" else info["reward_energy"]
+
 
 RESIDUAL_OBSERVATION_NAMES = FIXED_OBSERVATION_NAMES + tuple(
     f"manager.freq_position[{s}]" for s in range(MAX_POOLS))
@@ -132,11 +158,13 @@ class ResidualOverManager(ResidualWrapper):
         env: A `ClusterEnv` with pool actions (energy or combined task), or a wrapper of one.
         lagrange: Initial multiplier of the SLO violation in the reward (see the module docstring).
         manager_kwargs: Arguments of `DynamoController` (its defaults otherwise).
+        objective: What the reward keeps of the env's reward (`OBJECTIVES`).
     """
 
     def __init__(self, env: gym.Env, lagrange: float = 0.0,
-                 manager_kwargs: dict[str, Any] | None = None) -> None:
+                 manager_kwargs: dict[str, Any] | None = None, objective: str = "task") -> None:
         super().__init__(env, lagrange)
+        self.objective = check_objective(objective)
         if not self.inner.codec.has_pools:
             raise ValueError(f"ResidualOverManager needs pool actions; task is {self.inner.task!r}")
         self.manager = DynamoController(ControllerContext.from_env(self.inner), **(manager_kwargs or {}))
@@ -169,7 +197,7 @@ class ResidualOverManager(ResidualWrapper):
         fixed_obs = self._fixed_observation(obs)
         violation = 1.0 - float(info["slo_attainment"])
         info = {**info, "slo_violation": violation, "lagrange": self.lagrange, "env_reward": reward}
-        shaped = float(reward) - self.lagrange * violation
+        shaped = float(objective_reward(self.objective, reward, info)) - self.lagrange * violation
         return self._observe(fixed_obs), shaped, terminated, truncated, info
 
     # ------------------------------------------------------------------ as a controller

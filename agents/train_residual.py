@@ -74,6 +74,11 @@ class TrainResidualArgs:
     init: str | None = None
     """Continue from this residual energy checkpoint (its policy, observation statistics and
     multiplier); the new checkpoint's metadata lists both stages and their wall time."""
+    objective: Literal["task", "energy"] = "task"
+    """What the reward keeps of the env's reward besides the multiplier's SLO term
+    (`agents.residual.OBJECTIVES`): "task", the energy task's reward with its fixed SLO weight
+    (the shipped stages 1 and 2), or "energy", its energy term only (the SLO priced by the
+    multiplier alone)."""
     batched: int = 0
     """Copies on the batched simulator (`agents.batched_residual.BatchedResidualVecEnv`: every copy
     of an episode runs the same window with its own seed; aggregate serving only); 0: ``n_envs``
@@ -96,7 +101,8 @@ BATCHED_N_STEPS = 128
 order of the single envs' 2 x 1,024)."""
 
 
-def _window_env_factory(rng: np.random.Generator, window_h: float, serving: str = "aggregate"):
+def _window_env_factory(rng: np.random.Generator, window_h: float, serving: str = "aggregate",
+                        objective: str = "task"):
     """A `ResidualOverManager` over a random training window; a new one at every episode."""
     import gymnasium as gym
 
@@ -110,7 +116,7 @@ def _window_env_factory(rng: np.random.Generator, window_h: float, serving: str 
 
         def _make(self) -> ResidualOverManager:
             return ResidualOverManager(make_env(random_window(rng, window_h), serving),
-                                       manager_kwargs=MANAGER_KWARGS)
+                                       manager_kwargs=MANAGER_KWARGS, objective=objective)
 
         def reset(self, *, seed=None, options=None):
             lagrange = self.env.get_wrapper_attr("lagrange")
@@ -142,14 +148,16 @@ def train(args: TrainResidualArgs) -> Path:
         from llm_cluster_gym.agents.batched_residual import BatchedResidualVecEnv
 
         venv = BatchedResidualVecEnv(args.batched, lambda: random_window(rng, args.window_h),
-                                     seed=args.seed, manager_kwargs=MANAGER_KWARGS)
+                                     seed=args.seed, manager_kwargs=MANAGER_KWARGS,
+                                     objective=args.objective)
         model, vec = train_constrained_ppo(
             None, n_envs=args.batched, update=update, key="slo_violation", steps=args.steps,
             max_minutes=args.max_minutes, seed=args.seed, tensorboard=args.tensorboard,
             init=args.init, vec_env=venv, n_steps=BATCHED_N_STEPS)
     else:
         model, vec = train_constrained_ppo(
-            _window_env_factory(rng, args.window_h, args.serving_model), n_envs=args.n_envs,
+            _window_env_factory(rng, args.window_h, args.serving_model, args.objective),
+            n_envs=args.n_envs,
             update=update, key="slo_violation", steps=args.steps, max_minutes=args.max_minutes,
             seed=args.seed, tensorboard=args.tensorboard, init=args.init)
     wall_s = round(time.time() - t0, 1)
@@ -158,7 +166,7 @@ def train(args: TrainResidualArgs) -> Path:
              "batched_copies": args.batched,
              "steps": int(model.num_timesteps) - steps_before, "train_wall_s": wall_s,
              "lagrange_start": start, "lagrange_end": update.value, "slo_target": args.slo_target,
-             "init": args.init}
+             "objective": args.objective, "init": args.init}
     earlier = before.get("stages") or ([{
         "serving_model": "aggregate", "window_h": before.get("window_h"), "seed": before.get("seed"),
         "steps": steps_before, "train_wall_s": before.get("train_wall_s"), "lagrange_start": 0.0,
@@ -169,7 +177,8 @@ def train(args: TrainResidualArgs) -> Path:
         "train_days": "Mon, Wed, Sat", "window_h": args.window_h, "steps": int(model.num_timesteps),
         "train_wall_s": round(float(before.get("train_wall_s", 0.0)) + wall_s, 1),
         "max_minutes": args.max_minutes, "lagrange": update.value,
-        "slo_target": args.slo_target, "manager_kwargs": MANAGER_KWARGS, "seed": args.seed,
+        "slo_target": args.slo_target, "objective": args.objective,
+        "manager_kwargs": MANAGER_KWARGS, "seed": args.seed,
         "serving_model": args.serving_model, "stages": [*earlier, stage],
         "commit": git_commit(), "versions": package_versions(),
         "trained_on": "2-core machine (the project's CI kind), one process",

@@ -18,16 +18,18 @@ def _window(minutes: float, day: int = 2, hour: float = 14.0):
     return window_scenario(load_scenario("dynamo_week"), day * DAY_S + hour * 3600.0, 0.0, minutes * 60.0)
 
 
-def test_each_copy_is_the_residual_env_over_its_own_manager():
+@pytest.mark.parametrize("objective", ["task", "energy"])
+def test_each_copy_is_the_residual_env_over_its_own_manager(objective):
     """Three copies of a 5-minute Tuesday-afternoon window, random offsets, a multiplier of 3:
-    observations bit for bit, shaped rewards (float32) and SLO violations (to 1e-12: the batched
-    simulator sums in another order) equal to each copy's `ResidualOverManager`, through
-    the episode's end (terminal observation) into the next episode."""
+    observations bit for bit, shaped rewards (float32, under either objective) and SLO
+    violations (to 1e-12: the batched simulator sums in another order) equal to each copy's
+    `ResidualOverManager`, through the episode's end (terminal observation) into the next episode."""
     s = _window(5.0)
     seeds = [11, 12, 13]
-    venv = BatchedResidualVecEnv(3, lambda: s, manager_kwargs=MANAGER_KWARGS)
+    venv = BatchedResidualVecEnv(3, lambda: s, manager_kwargs=MANAGER_KWARGS, objective=objective)
     obs = venv.start(s, seeds)
-    singles = [ResidualOverManager(make_env(s), manager_kwargs=MANAGER_KWARGS) for _ in seeds]
+    singles = [ResidualOverManager(make_env(s), manager_kwargs=MANAGER_KWARGS, objective=objective)
+               for _ in seeds]
     for i, (r, seed) in enumerate(zip(singles, seeds, strict=True)):
         np.testing.assert_array_equal(obs[i], r.reset(seed=seed)[0])
     venv.env_method("set_lagrange", 3.0)

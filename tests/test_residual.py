@@ -101,17 +101,27 @@ def test_spaces_are_the_same_on_every_scenario_size():
     assert week.observation_space.contains(obs)
 
 
-def test_the_penalty_is_the_multiplier_times_the_violation():
-    res = ResidualOverManager(_env(), lagrange=7.0)
+@pytest.mark.parametrize("objective", ["task", "energy"])
+def test_the_penalty_is_the_multiplier_times_the_violation(objective):
+    """"task" keeps the env's whole reward (its fixed SLO weight too); "energy" keeps only its
+    energy term, so that the SLO is priced by the multiplier alone."""
+    res = ResidualOverManager(_env(), lagrange=7.0, objective=objective)
     res.reset(seed=1)
-    for _ in range(10):
-        _, shaped, _, _, info = res.step(HOLD)
+    violated = 0
+    for _ in range(40):
+        _, shaped, _, _, info = res.step(np.full(MAX_POOLS, 0))  # every pool one clock down
         assert info["slo_violation"] == pytest.approx(1.0 - info["slo_attainment"])
-        assert shaped == pytest.approx(info["env_reward"] - 7.0 * info["slo_violation"])
+        assert info["reward_slo"] == pytest.approx(-4.0 * info["cost_slo"])
+        kept = info["env_reward"] if objective == "task" else -info["cost_energy"]
+        assert shaped == pytest.approx(kept - 7.0 * info["slo_violation"])
+        violated += info["cost_slo"] > 0
+    assert violated > 0  # the two objectives differed on some interval
     with pytest.raises(ValueError, match="lagrange"):
         res.set_lagrange(-1.0)
     with pytest.raises(ValueError, match="pool actions"):
         ResidualOverManager(_env("small_tapas", task="thermal"))
+    with pytest.raises(ValueError, match="objective must be one of"):
+        ResidualOverManager(_env(), objective="slo")
 
 
 def test_multiplier_rises_above_the_budget_and_decays_to_zero_below_it():
@@ -167,9 +177,11 @@ def test_training_writes_a_checkpoint_that_runs_as_a_controller(tmp_path):
     # Fine-tuning at request level continues the policy and keeps both stages in the metadata.
     tuned = train(TrainResidualArgs(steps=1024, window_h=0.25, n_envs=1, init=str(out),
                                     serving_model="request", seed=1, out=str(tmp_path / "ft"),
-                                    tensorboard=None))
+                                    tensorboard=None, objective="energy"))
     after = json.loads((tuned / "metadata.json").read_text())
     assert [st["serving_model"] for st in after["stages"]] == ["aggregate", "request"]
+    assert [st["objective"] for st in after["stages"]] == ["task", "energy"]
+    assert meta["objective"] == "task" and after["objective"] == "energy"
     assert after["steps"] == meta["steps"] + after["stages"][1]["steps"]
     assert after["stages"][1]["steps"] >= 1024 and after["stages"][1]["init"] == str(out)
     assert after["train_wall_s"] > meta["train_wall_s"]
