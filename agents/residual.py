@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import gymnasium as gym
 import numpy as np
@@ -50,9 +50,12 @@ from llm_cluster_gym.envs.observation import OBS_CLIP
 OFFSETS = (-1, 0, 1)
 """Clock offsets per pool slot, in action index order (index 1: the manager's clock)."""
 
-OBJECTIVES = ("task", "energy")
+Objective = Literal["task", "energy"]
 """What the shaped reward keeps of the env's reward besides ``-lagrange * violation``:
 ``"task"`` all of it (energy and the task's fixed SLO weight), ``"energy"`` its energy term only."""
+
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+"""The `Objective` names, for checks and messages."""
 
 
 def check_objective(objective: str) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 from llm_cluster_gym.agents.checkpoint import RESIDUAL_KINDS
 from llm_cluster_gym.agents.residual import (
     LagrangeUpdate,
+    Objective,
     ResidualController,
     ResidualOverManager,
     train_constrained_ppo,
@@ -74,9 +75,9 @@ class TrainResidualArgs:
     init: str | None = None
     """Continue from this residual energy checkpoint (its policy, observation statistics and
     multiplier); the new checkpoint's metadata lists both stages and their wall time."""
-    objective: Literal["task", "energy"] = "task"
+    objective: Objective = "task"
     """What the reward keeps of the env's reward besides the multiplier's SLO term
-    (`agents.residual.OBJECTIVES`): "task", the energy task's reward with its fixed SLO weight
+    (`agents.residual.Objective`): "task", the energy task's reward with its fixed SLO weight
     (the shipped stages 1 and 2), or "energy", its energy term only (the SLO priced by the
     multiplier alone)."""
     batched: int = 0
@@ -157,9 +158,8 @@ def train(args: TrainResidualArgs) -> Path:
     else:
         model, vec = train_constrained_ppo(
             _window_env_factory(rng, args.window_h, args.serving_model, args.objective),
-            n_envs=args.n_envs,
-            update=update, key="slo_violation", steps=args.steps, max_minutes=args.max_minutes,
-            seed=args.seed, tensorboard=args.tensorboard, init=args.init)
+            n_envs=args.n_envs, update=update, key="slo_violation", steps=args.steps,
+            max_minutes=args.max_minutes, seed=args.seed, tensorboard=args.tensorboard, init=args.init)
     wall_s = round(time.time() - t0, 1)
     steps_before = int(before.get("steps", 0))
     stage = {"serving_model": args.serving_model, "window_h": args.window_h, "seed": args.seed,
