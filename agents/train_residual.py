@@ -22,12 +22,13 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from llm_cluster_gym.agents.checkpoint import RESIDUAL_KINDS
 from llm_cluster_gym.agents.residual import (
+    GROUP_KEY,
     LagrangeUpdate,
     Objective,
     ResidualController,
@@ -36,6 +37,10 @@ from llm_cluster_gym.agents.residual import (
 )
 from llm_cluster_gym.agents.units import map_units
 from llm_cluster_gym.scripts.dynamo_week import WeekArgs
+
+Constraint = Literal["mean", "per-day"]
+"""How `TrainResidualArgs.constraint` keeps the SLO: one multiplier, or one per training day."""
+CONSTRAINTS: tuple[str, ...] = get_args(Constraint)
 
 RESIDUAL_KIND = RESIDUAL_KINDS[0]
 """`metadata.json` field `kind` of a residual agent's checkpoint (`agents.policy.load_policy` reads it)."""
@@ -80,21 +85,62 @@ class TrainResidualArgs:
     (`agents.residual.Objective`): "task", the energy task's reward with its fixed SLO weight
     (the shipped stages 1 and 2), or "energy", its energy term only (the SLO priced by the
     multiplier alone)."""
+    lagrange_init: float | None = None
+    """Multiplier(s) to start from (None: the `init` checkpoint's final one(s), or 0 from
+    scratch). With ``--objective energy`` after a stage trained on the task's reward, the task's
+    fixed SLO weight (4) starts the SLO at the price the policy learnt under."""
+    constraint: Constraint = "mean"
+    """How the SLO constraint is kept: "mean", one multiplier on the mean violation over all
+    training windows (stages 1-3 of the shipped agent), or "per-day", one multiplier per training
+    day (Mon, Wed, Sat), each on its own day's mean violation, so that a day whose SLO is cheap to
+    buy (the weekend trough) cannot pay for another's (single envs only: a batched episode runs
+    one window)."""
     batched: int = 0
     """Copies on the batched simulator (`agents.batched_residual.BatchedResidualVecEnv`: every copy
     of an episode runs the same window with its own seed; aggregate serving only); 0: ``n_envs``
     single envs, each with its own window."""
 
 
-def random_window(rng: np.random.Generator, window_h: float) -> Any:
-    """A window of `window_h` hours at a random whole hour of a random training day (after the burn-in)."""
+def draw_window(rng: np.random.Generator, window_h: float) -> tuple[str, Any]:
+    """A training window and its day's name (``DAY_NAMES``: the group of the "per-day" constraint).
+
+    The window is `window_h` hours at a random whole hour of a random training day, after the burn-in.
+    """
     from llm_cluster_gym.envs.sim.scenario import load_scenario
-    from llm_cluster_gym.scripts.dynamo_week import DAY_S, TRAIN_DAYS, window_scenario
+    from llm_cluster_gym.scripts.dynamo_week import DAY_NAMES, DAY_S, TRAIN_DAYS, window_scenario
 
     day = int(rng.choice(TRAIN_DAYS))
     hour = int(rng.integers(0, 24 - int(math.ceil(window_h)) + 1))
-    return window_scenario(load_scenario("dynamo_week"), day * DAY_S + hour * 3600.0, BURN_IN_S,
-                           window_h * 3600.0)
+    return DAY_NAMES[day], window_scenario(load_scenario("dynamo_week"), day * DAY_S + hour * 3600.0,
+                                           BURN_IN_S, window_h * 3600.0)
+
+
+def random_window(rng: np.random.Generator, window_h: float) -> Any:
+    """`draw_window`'s scenario alone (the batched env's ``windows``)."""
+    return draw_window(rng, window_h)[1]
+
+
+def train_day_names() -> tuple[str, ...]:
+    """The training days' names, the groups of the "per-day" constraint."""
+    from llm_cluster_gym.scripts.dynamo_week import DAY_NAMES, TRAIN_DAYS
+
+    return tuple(DAY_NAMES[d] for d in TRAIN_DAYS)
+
+
+def start_multipliers(before: dict[str, Any], constraint: str,
+                      lagrange_init: float | None = None) -> float | dict[str, float]:
+    """The multiplier(s) a stage starts from.
+
+    `lagrange_init`, else the `init` checkpoint's ``lagrange`` (0 without one). A single value
+    starts every day of a "per-day" stage; per-day values continuing as "mean"
+    start from their mean (a checkpoint records which it was).
+    """
+    value = before.get("lagrange", 0.0) if lagrange_init is None else float(lagrange_init)
+    if constraint == "per-day":
+        if isinstance(value, dict):
+            return {d: float(value.get(d, 0.0)) for d in train_day_names()}
+        return dict.fromkeys(train_day_names(), float(value))
+    return float(np.mean(list(value.values()))) if isinstance(value, dict) else float(value)
 
 
 BATCHED_N_STEPS = 128
@@ -110,23 +156,40 @@ def _window_env_factory(rng: np.random.Generator, window_h: float, serving: str 
     from llm_cluster_gym.scripts.dynamo_week import make_env
 
     class RandomWindow(gym.Wrapper):
-        """Draws a new window (day, start hour) and seed at every reset."""
+        """Draws a new window (day, start hour) and seed at every reset.
+
+        Every step's ``info`` names the window's day (`agents.residual.GROUP_KEY`), so that a
+        "per-day" constraint (one update per day) counts each violation toward its day; with one
+        multiplier for all, the name is ignored.
+        """
 
         def __init__(self) -> None:
+            self.lagranges: float | dict[str, float] = 0.0
             super().__init__(self._make())
 
         def _make(self) -> ResidualOverManager:
-            return ResidualOverManager(make_env(random_window(rng, window_h), serving),
+            self.day, scenario = draw_window(rng, window_h)
+            return ResidualOverManager(make_env(scenario, serving),
                                        manager_kwargs=MANAGER_KWARGS, objective=objective)
 
+        def _day_value(self) -> float:
+            if isinstance(self.lagranges, dict):
+                return float(self.lagranges.get(self.day, 0.0))
+            return float(self.lagranges)
+
         def reset(self, *, seed=None, options=None):
-            lagrange = self.env.get_wrapper_attr("lagrange")
             self.env = self._make()
-            self.env.set_lagrange(lagrange)
+            self.env.set_lagrange(self._day_value())
             return self.env.reset(seed=int(rng.integers(0, 2**31 - 1)), options=options)
 
-        def set_lagrange(self, value: float) -> None:
-            self.env.set_lagrange(value)
+        def step(self, action):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            return obs, reward, terminated, truncated, {**info, GROUP_KEY: self.day}
+
+        def set_lagrange(self, value: float | dict[str, float]) -> None:
+            """One multiplier for all days, or each day's (a dict by day name)."""
+            self.lagranges = dict(value) if isinstance(value, dict) else float(value)
+            self.env.set_lagrange(self._day_value())
 
     return RandomWindow
 
@@ -143,8 +206,13 @@ def train(args: TrainResidualArgs) -> Path:
     before = init_metadata(args.init, RESIDUAL_KIND)
     t0 = time.time()
     rng = np.random.default_rng(args.seed)
-    start = float(before.get("lagrange", 0.0))
-    update = LagrangeUpdate(slo_target=args.slo_target, lr=args.lagrange_lr, value=start)
+    start = start_multipliers(before, args.constraint, args.lagrange_init)
+    if isinstance(start, dict):
+        update: LagrangeUpdate | dict[str, LagrangeUpdate] = {
+            day: LagrangeUpdate(slo_target=args.slo_target, lr=args.lagrange_lr, value=v)
+            for day, v in start.items()}
+    else:
+        update = LagrangeUpdate(slo_target=args.slo_target, lr=args.lagrange_lr, value=start)
     if args.batched:
         from llm_cluster_gym.agents.batched_residual import BatchedResidualVecEnv
 
@@ -161,12 +229,14 @@ def train(args: TrainResidualArgs) -> Path:
             n_envs=args.n_envs, update=update, key="slo_violation", steps=args.steps,
             max_minutes=args.max_minutes, seed=args.seed, tensorboard=args.tensorboard, init=args.init)
     wall_s = round(time.time() - t0, 1)
+    end = ({day: u.value for day, u in update.items()} if isinstance(update, dict)
+           else update.value)
     steps_before = int(before.get("steps", 0))
     stage = {"serving_model": args.serving_model, "window_h": args.window_h, "seed": args.seed,
              "batched_copies": args.batched,
              "steps": int(model.num_timesteps) - steps_before, "train_wall_s": wall_s,
-             "lagrange_start": start, "lagrange_end": update.value, "slo_target": args.slo_target,
-             "objective": args.objective, "init": args.init}
+             "lagrange_start": start, "lagrange_end": end, "slo_target": args.slo_target,
+             "objective": args.objective, "constraint": args.constraint, "init": args.init}
     earlier = before.get("stages") or ([{
         "serving_model": "aggregate", "window_h": before.get("window_h"), "seed": before.get("seed"),
         "steps": steps_before, "train_wall_s": before.get("train_wall_s"), "lagrange_start": 0.0,
@@ -176,8 +246,8 @@ def train(args: TrainResidualArgs) -> Path:
         "kind": RESIDUAL_KIND, "algo": "PPO", "task": "energy", "scenario": "dynamo_week",
         "train_days": "Mon, Wed, Sat", "window_h": args.window_h, "steps": int(model.num_timesteps),
         "train_wall_s": round(float(before.get("train_wall_s", 0.0)) + wall_s, 1),
-        "max_minutes": args.max_minutes, "lagrange": update.value,
-        "slo_target": args.slo_target, "objective": args.objective,
+        "max_minutes": args.max_minutes, "lagrange": end,
+        "slo_target": args.slo_target, "objective": args.objective, "constraint": args.constraint,
         "manager_kwargs": MANAGER_KWARGS, "seed": args.seed,
         "serving_model": args.serving_model, "stages": [*earlier, stage],
         "commit": git_commit(), "versions": package_versions(),

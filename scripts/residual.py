@@ -32,9 +32,14 @@ def run_train(args: TrainResidualArgs, command: str = "llm-cluster train-residua
     if args.batched and args.serving_model != "aggregate":
         raise UsageError(f"--batched runs the aggregate model only, got --serving-model "
                          f"{args.serving_model}")
+    if args.batched and args.constraint == "per-day":
+        raise UsageError("--constraint per-day needs single envs (--batched 0): every batched copy "
+                         "of an episode runs one window, one day")
     check_number("--window-h", args.window_h, above=0.0, at_most=18.0)
     check_number("--slo-target", args.slo_target, above=0.0, at_most=1.0)
     check_number("--lagrange-lr", args.lagrange_lr, above=0.0)
+    if args.lagrange_init is not None:
+        check_number("--lagrange-init", args.lagrange_init, at_least=0.0)
     check_number("--max-minutes", args.max_minutes, above=0.0)
     check_seeds("--seed", [args.seed])
     if args.init is not None and not (Path(args.init) / "metadata.json").is_file():
@@ -42,8 +47,11 @@ def run_train(args: TrainResidualArgs, command: str = "llm-cluster train-residua
                                 "llm-cluster train-residual)")
     path = train(args)
     meta = json.loads((path / "metadata.json").read_text())
+    lagrange = meta["lagrange"]
+    multiplier = (", ".join(f"{d} {v:.3g}" for d, v in lagrange.items()) if isinstance(lagrange, dict)
+                  else f"{lagrange:.3g}")
     print(f"checkpoint: {path} ({meta['steps']} steps in {meta['train_wall_s']:.0f} s, "
-          f"multiplier {meta['lagrange']:.3g})")
+          f"multiplier {multiplier})")
     return 0
 
 

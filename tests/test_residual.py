@@ -177,8 +177,12 @@ def test_training_writes_a_checkpoint_that_runs_as_a_controller(tmp_path):
     # Fine-tuning at request level continues the policy and keeps both stages in the metadata.
     tuned = train(TrainResidualArgs(steps=1024, window_h=0.25, n_envs=1, init=str(out),
                                     serving_model="request", seed=1, out=str(tmp_path / "ft"),
-                                    tensorboard=None, objective="energy"))
+                                    tensorboard=None, objective="energy", constraint="per-day"))
     after = json.loads((tuned / "metadata.json").read_text())
+    # The per-day constraint: one multiplier per training day, each starting from the one before.
+    assert set(after["lagrange"]) == {"Mon", "Wed", "Sat"} and min(after["lagrange"].values()) >= 0
+    assert after["stages"][1]["lagrange_start"] == dict.fromkeys(("Mon", "Wed", "Sat"), meta["lagrange"])
+    assert after["constraint"] == "per-day" and after["stages"][1]["lagrange_end"] == after["lagrange"]
     assert [st["serving_model"] for st in after["stages"]] == ["aggregate", "request"]
     assert [st["objective"] for st in after["stages"]] == ["task", "energy"]
     assert meta["objective"] == "task" and after["objective"] == "energy"
@@ -192,6 +196,33 @@ def test_training_writes_a_checkpoint_that_runs_as_a_controller(tmp_path):
                                 tensorboard=None))
 
 
+def test_start_multipliers_continue_one_value_or_each_days():
+    from llm_cluster_gym.agents.train_residual import start_multipliers
+
+    assert start_multipliers({}, "mean") == 0.0
+    assert start_multipliers({"lagrange": 2.0}, "per-day") == {"Mon": 2.0, "Wed": 2.0, "Sat": 2.0}
+    days = {"Mon": 1.0, "Wed": 3.0, "Sat": 0.0}
+    assert start_multipliers({"lagrange": days}, "per-day") == days
+    assert start_multipliers({"lagrange": days}, "mean") == pytest.approx(4.0 / 3.0)
+    assert start_multipliers({"lagrange": days}, "per-day", 4.0) == dict.fromkeys(days, 4.0)
+
+
+def test_random_windows_name_their_training_day_in_every_step():
+    """The per-day constraint counts each violation toward the day of its window."""
+    from llm_cluster_gym.agents.residual import GROUP_KEY
+    from llm_cluster_gym.agents.train_residual import _window_env_factory
+
+    env = _window_env_factory(np.random.default_rng(3), 0.25)()
+    env.set_lagrange({"Mon": 1.0, "Wed": 2.0, "Sat": 3.0})
+    seen = set()
+    for _ in range(4):
+        env.reset()
+        _, _, _, _, info = env.step(np.zeros(env.action_space.shape, dtype=np.int64))
+        seen.add(info[GROUP_KEY])
+        assert info["lagrange"] == {"Mon": 1.0, "Wed": 2.0, "Sat": 3.0}[info[GROUP_KEY]]
+    assert seen <= {"Mon", "Wed", "Sat"} and len(seen) >= 2
+
+
 def test_cli_rejects_bad_options_with_one_line_and_exit_2(tmp_path, capsys):
     from llm_cluster_gym.scripts import cli
 
@@ -203,9 +234,12 @@ def test_cli_rejects_bad_options_with_one_line_and_exit_2(tmp_path, capsys):
                      "--start-h", "23"]) == 2  # past the day's end
     assert cli.main(["train-residual", "--init", str(tmp_path / "none")]) == 2
     assert cli.main(["residual-eval", "--checkpoint", str(tmp_path), "--jobs", "0"]) == 2
+    assert cli.main(["train-residual", "--batched", "8", "--constraint", "per-day"]) == 2
+    assert cli.main(["train-residual", "--lagrange-init", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 6 and "--steps" in err[0] and "metadata.json" in err[1] and "--days" in err[2]
+    assert len(err) == 8 and "--steps" in err[0] and "metadata.json" in err[1] and "--days" in err[2]
     assert "--start-h" in err[3] and "--init" in err[4] and "--jobs" in err[5]
+    assert "--constraint per-day" in err[6] and "--lagrange-init" in err[7]
 
 
 @pytest.mark.slow
