@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import numpy as np
 
@@ -40,7 +40,6 @@ from llm_cluster_gym.scripts.dynamo_week import WeekArgs
 
 Constraint = Literal["mean", "per-day"]
 """How `TrainResidualArgs.constraint` keeps the SLO: one multiplier, or one per training day."""
-CONSTRAINTS: tuple[str, ...] = get_args(Constraint)
 
 RESIDUAL_KIND = RESIDUAL_KINDS[0]
 """`metadata.json` field `kind` of a residual agent's checkpoint (`agents.policy.load_policy` reads it)."""
@@ -83,7 +82,7 @@ class TrainResidualArgs:
     objective: Objective = "task"
     """What the reward keeps of the env's reward besides the multiplier's SLO term
     (`agents.residual.Objective`): "task", the energy task's reward with its fixed SLO weight
-    (the shipped stages 1 and 2), or "energy", its energy term only (the SLO priced by the
+    (stage 1 of the shipped agent), or "energy", its energy term only (the SLO priced by the
     multiplier alone)."""
     lagrange_init: float | None = None
     """Multiplier(s) to start from (None: the `init` checkpoint's final one(s), or 0 from
@@ -91,10 +90,10 @@ class TrainResidualArgs:
     fixed SLO weight (4) starts the SLO at the price the policy learnt under."""
     constraint: Constraint = "mean"
     """How the SLO constraint is kept: "mean", one multiplier on the mean violation over all
-    training windows (stages 1-3 of the shipped agent), or "per-day", one multiplier per training
-    day (Mon, Wed, Sat), each on its own day's mean violation, so that a day whose SLO is cheap to
-    buy (the weekend trough) cannot pay for another's (single envs only: a batched episode runs
-    one window)."""
+    training windows (stage 1 of the shipped agent, the earlier lineage's stages 2-3), or
+    "per-day", one multiplier per training day (Mon, Wed, Sat), each on its own day's mean
+    violation, so that a day whose SLO is cheap to buy (the weekend trough) cannot pay for
+    another's (single envs only: a batched episode runs one window)."""
     batched: int = 0
     """Copies on the batched simulator (`agents.batched_residual.BatchedResidualVecEnv`: every copy
     of an episode runs the same window with its own seed; aggregate serving only); 0: ``n_envs``
@@ -206,6 +205,9 @@ def train(args: TrainResidualArgs) -> Path:
     before = init_metadata(args.init, RESIDUAL_KIND)
     t0 = time.time()
     rng = np.random.default_rng(args.seed)
+    if args.batched and args.constraint == "per-day":
+        raise ValueError("constraint 'per-day' needs single envs (batched 0): a batched episode "
+                         "runs one window")
     start = start_multipliers(before, args.constraint, args.lagrange_init)
     if isinstance(start, dict):
         update: LagrangeUpdate | dict[str, LagrangeUpdate] = {

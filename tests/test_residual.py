@@ -207,6 +207,15 @@ def test_start_multipliers_continue_one_value_or_each_days():
     assert start_multipliers({"lagrange": days}, "per-day", 4.0) == dict.fromkeys(days, 4.0)
 
 
+def test_per_day_constraint_refuses_the_batched_env_before_any_work(tmp_path):
+    from llm_cluster_gym.agents.train_residual import TrainResidualArgs, train
+
+    with pytest.raises(ValueError, match="constraint 'per-day' needs single envs"):
+        train(TrainResidualArgs(steps=64, batched=8, constraint="per-day", tensorboard=None,
+                                out=str(tmp_path / "x")))
+    assert not (tmp_path / "x").exists()
+
+
 def test_random_windows_name_their_training_day_in_every_step():
     """The per-day constraint counts each violation toward the day of its window."""
     from llm_cluster_gym.agents.residual import GROUP_KEY
