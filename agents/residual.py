@@ -353,6 +353,26 @@ GROUP_KEY = "constraint_group"
 per family (`lagrange_callback` with one `LagrangeUpdate` per group)."""
 
 
+def group_start_multipliers(before: dict[str, Any], groups: tuple[str, ...],
+                            lagrange_init: float | None = None) -> dict[str, float]:
+    """Each constraint group's first multiplier.
+
+    `lagrange_init`, else the `init` checkpoint's ``lagrange`` (each group's where it was kept per
+    group, its one value for all where it was not), else 0.
+    """
+    old = before.get("lagrange", 0.0) if lagrange_init is None else float(lagrange_init)
+    if isinstance(old, dict):
+        return {g: float(old.get(g, 0.0)) for g in groups}
+    return dict.fromkeys(groups, float(old))
+
+
+def multiplier_text(value: float | dict[str, float]) -> str:
+    """A checkpoint's ``lagrange`` for a one-line message: one value, or ``group value`` pairs."""
+    if isinstance(value, dict):
+        return ", ".join(f"{g} {v:.3g}" for g, v in value.items())
+    return f"{value:.3g}"
+
+
 def lagrange_callback(update: LagrangeUpdate | dict[str, LagrangeUpdate], key: str = "slo_violation") -> Any:
     """A stable-baselines3 callback applying `update` after every rollout to all envs.
 

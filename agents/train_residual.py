@@ -33,6 +33,7 @@ from llm_cluster_gym.agents.residual import (
     Objective,
     ResidualController,
     ResidualOverManager,
+    group_start_multipliers,
     train_constrained_ppo,
 )
 from llm_cluster_gym.agents.units import map_units
@@ -134,11 +135,9 @@ def start_multipliers(before: dict[str, Any], constraint: str,
     starts every day of a "per-day" stage; per-day values continuing as "mean"
     start from their mean (a checkpoint records which it was).
     """
-    value = before.get("lagrange", 0.0) if lagrange_init is None else float(lagrange_init)
     if constraint == "per-day":
-        if isinstance(value, dict):
-            return {d: float(value.get(d, 0.0)) for d in train_day_names()}
-        return dict.fromkeys(train_day_names(), float(value))
+        return group_start_multipliers(before, train_day_names(), lagrange_init)
+    value = before.get("lagrange", 0.0) if lagrange_init is None else float(lagrange_init)
     return float(np.mean(list(value.values()))) if isinstance(value, dict) else float(value)
 
 

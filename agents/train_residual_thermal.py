@@ -36,6 +36,7 @@ from llm_cluster_gym.agents.residual import (
     GROUP_KEY,
     LagrangeUpdate,
     ResidualController,
+    group_start_multipliers,
     train_constrained_ppo,
 )
 from llm_cluster_gym.agents.residual_thermal import RESIDUAL_THERMAL_KIND, SERVICE_WEIGHT, ResidualOverTapas
@@ -151,20 +152,6 @@ def _env_factory(rng: np.random.Generator, dc_share: float, dc_window_h: float,
     return RandomScenario
 
 
-def _start_multipliers(before: dict[str, Any], lagrange_init: float | None) -> dict[str, float]:
-    """Each constraint group's first multiplier.
-
-    `lagrange_init`, else the `init` checkpoint's (one value for all groups in checkpoints from
-    before the per-family constraint), else 0.
-    """
-    if lagrange_init is not None:
-        return dict.fromkeys(CONSTRAINT_GROUPS, float(lagrange_init))
-    old = before.get("lagrange", 0.0)
-    if isinstance(old, dict):
-        return {g: float(old.get(g, 0.0)) for g in CONSTRAINT_GROUPS}
-    return dict.fromkeys(CONSTRAINT_GROUPS, float(old))
-
-
 def train(args: TrainResidualThermalArgs) -> Path:
     """Train and save the thermal agent; returns the checkpoint directory."""
     from llm_cluster_gym.agents.checkpoint import git_commit, package_versions, save_checkpoint
@@ -174,7 +161,7 @@ def train(args: TrainResidualThermalArgs) -> Path:
     from llm_cluster_gym.agents.policy import init_metadata
 
     before = init_metadata(args.init, RESIDUAL_THERMAL_KIND)
-    start = _start_multipliers(before, args.lagrange_init)
+    start = group_start_multipliers(before, CONSTRAINT_GROUPS, args.lagrange_init)
     update = {g: LagrangeUpdate(slo_target=args.override_target, lr=args.lagrange_lr, value=start[g])
               for g in CONSTRAINT_GROUPS}
     model, vec = train_constrained_ppo(

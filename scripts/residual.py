@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from llm_cluster_gym.agents.residual import multiplier_text
 from llm_cluster_gym.agents.train_residual import TrainResidualArgs, evaluate_residual, train
 from llm_cluster_gym.scripts.usage import UsageError, check_number, check_seeds
 
@@ -47,11 +48,8 @@ def run_train(args: TrainResidualArgs, command: str = "llm-cluster train-residua
                                 "llm-cluster train-residual)")
     path = train(args)
     meta = json.loads((path / "metadata.json").read_text())
-    lagrange = meta["lagrange"]
-    multiplier = (", ".join(f"{d} {v:.3g}" for d, v in lagrange.items()) if isinstance(lagrange, dict)
-                  else f"{lagrange:.3g}")
     print(f"checkpoint: {path} ({meta['steps']} steps in {meta['train_wall_s']:.0f} s, "
-          f"multiplier {multiplier})")
+          f"multiplier {multiplier_text(meta['lagrange'])})")
     return 0
 
 

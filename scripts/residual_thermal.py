@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_cluster_gym.agents.residual import multiplier_text
 from llm_cluster_gym.agents.train_residual_thermal import (
     TrainResidualThermalArgs,
     evaluate_residual_thermal,
@@ -48,9 +49,8 @@ def run_train(args: TrainResidualThermalArgs, command: str = "llm-cluster train-
                                 "llm-cluster train-thermal)")
     path = train(args)
     meta = json.loads((path / "metadata.json").read_text())
-    multipliers = ", ".join(f"{g} {v:.3g}" for g, v in meta["lagrange"].items())
     print(f"checkpoint: {path} ({meta['steps']} steps in {meta['train_wall_s']:.0f} s; "
-          f"multipliers {multipliers})")
+          f"multipliers {multiplier_text(meta['lagrange'])})")
     return 0
 
 
