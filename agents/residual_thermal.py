@@ -49,6 +49,8 @@ it, or the shield overrode it for a reason the action could have avoided] (``uns
 the multiplier learned by `LagrangeUpdate` on the constraint "unsafe proposal rate <= 1 -
 target" (`lagrange_callback` with ``key="unsafe_proposal"``): the policy is pushed to propose
 safe actions itself, and the projection and the shield catch what it still gets wrong.
+With ``scale_reward`` (how `train-thermal` trains now) the whole is divided by ``1 + lagrange``
+(`agents.residual.lagrangian_reward`), so that PPO keeps learning when the multiplier climbs.
 While a fault is declared the shield replaces every action (its emergency fallback), whatever
 the agent does: those intervals are reported (``shield_override``) but not charged, or the
 multiplier would grow without bound on any episode with a cooling failure. In training the
@@ -65,7 +67,7 @@ import numpy as np
 from gymnasium import spaces
 
 from llm_cluster_gym.agents.checkpoint import RESIDUAL_KINDS
-from llm_cluster_gym.agents.residual import ResidualWrapper
+from llm_cluster_gym.agents.residual import ResidualWrapper, lagrangian_reward
 from llm_cluster_gym.controllers.context import ControllerContext
 from llm_cluster_gym.controllers.shield import (
     HeldProposal,
@@ -116,10 +118,14 @@ class ResidualOverTapas(ResidualWrapper):
         project: Project every corrected action onto the forecast's safe set (`heed_forecast`:
             row ceilings at most the forecast's safe ones, placements where it says the VMs fit)
             before it leaves the agent; False executes the correction as the policy chose it.
+        scale_reward: Divide the constrained reward by ``1 + lagrange`` (`lagrangian_reward`: the
+            PPO-Lagrangian form, which keeps PPO learning when the multiplier climbs); False is
+            the form the checkpoints before it trained on.
     """
 
     def __init__(self, env: gym.Env, lagrange: float = 0.0, shielded: bool = True,
-                 service_weight: float = SERVICE_WEIGHT, project: bool = True) -> None:
+                 service_weight: float = SERVICE_WEIGHT, project: bool = True,
+                 scale_reward: bool = False) -> None:
         super().__init__(env, lagrange)
         if not self.inner.codec.has_rows:
             raise ValueError(f"ResidualOverTapas needs row actions; task is {self.inner.task!r}")
@@ -127,6 +133,7 @@ class ResidualOverTapas(ResidualWrapper):
             raise ValueError(f"service_weight must be >= 0, got {service_weight}")
         self.service_weight = float(service_weight)
         self.project = bool(project)
+        self.scale_reward = bool(scale_reward)
         self.last_projected = False
         """Whether the projection changed the last corrected action (always False unprojected)."""
         self.decisions = 0
@@ -189,7 +196,8 @@ class ResidualOverTapas(ResidualWrapper):
         harm = self.service_harm_share(info)
         # The constraint: the agent's own proposal should need neither its projection nor the shield.
         unsafe = float(avoidable or self.last_projected)
-        shaped = float(reward) - self.service_weight * harm - self.lagrange * unsafe
+        shaped = lagrangian_reward(float(reward) - self.service_weight * harm, unsafe, self.lagrange,
+                                   self.scale_reward)
         info = {**info, "shield_override": float(overridden), "shield_override_avoidable": float(avoidable),
                 "projected": float(self.last_projected), "unsafe_proposal": unsafe,
                 "service_harm_share": harm, "lagrange": self.lagrange, "env_reward": reward}

@@ -86,6 +86,10 @@ class TrainResidualThermalArgs:
     no_project: bool = False
     """Train (and deploy) without projecting the agent's actions onto its forecast's safe set
     (`ResidualOverTapas.project`, on by default); recorded in the checkpoint's metadata."""
+    scale_reward: bool = True
+    """Divide the constrained reward by 1 + the multiplier (`agents.residual.lagrangian_reward`, the
+    PPO-Lagrangian form); without it a multiplier in the hundreds stalls PPO (the shipped
+    checkpoint's stages trained without it). Recorded per stage in the metadata."""
     lagrange_init: float | None = None
     """Multiplier to start from (None: the `init` checkpoint's final one, or 0 from scratch)."""
     out: str = "checkpoints/residual_thermal"
@@ -95,7 +99,7 @@ class TrainResidualThermalArgs:
 
 
 def _env_factory(rng: np.random.Generator, dc_share: float, dc_window_h: float,
-                 request_share: float = 0.0, project: bool = True):
+                 request_share: float = 0.0, project: bool = True, scale_reward: bool = False):
     """A `ResidualOverTapas` over a freshly drawn scenario at every episode."""
     import gymnasium as gym
 
@@ -120,7 +124,7 @@ def _env_factory(rng: np.random.Generator, dc_share: float, dc_window_h: float,
             serving = "request" if rng.random() < request_share else "aggregate"
         return group, ResidualOverTapas(ClusterEnv(task="thermal", backend=SimCluster(
             s, serving_model=serving, auto_place_vms=False)),  # the policy places the VMs
-            project=project)
+            project=project, scale_reward=scale_reward)
 
     class RandomScenario(gym.Wrapper):
         """Draws a new scenario and seed at every reset; each scenario family has its multiplier.
@@ -165,7 +169,8 @@ def train(args: TrainResidualThermalArgs) -> Path:
     update = {g: LagrangeUpdate(slo_target=args.override_target, lr=args.lagrange_lr, value=start[g])
               for g in CONSTRAINT_GROUPS}
     model, vec = train_constrained_ppo(
-        _env_factory(rng, args.dc_share, args.dc_window_h, args.request_share, not args.no_project),
+        _env_factory(rng, args.dc_share, args.dc_window_h, args.request_share, not args.no_project,
+                     args.scale_reward),
         n_envs=args.n_envs,
         update=update, key="unsafe_proposal", steps=args.steps,
         max_minutes=args.max_minutes, seed=args.seed, tensorboard=args.tensorboard, init=args.init)
@@ -174,7 +179,8 @@ def train(args: TrainResidualThermalArgs) -> Path:
               {"steps": int(model.num_timesteps) - int(before.get("steps", 0)),
                "train_wall_s": round(time.time() - t0, 1), "dc_window_h": args.dc_window_h,
                "dc_share": args.dc_share, "request_share": args.request_share,
-               "projects_onto_forecast": not args.no_project, "lagrange_start": start,
+               "projects_onto_forecast": not args.no_project,
+               "reward_scaled_by_multiplier": args.scale_reward, "lagrange_start": start,
                "lagrange_end": {g: u.value for g, u in update.items()}}]
     meta = {
         "kind": RESIDUAL_THERMAL_KIND, "algo": "PPO", "task": "thermal",

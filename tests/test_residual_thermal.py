@@ -147,11 +147,13 @@ def test_a_trained_checkpoint_loads_as_a_controller_on_any_size(tmp_path):
     # Fine-tuning continues from the checkpoint: its steps, multiplier and history carry over.
     tuned = train(TrainResidualThermalArgs(steps=1024, n_envs=1, dc_share=0.0, init=str(out),
                                            lagrange_init=5.0, out=str(tmp_path / "tuned"),
-                                           tensorboard=None, max_minutes=5))
+                                           tensorboard=None, max_minutes=5, scale_reward=False))
     after = json.loads((tuned / "metadata.json").read_text())
     assert after["steps"] >= meta["steps"] + 1024 and len(after["stages"]) == 2
     assert after["stages"][0]["steps"] == meta["steps"]
     assert after["stages"][1]["lagrange_start"] == dict.fromkeys(CONSTRAINT_GROUPS, 5.0)
+    assert meta["stages"][0]["reward_scaled_by_multiplier"] is True  # the default
+    assert after["stages"][1]["reward_scaled_by_multiplier"] is False
     # The constraint is kept per scenario family: the datacenter drew no episode (dc_share 0), so
     # its multiplier did not move, while the small scenarios' followed their own violations.
     end = after["stages"][1]["lagrange_end"]
@@ -225,3 +227,15 @@ def test_thermal_eval_pairs_every_contender_with_tapas_on_the_same_units(tmp_pat
         assert res["paired_vs_tapas"]["tapas_dc"][name]["harm_gpu_s"][0] == pytest.approx(np.mean(diffs))
     with pytest.raises(UsageError, match="--jobs"):
         run_eval(ResidualThermalEvalArgs(jobs=0, out=str(out)))
+
+
+def test_scaled_reward_is_the_lagrangian_over_one_plus_the_multiplier():
+    """`scale_reward` divides the whole constrained reward by 1 + multiplier (PPO-Lagrangian):
+    the same steps, the same violations, the reward bounded however high the multiplier."""
+    plain = run(wrapper(project=True, lagrange=50.0), AS_TAPAS)
+    scaled = run(wrapper(project=True, lagrange=50.0, scale_reward=True), AS_TAPAS)
+    unsafe = np.array([i["unsafe_proposal"] for i in plain])
+    assert unsafe.sum() > 0
+    assert np.array_equal(unsafe, [i["unsafe_proposal"] for i in scaled])
+    assert np.allclose([i["reward"] for i in scaled], np.array([i["reward"] for i in plain]) / 51.0)
+    assert max(abs(i["reward"]) for i in scaled) < max(abs(i["reward"]) for i in plain) / 10.0
