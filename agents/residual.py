@@ -445,7 +445,7 @@ def train_constrained_ppo(factory: Any, *, n_envs: int, update: LagrangeUpdate |
                           key: str, steps: int,
                           max_minutes: float, seed: int, tensorboard: str | None,
                           init: str | Path | None = None, vec_env: Any = None,
-                          n_steps: int = 1024) -> tuple[Any, Any]:
+                          n_steps: int = 1024, normalize_reward: bool = False) -> tuple[Any, Any]:
     """PPO on a residual env with a learned constraint multiplier; both residual agents train so.
 
     ``factory`` builds one env (a `ResidualWrapper`, or a wrapper forwarding ``set_lagrange``);
@@ -458,28 +458,39 @@ def train_constrained_ppo(factory: Any, *, n_envs: int, update: LagrangeUpdate |
     training continues from its policy and observation statistics (fine-tuning; the caller
     starts `update` from its multiplier). ``vec_env`` replaces the ``n_envs`` copies of ``factory``
     by a ready SB3 vector env (the batched one, `agents.batched_residual`); ``n_steps`` is PPO's
-    rollout length per copy. Returns ``(model, vec)`` with `vec` frozen
+    rollout length per copy. ``normalize_reward`` also scales rewards by the running standard
+    deviation of the discounted return (VecNormalize's reward normalization); a fine-tune so
+    normalized starts those statistics and Adam's moments afresh, since the reward's definition
+    may have changed (the thermal stage of 2026-12-02 from a checkpoint trained on another reward
+    scale did not move its policy until both were: approx-KL 1e-5 to 1e-4, clip fraction 0).
+    Returns ``(model, vec)`` with `vec` frozen
     (``training`` False), ready for `agents.checkpoint.save_checkpoint`.
     """
     import time
 
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+    from stable_baselines3.common.running_mean_std import RunningMeanStd
     from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor, VecNormalize
 
     t0 = time.time()
     venv = VecMonitor(DummyVecEnv([factory for _ in range(n_envs)]) if vec_env is None else vec_env)
     if init is None:
-        vec = VecNormalize(venv, norm_obs=True, norm_reward=False)
+        vec = VecNormalize(venv, norm_obs=True, norm_reward=normalize_reward, gamma=0.99)
         model = PPO("MlpPolicy", vec, n_steps=n_steps, batch_size=256, n_epochs=5, learning_rate=3e-4,
                     gamma=0.99, gae_lambda=0.95, ent_coef=0.0, seed=seed, device="cpu",
                     tensorboard_log=tensorboard, policy_kwargs={"net_arch": [64, 64]})
     else:
         vec = VecNormalize.load(str(Path(init) / "vecnormalize.pkl"), venv)
-        vec.training, vec.norm_reward = True, False
+        vec.training, vec.norm_reward = True, normalize_reward
         model = PPO.load(Path(init) / "model.zip", env=vec, device="cpu", seed=seed,
                          tensorboard_log=tensorboard,
                          custom_objects=None if vec_env is None else {"n_steps": n_steps})
+        if normalize_reward:
+            vec.ret_rms, vec.gamma = RunningMeanStd(shape=()), 0.99
+            # Adam's moments were gathered on the old reward's scale: start them afresh too.
+            model.policy.optimizer = model.policy.optimizer_class(
+                model.policy.parameters(), lr=model.lr_schedule(1.0), **model.policy.optimizer_kwargs)
 
     class WallClockLimit(BaseCallback):
         def _on_step(self) -> bool:

@@ -90,6 +90,10 @@ class TrainResidualThermalArgs:
     """Divide the constrained reward by 1 + the multiplier (`agents.residual.lagrangian_reward`, the
     PPO-Lagrangian form); without it a multiplier in the hundreds stalls PPO (the shipped
     checkpoint's stages trained without it). Recorded per stage in the metadata."""
+    normalize_reward: bool = True
+    """Scale rewards by the running standard deviation of the discounted return in training
+    (`train_constrained_ppo`'s ``normalize_reward``): the thermal reward's returns run to
+    hundreds, and unscaled the value loss leaves the policy no gradient. Recorded per stage."""
     lagrange_init: float | None = None
     """Multiplier to start from (None: the `init` checkpoint's final one, or 0 from scratch)."""
     out: str = "checkpoints/residual_thermal"
@@ -173,14 +177,16 @@ def train(args: TrainResidualThermalArgs) -> Path:
                      args.scale_reward),
         n_envs=args.n_envs,
         update=update, key="unsafe_proposal", steps=args.steps,
-        max_minutes=args.max_minutes, seed=args.seed, tensorboard=args.tensorboard, init=args.init)
+        max_minutes=args.max_minutes, seed=args.seed, tensorboard=args.tensorboard, init=args.init,
+        normalize_reward=args.normalize_reward)
     stages = [*before.get("stages", [{k: before[k] for k in ("steps", "train_wall_s", "scenarios")
                                       if k in before}] if before else []),
               {"steps": int(model.num_timesteps) - int(before.get("steps", 0)),
                "train_wall_s": round(time.time() - t0, 1), "dc_window_h": args.dc_window_h,
                "dc_share": args.dc_share, "request_share": args.request_share,
                "projects_onto_forecast": not args.no_project,
-               "reward_scaled_by_multiplier": args.scale_reward, "lagrange_start": start,
+               "reward_scaled_by_multiplier": args.scale_reward,
+               "reward_normalized": args.normalize_reward, "lagrange_start": start,
                "lagrange_end": {g: u.value for g, u in update.items()}}]
     meta = {
         "kind": RESIDUAL_THERMAL_KIND, "algo": "PPO", "task": "thermal",
