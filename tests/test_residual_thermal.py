@@ -154,6 +154,12 @@ def test_a_trained_checkpoint_loads_as_a_controller_on_any_size(tmp_path):
     assert after["stages"][1]["lagrange_start"] == dict.fromkeys(CONSTRAINT_GROUPS, 5.0)
     assert meta["stages"][0]["reward_scaled_by_multiplier"] is True  # the default
     assert after["stages"][1]["reward_scaled_by_multiplier"] is False
+    assert after["stages"][1]["reward_normalized"] is True  # the default
+    # Normalized rewards: the fine-tune's return statistics start afresh (this stage's steps only).
+    import pickle
+    with open(tuned / "vecnormalize.pkl", "rb") as fh:
+        count = pickle.load(fh).ret_rms.count
+    assert after["stages"][1]["steps"] <= count < after["stages"][1]["steps"] + 1
     # The constraint is kept per scenario family: the datacenter drew no episode (dc_share 0), so
     # its multiplier did not move, while the small scenarios' followed their own violations.
     end = after["stages"][1]["lagrange_end"]
