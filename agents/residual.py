@@ -114,9 +114,12 @@ def lagrangian_reward(objective: float, violation: float, lagrange: float, scale
     Scaled is the PPO-Lagrangian form (Ray et al., "Benchmarking Safe Exploration in Deep RL",
     2019; Stooke et al., "Responsive Safety in RL by PID Lagrangian Methods", 2020): the reward's
     scale stays bounded however far the multiplier climbs. Unscaled, a multiplier in the hundreds
-    makes returns of thousands; PPO's value loss (not normalized) then dominates the one clipped
-    gradient norm the policy shares with it, and the policy stops moving (measured here: approx-KL
-    1e-6 and clip fraction 0 per update at a multiplier of 66-211, the unsafe-proposal rate flat).
+    makes returns of thousands, and the thermal agent's policy stopped moving (measured here:
+    approx-KL 1e-6 and clip fraction 0 per update at a multiplier of 66-211, the unsafe-proposal
+    rate flat; PPO's value loss is not normalized and shares one clipped gradient norm and one
+    optimizer with the policy). Scaling alone did not restart it from a checkpoint trained on the
+    other scale; `train_constrained_ppo`'s ``normalize_reward`` did (which part of the mechanism
+    each change removes was not isolated).
     The scaled reward ranks policies as the unscaled one does for a given multiplier.
     """
     return (float(objective) - lagrange * float(violation)) / ((1.0 + lagrange) if scaled else 1.0)

@@ -92,8 +92,9 @@ class TrainResidualThermalArgs:
     checkpoint's stages trained without it). Recorded per stage in the metadata."""
     normalize_reward: bool = True
     """Scale rewards by the running standard deviation of the discounted return in training
-    (`train_constrained_ppo`'s ``normalize_reward``): the thermal reward's returns run to
-    hundreds, and unscaled the value loss leaves the policy no gradient. Recorded per stage."""
+    (`train_constrained_ppo`'s ``normalize_reward``; a fine-tune so normalized starts the return
+    statistics and the optimizer afresh): without it the fine-tune of 2026-12-02 did not move its
+    policy (approx-KL 1e-5 to 1e-4). Recorded per stage."""
     lagrange_init: float | None = None
     """Multiplier to start from (None: the `init` checkpoint's final one, or 0 from scratch)."""
     out: str = "checkpoints/residual_thermal"
