@@ -86,15 +86,15 @@ class TrainResidualThermalArgs:
     no_project: bool = False
     """Train (and deploy) without projecting the agent's actions onto its forecast's safe set
     (`ResidualOverTapas.project`, on by default); recorded in the checkpoint's metadata."""
-    scale_reward: bool = True
-    """Divide the constrained reward by 1 + the multiplier (`agents.residual.lagrangian_reward`, the
-    PPO-Lagrangian form); without it a multiplier in the hundreds stalls PPO (the shipped
-    checkpoint's stages trained without it). Recorded per stage in the metadata."""
-    normalize_reward: bool = True
-    """Scale rewards by the running standard deviation of the discounted return in training
-    (`train_constrained_ppo`'s ``normalize_reward``; a fine-tune so normalized starts the return
-    statistics and the optimizer afresh): without it the fine-tune of 2026-12-02 did not move its
-    policy (approx-KL 1e-5 to 1e-4). Recorded per stage."""
+    no_scale_reward: bool = False
+    """Train without dividing the constrained reward by 1 + the multiplier (by default it is:
+    `agents.residual.lagrangian_reward`, the PPO-Lagrangian form; without it a multiplier in the
+    hundreds stalled PPO; the shipped checkpoint's stages trained without). Recorded per stage."""
+    no_normalize_reward: bool = False
+    """Train without scaling rewards by the running standard deviation of the discounted return (by
+    default they are: `train_constrained_ppo`'s ``normalize_reward``; a fine-tune so normalized
+    starts the return statistics and the optimizer afresh; without it the fine-tune of 2026-12-02
+    did not move its policy, approx-KL 1e-5 to 1e-4). Recorded per stage."""
     lagrange_init: float | None = None
     """Multiplier to start from (None: the `init` checkpoint's final one, or 0 from scratch)."""
     out: str = "checkpoints/residual_thermal"
@@ -175,19 +175,19 @@ def train(args: TrainResidualThermalArgs) -> Path:
               for g in CONSTRAINT_GROUPS}
     model, vec = train_constrained_ppo(
         _env_factory(rng, args.dc_share, args.dc_window_h, args.request_share, not args.no_project,
-                     args.scale_reward),
+                     not args.no_scale_reward),
         n_envs=args.n_envs,
         update=update, key="unsafe_proposal", steps=args.steps,
         max_minutes=args.max_minutes, seed=args.seed, tensorboard=args.tensorboard, init=args.init,
-        normalize_reward=args.normalize_reward)
+        normalize_reward=not args.no_normalize_reward)
     stages = [*before.get("stages", [{k: before[k] for k in ("steps", "train_wall_s", "scenarios")
                                       if k in before}] if before else []),
               {"steps": int(model.num_timesteps) - int(before.get("steps", 0)),
                "train_wall_s": round(time.time() - t0, 1), "dc_window_h": args.dc_window_h,
                "dc_share": args.dc_share, "request_share": args.request_share,
                "projects_onto_forecast": not args.no_project,
-               "reward_scaled_by_multiplier": args.scale_reward,
-               "reward_normalized": args.normalize_reward, "lagrange_start": start,
+               "reward_scaled_by_multiplier": not args.no_scale_reward,
+               "reward_normalized": not args.no_normalize_reward, "lagrange_start": start,
                "lagrange_end": {g: u.value for g, u in update.items()}}]
     meta = {
         "kind": RESIDUAL_THERMAL_KIND, "algo": "PPO", "task": "thermal",

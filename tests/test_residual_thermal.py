@@ -147,7 +147,7 @@ def test_a_trained_checkpoint_loads_as_a_controller_on_any_size(tmp_path):
     # Fine-tuning continues from the checkpoint: its steps, multiplier and history carry over.
     tuned = train(TrainResidualThermalArgs(steps=1024, n_envs=1, dc_share=0.0, init=str(out),
                                            lagrange_init=5.0, out=str(tmp_path / "tuned"),
-                                           tensorboard=None, max_minutes=5, scale_reward=False))
+                                           tensorboard=None, max_minutes=5, no_scale_reward=True))
     after = json.loads((tuned / "metadata.json").read_text())
     assert after["steps"] >= meta["steps"] + 1024 and len(after["stages"]) == 2
     assert after["stages"][0]["steps"] == meta["steps"]
