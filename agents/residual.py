@@ -217,7 +217,8 @@ class ResidualOverManager(ResidualWrapper):
         fixed_obs = self._fixed_observation(obs)
         violation = 1.0 - float(info["slo_attainment"])
         info = {**info, "slo_violation": violation, "lagrange": self.lagrange, "env_reward": reward}
-        shaped = float(objective_reward(self.objective, reward, info)) - self.lagrange * violation
+        shaped = lagrangian_reward(objective_reward(self.objective, reward, info), violation, self.lagrange,
+                                   scaled=False)
         return self._observe(fixed_obs), shaped, terminated, truncated, info
 
     # ------------------------------------------------------------------ as a controller
