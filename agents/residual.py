@@ -371,6 +371,45 @@ GROUP_KEY = "constraint_group"
 per family (`lagrange_callback` with one `LagrangeUpdate` per group)."""
 
 
+class GroupedEpisodes(gym.Wrapper):
+    """A residual env drawn afresh at every reset, each step's ``info`` naming its constraint group.
+
+    `draw` returns ``(group, env)``: the trainers' episode sources (a training window of the week
+    named by its day, a scenario family). The group goes into every step's ``info`` under
+    `GROUP_KEY`, so that a constraint kept per group (`lagrange_callback` with one update per
+    group) counts each violation toward its own group; the env of each episode gets its group's
+    multiplier (`set_lagrange`: one value for every group, or a dict by group name, 0 for a group
+    it lacks). Each reset seeds the new env from `rng`.
+    """
+
+    def __init__(self, draw: Any, rng: np.random.Generator) -> None:
+        self._draw, self._rng = draw, rng
+        self.group, env = draw()
+        super().__init__(env)
+        self.lagranges: float | dict[str, float] = 0.0
+
+    def _group_value(self) -> float:
+        if isinstance(self.lagranges, dict):
+            return float(self.lagranges.get(self.group, 0.0))
+        return float(self.lagranges)
+
+    def reset(self, *, seed=None, options=None):
+        """A new env from `draw`, with its group's multiplier, seeded from `rng` (`seed` unused)."""
+        self.group, self.env = self._draw()
+        self.env.set_lagrange(self._group_value())
+        return self.env.reset(seed=int(self._rng.integers(0, 2**31 - 1)), options=options)
+
+    def step(self, action):
+        """The env's step, its ``info`` naming the group."""
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, reward, terminated, truncated, {**info, GROUP_KEY: self.group}
+
+    def set_lagrange(self, value: float | dict[str, float]) -> None:
+        """One multiplier for every group, or each group's (a dict by group name)."""
+        self.lagranges = dict(value) if isinstance(value, dict) else float(value)
+        self.env.set_lagrange(self._group_value())
+
+
 def group_start_multipliers(before: dict[str, Any], groups: tuple[str, ...],
                             lagrange_init: float | None = None) -> dict[str, float]:
     """Each constraint group's first multiplier.

@@ -28,7 +28,7 @@ import numpy as np
 
 from llm_cluster_gym.agents.checkpoint import RESIDUAL_KINDS
 from llm_cluster_gym.agents.residual import (
-    GROUP_KEY,
+    GroupedEpisodes,
     LagrangeUpdate,
     Objective,
     ResidualController,
@@ -149,45 +149,22 @@ order of the single envs' 2 x 1,024)."""
 def _window_env_factory(rng: np.random.Generator, window_h: float, serving: str = "aggregate",
                         objective: str = "task"):
     """A `ResidualOverManager` over a random training window; a new one at every episode."""
-    import gymnasium as gym
-
     from llm_cluster_gym.scripts.dynamo_week import make_env
 
-    class RandomWindow(gym.Wrapper):
-        """Draws a new window (day, start hour) and seed at every reset.
+    def draw() -> tuple[str, ResidualOverManager]:
+        day, scenario = draw_window(rng, window_h)
+        return day, ResidualOverManager(make_env(scenario, serving), manager_kwargs=MANAGER_KWARGS,
+                                        objective=objective)
 
-        Every step's ``info`` names the window's day (`agents.residual.GROUP_KEY`), so that a
-        "per-day" constraint (one update per day) counts each violation toward its day; with one
-        multiplier for all, the name is ignored.
+    class RandomWindow(GroupedEpisodes):
+        """Draws a new window (day, start hour) and seed at every reset; its group is the day.
+
+        With one multiplier for all days the group is ignored; a "per-day" constraint (one
+        update per day) counts each violation toward its day.
         """
 
         def __init__(self) -> None:
-            self.lagranges: float | dict[str, float] = 0.0
-            super().__init__(self._make())
-
-        def _make(self) -> ResidualOverManager:
-            self.day, scenario = draw_window(rng, window_h)
-            return ResidualOverManager(make_env(scenario, serving),
-                                       manager_kwargs=MANAGER_KWARGS, objective=objective)
-
-        def _day_value(self) -> float:
-            if isinstance(self.lagranges, dict):
-                return float(self.lagranges.get(self.day, 0.0))
-            return float(self.lagranges)
-
-        def reset(self, *, seed=None, options=None):
-            self.env = self._make()
-            self.env.set_lagrange(self._day_value())
-            return self.env.reset(seed=int(rng.integers(0, 2**31 - 1)), options=options)
-
-        def step(self, action):
-            obs, reward, terminated, truncated, info = self.env.step(action)
-            return obs, reward, terminated, truncated, {**info, GROUP_KEY: self.day}
-
-        def set_lagrange(self, value: float | dict[str, float]) -> None:
-            """One multiplier for all days, or each day's (a dict by day name)."""
-            self.lagranges = dict(value) if isinstance(value, dict) else float(value)
-            self.env.set_lagrange(self._day_value())
+            super().__init__(draw, rng)
 
     return RandomWindow
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from llm_cluster_gym.agents.residual import (
-    GROUP_KEY,
+    GroupedEpisodes,
     LagrangeUpdate,
     ResidualController,
     group_start_multipliers,
@@ -106,8 +106,6 @@ class TrainResidualThermalArgs:
 def _env_factory(rng: np.random.Generator, dc_share: float, dc_window_h: float,
                  request_share: float = 0.0, project: bool = True, scale_reward: bool = False):
     """A `ResidualOverTapas` over a freshly drawn scenario at every episode."""
-    import gymnasium as gym
-
     from llm_cluster_gym.envs.cluster_env import ClusterEnv
     from llm_cluster_gym.envs.sim.cluster import SimCluster
     from llm_cluster_gym.envs.sim.scenario import load_scenario
@@ -131,32 +129,11 @@ def _env_factory(rng: np.random.Generator, dc_share: float, dc_window_h: float,
             s, serving_model=serving, auto_place_vms=False)),  # the policy places the VMs
             project=project, scale_reward=scale_reward)
 
-    class RandomScenario(gym.Wrapper):
-        """Draws a new scenario and seed at every reset; each scenario family has its multiplier.
-
-        Every step's ``info`` names the family (`agents.residual.GROUP_KEY`), so that the
-        constraint is kept per family (`lagrange_callback` with one update per group).
-        """
+    class RandomScenario(GroupedEpisodes):
+        """Draws a new scenario and seed at every reset; each scenario family has its multiplier."""
 
         def __init__(self) -> None:
-            self.group, env = draw()
-            super().__init__(env)
-            self.lagranges: dict[str, float] = {}
-
-        def reset(self, *, seed=None, options=None):
-            self.group, self.env = draw()
-            self.env.set_lagrange(self.lagranges.get(self.group, 0.0))
-            return self.env.reset(seed=int(rng.integers(0, 2**31 - 1)), options=options)
-
-        def step(self, action):
-            obs, reward, terminated, truncated, info = self.env.step(action)
-            return obs, reward, terminated, truncated, {**info, GROUP_KEY: self.group}
-
-        def set_lagrange(self, value: float | dict[str, float]) -> None:
-            """Each family's multiplier (one value: the same for all)."""
-            self.lagranges = (dict(value) if isinstance(value, dict)
-                              else dict.fromkeys(CONSTRAINT_GROUPS, float(value)))
-            self.env.set_lagrange(self.lagranges.get(self.group, 0.0))
+            super().__init__(draw, rng)
 
     return RandomScenario
 

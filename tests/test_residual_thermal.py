@@ -245,3 +245,23 @@ def test_scaled_reward_is_the_lagrangian_over_one_plus_the_multiplier():
     assert np.array_equal(unsafe, [i["unsafe_proposal"] for i in scaled])
     assert np.allclose([i["reward"] for i in scaled], np.array([i["reward"] for i in plain]) / 51.0)
     assert max(abs(i["reward"]) for i in scaled) < max(abs(i["reward"]) for i in plain) / 10.0
+
+
+def test_random_scenarios_name_their_family_and_take_its_multiplier():
+    """Each training episode's family gets its own multiplier and is named in every step's info,
+    so that the per-family constraint counts each unsafe proposal toward its family."""
+    from llm_cluster_gym.agents.residual import GROUP_KEY
+    from llm_cluster_gym.agents.train_residual_thermal import CONSTRAINT_GROUPS, _env_factory
+
+    multipliers = {g: float(i + 1) for i, g in enumerate(CONSTRAINT_GROUPS)}
+    env = _env_factory(np.random.default_rng(5), dc_share=0.3, dc_window_h=0.05)()
+    env.set_lagrange(multipliers)
+    seen = set()
+    for _ in range(8):
+        env.reset()
+        _, _, _, _, info = env.step(np.zeros(env.action_space.shape, dtype=np.int64))
+        seen.add(info[GROUP_KEY])
+        assert info["lagrange"] == multipliers[info[GROUP_KEY]]
+    assert seen <= set(CONSTRAINT_GROUPS) and len(seen) >= 2
+    env.set_lagrange(7.0)  # one value: every family's
+    assert env.env.lagrange == 7.0
