@@ -304,14 +304,24 @@ class ResidualController:
     the base proposes, the PPO policy (observations normalized with the training statistics,
     frozen) picks the correction.
 
+    Subclasses name the checkpoint `kind` they load (`agents.checkpoint.RESIDUAL_KINDS`).
+
     Args:
         directory: Checkpoint directory (``model.zip``, optional ``vecnormalize.pkl``).
         wrapper: The residual wrapper over the env the controller acts on.
+        meta: The checkpoint's metadata when the subclass has verified it already (it read a
+            field to build `wrapper`); None verifies it here.
+
+    Raises:
+        CheckpointError: The metadata's fields, version, kind or task, a listed file's SHA-256,
+            the model or its spaces are not what this controller loads.
     """
 
     name = "residual"
+    kind: str = ""
+    """The checkpoint kind this controller loads."""
 
-    def __init__(self, directory: str | Path, wrapper: Any) -> None:
+    def __init__(self, directory: str | Path, wrapper: Any, meta: dict[str, Any] | None = None) -> None:
         from stable_baselines3 import PPO
         from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
@@ -321,14 +331,13 @@ class ResidualController:
             VECNORM_FILE,
             CheckpointError,
             check_field_matches,
-            load_metadata,
-            verify_files,
         )
+        from llm_cluster_gym.agents.policy import verified_residual_metadata
 
         d = Path(directory)
-        meta = load_metadata(d)  # fields, version, kind; then every listed file's SHA-256
+        if meta is None:  # fields, version, kind; then every listed file's SHA-256
+            meta = verified_residual_metadata(d, self.kind)
         check_field_matches(meta, "task", wrapper.inner.task, d / METADATA_FILE)
-        verify_files(d, meta)
         try:
             self.model = PPO.load(d / MODEL_FILE, device="cpu")
         except Exception as exc:  # zipfile, torch and pickle errors all mean "unreadable model"

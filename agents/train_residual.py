@@ -242,6 +242,7 @@ class ResidualPolicy(ResidualController):
     """
 
     name = "residual"
+    kind = RESIDUAL_KIND
 
     def __init__(self, directory: str | Path, env: Any) -> None:
         super().__init__(directory, ResidualOverManager(env, manager_kwargs=MANAGER_KWARGS))

@@ -193,13 +193,14 @@ class ResidualThermalPolicy(ResidualController):
     """
 
     name = "residual_thermal"
+    kind = RESIDUAL_THERMAL_KIND
 
     def __init__(self, directory: str | Path, env: Any) -> None:
-        from llm_cluster_gym.agents.policy import residual_metadata
+        from llm_cluster_gym.agents.policy import verified_residual_metadata
 
-        meta = residual_metadata(directory) or {}
+        meta = verified_residual_metadata(directory, self.kind)
         super().__init__(directory, ResidualOverTapas(
-            env, shielded=False, project=bool(meta.get("projects_onto_forecast", False))))
+            env, shielded=False, project=bool(meta.get("projects_onto_forecast", False))), meta)
 
     @property
     def projection_rate(self) -> float:

@@ -251,7 +251,7 @@ def test_random_scenarios_name_their_family_and_take_its_multiplier():
     """Each training episode's family gets its own multiplier and is named in every step's info,
     so that the per-family constraint counts each unsafe proposal toward its family."""
     from llm_cluster_gym.agents.residual import GROUP_KEY
-    from llm_cluster_gym.agents.train_residual_thermal import CONSTRAINT_GROUPS, _env_factory
+    from llm_cluster_gym.agents.train_residual_thermal import _env_factory
 
     multipliers = {g: float(i + 1) for i, g in enumerate(CONSTRAINT_GROUPS)}
     env = _env_factory(np.random.default_rng(5), dc_share=0.3, dc_window_h=0.05)()
@@ -265,3 +265,19 @@ def test_random_scenarios_name_their_family_and_take_its_multiplier():
     assert seen <= set(CONSTRAINT_GROUPS) and len(seen) >= 2
     env.set_lagrange(7.0)  # one value: every family's
     assert env.env.lagrange == 7.0
+
+
+def test_each_residual_controller_refuses_the_other_kind_of_checkpoint():
+    """A shipped energy agent handed to the thermal controller (and the reverse) fails on the
+    metadata's kind, naming the file, before any model is unpickled."""
+    from llm_cluster_gym.agents.train_residual import ResidualPolicy
+
+    thermal_env = ClusterEnv(task="thermal", scenario="small_tapas")
+    with pytest.raises(CheckpointError, match=r"residual_energy/metadata.json: field 'kind' must be "
+                                              r"'residual_over_tapas', found 'residual_over_manager'"):
+        ResidualThermalPolicy("checkpoints/residual_energy", thermal_env)
+    energy_env = ClusterEnv(task="energy", scenario="small")
+    with pytest.raises(CheckpointError, match=r"residual_thermal/metadata.json: field 'kind' must be "
+                                              r"'residual_over_manager', found 'residual_over_tapas'"):
+        ResidualPolicy("checkpoints/residual_thermal", energy_env)
+    assert ResidualThermalPolicy("checkpoints/residual_thermal", thermal_env).kind == "residual_over_tapas"
