@@ -214,9 +214,11 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
     return mean_ci95([float(v) for v in values])
 
 
-THERMAL_KEYS = ("thermal_throttled_gpu_s", "power_capped_gpu_s", "vm_wait_h", "vm_hours", "energy_kwh",
-                "slo_attainment")
-"""Episode summary figures the evaluation keeps per contender."""
+THERMAL_KEYS = ("thermal_throttled_gpu_s", "power_capped_gpu_s", "iaas_throttled_gpu_s", "iaas_capped_gpu_s",
+                "vm_wait_h", "vm_hours", "energy_kwh", "slo_attainment")
+"""Episode summary figures the evaluation keeps per contender (the harm's IaaS part beside the
+whole: on `tapas_dc` it is the part no SaaS action reaches, the VMs' GPUs in an aisle whose cooling
+failed)."""
 
 
 def _evaluate_unit(directory: str, label: str, scenario: Any, serving: str, seed: int) -> dict[str, Any]:

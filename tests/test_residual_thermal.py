@@ -231,6 +231,10 @@ def test_thermal_eval_pairs_every_contender_with_tapas_on_the_same_units(tmp_pat
     for name in (c for c in CONTENDERS if c != "tapas"):
         diffs = [r[name]["harm_gpu_s"] - r["tapas"]["harm_gpu_s"] for r in dc]
         assert res["paired_vs_tapas"]["tapas_dc"][name]["harm_gpu_s"][0] == pytest.approx(np.mean(diffs))
+    for row in res["rows"]:  # the harm's IaaS part is kept beside the whole
+        for name in CONTENDERS:
+            assert 0.0 <= row[name]["iaas_throttled_gpu_s"] <= row[name]["thermal_throttled_gpu_s"]
+            assert 0.0 <= row[name]["iaas_capped_gpu_s"] <= row[name]["power_capped_gpu_s"]
     with pytest.raises(UsageError, match="--jobs"):
         run_eval(ResidualThermalEvalArgs(jobs=0, out=str(out)))
 
