@@ -106,6 +106,54 @@ owner asked (a waiting VM's GPUs, thermally throttled and power-capped GPUs) ove
 GPU-seconds. A waiting VM counts all its GPUs: a customer whose VM is held gets none of them."""
 
 
+def service_harm_share(info: dict[str, Any], vm_gpus: float, cluster_gpu_s: float) -> float:
+    """An interval's GPU-seconds not run as their owner asked, over the cluster's GPU-seconds.
+
+    Every GPU of a waiting VM (`vm_gpus` per VM), thermally throttled GPUs and power-capped GPUs
+    (from the env's ``info``); `cluster_gpu_s` is every GPU over one control interval.
+    """
+    harmed = (vm_gpus * float(info.get("vm_wait_s", 0.0))
+              + float(info.get("thermal_throttled_gpu_s", 0.0))
+              + float(info.get("power_capped_gpu_s", 0.0)))
+    return harmed / cluster_gpu_s
+
+
+class RewardTotals(gym.Wrapper):
+    """Sums, over an episode of any controller, the reward the thermal agent trains on, term by term.
+
+    The thermal task's weighted terms (``info["reward_<term>"]``, `envs.reward.TERMS`) and the
+    agent's service term (``-SERVICE_WEIGHT x service_harm_share``), the multiplier's term aside
+    (it prices the agent's own proposals, which a rule does not make). Judging every contender by
+    these totals says whether the reward ranks policies as the evaluation's figures do.
+    """
+
+    def __init__(self, env: gym.Env, service_weight: float = SERVICE_WEIGHT) -> None:
+        from llm_cluster_gym.envs.reward import TERMS
+
+        super().__init__(env)
+        lay = env.unwrapped.layout
+        self._vm_gpus = float(lay.gpus_per_server)
+        self._gpu_s = float(lay.n_servers * lay.gpus_per_server * lay.control_interval_s)
+        self.service_weight = float(service_weight)
+        self._keys = tuple(f"reward_{t}" for t in TERMS)
+        self.totals: dict[str, float] = {}
+
+    def reset(self, **kwargs):
+        """Reset the env and the totals."""
+        self.totals = dict.fromkeys((*self._keys, "reward_service", "reward_total"), 0.0)
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        """Step the env and add the interval's terms."""
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        service = -self.service_weight * service_harm_share(info, self._vm_gpus, self._gpu_s)
+        for k in self._keys:
+            self.totals[k] += float(info[k])
+        self.totals["reward_service"] += service
+        self.totals["reward_total"] += float(reward) + service
+        return obs, reward, terminated, truncated, info
+
+
 class ResidualOverTapas(ResidualWrapper):
     """A thermal-task `ClusterEnv` whose actions gate and cap the TAPAS-style controller.
 
@@ -208,10 +256,7 @@ class ResidualOverTapas(ResidualWrapper):
 
         A waiting VM's GPUs (all of them), thermally throttled GPUs and power-capped GPUs.
         """
-        harmed = (self._vm_gpus * float(info.get("vm_wait_s", 0.0))
-                  + float(info.get("thermal_throttled_gpu_s", 0.0))
-                  + float(info.get("power_capped_gpu_s", 0.0)))
-        return harmed / self._gpu_s
+        return service_harm_share(info, self._vm_gpus, self._gpu_s)
 
     # ------------------------------------------------------------------ as a controller
     def reset_base(self) -> None:

@@ -39,7 +39,12 @@ from llm_cluster_gym.agents.residual import (
     group_start_multipliers,
     train_constrained_ppo,
 )
-from llm_cluster_gym.agents.residual_thermal import RESIDUAL_THERMAL_KIND, SERVICE_WEIGHT, ResidualOverTapas
+from llm_cluster_gym.agents.residual_thermal import (
+    RESIDUAL_THERMAL_KIND,
+    SERVICE_WEIGHT,
+    ResidualOverTapas,
+    RewardTotals,
+)
 from llm_cluster_gym.agents.units import map_units
 
 CONTENDERS = ("agent", "tapas_forecast", "shield(tapas)", "tapas", "unaware")
@@ -236,6 +241,7 @@ def _evaluate_unit(directory: str, label: str, scenario: Any, serving: str, seed
     for name in CONTENDERS:
         env = ClusterEnv(task="thermal", backend=SimCluster(scenario, serving_model=serving,
                                                             auto_place_vms=False))
+        totals = RewardTotals(env)
         ctx = ControllerContext.from_env(env)
         if name == "agent":
             inner = ResidualThermalPolicy(directory, env)
@@ -246,8 +252,9 @@ def _evaluate_unit(directory: str, label: str, scenario: Any, serving: str, seed
         else:
             inner = TapasController(ctx)
         policy = inner if name in ("tapas", "unaware") else Shield(inner, ctx, env.backend.telemetry)
-        s = run_episode(env, policy, seed).summary()
+        s = run_episode(totals, policy, seed).summary()
         row[name] = {k: float(s[k]) for k in THERMAL_KEYS}
+        row[name]["reward_terms"] = dict(totals.totals)  # what the agent's reward says of this run
         row[name]["harm_gpu_s"] = row[name]["thermal_throttled_gpu_s"] + row[name]["power_capped_gpu_s"]
         row[name]["override_rate"] = float(getattr(policy, "override_rate", 0.0))
         row[name]["avoidable_override_rate"] = float(getattr(policy, "avoidable_override_rate", 0.0))
@@ -266,7 +273,10 @@ def evaluate_residual_thermal(directory: str | Path, seeds: tuple[int, ...] = (0
     and VM arrivals). `jobs` processes run the units (the results do not depend on it). Besides
     each group's means, ``paired`` gives per contender its difference from TAPAS alone per unit
     (mean and 95% t-interval): the days differ by an order of magnitude, so the paired difference
-    is the figure that can separate two policies.
+    is the figure that can separate two policies. Each contender's row also holds
+    ``reward_terms``: the reward the agent trains on, summed term by term over the run
+    (`RewardTotals`), so that a reader can see whether that reward ranks the contenders as the
+    figures do.
     """
     from llm_cluster_gym.envs.sim.scenario import load_scenario
     from llm_cluster_gym.scripts.dynamo_week import DAY_S, window_scenario

@@ -235,6 +235,16 @@ def test_thermal_eval_pairs_every_contender_with_tapas_on_the_same_units(tmp_pat
         for name in CONTENDERS:
             assert 0.0 <= row[name]["iaas_throttled_gpu_s"] <= row[name]["thermal_throttled_gpu_s"]
             assert 0.0 <= row[name]["iaas_capped_gpu_s"] <= row[name]["power_capped_gpu_s"]
+    for row in dc:  # the agent's reward, term by term: its service term is the run's harm and VM wait
+        for name in CONTENDERS:
+            terms, fig = row[name]["reward_terms"], row[name]
+            gpu_s = 1024 * 5.0  # tapas_dc: 1,024 GPUs, 5 s intervals
+            assert terms["reward_service"] == pytest.approx(
+                -SERVICE_WEIGHT * (8 * fig["vm_wait_h"] * 3600.0 + fig["harm_gpu_s"]) / gpu_s)
+            assert terms["reward_total"] == pytest.approx(
+                sum(v for k, v in terms.items() if k != "reward_total"))
+            assert terms["reward_energy"] < 0.0
+        assert row["unaware"]["reward_terms"]["reward_total"] < row["tapas"]["reward_terms"]["reward_total"]
     with pytest.raises(UsageError, match="--jobs"):
         run_eval(ResidualThermalEvalArgs(jobs=0, out=str(out)))
 
