@@ -17,6 +17,7 @@ from typing import Literal
 
 from llm_cluster_gym.agents.residual import multiplier_text
 from llm_cluster_gym.agents.train_residual import TrainResidualArgs, evaluate_residual, train
+from llm_cluster_gym.scripts.host import float_paths
 from llm_cluster_gym.scripts.usage import UsageError, check_number, check_seeds
 
 __all__ = ["ResidualEvalArgs", "TrainResidualArgs", "run_eval", "run_train"]
@@ -108,7 +109,8 @@ def run_eval(args: ResidualEvalArgs, command: str = "llm-cluster residual-eval")
         print(f"  day {row['day']} seed {row['seed']}: {cells}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"command": command, **res}, indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps({"command": command, "host": float_paths(), **res},
+                                                  indent=1) + "\n")
     print(json.dumps({"agent_vs_manager_energy": s["energy_ratio"][0],
                       "agent_vs_manager_energy_ci95": s["energy_ratio"][1],
                       "agent_slo_attainment": s["agent_slo"][0],

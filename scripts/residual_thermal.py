@@ -24,6 +24,7 @@ from llm_cluster_gym.agents.train_residual_thermal import (
     evaluate_residual_thermal,
     train,
 )
+from llm_cluster_gym.scripts.host import float_paths
 from llm_cluster_gym.scripts.usage import UsageError, check_number, check_seeds
 
 __all__ = ["ResidualThermalEvalArgs", "TrainResidualThermalArgs", "run_eval", "run_train"]
@@ -141,7 +142,8 @@ def run_eval(args: ResidualThermalEvalArgs, command: str = "llm-cluster thermal-
             print(f"{group} {policy} minus TAPAS, paired per unit: {cells}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"command": command, **res}, indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps({"command": command, "host": float_paths(), **res},
+                                                  indent=1) + "\n")
     plot_units(res["rows"], out / "units.png")
     print(f"wrote {out / 'results.json'} and {out / 'units.png'}")
     s = res["summary"]

@@ -40,6 +40,7 @@ import numpy as np
 
 from llm_cluster_gym.envs.sim.scenario import Scenario, load_scenario
 from llm_cluster_gym.scripts.dynamo_week import DAY_NAMES, TEST_DAYS, day_scenario, fmt_ci, mean_ci95
+from llm_cluster_gym.scripts.host import float_paths
 
 BASELINE = "unaware"
 CANDIDATE = "tapas"
@@ -376,7 +377,7 @@ def write_report(args: TapasScaleArgs, results: dict[str, Any], out: Path, comma
         if args.oversubscriptions:
             plot_capacity(args, results, stage / "capacity.png")
         (stage / "results.json").write_text(json.dumps(
-            {"args": dataclasses.asdict(args), **results}, indent=1, default=float))
+            {"args": dataclasses.asdict(args), "host": float_paths(), **results}, indent=1, default=float))
         (stage / "report.md").write_text("\n".join(text))
     return out / "report.md"
 

@@ -66,6 +66,7 @@ from llm_cluster_gym.envs.real.tp_worker import (
     run_tp,
 )
 from llm_cluster_gym.envs.real.worker import Request, WorkerConfig
+from llm_cluster_gym.scripts.host import cpu_model
 from llm_cluster_gym.scripts.profile_tp import (
     GIB,
     TINY_GRIDS,
@@ -146,8 +147,7 @@ def task_env(ctx: Campaign) -> dict[str, Any]:
     import torch
 
     (ctx.out / "nvidia_smi_q.txt").write_text(_smi(["-q"]))
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     return {"date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "gpus": read_gpus(), "topology": _smi(["topo", "-m"]),
             "torch": torch.__version__, "cuda": torch.version.cuda,

@@ -222,6 +222,8 @@ def test_thermal_eval_pairs_every_contender_with_tapas_on_the_same_units(tmp_pat
     import json
     res = json.loads((out / "results.json").read_text())
     assert (out / "units.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The floating-point paths it ran on: the tests' canonical ones (numpy's baseline loops).
+    assert res["host"]["numpy_simd"] == [] and res["host"]["numpy"] == np.__version__
     assert [(r["unit"], r["seed"]) for r in res["rows"]] == [
         ("small_tapas_high", 0), ("tapas_dc day 0", 0), ("tapas_dc day 0", 1)]
     one = _evaluate_unit("checkpoints/residual_thermal", "tapas_dc day 0",

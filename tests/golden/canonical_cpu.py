@@ -39,9 +39,9 @@ def check() -> str | None:
     """Why numpy in this process does not run on the canonical paths (None if it does)."""
     if "numpy" not in sys.modules:
         return None
-    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    from llm_cluster_gym.scripts.host import numpy_simd_targets
 
-    active = [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
+    active = numpy_simd_targets()
     if active:
         return (f"numpy runs its {', '.join(active)} loops: the golden digests are recorded on "
                 f"its baseline loops; set {CANONICAL_CPU_ENV} before numpy is imported (as "
