@@ -33,6 +33,7 @@ vector env.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -391,7 +392,7 @@ class GroupedEpisodes(gym.Wrapper):
     it lacks). Each reset seeds the new env from `rng`.
     """
 
-    def __init__(self, draw: Any, rng: np.random.Generator) -> None:
+    def __init__(self, draw: Callable[[], tuple[str, Any]], rng: np.random.Generator) -> None:
         self._draw, self._rng = draw, rng
         self.group, env = draw()
         super().__init__(env)
