@@ -106,16 +106,16 @@ owner asked (a waiting VM's GPUs, thermally throttled and power-capped GPUs) ove
 GPU-seconds. A waiting VM counts all its GPUs: a customer whose VM is held gets none of them."""
 
 
-def service_harm_share(info: dict[str, Any], vm_gpus: float, cluster_gpu_s: float) -> float:
+def service_harm_share(info: dict[str, Any], layout: Any) -> float:
     """An interval's GPU-seconds not run as their owner asked, over the cluster's GPU-seconds.
 
-    Every GPU of a waiting VM (`vm_gpus` per VM), thermally throttled GPUs and power-capped GPUs
-    (from the env's ``info``); `cluster_gpu_s` is every GPU over one control interval.
+    Every GPU of a waiting VM (a server's GPUs per VM), thermally throttled GPUs and power-capped
+    GPUs (from the env's ``info``), over every GPU of `layout` for one control interval.
     """
-    harmed = (vm_gpus * float(info.get("vm_wait_s", 0.0))
+    harmed = (float(layout.gpus_per_server) * float(info.get("vm_wait_s", 0.0))
               + float(info.get("thermal_throttled_gpu_s", 0.0))
               + float(info.get("power_capped_gpu_s", 0.0)))
-    return harmed / cluster_gpu_s
+    return harmed / float(layout.n_servers * layout.gpus_per_server * layout.control_interval_s)
 
 
 class RewardTotals(gym.Wrapper):
@@ -131,9 +131,7 @@ class RewardTotals(gym.Wrapper):
         from llm_cluster_gym.envs.reward import TERMS
 
         super().__init__(env)
-        lay = env.unwrapped.layout
-        self._vm_gpus = float(lay.gpus_per_server)
-        self._gpu_s = float(lay.n_servers * lay.gpus_per_server * lay.control_interval_s)
+        self._layout = env.unwrapped.layout
         self.service_weight = float(service_weight)
         self._keys = tuple(f"reward_{t}" for t in TERMS)
         self.totals: dict[str, float] = {}
@@ -146,7 +144,7 @@ class RewardTotals(gym.Wrapper):
     def step(self, action):
         """Step the env and add the interval's terms."""
         obs, reward, terminated, truncated, info = self.env.step(action)
-        service = -self.service_weight * service_harm_share(info, self._vm_gpus, self._gpu_s)
+        service = -self.service_weight * service_harm_share(info, self._layout)
         for k in self._keys:
             self.totals[k] += float(info[k])
         self.totals["reward_service"] += service
@@ -195,8 +193,6 @@ class ResidualOverTapas(ResidualWrapper):
         # reading per interval) so that it is there in deployment too, where no shield runs here.
         self.forecaster = Shield.forecaster(self.ctx, telemetry)
         lay = self.inner.layout
-        self._gpu_s = float(lay.n_servers * lay.gpus_per_server * lay.control_interval_s)
-        self._vm_gpus = float(lay.gpus_per_server)
         self.freqs = np.asarray(lay.freq_choices_mhz, dtype=float)
         self.n_slots = max(self.inner.codec.placement_slots, 1)
         gpus = lay.gpus_per_server
@@ -256,7 +252,7 @@ class ResidualOverTapas(ResidualWrapper):
 
         A waiting VM's GPUs (all of them), thermally throttled GPUs and power-capped GPUs.
         """
-        return service_harm_share(info, self._vm_gpus, self._gpu_s)
+        return service_harm_share(info, self.inner.layout)
 
     # ------------------------------------------------------------------ as a controller
     def reset_base(self) -> None:

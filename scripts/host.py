@@ -3,8 +3,9 @@
 numpy dispatches its float64 transcendental loops (``exp``, ``log``, ``power``, ...) to SIMD
 implementations by CPU feature, and they differ from one another in the last bit
 (`tests/golden/canonical_cpu.py`). Most figures do not notice; a datacenter day of `tapas_dc`
-does, because its throttling hangs on thresholds (a GPU reaching its slowdown point, a VM that
-fits or waits), so one run's last-bit differences grow into a different day. A result file that
+can, because its throttling hangs on thresholds (a GPU reaching its slowdown point, a VM that
+fits or waits), so last-bit differences may grow into a different day (numpy's baseline against
+its AVX2 loops changed one of nine such days for TAPAS, measured 2026-12-02). A result file that
 names the paths it ran on can be compared with another host's honestly.
 """
 
